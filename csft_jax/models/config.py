@@ -1,0 +1,151 @@
+"""`ModelConfig`: one description for the Llama / Qwen2 / Qwen3 / Mistral / InternLM2 decoder family.
+
+The family differs in a handful of switches (q/k/v bias, per-head q/k RMSNorm, tied embeddings,
+head_dim, RoPE scaling, sliding window) and in checkpoint layout; the layout lives in
+`csft_jax.convert`, the switches live here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "internlm2")
+ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyper-parameters of one decoder; frozen so it can be a static jit argument.
+
+  `rope_scaling` is a tuple of (key, value) pairs (hashable) such as
+  `(("rope_type", "llama3"), ("factor", 8.0), ...)`; use `rope_scaling_dict` to read it.
+  """
+
+  arch: str = "llama"
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: int | None = None
+  rope_theta: float = 10000.0
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  rms_norm_eps: float = 1e-6
+  max_position_embeddings: int = 4096
+  qkv_bias: bool = False
+  out_bias: bool = False
+  mlp_bias: bool = False
+  qk_norm: bool = False
+  tie_embeddings: bool = False
+  sliding_window: int | None = None
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  initializer_range: float = 0.02
+  param_dtype: str = "float32"
+  dtype: str = "bfloat16"
+  attention_impl: str = "xla"
+  remat_policy: str = "none"
+  scan_layers: bool = True
+
+  def __post_init__(self):
+    if self.arch not in ARCHITECTURES:
+      raise ValueError(f"ModelConfig.arch={self.arch!r} is not supported; supported: {ARCHITECTURES}.")
+    if self.head_dim is None:
+      if self.hidden_size % self.num_heads:
+        raise ValueError(
+            f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim.")
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (GQA groups).")
+    if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(
+          f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLEMENTATIONS}.")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}.")
+    if isinstance(self.rope_scaling, dict):
+      object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+    if isinstance(self.eos_token_id, list):
+      object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    rope_type = self.rope_scaling_dict.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+      raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: {ROPE_TYPES}.")
+
+  @property
+  def rope_scaling_dict(self) -> dict[str, Any]:
+    return dict(self.rope_scaling or ())
+
+  def replace(self, **changes: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self) -> int:
+    """Parameter count (embeddings included, lm_head counted once when tied)."""
+    d, h, k, hd = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+    attn = d * (h + 2 * k) * hd + h * hd * d
+    if self.qkv_bias:
+      attn += (h + 2 * k) * hd
+    if self.out_bias:
+      attn += d
+    if self.qk_norm:
+      attn += 2 * hd
+    mlp = 3 * d * self.intermediate_size + (2 * self.intermediate_size + d if self.mlp_bias else 0)
+    per_layer = attn + mlp + 2 * d
+    embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+    return self.num_layers * per_layer + embed + d
+
+
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+
+PRESETS: dict[str, ModelConfig] = {
+    "internlm2_5_7b": ModelConfig(
+        arch="internlm2", vocab_size=92544, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, rope_theta=1_000_000.0, max_position_embeddings=32768,
+        rope_scaling=(("factor", 2.0), ("rope_type", "dynamic")), rms_norm_eps=1e-5, bos_token_id=1,
+        eos_token_id=2),
+    "qwen2_5_7b": ModelConfig(
+        arch="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+        num_heads=28, num_kv_heads=4, rope_theta=1_000_000.0, max_position_embeddings=32768,
+        rms_norm_eps=1e-6, qkv_bias=True, bos_token_id=151643, eos_token_id=151645),
+    "qwen2_5_0_5b": ModelConfig(
+        arch="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+        num_heads=14, num_kv_heads=2, rope_theta=1_000_000.0, max_position_embeddings=32768,
+        rms_norm_eps=1e-6, qkv_bias=True, tie_embeddings=True, bos_token_id=151643, eos_token_id=151645),
+    "qwen3_8b": ModelConfig(
+        arch="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
+        num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1_000_000.0, max_position_embeddings=40960,
+        rms_norm_eps=1e-6, qk_norm=True, bos_token_id=151643, eos_token_id=151645),
+    "llama3_1_8b": ModelConfig(
+        arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, rope_theta=500_000.0, max_position_embeddings=131072,
+        rope_scaling=tuple(sorted(_LLAMA31_ROPE.items())), rms_norm_eps=1e-5, bos_token_id=128000,
+        eos_token_id=(128001, 128008, 128009)),
+    "llama_1b": ModelConfig(
+        arch="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+        num_heads=32, num_kv_heads=8, rope_theta=500_000.0, max_position_embeddings=131072,
+        rope_scaling=tuple(sorted(_LLAMA31_ROPE.items())), rms_norm_eps=1e-5, tie_embeddings=True),
+    "llama_100m": ModelConfig(
+        arch="llama", vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12,
+        num_heads=12, num_kv_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5),
+    "tiny": ModelConfig(
+        arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, dtype="float32"),
+    "tiny_internlm2": ModelConfig(
+        arch="internlm2", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, dtype="float32"),
+    "tiny_qwen3": ModelConfig(
+        arch="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=32, qk_norm=True, max_position_embeddings=512, rms_norm_eps=1e-6,
+        dtype="float32"),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+  """Returns the named preset with `overrides` applied (e.g. `vocab_size=`, `dtype=`)."""
+  if name not in PRESETS:
+    raise KeyError(f"Unknown model preset {name!r}; known presets: {sorted(PRESETS)}.")
+  return PRESETS[name].replace(**overrides)

@@ -1,0 +1,268 @@
+"""Flax NNX causal decoder for the Llama / Qwen2 / Qwen3 / Mistral / InternLM2 family.
+
+One implementation, switched by `ModelConfig`. Parameters are stored in float32 (or
+`param_dtype`) and cast to `dtype` for compute; every parameter and the main activations carry
+logical axis names that `csft_jax.sharding.LOGICAL_RULES` maps onto the mesh.
+
+Inputs follow the packing convention of the data pipeline: `segment_ids` (0 = padding) keep
+packed sequences from attending to each other and `positions` restart in each segment.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from csft_jax.models.attention import attend, attention_mask
+from csft_jax.models.config import ModelConfig
+from csft_jax.models.rope import apply_rope, inverse_frequencies
+from csft_jax.sharding import constrain
+
+_REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...], dtype, *,
+           init: str, stddev: float = 0.02) -> nnx.Param:
+  if init == "normal":
+    value = stddev * jax.random.normal(rngs.params(), shape, dtype)
+  elif init == "ones":
+    value = jnp.ones(shape, dtype)
+  else:
+    value = jnp.zeros(shape, dtype)
+  # Logical names only: placement happens in the trainer (abstract init + jit out_shardings),
+  # so variables are never eagerly sharded here.
+  return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with the statistics in float32 (as HF does), scaled by a learned `scale`."""
+
+  def __init__(self, dim: int, eps: float, config: ModelConfig, axes: tuple[str, ...] = ("norm",)):
+    self.eps = eps
+    self.scale = _param(None, (dim,), axes, jnp.dtype(config.param_dtype), init="ones")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Projection(nnx.Module):
+  """A dense map written as an einsum so heads keep their own axis (for tensor parallelism)."""
+
+  def __init__(self, equation: str, kernel_shape: tuple[int, ...], kernel_axes: tuple[str, ...],
+               bias_shape: tuple[int, ...] | None, bias_axes: tuple[str, ...], config: ModelConfig,
+               rngs: nnx.Rngs):
+    dtype = jnp.dtype(config.param_dtype)
+    self.equation = equation
+    self.kernel = _param(rngs, kernel_shape, kernel_axes, dtype, init="normal",
+                         stddev=config.initializer_range)
+    self.bias = _param(None, bias_shape, bias_axes, dtype, init="zeros") if bias_shape else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.einsum(self.equation, x, self.kernel[...].astype(x.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(x.dtype)
+    return y
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE, optional q/k/v bias and per-head q/k RMSNorm."""
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    d, h, k, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    self.config = config
+    qkv_bias = config.qkv_bias
+    self.q_proj = Projection("btd,dhk->bthk", (d, h, hd), ("embed", "heads", "head_dim"),
+                             (h, hd) if qkv_bias else None, ("heads", "head_dim"), config, rngs)
+    self.k_proj = Projection("btd,dhk->bthk", (d, k, hd), ("embed", "kv_heads", "head_dim"),
+                             (k, hd) if qkv_bias else None, ("kv_heads", "head_dim"), config, rngs)
+    self.v_proj = Projection("btd,dhk->bthk", (d, k, hd), ("embed", "kv_heads", "head_dim"),
+                             (k, hd) if qkv_bias else None, ("kv_heads", "head_dim"), config, rngs)
+    self.o_proj = Projection("bthk,hkd->btd", (h, hd, d), ("heads", "head_dim", "embed"),
+                             (d,) if config.out_bias else None, ("norm",), config, rngs)
+    if config.qk_norm:
+      self.q_norm = RMSNorm(hd, config.rms_norm_eps, config, axes=("head_dim",))
+      self.k_norm = RMSNorm(hd, config.rms_norm_eps, config, axes=("head_dim",))
+    else:
+      self.q_norm = self.k_norm = None
+
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+               cache_k: jax.Array | None, cache_v: jax.Array | None, cache_end: jax.Array | None):
+    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    inv_freq = inverse_frequencies(self.config)
+    q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "heads", "head_dim"))
+    k = apply_rope(k, positions, inv_freq)
+    if cache_k is not None:
+      # Rows are left-padded, so every row writes its new keys at the same cache slot.
+      cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_end, 0, 0))
+      cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_end, 0, 0))
+      k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+    out = attend(q, k, v, mask, implementation=self.config.attention_impl)
+    return self.o_proj(out), cache_k, cache_v
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    d, m = config.hidden_size, config.intermediate_size
+    bias = config.mlp_bias
+    self.gate_proj = Projection("btd,dm->btm", (d, m), ("embed", "mlp"), (m,) if bias else None,
+                                ("mlp",), config, rngs)
+    self.up_proj = Projection("btd,dm->btm", (d, m), ("embed", "mlp"), (m,) if bias else None,
+                              ("mlp",), config, rngs)
+    self.down_proj = Projection("btm,md->btd", (m, d), ("mlp", "embed"), (d,) if bias else None,
+                                ("norm",), config, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    return self.down_proj(constrain(hidden, ("batch", "length", "mlp")))
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
+    self.attn = Attention(config, rngs)
+    self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
+    self.mlp = MLP(config, rngs)
+
+  def __call__(self, x, positions, mask, cache_k=None, cache_v=None, cache_end=None):
+    attn_out, cache_k, cache_v = self.attn(self.attn_norm(x), positions, mask, cache_k, cache_v, cache_end)
+    x = x + attn_out
+    x = x + self.mlp(self.mlp_norm(x))
+    return constrain(x, ("batch", "length", "embed")), cache_k, cache_v
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Decode cache: keys/values `[layers, B, S, kv_heads, head_dim]`, slot segments `[B, S]`.
+
+  `segment_ids` is 0 for empty (or padding) slots, which are never attended; `end` is the next
+  slot to write, shared by all rows because prompts are left-padded to one length.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  segment_ids: jax.Array
+  end: jax.Array
+
+  @classmethod
+  def empty(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32),
+               jnp.zeros((), jnp.int32))
+
+
+class Decoder(nnx.Module):
+  """Token embedding, `num_layers` blocks (scanned or unrolled), final norm, LM head."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    pdtype = jnp.dtype(config.param_dtype)
+    self.embed = nnx.Module()
+    self.embed.embedding = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), pdtype,
+                                  init="normal", stddev=config.initializer_range)
+    if config.scan_layers:
+      @nnx.split_rngs(splits=config.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make_layers(layer_rngs: nnx.Rngs) -> Block:
+        return Block(config, layer_rngs)
+      self.layers = make_layers(rngs)
+    else:
+      self.layers = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
+    if config.tie_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = nnx.Module()
+      self.lm_head.kernel = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), pdtype,
+                                   init="normal", stddev=config.initializer_range)
+
+  def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, cache: KVCache | None = None):
+    """Runs the decoder.
+
+    Args:
+      input_ids: `[B, T]` int.
+      positions: `[B, T]` RoPE positions; default `0..T-1` (packed rows must pass them).
+      segment_ids: `[B, T]`, 0 = padding; default all ones.
+      cache: a `KVCache` to extend (prefill or decode); then `(logits, new_cache)` is returned.
+
+    Returns:
+      float32 logits `[B, T, vocab]` (and the updated cache when one was given).
+    """
+    config = self.config
+    batch, length = input_ids.shape
+    if segment_ids is None:
+      segment_ids = jnp.ones((batch, length), jnp.int32)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    q_index = jnp.arange(length, dtype=jnp.int32)
+    if cache is None:
+      mask = attention_mask(segment_ids, segment_ids, q_index, q_index, config.sliding_window)
+      cache_k = cache_v = cache_end = None
+    else:
+      kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
+                                                 (0, cache.end))
+      kv_index = jnp.arange(cache.segment_ids.shape[1], dtype=jnp.int32)
+      mask = attention_mask(segment_ids, kv_segments, cache.end + q_index, kv_index, config.sliding_window)
+      cache_k, cache_v, cache_end = cache.k, cache.v, cache.end
+
+    x = jnp.take(self.embed.embedding[...], input_ids, axis=0).astype(jnp.dtype(config.dtype))
+    x = constrain(x, ("batch", "length", "embed"))
+    x, cache_k, cache_v = self._run_layers(x, positions, mask, cache_k, cache_v, cache_end)
+    x = self.final_norm(x)
+    if config.tie_embeddings:
+      logits = jnp.einsum("btd,vd->btv", x, self.embed.embedding[...].astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.einsum("btd,dv->btv", x, self.lm_head.kernel[...].astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+    logits = constrain(logits, ("batch", "length", "vocab"))
+    if cache is None:
+      return logits
+    return logits, KVCache(cache_k, cache_v, kv_segments, cache.end + length)
+
+  def _run_layers(self, x, positions, mask, cache_k, cache_v, cache_end):
+    policy = self.config.remat_policy
+
+    def run_block(block: Block, x, ck, cv):
+      return block(x, positions, mask, ck, cv, cache_end)
+
+    if policy != "none":
+      run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[policy], prevent_cse=not self.config.scan_layers)
+
+    if self.config.scan_layers:
+      # One traced layer body: compile time stays flat as depth grows.
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0),
+                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def scan_layers(x, block, ck, cv):
+        x, ck, cv = run_block(block, x, ck, cv)
+        return x, ck, cv
+
+      return scan_layers(x, self.layers, cache_k, cache_v)
+
+    new_k, new_v = [], []
+    for i, block in enumerate(self.layers):
+      ck = None if cache_k is None else cache_k[i]
+      cv = None if cache_v is None else cache_v[i]
+      x, ck, cv = run_block(block, x, ck, cv)
+      new_k.append(ck)
+      new_v.append(cv)
+    if cache_k is None:
+      return x, None, None
+    return x, jnp.stack(new_k), jnp.stack(new_v)
