@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -93,7 +94,7 @@ def load_hf(path: str, dtype: str = "float32", *, shardings: Any = None, **confi
   def place(key: tuple, array: np.ndarray) -> jax.Array:
     sharding = flat_shardings.get(key)
     if sharding is None:
-      return jnp.asarray(array)
+      return jax.device_put(array)  # one copy; jnp.asarray would stage a second, transient one
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
   for rule, layer in param_paths(config, layout):
@@ -108,14 +109,16 @@ def load_hf(path: str, dtype: str = "float32", *, shardings: Any = None, **confi
       if layer is not None and config.scan_layers:
         if key not in stacked:
           stacked[key] = [np.empty(target_shape, np_dtype), 0]
-        buffer = stacked[key]
-        buffer[0][layer] = array.astype(np_dtype)
-        buffer[1] += 1
-        if buffer[1] == config.num_layers:
-          values[key] = place(key, buffer[0])
-          del stacked[key]
+        stacked[key][0][layer] = array  # the one copy: memory-mapped file -> stacked buffer
+        stacked[key][1] += 1
+        if stacked[key][1] == config.num_layers:
+          values[key] = place(key, stacked.pop(key)[0])
+          # The host buffer can stay reachable from a reference cycle after the transfer;
+          # collecting here keeps the peak near one model instead of growing with each stack.
+          gc.collect()
       else:
         values[key] = place(key, np.asarray(array, np_dtype))
+      del array
     del hf_array
 
   for key, variable in targets.items():

@@ -139,9 +139,10 @@ class TensorRule:
 
 def _transpose_rule(hf: str, hf_shape, ours: str, our_shape) -> TensorRule:
   # HF stores Linear weights as [out, in]; ours are [in, ...out] so x @ kernel needs no transpose.
+  # to_ours returns views where numpy can, so the loader copies each tensor exactly once.
   in_dim = hf_shape[1]
   return TensorRule(hf, hf_shape, (ours,),
-                    lambda w: (np.ascontiguousarray(w.T).reshape(our_shape),),
+                    lambda w: (w.T.reshape(our_shape),),
                     lambda a: np.ascontiguousarray(a[0].reshape(in_dim, -1).T))
 
 
@@ -149,7 +150,7 @@ def _out_in_rule(hf: str, hf_shape, ours: str, our_shape) -> TensorRule:
   # o_proj / down_proj: ours [..in, out] flattened on the leading axes.
   out_dim = hf_shape[0]
   return TensorRule(hf, hf_shape, (ours,),
-                    lambda w: (np.ascontiguousarray(w.T).reshape(our_shape),),
+                    lambda w: (w.T.reshape(our_shape),),
                     lambda a: np.ascontiguousarray(a[0].reshape(-1, out_dim).T))
 
 
@@ -224,8 +225,7 @@ def _wqkv_rule(name: str, config: ModelConfig) -> TensorRule:
   def to_ours(w):
     grouped = np.asarray(w).reshape(k, g + 2, hd, d)
     q = grouped[:, :g].reshape(h, hd, d).transpose(2, 0, 1)
-    return (np.ascontiguousarray(q), np.ascontiguousarray(grouped[:, g].transpose(2, 0, 1)),
-            np.ascontiguousarray(grouped[:, g + 1].transpose(2, 0, 1)))
+    return q, grouped[:, g].transpose(2, 0, 1), grouped[:, g + 1].transpose(2, 0, 1)
 
   def to_hf(arrays):
     q, kk, vv = arrays
@@ -243,7 +243,7 @@ def _wqkv_bias_rule(name: str, config: ModelConfig) -> TensorRule:
 
   def to_ours(b):
     grouped = np.asarray(b).reshape(k, g + 2, hd)
-    return grouped[:, :g].reshape(h, hd).copy(), grouped[:, g].copy(), grouped[:, g + 1].copy()
+    return grouped[:, :g].reshape(h, hd), grouped[:, g], grouped[:, g + 1]
 
   def to_hf(arrays):
     q, kk, vv = arrays
