@@ -39,7 +39,7 @@ def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...],
     value = jnp.zeros(shape, dtype)
   # Logical names only: placement happens in the trainer (abstract init + jit out_shardings),
   # so variables are never eagerly sharded here.
-  return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 class RMSNorm(nnx.Module):
