@@ -1,0 +1,42 @@
+"""Data config: the five real sources in ../shared/data/collection, temperature-mixed (T=2).
+
+Used by integration tests and tools/bench_data.py; reads the files in place.
+Run `python -m csft_jax.data.inspect --config=configs/collection_shared.py`.
+"""
+
+import ml_collections
+
+from csft_jax.data.config import default_data_config, source_config
+
+COLLECTION = "../shared/data/collection"
+
+
+def get_data_config() -> ml_collections.ConfigDict:
+  """Returns `config.data` mixing the shared collection by n_i ** (1/2)."""
+  data = default_data_config()
+  data.sources = ml_collections.ConfigDict(dict(
+      cmeddialogue=source_config(
+          f"{COLLECTION}/cmeddialogue/sample_IM_5000-6000.csv", "columns",
+          encoding="gb18030", columns={"user": "ask", "assistant": "answer"}),
+      medicalgpt_sft=source_config(f"{COLLECTION}/medicalgpt_sft/medical_sft_1K_format.jsonl", "sharegpt"),
+      huatuo_cmekg=source_config(f"{COLLECTION}/huatuo_cmekg/llama_data.json", "alpaca"),
+      huatuo_liver_cancer=source_config(
+          f"{COLLECTION}/huatuo_liver_cancer/liver_cancer.json", "inline_multiturn"),
+      cmekg_triples=source_config(
+          f"{COLLECTION}/cmekg_triples/train_example.json", "template",
+          user_template="请从下面的医学文本中抽取所有（主体，关系，客体）三元组，每行一个：\n{text}",
+          assistant_template="{spo_list}"),
+  ))
+  data.mixing = "temperature"
+  data.temperature = 2.0
+  data.seq_len = 1024
+  data.val_fraction = 0.01
+  return data
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns a config whose `data` field is the shared collection."""
+  del arg
+  config = ml_collections.ConfigDict()
+  config.data = get_data_config()
+  return config

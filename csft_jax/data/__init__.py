@@ -1,0 +1,1 @@
+"""Collective-instruction data pipeline: sources -> conversations -> tokens -> mixture -> packed batches."""

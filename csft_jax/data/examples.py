@@ -1,0 +1,91 @@
+"""Tokenized examples of a source: chat template, over-long policy, held-out split."""
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from csft_jax.data.errors import DataError
+from csft_jax.data.sources import SourceRecord, SourceStats
+from csft_jax.data.templates import ChatTemplate
+
+OVERLONG = ("truncate", "drop")
+_ENCODE_CHUNK = 2048  # Conversations per tokenizer call: bounds peak memory.
+
+
+@dataclasses.dataclass
+class TokenizedSource:
+  """A source's examples as token ids and 0/1 loss masks (on tokens, not targets)."""
+
+  name: str
+  token_ids: list[np.ndarray]
+  loss_masks: list[np.ndarray]
+  stats: SourceStats
+
+  def __len__(self) -> int:
+    return len(self.token_ids)
+
+  @property
+  def num_tokens(self) -> int:
+    return int(sum(len(t) for t in self.token_ids))
+
+  def subset(self, indices: Sequence[int]) -> "TokenizedSource":
+    return TokenizedSource(self.name, [self.token_ids[i] for i in indices],
+                           [self.loss_masks[i] for i in indices], self.stats)
+
+
+def tokenize_source(name: str, records: Sequence[SourceRecord], stats: SourceStats,
+                    template: ChatTemplate, seq_len: int, overlong: str) -> TokenizedSource:
+  """Encodes a source's conversations and applies the over-long policy.
+
+  An example of n tokens gives n - 1 (input, target) pairs, so it fits a row
+  of `seq_len` when n <= seq_len + 1. Longer ones are truncated to that or
+  dropped; a truncated example with no trained target left is dropped too.
+  Counts go to `stats` (truncated, dropped, examples, tokens, loss_tokens).
+  """
+  if overlong not in OVERLONG:
+    raise DataError(f"config.data.overlong={overlong!r} is not one of {OVERLONG}")
+  limit = seq_len + 1
+  token_ids, loss_masks = [], []
+  for start in range(0, len(records), _ENCODE_CHUNK):
+    chunk = [r.conversation for r in records[start : start + _ENCODE_CHUNK]]
+    for ids, mask in template.encode_batch(chunk):
+      if len(ids) > limit:
+        if overlong == "drop":
+          stats.dropped += 1
+          continue
+        ids, mask = ids[:limit], mask[:limit]
+        if not mask[1:].any():
+          stats.dropped += 1
+          continue
+        stats.truncated += 1
+      token_ids.append(ids)
+      loss_masks.append(mask)
+  if not token_ids:
+    raise DataError(
+        f"source {name!r}: all {len(records)} examples are longer than"
+        f" seq_len={seq_len} and were dropped; raise config.data.seq_len or set overlong='truncate'")
+  stats.examples = len(token_ids)
+  stats.tokens = int(sum(len(t) for t in token_ids))
+  stats.loss_tokens = int(sum(int(m[1:].sum()) for m in loss_masks))
+  return TokenizedSource(name, token_ids, loss_masks, stats)
+
+
+def split_validation(source: TokenizedSource, val_fraction: float, seed: int,
+                     source_index: int) -> tuple[TokenizedSource, TokenizedSource | None]:
+  """Holds out round(val_fraction * n) examples (at least 1 if fraction > 0).
+
+  The held-out set is a seeded random subset that depends only on (seed,
+  source_index, n), so train and val never overlap and stay fixed across runs.
+  """
+  if not 0.0 <= val_fraction < 1.0:
+    raise DataError(f"config.data.val_fraction={val_fraction} must be in [0, 1)")
+  if val_fraction == 0.0:
+    return source, None
+  n = len(source)
+  num_val = max(1, round(val_fraction * n))
+  if num_val >= n:
+    raise DataError(f"source {source.name!r}: val_fraction={val_fraction} leaves no training examples of {n}")
+  order = np.random.default_rng([seed, source_index, 0x5A1]).permutation(n)
+  val, train = np.sort(order[:num_val]), np.sort(order[num_val:])
+  return source.subset(train), source.subset(val)

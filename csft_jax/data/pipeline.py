@@ -1,0 +1,199 @@
+"""Assembles the data pipeline: config.data -> tokenized sources -> mixture -> batches.
+
+Trainer entry points:
+  pipeline = DataPipeline(config.data)
+  ds = pipeline.train_dataset(global_batch_size, process_index, process_count)
+  it = iter(ds)  # grain DatasetIterator: get_state()/set_state(), Orbax-checkpointable
+  pipeline.val_batches(global_batch_size, process_index, process_count)
+or `make_train_dataset(config.data, global_batch_size=...)` for the first two.
+
+Guarantees: the same config and seed give the same stream of batches. The
+stream is infinite and does not depend on the number of training steps, so a
+restored iterator continues exactly even if the run length changed. Row r of
+global batch k is the k-th row of row stream r, which packs only mixture
+elements r, r + B, r + 2B, ... (B = global batch size); a process reads and
+packs only the streams of its own rows, and its batch is rows
+[p * b, (p + 1) * b) of the single-process global batch (b = B / processes).
+"""
+
+import math
+from collections.abc import Sequence
+
+import grain
+import ml_collections
+import numpy as np
+from absl import logging
+
+from csft_jax.data import config as data_config_lib
+from csft_jax.data.errors import DataError
+from csft_jax.data.examples import TokenizedSource, split_validation, tokenize_source
+from csft_jax.data.mixture import block_counts, mix_sources, mixture_weights
+from csft_jax.data.packing import PACKINGS, ROW_KEYS, TrainingExample, packed_rows, padded_rows, stack_rows
+from csft_jax.data.sources import SourceStats, load_conversations, parse_sources
+from csft_jax.data.templates import ChatTemplate, load_chat_template
+from csft_jax.data.tokenizer import load_tokenizer
+
+
+class DataPipeline:
+  """Loads every source once; builds train and val batches from them."""
+
+  def __init__(self, data_config: ml_collections.ConfigDict, *, root: str = data_config_lib.REPO_ROOT):
+    """Reads, adapts and tokenizes all sources; raises `DataError` on bad data.
+
+    Args:
+      data_config: `config.data` (see `csft_jax.data.config.default_data_config`).
+      root: directory that relative paths in the config are relative to.
+    """
+    self.config = data_config
+    if data_config.packing not in PACKINGS:
+      raise DataError(f"config.data.packing={data_config.packing!r} is not one of {PACKINGS}")
+    if data_config.seq_len < 2:
+      raise DataError(f"config.data.seq_len={data_config.seq_len} must be at least 2")
+    specs = parse_sources(data_config.sources, root)
+    self.tokenizer = load_tokenizer(data_config.tokenizer, root)
+    self.template: ChatTemplate = load_chat_template(data_config.chat_template, self.tokenizer)
+    self.source_names: list[str] = [s.name for s in specs]
+    self.train_sources: list[TokenizedSource] = []
+    self.val_sources: list[TokenizedSource | None] = []
+    for i, spec in enumerate(specs):
+      records, stats = load_conversations(spec, data_config.on_error)
+      source = tokenize_source(spec.name, records, stats, self.template,
+                               data_config.seq_len, data_config.overlong)
+      train, val = split_validation(source, data_config.val_fraction, data_config.seed, i)
+      self.train_sources.append(train)
+      self.val_sources.append(val)
+    self.weights = mixture_weights(
+        data_config.mixing, self.source_names, [len(s) for s in self.train_sources],
+        [s.weight for s in specs], data_config.temperature)
+    self.block_counts = block_counts(self.weights, data_config.mixture_block, self.source_names)
+
+  @property
+  def stats(self) -> list[SourceStats]:
+    return [s.stats for s in self.train_sources]
+
+  @property
+  def num_examples(self) -> int:
+    """Training examples in one epoch of the mixture (all sources, after caps and drops)."""
+    return sum(len(s) for s in self.train_sources)
+
+  @property
+  def num_tokens(self) -> int:
+    """Expected tokens in one epoch of the mixture: num_examples draws at the target weights."""
+    mean_len = [s.num_tokens / len(s) for s in self.train_sources]
+    return int(round(self.num_examples * float(np.dot(self.weights, mean_len))))
+
+  def examples(self) -> grain.MapDataset:
+    """The infinite mixed stream of unpacked training examples."""
+    sources = [grain.MapDataset.source(list(zip(s.token_ids, s.loss_masks))).map(TrainingExample(i))
+               for i, s in enumerate(self.train_sources)]
+    return mix_sources(sources, self.block_counts, self.config.seed)
+
+  def train_dataset(self, global_batch_size: int, process_index: int = 0,
+                    process_count: int = 1) -> grain.IterDataset:
+    """Infinite batches for this process: dicts of int32 [global_batch_size // process_count, seq_len].
+
+    Keys: input_ids, target_ids, loss_mask, segment_ids, positions, source_ids.
+    """
+    rows = _process_rows(global_batch_size, process_index, process_count)
+    examples = self.examples()
+    streams = [self._rows(examples[r::global_batch_size]) for r in rows]
+    return stack_rows(streams)
+
+  def _rows(self, examples: grain.MapDataset) -> grain.IterDataset:
+    if self.config.packing == "packed":
+      return packed_rows(examples, self.config.seq_len, self.config.num_packing_bins)
+    return padded_rows(examples, self.config.seq_len)
+
+  def val_batches(self, global_batch_size: int, process_index: int = 0,
+                  process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """Fixed held-out batches (every val example once), same keys and shapes as train.
+
+    Rows are packed (or padded) from the val examples of all sources in source
+    order; the last batch is filled with empty rows (loss_mask 0).
+    """
+    rows_of_process = _process_rows(global_batch_size, process_index, process_count)
+    sources = [grain.MapDataset.source(list(zip(s.token_ids, s.loss_masks))).map(TrainingExample(i))
+               for i, s in enumerate(self.val_sources) if s is not None]
+    if not sources:
+      return []
+    rows = list(self._rows(grain.MapDataset.concatenate(sources)))
+    empty = {k: np.zeros(self.config.seq_len, dtype=np.int32) for k in ROW_KEYS}
+    rows += [empty] * (-len(rows) % global_batch_size)
+    return [{k: np.stack([rows[start + r][k] for r in rows_of_process]) for k in ROW_KEYS}
+            for start in range(0, len(rows), global_batch_size)]
+
+  def estimate_steps_per_epoch(self, global_batch_size: int, num_batches: int = 4) -> int:
+    """Steps for one mixture epoch (num_examples draws), from examples per batch in the first batches."""
+    it = iter(self.train_dataset(global_batch_size))
+    segments = sum(int(_count_segments(next(it)["segment_ids"])) for _ in range(num_batches))
+    return math.ceil(self.num_examples * num_batches / max(segments, 1))
+
+  def mixture_rows(self, num_epochs: float = 1.0) -> list[dict]:
+    """Per source: examples, tokens, target weight, expected epochs over the run, drop counts."""
+    out = []
+    for source, weight in zip(self.train_sources, self.weights):
+      s = source.stats
+      out.append(dict(
+          source=source.name, examples=len(source), tokens=source.num_tokens,
+          target_weight=float(weight),
+          expected_epochs=float(weight * self.num_examples * num_epochs / len(source)),
+          skipped=s.skipped, dropped=s.dropped, truncated=s.truncated))
+    return out
+
+  def mixture_table(self, num_epochs: float = 1.0) -> str:
+    """The mixture as a text table, for the start of a run."""
+    header = ("source", "examples", "tokens", "weight", "epochs", "skipped", "dropped", "truncated")
+    lines = [header]
+    for r in self.mixture_rows(num_epochs):
+      lines.append((r["source"], str(r["examples"]), str(r["tokens"]), f"{r['target_weight']:.4f}",
+                    f"{r['expected_epochs']:.2f}", str(r["skipped"]), str(r["dropped"]), str(r["truncated"])))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    title = (f"mixture: {self.config.mixing}"
+             + (f" (T={self.config.temperature})" if self.config.mixing == "temperature" else "")
+             + f", {self.num_examples} examples/epoch, epochs over {num_epochs:g} mixture epoch(s)")
+    rows = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+            for line in lines]
+    return "\n".join([title] + rows)
+
+
+def _process_rows(global_batch_size: int, process_index: int, process_count: int) -> range:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise DataError(f"process_index={process_index} must be in [0, process_count={process_count})")
+  if global_batch_size % process_count:
+    raise DataError(f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}")
+  per_process = global_batch_size // process_count
+  return range(process_index * per_process, (process_index + 1) * per_process)
+
+
+def _count_segments(segment_ids: np.ndarray) -> int:
+  """Number of examples in a batch: distinct nonzero segment ids per row."""
+  return int(segment_ids.max(axis=-1).sum())
+
+
+def make_train_dataset(data_config: ml_collections.ConfigDict, *, global_batch_size: int,
+                       process_index: int = 0, process_count: int = 1,
+                       num_epochs: float = 1.0) -> tuple[grain.IterDataset, DataPipeline]:
+  """Builds the pipeline, logs its mixture table and returns (train dataset, pipeline).
+
+  Args:
+    data_config: `config.data`.
+    global_batch_size: rows per global batch.
+    process_index, process_count: this host's place (jax.process_index/count()).
+    num_epochs: run length in mixture epochs, for the table's expected epochs.
+  """
+  pipeline = DataPipeline(data_config)
+  logging.info("%s", pipeline.mixture_table(num_epochs))
+  return pipeline.train_dataset(global_batch_size, process_index, process_count), pipeline
+
+
+def source_fractions(batches: Sequence[dict[str, np.ndarray]], num_sources: int) -> tuple[np.ndarray, np.ndarray]:
+  """Realized (example, token) fractions per source over some batches."""
+  examples = np.zeros(num_sources)
+  tokens = np.zeros(num_sources)
+  for b in batches:
+    seg, src = b["segment_ids"], b["source_ids"]
+    # An example starts where a nonzero segment begins (position 0).
+    starts = (seg > 0) & (b["positions"] == 0)
+    examples += np.bincount(src[starts], minlength=num_sources)
+    tokens += np.bincount(src[seg > 0], minlength=num_sources)
+  return examples / max(examples.sum(), 1), tokens / max(tokens.sum(), 1)

@@ -1,0 +1,127 @@
+"""Source registry: `config.data.sources` -> validated specs -> conversations.
+
+Each source is read file by file in sorted order and record by record in
+file order, so the conversations of a source are deterministic.
+"""
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from csft_jax.data.adapters import ADAPTERS, DEFAULT_COLUMNS
+from csft_jax.data.conversation import Conversation
+from csft_jax.data.errors import DataError, Location, RecordError
+from csft_jax.data.readers import read_records, resolve_paths
+
+ON_ERROR = ("raise", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+  """One validated entry of `config.data.sources`."""
+
+  name: str
+  paths: tuple[str, ...]
+  format: str
+  weight: float | None
+  max_samples: int | None
+  encoding: str
+  reader: str
+  options: Mapping[str, Any]  # Adapter options, incl. the merged `columns`.
+
+
+@dataclasses.dataclass
+class SourceStats:
+  """What happened to a source's records, for the mixture table and reports."""
+
+  records: int = 0  # Records read (after the max_samples cap).
+  skipped: int = 0  # Bad records skipped with on_error="skip".
+  dropped: int = 0  # Over-long examples dropped (or left with nothing to train on).
+  truncated: int = 0  # Over-long examples truncated to seq_len.
+  examples: int = 0  # Examples kept, train and val.
+  tokens: int = 0  # Tokens of the kept examples.
+  loss_tokens: int = 0  # Trained (assistant) tokens of the kept examples.
+  first_skip: str | None = None  # The first skipped record's error, to show people.
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceRecord:
+  """A conversation with the raw record and place it came from."""
+
+  conversation: Conversation
+  record: Mapping[str, Any]
+  location: Location
+
+
+def parse_sources(sources_config, root: str) -> list[SourceSpec]:
+  """Validates `config.data.sources` (name -> ConfigDict) into specs, in config order."""
+  if not sources_config or not len(sources_config):
+    raise DataError("config.data.sources is empty; add at least one source")
+  specs = []
+  for name, cfg in sources_config.items():
+    where = f"config.data.sources.{name}"
+    if cfg.get("format") not in ADAPTERS:
+      raise DataError(f"{where}.format={cfg.get('format')!r} is not one of {sorted(ADAPTERS)}")
+    if not cfg.get("path"):
+      raise DataError(f"{where}.path is not set")
+    weight = cfg.get("weight")
+    if weight is not None and not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+      raise DataError(f"{where}.weight={weight!r}: weights must be finite and > 0 (or None)")
+    max_samples = cfg.get("max_samples")
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
+      raise DataError(f"{where}.max_samples={max_samples!r}: must be a positive integer or None")
+    columns = dict(DEFAULT_COLUMNS[cfg.format])
+    user_columns = cfg.get("columns") or {}
+    columns.update(user_columns.to_dict() if hasattr(user_columns, "to_dict") else user_columns)
+    options = {k: v for k, v in cfg.items() if k not in ("path", "format", "weight", "max_samples",
+                                                          "encoding", "reader", "columns")}
+    options["columns"] = columns
+    specs.append(SourceSpec(
+        name=name, paths=tuple(resolve_paths(name, cfg.path, root)), format=cfg.format,
+        weight=None if weight is None else float(weight), max_samples=max_samples,
+        encoding=cfg.get("encoding") or "utf-8", reader=cfg.get("reader") or "auto", options=options))
+  return specs
+
+
+def load_conversations(spec: SourceSpec, on_error: str) -> tuple[list[SourceRecord], SourceStats]:
+  """Reads and adapts a source's records, keeping the first `max_samples`.
+
+  Args:
+    spec: the source.
+    on_error: "raise" stops at the first bad record with its source, file and
+      line; "skip" counts it in `SourceStats.skipped` and goes on.
+
+  Returns:
+    The source's records in file order, and its stats so far.
+  """
+  if on_error not in ON_ERROR:
+    raise DataError(f"config.data.on_error={on_error!r} is not one of {ON_ERROR}")
+  adapter = ADAPTERS[spec.format]
+  stats, out = SourceStats(), []
+  for path in spec.paths:
+    if spec.max_samples is not None and len(out) >= spec.max_samples:
+      break
+    for item in read_records(spec.name, path, spec.reader, spec.encoding):
+      if spec.max_samples is not None and len(out) >= spec.max_samples:
+        break
+      stats.records += 1
+      try:
+        if isinstance(item, RecordError):
+          raise item
+        record, location = item
+        try:
+          out.append(SourceRecord(adapter(record, spec.options), record, location))
+        except RecordError as e:
+          e.location = location
+          raise
+      except RecordError as e:
+        message = f"source {spec.name!r}, {e.location}: {e} (format {spec.format!r})"
+        if on_error == "raise":
+          raise DataError(message + "; fix the record or set config.data.on_error='skip'") from None
+        stats.skipped += 1
+        stats.first_skip = stats.first_skip or message
+  if not out:
+    why = f"all {stats.records} records were bad; first: {stats.first_skip}" if stats.records else "no records"
+    raise DataError(f"source {spec.name!r}: {why} in {list(spec.paths)}")
+  return out, stats

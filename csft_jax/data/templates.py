@@ -1,0 +1,194 @@
+"""Chat templates: conversations -> token ids with a loss mask, prompts -> ids.
+
+Public API:
+  load_chat_template(name, tokenizer) -> ChatTemplate   (the only factory)
+  ChatTemplate.encode(conversation) -> (token_ids, loss_mask)   for training
+  ChatTemplate.encode_batch(conversations) -> [(token_ids, loss_mask), ...]
+  ChatTemplate.encode_prompt(messages) -> list[int]   for generation; ends
+      with the assistant generation prefix
+  ChatTemplate.stop_token_ids   end-of-turn and end-of-sequence ids
+
+Templates render text plus the character spans the model is trained on
+(each assistant reply and its end-of-turn marker); tokenizing once with
+offsets turns the spans into a per-token loss mask. Rendering whole text and
+tokenizing it once keeps the ids identical to what the template gives at
+inference, which encoding turn by turn would not guarantee.
+"""
+
+import abc
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from csft_jax.data.conversation import ASSISTANT, Conversation
+from csft_jax.data.errors import DataError
+
+TEMPLATE_NAMES = ("hf", "chatml", "internlm2", "llama3")
+Spans = list[tuple[int, int]]
+
+
+class ChatTemplate(abc.ABC):
+  """Renders conversations for one tokenizer; see the module docstring."""
+
+  def __init__(self, name: str, tokenizer, stop_token_ids: Sequence[int]):
+    self.name = name
+    self.tokenizer = tokenizer
+    self.stop_token_ids = tuple(dict.fromkeys(int(i) for i in stop_token_ids))
+
+  @abc.abstractmethod
+  def render(self, conversation: Conversation) -> tuple[str, Spans]:
+    """Returns the text and the [start, end) character spans to train on."""
+
+  @abc.abstractmethod
+  def render_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+    """Returns the text of `messages` followed by the assistant prefix."""
+
+  def encode(self, conversation: Conversation) -> tuple[np.ndarray, np.ndarray]:
+    """Returns int32 token ids and an int8 mask, 1 on assistant tokens.
+
+    The mask covers every assistant turn including its end-of-turn token;
+    system and user tokens and the role headers are 0.
+    """
+    return self.encode_batch([conversation])[0]
+
+  def encode_batch(self, conversations: Sequence[Conversation]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`encode` for many conversations at once (the tokenizer runs in parallel)."""
+    rendered = [self.render(c) for c in conversations]
+    encodings = self.tokenizer.backend_tokenizer.encode_batch(
+        [text for text, _ in rendered], add_special_tokens=False)
+    out = []
+    for (_, spans), encoding in zip(rendered, encodings):
+      ids = np.asarray(encoding.ids, dtype=np.int32)
+      starts = np.fromiter((o[0] for o in encoding.offsets), dtype=np.int64, count=len(ids))
+      mask = np.zeros(len(ids), dtype=np.int8)
+      for start, end in spans:
+        mask[(starts >= start) & (starts < end)] = 1
+      out.append((ids, mask))
+    return out
+
+  def encode_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of `messages` ([{"role", "content"}]) ending with the assistant prefix."""
+    text = self.render_prompt(messages)
+    return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+
+
+@dataclasses.dataclass(frozen=True)
+class MarkupSpec:
+  """A template that is plain markup around each message."""
+
+  bos: str
+  header: str  # Formatted with {role}.
+  end_of_turn: str
+  separator: str  # After end_of_turn; not trained.
+  eos: str
+  special_tokens: tuple[str, ...]  # Must each be one token of the tokenizer.
+
+
+BUILTIN_TEMPLATES = {
+    "chatml": MarkupSpec("", "<|im_start|>{role}\n", "<|im_end|>", "\n", "<|endoftext|>",
+                         ("<|im_start|>", "<|im_end|>")),
+    "internlm2": MarkupSpec("<s>", "<|im_start|>{role}\n", "<|im_end|>", "\n", "</s>",
+                            ("<s>", "<|im_start|>", "<|im_end|>")),
+    "llama3": MarkupSpec("<|begin_of_text|>", "<|start_header_id|>{role}<|end_header_id|>\n\n",
+                         "<|eot_id|>", "", "<|end_of_text|>",
+                         ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+}
+
+
+class MarkupTemplate(ChatTemplate):
+  """A built-in template (`chatml`, `internlm2`, `llama3`)."""
+
+  def __init__(self, name: str, tokenizer, spec: MarkupSpec):
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in spec.special_tokens if t not in vocab]
+    if missing:
+      raise DataError(
+          f"chat_template {name!r} needs special tokens {missing} that the"
+          f" tokenizer {tokenizer.name_or_path} lacks; use chat_template='hf'"
+          " or a tokenizer of that model family"
+      )
+    eos = vocab.get(spec.eos, tokenizer.eos_token_id)
+    stops = [vocab[spec.end_of_turn]] + ([eos] if eos is not None else [])
+    super().__init__(name, tokenizer, stops)
+    self.spec = spec
+
+  def render(self, conversation: Conversation) -> tuple[str, Spans]:
+    s = self.spec
+    parts = [s.bos]
+    if conversation.system:
+      parts.append(f"{s.header.format(role='system')}{conversation.system}{s.end_of_turn}{s.separator}")
+    spans, length = [], len(parts[0]) + (len(parts[1]) if conversation.system else 0)
+    for role, text in conversation.turns:
+      head = s.header.format(role=role)
+      if role == ASSISTANT:
+        start = length + len(head)
+        spans.append((start, start + len(text) + len(s.end_of_turn)))
+      turn = f"{head}{text}{s.end_of_turn}{s.separator}"
+      parts.append(turn)
+      length += len(turn)
+    return "".join(parts), spans
+
+  def render_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+    s = self.spec
+    body = "".join(f"{s.header.format(role=m['role'])}{m['content']}{s.end_of_turn}{s.separator}"
+                   for m in messages)
+    return f"{s.bos}{body}{s.header.format(role=ASSISTANT)}"
+
+
+class HFTemplate(ChatTemplate):
+  """The tokenizer's own Jinja `chat_template`.
+
+  Assistant spans come from rendering growing prefixes of the conversation,
+  which requires the template to render a prefix of messages as a prefix of
+  the text (true of chatml-, Llama- and InternLM-style templates).
+  """
+
+  def __init__(self, tokenizer):
+    if not getattr(tokenizer, "chat_template", None):
+      raise DataError(
+          f"chat_template='hf' but tokenizer {tokenizer.name_or_path} has no"
+          " chat_template; pick a built-in one: chatml, internlm2, llama3"
+      )
+    self.tokenizer = tokenizer
+    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    prefix = self._apply(probe[:1], generation_prompt=True)
+    after = self._apply(probe, generation_prompt=False)[len(prefix) + 1 :]
+    end_of_turn = tokenizer.backend_tokenizer.encode(after, add_special_tokens=False).ids[:1]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    super().__init__("hf", tokenizer, end_of_turn + eos)
+
+  def _apply(self, messages, generation_prompt: bool) -> str:
+    return self.tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+
+  def render(self, conversation: Conversation) -> tuple[str, Spans]:
+    messages = conversation.messages()
+    text = self._apply(messages, generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+      if message["role"] != ASSISTANT:
+        continue
+      start = len(self._apply(messages[:i], generation_prompt=True))
+      upto = self._apply(messages[: i + 1], generation_prompt=False)
+      if not text.startswith(upto) or len(upto) < start:
+        raise DataError(
+            f"the chat_template of {self.tokenizer.name_or_path} does not render"
+            " a conversation prefix as a text prefix, so assistant tokens cannot"
+            " be located; use a built-in chat_template instead"
+        )
+      # Trailing newlines after the end-of-turn token are not trained.
+      spans.append((start, len(upto.rstrip("\n"))))
+    return text, spans
+
+  def render_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+    return self._apply(messages, generation_prompt=True)
+
+
+def load_chat_template(name: str, tokenizer) -> ChatTemplate:
+  """Returns the chat template `name` (one of TEMPLATE_NAMES) for `tokenizer`."""
+  if name == "hf":
+    return HFTemplate(tokenizer)
+  if name not in BUILTIN_TEMPLATES:
+    raise DataError(f"config.data.chat_template={name!r} is not one of {TEMPLATE_NAMES}")
+  return MarkupTemplate(name, tokenizer, BUILTIN_TEMPLATES[name])

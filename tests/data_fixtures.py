@@ -1,0 +1,46 @@
+"""Shared helpers for the data tests: pipelines built once, small config builders."""
+
+import functools
+import os
+
+import ml_collections
+
+from csft_jax.data.config import REPO_ROOT, default_data_config, sample_collection_config, source_config
+from csft_jax.data.pipeline import DataPipeline
+from csft_jax.data.templates import load_chat_template
+from csft_jax.data.tokenizer import load_tokenizer
+
+SHARED = os.path.join(REPO_ROOT, "..", "shared", "data")
+COLLECTION = os.path.join(SHARED, "collection")
+
+
+@functools.lru_cache(maxsize=None)
+def demo_tokenizer():
+  return load_tokenizer(default_data_config().tokenizer, REPO_ROOT)
+
+
+@functools.lru_cache(maxsize=None)
+def template(name: str = "chatml"):
+  return load_chat_template(name, demo_tokenizer())
+
+
+def sample_config(**overrides) -> ml_collections.ConfigDict:
+  """The sample collection's data config with small, fast settings."""
+  data = sample_collection_config()
+  data.seq_len = 128
+  data.num_packing_bins = 4
+  data.update(overrides)
+  return data
+
+
+@functools.lru_cache(maxsize=None)
+def sample_pipeline(packing: str = "packed") -> DataPipeline:
+  return DataPipeline(sample_config(packing=packing))
+
+
+def one_source_config(path: str, format: str, **options) -> ml_collections.ConfigDict:  # pylint: disable=redefined-builtin
+  """A data config with a single source `s` at `path` (absolute or repo-relative)."""
+  data = default_data_config()
+  data.sources = ml_collections.ConfigDict({"s": source_config(path, format, **options)})
+  data.seq_len = 128
+  return data

@@ -1,0 +1,142 @@
+"""Finds training examples that share a long character n-gram with benchmark questions.
+
+  python tools/decontaminate.py --config=configs/collection_shared.py \
+      --benchmark=cmb:PATH/CMB-val.json --benchmark=meds:PATH/task.json \
+      [--ngram=13] [--write_filtered=DIR] [--json]
+
+Benchmarks: `cmb` (JSON list of items with `question` and `option`), `meds`
+(MedS-Bench task JSON with `Instances[].input`, or a results CSV with an
+`input` column). Whitespace is ignored when comparing. --write_filtered
+writes one JSONL file of the kept raw records per source; files appear only
+after every source was checked, so an error leaves nothing half-written.
+"""
+
+import csv
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from csft_jax.data.config import REPO_ROOT
+from csft_jax.data.errors import DataError
+from csft_jax.data.sources import load_conversations, parse_sources
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a `data` field.", lock_config=False)
+_BENCHMARKS = flags.DEFINE_multi_string("benchmark", [], "KIND:PATH with KIND in {cmb, meds}.")
+_NGRAM = flags.DEFINE_integer("ngram", 13, "Character n-gram length.")
+_WRITE = flags.DEFINE_string("write_filtered", None, "Directory for filtered copies (JSONL per source).")
+_JSON = flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
+_SHOW = 3  # Contaminated examples shown per source.
+
+
+def _normalize(text: str) -> str:
+  return "".join(text.split())
+
+
+def benchmark_questions(kind: str, path: str) -> list[str]:
+  """Reads the question texts (with options for MCQ) of a benchmark file."""
+  full = os.path.join(REPO_ROOT, path)
+  if not os.path.isfile(full):
+    raise DataError(f"benchmark {kind}: {path} not found (tried {full})")
+  if kind == "cmb":
+    with open(full, encoding="utf-8") as f:
+      items = json.load(f)
+    if not isinstance(items, list):
+      raise DataError(f"benchmark cmb: {full} must be a JSON list of items")
+    questions = []
+    for i, item in enumerate(items):
+      if "question" not in item:
+        raise DataError(f"benchmark cmb: {full} item {i} has no 'question' field (is it an answer key?); pass a file with question texts")
+      options = "".join(str(v) for v in (item.get("option") or {}).values())
+      questions.append(item["question"] + options)
+    return questions
+  if kind == "meds":
+    if full.endswith(".csv"):
+      with open(full, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+      if rows and "input" not in rows[0]:
+        raise DataError(f"benchmark meds: {full} has no 'input' column")
+      return sorted({r["input"] for r in rows})
+    with open(full, encoding="utf-8") as f:
+      task = json.load(f)
+    if "Instances" not in task:
+      raise DataError(f"benchmark meds: {full} has no 'Instances' (expected a MedS-Bench task file)")
+    return [inst["input"] for inst in task["Instances"]]
+  raise DataError(f"--benchmark kind {kind!r} is not one of cmb, meds")
+
+
+def ngram_set(texts: list[str], n: int) -> set[str]:
+  """All length-n windows of the whitespace-free texts."""
+  grams = set()
+  for text in texts:
+    t = _normalize(text)
+    grams.update(t[i : i + n] for i in range(len(t) - n + 1))
+  return grams
+
+
+def shared_ngram(text: str, grams: set[str], n: int) -> str | None:
+  """The first length-n window of `text` found in `grams`, or None."""
+  t = _normalize(text)
+  for i in range(len(t) - n + 1):
+    if t[i : i + n] in grams:
+      return t[i : i + n]
+  return None
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  try:
+    run()
+  except DataError as e:
+    sys.exit(f"error: {e}")
+
+
+def run() -> None:
+  """The command: see the module docstring."""
+  if not _BENCHMARKS.value:
+    raise app.UsageError("give at least one --benchmark=KIND:PATH")
+  questions = []
+  for spec in _BENCHMARKS.value:
+    kind, sep, path = spec.partition(":")
+    if not sep:
+      raise app.UsageError(f"--benchmark={spec!r} must be KIND:PATH")
+    questions += benchmark_questions(kind, path)
+  grams = ngram_set(questions, _NGRAM.value)
+  data = _CONFIG.value.data
+  report, kept = {}, {}
+  for spec in parse_sources(data.sources, REPO_ROOT):
+    records, _ = load_conversations(spec, data.on_error)
+    hits, kept[spec.name] = [], []
+    for r in records:
+      gram = shared_ngram(r.conversation.text(), grams, _NGRAM.value)
+      if gram is None:
+        kept[spec.name].append(r.record)
+      else:
+        hits.append((str(r.location), gram))
+    report[spec.name] = {"examples": len(records), "contaminated": len(hits),
+                         "first": [{"location": loc, "ngram": g} for loc, g in hits[:_SHOW]]}
+    print(f"{spec.name}: {len(hits)} of {len(records)} examples share a {_NGRAM.value}-gram with the benchmarks")
+    for loc, g in hits[:_SHOW]:
+      print(f"  {loc}: {g}")
+  if _WRITE.value:
+    out = os.path.join(REPO_ROOT, _WRITE.value)
+    staging = tempfile.mkdtemp(prefix=".decontaminate-", dir=os.path.dirname(os.path.abspath(out)))
+    for name, records in kept.items():
+      with open(os.path.join(staging, f"{name}.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
+    if os.path.exists(out):
+      shutil.rmtree(out)
+    os.replace(staging, out)
+    print(f"wrote filtered copies to {out}")
+  if _JSON.value:
+    print(json.dumps({"ngram": _NGRAM.value, "benchmark_questions": len(questions), "sources": report},
+                     ensure_ascii=False))
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)
