@@ -122,3 +122,28 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   mesh, rules = active
   spec = logical_to_spec(logical_axes, x.shape, mesh, rules)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def describe_plan(tree: Any, shardings: Any) -> str:
+  """A table of bytes in total and per device for each top-level part of `tree` (abstract is fine)."""
+  def per_device(leaf, sharding) -> int:
+    nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    shards = 1
+    for axes in sharding.spec:
+      for axis in (axes,) if isinstance(axes, str) else (axes or ()):
+        shards *= sharding.mesh.shape[axis]
+    return nbytes // shards
+
+  rows = []
+  parts = vars(tree) if hasattr(tree, "__dataclass_fields__") else {"state": tree}
+  shard_parts = vars(shardings) if hasattr(shardings, "__dataclass_fields__") else {"state": shardings}
+  for name, part in parts.items():
+    leaves = jax.tree.leaves(part)
+    total = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
+    device = sum(per_device(x, s) for x, s in zip(leaves, jax.tree.leaves(shard_parts[name])))
+    rows.append((name, total, device))
+  rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+  gib = 2**30
+  lines = [f"{'part':<10} {'total GiB':>12} {'per device GiB':>15}"]
+  lines += [f"{name:<10} {total / gib:>12.3f} {device / gib:>15.3f}" for name, total, device in rows]
+  return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Training pieces assembled by `csft_jax.train`: loss, optimizer, step, metrics."""

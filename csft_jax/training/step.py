@@ -1,0 +1,100 @@
+"""The jitted train and eval steps (functional: graphdef + params pytree)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from csft_jax.sharding import constrain
+from csft_jax.training.loss import LossSums, loss_sums
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training, as one pytree (checkpointed and donated)."""
+
+  step: jax.Array
+  params: Any  # nnx.State of the model's Params (float32 master weights)
+  opt_state: Any
+
+
+def _forward_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch, num_sources: int) -> LossSums:
+  model = nnx.merge(graphdef, params)
+  logits = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+  return loss_sums(logits, batch["target_ids"], batch["loss_mask"], batch["source_ids"], num_sources)
+
+
+def _split_microbatches(batch: Batch, num_micro: int) -> Batch:
+  """`[B, T]` -> `[num_micro, B / num_micro, T]`, microbatch i = rows i, i + A, i + 2A, ...
+
+  Interleaving (rather than contiguous chunks) keeps every microbatch spread over all data
+  shards, so no device idles and no resharding is needed.
+  """
+  def split(x):
+    b = x.shape[0]
+    if b % num_micro:
+      raise ValueError(f"global batch {b} is not divisible by grad_accum_steps={num_micro}.")
+    x = x.reshape(b // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
+    return constrain(x, (None, "batch", "length"))
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *, num_sources: int,
+                    grad_accum_steps: int = 1, z_loss_weight: float = 0.0,
+                    schedule: optax.Schedule | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """Builds `train_step(state, batch) -> (state, metrics)`; jit it with shardings and donation.
+
+  The loss is the token mean over the loss tokens of the whole *global* batch: each microbatch
+  contributes sum / global_count, so accumulation over microbatches and sharding over devices
+  give the same gradient as one big batch.
+  """
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    global_tokens = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+
+    def objective(params, micro):
+      sums = _forward_sums(graphdef, params, micro, num_sources)
+      return (sums.loss + z_loss_weight * sums.z_loss) / global_tokens, sums
+
+    grad_fn = jax.grad(objective, has_aux=True)
+
+    def accumulate(carry, micro):
+      grads, sums = carry
+      micro_grads, micro_sums = grad_fn(state.params, micro)
+      return (jax.tree.map(jnp.add, grads, micro_grads), sums + micro_sums), None
+
+    zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, LossSums.zeros(num_sources)),
+                                    _split_microbatches(batch, grad_accum_steps))
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": sums.loss / global_tokens,
+        "z_loss": sums.z_loss / global_tokens,
+        "grad_norm": optax.global_norm(grads),
+        "loss_tokens": sums.tokens,
+        "source_loss": sums.source_loss,
+        "source_tokens": sums.source_tokens,
+        "real_tokens": (batch["segment_ids"] > 0).sum(),
+    }
+    if schedule is not None:
+      metrics["lr"] = schedule(state.step)
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, *, num_sources: int) -> Callable[[Any, Batch], LossSums]:
+  """Builds `eval_step(params, batch) -> LossSums` (sums, so batches add up exactly)."""
+
+  def eval_step(params: Any, batch: Batch) -> LossSums:
+    return _forward_sums(graphdef, params, batch, num_sources)
+
+  return eval_step
