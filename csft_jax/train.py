@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from ml_collections import config_flags
 
 from csft_jax import checkpointing
@@ -117,8 +117,12 @@ class StopRequest:
 
   def __init__(self):
     self.signal_name = None
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(sig, self._handle)
+    self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+  def close(self) -> None:
+    """Puts the previous handlers back (the run is over)."""
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
   def _handle(self, signum, _frame):
     self.signal_name = signal.Signals(signum).name
@@ -132,8 +136,14 @@ class StopRequest:
     return bool(flag)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains as `config` says in `workdir` (resuming if it holds checkpoints); returns the summary."""
+def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> dict[str, Any]:
+  """Trains as `config` says in `workdir` (resuming if it holds checkpoints); returns the summary.
+
+  Args:
+    config: the run's config (see configs/demo.py for the fields).
+    workdir: run directory.
+    mesh: overrides the mesh built from `config.mesh` over all devices (tests use device subsets).
+  """
   workdir = os.path.abspath(workdir)
   primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -141,7 +151,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
-  mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  mesh = mesh or make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   pipeline = DataPipeline(config.data)
   num_steps = resolve_num_steps(config.train, pipeline)
   _print(primary, f"mesh {dict(mesh.shape)} over {mesh.size} devices ({jax.process_count()} processes)")
@@ -232,6 +242,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     status = "diverged"
     _print(primary, f"ERROR: {e}")
   finally:
+    stop.close()
     checkpointer.close()
     writer.close()
 

@@ -78,7 +78,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     metrics = {
         "loss": sums.loss / global_tokens,
         "z_loss": sums.z_loss / global_tokens,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "loss_tokens": sums.tokens,
         "source_loss": sums.source_loss,
         "source_tokens": sums.source_tokens,

@@ -1,0 +1,46 @@
+"""Two local processes (gloo collectives) x 2 devices train exactly like one process with 4 devices."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+
+from csft_jax import train
+from csft_jax.sharding import make_mesh
+from tests.train_fixtures import losses, small_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_four_devices(tmp_path):
+  reference = str(tmp_path / "one_process")
+  train.run(small_config(), reference, mesh=make_mesh(4, 1, 1, devices=jax.devices()[:4]))
+
+  workdir = str(tmp_path / "two_processes")
+  address = f"127.0.0.1:{_free_port()}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             PYTHONPATH=REPO)
+  overrides = ["--config.model.hidden_size=64", "--config.model.intermediate_size=128", "--config.model.num_layers=2",
+               "--config.data.seq_len=128", "--config.train.num_steps=3", "--config.train.log_every=1",
+               "--config.train.eval_every=0", "--config.checkpoint.every_steps=1000"]
+  processes = [
+      subprocess.Popen([sys.executable, "-m", "csft_jax.train", f"--config={REPO}/configs/demo.py", f"--workdir={workdir}",
+                        f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}", *overrides],
+                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert "over 4 devices (2 processes)" in outputs[0]
+  single, multi = losses(reference), losses(workdir)
+  assert sorted(multi) == [1, 2, 3]
+  for step in (1, 2, 3):
+    assert abs(single[step] - multi[step]) < 1e-5, (step, single[step], multi[step])
