@@ -8,7 +8,9 @@ cosine schedule, warmup ratio 0.05, bf16, per-device batch 16 x gradient accumul
       --config.init.from_hf=/models/internlm2_5-7b --config.data.tokenizer=/models/internlm2_5-7b \
       --config.data.sources.cmb.path=/data/CMB-train-merge.json ...
 
-The argument picks a mesh preset: v4-8, v5e-8, v5p-8 or 8xh100 (default). Set each source path
+The argument is `k=v` pairs separated by commas (a bare name means `mesh=`): `mesh` picks a mesh
+preset (v4-8, v5e-8, v5p-8 or 8xh100, the default) and `sources` is `collection` (the default) or
+`cmb_only` (the single-source arm of experiments/mixture_ablation.py). Set each source path
 with `--config.data.sources.<name>.path=...`, or place the files under data/collectivesft/ (relative
 to the repository root) with the names below. Print the per-device memory plan without allocating anything:
 
@@ -50,27 +52,44 @@ SOURCES = {
 }
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Returns the recipe; `arg` is a mesh preset name (default 8xh100)."""
-  preset = arg or "8xh100"
-  if preset not in MESH_PRESETS:
-    raise ValueError(f"Unknown mesh preset {preset!r}; choose one of {sorted(MESH_PRESETS)}.")
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """`mesh=v5p-8,sources=cmb_only` (or a bare mesh name) -> {"mesh": ..., "sources": ...}."""
+  parsed = {"mesh": "8xh100", "sources": "collection"}
+  for part in filter(None, (arg or "").split(",")):
+    key, sep, value = part.partition("=")
+    key, value = (key, value) if sep else ("mesh", key)
+    if key not in parsed:
+      raise ValueError(f"config arg {arg!r}: unknown key {key!r}; use mesh=... and/or sources=...")
+    parsed[key] = value
+  if parsed["mesh"] not in MESH_PRESETS:
+    raise ValueError(f"Unknown mesh preset {parsed['mesh']!r}; choose one of {sorted(MESH_PRESETS)}.")
+  if parsed["sources"] not in ("collection", "cmb_only"):
+    raise ValueError(f"sources={parsed['sources']!r}; choose collection or cmb_only.")
+  return parsed
+
+
+def recipe(arg: str | None, *, model_preset: str, model_dir: str, chat_template: str,
+           vocab_size: int) -> ml_collections.ConfigDict:
+  """The CollectiveSFT recipe for one base model (shared by the configs of each model size)."""
+  options = parse_arg(arg)
+  preset = options["mesh"]
   config = ml_collections.ConfigDict()
 
   # Architecture comes from the HF checkpoint in init.from_hf; these are runtime choices.
   config.model = ml_collections.ConfigDict(dict(
-      preset="internlm2_5_7b", vocab_size=92544, dtype="bfloat16", param_dtype="float32",
+      preset=model_preset, vocab_size=vocab_size, dtype="bfloat16", param_dtype="float32",
       remat_policy="full", scan_layers=True, attention_impl="cudnn" if preset == "8xh100" else "xla"))
 
   data = default_data_config()
   root = "data/collectivesft"
+  names = ["cmb"] if options["sources"] == "cmb_only" else list(SOURCES)
   data.sources = ml_collections.ConfigDict(
-      {name: source_config(f"{root}/{path}", fmt, **options) for name, (path, fmt, options) in SOURCES.items()})
+      {name: source_config(f"{root}/{SOURCES[name][0]}", SOURCES[name][1], **SOURCES[name][2]) for name in names})
   data.mixing = "proportional"  # the paper concatenated the sources
   data.seq_len = 1024  # LLaMA-Factory cutoff_len
   data.overlong = "truncate"
-  data.tokenizer = "checkpoints/internlm2_5-7b"  # the model's own tokenizer (needs tokenizer.json)
-  data.chat_template = "internlm2"
+  data.tokenizer = model_dir  # the model's own tokenizer (needs tokenizer.json)
+  data.chat_template = chat_template
   data.val_fraction = 0.002
   config.data = data
 
@@ -85,5 +104,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       seed=0, peak_tflops=0.0, export_hf="hf_export", self_signal_at_step=-1))
 
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
-  config.init = ml_collections.ConfigDict(dict(from_hf="checkpoints/internlm2_5-7b", from_checkpoint=""))
+  config.init = ml_collections.ConfigDict(dict(from_hf=model_dir, from_checkpoint=""))
   return config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the recipe for InternLM2.5-7B; see the module docstring for `arg`."""
+  return recipe(arg, model_preset="internlm2_5_7b", model_dir="checkpoints/internlm2_5-7b",
+                chat_template="internlm2", vocab_size=92544)
