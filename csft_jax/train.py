@@ -32,7 +32,7 @@ from csft_jax import checkpointing
 from csft_jax.convert import load_hf, read_hf_config, save_hf
 from csft_jax.data.config import REPO_ROOT
 from csft_jax.data.pipeline import DataPipeline
-from csft_jax.models import Decoder, ModelConfig, get_preset
+from csft_jax.models import Decoder, ModelConfig, model_config_from
 from csft_jax.sharding import (activation_sharding, describe_plan, logical_to_spec, make_mesh,
                                state_shardings)
 from csft_jax.training.loss import LossSums
@@ -46,15 +46,6 @@ RUNTIME_MODEL_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "
 
 class TrainingDiverged(RuntimeError):
   """The loss became NaN/inf; the last good checkpoint is kept."""
-
-
-def model_config_from(model: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-  """`config.model` (a preset name + field overrides) -> `ModelConfig`; vocab_size <= 0 = tokenizer's."""
-  fields = dict(model)
-  preset = fields.pop("preset")
-  if fields.get("vocab_size", 0) <= 0:
-    fields["vocab_size"] = -(-vocab_size // 128) * 128  # padded for even sharding of the vocab axis
-  return get_preset(preset, **fields)
 
 
 def resolve_num_steps(train: ml_collections.ConfigDict, pipeline: DataPipeline) -> int:

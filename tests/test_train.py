@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from csft_jax import checkpointing, train
+from csft_jax.models import model_config_from
 from csft_jax.sharding import make_mesh
 from tests.train_fixtures import losses, small_config
 
@@ -103,4 +104,4 @@ def test_7b_plan_is_computed_without_allocating():
 
 
 def config_params_bytes(config) -> int:
-  return train.model_config_from(config.model, 0).num_params() * 4
+  return model_config_from(config.model, 0).num_params() * 4

@@ -6,7 +6,10 @@ tokens_per_s counts token slots (batch x seq_len) delivered per second, i.e.
 what a train step consumes; nonpad_tokens_per_s counts real tokens.
 padded_efficiency is loss tokens / slots when the same example stream is cut
 into batches of `batch_size` examples padded to their longest (LLaMA-Factory
-without packing). With --json the last line is one JSON object.
+without packing). step_s is one training step of the demo model (configs/demo.py's model)
+on a batch of the same shape, and feed_ratio = step_s / seconds_per_batch: how many times
+faster the pipeline produces batches than that step consumes them (goal: >= 10).
+With --json the last line is one JSON object.
 """
 
 import json
@@ -25,6 +28,35 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a `d
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Global batch size (rows).")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 100, "Batches to time (after 2 warm-up batches).")
 _JSON = flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
+_STEP = flags.DEFINE_bool("time_step", True, "Also time the demo model's training step on one batch.")
+
+
+def demo_step_seconds(batch: dict[str, np.ndarray], vocab_size: int, num_sources: int, repeats: int = 3) -> float:
+  """Seconds per jitted training step of the demo model on `batch` (after compilation)."""
+  import os
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from csft_jax.models import Decoder, model_config_from
+  from csft_jax.training.optimizer import make_optimizer
+  from csft_jax.training.step import TrainState, make_train_step
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import demo
+
+  config = demo.get_config()
+  model_config = model_config_from(config.model, vocab_size).replace(
+      max_position_embeddings=max(config.model.max_position_embeddings, batch["input_ids"].shape[1]))
+  optimizer, _ = make_optimizer(config.optim, 100)
+  graphdef, params = nnx.split(Decoder(model_config, rngs=nnx.Rngs(0)), nnx.Param)
+  state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  step = jax.jit(make_train_step(graphdef, optimizer, num_sources=num_sources), donate_argnums=0)
+  state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(repeats):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  return (time.perf_counter() - start) / repeats
 
 
 def main(argv: list[str]) -> None:
@@ -68,12 +100,18 @@ def run() -> None:
       padded_efficiency=padded_to_longest_efficiency(loss_tokens, lengths, batch_size),
       padded_fixed_efficiency=float(np.sum(loss_tokens) / (len(lengths) * seq_len)),
   )
+  if _STEP.value:
+    result["step_s"] = demo_step_seconds(batches[0], len(pipeline.tokenizer), len(pipeline.source_names))
+    result["feed_ratio"] = result["step_s"] / result["seconds_per_batch"]
   print(f"load+tokenize {load_s:.1f}s; {result['seconds_per_batch'] * 1e3:.1f} ms/batch of"
         f" {batch_size}x{seq_len}: {result['tokens_per_s']:,.0f} token slots/s,"
         f" {result['nonpad_tokens_per_s']:,.0f} real tokens/s")
   print(f"efficiency (loss tokens / slots): packed {result['packing_efficiency']:.3f},"
         f" padded-to-longest {result['padded_efficiency']:.3f},"
         f" padded-to-seq_len {result['padded_fixed_efficiency']:.3f}")
+  if _STEP.value:
+    print(f"demo model train step on one such batch: {result['step_s']:.3f} s -> the pipeline feeds it "
+          f"{result['feed_ratio']:.0f}x faster than it trains")
   if _JSON.value:
     print(json.dumps(result))
 

@@ -107,8 +107,7 @@ def main(argv):
   from configs import demo
   from flax import nnx
   from csft_jax.convert import save_hf
-  from csft_jax.models import Decoder
-  from csft_jax.train import model_config_from
+  from csft_jax.models import Decoder, model_config_from
 
   count = FLAGS.steps + 1
   pipeline, packed = _batches("packed", count)

@@ -8,7 +8,7 @@ head_dim, RoPE scaling, sliding window) and in checkpoint layout; the layout liv
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "internlm2")
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
@@ -149,3 +149,16 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
   if name not in PRESETS:
     raise KeyError(f"Unknown model preset {name!r}; known presets: {sorted(PRESETS)}.")
   return PRESETS[name].replace(**overrides)
+
+
+def model_config_from(fields: Mapping[str, Any], tokenizer_size: int) -> ModelConfig:
+  """`config.model` (a `preset` name + field overrides) -> `ModelConfig`.
+
+  `vocab_size <= 0` takes the tokenizer's size, rounded up to a multiple of 128 so the vocab axis
+  shards evenly.
+  """
+  fields = dict(fields)
+  preset = fields.pop("preset")
+  if fields.get("vocab_size", 0) <= 0:
+    fields["vocab_size"] = -(-tokenizer_size // 128) * 128
+  return get_preset(preset, **fields)
