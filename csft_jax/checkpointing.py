@@ -1,8 +1,9 @@
 """Orbax checkpoints of a run, and restoring a model from one.
 
 Layout: `<dir>/<step>/` holds the items `params` (the model's parameters), `model_config`
-(JSON of `ModelConfig`), and for training runs also `opt_state`, `meta` (JSON: step and RNG) and
-`data_iter` (Grain iterator state, one file per process). A training workdir keeps them in
+(JSON of `ModelConfig`), and for training runs also `opt_state`, `meta` (JSON: step and seed;
+training draws no random numbers after initialisation, so the seed is the whole RNG state),
+`config` (the run's config as JSON) and `data_iter` (Grain iterator state, one file per process). A training workdir keeps them in
 `W/checkpoints`; `tools/convert_from_hf.py` writes the same layout with only `params` and
 `model_config`, which `init.from_checkpoint` and the evaluator accept.
 
@@ -59,12 +60,12 @@ class Checkpointer:
     return self.every_steps > 0 and step % self.every_steps == 0
 
   def save(self, step: int, *, params: Any, opt_state: Any, meta: dict[str, Any], data_iter: Any,
-           model_config: ModelConfig) -> None:
+           model_config: ModelConfig, config: dict[str, Any]) -> None:
     """Starts an async save of step `step` (returns once the arrays are copied off device)."""
     self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
         meta=ocp.args.JsonSave(meta), model_config=ocp.args.JsonSave(model_config_to_json(model_config)),
-        data_iter=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+        config=ocp.args.JsonSave(config), data_iter=grain.checkpoint.CheckpointSave(data_iter)), force=True)
 
   def restore(self, step: int, *, abstract_params: Any, abstract_opt_state: Any, data_iter: Any
               ) -> tuple[Any, Any, dict[str, Any]]:

@@ -138,9 +138,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
   workdir = os.path.abspath(workdir)
   primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  config_json = json.loads(config.to_json_best_effort())
   if primary:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    _write_json(os.path.join(workdir, "config.json"), config_json)
 
   mesh = mesh or make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   pipeline = DataPipeline(config.data)
@@ -184,7 +184,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
 
   def save(step: int) -> None:
     checkpointer.save(step, params=state.params, opt_state=state.opt_state, data_iter=train_iter,
-                      meta={"step": step, "seed": config.train.seed}, model_config=model_config)
+                      meta={"step": step, "seed": config.train.seed}, model_config=model_config,
+                      config=config_json)
 
   def evaluate(step: int) -> None:
     total = LossSums.zeros(num_sources)

@@ -41,9 +41,15 @@ def test_training_workdir_exports_to_transformers(tmp_path):
   import jax
   from csft_jax.sharding import make_mesh
   workdir = str(tmp_path / "run")
-  train.run(small_config(num_steps=2), workdir, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  summary = train.run(small_config(num_steps=2, export_hf="hf_export"), workdir,
+                      mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
   _tool("convert_to_hf.py", f"--checkpoint={workdir}", f"--out={tmp_path / 'hf'}")
   model, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"]
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))  # demo tokenizer travelled along
   assert len(tokenizer) <= model.config.vocab_size
+  # train.export_hf wrote the same weights at the end of the run.
+  assert summary["hf_export"] == os.path.join(workdir, "hf_export")
+  at_end, cli = SafetensorsReader(summary["hf_export"]), SafetensorsReader(str(tmp_path / "hf"))
+  for name in cli.names():
+    assert np.asarray(at_end.get(name)).tobytes() == np.asarray(cli.get(name)).tobytes(), name

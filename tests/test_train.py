@@ -105,3 +105,12 @@ def test_7b_plan_is_computed_without_allocating():
 
 def config_params_bytes(config) -> int:
   return model_config_from(config.model, 0).num_params() * 4
+
+
+def test_num_epochs_sets_the_run_length_from_the_mixture():
+  from csft_jax.data.pipeline import DataPipeline
+  config = small_config(num_steps=0, num_epochs=2.0)
+  pipeline = DataPipeline(config.data)
+  per_epoch = pipeline.estimate_steps_per_epoch(config.train.global_batch_size)
+  assert per_epoch > 1
+  assert train.resolve_num_steps(config.train, pipeline) == 2 * per_epoch
