@@ -259,15 +259,17 @@ def write_report(workdir: str) -> list[str]:
   return written + [os.path.join(workdir, p) for p in plots]
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep workdir (parent of the run directories).")
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program (so modules can import each other)."""
+  flags.DEFINE_string("workdir", None, "Sweep workdir (parent of the run directories).")
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  if not _WORKDIR.value:
+  if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
   try:
-    written = write_report(_WORKDIR.value)
+    written = write_report(flags.FLAGS.workdir)
   except ReportError as e:
     sys.exit(f"error: {e}")
   with open(written[1], encoding="utf-8") as f:
@@ -276,4 +278,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -310,13 +310,15 @@ def _write_json(path: str, obj: dict) -> None:
   os.replace(tmp, path)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, summary.")
-flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs.")
-flags.DEFINE_integer("num_processes", 1, "Number of processes (with --coordinator_address).")
-flags.DEFINE_integer("process_id", 0, "This process's index (with --coordinator_address).")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() from the environment (TPU VMs).")
-flags.DEFINE_bool("plan_only", False, "Print the model's sharding plan (bytes per device) and exit; allocates nothing.")
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program (so modules can import each other)."""
+  config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, summary.")
+  flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs.")
+  flags.DEFINE_integer("num_processes", 1, "Number of processes (with --coordinator_address).")
+  flags.DEFINE_integer("process_id", 0, "This process's index (with --coordinator_address).")
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() from the environment (TPU VMs).")
+  flags.DEFINE_bool("plan_only", False, "Print the model's sharding plan (bytes per device) and exit; allocates nothing.")
 
 
 def print_plan(config: ml_collections.ConfigDict, vocab_size: int = 0) -> str:
@@ -339,7 +341,7 @@ def main(argv: list[str]) -> None:
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax/Grain log every save at INFO; --verbosity=0 shows them
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   if flags.FLAGS.plan_only:
     print(print_plan(config))
     return
@@ -356,4 +358,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

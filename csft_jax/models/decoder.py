@@ -193,7 +193,8 @@ class Decoder(nnx.Module):
                                    init="normal", stddev=config.initializer_range)
 
   def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, cache: KVCache | None = None):
+               segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+               last_logits_only: bool = False):
     """Runs the decoder.
 
     Args:
@@ -201,6 +202,8 @@ class Decoder(nnx.Module):
       positions: `[B, T]` RoPE positions; default `0..T-1` (packed rows must pass them).
       segment_ids: `[B, T]`, 0 = padding; default all ones.
       cache: a `KVCache` to extend (prefill or decode); then `(logits, new_cache)` is returned.
+      last_logits_only: compute logits for the last position only (`[B, 1, vocab]`): a prefill
+        for generation needs no others, and the LM head is a large share of its FLOPs.
 
     Returns:
       float32 logits `[B, T, vocab]` (and the updated cache when one was given).
@@ -225,6 +228,8 @@ class Decoder(nnx.Module):
     x = jnp.take(self.embed.embedding[...], input_ids, axis=0).astype(jnp.dtype(config.dtype))
     x = constrain(x, ("batch", "length", "embed"))
     x, cache_k, cache_v = self._run_layers(x, positions, mask, cache_k, cache_v, cache_end)
+    if last_logits_only:
+      x = x[:, -1:]
     x = self.final_norm(x)
     if config.tie_embeddings:
       logits = jnp.einsum("btd,vd->btv", x, self.embed.embedding[...].astype(x.dtype),
