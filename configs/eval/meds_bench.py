@@ -1,0 +1,23 @@
+"""MedS-Bench evaluation (official 3-shot prompt, greedy, 200 new tokens) on the shipped sample.
+
+  python -m csft_jax.evaluate --config=configs/eval/meds_bench.py --config.checkpoint=W \\
+      [--config.task_dir=/data/MedS-Bench/tasks]
+
+Writes <workdir>/eval/meds_bench/results.csv (task_id,input,GT,output), then results.json with
+metrics per task and per category.
+"""
+
+import ml_collections
+
+from csft_jax.eval import meds_bench
+from csft_jax.eval.runner import default_eval_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the MedS-Bench eval config."""
+  del arg
+  config = default_eval_config("meds_bench")
+  config.task_dir = "csft_jax/assets/eval/meds_sample"  # Folder of task*.json files.
+  config.shots = meds_bench.NUM_SHOTS
+  config.max_new_tokens = meds_bench.MAX_NEW_TOKENS
+  return config

@@ -1,0 +1,589 @@
+"""The evaluation engine: batched, jitted generation and continuation scoring with a KV cache.
+
+Public API:
+  generate(model, prompts, max_new_tokens, eos_token_id, ...) -> Generation   (greedy or sampled)
+  greedy_generate(model, prompts, max_new_tokens, eos_token_id, ...) -> list[list[int]]
+  score(model, contexts, continuations, ...) -> Scores
+  score_continuations(model, contexts, continuations, ...) -> list[float]
+  load_model(path, dtype) -> (Decoder, ModelSource)   HF directory, Orbax checkpoint or workdir
+
+Batching: prompts are sorted by length and cut into batches; each batch is left-padded to a
+bucket length (`BUCKETS_PER_OCTAVE` steps between powers of two, at least `MIN_BUCKET`) and the
+last, short batch to a power-of-two row count, so a run compiles one program per distinct
+(rows, bucket) pair: a handful, whatever the number of prompts. Each new program is logged.
+
+Generation: one jitted program per batch runs the prefill and then a `lax.while_loop` of
+single-token decode steps on a static KV cache, entirely on device; the loop ends when every row
+has produced a stop token or `max_new_tokens` tokens.
+
+Determinism: greedy outputs depend only on the model and the prompt. A sampled sequence draws its
+randomness from `fold_in(fold_in(key(seed), prompt index), sample index)` and the step number, so
+it does not depend on batch size, bucketing, the mesh, or the other prompts.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from csft_jax import sharding
+from csft_jax.models import Decoder, KVCache
+
+MIN_BUCKET = 16
+# Finer than powers of two: prefill cost grows with the padded length, so a bucket wastes at most
+# ~1/BUCKETS_PER_OCTAVE of it, at the price of up to BUCKETS_PER_OCTAVE programs per octave.
+BUCKETS_PER_OCTAVE = 4
+_CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+# Number of times each jitted program was traced (= compiled) in this process.
+_TRACES: collections.Counter = collections.Counter()
+
+Progress = Callable[[int], None]
+
+
+# ---------------------------------------------------------------- options ----
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How the next token is chosen: argmax when `temperature == 0`, else temperature + top-p."""
+
+  temperature: float = 0.0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"Sampling temperature={self.temperature} must be >= 0 (0 = greedy).")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"Sampling top_p={self.top_p} must be in (0, 1].")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+
+GREEDY = Sampling()
+
+
+@dataclasses.dataclass
+class Generation:
+  """New tokens per prompt and sample, and what the engine had to do to produce them.
+
+  Attributes:
+    tokens: `[prompt][sample]` new token ids, up to and including the first stop token.
+    num_truncated: prompts cut from the left to fit `max_prompt_len`.
+    num_compilations: programs compiled by this call (0 when every shape was seen before).
+  """
+
+  tokens: list[list[list[int]]]
+  num_truncated: int
+  num_compilations: int
+
+
+@dataclasses.dataclass
+class Scores:
+  """Summed log-probabilities per (context, continuation), and truncation/compile counts."""
+
+  values: list[float]
+  num_truncated: int
+  num_compilations: int
+
+
+# --------------------------------------------------------------- batching ----
+
+
+def bucket_length(length: int, cap: int) -> int:
+  """Padded length for a batch whose longest row is `length` (<= `cap` unless `length` is larger).
+
+  The next multiple of 1/BUCKETS_PER_OCTAVE of the power of two below `length` (and of 8):
+  16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, ...
+  """
+  octave = 1 << max(length - 1, 1).bit_length() - 1
+  bucket = max(MIN_BUCKET, _round_up(length, max(octave // BUCKETS_PER_OCTAVE, 8)))
+  return max(min(bucket, cap), length)
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, cap: int, row_multiple: int = 1
+                 ) -> list[tuple[list[int], int, int]]:
+  """Groups rows by length into batches: `[(row indices, padded rows, padded length)]`.
+
+  Longest rows go first, so similar lengths share a batch (little padding) and the slowest
+  batches come first (an honest ETA). A short last batch is padded to a power-of-two row count
+  (a multiple of `row_multiple`, the data-parallel size) rather than to `batch_size`.
+  """
+  order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+  plans = []
+  for start in range(0, len(order), batch_size):
+    rows = order[start:start + batch_size]
+    padded_rows = batch_size
+    if len(rows) < batch_size:
+      padded_rows = min(batch_size, _round_up(1 << (len(rows) - 1).bit_length(), row_multiple))
+    plans.append((rows, padded_rows, bucket_length(max(lengths[i] for i in rows), cap)))
+  return plans
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
+def _data_parallel_size(mesh: Mesh | None) -> int:
+  if mesh is None:
+    return 1
+  return int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+
+
+def _batch_size(batch_size: int, mesh: Mesh | None) -> int:
+  # Rows are sharded over data x fsdp; a batch that does not divide would be replicated instead.
+  size = _round_up(batch_size, _data_parallel_size(mesh))
+  if size != batch_size:
+    logging.info("batch_size %d rounded up to %d (a multiple of the mesh's data-parallel size).",
+                 batch_size, size)
+  return size
+
+
+def _stop_ids(eos_token_id: int | Sequence[int] | None) -> np.ndarray:
+  if eos_token_id is None:
+    return np.zeros((0,), np.int32)
+  if isinstance(eos_token_id, (int, np.integer)):
+    return np.asarray([eos_token_id], np.int32)
+  return np.asarray(list(eos_token_id), np.int32)
+
+
+def _truncate_left(tokens: Sequence[int], limit: int) -> tuple[list[int], bool]:
+  tokens = list(tokens)
+  if len(tokens) <= limit:
+    return tokens, False
+  return tokens[len(tokens) - limit:], True
+
+
+# -------------------------------------------------------------- placement ----
+
+
+def _place_state(model: Decoder, mesh: Mesh | None):
+  graphdef, state = nnx.split(model)
+  if mesh is not None:
+    state = jax.device_put(state, sharding.state_shardings(state, mesh))
+  return graphdef, state
+
+
+def _place_rows(mesh: Mesh | None, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+  """Puts `[B, ...]` host arrays on the mesh, rows sharded over the data axes."""
+  if mesh is None:
+    return tuple(jnp.asarray(a) for a in arrays)
+  placed = []
+  for a in arrays:
+    names = ("batch",) + (None,) * (a.ndim - 1)
+    placed.append(jax.device_put(a, NamedSharding(mesh, sharding.logical_to_spec(names, a.shape, mesh))))
+  return tuple(placed)
+
+
+def _activation_context(mesh: Mesh | None):
+  return sharding.activation_sharding(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def _log_compiles(name: str, before: int, shape: str) -> None:
+  if _TRACES[name] > before:
+    logging.info("%s: compiled a program for %s (%d so far in this process).", name, shape, _TRACES[name])
+
+
+# ------------------------------------------------------------- generation ----
+
+
+def _top_p_logits(logits: jax.Array, top_p: float) -> jax.Array:
+  """Keeps the smallest set of most likely tokens whose probability mass reaches `top_p`."""
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  # The most likely token always survives (mass_before = 0 < top_p).
+  kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
+  threshold = jnp.min(kept, axis=-1, keepdims=True)
+  return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def _next_token(logits: jax.Array, row_keys: jax.Array, step: jax.Array, sampling: Sampling) -> jax.Array:
+  """`[B, V]` float32 logits -> `[B]` token ids."""
+  if sampling.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / sampling.temperature
+  if sampling.top_p < 1:
+    logits = _top_p_logits(logits, sampling.top_p)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
+  return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
+
+
+def _empty_cache(model: Decoder, batch: int, length: int) -> KVCache:
+  cache = KVCache.empty(model.config, batch, length)
+  # Pin the cache like the activations (rows over data, KV heads over tensor): it is the largest
+  # live buffer of the loop and must not be replicated.
+  return KVCache(sharding.constrain(cache.k, _CACHE_AXES), sharding.constrain(cache.v, _CACHE_AXES),
+                 sharding.constrain(cache.segment_ids, ("batch", "length")), cache.end)
+
+
+def _generate_batch(graphdef, state, tokens, segment_ids, positions, active, stop_ids, row_keys, *,
+                    mesh: Mesh | None, max_new_tokens: int, sampling: Sampling):
+  """Prefill + decode loop for one left-padded batch; returns `[B, max_new_tokens]` int32.
+
+  After a row stops it keeps decoding (its outputs are ignored): rows share the cache slot.
+  """
+  _TRACES["generate"] += 1
+  with _activation_context(mesh):
+    model = nnx.merge(graphdef, state)
+    batch, prompt_len = tokens.shape
+    cache = _empty_cache(model, batch, prompt_len + max_new_tokens)
+    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache,
+                          last_logits_only=True)
+    # Left padding puts every row's last real token in the last column.
+    first_position = positions[:, -1] + 1
+    token = _next_token(logits[:, -1], row_keys, jnp.int32(0), sampling)
+    out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
+    done = ~active | _is_stop(token, stop_ids)
+    ones = jnp.ones((batch, 1), jnp.int32)
+
+    def keep_going(carry):
+      _, step, _, _, done, _ = carry
+      return (step < max_new_tokens) & ~jnp.all(done)
+
+    def decode_step(carry):
+      # The weights ride in the carry (unchanged): NNX refuses to use arrays closed over from the
+      # enclosing trace inside the loop's own trace.
+      state, step, cache, token, done, out = carry
+      logits, cache = nnx.merge(graphdef, state)(
+          token[:, None], positions=(first_position + step - 1)[:, None], segment_ids=ones, cache=cache)
+      new = _next_token(logits[:, 0], row_keys, step, sampling)
+      new = jnp.where(done, token, new)
+      out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
+      return state, step + 1, cache, new, done | _is_stop(new, stop_ids), out
+
+    carry = (state, jnp.int32(1), cache, token, done, out)
+    return jax.lax.while_loop(keep_going, decode_step, carry)[-1]
+
+
+_generate_batch_jit = jax.jit(_generate_batch, static_argnames=("graphdef", "mesh", "max_new_tokens", "sampling"))
+
+
+def _row_keys(seed: int, prompt_ids: np.ndarray, sample_ids: np.ndarray) -> jax.Array:
+  base = jax.random.key(seed)
+  per_prompt = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.asarray(prompt_ids))
+  return jax.vmap(jax.random.fold_in)(per_prompt, jnp.asarray(sample_ids))
+
+
+def _cut_at_stop(row: np.ndarray, stop_ids: np.ndarray) -> list[int]:
+  stops = np.flatnonzero(np.isin(row, stop_ids))
+  end = int(stops[0]) + 1 if len(stops) else len(row)
+  return row[:end].tolist()
+
+
+def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             eos_token_id: int | Sequence[int] | None, *, sampling: Sampling = GREEDY, num_samples: int = 1,
+             seed: int = 0, batch_size: int = 16, max_prompt_len: int | None = None,
+             mesh: Mesh | None = None, progress: Progress | None = None) -> Generation:
+  """Generates `num_samples` continuations of every prompt.
+
+  Args:
+    model: the decoder (its parameters are placed on `mesh` when one is given).
+    prompts: token ids per prompt (no padding); each needs at least one token.
+    max_new_tokens: the most new tokens per sequence.
+    eos_token_id: stop token id(s) (e.g. end-of-turn and end-of-sequence), or None.
+    sampling: `GREEDY` (default) or temperature/top-p sampling.
+    num_samples: sequences per prompt (e.g. several samples for CMB's majority vote).
+    seed: sampling seed (see the module docstring for what it determines).
+    batch_size: sequences per compiled batch (rounded up to the data-parallel size).
+    max_prompt_len: longer prompts keep their last `max_prompt_len` tokens; default: the model's
+      `max_position_embeddings - max_new_tokens`.
+    mesh: run sharded on this mesh (rows over data/fsdp, weights per `csft_jax.sharding`).
+    progress: called with the number of prompts finished after each batch.
+
+  Returns:
+    A `Generation`; `tokens[i][s]` holds the new tokens of prompt i, sample s, up to and including
+    the first stop token.
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
+  if num_samples < 1:
+    raise ValueError(f"num_samples={num_samples} must be >= 1.")
+  if num_samples > 1 and sampling.greedy:
+    logging.warning("num_samples=%d with greedy decoding gives identical samples; set a temperature.",
+                    num_samples)
+  limit = max_prompt_len or model.config.max_position_embeddings - max_new_tokens
+  if limit < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                     f"context of {model.config.max_position_embeddings} tokens; lower max_new_tokens.")
+  truncated = []
+  for index, prompt in enumerate(prompts):
+    if not len(prompt):
+      raise ValueError(f"prompt {index} is empty: generation needs at least one prompt token.")
+    truncated.append(_truncate_left(prompt, limit))
+  if any(cut for _, cut in truncated):
+    logging.warning("%d of %d prompts are longer than %d tokens and were truncated from the left.",
+                    sum(cut for _, cut in truncated), len(prompts), limit)
+
+  sequences = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
+  lengths = [len(truncated[p][0]) for p, _ in sequences]
+  stop_ids = _stop_ids(eos_token_id)
+  graphdef, state = _place_state(model, mesh)
+  stop_ids_device = jnp.asarray(stop_ids)
+  tokens: list[list[list[int]]] = [[[] for _ in range(num_samples)] for _ in prompts]
+  traces_before, done_prompts = _TRACES["generate"], 0
+  remaining = collections.Counter(p for p, _ in sequences)
+  for rows, padded_rows, padded_len in plan_batches(lengths, _batch_size(batch_size, mesh), limit,
+                                                    _data_parallel_size(mesh)):
+    ids = np.zeros((padded_rows, padded_len), np.int32)
+    segment_ids = np.zeros((padded_rows, padded_len), np.int32)
+    positions = np.zeros((padded_rows, padded_len), np.int32)
+    active = np.zeros((padded_rows,), bool)
+    prompt_ids = np.zeros((padded_rows,), np.int32)
+    sample_ids = np.zeros((padded_rows,), np.int32)
+    # Filler rows hold one token so no row attends to nothing; they start finished.
+    segment_ids[:, -1] = 1
+    for r, row in enumerate(rows):
+      p, s = sequences[row]
+      prompt = truncated[p][0]
+      ids[r, padded_len - len(prompt):] = prompt
+      segment_ids[r, padded_len - len(prompt):] = 1
+      # As HF does for left padding: real tokens count positions from 0.
+      positions[r, padded_len - len(prompt):] = np.arange(len(prompt))
+      active[r], prompt_ids[r], sample_ids[r] = True, p, s
+    before = _TRACES["generate"]
+    out = _generate_batch_jit(
+        graphdef, state, *_place_rows(mesh, ids, segment_ids, positions, active),
+        stop_ids_device, _row_keys(seed, prompt_ids, sample_ids),
+        mesh=mesh, max_new_tokens=max_new_tokens, sampling=sampling)
+    _log_compiles("generate", before, f"{padded_rows} rows x {padded_len} prompt tokens "
+                  f"+ {max_new_tokens} new")
+    out = np.asarray(out)
+    for r, row in enumerate(rows):
+      p, s = sequences[row]
+      tokens[p][s] = _cut_at_stop(out[r], stop_ids)
+      remaining[p] -= 1
+      done_prompts += remaining[p] == 0
+    if progress is not None:
+      progress(done_prompts)
+  return Generation(tokens, sum(cut for _, cut in truncated), _TRACES["generate"] - traces_before)
+
+
+def greedy_generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                    eos_token_id: int | Sequence[int] | None, **kwargs) -> list[list[int]]:
+  """Greedy new tokens per prompt, up to and including the first stop token.
+
+  Args:
+    model, prompts, max_new_tokens, eos_token_id: as in `generate`.
+    **kwargs: `generate` options (batch_size, max_prompt_len, mesh, progress).
+
+  Returns:
+    One list of new token ids per prompt.
+  """
+  return [samples[0] for samples in generate(model, prompts, max_new_tokens, eos_token_id, **kwargs).tokens]
+
+
+# ---------------------------------------------------------------- scoring ----
+
+
+def _score_batch(graphdef, state, tokens, segment_ids, target_mask, last_index, *, mesh: Mesh | None):
+  """Right-padded rows -> (sum of log p(token t+1 | ..t) where target_mask[t], log p at last_index).
+
+  Returns `([B] float32, [B, V] float32)`.
+  """
+  _TRACES["score"] += 1
+  with _activation_context(mesh):
+    model = nnx.merge(graphdef, state)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    logits = model(tokens, positions=positions, segment_ids=segment_ids)
+    # log p = logit - logsumexp: avoids materialising a second [B, T, V] array of log-probs.
+    log_norm = jax.nn.logsumexp(logits, axis=-1)
+    targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    prefix = jnp.sum(jnp.where(target_mask, target_logits - log_norm, 0.0), axis=-1)
+    last_logits = jnp.take_along_axis(logits, last_index[:, None, None], axis=1)[:, 0]
+    return prefix, jax.nn.log_softmax(last_logits, axis=-1)
+
+
+_score_batch_jit = jax.jit(_score_batch, static_argnames=("graphdef", "mesh"))
+
+
+def score(model: Decoder, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], *,
+          batch_size: int = 16, max_len: int | None = None, mesh: Mesh | None = None,
+          progress: Progress | None = None) -> Scores:
+  """Summed log p(continuation | context) per pair, in float32.
+
+  Pairs whose `context + continuation[:-1]` is the same sequence (e.g. one question scored against
+  each option letter) share one forward pass: only the last token's log-probability differs.
+
+  Args:
+    model: the decoder.
+    contexts: token ids of each context (at least one token).
+    continuations: token ids to score after each context (at least one token).
+    batch_size: forward-pass rows per batch.
+    max_len: longer inputs lose context tokens from the left; default `max_position_embeddings`.
+    mesh: run sharded on this mesh.
+    progress: called with the number of pairs scored after each batch.
+
+  Returns:
+    `Scores` with one value per pair.
+  """
+  if len(contexts) != len(continuations):
+    raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations.")
+  limit = max_len or model.config.max_position_embeddings
+  inputs: dict[tuple[tuple[int, ...], int], list[int]] = {}
+  num_truncated = 0
+  for index, (context, continuation) in enumerate(zip(contexts, continuations)):
+    if not len(context) or not len(continuation):
+      raise ValueError(f"pair {index}: context ({len(context)} tokens) and continuation "
+                       f"({len(continuation)} tokens) must both be non-empty.")
+    if len(continuation) > limit:
+      raise ValueError(f"pair {index}: continuation of {len(continuation)} tokens does not fit max_len={limit}.")
+    sequence, cut = _truncate_left(list(context) + list(continuation[:-1]), limit)
+    num_truncated += cut
+    inputs.setdefault((tuple(sequence), len(continuation)), []).append(index)
+  if num_truncated:
+    logging.warning("%d of %d contexts were truncated from the left to fit %d tokens.",
+                    num_truncated, len(contexts), limit)
+
+  keys = list(inputs)
+  graphdef, state = _place_state(model, mesh)
+  values = [0.0] * len(contexts)
+  traces_before, scored = _TRACES["score"], 0
+  for rows, padded_rows, padded_len in plan_batches([len(k[0]) for k in keys], _batch_size(batch_size, mesh),
+                                                    limit, _data_parallel_size(mesh)):
+    ids = np.zeros((padded_rows, padded_len), np.int32)
+    segment_ids = np.zeros((padded_rows, padded_len), np.int32)
+    target_mask = np.zeros((padded_rows, padded_len), bool)
+    last_index = np.zeros((padded_rows,), np.int32)
+    for r, row in enumerate(rows):
+      sequence, cont_len = keys[row]
+      n = len(sequence)
+      ids[r, :n], segment_ids[r, :n], last_index[r] = sequence, 1, n - 1
+      # Position t predicts token t+1: the shared continuation tokens sit at n-cont_len+1..n-1.
+      target_mask[r, n - cont_len:n - 1] = True
+    before = _TRACES["score"]
+    prefix, last_log_probs = _score_batch_jit(
+        graphdef, state, *_place_rows(mesh, ids, segment_ids, target_mask, last_index), mesh=mesh)
+    _log_compiles("score", before, f"{padded_rows} rows x {padded_len} tokens")
+    prefix, last_log_probs = np.asarray(prefix), np.asarray(last_log_probs)
+    for r, row in enumerate(rows):
+      for index in inputs[keys[row]]:
+        values[index] = float(prefix[r] + last_log_probs[r, continuations[index][-1]])
+        scored += 1
+    if progress is not None:
+      progress(scored)
+  return Scores(values, num_truncated, _TRACES["score"] - traces_before)
+
+
+def score_continuations(model: Decoder, contexts: Sequence[Sequence[int]],
+                        continuations: Sequence[Sequence[int]], **kwargs) -> list[float]:
+  """Summed log-probabilities of each continuation after its context (see `score`).
+
+  Returns:
+    One float per (context, continuation) pair.
+  """
+  return score(model, contexts, continuations, **kwargs).values
+
+
+# ---------------------------------------------------------------- loading ----
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+  """Where a model came from and what goes with it.
+
+  Attributes:
+    kind: 'hf' (HF directory) or 'orbax' (training checkpoint).
+    path: the path that was loaded.
+    workdir: default home of evaluation outputs: the training workdir, or the HF directory.
+    tokenizer: tokenizer directory, or None when unknown (then the eval config must name one).
+    chat_template: template name saved with the model ('hf' for HF directories), or None.
+  """
+
+  kind: str
+  path: str
+  workdir: str
+  tokenizer: str | None
+  chat_template: str | None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _is_hf_dir(path: str) -> bool:
+  return (os.path.isfile(os.path.join(path, "config.json"))
+          and any(name.endswith(".safetensors") for name in os.listdir(path)))
+
+
+def _training_workdir(path: str) -> str | None:
+  """The workdir of a checkpoint path: `W`, `W/checkpoints` or `W/checkpoints/<step>`."""
+  candidate = os.path.abspath(path)
+  for _ in range(3):
+    if os.path.isfile(os.path.join(candidate, "config.json")):
+      return candidate
+    candidate = os.path.dirname(candidate)
+  return None
+
+
+def _training_data_config(workdir: str) -> tuple[str | None, str | None]:
+  from csft_jax.data.config import REPO_ROOT  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(workdir, "config.json")
+  with open(path, encoding="utf-8") as f:
+    data = json.load(f).get("data", {})
+  tokenizer = data.get("tokenizer")
+  if tokenizer:
+    tokenizer = os.path.normpath(os.path.join(REPO_ROOT, os.path.expanduser(tokenizer)))
+  return tokenizer, data.get("chat_template")
+
+
+def load_model(path: str, dtype: str = "float32", *, mesh: Mesh | None = None, **overrides
+               ) -> tuple[Decoder, ModelSource]:
+  """Loads a model for evaluation from an HF directory or an Orbax checkpoint.
+
+  Args:
+    path: an HF directory (config.json + *.safetensors), or a training workdir `W`,
+      `W/checkpoints`, or one step directory (latest step unless a step is named).
+    dtype: parameter and compute dtype ('float32', 'bfloat16').
+    mesh: if given, parameters are placed on it (sharded per `csft_jax.sharding`).
+    **overrides: `ModelConfig` overrides for HF directories (e.g. `scan_layers=False`); an Orbax
+      checkpoint keeps the layout it was saved with, so they are ignored there.
+
+  Returns:
+    `(model, source)`; for a workdir the tokenizer and chat template come from `W/config.json`
+    (`data.tokenizer`, `data.chat_template`).
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint {path!r} does not exist: pass an HF model directory, a training "
+                            "workdir, or a checkpoint step directory.")
+  if os.path.isdir(path) and _is_hf_dir(path):
+    from csft_jax.convert.hf import load_hf, read_hf_config  # pylint: disable=g-import-not-at-top
+
+    has_tokenizer = any(os.path.isfile(os.path.join(path, name)) for name in _TOKENIZER_FILES)
+    source = ModelSource("hf", path, path, path if has_tokenizer else None, "hf" if has_tokenizer else None)
+    shardings = None
+    if mesh is not None:
+      # Each tensor goes straight to its shards: a model larger than one device still loads.
+      config = read_hf_config(path, param_dtype=dtype, **{"dtype": dtype, **overrides})
+      abstract = nnx.state(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
+      shardings = nnx.as_pure(sharding.state_shardings(abstract, mesh))
+    return load_hf(path, dtype=dtype, shardings=shardings, **overrides), source
+  # Orbax checkpoints are owned by the trainer; imported here so HF-only use does not need it.
+  from csft_jax.checkpointing import restore_model  # pylint: disable=g-import-not-at-top
+
+  workdir = _training_workdir(path)
+  tokenizer, template = _training_data_config(workdir) if workdir else (None, None)
+  if overrides:
+    logging.info("Orbax checkpoint %s keeps its saved layout; ignoring %s.", path, sorted(overrides))
+  model = restore_model(path, dtype=dtype)
+  if mesh is not None:
+    graphdef, state = _place_state(model, mesh)
+    model = nnx.merge(graphdef, state)
+  return model, ModelSource("orbax", path, workdir or os.path.abspath(path), tokenizer, template)

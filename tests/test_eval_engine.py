@@ -1,0 +1,195 @@
+"""Evaluation engine: HF parity (greedy tokens, log-likelihoods), sharding, bucketing, sampling."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from csft_jax.convert import load_hf
+from csft_jax.eval import engine
+from csft_jax.sharding import make_mesh
+from tests.hf_models import make_hf_model
+
+PARITY_ARCHS = ["llama", "qwen2", "qwen3"]
+
+
+@pytest.fixture(scope="module", params=PARITY_ARCHS)
+def hf_pair(request, tmp_path_factory):
+  """(arch, HF model, our model loaded from its saved directory, directory).
+
+  Qwen2 is loaded with unrolled layers, the others scanned: the engine must handle both.
+  """
+  hf_model = make_hf_model(request.param)
+  hf_model.generation_config.eos_token_id = None  # Stop only where a test says so.
+  path = tmp_path_factory.mktemp(f"engine_{request.param}")
+  hf_model.save_pretrained(path)
+  return request.param, hf_model, load_hf(str(path), scan_layers=request.param != "qwen2"), str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+  path = tmp_path_factory.mktemp("engine_tiny")
+  make_hf_model("llama", seed=1).save_pretrained(path)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dir):
+  """A tiny random Llama (vocab 101); loading it is faster than an eager random init."""
+  return load_hf(tiny_dir)
+
+
+def _same_parameters(a, b) -> None:
+  flat_a, flat_b = nnx.to_flat_state(nnx.state(a)), nnx.to_flat_state(nnx.state(b))
+  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+  for (path, x), (_, y) in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(np.asarray(x[...]), np.asarray(y[...]), err_msg=str(path))
+
+
+def _prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+def _hf_greedy(hf_model, prompts: list[list[int]], max_new_tokens: int, eos) -> list[list[int]]:
+  """transformers `generate(do_sample=False)` on the left-padded batch, cut after the first stop."""
+  width = max(map(len, prompts))
+  ids = torch.zeros((len(prompts), width), dtype=torch.long)
+  mask = torch.zeros_like(ids)
+  for row, prompt in enumerate(prompts):
+    ids[row, width - len(prompt):] = torch.tensor(prompt)
+    mask[row, width - len(prompt):] = 1
+  with torch.no_grad():
+    out = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                            eos_token_id=eos, pad_token_id=0)
+  stops = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+  rows = []
+  for row in out[:, width:].tolist():
+    end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+    rows.append(row[:end])
+  return rows
+
+
+def test_greedy_generate_is_token_identical_to_hf_generate(hf_pair):
+  arch, hf_model, ours, _ = hf_pair
+  prompts = _prompts(hf_model.config.vocab_size, [5, 11, 3, 8])
+  new_tokens = 10
+  free_run = _hf_greedy(hf_model, prompts, new_tokens, None)
+  # Two stop ids that HF greedy produces mid-way in rows 0 and 2: those rows end early.
+  stops = [free_run[0][4], free_run[2][6]]
+  expected = _hf_greedy(hf_model, prompts, new_tokens, stops)
+  got = engine.greedy_generate(ours, prompts, new_tokens, stops, batch_size=4)
+  assert got == expected, arch
+  lengths = [len(row) for row in got]
+  assert min(lengths) < new_tokens, f"{arch}: no row stopped early: {lengths}"
+  assert all(row[-1] in stops for row in got if len(row) < new_tokens)
+
+
+def test_score_continuations_matches_hf_log_softmax_sums(hf_pair):
+  arch, hf_model, ours, _ = hf_pair
+  vocab = hf_model.config.vocab_size
+  contexts = _prompts(vocab, [7, 3, 12, 7, 1], seed=1)
+  contexts[3] = contexts[0]  # Same context, one-token continuations: one shared forward pass.
+  continuations = _prompts(vocab, [1, 2, 3, 1, 4], seed=2)
+  expected = []
+  for context, continuation in zip(contexts, continuations):
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+      log_probs = torch.log_softmax(hf_model(input_ids=ids).logits[0].double(), dim=-1)
+    n = len(context)
+    expected.append(sum(float(log_probs[n - 1 + i, t]) for i, t in enumerate(continuation)))
+  got = engine.score_continuations(ours, contexts, continuations, batch_size=2)
+  np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0, err_msg=arch)
+
+
+@pytest.mark.parametrize("mesh_shape", [dict(data=8), dict(data=2, fsdp=2, tensor=2)])
+def test_sharded_mesh_matches_single_device(tiny_model, mesh_shape):
+  mesh = make_mesh(**mesh_shape)
+  prompts = _prompts(101, [9, 4, 14, 6, 2, 11])
+  single = engine.greedy_generate(tiny_model, prompts, 6, 7, batch_size=8)
+  sharded = engine.greedy_generate(tiny_model, prompts, 6, 7, batch_size=8, mesh=mesh)
+  assert sharded == single
+  contexts, continuations = prompts[:4], _prompts(101, [1, 2, 1, 3], seed=3)
+  np.testing.assert_allclose(
+      engine.score_continuations(tiny_model, contexts, continuations, batch_size=8, mesh=mesh),
+      engine.score_continuations(tiny_model, contexts, continuations, batch_size=8), atol=1e-5)
+
+
+def test_plan_batches_sorts_by_length_and_buckets():
+  lengths = [3, 5, 17, 20, 33, 2, 8, 40, 16, 1]
+  plans = engine.plan_batches(lengths, batch_size=4, cap=512)
+  assert plans == [([7, 4, 3, 2], 4, 40), ([8, 6, 1, 0], 4, 16), ([5, 9], 2, 16)]
+  # A data-parallel size of 4 pads the short last batch to 4 rows; the cap bounds buckets.
+  assert engine.plan_batches([2, 1], batch_size=8, cap=101, row_multiple=4) == [([0, 1], 4, 16)]
+  assert [engine.bucket_length(n, cap=512) for n in (1, 17, 33, 65, 129, 132, 257)] == [16, 24, 40, 80, 160, 160, 320]
+  assert engine.bucket_length(300, cap=300) == 300 and engine.bucket_length(40, cap=36) == 40
+
+
+def test_compilations_are_one_per_bucket_and_reused(tiny_model):
+  lengths = [3, 5, 17, 20, 33, 2, 8, 40, 16, 1]
+  first = engine.generate(tiny_model, _prompts(101, lengths), 5, None, batch_size=4)
+  assert first.num_compilations == 3  # (4 x 40), (4 x 16), (2 x 16)
+  # Other prompts whose batches fall in the same buckets reuse the compiled programs.
+  again = engine.generate(tiny_model, _prompts(101, [2, 4, 16, 21, 34, 3, 9, 39, 12, 2], seed=5), 5, None,
+                          batch_size=4)
+  assert again.num_compilations == 0
+  assert [len(t[0]) for t in again.tokens] == [5] * len(lengths)
+
+
+def test_overlong_prompts_are_truncated_from_the_left_and_counted(tiny_model):
+  long_prompt, short_prompt = _prompts(101, [30, 5], seed=4)
+  result = engine.generate(tiny_model, [long_prompt, short_prompt], 4, None, max_prompt_len=16)
+  assert result.num_truncated == 1
+  reference = engine.generate(tiny_model, [long_prompt[-16:], short_prompt], 4, None, max_prompt_len=16)
+  assert reference.num_truncated == 0
+  assert result.tokens == reference.tokens
+
+
+def test_sampling_is_seeded_and_independent_of_batching(tiny_model):
+  prompts = _prompts(101, [6, 3, 9])
+  sampling = engine.Sampling(temperature=1.0, top_p=0.9)
+  kwargs = dict(sampling=sampling, num_samples=3, seed=0)
+  small = engine.generate(tiny_model, prompts, 6, None, batch_size=2, **kwargs).tokens
+  large = engine.generate(tiny_model, prompts, 6, None, batch_size=8, **kwargs).tokens
+  assert small == large
+  other_seed = engine.generate(tiny_model, prompts, 6, None, batch_size=8, **{**kwargs, "seed": 1}).tokens
+  assert other_seed != small
+  assert any(len({tuple(s) for s in samples}) > 1 for samples in small), "samples of a prompt all equal"
+  # A vanishing nucleus keeps only the most likely token: sampling becomes greedy.
+  nucleus = engine.generate(tiny_model, prompts, 6, 7, batch_size=8, num_samples=2,
+                            sampling=engine.Sampling(temperature=1.0, top_p=1e-6)).tokens
+  greedy = engine.greedy_generate(tiny_model, prompts, 6, 7, batch_size=8)
+  assert [samples[0] for samples in nucleus] == [samples[1] for samples in nucleus] == greedy
+
+
+def test_bad_inputs_raise_clear_errors(tiny_model):
+  with pytest.raises(ValueError, match="prompt 1 is empty"):
+    engine.greedy_generate(tiny_model, [[1, 2], []], 4, None)
+  with pytest.raises(ValueError, match="pair 0"):
+    engine.score_continuations(tiny_model, [[1, 2]], [[]])
+  with pytest.raises(ValueError, match="top_p"):
+    engine.Sampling(temperature=1.0, top_p=0.0)
+
+
+def test_load_model_from_hf_directory(tiny_dir, tiny_model):
+  model, source = engine.load_model(tiny_dir)
+  assert (source.kind, source.workdir, source.tokenizer, source.chat_template) == ("hf", tiny_dir, None, None)
+  _same_parameters(model, tiny_model)
+
+
+def test_load_model_from_training_workdir(tiny_model, tmp_path):
+  from csft_jax.checkpointing import save_model
+
+  workdir = tmp_path / "run"
+  save_model(str(workdir / "checkpoints"), tiny_model, step=7)
+  (workdir / "config.json").write_text(json.dumps({"data": {"tokenizer": "csft_jax/assets/demo_tokenizer",
+                                                             "chat_template": "chatml"}}))
+  for path in (workdir, workdir / "checkpoints", workdir / "checkpoints" / "7"):
+    model, source = engine.load_model(str(path), dtype="float32")
+    assert source.kind == "orbax" and source.workdir == str(workdir)
+    assert source.chat_template == "chatml"
+    assert os.path.isfile(os.path.join(source.tokenizer, "tokenizer.json"))
+    _same_parameters(model, tiny_model)

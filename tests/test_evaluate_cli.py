@@ -1,0 +1,145 @@
+"""`python -m csft_jax.evaluate` end to end on the shipped samples with a tiny random model."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from configs.eval import cmb as cmb_config
+from configs.eval import cmb_clin as cmb_clin_config
+from configs.eval import meds_bench as meds_config
+from csft_jax import evaluate
+from csft_jax.eval import cmb, runner
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_TOKENIZER = REPO / "csft_jax" / "assets" / "demo_tokenizer"
+SAMPLE_ITEMS = 24
+EXAM_TYPES = {"医师考试", "护理考试", "药师考试"}
+
+
+def _tiny_llama_dir(path: Path, *, silent: bool = False) -> str:
+  """A random Llama sized for the demo tokenizer, saved with that tokenizer (template 'hf')."""
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(DEMO_TOKENIZER))
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=1024)
+  model = transformers.AutoModelForCausalLM.from_config(config)
+  if silent:
+    # All-zero logits: argmax is token 0 = <|endoftext|>, a stop token, so every reply is empty.
+    with torch.no_grad():
+      model.lm_head.weight.zero_()
+  model.save_pretrained(path)
+  tokenizer.save_pretrained(path)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+  return _tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def _config(module, checkpoint: str, out_dir: Path, **fields):
+  config = module.get_config()
+  config.checkpoint, config.out_dir, config.batch_size = checkpoint, str(out_dir), 8
+  config.update(fields)
+  return config
+
+
+def test_cli_cmb_writes_results_and_prints_summary(model_dir):
+  command = [sys.executable, "-m", "csft_jax.evaluate", "--config=configs/eval/cmb.py",
+             f"--config.checkpoint={model_dir}", "--config.max_new_tokens=4", "--config.batch_size=8"]
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "overall micro" in done.stdout and f"items={SAMPLE_ITEMS}" in done.stdout
+  assert "CMB answer" in done.stderr  # the progress bar
+  out = Path(model_dir) / "eval" / "cmb"  # default: <checkpoint>/eval/cmb
+  results = json.loads((out / "results.json").read_text())
+  assert set(results["accuracy_per_category"]) == EXAM_TYPES
+  assert sum(len(classes) for classes in results["accuracy_per_subcategory"].values()) == 6
+  assert results["counts"]["items"] == results["counts"]["prompts"] == SAMPLE_ITEMS
+  assert results["counts"]["truncated_prompts"] == 0
+  assert 0 <= results["overall"]["micro"] <= 1 and results["protocol"] == cmb.OFFICIAL_PROTOCOL
+  submission = json.loads((out / "submission.json").read_text())
+  assert [e["id"] for e in submission] == list(range(1, SAMPLE_ITEMS + 1))
+  assert (out / "results.md").exists()
+  # Scoring the written submission again reproduces results.json.
+  key = cmb.load_answer_key(REPO / "csft_jax/assets/eval/cmb_sample/answer_key.json")
+  assert cmb.score_submission(submission, key)["overall"] == results["overall"]
+
+
+def test_cmb_majority_vote_over_samples(model_dir, tmp_path):
+  config = _config(cmb_config, model_dir, tmp_path, shots=1, num_samples=3, temperature=1.0,
+                   max_new_tokens=4, limit=4)
+  results, _, _ = evaluate.run(config)
+  records = json.loads((tmp_path / "generations.json").read_text())
+  assert len(records) == 4 and all(len(r["samples"]) == 3 for r in records)
+  items = {item["id"]: item for item in cmb.load_exam(REPO / "csft_jax/assets/eval/cmb_sample/test.json")}
+  for record in records:
+    assert record["model_answer"] == cmb.predict(record["samples"], items[record["id"]]["question_type"])
+  assert results["counts"]["items"] == 4 and results["settings"]["num_samples"] == 3
+
+
+def test_cmb_loglik_mode_scores_every_option(model_dir, tmp_path):
+  results, summary, _ = evaluate.run(_config(cmb_config, model_dir, tmp_path, mode="loglik"))
+  assert results["protocol"] == cmb.LOGLIK_PROTOCOL and results["counts"]["items"] == SAMPLE_ITEMS
+  answers = {e["id"]: e["model_answer"] for e in json.loads((tmp_path / "submission.json").read_text())}
+  for record in json.loads((tmp_path / "generations.json").read_text()):
+    scores = record["option_scores"]
+    assert all(value < 0 for value in scores.values())
+    assert answers[record["id"]] == cmb.loglik_answer(scores)
+  assert "log-likelihood" in summary
+
+
+def test_empty_generations_and_overlong_prompts_are_counted(tmp_path):
+  silent_dir = _tiny_llama_dir(tmp_path / "silent", silent=True)
+  results, summary, _ = evaluate.run(_config(cmb_config, silent_dir, tmp_path / "out", max_prompt_len=32,
+                                             max_new_tokens=4))
+  counts = results["counts"]
+  assert counts["empty_generations"] == SAMPLE_ITEMS and counts["correct"] == 0
+  assert counts["truncated_prompts"] == SAMPLE_ITEMS  # every sample prompt is longer than 32 tokens
+  assert "empty_generations=24" in summary
+
+
+def test_meds_bench_writes_csv_then_scores_it(model_dir, tmp_path):
+  results, summary, _ = evaluate.run(_config(meds_config, model_dir, tmp_path, max_new_tokens=6))
+  with open(tmp_path / "results.csv", encoding="utf-8", newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 16 and list(rows[0]) == ["task_id", "input", "GT", "output"]
+  assert rows[0]["input"].startswith("<|im_start|>system\n")
+  assert set(results["tasks"]) == {"task901", "task902", "task903"}
+  assert set(results["categories"]) == {"mcqa", "text_generation", "ner"}
+  assert results["counts"]["prompts"] == 16
+  written = json.loads((tmp_path / "results.json").read_text())
+  assert written["tasks"]["task901"]["n"] == 6 and "accuracy" in written["tasks"]["task901"]
+  assert "mcqa" in summary
+
+
+def test_cmb_clin_writes_judge_prompts(model_dir, tmp_path):
+  summary, text, _ = evaluate.run(_config(cmb_clin_config, model_dir, tmp_path, max_new_tokens=4))
+  written = json.loads((tmp_path / "results.json").read_text())
+  assert summary["n"] == len(written["records"]) == 5
+  assert all("[ answer ]" in record["judge_prompt"] for record in written["records"])
+  assert "ROUGE-L" in text
+
+
+def test_bad_configs_fail_with_a_message_and_write_nothing(model_dir, tmp_path):
+  with pytest.raises(runner.EvalConfigError, match="config.checkpoint is empty"):
+    evaluate.run(_config(cmb_config, "", tmp_path / "a"))
+  with pytest.raises(runner.EvalConfigError, match="config.mode"):
+    evaluate.run(_config(cmb_config, model_dir, tmp_path / "b", mode="guess"))
+  with pytest.raises(runner.EvalConfigError, match="config.exam="):
+    evaluate.run(_config(cmb_config, model_dir, tmp_path / "c", exam=str(tmp_path / "missing.json")))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    evaluate.run(_config(cmb_config, str(tmp_path / "nowhere"), tmp_path / "d"))
+  not_a_list = tmp_path / "exam.json"
+  not_a_list.write_text("{}")
+  with pytest.raises(cmb.CMBInputError, match="expected a JSON list"):
+    evaluate.run(_config(cmb_config, model_dir, tmp_path / "e", exam=str(not_a_list)))
+  assert not any((tmp_path / name).exists() for name in "abcde")
