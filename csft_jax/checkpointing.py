@@ -23,9 +23,11 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh
 
 from csft_jax.models.config import ModelConfig
 from csft_jax.models.decoder import Decoder
+from csft_jax.sharding import state_shardings
 
 
 def model_config_to_json(config: ModelConfig) -> dict[str, Any]:
@@ -116,7 +118,7 @@ def restore_params(step_dir: str, abstract_params: Any) -> Any:
     return checkpointer.restore(os.path.join(step_dir, "params"), abstract_params)
 
 
-def restore_model(path: str, *, step: int | None = None, dtype: str | None = None, shardings: Any = None,
+def restore_model(path: str, *, step: int | None = None, dtype: str | None = None, mesh: Mesh | None = None,
                   **config_overrides: Any) -> Decoder:
   """A `Decoder` from a workdir (latest step), a checkpoints dir, or a step dir.
 
@@ -124,8 +126,8 @@ def restore_model(path: str, *, step: int | None = None, dtype: str | None = Non
     path: where the checkpoint is.
     step: a specific step (default: the latest).
     dtype: compute dtype override (e.g. 'float32' for evaluation parity).
-    shardings: optional shardings pytree for the params (see `csft_jax.sharding.state_shardings`);
-      default: the default device.
+    mesh: restore each parameter straight onto its shards of this mesh (per
+      `csft_jax.sharding`); default: the first device.
     **config_overrides: other `ModelConfig` overrides.
   """
   step_dir = resolve_step_dir(path, step)
@@ -133,9 +135,11 @@ def restore_model(path: str, *, step: int | None = None, dtype: str | None = Non
     config_overrides["dtype"] = dtype
   config = read_model_config(step_dir, **config_overrides)
   graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))), nnx.Param)
-  if shardings is None:
+  if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract_params)
+  else:
+    shardings = state_shardings(abstract_params, mesh)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
   params = restore_params(step_dir, target)
   return nnx.merge(graphdef, params)

@@ -582,8 +582,5 @@ def load_model(path: str, dtype: str = "float32", *, mesh: Mesh | None = None, *
   tokenizer, template = _training_data_config(workdir) if workdir else (None, None)
   if overrides:
     logging.info("Orbax checkpoint %s keeps its saved layout; ignoring %s.", path, sorted(overrides))
-  model = restore_model(path, dtype=dtype)
-  if mesh is not None:
-    graphdef, state = _place_state(model, mesh)
-    model = nnx.merge(graphdef, state)
+  model = restore_model(path, dtype=dtype, mesh=mesh)  # each parameter restored onto its shards
   return model, ModelSource("orbax", path, workdir or os.path.abspath(path), tokenizer, template)
