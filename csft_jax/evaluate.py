@@ -22,6 +22,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from csft_jax import sharding
+from csft_jax.console import quiet_library_info_logs
 from csft_jax.data.config import REPO_ROOT
 from csft_jax.data.errors import DataError
 from csft_jax.data.templates import ChatTemplate, load_chat_template
@@ -77,6 +78,8 @@ def main(argv: list[str]) -> None:
   """Runs the eval config and prints its summary; input problems exit with one `error:` line."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}; settings go in --config.FIELD=VALUE.")
+  if not flags.FLAGS["verbosity"].present:
+    quiet_library_info_logs()
   start = time.perf_counter()
   try:
     _, summary, out_dir = run(flags.FLAGS.config)

@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from ml_collections import config_flags
 
 from csft_jax import checkpointing
+from csft_jax.console import quiet_library_info_logs
 from csft_jax.convert import load_hf, read_hf_config, save_hf
 from csft_jax.data.config import REPO_ROOT
 from csft_jax.data.pipeline import DataPipeline
@@ -340,7 +341,7 @@ def print_plan(config: ml_collections.ConfigDict, vocab_size: int = 0) -> str:
 def main(argv: list[str]) -> None:
   del argv
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax/Grain log every save at INFO; --verbosity=0 shows them
+    quiet_library_info_logs()
   config = flags.FLAGS.config
   if flags.FLAGS.plan_only:
     print(print_plan(config))
