@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from ml_collections import config_flags

@@ -17,13 +17,13 @@ needs_shared_key = pytest.mark.skipif(not SHARED_KEY.exists(), reason="../shared
 
 
 def official_reference(text: str, question_type: str) -> str:
-    """Independent transcription of the official procedure (src/utils.py match_choice + extract_ans)."""
-    found = re.search("(答案|正确选项)(?:是|：|为|应该是|应该为)(.*?)(。|\\.|$)", text, re.DOTALL)
-    pool = found.group(2) if found else text
-    choice = "".join(ch for ch in pool if ch in ["A", "B", "C", "D", "E", "F", "G"])
-    if len(choice) > 1 and question_type != "多项选择题":
-        choice = choice[0]
-    return choice
+  """Independent transcription of the official procedure (src/utils.py match_choice + extract_ans)."""
+  found = re.search("(答案|正确选项)(?:是|：|为|应该是|应该为)(.*?)(。|\\.|$)", text, re.DOTALL)
+  pool = found.group(2) if found else text
+  choice = "".join(ch for ch in pool if ch in ["A", "B", "C", "D", "E", "F", "G"])
+  if len(choice) > 1 and question_type != "多项选择题":
+    choice = choice[0]
+  return choice
 
 
 PHRASINGS = [
@@ -52,21 +52,21 @@ PHRASINGS = [
 
 @pytest.mark.parametrize("text,single,multi", PHRASINGS)
 def test_extract_answer_literal_expectations(text, single, multi):
-    assert cmb.extract_answer(text, S) == single
-    assert cmb.extract_answer(text, M) == multi
+  assert cmb.extract_answer(text, S) == single
+  assert cmb.extract_answer(text, M) == multi
 
 
 @pytest.mark.parametrize("text", [p[0] for p in PHRASINGS] + [
     "综上，答案是B，但也可能是C。", "根据题意，正确选项应该是AB.其余不对", "Ans: G F", "答案为F\n解析略",
 ])
 def test_extract_answer_matches_official_reference(text):
-    for question_type in (S, M):
-        assert cmb.extract_answer(text, question_type) == official_reference(text, question_type)
+  for question_type in (S, M):
+    assert cmb.extract_answer(text, question_type) == official_reference(text, question_type)
 
 
 def test_extract_answer_rejects_unknown_question_type():
-    with pytest.raises(cmb.CMBInputError, match="unknown question_type '判断题'"):
-        cmb.extract_answer("答案是A", "判断题")
+  with pytest.raises(cmb.CMBInputError, match="unknown question_type '判断题'"):
+    cmb.extract_answer("答案是A", "判断题")
 
 
 @pytest.mark.parametrize("answers,expected", [
@@ -79,13 +79,13 @@ def test_extract_answer_rejects_unknown_question_type():
     ([], ""),
 ])
 def test_majority_vote(answers, expected):
-    assert cmb.majority_vote(answers) == expected
+  assert cmb.majority_vote(answers) == expected
 
 
 def test_predict_extracts_then_votes():
-    samples = ["所以答案是B。", "答案为C。", "我认为正确选项是B、D", "无法判断"]
-    assert cmb.predict(samples, S) == "B"
-    assert cmb.predict(samples, M) == "B"  # "B", "C", "BD": all once, B first
+  samples = ["所以答案是B。", "答案为C。", "我认为正确选项是B、D", "无法判断"]
+  assert cmb.predict(samples, S) == "B"
+  assert cmb.predict(samples, M) == "B"  # "B", "C", "BD": all once, B first
 
 
 ITEM = {
@@ -100,46 +100,46 @@ ITEM = {
 
 
 def test_format_question_is_the_official_prompt():
-    assert cmb.format_question(ITEM, "answer") == (
-        "以下是中国医师考试中执业医师考试的一道单项选择题，不需要做任何分析和解释，直接输出答案选项。\n"
-        "诊断糖尿病的空腹血糖标准是\nA. ≥5.6mmol/L\nB. ≥6.1mmol/L\nC. ≥7.0mmol/L"
-    )  # option D ("是", one character) is dropped by the official len(v) > 1 filter
-    assert cmb.format_question(ITEM, "cot").startswith(
-        "以下是中国医师考试中执业医师考试的一道单项选择题，请分析每个选项，并最后给出答案。\n"
-    )
-    with pytest.raises(ValueError, match="Unknown CMB prompt mode"):
-        cmb.format_question(ITEM, "fewshot")
+  assert cmb.format_question(ITEM, "answer") == (
+      "以下是中国医师考试中执业医师考试的一道单项选择题，不需要做任何分析和解释，直接输出答案选项。\n"
+      "诊断糖尿病的空腹血糖标准是\nA. ≥5.6mmol/L\nB. ≥6.1mmol/L\nC. ≥7.0mmol/L"
+  )  # option D ("是", one character) is dropped by the official len(v) > 1 filter
+  assert cmb.format_question(ITEM, "cot").startswith(
+      "以下是中国医师考试中执业医师考试的一道单项选择题，请分析每个选项，并最后给出答案。\n"
+  )
+  with pytest.raises(ValueError, match="Unknown CMB prompt mode"):
+    cmb.format_question(ITEM, "fewshot")
 
 
 def test_build_messages_zero_and_few_shot():
-    val = cmb.load_exam(SAMPLE / "val.json", require_answer=True)
-    demos = [v for v in val if v["exam_class"] == "执业医师"][:2]
-    assert cmb.build_messages(ITEM) == [{"role": "user", "content": cmb.format_question(ITEM, "answer")}]
-    messages = cmb.build_messages(ITEM, mode="cot", shots=demos, system_prompt="你是医学助手。")
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
-    assert messages[2]["content"] == demos[0]["explanation"] + f"所以答案是{demos[0]['answer']}。"
-    answer_only = cmb.build_messages(ITEM, mode="answer", shots=demos)
-    assert answer_only[1]["content"] == f"答案是{demos[0]['answer']}。"
-    assert answer_only[0]["content"] == cmb.format_question(demos[0], "answer")
+  val = cmb.load_exam(SAMPLE / "val.json", require_answer=True)
+  demos = [v for v in val if v["exam_class"] == "执业医师"][:2]
+  assert cmb.build_messages(ITEM) == [{"role": "user", "content": cmb.format_question(ITEM, "answer")}]
+  messages = cmb.build_messages(ITEM, mode="cot", shots=demos, system_prompt="你是医学助手。")
+  assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+  assert messages[2]["content"] == demos[0]["explanation"] + f"所以答案是{demos[0]['answer']}。"
+  answer_only = cmb.build_messages(ITEM, mode="answer", shots=demos)
+  assert answer_only[1]["content"] == f"答案是{demos[0]['answer']}。"
+  assert answer_only[0]["content"] == cmb.format_question(demos[0], "answer")
 
 
 def test_cot_demo_without_explanation_is_an_error():
-    demo = {**ITEM, "answer": "C"}
-    with pytest.raises(cmb.CMBInputError, match="no 'explanation'"):
-        cmb.build_messages(ITEM, mode="cot", shots=[demo])
+  demo = {**ITEM, "answer": "C"}
+  with pytest.raises(cmb.CMBInputError, match="no 'explanation'"):
+    cmb.build_messages(ITEM, mode="cot", shots=[demo])
 
 
 def test_select_shots_same_type_and_class_deterministic():
-    val = cmb.load_exam(SAMPLE / "val.json", require_answer=True)
-    test = cmb.load_exam(SAMPLE / "test.json")
-    for item in test:
-        shots = cmb.select_shots(val, item, 3)
-        assert len(shots) == 3
-        assert all((s["exam_type"], s["exam_class"]) == (item["exam_type"], item["exam_class"]) for s in shots)
-        assert shots == cmb.select_shots(val, item, 3)
-    assert cmb.select_shots(val, test[0], 0) == []
-    with pytest.raises(cmb.CMBInputError, match="cannot draw 4 shots"):
-        cmb.select_shots(val, test[0], 4)
+  val = cmb.load_exam(SAMPLE / "val.json", require_answer=True)
+  test = cmb.load_exam(SAMPLE / "test.json")
+  for item in test:
+    shots = cmb.select_shots(val, item, 3)
+    assert len(shots) == 3
+    assert all((s["exam_type"], s["exam_class"]) == (item["exam_type"], item["exam_class"]) for s in shots)
+    assert shots == cmb.select_shots(val, item, 3)
+  assert cmb.select_shots(val, test[0], 0) == []
+  with pytest.raises(cmb.CMBInputError, match="cannot draw 4 shots"):
+    cmb.select_shots(val, test[0], 4)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -150,38 +150,38 @@ def test_select_shots_same_type_and_class_deterministic():
     (lambda item: item.update(answer="AB"), "has several letters"),
 ])
 def test_load_exam_bad_items(tmp_path, change, message):
-    item = json.loads(json.dumps(ITEM))
-    change(item)
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps([item], ensure_ascii=False), encoding="utf-8")
-    with pytest.raises(cmb.CMBInputError, match=message):
-        cmb.load_exam(path)
+  item = json.loads(json.dumps(ITEM))
+  change(item)
+  path = tmp_path / "bad.json"
+  path.write_text(json.dumps([item], ensure_ascii=False), encoding="utf-8")
+  with pytest.raises(cmb.CMBInputError, match=message):
+    cmb.load_exam(path)
 
 
 def test_load_exam_bad_files(tmp_path):
-    with pytest.raises(cmb.CMBInputError, match="file not found"):
-        cmb.load_exam(tmp_path / "missing.json")
-    (tmp_path / "broken.json").write_text("[{", encoding="utf-8")
-    with pytest.raises(cmb.CMBInputError, match="broken.json:1: not valid JSON"):
-        cmb.load_exam(tmp_path / "broken.json")
+  with pytest.raises(cmb.CMBInputError, match="file not found"):
+    cmb.load_exam(tmp_path / "missing.json")
+  (tmp_path / "broken.json").write_text("[{", encoding="utf-8")
+  with pytest.raises(cmb.CMBInputError, match="broken.json:1: not valid JSON"):
+    cmb.load_exam(tmp_path / "broken.json")
 
 
 def test_build_submission_counts_empty_and_unanswered():
-    items = [{**ITEM, "id": 1}, {**ITEM, "id": 2}, {**ITEM, "id": 3}]
-    submission, stats = cmb.build_submission(items, [["答案是C。"], ["", "  "], ["不知道"]])
-    assert submission == [{"id": 1, "model_answer": "C"}, {"id": 2, "model_answer": ""}, {"id": 3, "model_answer": ""}]
-    assert stats == {"empty_generations": 1, "no_answer_extracted": 1}
-    with pytest.raises(cmb.CMBInputError, match="no 'id'"):
-        cmb.build_submission([{k: v for k, v in ITEM.items() if k != "id"}], [["A"]])
+  items = [{**ITEM, "id": 1}, {**ITEM, "id": 2}, {**ITEM, "id": 3}]
+  submission, stats = cmb.build_submission(items, [["答案是C。"], ["", "  "], ["不知道"]])
+  assert submission == [{"id": 1, "model_answer": "C"}, {"id": 2, "model_answer": ""}, {"id": 3, "model_answer": ""}]
+  assert stats == {"empty_generations": 1, "no_answer_extracted": 1}
+  with pytest.raises(cmb.CMBInputError, match="no 'id'"):
+    cmb.build_submission([{k: v for k, v in ITEM.items() if k != "id"}], [["A"]])
 
 
 def test_loglik_request_and_answer():
-    messages, letters = cmb.loglik_request(ITEM)
-    assert letters == ["A", "B", "C"]  # the same options the prompt shows
-    assert messages == cmb.build_messages(ITEM, mode="answer")
-    assert cmb.loglik_answer({"A": -3.0, "B": -0.5, "C": -2.0}) == "B"
-    assert cmb.loglik_answer({"C": -1.0, "A": -1.0}) == "A"
-    assert "NOT the official" in cmb.LOGLIK_PROTOCOL
+  messages, letters = cmb.loglik_request(ITEM)
+  assert letters == ["A", "B", "C"]  # the same options the prompt shows
+  assert messages == cmb.build_messages(ITEM, mode="answer")
+  assert cmb.loglik_answer({"A": -3.0, "B": -0.5, "C": -2.0}) == "B"
+  assert cmb.loglik_answer({"C": -1.0, "A": -1.0}) == "A"
+  assert "NOT the official" in cmb.LOGLIK_PROTOCOL
 
 
 TINY_KEY = [
@@ -196,23 +196,23 @@ TINY_KEY = [
 
 
 def test_score_exam_type_is_mean_of_classes_hand_computed():
-    answers = {1: "A", 2: "C", 3: "C", 4: "D", 5: "AB", 6: "CE", 7: ""}
-    submission = [{"id": i, "model_answer": a} for i, a in answers.items()]
-    results = cmb.score_submission(submission, TINY_KEY)
-    assert results["accuracy_per_subcategory"] == {"T1": {"c1": 0.5, "c2": 1.0}, "T2": {"c3": 0.0}}
-    assert results["accuracy_per_category"] == {"T1": 0.75, "T2": 0.0}  # not 5/6: mean of classes
-    assert results["overall"] == {"micro": pytest.approx(5 / 7), "macro": 0.375}
-    assert results["accuracy_per_question_type"] == {S: pytest.approx(3 / 5), M: 1.0}
-    assert results["counts"] == {"items": 7, "correct": 5, "empty_answers": 1}
-    assert results["protocol"] == cmb.OFFICIAL_PROTOCOL
+  answers = {1: "A", 2: "C", 3: "C", 4: "D", 5: "AB", 6: "CE", 7: ""}
+  submission = [{"id": i, "model_answer": a} for i, a in answers.items()]
+  results = cmb.score_submission(submission, TINY_KEY)
+  assert results["accuracy_per_subcategory"] == {"T1": {"c1": 0.5, "c2": 1.0}, "T2": {"c3": 0.0}}
+  assert results["accuracy_per_category"] == {"T1": 0.75, "T2": 0.0}  # not 5/6: mean of classes
+  assert results["overall"] == {"micro": pytest.approx(5 / 7), "macro": 0.375}
+  assert results["accuracy_per_question_type"] == {S: pytest.approx(3 / 5), M: 1.0}
+  assert results["counts"] == {"items": 7, "correct": 5, "empty_answers": 1}
+  assert results["protocol"] == cmb.OFFICIAL_PROTOCOL
 
 
 def test_multi_choice_needs_exact_letters():
-    submission = [{"id": i, "model_answer": e["answer"]} for i, e in enumerate(TINY_KEY, start=1)]
-    submission[4]["model_answer"] = "BA"  # same set, different order: wrong under exact match
-    submission[5]["model_answer"] = "C"
-    results = cmb.score_submission(submission, TINY_KEY)
-    assert results["accuracy_per_question_type"][M] == 0.0
+  submission = [{"id": i, "model_answer": e["answer"]} for i, e in enumerate(TINY_KEY, start=1)]
+  submission[4]["model_answer"] = "BA"  # same set, different order: wrong under exact match
+  submission[5]["model_answer"] = "C"
+  results = cmb.score_submission(submission, TINY_KEY)
+  assert results["accuracy_per_question_type"][M] == 0.0
 
 
 @pytest.mark.parametrize("mutate,message", [
@@ -224,82 +224,82 @@ def test_multi_choice_needs_exact_letters():
     (lambda s: s.__setitem__(0, {"id": 1}), "expected"),
 ])
 def test_validate_submission_errors(mutate, message):
-    submission = [{"id": e["id"], "model_answer": e["answer"]} for e in TINY_KEY]
-    mutate(submission)
-    with pytest.raises(cmb.CMBInputError, match=message):
-        cmb.score_submission(submission, TINY_KEY)
+  submission = [{"id": e["id"], "model_answer": e["answer"]} for e in TINY_KEY]
+  mutate(submission)
+  with pytest.raises(cmb.CMBInputError, match=message):
+    cmb.score_submission(submission, TINY_KEY)
 
 
 def test_answer_key_errors():
-    with pytest.raises(cmb.CMBInputError, match="duplicate id 1"):
-        cmb.validate_answer_key(TINY_KEY + [TINY_KEY[0]])
-    with pytest.raises(cmb.CMBInputError, match=r"missing field\(s\) \['answer'\]"):
-        cmb.validate_answer_key([{k: v for k, v in TINY_KEY[0].items() if k != "answer"}])
-    with pytest.raises(cmb.CMBInputError, match="must be one or more letters A-G"):
-        cmb.validate_answer_key([{**TINY_KEY[0], "answer": "Z"}])
+  with pytest.raises(cmb.CMBInputError, match="duplicate id 1"):
+    cmb.validate_answer_key(TINY_KEY + [TINY_KEY[0]])
+  with pytest.raises(cmb.CMBInputError, match=r"missing field\(s\) \['answer'\]"):
+    cmb.validate_answer_key([{k: v for k, v in TINY_KEY[0].items() if k != "answer"}])
+  with pytest.raises(cmb.CMBInputError, match="must be one or more letters A-G"):
+    cmb.validate_answer_key([{**TINY_KEY[0], "answer": "Z"}])
 
 
 @needs_shared_key
 def test_shared_key_scores():
-    key = cmb.load_answer_key(SHARED_KEY)
-    assert len(key) == 11200
-    perfect = cmb.score_submission([{"id": e["id"], "model_answer": e["answer"]} for e in key], key)
-    assert perfect["overall"] == {"micro": 1.0, "macro": 1.0}
-    assert all(v == 1.0 for v in perfect["accuracy_per_category"].values())
-    assert len([c for t in perfect["accuracy_per_subcategory"].values() for c in t]) == 28
+  key = cmb.load_answer_key(SHARED_KEY)
+  assert len(key) == 11200
+  perfect = cmb.score_submission([{"id": e["id"], "model_answer": e["answer"]} for e in key], key)
+  assert perfect["overall"] == {"micro": 1.0, "macro": 1.0}
+  assert all(v == 1.0 for v in perfect["accuracy_per_category"].values())
+  assert len([c for t in perfect["accuracy_per_subcategory"].values() for c in t]) == 28
 
-    all_a = cmb.score_submission([{"id": e["id"], "model_answer": "A"} for e in key], key)
-    # Independent count: the share of "A" keys per class, then the mean over the classes of a type.
-    classes = {}
-    for e in key:
-        classes.setdefault(e["exam_type"], {}).setdefault(e["exam_class"], []).append(e["answer"] == "A")
-    for exam_type, by_class in classes.items():
-        shares = {c: sum(v) / len(v) for c, v in by_class.items()}
-        assert all_a["accuracy_per_subcategory"][exam_type] == pytest.approx(shares)
-        assert all_a["accuracy_per_category"][exam_type] == pytest.approx(sum(shares.values()) / len(shares))
-    n_a = sum(e["answer"] == "A" for e in key)
-    assert all_a["counts"]["correct"] == n_a == 1845
-    assert all_a["overall"]["micro"] == pytest.approx(n_a / 11200)
-    assert all_a["accuracy_per_subcategory"]["医师考试"]["高级职称"] == pytest.approx(38 / 400)
+  all_a = cmb.score_submission([{"id": e["id"], "model_answer": "A"} for e in key], key)
+  # Independent count: the share of "A" keys per class, then the mean over the classes of a type.
+  classes = {}
+  for e in key:
+    classes.setdefault(e["exam_type"], {}).setdefault(e["exam_class"], []).append(e["answer"] == "A")
+  for exam_type, by_class in classes.items():
+    shares = {c: sum(v) / len(v) for c, v in by_class.items()}
+    assert all_a["accuracy_per_subcategory"][exam_type] == pytest.approx(shares)
+    assert all_a["accuracy_per_category"][exam_type] == pytest.approx(sum(shares.values()) / len(shares))
+  n_a = sum(e["answer"] == "A" for e in key)
+  assert all_a["counts"]["correct"] == n_a == 1845
+  assert all_a["overall"]["micro"] == pytest.approx(n_a / 11200)
+  assert all_a["accuracy_per_subcategory"]["医师考试"]["高级职称"] == pytest.approx(38 / 400)
 
 
 @needs_shared_key
 def test_cli_scores_shared_key(tmp_path, capsys):
-    key = json.loads(SHARED_KEY.read_text(encoding="utf-8"))
-    submission = tmp_path / "all_a.json"
-    submission.write_text(json.dumps([{"id": e["id"], "model_answer": "A"} for e in key]), encoding="utf-8")
-    out = tmp_path / "r" / "results.json"
-    code = cmb.main(["score", f"--submission={submission}", f"--answer_key={SHARED_KEY}", f"--out={out}"])
-    assert code == 0
-    results = json.loads(out.read_text(encoding="utf-8"))
-    assert set(results) >= {"accuracy_per_category", "accuracy_per_subcategory", "overall"}
-    assert results["overall"]["micro"] == pytest.approx(1845 / 11200)
-    assert "| overall micro | 16.47 |" in capsys.readouterr().out
-    assert "| **overall** | micro (all items) | 16.47 |" in out.with_suffix(".md").read_text(encoding="utf-8")
+  key = json.loads(SHARED_KEY.read_text(encoding="utf-8"))
+  submission = tmp_path / "all_a.json"
+  submission.write_text(json.dumps([{"id": e["id"], "model_answer": "A"} for e in key]), encoding="utf-8")
+  out = tmp_path / "r" / "results.json"
+  code = cmb.main(["score", f"--submission={submission}", f"--answer_key={SHARED_KEY}", f"--out={out}"])
+  assert code == 0
+  results = json.loads(out.read_text(encoding="utf-8"))
+  assert set(results) >= {"accuracy_per_category", "accuracy_per_subcategory", "overall"}
+  assert results["overall"]["micro"] == pytest.approx(1845 / 11200)
+  assert "| overall micro | 16.47 |" in capsys.readouterr().out
+  assert "| **overall** | micro (all items) | 16.47 |" in out.with_suffix(".md").read_text(encoding="utf-8")
 
 
 def test_cli_bad_submission_writes_nothing(tmp_path, capsys):
-    submission = tmp_path / "short.json"
-    submission.write_text(json.dumps([{"id": 1, "model_answer": "B"}]), encoding="utf-8")
-    out = tmp_path / "results.json"
-    code = cmb.main(["score", f"--submission={submission}", f"--answer_key={SAMPLE / 'answer_key.json'}", f"--out={out}"])
-    assert code == 2
-    assert "23 answer-key id(s) missing" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == [submission]
+  submission = tmp_path / "short.json"
+  submission.write_text(json.dumps([{"id": 1, "model_answer": "B"}]), encoding="utf-8")
+  out = tmp_path / "results.json"
+  code = cmb.main(["score", f"--submission={submission}", f"--answer_key={SAMPLE / 'answer_key.json'}", f"--out={out}"])
+  assert code == 2
+  assert "23 answer-key id(s) missing" in capsys.readouterr().err
+  assert list(tmp_path.iterdir()) == [submission]
 
 
 def test_sample_end_to_end(tmp_path):
-    test = cmb.load_exam(SAMPLE / "test.json")
-    key = cmb.load_answer_key(SAMPLE / "answer_key.json")
-    assert [i["id"] for i in test] == [e["id"] for e in key]
-    gold = {e["id"]: e["answer"] for e in key}
-    generations = [[f"分析略。所以答案是{gold[i['id']]}。"] if i["id"] % 3 else ["我不知道"] for i in test]
-    submission, stats = cmb.build_submission(test, generations)
-    path = cmb.write_submission(submission, tmp_path / "submission.json", key)
-    assert json.loads(path.read_text(encoding="utf-8")) == submission
-    results = cmb.score_submission(submission, key, generation_stats=stats)
-    assert results["counts"] == {"items": 24, "correct": 16, "empty_answers": 8,
-                                 "empty_generations": 0, "no_answer_extracted": 8}
-    cmb.write_results(results, tmp_path / "results.json")
-    assert json.loads((tmp_path / "results.json").read_text(encoding="utf-8")) == results
-    assert (tmp_path / "results.md").read_text(encoding="utf-8").startswith("Protocol: generation")
+  test = cmb.load_exam(SAMPLE / "test.json")
+  key = cmb.load_answer_key(SAMPLE / "answer_key.json")
+  assert [i["id"] for i in test] == [e["id"] for e in key]
+  gold = {e["id"]: e["answer"] for e in key}
+  generations = [[f"分析略。所以答案是{gold[i['id']]}。"] if i["id"] % 3 else ["我不知道"] for i in test]
+  submission, stats = cmb.build_submission(test, generations)
+  path = cmb.write_submission(submission, tmp_path / "submission.json", key)
+  assert json.loads(path.read_text(encoding="utf-8")) == submission
+  results = cmb.score_submission(submission, key, generation_stats=stats)
+  assert results["counts"] == {"items": 24, "correct": 16, "empty_answers": 8,
+                               "empty_generations": 0, "no_answer_extracted": 8}
+  cmb.write_results(results, tmp_path / "results.json")
+  assert json.loads((tmp_path / "results.json").read_text(encoding="utf-8")) == results
+  assert (tmp_path / "results.md").read_text(encoding="utf-8").startswith("Protocol: generation")

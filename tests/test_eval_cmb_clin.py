@@ -12,69 +12,69 @@ SAMPLE = Path(__file__).resolve().parents[1] / "csft_jax" / "assets" / "eval" / 
 
 @pytest.fixture(scope="module")
 def cases():
-    return cmb_clin.load_clin(SAMPLE)
+  return cmb_clin.load_clin(SAMPLE)
 
 
 def test_first_turn_and_gold_history(cases):
-    case = cases[0]
-    first = cmb_clin.build_messages(case, 0)
-    assert first == [{
-        "role": "user",
-        "content": "以下是一位病人的病例：\n" + case["description"] + "\n" + case["QA_pairs"][0]["question"],
-    }]
-    third = cmb_clin.build_messages(case, 2, system_prompt="你是医生。")
-    assert [m["role"] for m in third] == ["system", "user", "assistant", "user", "assistant", "user"]
-    assert third[1] == first[0]
-    assert third[2]["content"] == case["QA_pairs"][0]["solution"]  # gold, not the model's answer
-    assert third[4]["content"] == case["QA_pairs"][1]["solution"]
-    assert third[5]["content"] == case["QA_pairs"][2]["question"]
-    with pytest.raises(cmb_clin.ClinInputError, match="turn 3 is out of range"):
-        cmb_clin.build_messages(case, 3)
+  case = cases[0]
+  first = cmb_clin.build_messages(case, 0)
+  assert first == [{
+      "role": "user",
+      "content": "以下是一位病人的病例：\n" + case["description"] + "\n" + case["QA_pairs"][0]["question"],
+  }]
+  third = cmb_clin.build_messages(case, 2, system_prompt="你是医生。")
+  assert [m["role"] for m in third] == ["system", "user", "assistant", "user", "assistant", "user"]
+  assert third[1] == first[0]
+  assert third[2]["content"] == case["QA_pairs"][0]["solution"]  # gold, not the model's answer
+  assert third[4]["content"] == case["QA_pairs"][1]["solution"]
+  assert third[5]["content"] == case["QA_pairs"][2]["question"]
+  with pytest.raises(cmb_clin.ClinInputError, match="turn 3 is out of range"):
+    cmb_clin.build_messages(case, 3)
 
 
 def test_judge_prompt_is_official_text_filled_once(cases):
-    case = cases[0]
-    answer = "可能是阑尾炎。{ question }"  # slot-like text inside an answer must stay literal
-    prompt = cmb_clin.judge_prompt(case, 1, answer)
-    assert prompt.startswith("You are an AI evaluator specializing in assessing the quality of answers\n")
-    assert prompt.endswith(
-        "{ \u2018 fluency \u2019: 3 , \u2018 relevance \u2019: 3 , "
-        "\u2018 completeness \u2019: 3 , \u2018 proficiency \u2019: 3}"
-    )
-    assert f"[ description ]\n{case['description']}\n[ end of description ]" in prompt
-    history = f"问：{case['QA_pairs'][0]['question']}\n答：{case['QA_pairs'][0]['solution']}\n"
-    assert f"[ conversation ]\n{history}\n[ end of conversation ]" in prompt
-    assert f"[ question ]\n{case['QA_pairs'][1]['question']}\n[ end of question ]" in prompt
-    assert f"[ answer ]\n{answer}\n[ end of answer ]" in prompt
-    assert "- a model \u2019 s answer to the question" in prompt
-    assert len(cmb_clin.JUDGE_PROMPT.splitlines()) == 54  # as laid out in the README block
-    assert "[ conversation ]\n\n[ end of conversation ]" in cmb_clin.judge_prompt(case, 0, "x")
+  case = cases[0]
+  answer = "可能是阑尾炎。{ question }"  # slot-like text inside an answer must stay literal
+  prompt = cmb_clin.judge_prompt(case, 1, answer)
+  assert prompt.startswith("You are an AI evaluator specializing in assessing the quality of answers\n")
+  assert prompt.endswith(
+      "{ \u2018 fluency \u2019: 3 , \u2018 relevance \u2019: 3 , "
+      "\u2018 completeness \u2019: 3 , \u2018 proficiency \u2019: 3}"
+  )
+  assert f"[ description ]\n{case['description']}\n[ end of description ]" in prompt
+  history = f"问：{case['QA_pairs'][0]['question']}\n答：{case['QA_pairs'][0]['solution']}\n"
+  assert f"[ conversation ]\n{history}\n[ end of conversation ]" in prompt
+  assert f"[ question ]\n{case['QA_pairs'][1]['question']}\n[ end of question ]" in prompt
+  assert f"[ answer ]\n{answer}\n[ end of answer ]" in prompt
+  assert "- a model \u2019 s answer to the question" in prompt
+  assert len(cmb_clin.JUDGE_PROMPT.splitlines()) == 54  # as laid out in the README block
+  assert "[ conversation ]\n\n[ end of conversation ]" in cmb_clin.judge_prompt(case, 0, "x")
 
 
 def test_records_and_summary(cases, tmp_path):
-    answers = [[p["solution"] for p in cases[0]["QA_pairs"]], ["", "多运动。"]]
-    records = cmb_clin.build_records(cases, answers)
-    assert len(records) == 5
-    assert records[0]["rougeL"] == pytest.approx(1.0, abs=1e-6) and records[0]["bleu1"] == pytest.approx(1.0)
-    empty = records[3]
-    assert empty["empty"] and empty["judge_scores"] == cmb_clin.EMPTY_ANSWER_SCORES
-    assert empty["rougeL"] == 0.0 and empty["bleu1"] == 0.0
-    last = records[4]
-    assert last["bleu1"] == pytest.approx(text_metrics.bleu1("多运动。", cases[1]["QA_pairs"][1]["solution"], "zh"))
-    summary = cmb_clin.write_outputs(records, tmp_path / "clin.json")
-    assert summary["n"] == 5 and summary["n_empty"] == 1
-    assert summary["bleu1"] == pytest.approx(100 * sum(r["bleu1"] for r in records) / 5)
-    saved = json.loads((tmp_path / "clin.json").read_text(encoding="utf-8"))
-    assert saved["summary"] == summary and saved["records"][1]["judge_prompt"] == records[1]["judge_prompt"]
-    with pytest.raises(cmb_clin.ClinInputError, match="3 questions but 1 answers"):
-        cmb_clin.build_records(cases[:1], [["x"]])
+  answers = [[p["solution"] for p in cases[0]["QA_pairs"]], ["", "多运动。"]]
+  records = cmb_clin.build_records(cases, answers)
+  assert len(records) == 5
+  assert records[0]["rougeL"] == pytest.approx(1.0, abs=1e-6) and records[0]["bleu1"] == pytest.approx(1.0)
+  empty = records[3]
+  assert empty["empty"] and empty["judge_scores"] == cmb_clin.EMPTY_ANSWER_SCORES
+  assert empty["rougeL"] == 0.0 and empty["bleu1"] == 0.0
+  last = records[4]
+  assert last["bleu1"] == pytest.approx(text_metrics.bleu1("多运动。", cases[1]["QA_pairs"][1]["solution"], "zh"))
+  summary = cmb_clin.write_outputs(records, tmp_path / "clin.json")
+  assert summary["n"] == 5 and summary["n_empty"] == 1
+  assert summary["bleu1"] == pytest.approx(100 * sum(r["bleu1"] for r in records) / 5)
+  saved = json.loads((tmp_path / "clin.json").read_text(encoding="utf-8"))
+  assert saved["summary"] == summary and saved["records"][1]["judge_prompt"] == records[1]["judge_prompt"]
+  with pytest.raises(cmb_clin.ClinInputError, match="3 questions but 1 answers"):
+    cmb_clin.build_records(cases[:1], [["x"]])
 
 
 def test_bad_clin_file(tmp_path):
-    path = tmp_path / "clin.json"
-    path.write_text(json.dumps([{"id": 0, "title": "t", "description": "d", "QA_pairs": [{"question": "q"}]}]))
-    with pytest.raises(cmb_clin.ClinInputError, match=r"QA_pairs\[0\] needs 'question' and 'solution'"):
-        cmb_clin.load_clin(path)
-    path.write_text(json.dumps([{"id": 0, "title": "t"}]))
-    with pytest.raises(cmb_clin.ClinInputError, match=r"missing field\(s\) \['description', 'QA_pairs'\]"):
-        cmb_clin.load_clin(path)
+  path = tmp_path / "clin.json"
+  path.write_text(json.dumps([{"id": 0, "title": "t", "description": "d", "QA_pairs": [{"question": "q"}]}]))
+  with pytest.raises(cmb_clin.ClinInputError, match=r"QA_pairs\[0\] needs 'question' and 'solution'"):
+    cmb_clin.load_clin(path)
+  path.write_text(json.dumps([{"id": 0, "title": "t"}]))
+  with pytest.raises(cmb_clin.ClinInputError, match=r"missing field\(s\) \['description', 'QA_pairs'\]"):
+    cmb_clin.load_clin(path)

@@ -9,49 +9,49 @@ from csft_jax.eval import text_metrics as tm
 
 
 def test_normalize_language():
-    assert [tm.normalize_language(x) for x in ("Chinese", "jp", "spa", "fra", "EN", "ru")] == [
-        "zh", "ja", "es", "fr", "en", "ru"]
-    with pytest.raises(ValueError, match="Unknown language 'klingon'"):
-        tm.normalize_language("klingon")
+  assert [tm.normalize_language(x) for x in ("Chinese", "jp", "spa", "fra", "EN", "ru")] == [
+      "zh", "ja", "es", "fr", "en", "ru"]
+  with pytest.raises(ValueError, match="Unknown language 'klingon'"):
+    tm.normalize_language("klingon")
 
 
 def test_tokenize_per_language():
-    assert tm.tokenize("患者出现发热和咳嗽。", "zh") == ["患者", "出现", "发热", "和", "咳嗽", "。"]
-    assert tm.tokenize("頸静脈の怒張です。", "ja") == ["頸静脈", "の", "怒張", "です", "。"]
-    # Sentence-final periods are split per sentence, like word_tokenize.
-    assert tm.tokenize("It hurts. Call a doctor.", "en") == ["It", "hurts", ".", "Call", "a", "doctor", "."]
-    # Without sentence splitting the treebank tokenizer keeps a mid-text period attached.
-    assert NLTKWordTokenizer().tokenize("It hurts. Call a doctor.")[1] == "hurts."
+  assert tm.tokenize("患者出现发热和咳嗽。", "zh") == ["患者", "出现", "发热", "和", "咳嗽", "。"]
+  assert tm.tokenize("頸静脈の怒張です。", "ja") == ["頸静脈", "の", "怒張", "です", "。"]
+  # Sentence-final periods are split per sentence, like word_tokenize.
+  assert tm.tokenize("It hurts. Call a doctor.", "en") == ["It", "hurts", ".", "Call", "a", "doctor", "."]
+  # Without sentence splitting the treebank tokenizer keeps a mid-text period attached.
+  assert NLTKWordTokenizer().tokenize("It hurts. Call a doctor.")[1] == "hurts."
 
 
 def test_bleu1_matches_nltk_directly():
-    ref, hyp = "the patient has a fever and a cough .", "the patient has a cough"
-    expected = sentence_bleu([ref.split()], hyp.split(), weights=(1, 0, 0, 0),
-                             smoothing_function=SmoothingFunction().method1)
-    assert tm.bleu1("the patient has a cough", "the patient has a fever and a cough.", "en") == pytest.approx(expected)
-    # Hand value: 5 of 5 unigrams match, brevity penalty exp(1 - 9/5).
-    assert expected == pytest.approx(2.718281828 ** (1 - 9 / 5))
-    # No shared unigram: nltk returns 0 before any smoothing applies.
-    assert tm.bleu1("完全不同", "患者发热", "zh") == 0.0
-    # One of two unigrams shared, equal lengths: 1/2.
-    assert tm.bleu1("患者咳嗽", "患者发热", "zh") == pytest.approx(0.5)
+  ref, hyp = "the patient has a fever and a cough .", "the patient has a cough"
+  expected = sentence_bleu([ref.split()], hyp.split(), weights=(1, 0, 0, 0),
+                           smoothing_function=SmoothingFunction().method1)
+  assert tm.bleu1("the patient has a cough", "the patient has a fever and a cough.", "en") == pytest.approx(expected)
+  # Hand value: 5 of 5 unigrams match, brevity penalty exp(1 - 9/5).
+  assert expected == pytest.approx(2.718281828 ** (1 - 9 / 5))
+  # No shared unigram: nltk returns 0 before any smoothing applies.
+  assert tm.bleu1("完全不同", "患者发热", "zh") == 0.0
+  # One of two unigrams shared, equal lengths: 1/2.
+  assert tm.bleu1("患者咳嗽", "患者发热", "zh") == pytest.approx(0.5)
 
 
 def test_rouge_l_matches_rouge_package():
-    hyp, ref = "the cat sat on the mat. it was happy", "the cat was on the mat. it was very happy"
-    expected = Rouge().get_scores(hyp, ref)[0]["rouge-l"]["f"]
-    assert tm.rouge_l(hyp, ref, "en") == pytest.approx(expected)
-    zh_expected = Rouge().get_scores("患者 出现 发热", "患者 出现 发热 和 咳嗽")[0]["rouge-l"]["f"]
-    assert tm.rouge_l("患者出现发热", "患者出现发热和咳嗽", "zh") == pytest.approx(zh_expected)
-    assert zh_expected == pytest.approx(2 * 1.0 * 0.6 / 1.6, abs=1e-6)  # LCS 3 of 3 / 5 tokens
-    assert tm.rouge_l("", "something", "en") == 0.0
-    assert tm.rouge_l("...", "something", "en") == 0.0
+  hyp, ref = "the cat sat on the mat. it was happy", "the cat was on the mat. it was very happy"
+  expected = Rouge().get_scores(hyp, ref)[0]["rouge-l"]["f"]
+  assert tm.rouge_l(hyp, ref, "en") == pytest.approx(expected)
+  zh_expected = Rouge().get_scores("患者 出现 发热", "患者 出现 发热 和 咳嗽")[0]["rouge-l"]["f"]
+  assert tm.rouge_l("患者出现发热", "患者出现发热和咳嗽", "zh") == pytest.approx(zh_expected)
+  assert zh_expected == pytest.approx(2 * 1.0 * 0.6 / 1.6, abs=1e-6)  # LCS 3 of 3 / 5 tokens
+  assert tm.rouge_l("", "something", "en") == 0.0
+  assert tm.rouge_l("...", "something", "en") == 0.0
 
 
 def test_rouge_l_handles_long_texts():
     # The package's LCS reconstruction recurses about len(hyp) + len(ref) deep.
-    long_text = " ".join(f"w{i % 50}" for i in range(700))
-    assert tm.rouge_l(long_text, long_text, "en") == pytest.approx(1.0, abs=1e-6)
+  long_text = " ".join(f"w{i % 50}" for i in range(700))
+  assert tm.rouge_l(long_text, long_text, "en") == pytest.approx(1.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("output,gold,yes_no,expected", [
@@ -64,43 +64,43 @@ def test_rouge_l_handles_long_texts():
     ("No.", "yes", True, False),
 ])
 def test_mcqa_correct(output, gold, yes_no, expected):
-    assert tm.mcqa_correct(output, gold, yes_no=yes_no) is expected
+  assert tm.mcqa_correct(output, gold, yes_no=yes_no) is expected
 
 
 def test_ner_official_parse_quirks():
-    assert tm.ner_entities("Hypertension, type 2 diabetes.") == {"hypertension", "type 2 diabete"}
-    assert tm.ner_entities("There is no related enetity.") == set()
-    assert tm.ner_entities("There is no related entity.") == {"there is no related entit"}
-    assert tm.ner_counts("hypertension, sepsis.", "hypertension, asthma, sepsis.") == (2, 0, 1)
-    assert tm.ner_counts("sepsis, hypertension.", "hypertension, sepsis.") == (0, 2, 2)  # last char cut
-    assert tm.f1_from_counts(3, 1, 2) == pytest.approx(2 * 0.75 * 0.6 / 1.35)
-    assert tm.f1_from_counts(0, 0, 0) == 0.0
+  assert tm.ner_entities("Hypertension, type 2 diabetes.") == {"hypertension", "type 2 diabete"}
+  assert tm.ner_entities("There is no related enetity.") == set()
+  assert tm.ner_entities("There is no related entity.") == {"there is no related entit"}
+  assert tm.ner_counts("hypertension, sepsis.", "hypertension, asthma, sepsis.") == (2, 0, 1)
+  assert tm.ner_counts("sepsis, hypertension.", "hypertension, sepsis.") == (0, 2, 2)  # last char cut
+  assert tm.f1_from_counts(3, 1, 2) == pytest.approx(2 * 0.75 * 0.6 / 1.35)
+  assert tm.f1_from_counts(0, 0, 0) == 0.0
 
 
 def test_macro_prf1_hand_computed():
-    classes = ["a", "b", "c"]
-    gold = [{"a"}, {"b"}, {"a", "b"}, set()]
-    pred = [{"a"}, {"a"}, {"b"}, {"c"}]
-    p, r, f1 = tm.macro_prf1(gold, pred, classes)
-    # a: tp1 fp1 fn1 -> p .5 r .5 f .5; b: tp1 fp0 fn1 -> p 1 r .5 f 2/3; c: tp0 fp1 -> 0 0 0
-    assert p == pytest.approx(0.5)
-    assert r == pytest.approx(1 / 3)
-    assert f1 == pytest.approx((0.5 + 2 / 3) / 3)
-    assert tm.labels_in_text("Resisting Cell Death and inducing angiogenesis",
-                             ["resisting cell death", "inducing angiogenesis", "cellular energetics"]) == {
-        "resisting cell death", "inducing angiogenesis"}
-    with pytest.raises(ValueError, match="2 gold label sets but 1"):
-        tm.macro_prf1([set(), set()], [set()], classes)
+  classes = ["a", "b", "c"]
+  gold = [{"a"}, {"b"}, {"a", "b"}, set()]
+  pred = [{"a"}, {"a"}, {"b"}, {"c"}]
+  p, r, f1 = tm.macro_prf1(gold, pred, classes)
+  # a: tp1 fp1 fn1 -> p .5 r .5 f .5; b: tp1 fp0 fn1 -> p 1 r .5 f 2/3; c: tp0 fp1 -> 0 0 0
+  assert p == pytest.approx(0.5)
+  assert r == pytest.approx(1 / 3)
+  assert f1 == pytest.approx((0.5 + 2 / 3) / 3)
+  assert tm.labels_in_text("Resisting Cell Death and inducing angiogenesis",
+                           ["resisting cell death", "inducing angiogenesis", "cellular energetics"]) == {
+      "resisting cell death", "inducing angiogenesis"}
+  with pytest.raises(ValueError, match="2 gold label sets but 1"):
+    tm.macro_prf1([set(), set()], [set()], classes)
 
 
 def test_gold_substring_rules():
-    assert tm.information_extraction_match('The dose is "5 mg"\ndaily', "5 mg")
-    assert not tm.information_extraction_match("10 mg", "5 mg")
-    assert tm.diagnosis_match("Likely acute appendicitis here", "The diagnosis result is acute appendicitis.")
-    assert tm.treatment_planning_match("Start metformin now", "The treatment planning is: metformin.")
-    assert tm.nli_match("Entailment", "entailment.")
-    assert tm.clinical_outcome_match("True", "true")
-    assert not tm.clinical_outcome_match("true or false", "true")
-    assert not tm.clinical_outcome_match("maybe", "unknown")
-    assert tm.fact_verification_match("Supported\nbecause ...", "supported.")
-    assert not tm.fact_verification_match("I think\nsupported", "supported")
+  assert tm.information_extraction_match('The dose is "5 mg"\ndaily', "5 mg")
+  assert not tm.information_extraction_match("10 mg", "5 mg")
+  assert tm.diagnosis_match("Likely acute appendicitis here", "The diagnosis result is acute appendicitis.")
+  assert tm.treatment_planning_match("Start metformin now", "The treatment planning is: metformin.")
+  assert tm.nli_match("Entailment", "entailment.")
+  assert tm.clinical_outcome_match("True", "true")
+  assert not tm.clinical_outcome_match("true or false", "true")
+  assert not tm.clinical_outcome_match("maybe", "unknown")
+  assert tm.fact_verification_match("Supported\nbecause ...", "supported.")
+  assert not tm.fact_verification_match("I think\nsupported", "supported")

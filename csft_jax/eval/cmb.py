@@ -17,7 +17,6 @@ CLI:
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 import sys
@@ -56,146 +55,137 @@ _REQUIRED_KEY_FIELDS = ("id", "exam_type", "exam_class", "question_type", "answe
 
 
 class CMBInputError(ValueError):
-    """A CMB file, item, answer key or submission that does not follow the format."""
+  """A CMB file, item, answer key or submission that does not follow the format."""
 
 
 # ---------------------------------------------------------------- items ----
 
 
 def validate_item(item: Mapping[str, Any], where: str, *, require_answer: bool = False) -> None:
-    """Raises CMBInputError naming `where` if `item` is not a well-formed CMB-Exam item."""
-    if not isinstance(item, Mapping):
-        raise CMBInputError(f"{where}: expected a JSON object, found {type(item).__name__}.")
-    missing = [f for f in _REQUIRED_ITEM_FIELDS if f not in item]
-    if require_answer and "answer" not in item:
-        missing.append("answer")
-    if missing:
-        raise CMBInputError(
-            f"{where}: missing field(s) {missing}; a CMB-Exam item needs "
-            f"{list(_REQUIRED_ITEM_FIELDS)} (+ 'answer' for val/train)."
-        )
-    _check_question_type(item["question_type"], where)
-    options = item["option"]
-    if not isinstance(options, Mapping) or not options:
-        raise CMBInputError(f"{where}: 'option' must be a non-empty object like {{'A': '...'}}.")
-    bad = [k for k in options if k not in OPTION_LETTERS or not isinstance(options[k], str)]
-    if bad:
-        raise CMBInputError(
-            f"{where}: option key(s) {bad} are not letters A-G with text values; "
-            "CMB options are labelled A to G."
-        )
-    if "answer" in item:
-        _check_answer(item["answer"], item["question_type"], where, options=options)
+  """Raises CMBInputError naming `where` if `item` is not a well-formed CMB-Exam item."""
+  if not isinstance(item, Mapping):
+    raise CMBInputError(f"{where}: expected a JSON object, found {type(item).__name__}.")
+  missing = [f for f in _REQUIRED_ITEM_FIELDS if f not in item]
+  if require_answer and "answer" not in item:
+    missing.append("answer")
+  if missing:
+    raise CMBInputError(
+        f"{where}: missing field(s) {missing}; a CMB-Exam item needs "
+        f"{list(_REQUIRED_ITEM_FIELDS)} (+ 'answer' for val/train)."
+    )
+  _check_question_type(item["question_type"], where)
+  options = item["option"]
+  if not isinstance(options, Mapping) or not options:
+    raise CMBInputError(f"{where}: 'option' must be a non-empty object like {{'A': '...'}}.")
+  bad = [k for k in options if k not in OPTION_LETTERS or not isinstance(options[k], str)]
+  if bad:
+    raise CMBInputError(
+        f"{where}: option key(s) {bad} are not letters A-G with text values; "
+        "CMB options are labelled A to G."
+    )
+  if "answer" in item:
+    _check_answer(item["answer"], item["question_type"], where, options=options)
 
 
 def _check_question_type(question_type: Any, where: str) -> None:
-    if question_type not in QUESTION_TYPES:
-        raise CMBInputError(
-            f"{where}: unknown question_type {question_type!r}; expected one of {QUESTION_TYPES}."
-        )
+  if question_type not in QUESTION_TYPES:
+    raise CMBInputError(
+        f"{where}: unknown question_type {question_type!r}; expected one of {QUESTION_TYPES}."
+    )
 
 
 def _check_answer(
     answer: Any, question_type: str, where: str, options: Mapping[str, str] | None = None
 ) -> None:
-    if not isinstance(answer, str) or not answer or any(c not in OPTION_LETTERS for c in answer):
-        raise CMBInputError(f"{where}: answer {answer!r} must be one or more letters A-G.")
-    if question_type == SINGLE_CHOICE and len(answer) != 1:
-        raise CMBInputError(f"{where}: single-choice ({SINGLE_CHOICE}) answer {answer!r} has several letters.")
-    if options is not None and any(c not in options for c in answer):
-        raise CMBInputError(f"{where}: answer {answer!r} names an option not in {sorted(options)}.")
+  if not isinstance(answer, str) or not answer or any(c not in OPTION_LETTERS for c in answer):
+    raise CMBInputError(f"{where}: answer {answer!r} must be one or more letters A-G.")
+  if question_type == SINGLE_CHOICE and len(answer) != 1:
+    raise CMBInputError(f"{where}: single-choice ({SINGLE_CHOICE}) answer {answer!r} has several letters.")
+  if options is not None and any(c not in options for c in answer):
+    raise CMBInputError(f"{where}: answer {answer!r} names an option not in {sorted(options)}.")
 
 
 def load_exam(path: str | Path, *, require_answer: bool = False) -> list[dict]:
-    """Reads a CMB-Exam JSON list (test/val/train) and validates every item."""
-    items = _read_json_list(path, what="CMB-Exam items")
-    for index, item in enumerate(items):
-        validate_item(item, _where(path, index, item), require_answer=require_answer)
-    return items
+  """Reads a CMB-Exam JSON list (test/val/train) and validates every item."""
+  items = _read_json_list(path, what="CMB-Exam items")
+  for index, item in enumerate(items):
+    validate_item(item, _where(path, index, item), require_answer=require_answer)
+  return items
 
 
 def _where(path: str | Path, index: int, item: Any) -> str:
-    item_id = item.get("id") if isinstance(item, Mapping) else None
-    return f"{path}: item {index}" + (f" (id={item_id!r})" if item_id is not None else "")
+  item_id = item.get("id") if isinstance(item, Mapping) else None
+  return f"{path}: item {index}" + (f" (id={item_id!r})" if item_id is not None else "")
 
 
 def _read_json_list(path: str | Path, *, what: str) -> list:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        raise CMBInputError(f"{path}: file not found (expected a JSON list of {what}).") from None
-    except json.JSONDecodeError as error:
-        raise CMBInputError(f"{path}:{error.lineno}: not valid JSON ({error.msg}).") from None
-    if not isinstance(data, list):
-        raise CMBInputError(f"{path}: expected a JSON list of {what}, found {type(data).__name__}.")
-    return data
+  return reporting.read_json(path, expect=list, what=what, error=CMBInputError)
 
 
 # -------------------------------------------------------------- prompts ----
 
 
 def option_str(options: Mapping[str, str]) -> str:
-    """Official option block "A. text\\nB. text".
+  """Official option block "A. text\\nB. text".
 
-    Reproduces the official filter `len(v) > 1`: options whose text is a single
-    character (or empty) are not shown, exactly as in the official prompts.
-    """
-    return "\n".join(f"{letter}. {text}" for letter, text in options.items() if len(text) > 1)
+  Reproduces the official filter `len(v) > 1`: options whose text is a single
+  character (or empty) are not shown, exactly as in the official prompts.
+  """
+  return "\n".join(f"{letter}. {text}" for letter, text in options.items() if len(text) > 1)
 
 
 def format_question(item: Mapping[str, Any], mode: str = "answer") -> str:
-    """The official user prompt for one item: answer-only ('answer') or chain-of-thought ('cot')."""
-    if mode not in MODES:
-        raise ValueError(f"Unknown CMB prompt mode {mode!r}; expected one of {MODES}.")
-    template = ANSWER_ONLY_PROMPT if mode == "answer" else COT_PROMPT
-    return template.format(
-        exam_type=item["exam_type"],
-        exam_class=item["exam_class"],
-        question_type=item["question_type"],
-        question=item["question"],
-        option_str=option_str(item["option"]),
-    )
+  """The official user prompt for one item: answer-only ('answer') or chain-of-thought ('cot')."""
+  if mode not in MODES:
+    raise ValueError(f"Unknown CMB prompt mode {mode!r}; expected one of {MODES}.")
+  template = ANSWER_ONLY_PROMPT if mode == "answer" else COT_PROMPT
+  return template.format(
+      exam_type=item["exam_type"],
+      exam_class=item["exam_class"],
+      question_type=item["question_type"],
+      question=item["question"],
+      option_str=option_str(item["option"]),
+  )
 
 
 def demo_answer(item: Mapping[str, Any], mode: str = "answer") -> str:
-    """The assistant turn of a few-shot demo: `答案是X。` or `{explanation}所以答案是X。`."""
-    if "answer" not in item:
-        raise CMBInputError(f"Few-shot demo {item.get('question', '')[:30]!r}... has no 'answer'.")
-    if mode == "answer":
-        return f"答案是{item['answer']}。"
-    if "explanation" not in item:
-        raise CMBInputError(
-            f"Chain-of-thought demo {item.get('question', '')[:30]!r}... has no 'explanation'; "
-            "CoT few-shot needs val items with explanations."
-        )
-    return f"{item['explanation']}所以答案是{item['answer']}。"
+  """The assistant turn of a few-shot demo: `答案是X。` or `{explanation}所以答案是X。`."""
+  if "answer" not in item:
+    raise CMBInputError(f"Few-shot demo {item.get('question', '')[:30]!r}... has no 'answer'.")
+  if mode == "answer":
+    return f"答案是{item['answer']}。"
+  if "explanation" not in item:
+    raise CMBInputError(
+        f"Chain-of-thought demo {item.get('question', '')[:30]!r}... has no 'explanation'; "
+        "CoT few-shot needs val items with explanations."
+    )
+  return f"{item['explanation']}所以答案是{item['answer']}。"
 
 
 def select_shots(
     val_items: Sequence[Mapping[str, Any]], item: Mapping[str, Any], k: int, *, seed: int = 0
 ) -> list[Mapping[str, Any]]:
-    """k val demos with the same exam_type and exam_class, sampled as the official script does.
+  """k val demos with the same exam_type and exam_class, sampled as the official script does.
 
-    Deterministic: the sample depends only on `seed` and the item. An identical
-    question is never its own demo (matters only when evaluating val itself).
-    """
-    if k == 0:
-        return []
-    pool = [
-        demo
-        for demo in val_items
-        if demo["exam_type"] == item["exam_type"]
-        and demo["exam_class"] == item["exam_class"]
-        and demo["question"] != item["question"]
-    ]
-    if len(pool) < k:
-        raise CMBInputError(
-            f"Only {len(pool)} val item(s) for exam_type={item['exam_type']!r}, "
-            f"exam_class={item['exam_class']!r}; cannot draw {k} shots. Use fewer shots."
-        )
-    rng = random.Random(f"{seed}|{item.get('id', '')}|{item['question']}")
-    return rng.sample(pool, k)
+  Deterministic: the sample depends only on `seed` and the item. An identical
+  question is never its own demo (matters only when evaluating val itself).
+  """
+  if k == 0:
+    return []
+  pool = [
+      demo
+      for demo in val_items
+      if demo["exam_type"] == item["exam_type"]
+      and demo["exam_class"] == item["exam_class"]
+      and demo["question"] != item["question"]
+  ]
+  if len(pool) < k:
+    raise CMBInputError(
+        f"Only {len(pool)} val item(s) for exam_type={item['exam_type']!r}, "
+        f"exam_class={item['exam_class']!r}; cannot draw {k} shots. Use fewer shots."
+    )
+  rng = random.Random(f"{seed}|{item.get('id', '')}|{item['question']}")
+  return rng.sample(pool, k)
 
 
 def build_messages(
@@ -205,72 +195,72 @@ def build_messages(
     shots: Sequence[Mapping[str, Any]] = (),
     system_prompt: str | None = None,
 ) -> list[dict[str, str]]:
-    """Chat messages for one item: optional system turn, demo user/assistant pairs, the question."""
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    for demo in shots:
-        messages.append({"role": "user", "content": format_question(demo, mode)})
-        messages.append({"role": "assistant", "content": demo_answer(demo, mode)})
-    messages.append({"role": "user", "content": format_question(item, mode)})
-    return messages
+  """Chat messages for one item: optional system turn, demo user/assistant pairs, the question."""
+  messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+  for demo in shots:
+    messages.append({"role": "user", "content": format_question(demo, mode)})
+    messages.append({"role": "assistant", "content": demo_answer(demo, mode)})
+  messages.append({"role": "user", "content": format_question(item, mode)})
+  return messages
 
 
 # ---------------------------------------------------------- extraction ----
 
 
 def extract_answer(text: str, question_type: str) -> str:
-    """The official `match_choice` rule, then first letter only for single-choice.
+  """The official `match_choice` rule, then first letter only for single-choice.
 
-    Search `(答案|正确选项)(?:是|：|为|应该是|应该为)(.*?)(。|\\.|$)` (DOTALL); the answer
-    is the A-G letters of group 2 in order; without a match, every A-G letter of
-    the whole text. Letters are neither sorted nor de-duplicated, as officially.
-    """
-    _check_question_type(question_type, "extract_answer")
-    match = _ANSWER_PATTERN.search(text)
-    source = match.group(2) if match else text
-    letters = "".join(c for c in source if c in OPTION_LETTERS)
-    if question_type == SINGLE_CHOICE:
-        return letters[:1]
-    return letters
+  Search `(答案|正确选项)(?:是|：|为|应该是|应该为)(.*?)(。|\\.|$)` (DOTALL); the answer
+  is the A-G letters of group 2 in order; without a match, every A-G letter of
+  the whole text. Letters are neither sorted nor de-duplicated, as officially.
+  """
+  _check_question_type(question_type, "extract_answer")
+  match = _ANSWER_PATTERN.search(text)
+  source = match.group(2) if match else text
+  letters = "".join(c for c in source if c in OPTION_LETTERS)
+  if question_type == SINGLE_CHOICE:
+    return letters[:1]
+  return letters
 
 
 def majority_vote(answers: Sequence[str]) -> str:
-    """Most frequent non-empty answer; ties go to the one seen first; '' if all empty."""
-    counts: dict[str, int] = {}
-    for answer in answers:
-        if answer:
-            counts[answer] = counts.get(answer, 0) + 1
-    if not counts:
-        return ""
-    best = max(counts.values())
-    return next(answer for answer, count in counts.items() if count == best)
+  """Most frequent non-empty answer; ties go to the one seen first; '' if all empty."""
+  counts: dict[str, int] = {}
+  for answer in answers:
+    if answer:
+      counts[answer] = counts.get(answer, 0) + 1
+  if not counts:
+    return ""
+  best = max(counts.values())
+  return next(answer for answer, count in counts.items() if count == best)
 
 
 def predict(generations: Sequence[str], question_type: str) -> str:
-    """Extracts an answer from every sampled generation and majority-votes them."""
-    return majority_vote([extract_answer(g, question_type) for g in generations])
+  """Extracts an answer from every sampled generation and majority-votes them."""
+  return majority_vote([extract_answer(g, question_type) for g in generations])
 
 
 def build_submission(
     items: Sequence[Mapping[str, Any]], generations: Sequence[Sequence[str]]
 ) -> tuple[list[dict], dict[str, int]]:
-    """Submission `[{"id", "model_answer"}]` from per-item generations, plus counts.
+  """Submission `[{"id", "model_answer"}]` from per-item generations, plus counts.
 
-    Counts: `empty_generations` (every sample blank: scored wrong) and
-    `no_answer_extracted` (text present but no A-G letter found).
-    """
-    if len(items) != len(generations):
-        raise CMBInputError(f"{len(items)} items but {len(generations)} generation lists.")
-    submission, empty, unanswered = [], 0, 0
-    for index, (item, samples) in enumerate(zip(items, generations)):
-        if "id" not in item:
-            raise CMBInputError(f"item {index}: no 'id'; submissions are keyed by the test item id.")
-        answer = predict(samples, item["question_type"])
-        if not any(s.strip() for s in samples):
-            empty += 1
-        elif not answer:
-            unanswered += 1
-        submission.append({"id": item["id"], "model_answer": answer})
-    return submission, {"empty_generations": empty, "no_answer_extracted": unanswered}
+  Counts: `empty_generations` (every sample blank: scored wrong) and
+  `no_answer_extracted` (text present but no A-G letter found).
+  """
+  if len(items) != len(generations):
+    raise CMBInputError(f"{len(items)} items but {len(generations)} generation lists.")
+  submission, empty, unanswered = [], 0, 0
+  for index, (item, samples) in enumerate(zip(items, generations)):
+    if "id" not in item:
+      raise CMBInputError(f"item {index}: no 'id'; submissions are keyed by the test item id.")
+    answer = predict(samples, item["question_type"])
+    if not any(s.strip() for s in samples):
+      empty += 1
+    elif not answer:
+      unanswered += 1
+    submission.append({"id": item["id"], "model_answer": answer})
+  return submission, {"empty_generations": empty, "no_answer_extracted": unanswered}
 
 
 # ------------------------------------------------------ log-likelihood ----
@@ -279,94 +269,94 @@ def build_submission(
 def loglik_request(
     item: Mapping[str, Any], *, shots: Sequence[Mapping[str, Any]] = (), system_prompt: str | None = None
 ) -> tuple[list[dict[str, str]], list[str]]:
-    """Context messages (answer-only prompt) and the option letters to score after it.
+  """Context messages (answer-only prompt) and the option letters to score after it.
 
-    Non-official fast mode: the engine scores each letter as the first assistant
-    tokens; `loglik_answer` turns the scores into a prediction.
-    """
-    letters = [letter for letter, text in item["option"].items() if len(text) > 1]
-    return build_messages(item, mode="answer", shots=shots, system_prompt=system_prompt), letters
+  Non-official fast mode: the engine scores each letter as the first assistant
+  tokens; `loglik_answer` turns the scores into a prediction.
+  """
+  letters = [letter for letter, text in item["option"].items() if len(text) > 1]
+  return build_messages(item, mode="answer", shots=shots, system_prompt=system_prompt), letters
 
 
 def loglik_answer(option_scores: Mapping[str, float]) -> str:
-    """Highest-scoring letter (ties: alphabetical first), for single- and multi-choice alike.
+  """Highest-scoring letter (ties: alphabetical first), for single- and multi-choice alike.
 
-    Per-option yes/no scoring for multi-choice is out of scope, so a multi-choice
-    item gets one letter and is right only if its key has one letter (25 of the
-    1,190 test keys); results carry that label (LOGLIK_PROTOCOL).
-    """
-    if not option_scores:
-        raise CMBInputError("loglik_answer: no option scores given.")
-    return max(sorted(option_scores), key=lambda letter: option_scores[letter])
+  Per-option yes/no scoring for multi-choice is out of scope, so a multi-choice
+  item gets one letter and is right only if its key has one letter (25 of the
+  1,190 test keys); results carry that label (LOGLIK_PROTOCOL).
+  """
+  if not option_scores:
+    raise CMBInputError("loglik_answer: no option scores given.")
+  return max(sorted(option_scores), key=lambda letter: option_scores[letter])
 
 
 # ------------------------------------------------------------- scoring ----
 
 
 def load_answer_key(path: str | Path) -> list[dict]:
-    """Reads and validates an answer key `[{id, exam_type, exam_class, question_type, answer}]`."""
-    key = _read_json_list(path, what="answer-key entries")
-    validate_answer_key(key, source=str(path))
-    return key
+  """Reads and validates an answer key `[{id, exam_type, exam_class, question_type, answer}]`."""
+  key = _read_json_list(path, what="answer-key entries")
+  validate_answer_key(key, source=str(path))
+  return key
 
 
 def validate_answer_key(answer_key: Sequence[Mapping[str, Any]], *, source: str = "answer key") -> None:
-    """Raises CMBInputError on missing fields, bad answers or duplicate ids."""
-    seen: set = set()
-    for index, entry in enumerate(answer_key):
-        where = _where(source, index, entry)
-        if not isinstance(entry, Mapping):
-            raise CMBInputError(f"{where}: expected a JSON object.")
-        missing = [f for f in _REQUIRED_KEY_FIELDS if f not in entry]
-        if missing:
-            raise CMBInputError(f"{where}: missing field(s) {missing}; keys need {list(_REQUIRED_KEY_FIELDS)}.")
-        _check_question_type(entry["question_type"], where)
-        _check_answer(entry["answer"], entry["question_type"], where)
-        if entry["id"] in seen:
-            raise CMBInputError(f"{where}: duplicate id {entry['id']!r} in the answer key.")
-        seen.add(entry["id"])
+  """Raises CMBInputError on missing fields, bad answers or duplicate ids."""
+  seen: set = set()
+  for index, entry in enumerate(answer_key):
+    where = _where(source, index, entry)
+    if not isinstance(entry, Mapping):
+      raise CMBInputError(f"{where}: expected a JSON object.")
+    missing = [f for f in _REQUIRED_KEY_FIELDS if f not in entry]
+    if missing:
+      raise CMBInputError(f"{where}: missing field(s) {missing}; keys need {list(_REQUIRED_KEY_FIELDS)}.")
+    _check_question_type(entry["question_type"], where)
+    _check_answer(entry["answer"], entry["question_type"], where)
+    if entry["id"] in seen:
+      raise CMBInputError(f"{where}: duplicate id {entry['id']!r} in the answer key.")
+    seen.add(entry["id"])
 
 
 def load_submission(path: str | Path) -> list[dict]:
-    """Reads a submission JSON list (validated against a key by `validate_submission`)."""
-    return _read_json_list(path, what='{"id", "model_answer"} entries')
+  """Reads a submission JSON list (validated against a key by `validate_submission`)."""
+  return _read_json_list(path, what='{"id", "model_answer"} entries')
 
 
 def validate_submission(
     submission: Sequence[Mapping[str, Any]], answer_key: Sequence[Mapping[str, Any]]
 ) -> None:
-    """Checks a submission like the official validator: every key id once, nothing else.
+  """Checks a submission like the official validator: every key id once, nothing else.
 
-    Also requires `model_answer` to be a string of letters A-G ('' = no answer).
-    """
-    for index, entry in enumerate(submission):
-        if not isinstance(entry, Mapping) or "id" not in entry or "model_answer" not in entry:
-            raise CMBInputError(
-                f"submission entry {index}: expected {{\"id\": ..., \"model_answer\": ...}}, found {entry!r:.80}."
-            )
-        answer = entry["model_answer"]
-        if not isinstance(answer, str) or any(c not in OPTION_LETTERS for c in answer):
-            raise CMBInputError(
-                f"submission entry {index} (id={entry['id']!r}): model_answer {answer!r} "
-                "must be letters A-G or '' for no answer."
-            )
-    id_counts = Counter(entry["id"] for entry in submission)
-    duplicates = [i for i, count in id_counts.items() if count > 1]
-    key_ids = {entry["id"] for entry in answer_key}
-    missing = [entry["id"] for entry in answer_key if entry["id"] not in id_counts]
-    extra = [i for i in id_counts if i not in key_ids]
-    problems = []
-    if duplicates:
-        problems.append(f"{len(duplicates)} duplicate id(s), e.g. {duplicates[:5]}")
-    if missing:
-        problems.append(f"{len(missing)} answer-key id(s) missing, e.g. {missing[:5]}")
-    if extra:
-        problems.append(f"{len(extra)} id(s) not in the answer key, e.g. {extra[:5]}")
-    if problems:
-        raise CMBInputError(
-            "Submission does not match the answer key: " + "; ".join(problems)
-            + ". Submit exactly one entry per answer-key id (ids compare by value and type)."
-        )
+  Also requires `model_answer` to be a string of letters A-G ('' = no answer).
+  """
+  for index, entry in enumerate(submission):
+    if not isinstance(entry, Mapping) or "id" not in entry or "model_answer" not in entry:
+      raise CMBInputError(
+          f"submission entry {index}: expected {{\"id\": ..., \"model_answer\": ...}}, found {entry!r:.80}."
+      )
+    answer = entry["model_answer"]
+    if not isinstance(answer, str) or any(c not in OPTION_LETTERS for c in answer):
+      raise CMBInputError(
+          f"submission entry {index} (id={entry['id']!r}): model_answer {answer!r} "
+          "must be letters A-G or '' for no answer."
+      )
+  id_counts = Counter(entry["id"] for entry in submission)
+  duplicates = [i for i, count in id_counts.items() if count > 1]
+  key_ids = {entry["id"] for entry in answer_key}
+  missing = [entry["id"] for entry in answer_key if entry["id"] not in id_counts]
+  extra = [i for i in id_counts if i not in key_ids]
+  problems = []
+  if duplicates:
+    problems.append(f"{len(duplicates)} duplicate id(s), e.g. {duplicates[:5]}")
+  if missing:
+    problems.append(f"{len(missing)} answer-key id(s) missing, e.g. {missing[:5]}")
+  if extra:
+    problems.append(f"{len(extra)} id(s) not in the answer key, e.g. {extra[:5]}")
+  if problems:
+    raise CMBInputError(
+        "Submission does not match the answer key: " + "; ".join(problems)
+        + ". Submit exactly one entry per answer-key id (ids compare by value and type)."
+    )
 
 
 def score_submission(
@@ -376,66 +366,66 @@ def score_submission(
     protocol: str = OFFICIAL_PROTOCOL,
     generation_stats: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Official CMB scoring plus overall numbers; accuracies are fractions in [0, 1].
+  """Official CMB scoring plus overall numbers; accuracies are fractions in [0, 1].
 
-    Returns `accuracy_per_category` (exam_type = mean of its classes),
-    `accuracy_per_subcategory` ({exam_type: {exam_class: accuracy}}), `overall`
-    (`micro` = correct / items, `macro` = mean of the exam_type scores),
-    `accuracy_per_question_type`, `counts` and the `protocol` label.
-    """
-    validate_answer_key(answer_key)
-    validate_submission(submission, answer_key)
-    predicted = {entry["id"]: entry["model_answer"] for entry in submission}
-    per_class: dict[str, dict[str, list[int]]] = {}
-    per_qtype: dict[str, list[int]] = {}
-    correct_total = empty = 0
-    for entry in answer_key:
-        answer = predicted[entry["id"]]
-        correct = int(answer == entry["answer"])
-        stats = per_class.setdefault(entry["exam_type"], {}).setdefault(entry["exam_class"], [0, 0])
-        stats[0] += correct
-        stats[1] += 1
-        qtype = per_qtype.setdefault(entry["question_type"], [0, 0])
-        qtype[0] += correct
-        qtype[1] += 1
-        correct_total += correct
-        empty += int(answer == "")
-    subcategory = {
-        exam_type: {exam_class: c / n for exam_class, (c, n) in classes.items()}
-        for exam_type, classes in per_class.items()
-    }
-    category = {t: sum(classes.values()) / len(classes) for t, classes in subcategory.items()}
-    results = {
-        "protocol": protocol,
-        "accuracy_per_category": category,
-        "accuracy_per_subcategory": subcategory,
-        "overall": {
-            "micro": correct_total / len(answer_key),
-            "macro": sum(category.values()) / len(category),
-        },
-        "accuracy_per_question_type": {q: c / n for q, (c, n) in per_qtype.items()},
-        "counts": {"items": len(answer_key), "correct": correct_total, "empty_answers": empty},
-    }
-    if generation_stats:
-        results["counts"].update(generation_stats)
-    return results
+  Returns `accuracy_per_category` (exam_type = mean of its classes),
+  `accuracy_per_subcategory` ({exam_type: {exam_class: accuracy}}), `overall`
+  (`micro` = correct / items, `macro` = mean of the exam_type scores),
+  `accuracy_per_question_type`, `counts` and the `protocol` label.
+  """
+  validate_answer_key(answer_key)
+  validate_submission(submission, answer_key)
+  predicted = {entry["id"]: entry["model_answer"] for entry in submission}
+  per_class: dict[str, dict[str, list[int]]] = {}
+  per_qtype: dict[str, list[int]] = {}
+  correct_total = empty = 0
+  for entry in answer_key:
+    answer = predicted[entry["id"]]
+    correct = int(answer == entry["answer"])
+    stats = per_class.setdefault(entry["exam_type"], {}).setdefault(entry["exam_class"], [0, 0])
+    stats[0] += correct
+    stats[1] += 1
+    qtype = per_qtype.setdefault(entry["question_type"], [0, 0])
+    qtype[0] += correct
+    qtype[1] += 1
+    correct_total += correct
+    empty += int(answer == "")
+  subcategory = {
+      exam_type: {exam_class: c / n for exam_class, (c, n) in classes.items()}
+      for exam_type, classes in per_class.items()
+  }
+  category = {t: sum(classes.values()) / len(classes) for t, classes in subcategory.items()}
+  results = {
+      "protocol": protocol,
+      "accuracy_per_category": category,
+      "accuracy_per_subcategory": subcategory,
+      "overall": {
+          "micro": correct_total / len(answer_key),
+          "macro": sum(category.values()) / len(category),
+      },
+      "accuracy_per_question_type": {q: c / n for q, (c, n) in per_qtype.items()},
+      "counts": {"items": len(answer_key), "correct": correct_total, "empty_answers": empty},
+  }
+  if generation_stats:
+    results["counts"].update(generation_stats)
+  return results
 
 
 def markdown_report(results: Mapping[str, Any]) -> str:
-    """Markdown: protocol line, per exam_type / exam_class table (percent), overall and counts."""
-    rows = []
-    for exam_type, classes in results["accuracy_per_subcategory"].items():
-        rows.append([f"**{exam_type}**", "(mean of classes)", 100 * results["accuracy_per_category"][exam_type]])
-        rows += [["", exam_class, 100 * acc] for exam_class, acc in classes.items()]
-    overall = results["overall"]
-    rows.append(["**overall**", "micro (all items)", 100 * overall["micro"]])
-    rows.append(["**overall**", "macro (mean of exam_types)", 100 * overall["macro"]])
-    counts = ", ".join(f"{k}={v}" for k, v in results["counts"].items())
-    return (
-        f"Protocol: {results['protocol']}\n\n"
-        + reporting.markdown_table(["exam_type", "exam_class", "accuracy (%)"], rows)
-        + f"\nCounts: {counts}\n"
-    )
+  """Markdown: protocol line, per exam_type / exam_class table (percent), overall and counts."""
+  rows = []
+  for exam_type, classes in results["accuracy_per_subcategory"].items():
+    rows.append([f"**{exam_type}**", "(mean of classes)", 100 * results["accuracy_per_category"][exam_type]])
+    rows += [["", exam_class, 100 * acc] for exam_class, acc in classes.items()]
+  overall = results["overall"]
+  rows.append(["**overall**", "micro (all items)", 100 * overall["micro"]])
+  rows.append(["**overall**", "macro (mean of exam_types)", 100 * overall["macro"]])
+  counts = ", ".join(f"{k}={v}" for k, v in results["counts"].items())
+  return (
+      f"Protocol: {results['protocol']}\n\n"
+      + reporting.markdown_table(["exam_type", "exam_class", "accuracy (%)"], rows)
+      + f"\nCounts: {counts}\n"
+  )
 
 
 def write_submission(
@@ -443,49 +433,49 @@ def write_submission(
     path: str | Path,
     answer_key: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Writes `[{"id", "model_answer"}]` atomically, validated against `answer_key` if given."""
-    if answer_key is not None:
-        validate_submission(submission, answer_key)
-    payload = [{"id": entry["id"], "model_answer": entry["model_answer"]} for entry in submission]
-    return reporting.write_json_atomic(path, payload)
+  """Writes `[{"id", "model_answer"}]` atomically, validated against `answer_key` if given."""
+  if answer_key is not None:
+    validate_submission(submission, answer_key)
+  payload = [{"id": entry["id"], "model_answer": entry["model_answer"]} for entry in submission]
+  return reporting.write_json_atomic(path, payload)
 
 
 def write_results(
     results: Mapping[str, Any], json_path: str | Path, markdown_path: str | Path | None = None
 ) -> None:
-    """Writes the results JSON and (default: same name, .md) the markdown table, atomically."""
-    reporting.write_json_atomic(json_path, results)
-    reporting.write_text_atomic(markdown_path or Path(json_path).with_suffix(".md"), markdown_report(results))
+  """Writes the results JSON and (default: same name, .md) the markdown table, atomically."""
+  reporting.write_json_atomic(json_path, results)
+  reporting.write_text_atomic(markdown_path or Path(json_path).with_suffix(".md"), markdown_report(results))
 
 
 def _summary(results: Mapping[str, Any]) -> str:
-    rows = [[t, 100 * acc] for t, acc in results["accuracy_per_category"].items()]
-    rows.append(["overall micro", 100 * results["overall"]["micro"]])
-    rows.append(["overall macro", 100 * results["overall"]["macro"]])
-    return reporting.markdown_table(["exam_type", "accuracy (%)"], rows)
+  rows = [[t, 100 * acc] for t, acc in results["accuracy_per_category"].items()]
+  rows.append(["overall micro", 100 * results["overall"]["micro"]])
+  rows.append(["overall macro", 100 * results["overall"]["macro"]])
+  return reporting.markdown_table(["exam_type", "accuracy (%)"], rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`score`: scores a submission against an answer key and writes results JSON + markdown."""
-    parser = argparse.ArgumentParser(prog="python -m csft_jax.eval.cmb", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    score = commands.add_parser("score", help="score a submission against an answer key")
-    score.add_argument("--submission", required=True, help='JSON list [{"id", "model_answer"}]')
-    score.add_argument("--answer_key", required=True, help="e.g. ../shared/data/cmb/CMB-test-choice-answer.json")
-    score.add_argument("--out", required=True, help="results JSON path")
-    score.add_argument("--markdown", default=None, help="markdown path (default: --out with .md)")
-    args = parser.parse_args(argv)
-    try:
-        key = load_answer_key(args.answer_key)
-        results = score_submission(load_submission(args.submission), key)
-    except CMBInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    write_results(results, args.out, args.markdown)
-    print(_summary(results))
-    print(f"wrote {args.out} and {args.markdown or Path(args.out).with_suffix('.md')}")
-    return 0
+  """`score`: scores a submission against an answer key and writes results JSON + markdown."""
+  parser = argparse.ArgumentParser(prog="python -m csft_jax.eval.cmb", description=__doc__.split("\n")[0])
+  commands = parser.add_subparsers(dest="command", required=True)
+  score = commands.add_parser("score", help="score a submission against an answer key")
+  score.add_argument("--submission", required=True, help='JSON list [{"id", "model_answer"}]')
+  score.add_argument("--answer_key", required=True, help="e.g. ../shared/data/cmb/CMB-test-choice-answer.json")
+  score.add_argument("--out", required=True, help="results JSON path")
+  score.add_argument("--markdown", default=None, help="markdown path (default: --out with .md)")
+  args = parser.parse_args(argv)
+  try:
+    key = load_answer_key(args.answer_key)
+    results = score_submission(load_submission(args.submission), key)
+  except CMBInputError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  write_results(results, args.out, args.markdown)
+  print(_summary(results))
+  print(f"wrote {args.out} and {args.markdown or Path(args.out).with_suffix('.md')}")
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -14,7 +14,6 @@ solution (jieba tokens). As in the official judge script, an empty answer gets
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -90,114 +89,106 @@ _JUDGE_SLOT = re.compile(r"\{ (description|history|question|solution|answer) \}"
 
 
 class ClinInputError(ValueError):
-    """A CMB-Clin file or case that does not follow the format."""
+  """A CMB-Clin file or case that does not follow the format."""
 
 
 def load_clin(path: str | Path) -> list[dict]:
-    """Reads CMB-Clin cases `[{id, title, description, QA_pairs: [{question, solution}]}]`."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            cases = json.load(handle)
-    except FileNotFoundError:
-        raise ClinInputError(f"{path}: file not found (expected a JSON list of CMB-Clin cases).") from None
-    except json.JSONDecodeError as error:
-        raise ClinInputError(f"{path}:{error.lineno}: not valid JSON ({error.msg}).") from None
-    if not isinstance(cases, list):
-        raise ClinInputError(f"{path}: expected a JSON list of cases, found {type(cases).__name__}.")
-    for index, case in enumerate(cases):
-        where = f"{path}: case {index}"
-        missing = [f for f in ("id", "title", "description", "QA_pairs") if f not in case]
-        if missing:
-            raise ClinInputError(f"{where}: missing field(s) {missing}.")
-        if not isinstance(case["QA_pairs"], list) or not case["QA_pairs"]:
-            raise ClinInputError(f"{where} (id={case['id']!r}): 'QA_pairs' must be a non-empty list.")
-        for turn, pair in enumerate(case["QA_pairs"]):
-            if not isinstance(pair, Mapping) or "question" not in pair or "solution" not in pair:
-                raise ClinInputError(
-                    f"{where} (id={case['id']!r}): QA_pairs[{turn}] needs 'question' and 'solution'."
-                )
-    return cases
+  """Reads CMB-Clin cases `[{id, title, description, QA_pairs: [{question, solution}]}]`."""
+  cases = reporting.read_json(path, expect=list, what="CMB-Clin cases", error=ClinInputError)
+  for index, case in enumerate(cases):
+    where = f"{path}: case {index}"
+    missing = [f for f in ("id", "title", "description", "QA_pairs") if f not in case]
+    if missing:
+      raise ClinInputError(f"{where}: missing field(s) {missing}.")
+    if not isinstance(case["QA_pairs"], list) or not case["QA_pairs"]:
+      raise ClinInputError(f"{where} (id={case['id']!r}): 'QA_pairs' must be a non-empty list.")
+    for turn, pair in enumerate(case["QA_pairs"]):
+      if not isinstance(pair, Mapping) or "question" not in pair or "solution" not in pair:
+        raise ClinInputError(
+            f"{where} (id={case['id']!r}): QA_pairs[{turn}] needs 'question' and 'solution'."
+        )
+  return cases
 
 
 def build_messages(
     case: Mapping[str, Any], turn: int, *, system_prompt: str | None = None
 ) -> list[dict[str, str]]:
-    """Messages asking question `turn` of `case`, earlier turns answered with the gold solutions."""
-    pairs = case["QA_pairs"]
-    if not 0 <= turn < len(pairs):
-        raise ClinInputError(f"case {case['id']!r} has {len(pairs)} questions; turn {turn} is out of range.")
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    for index, pair in enumerate(pairs[: turn + 1]):
-        question = pair["question"]
-        if index == 0:
-            question = FIRST_TURN.format(description=case["description"], question=question)
-        messages.append({"role": "user", "content": question})
-        if index < turn:
-            messages.append({"role": "assistant", "content": pair["solution"]})
-    return messages
+  """Messages asking question `turn` of `case`, earlier turns answered with the gold solutions."""
+  pairs = case["QA_pairs"]
+  if not 0 <= turn < len(pairs):
+    raise ClinInputError(f"case {case['id']!r} has {len(pairs)} questions; turn {turn} is out of range.")
+  messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+  for index, pair in enumerate(pairs[: turn + 1]):
+    question = pair["question"]
+    if index == 0:
+      question = FIRST_TURN.format(description=case["description"], question=question)
+    messages.append({"role": "user", "content": question})
+    if index < turn:
+      messages.append({"role": "assistant", "content": pair["solution"]})
+  return messages
 
 
 def judge_prompt(case: Mapping[str, Any], turn: int, answer: str) -> str:
-    """The official judge prompt filled in for question `turn` and the model's `answer`."""
-    pairs = case["QA_pairs"]
-    history = "".join(HISTORY_TURN.format(**pair) for pair in pairs[:turn])
-    values = {
-        "description": case["description"],
-        "history": history,
-        "question": pairs[turn]["question"],
-        "solution": pairs[turn]["solution"],
-        "answer": answer,
-    }
-    # One pass, so text inside an answer is never substituted again.
-    return _JUDGE_SLOT.sub(lambda match: values[match.group(1)], JUDGE_PROMPT)
+  """The official judge prompt filled in for question `turn` and the model's `answer`."""
+  pairs = case["QA_pairs"]
+  history = "".join(HISTORY_TURN.format(**pair) for pair in pairs[:turn])
+  values = {
+      "description": case["description"],
+      "history": history,
+      "question": pairs[turn]["question"],
+      "solution": pairs[turn]["solution"],
+      "answer": answer,
+  }
+  # One pass, so text inside an answer is never substituted again.
+  return _JUDGE_SLOT.sub(lambda match: values[match.group(1)], JUDGE_PROMPT)
 
 
 def build_records(
     cases: Sequence[Mapping[str, Any]], answers: Sequence[Sequence[str]]
 ) -> list[dict[str, Any]]:
-    """One record per (case, question): answer, judge prompt and proxy scores (fractions)."""
-    if len(cases) != len(answers):
-        raise ClinInputError(f"{len(cases)} cases but {len(answers)} answer lists.")
-    records = []
-    for case, case_answers in zip(cases, answers):
-        if len(case_answers) != len(case["QA_pairs"]):
-            raise ClinInputError(
-                f"case {case['id']!r}: {len(case['QA_pairs'])} questions but {len(case_answers)} answers."
-            )
-        for turn, (pair, answer) in enumerate(zip(case["QA_pairs"], case_answers)):
-            empty = not answer.strip()
-            records.append({
-                "id": case["id"],
-                "title": case["title"],
-                "turn": turn,
-                "question": pair["question"],
-                "solution": pair["solution"],
-                "answer": answer,
-                "empty": empty,
-                "judge_prompt": judge_prompt(case, turn, answer),
-                "judge_scores": dict(EMPTY_ANSWER_SCORES) if empty else None,
-                "rougeL": 0.0 if empty else text_metrics.rouge_l(answer, pair["solution"], "zh"),
-                "bleu1": 0.0 if empty else text_metrics.bleu1(answer, pair["solution"], "zh"),
-            })
-    return records
+  """One record per (case, question): answer, judge prompt and proxy scores (fractions)."""
+  if len(cases) != len(answers):
+    raise ClinInputError(f"{len(cases)} cases but {len(answers)} answer lists.")
+  records = []
+  for case, case_answers in zip(cases, answers):
+    if len(case_answers) != len(case["QA_pairs"]):
+      raise ClinInputError(
+          f"case {case['id']!r}: {len(case['QA_pairs'])} questions but {len(case_answers)} answers."
+      )
+    for turn, (pair, answer) in enumerate(zip(case["QA_pairs"], case_answers)):
+      empty = not answer.strip()
+      records.append({
+          "id": case["id"],
+          "title": case["title"],
+          "turn": turn,
+          "question": pair["question"],
+          "solution": pair["solution"],
+          "answer": answer,
+          "empty": empty,
+          "judge_prompt": judge_prompt(case, turn, answer),
+          "judge_scores": dict(EMPTY_ANSWER_SCORES) if empty else None,
+          "rougeL": 0.0 if empty else text_metrics.rouge_l(answer, pair["solution"], "zh"),
+          "bleu1": 0.0 if empty else text_metrics.bleu1(answer, pair["solution"], "zh"),
+      })
+  return records
 
 
 def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Mean proxy scores in percent over all questions (empty answers count as 0)."""
-    n = len(records)
-    if n == 0:
-        raise ClinInputError("No CMB-Clin records to summarise.")
-    return {
-        "protocol": "local proxy (ROUGE-L / BLEU-1 vs solutions); the official score is the LLM judge",
-        "rougeL": 100 * sum(r["rougeL"] for r in records) / n,
-        "bleu1": 100 * sum(r["bleu1"] for r in records) / n,
-        "n": n,
-        "n_empty": sum(r["empty"] for r in records),
-    }
+  """Mean proxy scores in percent over all questions (empty answers count as 0)."""
+  n = len(records)
+  if n == 0:
+    raise ClinInputError("No CMB-Clin records to summarise.")
+  return {
+      "protocol": "local proxy (ROUGE-L / BLEU-1 vs solutions); the official score is the LLM judge",
+      "rougeL": 100 * sum(r["rougeL"] for r in records) / n,
+      "bleu1": 100 * sum(r["bleu1"] for r in records) / n,
+      "n": n,
+      "n_empty": sum(r["empty"] for r in records),
+  }
 
 
 def write_outputs(records: Sequence[Mapping[str, Any]], path: str | Path) -> dict[str, Any]:
-    """Writes `{"summary", "records"}` JSON atomically (judge prompts included); returns the summary."""
-    summary = summarize(records)
-    reporting.write_json_atomic(path, {"summary": summary, "records": list(records)})
-    return summary
+  """Writes `{"summary", "records"}` JSON atomically (judge prompts included); returns the summary."""
+  summary = summarize(records)
+  reporting.write_json_atomic(path, {"summary": summary, "records": list(records)})
+  return summary

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import random
 import sys
 from collections.abc import Mapping, Sequence
@@ -56,7 +55,7 @@ CATEGORIES = (
 
 
 def _tasks(*numbers: int) -> list[str]:
-    return [f"task{n}" for n in numbers]
+  return [f"task{n}" for n in numbers]
 
 
 # Task ids named in the official metric scripts' defaults. Diagnosis has no ids
@@ -103,117 +102,109 @@ CATEGORY_NAMES = {
 
 
 class MedSInputError(ValueError):
-    """A MedS-Bench task file, results CSV or category mapping that cannot be used."""
+  """A MedS-Bench task file, results CSV or category mapping that cannot be used."""
 
 
 # -------------------------------------------------------- task files ----
 
 
 def task_id_from_path(path: str | Path) -> str:
-    """`task51_rationale_zh.json` -> `task51` (the official rule: text before the first '_')."""
-    return Path(path).name.split("_")[0].removesuffix(".json")
+  """`task51_rationale_zh.json` -> `task51` (the official rule: text before the first '_')."""
+  return Path(path).name.split("_")[0].removesuffix(".json")
 
 
 def load_task(path: str | Path) -> dict[str, Any]:
-    """Reads and validates a MedS-Bench task file; adds `task_id` from the file name."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            task = json.load(handle)
-    except FileNotFoundError:
-        raise MedSInputError(f"{path}: task file not found.") from None
-    except json.JSONDecodeError as error:
-        raise MedSInputError(f"{path}:{error.lineno}: not valid JSON ({error.msg}).") from None
-    if not isinstance(task, dict):
-        raise MedSInputError(f"{path}: expected a JSON object with 'Definition' and 'Instances'.")
-    definition = task.get("Definition")
-    if not isinstance(definition, list) or not definition or not isinstance(definition[0], str):
-        raise MedSInputError(f"{path}: 'Definition' must be a non-empty list of strings.")
-    instances = task.get("Instances")
-    if not isinstance(instances, list) or not instances:
-        raise MedSInputError(f"{path}: 'Instances' must be a non-empty list.")
-    for index, instance in enumerate(instances):
-        if not isinstance(instance, Mapping) or "input" not in instance or "output" not in instance:
-            raise MedSInputError(f"{path}: Instances[{index}] needs 'input' and 'output'.")
-        output = instance["output"]
-        if not (isinstance(output, str) or (isinstance(output, list) and output and isinstance(output[0], str))):
-            raise MedSInputError(f"{path}: Instances[{index}].output must be a string or a non-empty list of strings.")
-    return {**task, "task_id": task_id_from_path(path)}
+  """Reads and validates a MedS-Bench task file; adds `task_id` from the file name."""
+  task = reporting.read_json(path, expect=dict, what="'Definition', 'Instances', ...", error=MedSInputError)
+  definition = task.get("Definition")
+  if not isinstance(definition, list) or not definition or not isinstance(definition[0], str):
+    raise MedSInputError(f"{path}: 'Definition' must be a non-empty list of strings.")
+  instances = task.get("Instances")
+  if not isinstance(instances, list) or not instances:
+    raise MedSInputError(f"{path}: 'Instances' must be a non-empty list.")
+  for index, instance in enumerate(instances):
+    if not isinstance(instance, Mapping) or "input" not in instance or "output" not in instance:
+      raise MedSInputError(f"{path}: Instances[{index}] needs 'input' and 'output'.")
+    output = instance["output"]
+    if not (isinstance(output, str) or (isinstance(output, list) and output and isinstance(output[0], str))):
+      raise MedSInputError(f"{path}: Instances[{index}].output must be a string or a non-empty list of strings.")
+  return {**task, "task_id": task_id_from_path(path)}
 
 
 def load_task_dir(directory: str | Path) -> dict[str, dict[str, Any]]:
-    """All `task*.json` files of a folder, keyed by task id."""
-    paths = sorted(Path(directory).glob("task*.json"))
-    if not paths:
-        raise MedSInputError(f"{directory}: no task*.json files found.")
-    return {task["task_id"]: task for task in map(load_task, paths)}
+  """All `task*.json` files of a folder, keyed by task id."""
+  paths = sorted(Path(directory).glob("task*.json"))
+  if not paths:
+    raise MedSInputError(f"{directory}: no task*.json files found.")
+  return {task["task_id"]: task for task in map(load_task, paths)}
 
 
 def gold_output(instance: Mapping[str, Any]) -> str:
-    """The reference answer: the first entry of `output` when it is a list."""
-    output = instance["output"]
-    return output if isinstance(output, str) else output[0]
+  """The reference answer: the first entry of `output` when it is a list."""
+  output = instance["output"]
+  return output if isinstance(output, str) else output[0]
 
 
 def select_shots(
     task: Mapping[str, Any], instance: Mapping[str, Any], k: int = NUM_SHOTS, *, seed: int = 0
 ) -> list[Mapping[str, Any]]:
-    """k cases sampled from the task's Instances (the official source), seeded per instance."""
-    instances = task["Instances"]
-    rng = random.Random(f"{seed}|{task['task_id']}|{instance.get('id', '')}|{instance['input']}")
-    return rng.sample(instances, min(len(instances), k))
+  """k cases sampled from the task's Instances (the official source), seeded per instance."""
+  instances = task["Instances"]
+  rng = random.Random(f"{seed}|{task['task_id']}|{instance.get('id', '')}|{instance['input']}")
+  return rng.sample(instances, min(len(instances), k))
 
 
 def build_messages(
     task: Mapping[str, Any], instance: Mapping[str, Any], *, shots: Sequence[Mapping[str, Any]]
 ) -> list[dict[str, str]]:
-    """[system: shots + definition, user: query] as in the official 3-shot prompt.
+  """[system: shots + definition, user: query] as in the official 3-shot prompt.
 
-    Contents are not stripped here; the official Llama-3 formatter strips each
-    message, which the chat template does too.
-    """
-    cases = [SHOT_TEMPLATE.format(input=s["input"], output=gold_output(s)) for s in shots]
-    system = "\n\n".join(cases) + "\n\n" + task["Definition"][0] + SHOT_INSTRUCTION_SUFFIX
-    return [
-        {"role": "system", "content": system},
-        {"role": "user", "content": QUERY_TEMPLATE.format(input=instance["input"])},
-    ]
+  Contents are not stripped here; the official Llama-3 formatter strips each
+  message, which the chat template does too.
+  """
+  cases = [SHOT_TEMPLATE.format(input=s["input"], output=gold_output(s)) for s in shots]
+  system = "\n\n".join(cases) + "\n\n" + task["Definition"][0] + SHOT_INSTRUCTION_SUFFIX
+  return [
+      {"role": "system", "content": system},
+      {"role": "user", "content": QUERY_TEMPLATE.format(input=instance["input"])},
+  ]
 
 
 # ------------------------------------------------------- results CSV ----
 
 
 def write_results_csv(rows: Sequence[Mapping[str, str]], path: str | Path) -> Path:
-    """Writes `task_id,input,GT,output` rows (dicts with those keys) atomically."""
-    table = []
-    for index, row in enumerate(rows):
-        missing = [k for k in RESULTS_HEADER if k not in row]
-        if missing:
-            raise MedSInputError(f"results row {index}: missing {missing}; rows need {list(RESULTS_HEADER)}.")
-        table.append([row[k] for k in RESULTS_HEADER])
-    return reporting.write_csv_atomic(path, RESULTS_HEADER, table)
+  """Writes `task_id,input,GT,output` rows (dicts with those keys) atomically."""
+  table = []
+  for index, row in enumerate(rows):
+    missing = [k for k in RESULTS_HEADER if k not in row]
+    if missing:
+      raise MedSInputError(f"results row {index}: missing {missing}; rows need {list(RESULTS_HEADER)}.")
+    table.append([row[k] for k in RESULTS_HEADER])
+  return reporting.write_csv_atomic(path, RESULTS_HEADER, table)
 
 
 def read_results_csv(path: str | Path) -> list[dict[str, str]]:
-    """Reads a results CSV; every row must have task_id, GT and output (input may be anything)."""
-    try:
-        handle = open(path, encoding="utf-8", newline="")
-    except FileNotFoundError:
-        raise MedSInputError(f"{path}: results CSV not found.") from None
-    with handle:
-        reader = csv.DictReader(handle)
-        missing = [k for k in RESULTS_HEADER if k not in (reader.fieldnames or [])]
-        if missing:
-            raise MedSInputError(
-                f"{path}:1: header {reader.fieldnames} lacks {missing}; expected {','.join(RESULTS_HEADER)}."
-            )
-        rows = []
-        for row in reader:
-            if any(row[k] is None for k in RESULTS_HEADER) or not row["task_id"]:
-                raise MedSInputError(f"{path}:{reader.line_num}: row has missing fields or no task_id.")
-            rows.append({k: row[k] for k in RESULTS_HEADER})
-    if not rows:
-        raise MedSInputError(f"{path}: no result rows.")
-    return rows
+  """Reads a results CSV; every row must have task_id, GT and output (input may be anything)."""
+  try:
+    handle = open(path, encoding="utf-8", newline="")
+  except FileNotFoundError:
+    raise MedSInputError(f"{path}: results CSV not found.") from None
+  with handle:
+    reader = csv.DictReader(handle)
+    missing = [k for k in RESULTS_HEADER if k not in (reader.fieldnames or [])]
+    if missing:
+      raise MedSInputError(
+          f"{path}:1: header {reader.fieldnames} lacks {missing}; expected {','.join(RESULTS_HEADER)}."
+      )
+    rows = []
+    for row in reader:
+      if any(row[k] is None for k in RESULTS_HEADER) or not row["task_id"]:
+        raise MedSInputError(f"{path}:{reader.line_num}: row has missing fields or no task_id.")
+      rows.append({k: row[k] for k in RESULTS_HEADER})
+  if not rows:
+    raise MedSInputError(f"{path}: no result rows.")
+  return rows
 
 
 # ------------------------------------------------------------ scoring ----
@@ -225,83 +216,83 @@ def resolve_categories(
     task_categories: Mapping[str, str] | None = None,
     tasks: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, str]:
-    """Metric family per task: explicit mapping, then the official table, then task-file Categories."""
-    resolved, unknown = {}, []
-    for task_id in task_ids:
-        category = (task_categories or {}).get(task_id) or OFFICIAL_TASK_CATEGORIES.get(task_id)
-        if category is None and tasks and task_id in tasks:
-            names = [str(c).strip().lower() for c in tasks[task_id].get("Categories", [])]
-            category = next((CATEGORY_NAMES[n] for n in names if n in CATEGORY_NAMES), None)
-        if category is None:
-            unknown.append(task_id)
-        elif category not in CATEGORIES:
-            raise MedSInputError(f"{task_id}: unknown category {category!r}; expected one of {CATEGORIES}.")
-        else:
-            resolved[task_id] = category
-    if unknown:
-        raise MedSInputError(
-            f"No metric category for {unknown}: not in the official metric scripts and no task file "
-            f"with a known 'Categories' entry. Pass --task_dir or --category TASK={'|'.join(CATEGORIES)}."
-        )
-    return resolved
+  """Metric family per task: explicit mapping, then the official table, then task-file Categories."""
+  resolved, unknown = {}, []
+  for task_id in task_ids:
+    category = (task_categories or {}).get(task_id) or OFFICIAL_TASK_CATEGORIES.get(task_id)
+    if category is None and tasks and task_id in tasks:
+      names = [str(c).strip().lower() for c in tasks[task_id].get("Categories", [])]
+      category = next((CATEGORY_NAMES[n] for n in names if n in CATEGORY_NAMES), None)
+    if category is None:
+      unknown.append(task_id)
+    elif category not in CATEGORIES:
+      raise MedSInputError(f"{task_id}: unknown category {category!r}; expected one of {CATEGORIES}.")
+    else:
+      resolved[task_id] = category
+  if unknown:
+    raise MedSInputError(
+        f"No metric category for {unknown}: not in the official metric scripts and no task file "
+        f"with a known 'Categories' entry. Pass --task_dir or --category TASK={'|'.join(CATEGORIES)}."
+    )
+  return resolved
 
 
 def task_language(task_id: str, tasks: Mapping[str, Mapping[str, Any]] | None = None) -> str:
-    """Official table for task51..56, else the task file's Output_language, else English."""
-    if task_id in OFFICIAL_TASK_LANGUAGES:
-        return OFFICIAL_TASK_LANGUAGES[task_id]
-    language = (tasks or {}).get(task_id, {}).get("Output_language")
-    if language:
-        return text_metrics.normalize_language(language[0] if isinstance(language, list) else language)
-    return "en"
+  """Official table for task51..56, else the task file's Output_language, else English."""
+  if task_id in OFFICIAL_TASK_LANGUAGES:
+    return OFFICIAL_TASK_LANGUAGES[task_id]
+  language = (tasks or {}).get(task_id, {}).get("Output_language")
+  if language:
+    return text_metrics.normalize_language(language[0] if isinstance(language, list) else language)
+  return "en"
 
 
 def score_task(
     task_id: str, category: str, language: str, rows: Sequence[Mapping[str, str]]
 ) -> dict[str, Any]:
-    """Metrics for one task's rows, in percent; `n` rows scored, `n_empty` empty outputs."""
-    empty = sum(not r["output"].strip() for r in rows)
-    result: dict[str, Any] = {"category": category, "language": language}
-    if category == TEXT_GENERATION:
-        # Official Rationale/Explanation skip empty outputs (they are not averaged in).
-        scored = [r for r in rows if r["output"].strip() and r["GT"].strip()]
-        n = len(scored)
-        result["bleu1"] = _mean_percent(
-            [text_metrics.bleu1(r["output"].strip(), r["GT"].strip(), language) for r in scored]
-        )
-        result["rougeL"] = _mean_percent(
-            [text_metrics.rouge_l(r["output"].strip(), r["GT"].strip(), language) for r in scored]
-        )
-    elif category == FACT_VERIFICATION_GENERATION:
-        # Official: lower-cased, periods dropped from GT, empty outputs count as 0 in the mean.
-        n = len(rows)
-        pairs = [(r["output"].strip().lower(), r["GT"].replace(".", "").strip().lower()) for r in rows]
-        result["bleu1"] = _mean_percent([text_metrics.bleu1(o, g, "en") if o else 0.0 for o, g in pairs])
-        result["rougeL"] = _mean_percent([text_metrics.rouge_l(o, g, "en") if o else 0.0 for o, g in pairs])
-    elif category == NER:
-        n = len(rows)
-        counts = [text_metrics.ner_counts(r["output"], r["GT"]) for r in rows]
-        result["f1"] = 100 * text_metrics.f1_from_counts(*(sum(c[i] for c in counts) for i in range(3)))
-    elif category == TEXT_CLASSIFICATION:
-        n = len(rows)
-        classes = OFFICIAL_TASK_CLASSES.get(task_id) or sorted(
-            {r["GT"].lower().strip().rstrip(".") for r in rows}
-        )
-        gold = [text_metrics.labels_in_text(r["GT"], classes) for r in rows]
-        predicted = [text_metrics.labels_in_text(r["output"], classes) for r in rows]
-        p, rec, f1 = text_metrics.macro_prf1(gold, predicted, classes)
-        result.update(precision=100 * p, recall=100 * rec, f1=100 * f1)
-    elif category == MCQA:
-        n = len(rows)
-        yes_no = task_id in YES_NO_MCQA_TASKS
-        hits = [text_metrics.mcqa_correct(r["output"], r["GT"], yes_no=yes_no) for r in rows]
-        result["accuracy"] = _mean_percent([float(h) for h in hits])
-    else:
-        n = len(rows)
-        match = _ACCURACY_RULES[category]
-        result["accuracy"] = _mean_percent([float(match(r["output"], r["GT"])) for r in rows])
-    result.update(n=n, n_empty=empty)
-    return result
+  """Metrics for one task's rows, in percent; `n` rows scored, `n_empty` empty outputs."""
+  empty = sum(not r["output"].strip() for r in rows)
+  result: dict[str, Any] = {"category": category, "language": language}
+  if category == TEXT_GENERATION:
+      # Official Rationale/Explanation skip empty outputs (they are not averaged in).
+    scored = [r for r in rows if r["output"].strip() and r["GT"].strip()]
+    n = len(scored)
+    result["bleu1"] = _mean_percent(
+        [text_metrics.bleu1(r["output"].strip(), r["GT"].strip(), language) for r in scored]
+    )
+    result["rougeL"] = _mean_percent(
+        [text_metrics.rouge_l(r["output"].strip(), r["GT"].strip(), language) for r in scored]
+    )
+  elif category == FACT_VERIFICATION_GENERATION:
+      # Official: lower-cased, periods dropped from GT, empty outputs count as 0 in the mean.
+    n = len(rows)
+    pairs = [(r["output"].strip().lower(), r["GT"].replace(".", "").strip().lower()) for r in rows]
+    result["bleu1"] = _mean_percent([text_metrics.bleu1(o, g, "en") if o else 0.0 for o, g in pairs])
+    result["rougeL"] = _mean_percent([text_metrics.rouge_l(o, g, "en") if o else 0.0 for o, g in pairs])
+  elif category == NER:
+    n = len(rows)
+    counts = [text_metrics.ner_counts(r["output"], r["GT"]) for r in rows]
+    result["f1"] = 100 * text_metrics.f1_from_counts(*(sum(c[i] for c in counts) for i in range(3)))
+  elif category == TEXT_CLASSIFICATION:
+    n = len(rows)
+    classes = OFFICIAL_TASK_CLASSES.get(task_id) or sorted(
+        {r["GT"].lower().strip().rstrip(".") for r in rows}
+    )
+    gold = [text_metrics.labels_in_text(r["GT"], classes) for r in rows]
+    predicted = [text_metrics.labels_in_text(r["output"], classes) for r in rows]
+    p, rec, f1 = text_metrics.macro_prf1(gold, predicted, classes)
+    result.update(precision=100 * p, recall=100 * rec, f1=100 * f1)
+  elif category == MCQA:
+    n = len(rows)
+    yes_no = task_id in YES_NO_MCQA_TASKS
+    hits = [text_metrics.mcqa_correct(r["output"], r["GT"], yes_no=yes_no) for r in rows]
+    result["accuracy"] = _mean_percent([float(h) for h in hits])
+  else:
+    n = len(rows)
+    match = _ACCURACY_RULES[category]
+    result["accuracy"] = _mean_percent([float(match(r["output"], r["GT"])) for r in rows])
+  result.update(n=n, n_empty=empty)
+  return result
 
 
 _ACCURACY_RULES = {
@@ -315,12 +306,12 @@ _ACCURACY_RULES = {
 
 
 def _task_number(task_id: str) -> tuple[int, str]:
-    digits = task_id.removeprefix("task")
-    return (int(digits), "") if digits.isdigit() else (sys.maxsize, task_id)
+  digits = task_id.removeprefix("task")
+  return (int(digits), "") if digits.isdigit() else (sys.maxsize, task_id)
 
 
 def _mean_percent(values: Sequence[float]) -> float:
-    return 100 * sum(values) / len(values) if values else 0.0
+  return 100 * sum(values) / len(values) if values else 0.0
 
 
 def score_rows(
@@ -329,27 +320,27 @@ def score_rows(
     task_categories: Mapping[str, str] | None = None,
     tasks: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Scores result rows: `{"tasks": {id: metrics}, "categories": {family: mean metrics}}`."""
-    by_task: dict[str, list[Mapping[str, str]]] = {}
-    for row in rows:
-        by_task.setdefault(row["task_id"], []).append(row)
-    task_ids = sorted(by_task, key=_task_number)
-    categories = resolve_categories(task_ids, task_categories=task_categories, tasks=tasks)
-    per_task = {
-        task_id: score_task(task_id, categories[task_id], task_language(task_id, tasks), by_task[task_id])
-        for task_id in task_ids
-    }
-    per_category: dict[str, dict[str, Any]] = {}
-    for task_id, metrics in per_task.items():
-        entry = per_category.setdefault(metrics["category"], {"tasks": []})
-        entry["tasks"].append(task_id)
-    for category, entry in per_category.items():
-        members = [per_task[t] for t in entry["tasks"]]
-        for name in ("accuracy", "bleu1", "rougeL", "f1", "precision", "recall"):
-            if name in members[0]:
-                entry[name] = sum(m[name] for m in members) / len(members)
-        entry["n"] = sum(m["n"] for m in members)
-    return {"tasks": per_task, "categories": per_category, "n_rows": len(rows)}
+  """Scores result rows: `{"tasks": {id: metrics}, "categories": {family: mean metrics}}`."""
+  by_task: dict[str, list[Mapping[str, str]]] = {}
+  for row in rows:
+    by_task.setdefault(row["task_id"], []).append(row)
+  task_ids = sorted(by_task, key=_task_number)
+  categories = resolve_categories(task_ids, task_categories=task_categories, tasks=tasks)
+  per_task = {
+      task_id: score_task(task_id, categories[task_id], task_language(task_id, tasks), by_task[task_id])
+      for task_id in task_ids
+  }
+  per_category: dict[str, dict[str, Any]] = {}
+  for task_id, metrics in per_task.items():
+    entry = per_category.setdefault(metrics["category"], {"tasks": []})
+    entry["tasks"].append(task_id)
+  for category, entry in per_category.items():
+    members = [per_task[t] for t in entry["tasks"]]
+    for name in ("accuracy", "bleu1", "rougeL", "f1", "precision", "recall"):
+      if name in members[0]:
+        entry[name] = sum(m[name] for m in members) / len(members)
+    entry["n"] = sum(m["n"] for m in members)
+  return {"tasks": per_task, "categories": per_category, "n_rows": len(rows)}
 
 
 def score_results(
@@ -358,63 +349,63 @@ def score_results(
     task_categories: Mapping[str, str] | None = None,
     task_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Reads a results CSV (and optional task folder for Categories/languages) and scores it."""
-    tasks = load_task_dir(task_dir) if task_dir else None
-    return score_rows(read_results_csv(csv_path), task_categories=task_categories, tasks=tasks)
+  """Reads a results CSV (and optional task folder for Categories/languages) and scores it."""
+  tasks = load_task_dir(task_dir) if task_dir else None
+  return score_rows(read_results_csv(csv_path), task_categories=task_categories, tasks=tasks)
 
 
 def summary_table(results: Mapping[str, Any]) -> str:
-    """Markdown: one line per task, then one per category (metrics in percent)."""
-    metric_names = ("accuracy", "bleu1", "rougeL", "f1", "precision", "recall")
+  """Markdown: one line per task, then one per category (metrics in percent)."""
+  metric_names = ("accuracy", "bleu1", "rougeL", "f1", "precision", "recall")
 
-    def cells(metrics: Mapping[str, Any]) -> list[str]:
-        return [f"{metrics[m]:.2f}" if m in metrics else "" for m in metric_names]
+  def cells(metrics: Mapping[str, Any]) -> list[str]:
+    return [f"{metrics[m]:.2f}" if m in metrics else "" for m in metric_names]
 
-    rows = [
-        [task_id, m["category"], m["language"], m["n"], m["n_empty"], *cells(m)]
-        for task_id, m in results["tasks"].items()
-    ]
-    rows += [
-        [f"**{category}**", f"{len(m['tasks'])} tasks", "", m["n"], "", *cells(m)]
-        for category, m in results["categories"].items()
-    ]
-    return reporting.markdown_table(["task", "category", "lang", "n", "empty", *metric_names], rows)
+  rows = [
+      [task_id, m["category"], m["language"], m["n"], m["n_empty"], *cells(m)]
+      for task_id, m in results["tasks"].items()
+  ]
+  rows += [
+      [f"**{category}**", f"{len(m['tasks'])} tasks", "", m["n"], "", *cells(m)]
+      for category, m in results["categories"].items()
+  ]
+  return reporting.markdown_table(["task", "category", "lang", "n", "empty", *metric_names], rows)
 
 
 def _parse_category_flags(values: Sequence[str]) -> dict[str, str]:
-    mapping = {}
-    for value in values:
-        task_id, sep, category = value.partition("=")
-        if not sep or not task_id or category not in CATEGORIES:
-            raise MedSInputError(f"--category {value!r}: expected TASK=CATEGORY with CATEGORY in {CATEGORIES}.")
-        mapping[task_id] = category
-    return mapping
+  mapping = {}
+  for value in values:
+    task_id, sep, category = value.partition("=")
+    if not sep or not task_id or category not in CATEGORIES:
+      raise MedSInputError(f"--category {value!r}: expected TASK=CATEGORY with CATEGORY in {CATEGORIES}.")
+    mapping[task_id] = category
+  return mapping
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`score`: scores a results CSV and writes results JSON (+ markdown beside it)."""
-    parser = argparse.ArgumentParser(prog="python -m csft_jax.eval.meds_bench", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    score = commands.add_parser("score", help="score a task_id,input,GT,output results CSV")
-    score.add_argument("--results", required=True, help="results CSV")
-    score.add_argument("--out", required=True, help="results JSON path (markdown written beside it)")
-    score.add_argument("--task_dir", default=None, help="folder of task*.json files (Categories, languages)")
-    score.add_argument("--category", action="append", default=[], help="TASK=CATEGORY override, repeatable")
-    args = parser.parse_args(argv)
-    try:
-        results = score_results(
-            args.results, task_categories=_parse_category_flags(args.category), task_dir=args.task_dir
-        )
-    except MedSInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    table = summary_table(results)
-    reporting.write_json_atomic(args.out, results)
-    reporting.write_text_atomic(Path(args.out).with_suffix(".md"), table)
-    print(table)
-    print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
-    return 0
+  """`score`: scores a results CSV and writes results JSON (+ markdown beside it)."""
+  parser = argparse.ArgumentParser(prog="python -m csft_jax.eval.meds_bench", description=__doc__.split("\n")[0])
+  commands = parser.add_subparsers(dest="command", required=True)
+  score = commands.add_parser("score", help="score a task_id,input,GT,output results CSV")
+  score.add_argument("--results", required=True, help="results CSV")
+  score.add_argument("--out", required=True, help="results JSON path (markdown written beside it)")
+  score.add_argument("--task_dir", default=None, help="folder of task*.json files (Categories, languages)")
+  score.add_argument("--category", action="append", default=[], help="TASK=CATEGORY override, repeatable")
+  args = parser.parse_args(argv)
+  try:
+    results = score_results(
+        args.results, task_categories=_parse_category_flags(args.category), task_dir=args.task_dir
+    )
+  except MedSInputError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  table = summary_table(results)
+  reporting.write_json_atomic(args.out, results)
+  reporting.write_text_atomic(Path(args.out).with_suffix(".md"), table)
+  print(table)
+  print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())
