@@ -21,7 +21,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from csft_jax import sharding
+from csft_jax import distributed, sharding
 from csft_jax.console import quiet_library_info_logs
 from csft_jax.data.config import REPO_ROOT
 from csft_jax.data.errors import DataError
@@ -80,6 +80,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}; settings go in --config.FIELD=VALUE.")
   if not flags.FLAGS["verbosity"].present:
     quiet_library_info_logs()
+  distributed.initialize_from_flags()
   start = time.perf_counter()
   try:
     _, summary, out_dir = run(flags.FLAGS.config)
@@ -92,6 +93,7 @@ def main(argv: list[str]) -> None:
 def define_flags() -> None:
   """Command-line flags, defined only when run as a program (so modules can import each other)."""
   config_flags.DEFINE_config_file("config", None, "An eval config from configs/eval/.")
+  distributed.define_flags()
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from ml_collections import config_flags
 
-from csft_jax import checkpointing
+from csft_jax import checkpointing, distributed
 from csft_jax.console import quiet_library_info_logs
 from csft_jax.convert import load_hf, read_hf_config, save_hf
 from csft_jax.data.config import REPO_ROOT
@@ -55,16 +55,6 @@ def resolve_num_steps(train: ml_collections.ConfigDict, pipeline: DataPipeline) 
   if train.num_epochs <= 0:
     raise ValueError("Set config.train.num_steps or config.train.num_epochs (> 0).")
   return max(1, int(round(train.num_epochs * pipeline.estimate_steps_per_epoch(train.global_batch_size))))
-
-
-def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int, auto: bool) -> None:
-  """Joins a multi-process run (explicit coordinator, or the environment of TPU VMs)."""
-  if coordinator_address:
-    if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif auto:
-    jax.distributed.initialize()
 
 
 def initial_state(config: ml_collections.ConfigDict, model_config: ModelConfig, optimizer, mesh
@@ -315,10 +305,7 @@ def define_flags() -> None:
   """Command-line flags, defined only when run as a program (so modules can import each other)."""
   config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, summary.")
-  flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs.")
-  flags.DEFINE_integer("num_processes", 1, "Number of processes (with --coordinator_address).")
-  flags.DEFINE_integer("process_id", 0, "This process's index (with --coordinator_address).")
-  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() from the environment (TPU VMs).")
+  distributed.define_flags()
   flags.DEFINE_bool("plan_only", False, "Print the model's sharding plan (bytes per device) and exit; allocates nothing.")
 
 
@@ -348,8 +335,7 @@ def main(argv: list[str]) -> None:
     return
   if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
-  initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
-                         flags.FLAGS.distributed)
+  distributed.initialize_from_flags()
   summary = run(config, flags.FLAGS.workdir)
   _print(jax.process_index() == 0, f"{summary['status']}: step {summary['step']}/{summary['num_steps']}, "
          f"final loss {summary['final_loss']:.4f}. Results in {summary['workdir']} "

@@ -143,3 +143,28 @@ def test_bad_configs_fail_with_a_message_and_write_nothing(model_dir, tmp_path):
   with pytest.raises(cmb.CMBInputError, match="expected a JSON list"):
     evaluate.run(_config(cmb_config, model_dir, tmp_path / "e", exam=str(not_a_list)))
   assert not any((tmp_path / name).exists() for name in "abcde")
+
+
+def test_two_processes_generate_what_one_process_does(model_dir, tmp_path):
+  """2 local processes x 2 devices (gloo) shard the batch rows and gather the same answers."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{s.getsockname()[1]}"
+  common = ["--config=configs/eval/cmb.py", f"--config.checkpoint={model_dir}", "--config.max_new_tokens=4",
+            "--config.batch_size=8"]
+  single = subprocess.run([sys.executable, "-m", "csft_jax.evaluate", *common, f"--config.out_dir={tmp_path / 'one'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+  assert single.returncode == 0, single.stderr[-3000:]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "csft_jax.evaluate", *common, f"--config.out_dir={tmp_path / 'two'}",
+       f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 0, out[-3000:]
+  one = json.loads((tmp_path / "one" / "generations.json").read_text())
+  two = json.loads((tmp_path / "two" / "generations.json").read_text())
+  assert one == two

@@ -187,6 +187,14 @@ def _place_rows(mesh: Mesh | None, *arrays: np.ndarray) -> tuple[jax.Array, ...]
   return tuple(placed)
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The whole array on this host; across processes, gathered (every process runs the same batches)."""
+  if not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def _activation_context(mesh: Mesh | None):
   return sharding.activation_sharding(mesh) if mesh is not None else contextlib.nullcontext()
 
@@ -364,7 +372,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
         mesh=mesh, max_new_tokens=max_new_tokens, sampling=sampling)
     _log_compiles("generate", before, f"{padded_rows} rows x {padded_len} prompt tokens "
                   f"+ {max_new_tokens} new")
-    out = np.asarray(out)
+    out = _to_host(out)
     for r, row in enumerate(rows):
       p, s = sequences[row]
       tokens[p][s] = _cut_at_stop(out[r], stop_ids)
@@ -472,7 +480,7 @@ def score(model: Decoder, contexts: Sequence[Sequence[int]], continuations: Sequ
     prefix, last_log_probs = _score_batch_jit(
         graphdef, state, *_place_rows(mesh, ids, segment_ids, target_mask, last_index), mesh=mesh)
     _log_compiles("score", before, f"{padded_rows} rows x {padded_len} tokens")
-    prefix, last_log_probs = np.asarray(prefix), np.asarray(last_log_probs)
+    prefix, last_log_probs = _to_host(prefix), _to_host(last_log_probs)
     for r, row in enumerate(rows):
       for index in inputs[keys[row]]:
         values[index] = float(prefix[r] + last_log_probs[r, continuations[index][-1]])
