@@ -1,7 +1,7 @@
 r"""Config sweeps in the big_vision style: one experiment file, one run directory per point.
 
   python -m csft_jax.sweep --sweep=experiments/mixture_ablation_tiny.py --workdir=W [--dry_run]
-  python -m csft_jax.sweep --sweep=experiments/mixture_ablation.py --workdir=gs://B/W \
+  python -m csft_jax.sweep --sweep=experiments/mixture_ablation.py --workdir=/mnt/shared/W \
       --launcher=tpu_pod --tpu_name=my-v5p-64 --zone=us-east5-a [--repo_dir=~/csft_jax]
 
 An experiment file is plain Python with two functions:
@@ -32,11 +32,12 @@ names, commands and statuses, and `python -m csft_jax.report --workdir=W` summar
 TPU pod launcher (`--launcher=tpu_pod`) prints, for each point, one command per step such as
 
   gcloud compute tpus tpu-vm ssh my-v5p-64 --zone=us-east5-a --worker=all \
-      --command='cd ~/csft_jax && python -m csft_jax.train --config=... --workdir=gs://B/W/<name> --distributed'
+      --command='cd ~/csft_jax && python -m csft_jax.train --config=... --workdir=/mnt/shared/W/<name> --distributed'
 
 Every host of a multi-host TPU VM runs the same command (`--worker=all`); `--distributed` makes
 the trainer call `jax.distributed.initialize()`, which reads the topology from the TPU
-environment. The workdir must be storage all hosts share (a gs:// bucket). Nothing is run and no
+environment. The workdir must be a directory every host sees at the same path (NFS/Filestore, or a bucket
+mounted with gcsfuse): the trainer and evaluator write it with ordinary file I/O. Nothing is run and no
 statuses are checked; rerunning a printed command resumes or no-ops, as locally.
 """
 
@@ -348,12 +349,13 @@ def tpu_pod_command(argv: Sequence[str], *, tpu_name: str, zone: str, repo_dir: 
 
 
 def tpu_pod_script(runs: Sequence[Run], *, tpu_name: str, zone: str, repo_dir: str) -> str:
-  """All runs as gcloud commands; training gets `--distributed` (multi-host initialization)."""
+  """All runs as gcloud commands; each gets `--distributed` (multi-host initialization)."""
   lines = []
   for run in runs:
     lines.append(f"# {run.name}")
     lines.append(tpu_pod_command((*run.train, "--distributed"), tpu_name=tpu_name, zone=zone, repo_dir=repo_dir))
-    lines += [tpu_pod_command(e, tpu_name=tpu_name, zone=zone, repo_dir=repo_dir) for e in run.evals]
+    lines += [tpu_pod_command((*e, "--distributed"), tpu_name=tpu_name, zone=zone, repo_dir=repo_dir)
+              for e in run.evals]
   return "\n".join(lines) + "\n"
 
 

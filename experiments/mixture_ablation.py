@@ -1,7 +1,7 @@
 """The paper's mixture question at full scale: does the collection beat CMB-train alone, and how to mix it?
 
   python -m csft_jax.sweep --sweep=experiments/mixture_ablation.py --workdir=W --dry_run
-  python -m csft_jax.sweep --sweep=experiments/mixture_ablation.py --workdir=gs://B/W \
+  python -m csft_jax.sweep --sweep=experiments/mixture_ablation.py --workdir=/mnt/shared/W \
       --launcher=tpu_pod --tpu_name=NAME --zone=ZONE
   python -m csft_jax.report --workdir=W
 

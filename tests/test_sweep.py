@@ -196,7 +196,7 @@ def test_commands_and_dry_run(fake_experiment, tmp_path):
 
 
 def test_tpu_pod_commands(fake_experiment):
-  runs = sw.plan_runs(sw.load_experiment(fake_experiment), "gs://bucket/mix")
+  runs = sw.plan_runs(sw.load_experiment(fake_experiment), "/mnt/shared/mix")
   script = sw.tpu_pod_script(runs[:1], tpu_name="v5p-64", zone="us-east5-a", repo_dir="~/csft_jax")
   train = shlex.join(runs[0].train)
   assert script.splitlines() == [
@@ -204,9 +204,9 @@ def test_tpu_pod_commands(fake_experiment):
       f"gcloud compute tpus tpu-vm ssh v5p-64 --zone=us-east5-a --worker=all "
       f"--command={shlex.quote(f'cd ~/csft_jax && {train} --distributed')}",
       f"gcloud compute tpus tpu-vm ssh v5p-64 --zone=us-east5-a --worker=all "
-      f"--command={shlex.quote('cd ~/csft_jax && ' + shlex.join(runs[0].evals[0]))}",
+      f"--command={shlex.quote('cd ~/csft_jax && ' + shlex.join(runs[0].evals[0]) + ' --distributed')}",
   ]
-  assert "--workdir=gs://bucket/mix/sources-cmb_only" in script
+  assert "--workdir=/mnt/shared/mix/sources-cmb_only" in script
 
 
 def test_sweep_skips_resumes_and_survives_a_failure(fake_experiment, tmp_path):
