@@ -97,19 +97,22 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                cache_k: jax.Array | None, cache_v: jax.Array | None, cache_end: jax.Array | None):
+    """Returns (output, this call's keys, this call's values); the cache arrays are only read."""
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = inverse_frequencies(self.config)
     q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "heads", "head_dim"))
     k = apply_rope(k, positions, inv_freq)
+    new_k, new_v = k, v
     if cache_k is not None:
-      # Rows are left-padded, so every row writes its new keys at the same cache slot.
-      cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_end, 0, 0))
-      cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_end, 0, 0))
-      k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+      # This layer's past keys with the new ones in place (rows are left-padded, so every row
+      # writes at the same slot). The decoder writes only `new_k/new_v` into the stacked cache,
+      # so a decode step never copies the whole cache.
+      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_end, 0, 0)).astype(q.dtype)
+      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_end, 0, 0)).astype(q.dtype)
     out = attend(q, k, v, mask, implementation=self.config.attention_impl)
-    return self.o_proj(out), cache_k, cache_v
+    return self.o_proj(out), new_k, new_v
 
 
 class MLP(nnx.Module):
@@ -140,10 +143,10 @@ class Block(nnx.Module):
     self.mlp = MLP(config, rngs)
 
   def __call__(self, x, positions, mask, cache_k=None, cache_v=None, cache_end=None):
-    attn_out, cache_k, cache_v = self.attn(self.attn_norm(x), positions, mask, cache_k, cache_v, cache_end)
+    attn_out, new_k, new_v = self.attn(self.attn_norm(x), positions, mask, cache_k, cache_v, cache_end)
     x = x + attn_out
     x = x + self.mlp(self.mlp_norm(x))
-    return constrain(x, ("batch", "length", "embed")), cache_k, cache_v
+    return constrain(x, ("batch", "length", "embed")), new_k, new_v
 
 
 @flax.struct.dataclass
@@ -227,7 +230,7 @@ class Decoder(nnx.Module):
 
     x = jnp.take(self.embed.embedding[...], input_ids, axis=0).astype(jnp.dtype(config.dtype))
     x = constrain(x, ("batch", "length", "embed"))
-    x, cache_k, cache_v = self._run_layers(x, positions, mask, cache_k, cache_v, cache_end)
+    x, new_k, new_v = self._run_layers(x, positions, mask, cache_k, cache_v, cache_end)
     if last_logits_only:
       x = x[:, -1:]
     x = self.final_norm(x)
@@ -240,6 +243,10 @@ class Decoder(nnx.Module):
     logits = constrain(logits, ("batch", "length", "vocab"))
     if cache is None:
       return logits
+    # One in-place write of every layer's new keys/values into the stacked cache.
+    slot = (0, 0, cache.end, 0, 0)
+    cache_k = jax.lax.dynamic_update_slice(cache.k, new_k.astype(cache.k.dtype), slot)
+    cache_v = jax.lax.dynamic_update_slice(cache.v, new_v.astype(cache.v.dtype), slot)
     return logits, KVCache(cache_k, cache_v, kv_segments, cache.end + length)
 
   def _run_layers(self, x, positions, mask, cache_k, cache_v, cache_end):
@@ -253,21 +260,28 @@ class Decoder(nnx.Module):
 
     if self.config.scan_layers:
       # One traced layer body: compile time stays flat as depth grows.
+      if cache_k is None:
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def scan_layers(x, block):
+          return run_block(block, x, None, None)[0]
+
+        return scan_layers(x, self.layers), None, None
+
+      # Each step reads its layer of the cache and emits only this call's keys/values.
       @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0),
                 transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def scan_layers(x, block, ck, cv):
-        x, ck, cv = run_block(block, x, ck, cv)
-        return x, ck, cv
+      def scan_layers_with_cache(x, block, ck, cv):
+        return run_block(block, x, ck, cv)
 
-      return scan_layers(x, self.layers, cache_k, cache_v)
+      return scan_layers_with_cache(x, self.layers, cache_k, cache_v)
 
+    if cache_k is None:
+      for block in self.layers:
+        x = run_block(block, x, None, None)[0]
+      return x, None, None
     new_k, new_v = [], []
     for i, block in enumerate(self.layers):
-      ck = None if cache_k is None else cache_k[i]
-      cv = None if cache_v is None else cache_v[i]
-      x, ck, cv = run_block(block, x, ck, cv)
-      new_k.append(ck)
-      new_v.append(cv)
-    if cache_k is None:
-      return x, None, None
+      x, k, v = run_block(block, x, cache_k[i], cache_v[i])
+      new_k.append(k)
+      new_v.append(v)
     return x, jnp.stack(new_k), jnp.stack(new_v)
