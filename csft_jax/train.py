@@ -204,19 +204,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
       with activation_sharding(mesh):
         state, metrics = train_step(state, to_global(local))
       step += 1
+      saved = False
       if step % config.train.log_every == 0 or step == num_steps:
-        last_loss = _log(writer, step, jax.device_get(metrics), window, pipeline.source_names, flops_per_token,
-                         device_peak, mesh.size, config)
-      if step % config.checkpoint.every_steps == 0 or step == num_steps:
+        last_loss = _check_finite(_log(writer, step, jax.device_get(metrics), window, pipeline.source_names,
+                                       flops_per_token, device_peak, mesh.size, config), step, checkpointer)
+      if checkpointer.should_save(step) or step == num_steps:
         last_loss = _check_finite(float(jax.device_get(metrics["loss"])), step, checkpointer)
         save(step)
+        saved = True
       if config.train.eval_every > 0 and val_batches and (step % config.train.eval_every == 0 or step == num_steps):
         evaluate(step)
       if step == config.train.self_signal_at_step:
         os.kill(os.getpid(), signal.SIGTERM)  # test hook: exercises the real preemption path
       if step < num_steps and stop.requested():
         last_loss = _check_finite(float(jax.device_get(metrics["loss"])), step, checkpointer)
-        save(step)
+        if not saved:
+          save(step)
         status = "interrupted"
         _print(primary, f"{stop.signal_name or 'stop'} received: saved step {step} in {checkpointer.directory}; "
                f"rerun the same command to resume.")
@@ -229,6 +232,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
     checkpointer.close()
     writer.close()
 
+  if step == start and start > 0:
+    last_loss = _previous_final_loss(workdir)  # nothing left to train: keep the finished run's loss
   summary = {"status": status, "step": step, "num_steps": num_steps, "final_loss": last_loss,
              "workdir": workdir, "checkpoint": os.path.join(checkpointer.directory, str(checkpointer.latest_step()))}
   if status == "finished" and config.train.export_hf:
@@ -279,6 +284,14 @@ def _log(writer: MetricsWriter, step: int, metrics: dict, window: _Window, sourc
                        f"{scalars['tokens_per_s']:,.0f} tok/s | {scalars['step_time_s']:.3f} s/step{mfu}")
   window.reset()
   return loss
+
+
+def _previous_final_loss(workdir: str) -> float:
+  try:
+    with open(os.path.join(workdir, "run_summary.json")) as f:
+      return float(json.load(f).get("final_loss", float("nan")))
+  except (OSError, ValueError):
+    return float("nan")
 
 
 def _check_finite(loss: float, step: int, checkpointer: checkpointing.Checkpointer) -> float:

@@ -114,3 +114,14 @@ def test_num_epochs_sets_the_run_length_from_the_mixture():
   per_epoch = pipeline.estimate_steps_per_epoch(config.train.global_batch_size)
   assert per_epoch > 1
   assert train.resolve_num_steps(config.train, pipeline) == 2 * per_epoch
+
+
+def test_signal_on_a_checkpoint_step_saves_once_and_rerunning_a_finished_run_keeps_its_loss(tmp_path):
+  config = small_config(num_steps=4, self_signal_at_step=2)
+  config.checkpoint.every_steps = 2
+  workdir, summary = _run(tmp_path, "run", config)
+  assert summary["status"] == "interrupted" and summary["step"] == 2
+  _, summary = _run(tmp_path, "run", small_config(num_steps=4))
+  assert summary["status"] == "finished" and np.isfinite(summary["final_loss"])
+  _, again = _run(tmp_path, "run", small_config(num_steps=4))
+  assert again["step"] == 4 and again["final_loss"] == summary["final_loss"]
