@@ -12,6 +12,7 @@ the same command in the same workdir resumes from its latest checkpoint. Multi-h
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -57,6 +58,12 @@ def resolve_num_steps(train: ml_collections.ConfigDict, pipeline: DataPipeline) 
   return max(1, int(round(train.num_epochs * pipeline.estimate_steps_per_epoch(train.global_batch_size))))
 
 
+def new_train_state(model_config: ModelConfig, optimizer, seed: int) -> TrainState:
+  """A freshly initialised state (call under `jax.eval_shape` or `jit` with out_shardings)."""
+  params = nnx.state(Decoder(model_config, rngs=nnx.Rngs(seed)), nnx.Param)
+  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
 def initial_state(config: ml_collections.ConfigDict, model_config: ModelConfig, optimizer, mesh
                   ) -> tuple[nnx.GraphDef, TrainState, Any, ModelConfig]:
   """(graphdef, state, state shardings, model config), created or loaded directly sharded.
@@ -72,11 +79,7 @@ def initial_state(config: ml_collections.ConfigDict, model_config: ModelConfig, 
   elif init.from_checkpoint:
     model_config = checkpointing.read_model_config(checkpointing.resolve_step_dir(init.from_checkpoint), **runtime)
 
-  def create():
-    model = Decoder(model_config, rngs=nnx.Rngs(config.train.seed))
-    params = nnx.state(model, nnx.Param)
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-
+  create = functools.partial(new_train_state, model_config, optimizer, config.train.seed)
   abstract = jax.eval_shape(create)
   shardings = state_shardings(abstract, mesh)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
@@ -328,11 +331,7 @@ def print_plan(config: ml_collections.ConfigDict, vocab_size: int = 0) -> str:
   model_config = model_config_from(config.model, vocab_size)
   optimizer, _ = make_optimizer(config.optim, max(config.train.num_steps, 1))
 
-  def create():
-    params = nnx.state(Decoder(model_config, rngs=nnx.Rngs(0)), nnx.Param)
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-
-  abstract = jax.eval_shape(create)
+  abstract = jax.eval_shape(functools.partial(new_train_state, model_config, optimizer, 0))
   text = (f"model {model_config.arch}: {model_config.num_params() / 1e9:.3f}B parameters; mesh {dict(mesh.shape)}\n"
           + describe_plan(abstract, state_shardings(abstract, mesh)))
   return text
