@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from csft_jax.data.config import REPO_ROOT
 from csft_jax.models.config import ModelConfig
 from csft_jax.models.decoder import Decoder
 from csft_jax.sharding import state_shardings
@@ -102,6 +103,26 @@ def resolve_step_dir(path: str, step: int | None = None) -> str:
   if step not in steps:
     raise FileNotFoundError(f"No step {step} under {root}; available steps: {steps}.")
   return os.path.join(root, str(step))
+
+
+def training_workdir(path: str) -> str | None:
+  """The training workdir of a checkpoint path (`W`, `W/checkpoints` or `W/checkpoints/<step>`), if any."""
+  candidate = os.path.abspath(path)
+  for _ in range(3):
+    if os.path.isfile(os.path.join(candidate, "config.json")):
+      return candidate
+    candidate = os.path.dirname(candidate)
+  return None
+
+
+def training_data_config(workdir: str) -> tuple[str | None, str | None]:
+  """(tokenizer directory, chat template) of the run in `workdir`, from its `config.json`."""
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    data = json.load(f).get("data", {})
+  tokenizer = data.get("tokenizer")
+  if tokenizer:
+    tokenizer = os.path.normpath(os.path.join(REPO_ROOT, os.path.expanduser(tokenizer)))
+  return tokenizer, data.get("chat_template")
 
 
 def read_model_config(step_dir: str, **overrides: Any) -> ModelConfig:

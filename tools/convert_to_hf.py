@@ -7,7 +7,6 @@ The result loads with `transformers.AutoModelForCausalLM.from_pretrained(D)` (In
 own layout needs its remote code; `--layout=llama` writes plain Llama instead).
 """
 
-import json
 import os
 import sys
 import time
@@ -16,7 +15,6 @@ from absl import app, flags
 
 from csft_jax import checkpointing
 from csft_jax.convert import save_hf
-from csft_jax.data.config import REPO_ROOT
 
 flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints dir, or step dir.", required=True)
 flags.DEFINE_string("out", None, "Output HF directory.", required=True)
@@ -28,15 +26,13 @@ flags.DEFINE_string("tokenizer_dir", None, "Tokenizer files to copy (default: fo
 
 
 def tokenizer_for(checkpoint: str) -> str | None:
-  """The tokenizer that goes with a checkpoint: `<dir>/tokenizer`, or the training config's."""
-  candidates = [os.path.join(checkpoint, "tokenizer")]
-  config_path = os.path.join(checkpoint, "config.json")
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      tokenizer = json.load(f).get("data", {}).get("tokenizer")
-    if tokenizer:
-      candidates.append(os.path.join(REPO_ROOT, tokenizer))
-  return next((c for c in candidates if os.path.isdir(c)), None)
+  """The tokenizer that goes with a checkpoint: `<dir>/tokenizer` (convert_from_hf), or the run's."""
+  converted = os.path.join(checkpoint, "tokenizer")
+  if os.path.isdir(converted):
+    return converted
+  workdir = checkpointing.training_workdir(checkpoint)
+  tokenizer = checkpointing.training_data_config(workdir)[0] if workdir else None
+  return tokenizer if tokenizer and os.path.isdir(tokenizer) else None
 
 
 def main(argv: list[str]) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Sequence
 
@@ -530,28 +529,6 @@ def _is_hf_dir(path: str) -> bool:
           and any(name.endswith(".safetensors") for name in os.listdir(path)))
 
 
-def _training_workdir(path: str) -> str | None:
-  """The workdir of a checkpoint path: `W`, `W/checkpoints` or `W/checkpoints/<step>`."""
-  candidate = os.path.abspath(path)
-  for _ in range(3):
-    if os.path.isfile(os.path.join(candidate, "config.json")):
-      return candidate
-    candidate = os.path.dirname(candidate)
-  return None
-
-
-def _training_data_config(workdir: str) -> tuple[str | None, str | None]:
-  from csft_jax.data.config import REPO_ROOT  # pylint: disable=g-import-not-at-top
-
-  path = os.path.join(workdir, "config.json")
-  with open(path, encoding="utf-8") as f:
-    data = json.load(f).get("data", {})
-  tokenizer = data.get("tokenizer")
-  if tokenizer:
-    tokenizer = os.path.normpath(os.path.join(REPO_ROOT, os.path.expanduser(tokenizer)))
-  return tokenizer, data.get("chat_template")
-
-
 def load_model(path: str, dtype: str = "float32", *, mesh: Mesh | None = None, **overrides
                ) -> tuple[Decoder, ModelSource]:
   """Loads a model for evaluation from an HF directory or an Orbax checkpoint.
@@ -584,10 +561,10 @@ def load_model(path: str, dtype: str = "float32", *, mesh: Mesh | None = None, *
       shardings = nnx.as_pure(sharding.state_shardings(abstract, mesh))
     return load_hf(path, dtype=dtype, shardings=shardings, **overrides), source
   # Orbax checkpoints are owned by the trainer; imported here so HF-only use does not need it.
-  from csft_jax.checkpointing import restore_model  # pylint: disable=g-import-not-at-top
+  from csft_jax.checkpointing import restore_model, training_data_config, training_workdir  # pylint: disable=g-import-not-at-top
 
-  workdir = _training_workdir(path)
-  tokenizer, template = _training_data_config(workdir) if workdir else (None, None)
+  workdir = training_workdir(path)
+  tokenizer, template = training_data_config(workdir) if workdir else (None, None)
   if overrides:
     logging.info("Orbax checkpoint %s keeps its saved layout; ignoring %s.", path, sorted(overrides))
   model = restore_model(path, dtype=dtype, mesh=mesh)  # each parameter restored onto its shards
