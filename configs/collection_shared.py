@@ -6,14 +6,15 @@ Run `python -m csft_jax.data.inspect --config=configs/collection_shared.py`.
 
 import ml_collections
 
-from csft_jax.data.config import default_data_config, source_config
+from configs import base
+from csft_jax.data.config import DEMO_TOKENIZER, default_config, source_config
 
 COLLECTION = "../shared/data/collection"
 
 
 def get_data_config() -> ml_collections.ConfigDict:
   """Returns `config.data` mixing the shared collection by n_i ** (1/2)."""
-  data = default_data_config()
+  data = default_config()
   data.sources = ml_collections.ConfigDict(dict(
       cmeddialogue=source_config(
           f"{COLLECTION}/cmeddialogue/sample_IM_5000-6000.csv", "columns",
@@ -31,12 +32,13 @@ def get_data_config() -> ml_collections.ConfigDict:
   data.temperature = 2.0
   data.seq_len = 1024
   data.val_fraction = 0.01
+  data.tokenizer = DEMO_TOKENIZER
   return data
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Returns a config whose `data` field is the shared collection."""
+  """Returns the base config with the shared collection as `data`."""
   del arg
-  config = ml_collections.ConfigDict()
+  config = base.get_config()
   config.data = get_data_config()
   return config

@@ -4,22 +4,26 @@ Published settings (Zhu et al., 2024, trained with LLaMA-Factory): cutoff 1024, 
 cosine schedule, warmup ratio 0.05, bf16, per-device batch 16 x gradient accumulation 2 on 8 GPUs
 (global batch 256 sequences), the 12 sources concatenated (= proportional mixing).
 
-  python -m csft_jax.train --config=configs/collectivesft_internlm2_5_7b.py:8xh100 --workdir=W \
-      --config.init.from_hf=/models/internlm2_5-7b --config.data.tokenizer=/models/internlm2_5-7b \
-      --config.data.sources.cmb.path=/data/CMB-train-merge.json ...
+  python -m csft_jax.train --workdir=W \
+      --config=configs/collectivesft_internlm2_5_7b.py:mesh=8xh100,model_dir=/models/internlm2_5-7b,data_dir=/data/csft
 
-The argument is `k=v` pairs separated by commas (a bare name means `mesh=`): `mesh` picks a mesh
-preset (v4-8, v5e-8, v5p-8 or 8xh100, the default) and `sources` is `collection` (the default) or
-`cmb_only` (the single-source arm of experiments/mixture_ablation.py). Set each source path
-with `--config.data.sources.<name>.path=...`, or place the files under data/collectivesft/ (relative
-to the repository root) with the names below. Print the per-device memory plan without allocating anything:
+The argument is `k=v` pairs separated by commas (a bare name means `mesh=`):
+  mesh      a mesh preset: v4-8, v5e-8, v5p-8 or 8xh100 (the default);
+  sources   `collection` (the default) or `cmb_only` (the single-source arm of experiments/mixture_ablation.py);
+  model_dir the base model's HF directory (config.json, *.safetensors, tokenizer.json); it is both
+            `init.from_hf` and the tokenizer. Default: checkpoints/internlm2_5-7b;
+  data_dir  the folder holding the sources under the file names in SOURCES. Default: data/collectivesft.
+Relative paths are relative to the current directory. A single source can still be moved
+(`--config.data.sources.cmb.path=...`), capped (`.max_samples=1000`) or dropped (`.enabled=False`).
+Print the per-device memory plan without devices or allocation:
 
   python -m csft_jax.train --config=configs/collectivesft_internlm2_5_7b.py:v5p-8 --plan_only
 """
 
 import ml_collections
 
-from csft_jax.data.config import default_data_config, source_config
+from configs import base
+from csft_jax.data.config import source_config
 
 # Device count of each slice (a TPU v4/v5p chip is one JAX device with megacore) and its mesh.
 # Params (f32) + AdamW moments for 7.74B parameters are ~86.5 GiB in total, so FSDP over every
@@ -52,62 +56,44 @@ SOURCES = {
 }
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-  """`mesh=v5p-8,sources=cmb_only` (or a bare mesh name) -> {"mesh": ..., "sources": ...}."""
-  parsed = {"mesh": "8xh100", "sources": "collection"}
-  for part in filter(None, (arg or "").split(",")):
-    key, sep, value = part.partition("=")
-    key, value = (key, value) if sep else ("mesh", key)
-    if key not in parsed:
-      raise ValueError(f"config arg {arg!r}: unknown key {key!r}; use mesh=... and/or sources=...")
-    parsed[key] = value
-  if parsed["mesh"] not in MESH_PRESETS:
-    raise ValueError(f"Unknown mesh preset {parsed['mesh']!r}; choose one of {sorted(MESH_PRESETS)}.")
-  if parsed["sources"] not in ("collection", "cmb_only"):
-    raise ValueError(f"sources={parsed['sources']!r}; choose collection or cmb_only.")
-  return parsed
+def parse_arg(arg: str | None, *, model_dir: str) -> dict[str, str]:
+  """`mesh=v5p-8,sources=cmb_only,model_dir=M,data_dir=D` (a bare name is a mesh) -> options."""
+  return base.parse_arg(arg, {"mesh": "8xh100", "sources": "collection", "model_dir": model_dir,
+                              "data_dir": "data/collectivesft"},
+                        where="the CollectiveSFT recipe", bare="mesh",
+                        choices={"mesh": tuple(MESH_PRESETS), "sources": ("collection", "cmb_only")})
 
 
 def recipe(arg: str | None, *, model_preset: str, model_dir: str, chat_template: str,
            vocab_size: int) -> ml_collections.ConfigDict:
   """The CollectiveSFT recipe for one base model (shared by the configs of each model size)."""
-  options = parse_arg(arg)
-  preset = options["mesh"]
-  config = ml_collections.ConfigDict()
+  options = parse_arg(arg, model_dir=model_dir)
+  config = base.get_config()
 
   # Architecture comes from the HF checkpoint in init.from_hf; these are runtime choices.
-  config.model = ml_collections.ConfigDict(dict(
-      preset=model_preset, vocab_size=vocab_size, dtype="bfloat16", param_dtype="float32",
-      remat_policy="full", scan_layers=True,
-      # 'cudnn' (flash attention on NVIDIA GPUs) has not been validated against 'xla' yet; on
-      # H100s try --config.model.attention_impl=cudnn after comparing a few losses.
-      attention_impl="xla"))
+  # 'cudnn' (flash attention on NVIDIA GPUs) has not been validated against 'xla' yet; on H100s try
+  # --config.model.attention_impl=cudnn after comparing a few losses.
+  config.model.update(preset=model_preset, vocab_size=vocab_size, dtype="bfloat16", param_dtype="float32",
+                      remat_policy="full", scan_layers=True, attention_impl="xla")
 
-  data = default_data_config()
-  root = "data/collectivesft"
+  data = config.data
+  root = options["data_dir"]
   names = ["cmb"] if options["sources"] == "cmb_only" else list(SOURCES)
   data.sources = ml_collections.ConfigDict(
       {name: source_config(f"{root}/{SOURCES[name][0]}", SOURCES[name][1], **SOURCES[name][2]) for name in names})
   data.mixing = "proportional"  # the paper concatenated the sources
   data.seq_len = 1024  # LLaMA-Factory cutoff_len
   data.overlong = "truncate"
-  data.tokenizer = model_dir  # the model's own tokenizer (needs tokenizer.json)
+  data.tokenizer = ""  # empty: the tokenizer of init.from_hf, the model's own (needs tokenizer.json)
   data.chat_template = chat_template
   data.val_fraction = 0.002
-  config.data = data
 
-  config.mesh = ml_collections.ConfigDict(MESH_PRESETS[preset])
-
-  config.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=2e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, schedule="cosine",
-      warmup_steps=0, warmup_fraction=0.05, min_lr_ratio=0.0, grad_clip_norm=1.0, z_loss=0.0))
-
-  config.train = ml_collections.ConfigDict(dict(
-      num_steps=0, num_epochs=3.0, global_batch_size=256, grad_accum_steps=2, log_every=10, eval_every=500,
-      seed=0, peak_tflops=0.0, export_hf="hf_export", self_signal_at_step=-1))
-
-  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
-  config.init = ml_collections.ConfigDict(dict(from_hf=model_dir, from_checkpoint=""))
+  config.mesh.update(MESH_PRESETS[options["mesh"]])
+  config.optim.update(lr=2e-5, b2=0.999, weight_decay=0.0, warmup_fraction=0.05, min_lr_ratio=0.0)
+  config.train.update(num_epochs=3.0, global_batch_size=256, grad_accum_steps=2, log_every=10, eval_every=500,
+                      export_hf="hf_export")
+  config.checkpoint.update(every_steps=500, keep=3)
+  config.init.from_hf = options["model_dir"]
   return config
 
 

@@ -12,43 +12,25 @@ size) is the same items in every run and its eval loss is comparable across the 
 `experiments/mixture_ablation_tiny.py` sweeps this config.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from configs import base, collection_shared, demo
 from csft_jax.data.config import sample_collection_config
 
 SOURCES = ("cmb_only", "collection")
 CMB_SOURCE = "cmb_style_mcq"
 
 
-def _sibling_config(name: str):
-  """Loads configs/<name>.py by path: configs/ is not a package."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def parse_arg(arg: str | None) -> str:
-  """`sources=cmb_only|collection` (default collection) -> the sources choice."""
-  key, _, value = (arg or "sources=collection").partition("=")
-  if key != "sources" or value not in SOURCES:
-    raise ValueError(f"configs/mixture_tiny.py: arg {arg!r} must be `sources=X` with X in {SOURCES}.")
-  return value
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the demo config training on the chosen sources for 80 steps."""
-  sources = parse_arg(arg)
-  config = _sibling_config("demo").get_config()
+  sources = base.parse_arg(arg, {"sources": "collection"}, where="configs/mixture_tiny.py",
+                           choices={"sources": SOURCES})["sources"]
+  config = demo.get_config()
   cmb = sample_collection_config().sources[CMB_SOURCE]
   if sources == "cmb_only":
     config.data.sources = ml_collections.ConfigDict({CMB_SOURCE: cmb})
   else:
-    collection = _sibling_config("collection_shared").get_data_config().sources
+    collection = collection_shared.get_data_config().sources
     config.data.sources = ml_collections.ConfigDict({CMB_SOURCE: cmb, **collection})
   # 10% of 80 CMB items: 8 held out, enough for a per-source eval loss.
   config.data.val_fraction = 0.1
@@ -56,4 +38,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.eval_every = 40
   config.train.log_every = 10
   config.checkpoint.every_steps = 40
+  config.optim.lr = 3e-3
+  config.train.export_hf = ""
   return config

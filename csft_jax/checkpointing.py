@@ -1,15 +1,16 @@
 """Orbax checkpoints of a run, and restoring a model from one.
 
-Layout: `<dir>/<step>/` holds the items `params` (the model's parameters), `model_config`
-(JSON of `ModelConfig`), and for training runs also `opt_state`, `meta` (JSON: step and seed;
-training draws no random numbers after initialisation, so the seed is the whole RNG state),
-`config` (the run's config as JSON) and `data_iter` (Grain iterator state, one file per process). A training workdir keeps them in
-`W/checkpoints`; `tools/convert_from_hf.py` writes the same layout with only `params` and
-`model_config`, which `init.from_checkpoint` and the evaluator accept.
+Layout: `<dir>/<step>/` holds the items `state` (the `TrainState` as one pytree: `step`, `params`,
+`opt_state`), `model_config` (JSON of `ModelConfig`), and for training runs also `config` (the
+run's config as JSON) and `data_iter` (Grain iterator state, one file per process). A training
+run keeps them in `W/checkpoints` (`csft_jax.workdir.RunDir`); `tools/convert_from_hf.py` writes
+the same layout with a `state` of params only, which `init.from_checkpoint` and the evaluator
+accept.
 
 Resume guarantee: restoring step s gives bitwise the parameters, optimizer state and data
 position after s completed steps, onto whatever mesh the target shardings describe (Orbax
-reshards on load).
+reshards on load). A step that cannot be read is moved aside (`W/checkpoints_unreadable/`) and
+the next older one is tried; a run never starts over silently.
 """
 
 from __future__ import annotations
@@ -17,18 +18,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from csft_jax.data.config import REPO_ROOT
 from csft_jax.models.config import ModelConfig
 from csft_jax.models.decoder import Decoder
 from csft_jax.sharding import state_shardings
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used: missing, of the wrong kind, or unreadable."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.checkpoint`: how often to save, how many to keep, async saving."""
+  return ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
 
 
 def model_config_to_json(config: ModelConfig) -> dict[str, Any]:
@@ -45,16 +58,24 @@ def model_config_from_json(fields: dict[str, Any], **overrides: Any) -> ModelCon
   return ModelConfig(**fields)
 
 
+def _as_dict(state: Any) -> dict[str, Any]:
+  """A `TrainState` (or any object with those fields) as the dict the `state` item stores."""
+  return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+
+
 class Checkpointer:
   """An async `CheckpointManager` that saves every `every_steps` and keeps the last `keep`."""
 
   def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self.every_steps = every_steps
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                             create=True))
+    self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                 create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=self._options)
+
+  def steps(self) -> list[int]:
+    """Saved steps, oldest first."""
+    return sorted(self.manager.all_steps())
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -62,21 +83,40 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self.every_steps > 0 and step % self.every_steps == 0
 
-  def save(self, step: int, *, params: Any, opt_state: Any, meta: dict[str, Any], data_iter: Any,
-           model_config: ModelConfig, config: dict[str, Any]) -> None:
-    """Starts an async save of step `step` (returns once the arrays are copied off device)."""
+  def save(self, state: Any, *, data_iter: Any, model_config: ModelConfig, config: dict[str, Any]) -> None:
+    """Starts an async save of `state` at its step (returns once the arrays are copied off device)."""
+    step = int(jax.device_get(state.step))
     self.manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-        meta=ocp.args.JsonSave(meta), model_config=ocp.args.JsonSave(model_config_to_json(model_config)),
+        state=ocp.args.StandardSave(_as_dict(state)),
+        model_config=ocp.args.JsonSave(model_config_to_json(model_config)),
         config=ocp.args.JsonSave(config), data_iter=grain.checkpoint.CheckpointSave(data_iter)), force=True)
 
-  def restore(self, step: int, *, abstract_params: Any, abstract_opt_state: Any, data_iter: Any
-              ) -> tuple[Any, Any, dict[str, Any]]:
-    """Restores (params, opt_state, meta) onto the shardings of the abstract targets; sets `data_iter`."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params), opt_state=ocp.args.StandardRestore(abstract_opt_state),
-        meta=ocp.args.JsonRestore(), data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
-    return restored.params, restored.opt_state, restored.meta
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def restore(self, step: int, abstract_state: Any, data_iter: Any) -> dict[str, Any]:
+    """Restores step `step`'s state dict onto the shardings of `abstract_state`; sets `data_iter`.
+
+    Raises:
+      CheckpointError naming the step and, where the error says, the file that could not be read.
+    """
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_as_dict(abstract_state)),
+          data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"step {step} cannot be restored: {_failing_file(e, self.step_dir(step))}") from e
+    return restored.state
+
+  def move_aside(self, step: int, destination: str) -> str:
+    """Moves step `step` out of the manager's sight, into `destination/<step>`; returns that path."""
+    os.makedirs(destination, exist_ok=True)
+    target = os.path.join(destination, str(step))
+    if os.path.exists(target):
+      shutil.rmtree(target)
+    shutil.move(self.step_dir(step), target)
+    self.manager.reload()
+    return target
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -86,57 +126,62 @@ class Checkpointer:
     self.manager.close()
 
 
+def _failing_file(error: Exception, step_dir: str) -> str:
+  """The first file of `step_dir` that `error`'s text names, with the error's first line."""
+  text = str(error)
+  match = re.search(re.escape(step_dir) + r"[^\s\"',)]*", text)
+  first_line = text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__
+  where = f"file {match.group(0)}" if match else f"a file under {step_dir}"
+  return f"{where} ({type(error).__name__}: {first_line})"
+
+
 def resolve_step_dir(path: str, step: int | None = None) -> str:
   """A step directory from a workdir, a checkpoints dir or a step dir (latest step by default)."""
   path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "params")):
+  if os.path.isdir(os.path.join(path, "state")) or os.path.isdir(os.path.join(path, "model_config")):
     return path
   checkpoints = os.path.join(path, "checkpoints")
   root = checkpoints if os.path.isdir(checkpoints) else path
   steps = sorted(int(name) for name in (os.listdir(root) if os.path.isdir(root) else []) if name.isdigit())
   if not steps:
-    raise FileNotFoundError(
+    hint = (" It is an HF model directory: use it as config.init.from_hf." if _is_hf_dir(path) else "")
+    raise CheckpointError(
         f"No checkpoint under {path}: expected a training workdir (with checkpoints/<step>/), a checkpoints "
-        f"directory, or a step directory containing params/.")
+        f"directory, or a step directory containing state/.{hint}")
   if step is None:
     return os.path.join(root, str(steps[-1]))
   if step not in steps:
-    raise FileNotFoundError(f"No step {step} under {root}; available steps: {steps}.")
+    raise CheckpointError(f"No step {step} under {root}; available steps: {steps}.")
   return os.path.join(root, str(step))
 
 
-def training_workdir(path: str) -> str | None:
-  """The training workdir of a checkpoint path (`W`, `W/checkpoints` or `W/checkpoints/<step>`), if any."""
-  candidate = os.path.abspath(path)
-  for _ in range(3):
-    if os.path.isfile(os.path.join(candidate, "config.json")):
-      return candidate
-    candidate = os.path.dirname(candidate)
-  return None
-
-
-def training_data_config(workdir: str) -> tuple[str | None, str | None]:
-  """(tokenizer directory, chat template) of the run in `workdir`, from its `config.json`."""
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    data = json.load(f).get("data", {})
-  tokenizer = data.get("tokenizer")
-  if tokenizer:
-    tokenizer = os.path.normpath(os.path.join(REPO_ROOT, os.path.expanduser(tokenizer)))
-  return tokenizer, data.get("chat_template")
+def _is_hf_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "config.json")) and any(
+      name.endswith(".safetensors") for name in os.listdir(path))
 
 
 def read_model_config(step_dir: str, **overrides: Any) -> ModelConfig:
   path = os.path.join(step_dir, "model_config", "metadata")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{step_dir} has no model_config item; is it a csft_jax checkpoint?")
-  with open(path) as f:
-    return model_config_from_json(json.load(f), **overrides)
+    raise CheckpointError(f"{step_dir} has no model_config item; is it a csft_jax checkpoint?")
+  try:
+    with open(path) as f:
+      fields = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: cannot read the model config ({e}).") from e
+  return model_config_from_json(fields, **overrides)
 
 
 def restore_params(step_dir: str, abstract_params: Any) -> Any:
-  """Restores only the `params` item onto the shardings/dtypes of `abstract_params`."""
-  with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(os.path.join(step_dir, "params"), abstract_params)
+  """Restores only the parameters onto the shardings/dtypes of `abstract_params`."""
+  target = {"params": abstract_params}
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"parameters of {step_dir} cannot be restored: {_failing_file(e, step_dir)}") from e
+  return restored["params"]
 
 
 def restore_model(path: str, *, step: int | None = None, dtype: str | None = None, mesh: Mesh | None = None,
@@ -162,15 +207,14 @@ def restore_model(path: str, *, step: int | None = None, dtype: str | None = Non
   else:
     shardings = state_shardings(abstract_params, mesh)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
-  params = restore_params(step_dir, target)
-  return nnx.merge(graphdef, params)
+  return nnx.merge(graphdef, restore_params(step_dir, target))
 
 
 def save_model(directory: str, model: Decoder, step: int = 0) -> str:
   """Writes `model` as a params-only checkpoint `<directory>/<step>/` (what the trainer can start from)."""
   manager = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=True))
   manager.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(nnx.state(model, nnx.Param)),
+      state=ocp.args.StandardSave({"step": jnp.asarray(step, jnp.int32), "params": nnx.state(model, nnx.Param)}),
       model_config=ocp.args.JsonSave(model_config_to_json(model.config))), force=True)
   manager.wait_until_finished()
   manager.close()

@@ -1,38 +1,38 @@
-"""Evaluates a checkpoint on CMB-Exam, MedS-Bench or CMB-Clin.
+"""Evaluates a checkpoint on a benchmark: CMB-Exam, MedS-Bench, CMB-Clin (csft_jax.eval.<name>).
 
   python -m csft_jax.evaluate --config=configs/eval/cmb.py --config.checkpoint=W
   python -m csft_jax.evaluate --config=configs/eval/meds_bench.py --config.checkpoint=W
-  python -m csft_jax.evaluate --config=configs/eval/cmb_clin.py --config.checkpoint=HF_DIR
+  python -m csft_jax.evaluate --config=configs/eval/cmb.py --config.checkpoint=HF_DIR --config.out_dir=OUT
 
-`checkpoint` is a training workdir (latest step; tokenizer and chat template from W/config.json),
-W/checkpoints, a step directory, or an HF directory (its own tokenizer, template 'hf'). Results
-go to `<workdir>/eval/<benchmark>/` (or `--config.out_dir`): `results.json` is what sweeps and
-reports read. A progress bar with ETA runs on stderr; a one-screen summary ends the run.
+`checkpoint` is a training workdir (latest step; the run's tokenizer and chat template), W/checkpoints,
+a step directory, or an HF directory (its own tokenizer and template); see `csft_jax.loading`.
+Results go to `W/eval/<name>/` for a run W (its checkpoints and its HF export alike),
+`<dir>/eval/<name>/` for a directory outside a run, or `--config.out_dir`; the name carries the mode (`cmb-answer`, `cmb-cot`, `meds_bench`). The output
+directory is checked for writing before the model loads. `results.json` is what sweeps and reports
+read. A progress bar with ETA runs on stderr; a one-screen summary ends the run.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from typing import Any
 
 import ml_collections
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, logging
 
-from csft_jax import distributed, sharding
-from csft_jax.console import quiet_library_info_logs
-from csft_jax.data.config import REPO_ROOT
-from csft_jax.data.errors import DataError
-from csft_jax.data.templates import ChatTemplate, load_chat_template
-from csft_jax.data.tokenizer import load_tokenizer
-from csft_jax.eval import cmb, cmb_clin, engine, meds_bench, runner
+from csft_jax import configuration, distributed, files, sharding
+from csft_jax.console import run_cli
+from csft_jax.loading import load_chat_model
+from csft_jax.eval import runner
+from csft_jax.workdir import RunDir
 
 
-# Problems with the inputs a person can fix; reported as one line, without a traceback.
-INPUT_ERRORS = (runner.EvalConfigError, cmb.CMBInputError, meds_bench.MedSInputError, cmb_clin.ClinInputError,
-                DataError, FileNotFoundError)
+def output_dir(config: ml_collections.ConfigDict, benchmark: runner.Benchmark) -> str:
+  """Where the evaluation of `config` writes (see the module docstring)."""
+  if config.out_dir:
+    return config.out_dir
+  home = RunDir.containing(config.checkpoint) or RunDir(config.checkpoint)
+  return home.eval_dir(benchmark.result_name(config))
 
 
 def run(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | None, str, str]:
@@ -41,61 +41,38 @@ def run(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | None, str, 
   Returns:
     `(results or None when unscored, summary text, output directory)`.
   """
-  runner.validate_config(config)
+  config = configuration.resolve_paths(config)
+  benchmark = runner.validate_config(config)
+  out_dir = output_dir(config, benchmark)
+  files.check_writable(out_dir, "config.out_dir (the evaluation's output directory)")
   mesh = sharding.make_mesh(**config.mesh)
   start = time.perf_counter()
-  model, source = engine.load_model(runner.resolve_path(config.checkpoint), dtype=config.dtype, mesh=mesh,
-                                    scan_layers=config.scan_layers)
-  logging.info("Loaded %s checkpoint %s in %.1fs.", source.kind, source.path, time.perf_counter() - start)
-  chat = runner.ChatModel(model, *_tokenizer_and_template(config, source, model.config.vocab_size), mesh=mesh,
+  loaded = load_chat_model(config.checkpoint, dtype=config.dtype, mesh=mesh, tokenizer=config.tokenizer,
+                           chat_template=config.chat_template, scan_layers=config.scan_layers)
+  logging.info("Loaded %s checkpoint %s in %.1fs.", loaded.kind, loaded.path, time.perf_counter() - start)
+  chat = runner.ChatModel(loaded.model, loaded.tokenizer, loaded.template, mesh=mesh,
                           batch_size=config.batch_size, max_prompt_len=config.max_prompt_len or None)
-  out_dir = config.out_dir or os.path.join(source.workdir, "eval", config.benchmark)
-  results, summary = runner.RUNNERS[config.benchmark](chat, config, out_dir)
+  results, summary = benchmark.run(chat, config, out_dir)
   return results, summary, out_dir
 
 
-def _tokenizer_and_template(config: ml_collections.ConfigDict, source: engine.ModelSource,
-                            vocab_size: int) -> tuple[Any, ChatTemplate]:
-  """The eval config's tokenizer/template, else the checkpoint's; checked against the model."""
-  tokenizer_dir = config.tokenizer or source.tokenizer
-  if not tokenizer_dir:
-    raise runner.EvalConfigError(
-        f"No tokenizer for checkpoint {source.path}: it has no tokenizer files and no training config.json "
-        "naming one; pass --config.tokenizer=DIR.")
-  tokenizer = load_tokenizer(tokenizer_dir, REPO_ROOT)
-  if len(tokenizer) > vocab_size:
-    raise runner.EvalConfigError(
-        f"Tokenizer {tokenizer_dir} has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}: "
-        "they do not belong together; pass the model's own tokenizer with --config.tokenizer=DIR.")
-  template_name = config.chat_template or source.chat_template
-  if not template_name:
-    raise runner.EvalConfigError(
-        f"No chat template known for checkpoint {source.path}; pass --config.chat_template=hf|chatml|internlm2|llama3.")
-  return tokenizer, load_chat_template(template_name, tokenizer)
-
-
 def main(argv: list[str]) -> None:
-  """Runs the eval config and prints its summary; input problems exit with one `error:` line."""
+  """Runs the eval config and prints its summary."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}; settings go in --config.FIELD=VALUE.")
-  if not flags.FLAGS["verbosity"].present:
-    quiet_library_info_logs()
   distributed.initialize_from_flags()
   start = time.perf_counter()
-  try:
-    _, summary, out_dir = run(flags.FLAGS.config)
-  except INPUT_ERRORS as error:
-    sys.exit(f"error: {error}")
+  _, summary, out_dir = run(configuration.from_flags())
   print(summary, end="")
   print(f"Results in {out_dir} ({time.perf_counter() - start:.1f}s).")
 
 
 def define_flags() -> None:
   """Command-line flags, defined only when run as a program (so modules can import each other)."""
-  config_flags.DEFINE_config_file("config", None, "An eval config from configs/eval/.")
+  configuration.define_config_flag("An eval config from configs/eval/.")
   distributed.define_flags()
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  run_cli(main)

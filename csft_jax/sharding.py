@@ -12,6 +12,7 @@ import contextvars
 from typing import Any, Iterator, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -37,6 +38,11 @@ _ACTIVE: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.Context
     "csft_jax_activation_sharding", default=None)
 
 
+def default_config() -> ml_collections.ConfigDict:
+  """`config.mesh`: device counts per axis; one may be -1 for "the remaining devices"."""
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds a `(data, fsdp, tensor)` mesh; one size may be -1 to take the remaining devices."""
@@ -55,6 +61,12 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
         f"but {len(devices)} are available; set config.mesh sizes (use -1 for one of them).")
   device_grid = np.asarray(devices).reshape(sizes)
   return Mesh(device_grid, MESH_AXES)
+
+
+def abstract_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1) -> jax.sharding.AbstractMesh:
+  """A `(data, fsdp, tensor)` mesh of named sizes only, for planning without the devices (-1 counts as 1)."""
+  sizes = tuple(max(size, 1) for size in (data, fsdp, tensor))
+  return jax.sharding.AbstractMesh(sizes, MESH_AXES)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,

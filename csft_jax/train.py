@@ -1,23 +1,25 @@
 r"""Supervised fine-tuning: `python -m csft_jax.train --config=configs/X.py --workdir=W`.
 
-This file is the story of one run, top to bottom: devices and mesh, data, model and optimizer
-state (created directly sharded), resume, the loop (log, eval, checkpoint, stop on signal or
-divergence), and the end (final checkpoint, summary, optional HF export).
+This file is the story of one run, top to bottom: the run directory, data, devices and mesh,
+model and optimizer state (`restore_or_init`: resumed, imported or created directly sharded), the
+loop (log, eval, checkpoint, stop on signal or divergence), and the end (final checkpoint,
+summary, optional HF export).
 
 Any config field can be overridden: `--config.optim.lr=1e-5 --config.mesh.fsdp=8`. Rerunning
-the same command in the same workdir resumes from its latest checkpoint. Multi-host: pass
+the same command in the same workdir resumes from its latest readable checkpoint, without
+touching `init.from_hf` / `init.from_checkpoint` again. Multi-host: pass
 `--coordinator_address/--num_processes/--process_id`, or `--distributed` on TPU VMs, where
 `jax.distributed.initialize()` reads the topology from the environment.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
 import os
 import signal
 import sys
-import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,27 +29,53 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from ml_collections import config_flags
 
-from csft_jax import checkpointing, distributed
-from csft_jax.console import quiet_library_info_logs
-from csft_jax.convert import load_hf, read_hf_config, save_hf
-from csft_jax.data.config import REPO_ROOT
+from csft_jax import checkpointing, configuration, distributed, files, workdir as workdir_lib
+from csft_jax.console import run_cli
+from csft_jax.convert import read_hf_config, save_hf
+from csft_jax.convert.hf import copy_tokenizer_files, load_hf
 from csft_jax.data.pipeline import DataPipeline
+from csft_jax.loading import is_hf_dir
 from csft_jax.models import Decoder, ModelConfig, model_config_from
-from csft_jax.sharding import (activation_sharding, describe_plan, logical_to_spec, make_mesh,
+from csft_jax.models.config import ARCHITECTURE_FIELDS, RUNTIME_FIELDS
+from csft_jax.sharding import (abstract_mesh, activation_sharding, describe_plan, logical_to_spec, make_mesh,
                                state_shardings)
 from csft_jax.training.loss import LossSums
-from csft_jax.training.metrics import MetricsWriter, peak_flops, training_flops_per_token
+from csft_jax.training.metrics import MetricsWriter, StepMeter, itstime, peak_flops, training_flops_per_token
 from csft_jax.training.optimizer import make_optimizer
 from csft_jax.training.step import TrainState, make_eval_step, make_train_step
+from csft_jax.workdir import RunDir
 
-# ModelConfig fields that may change between a checkpoint and the run that loads it.
-RUNTIME_MODEL_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl")
+
+def default_train_config() -> ml_collections.ConfigDict:
+  """`config.train`: run length, batch, logging/eval cadence, seed, export."""
+  return ml_collections.ConfigDict(dict(
+      num_steps=0,  # > 0 wins over num_epochs.
+      num_epochs=0.0,
+      global_batch_size=8,  # Rows per optimizer step, over all devices and accumulation steps.
+      grad_accum_steps=1,
+      log_every=10,
+      eval_every=0,  # Held-out loss every N steps (needs data.val_fraction > 0); 0: never.
+      seed=0,
+      peak_tflops=0.0,  # Per-device peak for MFU where the device kind is unknown.
+      export_hf="",  # A directory name under the workdir (e.g. "hf_export"): the finished model in HF format.
+  ))
+
+
+def default_init_config() -> ml_collections.ConfigDict:
+  """`config.init`: where a new run's weights come from (at most one; neither: random)."""
+  return ml_collections.ConfigDict(dict(
+      from_hf="",  # An HF model directory (config.json + *.safetensors).
+      from_checkpoint="",  # A csft_jax checkpoint: workdir, checkpoints dir, step dir or convert_from_hf output.
+  ))
 
 
 class TrainingDiverged(RuntimeError):
   """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class InitError(ValueError):
+  """An init source, tokenizer or resumed run that does not fit the config."""
 
 
 def resolve_num_steps(train: ml_collections.ConfigDict, pipeline: DataPipeline) -> int:
@@ -64,37 +92,173 @@ def new_train_state(model_config: ModelConfig, optimizer, seed: int) -> TrainSta
   return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
 
-def initial_state(config: ml_collections.ConfigDict, model_config: ModelConfig, optimizer, mesh
-                  ) -> tuple[nnx.GraphDef, TrainState, Any, ModelConfig]:
-  """(graphdef, state, state shardings, model config), created or loaded directly sharded.
+def data_config_for(config: ml_collections.ConfigDict, run_dir: RunDir) -> ml_collections.ConfigDict:
+  """`config.data` with the tokenizer this run uses: its own copy once it has one, else
+  `data.tokenizer`, else the tokenizer of `init.from_hf`."""
+  data = config.data.copy_and_resolve_references()
+  if os.path.isdir(run_dir.tokenizer):
+    data.tokenizer = run_dir.tokenizer
+  elif not data.tokenizer:
+    if not config.init.from_hf:
+      raise InitError("config.data.tokenizer is empty and there is no config.init.from_hf to take one from; "
+                      "name a tokenizer directory.")
+    data.tokenizer = config.init.from_hf
+  return data
 
-  Random init runs inside `jit` with `out_shardings`, so no device ever holds the whole model.
+
+# --------------------------------------------------------------- the state ----
+
+
+@dataclasses.dataclass
+class StartingState:
+  """What `restore_or_init` decided and built."""
+
+  graphdef: nnx.GraphDef
+  state: TrainState
+  shardings: Any
+  model_config: ModelConfig
+  origin: str  # A sentence for the console: where the weights came from.
+
+
+def _check_fixed_fields(model_config: ModelConfig, model: ml_collections.ConfigDict, source: str) -> None:
+  """Architecture fields the config sets must agree with a loaded model's; they cannot change."""
+  wanted = {k: model[k] for k in ARCHITECTURE_FIELDS if model.get(k) is not None}
+  if model.get("vocab_size", -1) > 0:
+    wanted["vocab_size"] = model.vocab_size
+  conflicts = {k: (v, getattr(model_config, k)) for k, v in wanted.items() if v != getattr(model_config, k)}
+  if conflicts:
+    listed = ", ".join(f"config.model.{k}={v!r} but {source} has {has!r}" for k, (v, has) in conflicts.items())
+    raise InitError(f"model shape conflicts: {listed}. The shape of a loaded model cannot change; drop those "
+                    "overrides (or start a new workdir).")
+
+
+def _check_vocab(tokenizer_size: int, model_config: ModelConfig, tokenizer: str, source: str) -> None:
+  if tokenizer_size > model_config.vocab_size:
+    raise InitError(f"tokenizer {tokenizer} has {tokenizer_size} tokens but the model from {source} has "
+                    f"vocab_size {model_config.vocab_size}: they do not belong together. Use the model's own "
+                    "tokenizer (config.data.tokenizer).")
+
+
+def _abstract(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh) -> tuple[TrainState, Any]:
+  """The state's shapes with their shardings attached, and the shardings."""
+  abstract = jax.eval_shape(functools.partial(new_train_state, model_config, optimizer, seed))
+  shardings = state_shardings(abstract, mesh)
+  with_shardings = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return with_shardings, shardings
+
+
+def _graphdef(model_config: ModelConfig) -> nnx.GraphDef:
+  return nnx.graphdef(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
+
+
+def _resume(config, tokenizer_size: int, optimizer, mesh: Mesh, checkpointer: checkpointing.Checkpointer,
+            data_iter, run_dir: RunDir, say: Callable[[str], None]) -> StartingState | None:
+  """The newest readable checkpoint of the run, restored straight into sharded targets (or None)."""
+  runtime = {k: config.model[k] for k in RUNTIME_FIELDS}
+  unreadable = []
+  for step in reversed(checkpointer.steps()):
+    try:
+      model_config = checkpointing.read_model_config(checkpointer.step_dir(step), **runtime)
+      _check_fixed_fields(model_config, config.model, f"the checkpoint of step {step}")
+      _check_vocab(tokenizer_size, model_config, config.data.tokenizer, f"the checkpoint of step {step}")
+      abstract, shardings = _abstract(model_config, optimizer, config.train.seed, mesh)
+      restored = checkpointer.restore(step, abstract, data_iter)
+    except checkpointing.CheckpointError as e:
+      moved = checkpointer.move_aside(step, run_dir.unreadable_checkpoints) if _primary() else "(process 0 moves it)"
+      say(f"WARNING: checkpoint {e}; moved it to {moved}, trying the one before.")
+      unreadable.append(step)
+      continue
+    origin = f"resumed from step {step} in {checkpointer.directory}"
+    if unreadable:
+      origin += f" (the newest readable; unreadable steps {unreadable} are in {run_dir.unreadable_checkpoints})"
+    return StartingState(_graphdef(model_config), TrainState(**restored), shardings, model_config, origin)
+  if unreadable:
+    raise checkpointing.CheckpointError(
+        f"no checkpoint of {run_dir.root} can be read (steps {unreadable}, moved to {run_dir.unreadable_checkpoints}); "
+        "not starting over. Move one back if it is intact, or use a new workdir.")
+  return None
+
+
+def _init_source_config(config, runtime: dict[str, Any]) -> tuple[ModelConfig, str]:
+  """The model config of `init.from_hf` / `init.from_checkpoint`, read before anything is allocated."""
+  init = config.init
+  if init.from_hf:
+    if not os.path.isdir(init.from_hf):
+      raise InitError(f"config.init.from_hf={init.from_hf!r}: no such directory.")
+    if not is_hf_dir(init.from_hf):
+      hint = (" It is a csft_jax checkpoint: set config.init.from_checkpoint instead."
+              if os.path.isdir(os.path.join(init.from_hf, "checkpoints")) or os.path.isdir(
+                  os.path.join(init.from_hf, "model_config")) or any(n.isdigit() for n in os.listdir(init.from_hf))
+              else "")
+      raise InitError(f"config.init.from_hf={init.from_hf!r} is not an HF model directory (config.json + "
+                      f"*.safetensors).{hint}")
+    return read_hf_config(init.from_hf, **runtime), f"config.init.from_hf={init.from_hf}"
+  try:
+    step_dir = checkpointing.resolve_step_dir(init.from_checkpoint)
+  except checkpointing.CheckpointError as e:
+    raise InitError(f"config.init.from_checkpoint: {e}") from None
+  return checkpointing.read_model_config(step_dir, **runtime), f"config.init.from_checkpoint={step_dir}"
+
+
+def random_init(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh) -> StartingState:
+  """A new state, created inside `jit` with `out_shardings`: no device ever holds the whole model."""
+  _, shardings = _abstract(model_config, optimizer, seed, mesh)
+  state = jax.jit(functools.partial(new_train_state, model_config, optimizer, seed), out_shardings=shardings)()
+  return StartingState(_graphdef(model_config), state, shardings, model_config, "random init")
+
+
+def restore_or_init(config: ml_collections.ConfigDict, tokenizer_size: int, optimizer, mesh: Mesh,
+                    checkpointer: checkpointing.Checkpointer, data_iter, run_dir: RunDir,
+                    say: Callable[[str], None] = print) -> StartingState:
+  """The run's starting state, decided in this order:
+
+  1. the workdir's newest readable checkpoint, restored straight into abstract sharded targets
+     (the init source is never touched: it may be gone);
+  2. else `init.from_hf` / `init.from_checkpoint`, each parameter placed directly on its shards;
+  3. else random init inside `jit` with `out_shardings` (no device ever holds the whole model).
+
+  The `ModelConfig` and the tokenizer/vocab check are settled before anything is allocated.
   """
   init = config.init
-  runtime = {k: getattr(model_config, k) for k in RUNTIME_MODEL_FIELDS}
   if init.from_hf and init.from_checkpoint:
-    raise ValueError("Set at most one of config.init.from_hf and config.init.from_checkpoint.")
+    raise InitError("Set at most one of config.init.from_hf and config.init.from_checkpoint.")
+  resumed = _resume(config, tokenizer_size, optimizer, mesh, checkpointer, data_iter, run_dir, say)
+  if resumed is not None:
+    return resumed
+  runtime = {k: config.model[k] for k in RUNTIME_FIELDS}
+  if not (init.from_hf or init.from_checkpoint):
+    model_config = model_config_from(config.model, tokenizer_size)
+    _check_vocab(tokenizer_size, model_config, config.data.tokenizer, "config.model")
+    return random_init(model_config, optimizer, config.train.seed, mesh)
+  model_config, source = _init_source_config(config, runtime)
+  _check_fixed_fields(model_config, config.model, source)
+  _check_vocab(tokenizer_size, model_config, config.data.tokenizer, source)
+  abstract, shardings = _abstract(model_config, optimizer, config.train.seed, mesh)
   if init.from_hf:
-    model_config = read_hf_config(init.from_hf, **runtime)
-  elif init.from_checkpoint:
-    model_config = checkpointing.read_model_config(checkpointing.resolve_step_dir(init.from_checkpoint), **runtime)
-
-  create = functools.partial(new_train_state, model_config, optimizer, config.train.seed)
-  abstract = jax.eval_shape(create)
-  shardings = state_shardings(abstract, mesh)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
-  if init.from_hf:
-    params = nnx.state(load_hf(init.from_hf, model_config.param_dtype, shardings=shardings.params, **runtime),
-                       nnx.Param)
-  elif init.from_checkpoint:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract.params, shardings.params)
-    params = checkpointing.restore_params(checkpointing.resolve_step_dir(init.from_checkpoint), target)
+    params = nnx.state(load_hf(init.from_hf, model_config.param_dtype, shardings=shardings.params,
+                               **{k: v for k, v in runtime.items() if k != "param_dtype"}), nnx.Param)
   else:
-    state = jax.jit(create, out_shardings=shardings)()
-    return graphdef, state, shardings, model_config
+    params = checkpointing.restore_params(checkpointing.resolve_step_dir(init.from_checkpoint), abstract.params)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-  return graphdef, TrainState(jnp.zeros((), jnp.int32), params, opt_state), shardings, model_config
+  state = TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+  return StartingState(_graphdef(model_config), state, shardings, model_config, f"started from {source}")
+
+
+def jit_steps(config: ml_collections.ConfigDict, start: StartingState, optimizer, schedule, mesh: Mesh,
+              num_sources: int) -> tuple[Callable, Callable, NamedSharding]:
+  """(train step, eval step, batch sharding): the jitted programs of a run, state donated."""
+  batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length")))
+  train_step = jax.jit(
+      make_train_step(start.graphdef, optimizer, num_sources=num_sources,
+                      grad_accum_steps=config.train.grad_accum_steps, z_loss_weight=config.optim.z_loss,
+                      schedule=schedule),
+      in_shardings=(start.shardings, batch_sharding), out_shardings=(start.shardings, None), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(start.graphdef, num_sources=num_sources),
+                      in_shardings=(start.shardings.params, batch_sharding))
+  return train_step, eval_step, batch_sharding
+
+
+# ---------------------------------------------------------------- the run ----
 
 
 class StopRequest:
@@ -121,65 +285,61 @@ class StopRequest:
     return bool(flag)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> dict[str, Any]:
+def _primary() -> bool:
+  return jax.process_index() == 0
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None,
+        after_step: Callable[[int], None] | None = None) -> dict[str, Any]:
   """Trains as `config` says in `workdir` (resuming if it holds checkpoints); returns the summary.
 
   Args:
-    config: the run's config (see configs/demo.py for the fields).
-    workdir: run directory.
+    config: the run's config (see configs/base.py for the fields).
+    workdir: run directory (`csft_jax.workdir.RunDir`).
     mesh: overrides the mesh built from `config.mesh` over all devices (tests use device subsets).
+    after_step: called with the step number after each step (tests send signals from it).
   """
-  workdir = os.path.abspath(workdir)
-  primary = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  config_json = json.loads(config.to_json_best_effort())
-  if primary:
-    _write_json(os.path.join(workdir, "config.json"), config_json)
+  config = configuration.resolve_paths(config)
+  run_dir = RunDir(workdir)
+  primary = _primary()
+  say = functools.partial(_print, primary)
+  files.check_writable(run_dir.root, "--workdir")
 
-  mesh = mesh or make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  pipeline = DataPipeline(config.data)
+  # Data first: a bad source or tokenizer fails here, before the workdir is touched.
+  data_config = data_config_for(config, run_dir)
+  pipeline = DataPipeline(data_config)
   num_steps = resolve_num_steps(config.train, pipeline)
-  _print(primary, f"mesh {dict(mesh.shape)} over {mesh.size} devices ({jax.process_count()} processes)")
-  _print(primary, pipeline.mixture_table(num_steps * config.train.global_batch_size / max(pipeline.num_examples, 1)))
+  mesh = mesh or make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  say(f"mesh {dict(mesh.shape)} over {mesh.size} devices ({jax.process_count()} processes)")
+  say(pipeline.mixture_table(num_steps * config.train.global_batch_size / max(pipeline.num_examples, 1)))
 
-  model_config = model_config_from(config.model, len(pipeline.tokenizer))
   optimizer, schedule = make_optimizer(config.optim, num_steps)
-  graphdef, state, shardings, model_config = initial_state(config, model_config, optimizer, mesh)
-  if len(pipeline.tokenizer) > model_config.vocab_size:
-    raise ValueError(f"tokenizer {config.data.tokenizer} has {len(pipeline.tokenizer)} tokens but the model's "
-                     f"vocab_size is {model_config.vocab_size}; set config.model.vocab_size (or -1 for auto).")
-  _print(primary, f"model {model_config.arch}: {model_config.num_params() / 1e6:.2f}M parameters\n"
-         + describe_plan(state, shardings))
-
-  batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length")))
-  num_sources = len(pipeline.source_names)
-  train_step = jax.jit(
-      make_train_step(graphdef, optimizer, num_sources=num_sources, grad_accum_steps=config.train.grad_accum_steps,
-                      z_loss_weight=config.optim.z_loss, schedule=schedule),
-      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(graphdef, num_sources=num_sources),
-                      in_shardings=(shardings.params, batch_sharding))
-
   per_process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_iter = iter(pipeline.train_dataset(config.train.global_batch_size, **per_process))
   val_batches = pipeline.val_batches(config.train.global_batch_size, **per_process)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
+  checkpointer = checkpointing.Checkpointer(run_dir.checkpoints, every_steps=config.checkpoint.every_steps,
                                             keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-  start = checkpointer.latest_step() or 0
-  if start:
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
-    params, opt_state, _ = checkpointer.restore(start, abstract_params=abstract.params,
-                                                abstract_opt_state=abstract.opt_state, data_iter=train_iter)
-    state = TrainState(jnp.asarray(start, jnp.int32), params, opt_state)
-    _print(primary, f"resumed from step {start} in {checkpointer.directory}")
+  try:
+    start = restore_or_init(config, len(pipeline.tokenizer), optimizer, mesh, checkpointer, train_iter, run_dir,
+                            say)
+  except BaseException:
+    checkpointer.close()
+    raise
+  graphdef, state, shardings, model_config = start.graphdef, start.state, start.shardings, start.model_config
+  first_step = int(jax.device_get(state.step))
+  say(f"model {model_config.arch}: {model_config.num_params() / 1e6:.2f}M parameters, {start.origin}\n"
+      + describe_plan(state, shardings))
+  config_json = config.to_dict()
+  config_json["data"]["tokenizer"] = data_config.tokenizer
+  if primary:
+    files.write_json_atomic(run_dir.config, config_json)
+    copy_tokenizer_files(data_config.tokenizer, run_dir.tokenizer)
+
+  num_sources = len(pipeline.source_names)
+  train_step, eval_step, batch_sharding = jit_steps(config, start, optimizer, schedule, mesh, num_sources)
 
   def to_global(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
-
-  def save(step: int) -> None:
-    checkpointer.save(step, params=state.params, opt_state=state.opt_state, data_iter=train_iter,
-                      meta={"step": step, "seed": config.train.seed}, model_config=model_config,
-                      config=config_json)
 
   def evaluate(step: int) -> None:
     total = LossSums.zeros(num_sources)
@@ -194,110 +354,78 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
     writer.write(step, scalars)
     writer.console(step, f"eval_loss {scalars['eval_loss']:.4f}")
 
-  flops_per_token = training_flops_per_token(model_config, config.data.seq_len)
-  device_peak = peak_flops(jax.devices()[0], config.train.peak_tflops)
-  writer = MetricsWriter(workdir, total_steps=num_steps, start_step=start, primary=primary)
+  meter = StepMeter(flops_per_token=training_flops_per_token(model_config, config.data.seq_len),
+                    device_peak=peak_flops(jax.devices()[0], config.train.peak_tflops), num_devices=mesh.size,
+                    process_count=jax.process_count())
+  writer = MetricsWriter(run_dir, total_steps=num_steps, start_step=first_step, primary=primary)
   stop = StopRequest()
-  status, last_loss, window = "finished", float("nan"), _Window()
-  step = start
+  status, last_loss, step = workdir_lib.FINISHED, float("nan"), first_step
   try:
     while step < num_steps:
       local = next(train_iter)
-      window.add(local)
+      meter.add(local)
       with activation_sharding(mesh):
         state, metrics = train_step(state, to_global(local))
       step += 1
-      saved = False
-      if step % config.train.log_every == 0 or step == num_steps:
-        last_loss = _check_finite(_log(writer, step, jax.device_get(metrics), window, pipeline.source_names,
-                                       flops_per_token, device_peak, mesh.size, config), step, checkpointer)
-      if checkpointer.should_save(step) or step == num_steps:
-        last_loss = _check_finite(float(jax.device_get(metrics["loss"])), step, checkpointer)
-        save(step)
-        saved = True
-      if config.train.eval_every > 0 and val_batches and (step % config.train.eval_every == 0 or step == num_steps):
+      if after_step is not None:
+        after_step(step)
+      stopping = step < num_steps and stop.requested()
+      log_now = itstime(step, config.train.log_every, num_steps)
+      save_now = checkpointer.should_save(step) or step == num_steps or stopping
+      if log_now or save_now:
+        metrics = jax.device_get(metrics)
+        last_loss = _ensure_finite(float(metrics["loss"]), step, checkpointer)  # never save a NaN
+      if log_now:
+        _log(writer, step, metrics, meter.read(), pipeline.source_names, config)
+      if save_now:
+        checkpointer.save(state, data_iter=train_iter, model_config=model_config, config=config_json)
+      if val_batches and itstime(step, config.train.eval_every, num_steps):
         evaluate(step)
-      if step == config.train.self_signal_at_step:
-        os.kill(os.getpid(), signal.SIGTERM)  # test hook: exercises the real preemption path
-      if step < num_steps and stop.requested():
-        last_loss = _check_finite(float(jax.device_get(metrics["loss"])), step, checkpointer)
-        if not saved:
-          save(step)
-        status = "interrupted"
-        _print(primary, f"{stop.signal_name or 'stop'} received: saved step {step} in {checkpointer.directory}; "
-               f"rerun the same command to resume.")
+      if stopping:
+        status = workdir_lib.INTERRUPTED
+        say(f"{stop.signal_name or 'stop'} received: saved step {step} in {checkpointer.directory}; "
+            f"rerun the same command to resume.")
         break
   except TrainingDiverged as e:
-    status = "diverged"
-    _print(primary, f"ERROR: {e}")
+    status = workdir_lib.DIVERGED
+    say(f"ERROR: {e}")
   finally:
     stop.close()
     checkpointer.close()
     writer.close()
 
-  if step == start and start > 0:
-    last_loss = _previous_final_loss(workdir)  # nothing left to train: keep the finished run's loss
+  if step == first_step and first_step > 0:
+    last_loss = (run_dir.read_summary() or {}).get("final_loss", float("nan"))  # finished before: keep its loss
   summary = {"status": status, "step": step, "num_steps": num_steps, "final_loss": last_loss,
-             "workdir": workdir, "checkpoint": os.path.join(checkpointer.directory, str(checkpointer.latest_step()))}
-  if status == "finished" and config.train.export_hf:
-    export_dir = os.path.join(workdir, config.train.export_hf)
-    save_hf(nnx.merge(graphdef, state.params), export_dir,
-            tokenizer_dir=os.path.join(REPO_ROOT, config.data.tokenizer))
+             "workdir": run_dir.root, "checkpoint": checkpointer.step_dir(checkpointer.latest_step() or 0)}
+  if status == workdir_lib.FINISHED and config.train.export_hf:
+    export_dir = run_dir.hf_export(config.train.export_hf)
+    template = pipeline.template
+    save_hf(nnx.merge(graphdef, state.params), export_dir, tokenizer_dir=data_config.tokenizer,
+            stop_token_ids=template.stop_token_ids,
+            chat_template=template.jinja() if hasattr(template, "jinja") else None)
     summary["hf_export"] = export_dir
   if primary:
-    _write_json(os.path.join(workdir, "run_summary.json"), summary)
+    run_dir.write_summary(summary)
   return summary
 
 
-class _Window:
-  """Host-side token counts and wall time since the last log line."""
-
-  def __init__(self):
-    self.reset()
-
-  def reset(self):
-    self.start, self.steps, self.real, self.loss_tokens, self.slots = time.time(), 0, 0, 0, 0
-
-  def add(self, local: dict[str, np.ndarray]) -> None:
-    self.steps += 1
-    self.real += int((local["segment_ids"] > 0).sum()) * jax.process_count()
-    self.loss_tokens += int(local["loss_mask"].sum()) * jax.process_count()
-    self.slots += local["segment_ids"].size * jax.process_count()
-
-
-def _log(writer: MetricsWriter, step: int, metrics: dict, window: _Window, source_names: list[str],
-         flops_per_token: float, device_peak: float | None, num_devices: int,
-         config: ml_collections.ConfigDict) -> float:
-  loss = float(metrics["loss"])
-  seconds = max(time.time() - window.start, 1e-9)
-  scalars = {"loss": loss, "grad_norm": float(metrics["grad_norm"]), "lr": float(metrics["lr"]),
-             "tokens_per_s": window.real / seconds, "loss_tokens_per_s": window.loss_tokens / seconds,
-             "step_time_s": seconds / max(window.steps, 1)}
+def _log(writer: MetricsWriter, step: int, metrics: dict, meter: dict[str, float], source_names: list[str],
+         config: ml_collections.ConfigDict) -> None:
+  scalars = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]), "lr": float(metrics["lr"]),
+             **meter}
   if config.optim.z_loss > 0:
     scalars["z_loss"] = float(metrics["z_loss"])
-  if device_peak:
-    # Model FLOPs over every token slot the step computes (padding included), per device.
-    scalars["mfu"] = flops_per_token * window.slots / seconds / (device_peak * num_devices)
   for name, total, tokens in zip(source_names, metrics["source_loss"], metrics["source_tokens"]):
     if tokens > 0:
       scalars[f"loss/{name}"] = float(total / tokens)
   writer.write(step, scalars)
   mfu = f" | MFU {scalars['mfu']:.1%}" if "mfu" in scalars else ""
-  writer.console(step, f"loss {loss:.4f} | grad_norm {scalars['grad_norm']:.3f} | lr {scalars['lr']:.2e} | "
+  writer.console(step, f"loss {scalars['loss']:.4f} | grad_norm {scalars['grad_norm']:.3f} | lr {scalars['lr']:.2e} | "
                        f"{scalars['tokens_per_s']:,.0f} tok/s | {scalars['step_time_s']:.3f} s/step{mfu}")
-  window.reset()
-  return loss
 
 
-def _previous_final_loss(workdir: str) -> float:
-  try:
-    with open(os.path.join(workdir, "run_summary.json")) as f:
-      return float(json.load(f).get("final_loss", float("nan")))
-  except (OSError, ValueError):
-    return float("nan")
-
-
-def _check_finite(loss: float, step: int, checkpointer: checkpointing.Checkpointer) -> float:
+def _ensure_finite(loss: float, step: int, checkpointer: checkpointing.Checkpointer) -> float:
   if not np.isfinite(loss):
     raise TrainingDiverged(
         f"loss is {loss} at step {step}; stopped without saving it. The last good checkpoint is step "
@@ -310,52 +438,51 @@ def _print(primary: bool, text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _write_json(path: str, obj: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=str)
-  os.replace(tmp, path)
+def plan(config: ml_collections.ConfigDict, vocab_size: int = 0) -> str:
+  """The per-device bytes of params + optimizer state for `config`, computed abstractly.
+
+  Needs no devices: the mesh is abstract (`-1` sizes count as 1). With `init.from_hf` the model
+  shape comes from the HF config.json.
+  """
+  mesh = abstract_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  if config.init.from_hf and is_hf_dir(config.init.from_hf):
+    model_config = read_hf_config(config.init.from_hf, **{k: config.model[k] for k in RUNTIME_FIELDS})
+  else:
+    model_config = model_config_from(config.model, vocab_size)
+  optimizer, _ = make_optimizer(config.optim, max(config.train.num_steps, 1))
+  abstract = jax.eval_shape(functools.partial(new_train_state, model_config, optimizer, 0))
+  return (f"model {model_config.arch}: {model_config.num_params() / 1e9:.3f}B parameters; mesh {dict(mesh.shape)}\n"
+          + describe_plan(abstract, state_shardings(abstract, mesh)))
 
 
 def define_flags() -> None:
   """Command-line flags, defined only when run as a program (so modules can import each other)."""
-  config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, summary.")
+  configuration.define_config_flag("Training config file (configs/*.py).")
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, summary (csft_jax.workdir).")
   distributed.define_flags()
-  flags.DEFINE_bool("plan_only", False, "Print the model's sharding plan (bytes per device) and exit; allocates nothing.")
-
-
-def print_plan(config: ml_collections.ConfigDict, vocab_size: int = 0) -> str:
-  """The sharding plan of params + optimizer state for `config`, computed abstractly."""
-  mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  model_config = model_config_from(config.model, vocab_size)
-  optimizer, _ = make_optimizer(config.optim, max(config.train.num_steps, 1))
-
-  abstract = jax.eval_shape(functools.partial(new_train_state, model_config, optimizer, 0))
-  text = (f"model {model_config.arch}: {model_config.num_params() / 1e9:.3f}B parameters; mesh {dict(mesh.shape)}\n"
-          + describe_plan(abstract, state_shardings(abstract, mesh)))
-  return text
+  flags.DEFINE_bool("plan_only", False, "Print the model's sharding plan (bytes per device) and exit; needs no "
+                                        "devices and allocates nothing.")
 
 
 def main(argv: list[str]) -> None:
-  del argv
-  if not flags.FLAGS["verbosity"].present:
-    quiet_library_info_logs()
-  config = flags.FLAGS.config
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}; settings go in --config.FIELD=VALUE.")
+  config = configuration.from_flags()
   if flags.FLAGS.plan_only:
-    print(print_plan(config))
+    print(plan(config))
     return
   if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
   distributed.initialize_from_flags()
   summary = run(config, flags.FLAGS.workdir)
-  _print(jax.process_index() == 0, f"{summary['status']}: step {summary['step']}/{summary['num_steps']}, "
+  _print(_primary(), f"{summary['status']}: step {summary['step']}/{summary['num_steps']}, "
          f"final loss {summary['final_loss']:.4f}. Results in {summary['workdir']} "
-         f"(metrics.jsonl, tensorboard/, checkpoints/, run_summary.json).")
-  if summary["status"] == "diverged":
+         f"(metrics.jsonl, tensorboard/, checkpoints/, run_summary.json"
+         f"{', ' + os.path.basename(summary['hf_export']) + '/' if 'hf_export' in summary else ''}).")
+  if summary["status"] == workdir_lib.DIVERGED:
     sys.exit(1)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  run_cli(main)

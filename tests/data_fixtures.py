@@ -5,7 +5,8 @@ import os
 
 import ml_collections
 
-from csft_jax.data.config import REPO_ROOT, default_data_config, sample_collection_config, source_config
+from tests import REPO_ROOT
+from csft_jax.data.config import DEMO_TOKENIZER, default_config, sample_collection_config, source_config
 from csft_jax.data.pipeline import DataPipeline
 from csft_jax.data.templates import load_chat_template
 from csft_jax.data.tokenizer import load_tokenizer
@@ -16,7 +17,7 @@ COLLECTION = os.path.join(SHARED, "collection")
 
 @functools.lru_cache(maxsize=None)
 def demo_tokenizer():
-  return load_tokenizer(default_data_config().tokenizer, REPO_ROOT)
+  return load_tokenizer(DEMO_TOKENIZER)
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,7 +41,8 @@ def sample_pipeline(packing: str = "packed") -> DataPipeline:
 
 def one_source_config(path: str, format: str, **options) -> ml_collections.ConfigDict:  # pylint: disable=redefined-builtin
   """A data config with a single source `s` at `path` (absolute or repo-relative)."""
-  data = default_data_config()
+  data = default_config()
   data.sources = ml_collections.ConfigDict({"s": source_config(path, format, **options)})
+  data.tokenizer = DEMO_TOKENIZER
   data.seq_len = 128
   return data

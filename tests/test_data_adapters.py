@@ -7,14 +7,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from csft_jax.data.config import REPO_ROOT, sample_collection_config
+from tests import REPO_ROOT
+from csft_jax.data.config import sample_collection_config
 from csft_jax.data.conversation import Conversation
 from csft_jax.data.sources import load_conversations, parse_sources
 from tests.data_fixtures import COLLECTION, one_source_config
 
 
 def _load(data):
-  (spec,) = parse_sources(data.sources, REPO_ROOT)
+  (spec,) = parse_sources(data.sources)
   return load_conversations(spec, data.on_error)
 
 
@@ -80,7 +81,7 @@ def test_mcq_adapter_renders_cmb_items_like_collectivesft(tmp_path):
 
 
 def test_alpaca_history_system_and_messages_in_sample_collection():
-  specs = {s.name: s for s in parse_sources(sample_collection_config().sources, REPO_ROOT)}
+  specs = {s.name: s for s in parse_sources(sample_collection_config().sources)}
   alpaca, _ = load_conversations(specs["alpaca_qa"], "raise")
   with_history = [r for r in alpaca if r.record.get("history")][0]
   assert with_history.conversation.turns[0] == ("user", with_history.record["history"][0][0])
@@ -110,6 +111,6 @@ def test_max_samples_keeps_the_first_records():
 
 @pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "messages", "columns", "mcq"])
 def test_every_sample_source_loads(fmt):
-  specs = [s for s in parse_sources(sample_collection_config().sources, REPO_ROOT) if s.format == fmt]
+  specs = [s for s in parse_sources(sample_collection_config().sources) if s.format == fmt]
   records, stats = load_conversations(specs[0], "raise")
   assert len(records) >= 36 and stats.skipped == 0

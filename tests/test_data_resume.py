@@ -8,7 +8,7 @@ import grain
 import numpy as np
 import orbax.checkpoint as ocp
 
-from csft_jax.data.config import REPO_ROOT
+from tests import REPO_ROOT
 from csft_jax.data.pipeline import DataPipeline
 from tests.data_fixtures import sample_config, sample_pipeline
 

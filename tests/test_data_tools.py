@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from csft_jax.data.config import REPO_ROOT
+from tests import REPO_ROOT
 
 
 def _run(*args):

@@ -269,7 +269,7 @@ def test_cli_scores_shared_key(tmp_path, capsys):
   submission = tmp_path / "all_a.json"
   submission.write_text(json.dumps([{"id": e["id"], "model_answer": "A"} for e in key]), encoding="utf-8")
   out = tmp_path / "r" / "results.json"
-  code = cmb.main(["score", f"--submission={submission}", f"--answer_key={SHARED_KEY}", f"--out={out}"])
+  code = cmb.score_command(str(submission), str(SHARED_KEY), str(out))
   assert code == 0
   results = json.loads(out.read_text(encoding="utf-8"))
   assert set(results) >= {"accuracy_per_category", "accuracy_per_subcategory", "overall"}
@@ -282,7 +282,7 @@ def test_cli_bad_submission_writes_nothing(tmp_path, capsys):
   submission = tmp_path / "short.json"
   submission.write_text(json.dumps([{"id": 1, "model_answer": "B"}]), encoding="utf-8")
   out = tmp_path / "results.json"
-  code = cmb.main(["score", f"--submission={submission}", f"--answer_key={SAMPLE / 'answer_key.json'}", f"--out={out}"])
+  code = cmb.score_command(str(submission), str(SAMPLE / 'answer_key.json'), str(out))
   assert code == 2
   assert "23 answer-key id(s) missing" in capsys.readouterr().err
   assert list(tmp_path.iterdir()) == [submission]

@@ -209,11 +209,11 @@ def test_bad_task_file(tmp_path):
 def test_cli(tmp_path, capsys):
   results_csv = meds_bench.write_results_csv(sample_rows(lambda task_id, gold: gold), tmp_path / "r.csv")
   out = tmp_path / "res.json"
-  assert meds_bench.main(["score", f"--results={results_csv}", f"--out={out}", f"--task_dir={SAMPLE_DIR}"]) == 0
+  assert meds_bench.score_command(str(results_csv), str(out), str(SAMPLE_DIR)) == 0
   assert json.loads(out.read_text(encoding="utf-8"))["tasks"]["task901"]["accuracy"] == 100.0
   assert "| task901 | mcqa | en | 6 | 0 | 100.00 |" in capsys.readouterr().out
   bad_out = tmp_path / "bad.json"
-  assert meds_bench.main(["score", f"--results={results_csv}", f"--out={bad_out}"]) == 2
+  assert meds_bench.score_command(str(results_csv), str(bad_out)) == 2
   assert "No metric category" in capsys.readouterr().err and not bad_out.exists()
-  assert meds_bench.main(["score", f"--results={results_csv}", f"--out={bad_out}", "--category=task901=essay"]) == 2
+  assert meds_bench.score_command(str(results_csv), str(bad_out), category=["task901=essay"]) == 2
   assert "expected TASK=CATEGORY" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from csft_jax import sweep as sw
-from csft_jax.data.config import REPO_ROOT
+from tests import REPO_ROOT
 
 # Stand-ins for `python -m csft_jax.train` / `csft_jax.evaluate` that honour the same contract:
 # rerunning in a workdir resumes after the last logged step; run_summary.json says "finished".

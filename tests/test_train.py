@@ -10,13 +10,13 @@ import pytest
 from csft_jax import checkpointing, train
 from csft_jax.models import model_config_from
 from csft_jax.sharding import make_mesh
-from tests.train_fixtures import losses, small_config
+from tests.train_fixtures import losses, sigterm_at, small_config
 
 
-def _run(tmp_path, name, config, mesh_shape=(1, 1, 1)):
+def _run(tmp_path, name, config, mesh_shape=(1, 1, 1), after_step=None):
   devices = jax.devices()[:int(np.prod(mesh_shape))]
   workdir = str(tmp_path / name)
-  summary = train.run(config, workdir, mesh=make_mesh(*mesh_shape, devices=devices))
+  summary = train.run(config, workdir, mesh=make_mesh(*mesh_shape, devices=devices), after_step=after_step)
   return workdir, summary
 
 
@@ -52,7 +52,7 @@ def _params(workdir):
 def test_sigterm_then_resume_is_bitwise_identical_to_straight_run(tmp_path):
   straight, summary = _run(tmp_path, "straight", small_config(num_steps=30))
   assert summary["status"] == "finished"
-  resumed, summary = _run(tmp_path, "resumed", small_config(num_steps=30, self_signal_at_step=15))
+  resumed, summary = _run(tmp_path, "resumed", small_config(num_steps=30), after_step=sigterm_at(15))
   assert summary["status"] == "interrupted" and summary["step"] == 15
   assert checkpointing.resolve_step_dir(resumed).endswith("/15")
   _, summary = _run(tmp_path, "resumed", small_config(num_steps=30))
@@ -67,8 +67,7 @@ def test_sigterm_then_resume_is_bitwise_identical_to_straight_run(tmp_path):
 
 def test_resume_onto_a_different_mesh(tmp_path):
   straight, _ = _run(tmp_path, "straight", small_config(num_steps=6), (8, 1, 1))
-  config = small_config(num_steps=6, self_signal_at_step=3)
-  moved, summary = _run(tmp_path, "moved", config, (8, 1, 1))
+  moved, summary = _run(tmp_path, "moved", small_config(num_steps=6), (8, 1, 1), after_step=sigterm_at(3))
   assert summary["step"] == 3
   _, summary = _run(tmp_path, "moved", small_config(num_steps=6), (2, 2, 2))
   assert summary["status"] == "finished"
@@ -95,7 +94,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_7b_plan_is_computed_without_allocating():
   from configs import collectivesft_internlm2_5_7b as recipe
   config = recipe.get_config("v5e-8")
-  text = train.print_plan(config)
+  text = train.plan(config)
   params_line = next(line for line in text.splitlines() if line.startswith("params"))
   total_gib, per_device_gib = map(float, params_line.split()[1:3])
   expected = config_params_bytes(config) / 2**30
@@ -117,9 +116,9 @@ def test_num_epochs_sets_the_run_length_from_the_mixture():
 
 
 def test_signal_on_a_checkpoint_step_saves_once_and_rerunning_a_finished_run_keeps_its_loss(tmp_path):
-  config = small_config(num_steps=4, self_signal_at_step=2)
+  config = small_config(num_steps=4)
   config.checkpoint.every_steps = 2
-  workdir, summary = _run(tmp_path, "run", config)
+  workdir, summary = _run(tmp_path, "run", config, after_step=sigterm_at(2))
   assert summary["status"] == "interrupted" and summary["step"] == 2
   _, summary = _run(tmp_path, "run", small_config(num_steps=4))
   assert summary["status"] == "finished" and np.isfinite(summary["final_loss"])

@@ -30,7 +30,8 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
              PYTHONPATH=REPO)
   overrides = ["--config.model.hidden_size=64", "--config.model.intermediate_size=128", "--config.model.num_layers=2",
                "--config.data.seq_len=128", "--config.train.num_steps=3", "--config.train.log_every=1",
-               "--config.train.eval_every=0", "--config.checkpoint.every_steps=1000"]
+               "--config.train.eval_every=0", "--config.checkpoint.every_steps=1000",
+               "--config.train.export_hf="]
   processes = [
       subprocess.Popen([sys.executable, "-m", "csft_jax.train", f"--config={REPO}/configs/demo.py", f"--workdir={workdir}",
                         f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}", *overrides],

@@ -13,74 +13,58 @@ With --json the last line is one JSON object.
 """
 
 import json
-import sys
 import time
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from csft_jax.data.errors import DataError
+from csft_jax import configuration
+from csft_jax.console import run_cli
 from csft_jax.data.packing import packing_efficiency, padded_to_longest_efficiency
 from csft_jax.data.pipeline import DataPipeline
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a `data` field.", lock_config=False)
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Global batch size (rows).")
-_NUM_BATCHES = flags.DEFINE_integer("num_batches", 100, "Batches to time (after 2 warm-up batches).")
-_JSON = flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
-_STEP = flags.DEFINE_bool("time_step", True, "Also time the demo model's training step on one batch.")
+FLAGS = flags.FLAGS
 
 
 def demo_step_seconds(batch: dict[str, np.ndarray], vocab_size: int, num_sources: int, repeats: int = 3) -> float:
-  """Seconds per jitted training step of the demo model on `batch` (after compilation)."""
-  import os
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-  from csft_jax.models import Decoder, model_config_from
-  from csft_jax.training.optimizer import make_optimizer
-  from csft_jax.training.step import TrainState, make_train_step
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import demo
+  """Seconds per jitted training step of the demo model (configs/demo.py) on `batch`, after compiling."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from csft_jax import train  # pylint: disable=import-outside-toplevel
+  from csft_jax.models import model_config_from  # pylint: disable=import-outside-toplevel
+  from csft_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
+  from csft_jax.training.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
 
-  config = demo.get_config()
+  config = configuration.load("configs/demo.py")
   model_config = model_config_from(config.model, vocab_size).replace(
       max_position_embeddings=max(config.model.max_position_embeddings, batch["input_ids"].shape[1]))
-  optimizer, _ = make_optimizer(config.optim, 100)
-  graphdef, params = nnx.split(Decoder(model_config, rngs=nnx.Rngs(0)), nnx.Param)
-  state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-  step = jax.jit(make_train_step(graphdef, optimizer, num_sources=num_sources), donate_argnums=0)
-  state, metrics = step(state, batch)
+  optimizer, schedule = make_optimizer(config.optim, 100)
+  mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  start = train.random_init(model_config, optimizer, 0, mesh)
+  step, _, _ = train.jit_steps(config, start, optimizer, schedule, mesh, num_sources)
+  state, metrics = step(start.state, batch)
   jax.block_until_ready(metrics)
-  start = time.perf_counter()
+  begin = time.perf_counter()
   for _ in range(repeats):
     state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
-  return (time.perf_counter() - start) / repeats
+  return (time.perf_counter() - begin) / repeats
 
 
 def main(argv: list[str]) -> None:
-  del argv
-  try:
-    run()
-  except DataError as e:
-    sys.exit(f"error: {e}")
-
-
-def run() -> None:
   """The benchmark: see the module docstring."""
+  del argv
   start = time.perf_counter()
-  pipeline = DataPipeline(_CONFIG.value.data)
+  pipeline = DataPipeline(configuration.from_flags().data)
   load_s = time.perf_counter() - start
   print(pipeline.mixture_table())
-  seq_len, batch_size = pipeline.config.seq_len, _BATCH_SIZE.value
+  seq_len, batch_size = pipeline.config.seq_len, FLAGS.batch_size
   it = iter(pipeline.train_dataset(batch_size))
   for _ in range(2):
     next(it)
   start = time.perf_counter()
-  batches = [next(it) for _ in range(_NUM_BATCHES.value)]
+  batches = [next(it) for _ in range(FLAGS.num_batches)]
   elapsed = time.perf_counter() - start
-  slots = _NUM_BATCHES.value * batch_size * seq_len
+  slots = FLAGS.num_batches * batch_size * seq_len
   nonpad = sum(int((b["segment_ids"] > 0).sum()) for b in batches)
   examples = sum(int(b["segment_ids"].max(axis=1).sum()) for b in batches)
   # The same mixture stream, padded to the longest example of each batch.
@@ -92,15 +76,15 @@ def run() -> None:
     loss_tokens.append(int(e["loss_mask"].sum()))
   result = dict(
       packing=pipeline.config.packing, batch_size=batch_size, seq_len=seq_len,
-      num_batches=_NUM_BATCHES.value, load_s=round(load_s, 3),
-      seconds_per_batch=elapsed / _NUM_BATCHES.value,
+      num_batches=FLAGS.num_batches, load_s=round(load_s, 3),
+      seconds_per_batch=elapsed / FLAGS.num_batches,
       tokens_per_s=slots / elapsed, nonpad_tokens_per_s=nonpad / elapsed,
-      examples_per_batch=examples / _NUM_BATCHES.value,
+      examples_per_batch=examples / FLAGS.num_batches,
       packing_efficiency=packing_efficiency(batches),
       padded_efficiency=padded_to_longest_efficiency(loss_tokens, lengths, batch_size),
       padded_fixed_efficiency=float(np.sum(loss_tokens) / (len(lengths) * seq_len)),
   )
-  if _STEP.value:
+  if FLAGS.time_step:
     result["step_s"] = demo_step_seconds(batches[0], len(pipeline.tokenizer), len(pipeline.source_names))
     result["feed_ratio"] = result["step_s"] / result["seconds_per_batch"]
   print(f"load+tokenize {load_s:.1f}s; {result['seconds_per_batch'] * 1e3:.1f} ms/batch of"
@@ -109,13 +93,22 @@ def run() -> None:
   print(f"efficiency (loss tokens / slots): packed {result['packing_efficiency']:.3f},"
         f" padded-to-longest {result['padded_efficiency']:.3f},"
         f" padded-to-seq_len {result['padded_fixed_efficiency']:.3f}")
-  if _STEP.value:
+  if FLAGS.time_step:
     print(f"demo model train step on one such batch: {result['step_s']:.3f} s -> the pipeline feeds it "
           f"{result['feed_ratio']:.0f}x faster than it trains")
-  if _JSON.value:
+  if FLAGS.json:
     print(json.dumps(result))
 
 
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program."""
+  configuration.define_config_flag("Config file with a `data` field.")
+  flags.DEFINE_integer("batch_size", 16, "Global batch size (rows).")
+  flags.DEFINE_integer("num_batches", 100, "Batches to time (after 2 warm-up batches).")
+  flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
+  flags.DEFINE_bool("time_step", True, "Also time the demo model's training step on one batch.")
+
+
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
-  app.run(main)
+  define_flags()
+  run_cli(main)

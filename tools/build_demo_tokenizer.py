@@ -5,28 +5,34 @@
 The result is deterministic for a given sample collection.
 """
 
-import os
+from absl import flags
 
-from absl import app, flags
-
-from csft_jax.data.config import DEMO_TOKENIZER, REPO_ROOT, sample_collection_config
+from csft_jax.configuration import resolve_path
+from csft_jax.console import run_cli
+from csft_jax.data.config import DEMO_TOKENIZER, sample_collection_config
 from csft_jax.data.sources import load_conversations, parse_sources
 from csft_jax.data.tokenizer import build_demo_tokenizer
 
-_OUT = flags.DEFINE_string("out", DEMO_TOKENIZER, "Output directory (relative to the repo root).")
-_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 3000, "Vocabulary size.")
+FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
   del argv
   texts = []
-  for spec in parse_sources(sample_collection_config().sources, REPO_ROOT):
+  for spec in parse_sources(sample_collection_config().sources):
     records, _ = load_conversations(spec, "raise")
     texts += [r.conversation.text() for r in records]
-  out = os.path.join(REPO_ROOT, _OUT.value)
-  build_demo_tokenizer(texts, out, _VOCAB_SIZE.value)
+  out = resolve_path(FLAGS.out)
+  build_demo_tokenizer(texts, out, FLAGS.vocab_size)
   print(f"wrote {out} from {len(texts)} conversations")
 
 
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program."""
+  flags.DEFINE_string("out", DEMO_TOKENIZER, "Output directory.")
+  flags.DEFINE_integer("vocab_size", 3000, "Vocabulary size.")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  run_cli(main)

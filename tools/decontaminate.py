@@ -19,17 +19,13 @@ import sys
 import tempfile
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from csft_jax.data.config import REPO_ROOT
+from csft_jax import configuration
+from csft_jax.console import run_cli
 from csft_jax.data.errors import DataError
 from csft_jax.data.sources import load_conversations, parse_sources
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a `data` field.", lock_config=False)
-_BENCHMARKS = flags.DEFINE_multi_string("benchmark", [], "KIND:PATH with KIND in {cmb, meds}.")
-_NGRAM = flags.DEFINE_integer("ngram", 13, "Character n-gram length.")
-_WRITE = flags.DEFINE_string("write_filtered", None, "Directory for filtered copies (JSONL per source).")
-_JSON = flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
+FLAGS = flags.FLAGS
 _SHOW = 3  # Contaminated examples shown per source.
 
 
@@ -39,7 +35,7 @@ def _normalize(text: str) -> str:
 
 def benchmark_questions(kind: str, path: str) -> list[str]:
   """Reads the question texts (with options for MCQ) of a benchmark file."""
-  full = os.path.join(REPO_ROOT, path)
+  full = configuration.resolve_path(path)
   if not os.path.isfile(full):
     raise DataError(f"benchmark {kind}: {path} not found (tried {full})")
   if kind == "cmb":
@@ -88,42 +84,35 @@ def shared_ngram(text: str, grams: set[str], n: int) -> str | None:
 
 
 def main(argv: list[str]) -> None:
-  del argv
-  try:
-    run()
-  except DataError as e:
-    sys.exit(f"error: {e}")
-
-
-def run() -> None:
   """The command: see the module docstring."""
-  if not _BENCHMARKS.value:
+  del argv
+  if not FLAGS.benchmark:
     raise app.UsageError("give at least one --benchmark=KIND:PATH")
   questions = []
-  for spec in _BENCHMARKS.value:
+  for spec in FLAGS.benchmark:
     kind, sep, path = spec.partition(":")
     if not sep:
       raise app.UsageError(f"--benchmark={spec!r} must be KIND:PATH")
     questions += benchmark_questions(kind, path)
-  grams = ngram_set(questions, _NGRAM.value)
-  data = _CONFIG.value.data
+  grams = ngram_set(questions, FLAGS.ngram)
+  data = configuration.from_flags().data
   report, kept = {}, {}
-  for spec in parse_sources(data.sources, REPO_ROOT):
+  for spec in parse_sources(data.sources):
     records, _ = load_conversations(spec, data.on_error)
     hits, kept[spec.name] = [], []
     for r in records:
-      gram = shared_ngram(r.conversation.text(), grams, _NGRAM.value)
+      gram = shared_ngram(r.conversation.text(), grams, FLAGS.ngram)
       if gram is None:
         kept[spec.name].append(r.record)
       else:
         hits.append((str(r.location), gram))
     report[spec.name] = {"examples": len(records), "contaminated": len(hits),
                          "first": [{"location": loc, "ngram": g} for loc, g in hits[:_SHOW]]}
-    print(f"{spec.name}: {len(hits)} of {len(records)} examples share a {_NGRAM.value}-gram with the benchmarks")
+    print(f"{spec.name}: {len(hits)} of {len(records)} examples share a {FLAGS.ngram}-gram with the benchmarks")
     for loc, g in hits[:_SHOW]:
       print(f"  {loc}: {g}")
-  if _WRITE.value:
-    out = os.path.join(REPO_ROOT, _WRITE.value)
+  if FLAGS.write_filtered:
+    out = configuration.resolve_path(FLAGS.write_filtered)
     staging = tempfile.mkdtemp(prefix=".decontaminate-", dir=os.path.dirname(os.path.abspath(out)))
     for name, records in kept.items():
       with open(os.path.join(staging, f"{name}.jsonl"), "w", encoding="utf-8") as f:
@@ -132,11 +121,20 @@ def run() -> None:
       shutil.rmtree(out)
     os.replace(staging, out)
     print(f"wrote filtered copies to {out}")
-  if _JSON.value:
-    print(json.dumps({"ngram": _NGRAM.value, "benchmark_questions": len(questions), "sources": report},
+  if FLAGS.json:
+    print(json.dumps({"ngram": FLAGS.ngram, "benchmark_questions": len(questions), "sources": report},
                      ensure_ascii=False))
 
 
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program."""
+  configuration.define_config_flag("Config file with a `data` field.")
+  flags.DEFINE_multi_string("benchmark", [], "KIND:PATH with KIND in {cmb, meds}.")
+  flags.DEFINE_integer("ngram", 13, "Character n-gram length.")
+  flags.DEFINE_string("write_filtered", None, "Directory for filtered copies (JSONL per source).")
+  flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
+
+
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
-  app.run(main)
+  define_flags()
+  run_cli(main)

@@ -8,14 +8,14 @@
 
 Modes: 'answer' (answer-only prompt, short generation), 'cot' (raise max_new_tokens, e.g. 512),
 'loglik' (fast non-official proxy: log-likelihood of each option letter). Majority vote: set
-num_samples > 1 with a temperature. Results: <workdir>/eval/cmb/results.json.
+num_samples > 1 with a temperature. Results: <workdir>/eval/cmb-<mode>/results.json.
 """
 
 import ml_collections
 
 from csft_jax.eval.runner import default_eval_config
 
-SAMPLE = "csft_jax/assets/eval/cmb_sample"
+SAMPLE = "pkg://csft_jax/assets/eval/cmb_sample"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

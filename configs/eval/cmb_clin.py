@@ -15,6 +15,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the CMB-Clin eval config."""
   del arg
   config = default_eval_config("cmb_clin")
-  config.clin = "csft_jax/assets/eval/cmb_sample/clin.json"
+  config.clin = "pkg://csft_jax/assets/eval/cmb_sample/clin.json"
   config.max_new_tokens = 256
   return config

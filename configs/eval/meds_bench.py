@@ -17,7 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the MedS-Bench eval config."""
   del arg
   config = default_eval_config("meds_bench")
-  config.task_dir = "csft_jax/assets/eval/meds_sample"  # Folder of task*.json files.
+  config.task_dir = "pkg://csft_jax/assets/eval/meds_sample"  # Folder of task*.json files.
   config.shots = meds_bench.NUM_SHOTS
   config.max_new_tokens = meds_bench.MAX_NEW_TOKENS
   return config

@@ -6,13 +6,14 @@ import gc
 import json
 import os
 import shutil
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from csft_jax import files
 from csft_jax.convert import layouts
 from csft_jax.convert.safetensors_io import SafetensorsReader, write_sharded
 from csft_jax.models.config import ModelConfig
@@ -152,7 +153,8 @@ def _host_array(value: jax.Array, index: int | None) -> np.ndarray:
 
 
 def save_hf(model: Decoder, path: str, *, layout: str | None = None, dtype: str | None = None,
-            max_shard_bytes: int = 5 * 2**30, tokenizer_dir: str | None = None) -> None:
+            max_shard_bytes: int = 5 * 2**30, tokenizer_dir: str | None = None,
+            stop_token_ids: Sequence[int] | None = None, chat_template: str | None = None) -> None:
   """Writes `model` as an HF directory: config.json, (sharded) safetensors, tokenizer files.
 
   Args:
@@ -164,6 +166,11 @@ def save_hf(model: Decoder, path: str, *, layout: str | None = None, dtype: str 
     max_shard_bytes: shard size; more than one shard writes `model-0000k-of-0000n` + index.
     tokenizer_dir: where to copy tokenizer files from; default the directory the model was
       loaded from (`load_hf`), if any.
+    stop_token_ids: the chat template's end-of-turn and end-of-sequence ids, written as
+      `eos_token_id` of config.json and generation_config.json so that `generate` stops at the end
+      of the turn (default: the model config's `eos_token_id`).
+    chat_template: a Jinja chat template written as chat_template.jinja (the template the model
+      was trained with), replacing the copied tokenizer's.
   """
   config: ModelConfig = model.config
   layout = layout or layouts.default_layout(config)
@@ -187,23 +194,46 @@ def save_hf(model: Decoder, path: str, *, layout: str | None = None, dtype: str 
     return rule.to_hf(our_arrays(rule, layer)).astype(out_dtype)
 
   torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[out_dtype.name]
+  if stop_token_ids:
+    stops = [int(i) for i in stop_token_ids]
+    config = config.replace(eos_token_id=stops[0] if len(stops) == 1 else tuple(stops))
   if jax.process_index() == 0:
     os.makedirs(path, exist_ok=True)
     write_sharded(path, tensors, produce, max_shard_bytes)
-    with open(os.path.join(path, "config.json"), "w") as f:
-      json.dump(layouts.hf_config_from_model(config, layout, torch_dtype), f, indent=2, sort_keys=True)
-    _copy_tokenizer(tokenizer_dir or getattr(model, "hf_source_dir", None), path,
-                    copy_code=layout == "internlm2")
+    hf_config = layouts.hf_config_from_model(config, layout, torch_dtype)
+    files.write_json_atomic(os.path.join(path, "config.json"), hf_config)
+    copy_tokenizer_files(tokenizer_dir or getattr(model, "hf_source_dir", None), path,
+                         copy_code=layout == "internlm2")
+    generation = {"bos_token_id": hf_config.get("bos_token_id"), "eos_token_id": hf_config.get("eos_token_id")}
+    files.write_json_atomic(os.path.join(path, "generation_config.json"),
+                            {k: v for k, v in generation.items() if v is not None})
+    if chat_template is not None:
+      files.write_text_atomic(os.path.join(path, "chat_template.jinja"), chat_template)
+      _drop_inline_chat_template(path)
   else:
     # Other processes still take part in gathering sharded parameters.
     for name, _, _ in tensors:
       produce(name)
 
 
-def _copy_tokenizer(source: str | None, destination: str, copy_code: bool) -> None:
+def copy_tokenizer_files(source: str | None, destination: str, copy_code: bool = False) -> list[str]:
+  """Copies the tokenizer files of `source` (TOKENIZER_FILES) into `destination`; returns their names."""
   if not source or os.path.abspath(source) == os.path.abspath(destination):
-    return
+    return []
+  os.makedirs(destination, exist_ok=True)
+  copied = []
   for name in sorted(os.listdir(source)):
     wanted = name in TOKENIZER_FILES or (copy_code and name.endswith(".py"))
     if wanted and os.path.isfile(os.path.join(source, name)):
       shutil.copy2(os.path.join(source, name), os.path.join(destination, name))
+      copied.append(name)
+  return copied
+
+
+def _drop_inline_chat_template(path: str) -> None:
+  """Removes `chat_template` from tokenizer_config.json, so that chat_template.jinja is the one used."""
+  config_path = os.path.join(path, "tokenizer_config.json")
+  if os.path.isfile(config_path):
+    tokenizer_config = files.read_json(config_path)
+    if tokenizer_config.pop("chat_template", None) is not None:
+      files.write_json_atomic(config_path, tokenizer_config)

@@ -16,6 +16,8 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
+from csft_jax import files
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -120,7 +122,7 @@ def write_sharded(directory: str, tensors: list[tuple[str, tuple[int, ...], np.d
     weight_map.update({name: file_name for name, _, _ in shard})
   if len(shards) > 1:
     total = sum(int(np.prod(s)) * np.dtype(d).itemsize for _, s, d in tensors)
-    _write_json_atomic(os.path.join(directory, INDEX_NAME),
+    files.write_json_atomic(os.path.join(directory, INDEX_NAME),
                        {"metadata": {"total_size": total}, "weight_map": weight_map})
   return names
 
@@ -145,11 +147,4 @@ def _write_file(path: str, shard: Iterable[tuple[str, tuple[int, ...], np.dtype]
       if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
         raise ValueError(f"{name}: produced {array.shape} {array.dtype}, announced {tuple(shape)} {np.dtype(dtype)}.")
       f.write(array.reshape(-1).view(np.uint8).data)  # little-endian hosts only (x86, ARM)
-  os.replace(tmp, path)
-
-
-def _write_json_atomic(path: str, obj: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
   os.replace(tmp, path)

@@ -1,20 +1,19 @@
 """Data config: defaults of `config.data`, one source entry, and the sample collection.
 
-`configs/*.py` build on these so that every experiment states its data in one
-`ConfigDict` (big_vision style).
+`configs/*.py` build on these so that every experiment states its data in one `ConfigDict`
+(big_vision style). Every field can be set from the command line, including the optional ones
+(typed placeholders): `--config.data.sources.cmb.weight=2.0`, `--config.data.sources.cmb.max_samples=1000`,
+`--config.data.sources.cmb.enabled=False` (drops the source).
 """
 
-import os
-
 import ml_collections
+from ml_collections import config_dict
 
-# The repository root: relative paths in configs are resolved against it.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SAMPLE_COLLECTION = "csft_jax/assets/sample_collection"
-DEMO_TOKENIZER = "csft_jax/assets/demo_tokenizer"
+SAMPLE_COLLECTION = "pkg://csft_jax/assets/sample_collection"
+DEMO_TOKENIZER = "pkg://csft_jax/assets/demo_tokenizer"
 
 
-def default_data_config() -> ml_collections.ConfigDict:
+def default_config() -> ml_collections.ConfigDict:
   """Returns `config.data` with every field the pipeline reads, and no sources."""
   return ml_collections.ConfigDict(dict(
       sources=ml_collections.ConfigDict(),
@@ -26,7 +25,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       num_packing_bins=8,  # First-fit bins per batch row; more bins, less padding.
       overlong="truncate",  # truncate | drop
       on_error="raise",  # raise | skip
-      tokenizer=DEMO_TOKENIZER,
+      tokenizer="",  # Tokenizer directory; empty: the one of config.init.from_hf.
       chat_template="chatml",  # hf | chatml | internlm2 | llama3
       seed=0,
       val_fraction=0.0,  # Held-out fraction of each source for eval loss.
@@ -37,17 +36,17 @@ def source_config(path: str, format: str, **options) -> ml_collections.ConfigDic
   """Returns one `config.data.sources` entry.
 
   Args:
-    path: file, directory or glob; relative to the repository root.
+    path: file, directory or glob (see `csft_jax.configuration` for the path rule).
     format: adapter name (see `csft_jax.data.adapters.ADAPTERS`).
-    **options: weight (explicit mixing), max_samples (keep the first N),
-      encoding, reader (auto|json|jsonl|csv|parquet), columns (logical ->
-      record field names), system (default system prompt), user_template and
-      assistant_template (format "template"), item_separator,
-      with_explanation (format "mcq").
+    **options: enabled (False drops the source), weight (explicit mixing), max_samples (keep
+      the first N), encoding, reader (auto|json|jsonl|csv|parquet), columns (logical -> record
+      field names), system (default system prompt), user_template and assistant_template
+      (format "template"), item_separator, with_explanation (format "mcq").
   """
-  entry = dict(path=path, format=format, weight=None, max_samples=None, encoding="utf-8",
-               reader="auto", columns={}, system=None, user_template=None,
-               assistant_template=None, item_separator="，", with_explanation=False)
+  entry = dict(path=path, format=format, enabled=True, weight=config_dict.placeholder(float),
+               max_samples=config_dict.placeholder(int), encoding="utf-8", reader="auto", columns={},
+               system=config_dict.placeholder(str), user_template=config_dict.placeholder(str),
+               assistant_template=config_dict.placeholder(str), item_separator="，", with_explanation=False)
   unknown = set(options) - set(entry)
   if unknown:
     raise ValueError(f"source_config: unknown options {sorted(unknown)}; known: {sorted(entry)}")
@@ -57,7 +56,7 @@ def source_config(path: str, format: str, **options) -> ml_collections.ConfigDic
 
 def sample_collection_config() -> ml_collections.ConfigDict:
   """`config.data` for the project's own small sample collection (demo, tests)."""
-  data = default_data_config()
+  data = default_config()
   root = SAMPLE_COLLECTION
   data.sources = ml_collections.ConfigDict(dict(
       alpaca_qa=source_config(f"{root}/alpaca_qa.jsonl", "alpaca"),
@@ -67,6 +66,7 @@ def sample_collection_config() -> ml_collections.ConfigDict:
       cmb_style_mcq=source_config(f"{root}/cmb_style_mcq.json", "mcq", with_explanation=True),
       messages_chat=source_config(f"{root}/messages_chat.jsonl", "messages"),
   ))
+  data.tokenizer = DEMO_TOKENIZER
   data.seq_len = 256
   data.val_fraction = 0.1
   return data

@@ -10,21 +10,16 @@ Trained (loss) tokens of the rendered examples are shown between [[ ]]. With
 """
 
 import json
-import sys
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from csft_jax.data.errors import DataError
+from csft_jax import configuration
+from csft_jax.console import run_cli
 from csft_jax.data.pipeline import DataPipeline, source_fractions
 from csft_jax.data.packing import packing_efficiency
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a `data` field.", lock_config=False)
-_NUM_BATCHES = flags.DEFINE_integer("num_batches", 20, "Batches to draw for realized fractions and efficiency.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Global batch size (rows).")
-_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 2, "Rendered examples to show.")
-_JSON = flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
+FLAGS = flags.FLAGS
 
 
 def render_example(tokenizer, token_ids: np.ndarray, loss_mask: np.ndarray) -> str:
@@ -48,34 +43,27 @@ def length_histogram(lengths: np.ndarray, seq_len: int, num_bins: int = 8, width
 
 
 def main(argv: list[str]) -> None:
-  del argv
-  try:
-    run()
-  except DataError as e:
-    sys.exit(f"error: {e}")
-
-
-def run() -> None:
   """The command: see the module docstring."""
-  pipeline = DataPipeline(_CONFIG.value.data)
+  del argv
+  pipeline = DataPipeline(configuration.from_flags().data)
   print(pipeline.mixture_table())
   for s, stats in zip(pipeline.source_names, pipeline.stats):
     if stats.first_skip:
       print(f"first skipped record of {s}: {stats.first_skip}")
   for i, source in enumerate(pipeline.train_sources):
-    for j in range(min(_NUM_EXAMPLES.value, len(source)) if i < 3 else 0):
+    for j in range(min(FLAGS.num_examples, len(source)) if i < 3 else 0):
       print(f"\n--- {source.name} example {j} ({len(source.token_ids[j])} tokens) ---")
       print(render_example(pipeline.tokenizer, source.token_ids[j], source.loss_masks[j]))
   lengths = np.concatenate([[len(t) for t in s.token_ids] for s in pipeline.train_sources])
   print(f"\nexample lengths (tokens), seq_len={pipeline.config.seq_len}:")
   print(length_histogram(lengths, pipeline.config.seq_len))
-  it = iter(pipeline.train_dataset(_BATCH_SIZE.value))
-  batches = [next(it) for _ in range(_NUM_BATCHES.value)]
+  it = iter(pipeline.train_dataset(FLAGS.batch_size))
+  batches = [next(it) for _ in range(FLAGS.num_batches)]
   efficiency = packing_efficiency(batches)
   examples, tokens = source_fractions(batches, len(pipeline.source_names))
   print(f"\npacking ({pipeline.config.packing}) efficiency over {len(batches)} batches"
-        f" of {_BATCH_SIZE.value}x{pipeline.config.seq_len}: {efficiency:.3f} (loss tokens / token slots)")
-  if _JSON.value:
+        f" of {FLAGS.batch_size}x{pipeline.config.seq_len}: {efficiency:.3f} (loss tokens / token slots)")
+  if FLAGS.json:
     sources = {}
     for row, fe, ft in zip(pipeline.mixture_rows(), examples, tokens):
       sources[row["source"]] = dict(
@@ -83,10 +71,19 @@ def run() -> None:
           realized_fraction_tokens=float(ft), examples=row["examples"], tokens=row["tokens"],
           skipped=row["skipped"], dropped=row["dropped"], truncated=row["truncated"])
     print(json.dumps(dict(sources=sources, packing_efficiency=efficiency, num_batches=len(batches),
-                          batch_size=_BATCH_SIZE.value, seq_len=pipeline.config.seq_len,
+                          batch_size=FLAGS.batch_size, seq_len=pipeline.config.seq_len,
                           packing=pipeline.config.packing), ensure_ascii=False))
 
 
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program."""
+  configuration.define_config_flag("Config file with a `data` field.")
+  flags.DEFINE_integer("num_batches", 20, "Batches to draw for realized fractions and efficiency.")
+  flags.DEFINE_integer("batch_size", 16, "Global batch size (rows).")
+  flags.DEFINE_integer("num_examples", 2, "Rendered examples to show.")
+  flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
+
+
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
-  app.run(main)
+  define_flags()
+  run_cli(main)

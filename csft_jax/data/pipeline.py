@@ -24,7 +24,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from csft_jax.data import config as data_config_lib
 from csft_jax.data.errors import DataError
 from csft_jax.data.examples import TokenizedSource, split_validation, tokenize_source
 from csft_jax.data.mixture import block_counts, mix_sources, mixture_weights
@@ -37,20 +36,22 @@ from csft_jax.data.tokenizer import load_tokenizer
 class DataPipeline:
   """Loads every source once; builds train and val batches from them."""
 
-  def __init__(self, data_config: ml_collections.ConfigDict, *, root: str = data_config_lib.REPO_ROOT):
+  def __init__(self, data_config: ml_collections.ConfigDict):
     """Reads, adapts and tokenizes all sources; raises `DataError` on bad data.
 
     Args:
-      data_config: `config.data` (see `csft_jax.data.config.default_data_config`).
-      root: directory that relative paths in the config are relative to.
+      data_config: `config.data` (see `csft_jax.data.config.default_config`).
     """
     self.config = data_config
     if data_config.packing not in PACKINGS:
       raise DataError(f"config.data.packing={data_config.packing!r} is not one of {PACKINGS}")
     if data_config.seq_len < 2:
       raise DataError(f"config.data.seq_len={data_config.seq_len} must be at least 2")
-    specs = parse_sources(data_config.sources, root)
-    self.tokenizer = load_tokenizer(data_config.tokenizer, root)
+    if not data_config.tokenizer:
+      raise DataError("config.data.tokenizer is not set: name a tokenizer directory (the trainer takes "
+                      "config.init.from_hf's when it is empty)")
+    specs = parse_sources(data_config.sources)
+    self.tokenizer = load_tokenizer(data_config.tokenizer)
     self.template: ChatTemplate = load_chat_template(data_config.chat_template, self.tokenizer)
     self.source_names: list[str] = [s.name for s in specs]
     self.train_sources: list[TokenizedSource] = []

@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from csft_jax.configuration import resolve_path
 from csft_jax.data.errors import DataError, Location, RecordError
 
 READERS = ("auto", "json", "jsonl", "csv", "parquet")
@@ -22,19 +23,18 @@ _ENCODING_CANDIDATES = ("utf-8", "gb18030", "utf-16", "big5")
 Record = tuple[dict[str, Any], Location]
 
 
-def resolve_paths(source: str, path: str, root: str) -> list[str]:
+def resolve_paths(source: str, path: str) -> list[str]:
   """Expands a file, directory or glob into a sorted list of data files.
 
   Args:
     source: source name, for errors.
-    path: file, directory (all known data files directly inside) or glob;
-      relative paths are relative to `root`.
-    root: the repository root (the directory holding `configs/`).
+    path: file, directory (all known data files directly inside) or glob,
+      resolved by `csft_jax.configuration.resolve_path`.
 
   Returns:
     Absolute file paths, sorted so that reading order is deterministic.
   """
-  full = os.path.normpath(os.path.join(root, os.path.expanduser(path)))
+  full = os.path.normpath(resolve_path(path))
   if any(c in path for c in "*?["):
     files = sorted(f for f in glob.glob(full, recursive=True) if os.path.isfile(f))
     if not files:
@@ -54,7 +54,7 @@ def resolve_paths(source: str, path: str, root: str) -> list[str]:
   if not os.path.isfile(full):
     raise DataError(
         f"source {source!r}: path {path!r} not found (tried {full}); relative"
-        f" paths are resolved against the repository root {root}"
+        f" paths are relative to the current directory"
     )
   return [full]
 

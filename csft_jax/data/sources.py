@@ -54,12 +54,18 @@ class SourceRecord:
   location: Location
 
 
-def parse_sources(sources_config, root: str) -> list[SourceSpec]:
-  """Validates `config.data.sources` (name -> ConfigDict) into specs, in config order."""
+def parse_sources(sources_config) -> list[SourceSpec]:
+  """Validates `config.data.sources` (name -> ConfigDict) into specs, in config order.
+
+  A source whose `enabled` is False is left out (drop a source from the command line with
+  `--config.data.sources.NAME.enabled=False`).
+  """
   if not sources_config or not len(sources_config):
     raise DataError("config.data.sources is empty; add at least one source")
   specs = []
   for name, cfg in sources_config.items():
+    if not cfg.get("enabled", True):
+      continue
     where = f"config.data.sources.{name}"
     if cfg.get("format") not in ADAPTERS:
       raise DataError(f"{where}.format={cfg.get('format')!r} is not one of {sorted(ADAPTERS)}")
@@ -75,12 +81,14 @@ def parse_sources(sources_config, root: str) -> list[SourceSpec]:
     user_columns = cfg.get("columns") or {}
     columns.update(user_columns.to_dict() if hasattr(user_columns, "to_dict") else user_columns)
     options = {k: v for k, v in cfg.items() if k not in ("path", "format", "weight", "max_samples",
-                                                          "encoding", "reader", "columns")}
+                                                          "encoding", "reader", "columns", "enabled")}
     options["columns"] = columns
     specs.append(SourceSpec(
-        name=name, paths=tuple(resolve_paths(name, cfg.path, root)), format=cfg.format,
+        name=name, paths=tuple(resolve_paths(name, cfg.path)), format=cfg.format,
         weight=None if weight is None else float(weight), max_samples=max_samples,
         encoding=cfg.get("encoding") or "utf-8", reader=cfg.get("reader") or "auto", options=options))
+  if not specs:
+    raise DataError(f"config.data.sources: every source is disabled ({sorted(sources_config)}); enable one")
   return specs
 
 

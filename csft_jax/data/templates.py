@@ -17,6 +17,7 @@ inference, which encoding turn by turn would not guarantee.
 
 import abc
 import dataclasses
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -128,6 +129,16 @@ class MarkupTemplate(ChatTemplate):
       parts.append(turn)
       length += len(turn)
     return "".join(parts), spans
+
+  def jinja(self) -> str:
+    """This template as a Jinja chat template: what an HF export carries, so that transformers'
+    `apply_chat_template` renders prompts exactly as this template does."""
+    s = self.spec
+    before, after = (json.dumps(part) for part in s.header.split("{role}"))
+    end = json.dumps(s.end_of_turn + s.separator)
+    return (f"{{{{ {json.dumps(s.bos)} }}}}{{% for message in messages %}}{{{{ {before} + message['role'] + {after} + "
+            f"message['content'] + {end} }}}}{{% endfor %}}{{% if add_generation_prompt %}}"
+            f"{{{{ {before} + 'assistant' + {after} }}}}{{% endif %}}")
 
   def render_prompt(self, messages: Sequence[dict[str, str]]) -> str:
     s = self.spec

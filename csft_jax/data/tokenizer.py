@@ -4,6 +4,7 @@ import json
 import os
 from collections.abc import Iterable
 
+from csft_jax.configuration import resolve_path
 from csft_jax.data.errors import DataError
 
 # Special tokens of the demo tokenizer: enough for every built-in chat template.
@@ -21,20 +22,19 @@ DEMO_CHAT_TEMPLATE = (
 )
 
 
-def load_tokenizer(path: str, root: str):
+def load_tokenizer(path: str):
   """Loads a fast tokenizer from a local Hugging Face directory, offline.
 
   Args:
-    path: directory with tokenizer.json/tokenizer_config.json; relative paths
-      are relative to `root`.
-    root: the repository root.
+    path: directory with tokenizer.json/tokenizer_config.json (resolved by
+      `csft_jax.configuration.resolve_path`).
 
   Returns:
     A `transformers` fast tokenizer (its `backend_tokenizer` gives offsets).
   """
   import transformers  # Slow to import; only the pipeline needs it.
 
-  full = os.path.normpath(os.path.join(root, os.path.expanduser(path)))
+  full = os.path.normpath(resolve_path(path))
   if not os.path.isdir(full):
     raise DataError(f"config.data.tokenizer: {path!r} is not a directory (tried {full})")
   try:

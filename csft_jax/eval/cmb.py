@@ -16,7 +16,7 @@ CLI:
 
 from __future__ import annotations
 
-import argparse
+import os
 import random
 import re
 import sys
@@ -25,7 +25,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from csft_jax.eval import reporting
+import ml_collections
+
+from csft_jax import files
+from csft_jax.eval import reporting, runner
 
 SINGLE_CHOICE = "单项选择题"
 MULTI_CHOICE = "多项选择题"
@@ -119,7 +122,7 @@ def _where(path: str | Path, index: int, item: Any) -> str:
 
 
 def _read_json_list(path: str | Path, *, what: str) -> list:
-  return reporting.read_json(path, expect=list, what=what, error=CMBInputError)
+  return files.read_json(path, expect=list, what=what, error=CMBInputError)
 
 
 # -------------------------------------------------------------- prompts ----
@@ -437,15 +440,15 @@ def write_submission(
   if answer_key is not None:
     validate_submission(submission, answer_key)
   payload = [{"id": entry["id"], "model_answer": entry["model_answer"]} for entry in submission]
-  return reporting.write_json_atomic(path, payload)
+  return files.write_json_atomic(path, payload)
 
 
 def write_results(
     results: Mapping[str, Any], json_path: str | Path, markdown_path: str | Path | None = None
 ) -> None:
   """Writes the results JSON and (default: same name, .md) the markdown table, atomically."""
-  reporting.write_json_atomic(json_path, results)
-  reporting.write_text_atomic(markdown_path or Path(json_path).with_suffix(".md"), markdown_report(results))
+  files.write_json_atomic(json_path, results)
+  files.write_text_atomic(markdown_path or Path(json_path).with_suffix(".md"), markdown_report(results))
 
 
 def _summary(results: Mapping[str, Any]) -> str:
@@ -455,27 +458,104 @@ def _summary(results: Mapping[str, Any]) -> str:
   return reporting.markdown_table(["exam_type", "accuracy (%)"], rows)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """`score`: scores a submission against an answer key and writes results JSON + markdown."""
-  parser = argparse.ArgumentParser(prog="python -m csft_jax.eval.cmb", description=__doc__.split("\n")[0])
-  commands = parser.add_subparsers(dest="command", required=True)
-  score = commands.add_parser("score", help="score a submission against an answer key")
-  score.add_argument("--submission", required=True, help='JSON list [{"id", "model_answer"}]')
-  score.add_argument("--answer_key", required=True, help="e.g. ../shared/data/cmb/CMB-test-choice-answer.json")
-  score.add_argument("--out", required=True, help="results JSON path")
-  score.add_argument("--markdown", default=None, help="markdown path (default: --out with .md)")
-  args = parser.parse_args(argv)
+
+# -------------------------------------------------------------- the run ----
+
+def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str) -> tuple[dict | None, str]:
+  """CMB-Exam: answer / cot (generation + official extraction, majority vote) or loglik.
+
+  Writes `submission.json`, `generations.json` and, with an answer key, `results.json` +
+  `results.md` (`score_submission`). Returns `(results or None, summary text)`.
+  """
+  items = load_exam(config.exam)
+  if config.limit:
+    items = items[:config.limit]
+  val = load_exam(config.val, require_answer=True) if config.shots else []
+  system = config.system_prompt or None
+  shots = [select_shots(val, item, config.shots, seed=config.seed) for item in items]
+  if config.mode == "loglik":
+    requests = [loglik_request(item, shots=s, system_prompt=system) for item, s in zip(items, shots)]
+    scores, counts = chat.score_options([m for m, _ in requests], [letters for _, letters in requests],
+                                        desc="CMB loglik")
+    submission = [{"id": item["id"], "model_answer": loglik_answer(s)} for item, s in zip(items, scores)]
+    records = [{"id": item["id"], "option_scores": s} for item, s in zip(items, scores)]
+    protocol = LOGLIK_PROTOCOL
+  else:
+    conversations = [build_messages(item, mode=config.mode, shots=s, system_prompt=system)
+                     for item, s in zip(items, shots)]
+    texts, counts = chat.generate(conversations, max_new_tokens=config.max_new_tokens, sampling=runner.sampling(config),
+                                  num_samples=config.num_samples, seed=config.seed, desc=f"CMB {config.mode}")
+    submission, extraction_counts = build_submission(items, texts)
+    counts.update(extraction_counts)
+    records = [{"id": item["id"], "samples": samples, "model_answer": entry["model_answer"]}
+               for item, samples, entry in zip(items, texts, submission)]
+    protocol = OFFICIAL_PROTOCOL
+  files.write_json_atomic(os.path.join(out_dir, "generations.json"), records)
+  write_submission(submission, os.path.join(out_dir, "submission.json"))
+  if not config.answer_key:
+    return None, (f"No answer key: wrote {out_dir}/submission.json ({len(submission)} answers); score it with "
+                  "`python -m csft_jax.eval.cmb score`.\n")
+  key = load_answer_key(config.answer_key)
+  asked = {item["id"] for item in items}
+  results = score_submission(submission, [e for e in key if e["id"] in asked], protocol=protocol,
+                                 generation_stats=counts)
+  results["settings"] = runner.settings(config, ("mode", "shots", "num_samples", "temperature", "top_p",
+                                           "max_new_tokens", "exam"))
+  write_results(results, os.path.join(out_dir, "results.json"))
+  counts_text = ", ".join(f"{k}={v}" for k, v in results["counts"].items())
+  return results, f"CMB-Exam ({results['protocol']})\n{_summary(results)}counts: {counts_text}\n"
+
+
+def _report_cells(results: Mapping[str, Any]) -> dict[str, float]:
+  cells = {"micro": 100 * results["overall"]["micro"], "macro": 100 * results["overall"]["macro"]}
+  cells.update({t: 100 * acc for t, acc in results["accuracy_per_category"].items()})
+  return cells
+
+
+def _validate(config) -> None:
+  if config.mode not in ("answer", "cot", "loglik"):
+    raise runner.EvalConfigError(f"config.mode={config.mode!r}; choose answer, cot or loglik.")
+
+
+BENCHMARK = runner.Benchmark(
+    name="cmb",
+    inputs=(("exam", lambda c: True), ("val", lambda c: c.shots > 0), ("answer_key", lambda c: bool(c.answer_key))),
+    result_name=lambda config: f"cmb-{config.mode}",
+    run=run, report_cells=_report_cells, validate=_validate)
+
+def score_command(submission: str, answer_key: str, out: str, markdown: str | None = None) -> int:
+  """`score`: scores a submission against an answer key, writes results JSON + markdown; exit code."""
   try:
-    key = load_answer_key(args.answer_key)
-    results = score_submission(load_submission(args.submission), key)
+    results = score_submission(load_submission(submission), load_answer_key(answer_key))
   except CMBInputError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
-  write_results(results, args.out, args.markdown)
+  write_results(results, out, markdown)
   print(_summary(results))
-  print(f"wrote {args.out} and {args.markdown or Path(args.out).with_suffix('.md')}")
+  print(f"wrote {out} and {markdown or Path(out).with_suffix('.md')}")
   return 0
 
 
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string("submission", None, 'Submission JSON list [{"id", "model_answer"}].', required=True)
+  flags.DEFINE_string("answer_key", None, "Answer key, e.g. ../shared/data/cmb/CMB-test-choice-answer.json.",
+                      required=True)
+  flags.DEFINE_string("out", None, "Results JSON path.", required=True)
+  flags.DEFINE_string("markdown", None, "Markdown path (default: --out with .md).")
+
+
+def main(argv: Sequence[str]) -> int:
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  if argv[1:] != ["score"]:
+    raise app.UsageError(f"usage: python -m csft_jax.eval.cmb score --submission=S --answer_key=K --out=R "
+                         f"(got {argv[1:]})")
+  f = flags.FLAGS
+  return score_command(f.submission, f.answer_key, f.out, f.markdown)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  from absl import app  # pylint: disable=g-import-not-at-top
+  define_flags()
+  app.run(main)

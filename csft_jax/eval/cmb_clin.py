@@ -14,12 +14,16 @@ solution (jieba tokens). As in the official judge script, an empty answer gets
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from csft_jax.eval import reporting, text_metrics
+import ml_collections
+
+from csft_jax import files
+from csft_jax.eval import reporting, runner, text_metrics
 
 FIRST_TURN = "以下是一位病人的病例：\n{description}\n{question}"
 
@@ -94,7 +98,7 @@ class ClinInputError(ValueError):
 
 def load_clin(path: str | Path) -> list[dict]:
   """Reads CMB-Clin cases `[{id, title, description, QA_pairs: [{question, solution}]}]`."""
-  cases = reporting.read_json(path, expect=list, what="CMB-Clin cases", error=ClinInputError)
+  cases = files.read_json(path, expect=list, what="CMB-Clin cases", error=ClinInputError)
   for index, case in enumerate(cases):
     where = f"{path}: case {index}"
     missing = [f for f in ("id", "title", "description", "QA_pairs") if f not in case]
@@ -190,5 +194,42 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def write_outputs(records: Sequence[Mapping[str, Any]], path: str | Path) -> dict[str, Any]:
   """Writes `{"summary", "records"}` JSON atomically (judge prompts included); returns the summary."""
   summary = summarize(records)
-  reporting.write_json_atomic(path, {"summary": summary, "records": list(records)})
+  files.write_json_atomic(path, {"summary": summary, "records": list(records)})
   return summary
+
+
+# -------------------------------------------------------------- the run ----
+
+def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str) -> tuple[dict, str]:
+  """CMB-Clin: one greedy reply per (case, question), gold history; judge prompts + proxy scores.
+
+  Writes `results.json` (`{"summary", "records"}`, `write_outputs`). Returns
+  `(summary dict, summary text)`.
+  """
+  cases = load_clin(config.clin)
+  if config.limit:
+    cases = cases[:config.limit]
+  system = config.system_prompt or None
+  asks = [(c, t) for c, case in enumerate(cases) for t in range(len(case["QA_pairs"]))]
+  conversations = [build_messages(cases[c], t, system_prompt=system) for c, t in asks]
+  texts, counts = chat.generate(conversations, max_new_tokens=config.max_new_tokens, desc="CMB-Clin")
+  answers: list[list[str]] = [[] for _ in cases]
+  for (c, _), samples in zip(asks, texts):
+    answers[c].append(samples[0])
+  records = build_records(cases, answers)
+  summary = summarize(records)
+  summary.update(counts=counts, settings=runner.settings(config, ("max_new_tokens", "clin")))
+  files.write_json_atomic(os.path.join(out_dir, "results.json"), {"summary": summary, "records": records})
+  rows = [["ROUGE-L", summary["rougeL"]], ["BLEU-1", summary["bleu1"]]]
+  counts_text = ", ".join(f"{k}={v}" for k, v in counts.items())
+  return summary, (f"CMB-Clin ({summary['protocol']})\n" + reporting.markdown_table(["metric", "%"], rows)
+                   + f"questions={summary['n']}, {counts_text}\n")
+
+
+def _report_cells(results: Mapping[str, Any]) -> dict[str, float]:
+  return {"rougeL": results["summary"]["rougeL"], "bleu1": results["summary"]["bleu1"]}
+
+
+BENCHMARK = runner.Benchmark(
+    name="cmb_clin", inputs=(("clin", lambda c: True),), result_name=lambda config: "cmb_clin",
+    run=run, report_cells=_report_cells)

@@ -5,7 +5,6 @@ Public API:
   greedy_generate(model, prompts, max_new_tokens, eos_token_id, ...) -> list[list[int]]
   score(model, contexts, continuations, ...) -> Scores
   score_continuations(model, contexts, continuations, ...) -> list[float]
-  load_model(path, dtype) -> (Decoder, ModelSource)   HF directory, Orbax checkpoint or workdir
 
 Batching: prompts are sorted by length and cut into batches; each batch is left-padded to a
 bucket length (`BUCKETS_PER_OCTAVE` steps between powers of two, at least `MIN_BUCKET`) and the
@@ -26,7 +25,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import os
 from collections.abc import Callable, Sequence
 
 import jax
@@ -497,75 +495,3 @@ def score_continuations(model: Decoder, contexts: Sequence[Sequence[int]],
     One float per (context, continuation) pair.
   """
   return score(model, contexts, continuations, **kwargs).values
-
-
-# ---------------------------------------------------------------- loading ----
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSource:
-  """Where a model came from and what goes with it.
-
-  Attributes:
-    kind: 'hf' (HF directory) or 'orbax' (training checkpoint).
-    path: the path that was loaded.
-    workdir: default home of evaluation outputs: the training workdir, or the HF directory.
-    tokenizer: tokenizer directory, or None when unknown (then the eval config must name one).
-    chat_template: template name saved with the model ('hf' for HF directories), or None.
-  """
-
-  kind: str
-  path: str
-  workdir: str
-  tokenizer: str | None
-  chat_template: str | None
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-def _is_hf_dir(path: str) -> bool:
-  return (os.path.isfile(os.path.join(path, "config.json"))
-          and any(name.endswith(".safetensors") for name in os.listdir(path)))
-
-
-def load_model(path: str, dtype: str = "float32", *, mesh: Mesh | None = None, **overrides
-               ) -> tuple[Decoder, ModelSource]:
-  """Loads a model for evaluation from an HF directory or an Orbax checkpoint.
-
-  Args:
-    path: an HF directory (config.json + *.safetensors), or a training workdir `W`,
-      `W/checkpoints`, or one step directory (latest step unless a step is named).
-    dtype: parameter and compute dtype ('float32', 'bfloat16').
-    mesh: if given, parameters are placed on it (sharded per `csft_jax.sharding`).
-    **overrides: `ModelConfig` overrides for HF directories (e.g. `scan_layers=False`); an Orbax
-      checkpoint keeps the layout it was saved with, so they are ignored there.
-
-  Returns:
-    `(model, source)`; for a workdir the tokenizer and chat template come from `W/config.json`
-    (`data.tokenizer`, `data.chat_template`).
-  """
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"checkpoint {path!r} does not exist: pass an HF model directory, a training "
-                            "workdir, or a checkpoint step directory.")
-  if os.path.isdir(path) and _is_hf_dir(path):
-    from csft_jax.convert.hf import load_hf, read_hf_config  # pylint: disable=g-import-not-at-top
-
-    has_tokenizer = any(os.path.isfile(os.path.join(path, name)) for name in _TOKENIZER_FILES)
-    source = ModelSource("hf", path, path, path if has_tokenizer else None, "hf" if has_tokenizer else None)
-    shardings = None
-    if mesh is not None:
-      # Each tensor goes straight to its shards: a model larger than one device still loads.
-      config = read_hf_config(path, param_dtype=dtype, **{"dtype": dtype, **overrides})
-      abstract = nnx.state(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
-      shardings = nnx.as_pure(sharding.state_shardings(abstract, mesh))
-    return load_hf(path, dtype=dtype, shardings=shardings, **overrides), source
-  # Orbax checkpoints are owned by the trainer; imported here so HF-only use does not need it.
-  from csft_jax.checkpointing import restore_model, training_data_config, training_workdir  # pylint: disable=g-import-not-at-top
-
-  workdir = training_workdir(path)
-  tokenizer, template = training_data_config(workdir) if workdir else (None, None)
-  if overrides:
-    logging.info("Orbax checkpoint %s keeps its saved layout; ignoring %s.", path, sorted(overrides))
-  model = restore_model(path, dtype=dtype, mesh=mesh)  # each parameter restored onto its shards
-  return model, ModelSource("orbax", path, workdir or os.path.abspath(path), tokenizer, template)

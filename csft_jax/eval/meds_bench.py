@@ -16,15 +16,18 @@ CLI:
 
 from __future__ import annotations
 
-import argparse
 import csv
+import os
 import random
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from csft_jax.eval import reporting, text_metrics
+import ml_collections
+
+from csft_jax import files
+from csft_jax.eval import reporting, runner, text_metrics
 
 NUM_SHOTS = 3
 MAX_NEW_TOKENS = 200
@@ -115,7 +118,7 @@ def task_id_from_path(path: str | Path) -> str:
 
 def load_task(path: str | Path) -> dict[str, Any]:
   """Reads and validates a MedS-Bench task file; adds `task_id` from the file name."""
-  task = reporting.read_json(path, expect=dict, what="'Definition', 'Instances', ...", error=MedSInputError)
+  task = files.read_json(path, expect=dict, what="'Definition', 'Instances', ...", error=MedSInputError)
   definition = task.get("Definition")
   if not isinstance(definition, list) or not definition or not isinstance(definition[0], str):
     raise MedSInputError(f"{path}: 'Definition' must be a non-empty list of strings.")
@@ -181,7 +184,7 @@ def write_results_csv(rows: Sequence[Mapping[str, str]], path: str | Path) -> Pa
     if missing:
       raise MedSInputError(f"results row {index}: missing {missing}; rows need {list(RESULTS_HEADER)}.")
     table.append([row[k] for k in RESULTS_HEADER])
-  return reporting.write_csv_atomic(path, RESULTS_HEADER, table)
+  return files.write_csv_atomic(path, RESULTS_HEADER, table)
 
 
 def read_results_csv(path: str | Path) -> list[dict[str, str]]:
@@ -382,30 +385,88 @@ def _parse_category_flags(values: Sequence[str]) -> dict[str, str]:
   return mapping
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """`score`: scores a results CSV and writes results JSON (+ markdown beside it)."""
-  parser = argparse.ArgumentParser(prog="python -m csft_jax.eval.meds_bench", description=__doc__.split("\n")[0])
-  commands = parser.add_subparsers(dest="command", required=True)
-  score = commands.add_parser("score", help="score a task_id,input,GT,output results CSV")
-  score.add_argument("--results", required=True, help="results CSV")
-  score.add_argument("--out", required=True, help="results JSON path (markdown written beside it)")
-  score.add_argument("--task_dir", default=None, help="folder of task*.json files (Categories, languages)")
-  score.add_argument("--category", action="append", default=[], help="TASK=CATEGORY override, repeatable")
-  args = parser.parse_args(argv)
+
+# -------------------------------------------------------------- the run ----
+
+def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str) -> tuple[dict, str]:
+  """MedS-Bench: 3-shot greedy generation per instance, `results.csv`, then scoring.
+
+  Writes `results.csv` (task_id,input,GT,output), `results.json` (`score_rows` plus
+  generation counts) and `results.md`. Returns `(results, summary text)`.
+  """
+  tasks = load_task_dir(config.task_dir)
+  pairs = [(task, instance) for task in tasks.values() for instance in task["Instances"]]
+  if config.limit:
+    pairs = pairs[:config.limit]
+  conversations = [build_messages(
+      task, instance, shots=select_shots(task, instance, config.shots, seed=config.seed))
+                   for task, instance in pairs]
+  texts, counts = chat.generate(conversations, max_new_tokens=config.max_new_tokens, desc="MedS-Bench")
+  rows = [{"task_id": task["task_id"], "input": chat.template.render_prompt(messages),
+           "GT": gold_output(instance), "output": samples[0]}
+          for (task, instance), messages, samples in zip(pairs, conversations, texts)]
+  write_results_csv(rows, os.path.join(out_dir, "results.csv"))
+  results = score_rows(rows, tasks=tasks)
+  results["counts"] = counts
+  results["settings"] = runner.settings(config, ("shots", "max_new_tokens", "task_dir"))
+  files.write_json_atomic(os.path.join(out_dir, "results.json"), results)
+  files.write_text_atomic(os.path.join(out_dir, "results.md"), summary_table(results))
+  return results, _meds_summary(results)
+
+
+def _meds_summary(results: Mapping[str, Any]) -> str:
+  metrics = ("accuracy", "bleu1", "rougeL", "f1")
+  rows = [[category, len(m["tasks"]), m["n"], *(f"{m[k]:.2f}" if k in m else "" for k in metrics)]
+          for category, m in results["categories"].items()]
+  counts = ", ".join(f"{k}={v}" for k, v in results["counts"].items())
+  return ("MedS-Bench (3-shot, greedy)\n" + reporting.markdown_table(["category", "tasks", "n", *metrics], rows)
+          + f"counts: {counts}\n")
+
+
+def _report_cells(results: Mapping[str, Any]) -> dict[str, float]:
+  return {f"{category}/{metric}": value for category, metrics in results["categories"].items()
+          for metric, value in metrics.items() if metric not in ("tasks", "n")}
+
+
+BENCHMARK = runner.Benchmark(
+    name="meds_bench", inputs=(("task_dir", lambda c: True),), result_name=lambda config: "meds_bench",
+    run=run, report_cells=_report_cells)
+
+def score_command(results_csv: str, out: str, task_dir: str | None = None,
+                  category: Sequence[str] = ()) -> int:
+  """`score`: scores a results CSV, writes results JSON (+ markdown beside it); exit code."""
   try:
-    results = score_results(
-        args.results, task_categories=_parse_category_flags(args.category), task_dir=args.task_dir
-    )
+    results = score_results(results_csv, task_categories=_parse_category_flags(category), task_dir=task_dir)
   except MedSInputError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
   table = summary_table(results)
-  reporting.write_json_atomic(args.out, results)
-  reporting.write_text_atomic(Path(args.out).with_suffix(".md"), table)
+  files.write_json_atomic(out, results)
+  files.write_text_atomic(Path(out).with_suffix(".md"), table)
   print(table)
-  print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
+  print(f"wrote {out} and {Path(out).with_suffix('.md')}")
   return 0
 
 
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string("results", None, "Results CSV (task_id,input,GT,output).", required=True)
+  flags.DEFINE_string("out", None, "Results JSON path (markdown written beside it).", required=True)
+  flags.DEFINE_string("task_dir", None, "Folder of task*.json files (Categories, languages).")
+  flags.DEFINE_multi_string("category", [], "TASK=CATEGORY override, repeatable.")
+
+
+def main(argv: Sequence[str]) -> int:
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  if argv[1:] != ["score"]:
+    raise app.UsageError(f"usage: python -m csft_jax.eval.meds_bench score --results=R.csv --out=R.json "
+                         f"[--task_dir=D] (got {argv[1:]})")
+  f = flags.FLAGS
+  return score_command(f.results, f.out, f.task_dir, f.category)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  from absl import app  # pylint: disable=g-import-not-at-top
+  define_flags()
+  app.run(main)

@@ -1,17 +1,24 @@
-"""Benchmark loops: CMB-Exam, MedS-Bench and CMB-Clin from chat messages to written results.
+"""What every benchmark shares: the `Benchmark` interface, the common eval config, `ChatModel`.
 
-`ChatModel` turns messages into text with the engine (prompt template in, stop tokens out);
-`run_cmb`, `run_meds_bench` and `run_cmb_clin` build each benchmark's prompts with its own module,
-generate, score, and write their files into `out_dir`. Files are written only after every
-generation is done, each atomically (`reporting`), so a failed run leaves no partial results.
+A benchmark is one module `csft_jax.eval.<name>` that defines `BENCHMARK = Benchmark(...)`, plus
+one config file `configs/eval/<name>.py`; `get_benchmark(name)` finds it, so the entry point
+(`python -m csft_jax.evaluate`), sweeps and reports need no change to add one.
+
+`ChatModel` turns messages into text with the engine (prompt template in, stop tokens out). A
+benchmark's `run` builds its prompts, generates, scores, and writes its files into `out_dir`,
+only after every generation is done and each atomically (`csft_jax.files`), so a failed run
+leaves no partial results.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 import os
+import pkgutil
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ml_collections
@@ -19,12 +26,11 @@ import tqdm
 from absl import logging
 from jax.sharding import Mesh
 
-from csft_jax.data.config import REPO_ROOT
-from csft_jax.eval import cmb, cmb_clin, engine, meds_bench, reporting
+from csft_jax.eval import engine
 from csft_jax.models import Decoder
 
 Messages = list[dict[str, str]]
-SHIPPED_SAMPLES = "csft_jax/assets/eval"
+SHIPPED_SAMPLES = "pkg://csft_jax/assets/eval"
 
 
 class EvalConfigError(ValueError):
@@ -49,39 +55,76 @@ def default_eval_config(benchmark: str) -> ml_collections.ConfigDict:
       max_new_tokens=32,
       seed=0,
       limit=0,  # Evaluate only the first `limit` items (0: all), for smoke runs.
-      out_dir="",  # Default: <checkpoint workdir>/eval/<benchmark>.
+      # Where results go. Default: W/eval/<name>/ for a training run W (its checkpoints and its HF
+      # export), <dir>/eval/<name>/ for a directory outside a run. Checked before any work.
+      out_dir="",
   ))
 
 
-# Input files per benchmark, checked before the (slow) model load: (config field, needed when).
-_INPUTS = {
-    "cmb": (("exam", lambda c: True), ("val", lambda c: c.shots > 0), ("answer_key", lambda c: bool(c.answer_key))),
-    "meds_bench": (("task_dir", lambda c: True),),
-    "cmb_clin": (("clin", lambda c: True),),
-}
+Results = dict[str, Any]
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Fails fast, before loading a model, on a config that cannot run."""
-  if config.benchmark not in _INPUTS:
-    raise EvalConfigError(f"config.benchmark={config.benchmark!r}; choose one of {sorted(_INPUTS)}.")
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+  """One benchmark, as the entry point, sweeps and reports see it.
+
+  Attributes:
+    name: the module name under `csft_jax.eval` and `config.benchmark`.
+    inputs: `(config field, needed(config))` of the files it reads, checked before the model loads.
+    result_name: the evaluation's name from its config (`W/eval/<result_name>/`); it carries the
+      mode when a benchmark has several (`cmb-answer`, `cmb-cot`), so they never overwrite each other.
+    run: `run(chat, config, out_dir) -> (results or None when unscored, summary text)`; writes
+      `out_dir/results.json` when scored.
+    report_cells: `results.json` contents -> `{column: value}` for `python -m csft_jax.report`
+      (percent), columns without the evaluation's name (the report prefixes it).
+    validate: raises `EvalConfigError` for a config it cannot run (before the model loads).
+  """
+
+  name: str
+  inputs: tuple[tuple[str, Callable[[ml_collections.ConfigDict], bool]], ...]
+  result_name: Callable[[ml_collections.ConfigDict], str]
+  run: Callable[["ChatModel", ml_collections.ConfigDict, str], tuple[Results | None, str]]
+  report_cells: Callable[[Results], dict[str, float]]
+  validate: Callable[[ml_collections.ConfigDict], None] = lambda config: None
+
+
+def benchmark_names() -> list[str]:
+  """Modules of `csft_jax.eval` that define a `BENCHMARK`."""
+  package = importlib.import_module("csft_jax.eval")
+  names = []
+  for info in pkgutil.iter_modules(package.__path__):
+    if hasattr(importlib.import_module(f"csft_jax.eval.{info.name}"), "BENCHMARK"):
+      names.append(info.name)
+  return sorted(names)
+
+
+def get_benchmark(name: str) -> Benchmark:
+  """The benchmark `name` (a module `csft_jax.eval.<name>` with a `BENCHMARK`)."""
+  try:
+    module = importlib.import_module(f"csft_jax.eval.{name}")
+  except ModuleNotFoundError:
+    module = None
+  if module is None or not isinstance(getattr(module, "BENCHMARK", None), Benchmark):
+    raise EvalConfigError(f"config.benchmark={name!r}; choose one of {benchmark_names()}.")
+  return module.BENCHMARK
+
+
+def benchmark_of_result(result_name: str) -> Benchmark:
+  """The benchmark that wrote `W/eval/<result_name>/` (the name starts with the benchmark's)."""
+  return get_benchmark(result_name.split("-", 1)[0])
+
+
+def validate_config(config: ml_collections.ConfigDict) -> Benchmark:
+  """Fails fast, before loading a model, on a config that cannot run; returns its benchmark."""
+  benchmark = get_benchmark(config.benchmark)
   if not config.checkpoint:
     raise EvalConfigError("config.checkpoint is empty: pass --config.checkpoint=W (training workdir, "
                           "checkpoint step directory, or HF model directory).")
-  if config.benchmark == "cmb" and config.mode not in ("answer", "cot", "loglik"):
-    raise EvalConfigError(f"config.mode={config.mode!r}; choose answer, cot or loglik.")
-  for field, needed in _INPUTS[config.benchmark]:
-    if needed(config) and not os.path.exists(resolve_path(config[field])):
-      raise EvalConfigError(f"config.{field}={config[field]!r} does not exist (looked in the current directory "
-                            f"and in {REPO_ROOT}).")
-
-
-def resolve_path(path: str) -> str:
-  """`path` as given if it exists, else relative to the repository root (shipped samples)."""
-  path = os.path.expanduser(path)
-  if os.path.isabs(path) or os.path.exists(path):
-    return path
-  return os.path.join(REPO_ROOT, path)
+  benchmark.validate(config)
+  for field, needed in benchmark.inputs:
+    if needed(config) and not os.path.exists(config[field]):
+      raise EvalConfigError(f"config.{field}={config[field]!r} does not exist.")
+  return benchmark
 
 
 class ChatModel:
@@ -160,135 +203,10 @@ def _report(total: int, truncated: int, empty: int) -> None:
                     "empty_generations).", empty)
 
 
-def _sampling(config: ml_collections.ConfigDict) -> engine.Sampling:
+def sampling(config: ml_collections.ConfigDict) -> engine.Sampling:
   return engine.Sampling(temperature=config.temperature, top_p=config.top_p)
 
 
-def _settings(config: ml_collections.ConfigDict, names: Sequence[str]) -> dict[str, Any]:
+def settings(config: ml_collections.ConfigDict, names: Sequence[str]) -> dict[str, Any]:
+  """The config fields a results file records (with the checkpoint evaluated)."""
   return {"checkpoint": config.checkpoint, **{name: config[name] for name in names}}
-
-
-# -------------------------------------------------------------------- CMB ----
-
-
-def run_cmb(chat: ChatModel, config: ml_collections.ConfigDict, out_dir: str) -> tuple[dict | None, str]:
-  """CMB-Exam: answer / cot (generation + official extraction, majority vote) or loglik.
-
-  Writes `submission.json`, `generations.json` and, with an answer key, `results.json` +
-  `results.md` (`cmb.score_submission`). Returns `(results or None, summary text)`.
-  """
-  items = cmb.load_exam(resolve_path(config.exam))
-  if config.limit:
-    items = items[:config.limit]
-  val = cmb.load_exam(resolve_path(config.val), require_answer=True) if config.shots else []
-  system = config.system_prompt or None
-  shots = [cmb.select_shots(val, item, config.shots, seed=config.seed) for item in items]
-  if config.mode == "loglik":
-    requests = [cmb.loglik_request(item, shots=s, system_prompt=system) for item, s in zip(items, shots)]
-    scores, counts = chat.score_options([m for m, _ in requests], [letters for _, letters in requests],
-                                        desc="CMB loglik")
-    submission = [{"id": item["id"], "model_answer": cmb.loglik_answer(s)} for item, s in zip(items, scores)]
-    records = [{"id": item["id"], "option_scores": s} for item, s in zip(items, scores)]
-    protocol = cmb.LOGLIK_PROTOCOL
-  else:
-    conversations = [cmb.build_messages(item, mode=config.mode, shots=s, system_prompt=system)
-                     for item, s in zip(items, shots)]
-    texts, counts = chat.generate(conversations, max_new_tokens=config.max_new_tokens, sampling=_sampling(config),
-                                  num_samples=config.num_samples, seed=config.seed, desc=f"CMB {config.mode}")
-    submission, extraction_counts = cmb.build_submission(items, texts)
-    counts.update(extraction_counts)
-    records = [{"id": item["id"], "samples": samples, "model_answer": entry["model_answer"]}
-               for item, samples, entry in zip(items, texts, submission)]
-    protocol = cmb.OFFICIAL_PROTOCOL
-  reporting.write_json_atomic(os.path.join(out_dir, "generations.json"), records)
-  cmb.write_submission(submission, os.path.join(out_dir, "submission.json"))
-  if not config.answer_key:
-    return None, (f"No answer key: wrote {out_dir}/submission.json ({len(submission)} answers); score it with "
-                  "`python -m csft_jax.eval.cmb score`.\n")
-  key = cmb.load_answer_key(resolve_path(config.answer_key))
-  asked = {item["id"] for item in items}
-  results = cmb.score_submission(submission, [e for e in key if e["id"] in asked], protocol=protocol,
-                                 generation_stats=counts)
-  results["settings"] = _settings(config, ("mode", "shots", "num_samples", "temperature", "top_p",
-                                           "max_new_tokens", "exam"))
-  cmb.write_results(results, os.path.join(out_dir, "results.json"))
-  return results, _cmb_summary(results)
-
-
-def _cmb_summary(results: Mapping[str, Any]) -> str:
-  rows = [[exam_type, 100 * acc] for exam_type, acc in results["accuracy_per_category"].items()]
-  rows += [["overall micro", 100 * results["overall"]["micro"]],
-           ["overall macro", 100 * results["overall"]["macro"]]]
-  counts = ", ".join(f"{k}={v}" for k, v in results["counts"].items())
-  return (f"CMB-Exam ({results['protocol']})\n" + reporting.markdown_table(["exam_type", "accuracy (%)"], rows)
-          + f"counts: {counts}\n")
-
-
-# ------------------------------------------------------------- MedS-Bench ----
-
-
-def run_meds_bench(chat: ChatModel, config: ml_collections.ConfigDict, out_dir: str) -> tuple[dict, str]:
-  """MedS-Bench: 3-shot greedy generation per instance, `results.csv`, then scoring.
-
-  Writes `results.csv` (task_id,input,GT,output), `results.json` (`meds_bench.score_rows` plus
-  generation counts) and `results.md`. Returns `(results, summary text)`.
-  """
-  tasks = meds_bench.load_task_dir(resolve_path(config.task_dir))
-  pairs = [(task, instance) for task in tasks.values() for instance in task["Instances"]]
-  if config.limit:
-    pairs = pairs[:config.limit]
-  conversations = [meds_bench.build_messages(
-      task, instance, shots=meds_bench.select_shots(task, instance, config.shots, seed=config.seed))
-                   for task, instance in pairs]
-  texts, counts = chat.generate(conversations, max_new_tokens=config.max_new_tokens, desc="MedS-Bench")
-  rows = [{"task_id": task["task_id"], "input": chat.template.render_prompt(messages),
-           "GT": meds_bench.gold_output(instance), "output": samples[0]}
-          for (task, instance), messages, samples in zip(pairs, conversations, texts)]
-  meds_bench.write_results_csv(rows, os.path.join(out_dir, "results.csv"))
-  results = meds_bench.score_rows(rows, tasks=tasks)
-  results["counts"] = counts
-  results["settings"] = _settings(config, ("shots", "max_new_tokens", "task_dir"))
-  reporting.write_json_atomic(os.path.join(out_dir, "results.json"), results)
-  reporting.write_text_atomic(os.path.join(out_dir, "results.md"), meds_bench.summary_table(results))
-  return results, _meds_summary(results)
-
-
-def _meds_summary(results: Mapping[str, Any]) -> str:
-  metrics = ("accuracy", "bleu1", "rougeL", "f1")
-  rows = [[category, len(m["tasks"]), m["n"], *(f"{m[k]:.2f}" if k in m else "" for k in metrics)]
-          for category, m in results["categories"].items()]
-  counts = ", ".join(f"{k}={v}" for k, v in results["counts"].items())
-  return ("MedS-Bench (3-shot, greedy)\n" + reporting.markdown_table(["category", "tasks", "n", *metrics], rows)
-          + f"counts: {counts}\n")
-
-
-# --------------------------------------------------------------- CMB-Clin ----
-
-
-def run_cmb_clin(chat: ChatModel, config: ml_collections.ConfigDict, out_dir: str) -> tuple[dict, str]:
-  """CMB-Clin: one greedy reply per (case, question), gold history; judge prompts + proxy scores.
-
-  Writes `results.json` (`{"summary", "records"}`, `cmb_clin.write_outputs`). Returns
-  `(summary dict, summary text)`.
-  """
-  cases = cmb_clin.load_clin(resolve_path(config.clin))
-  if config.limit:
-    cases = cases[:config.limit]
-  system = config.system_prompt or None
-  asks = [(c, t) for c, case in enumerate(cases) for t in range(len(case["QA_pairs"]))]
-  conversations = [cmb_clin.build_messages(cases[c], t, system_prompt=system) for c, t in asks]
-  texts, counts = chat.generate(conversations, max_new_tokens=config.max_new_tokens, desc="CMB-Clin")
-  answers: list[list[str]] = [[] for _ in cases]
-  for (c, _), samples in zip(asks, texts):
-    answers[c].append(samples[0])
-  records = cmb_clin.build_records(cases, answers)
-  summary = cmb_clin.summarize(records)
-  summary.update(counts=counts, settings=_settings(config, ("max_new_tokens", "clin")))
-  reporting.write_json_atomic(os.path.join(out_dir, "results.json"), {"summary": summary, "records": records})
-  rows = [["ROUGE-L", summary["rougeL"]], ["BLEU-1", summary["bleu1"]]]
-  counts_text = ", ".join(f"{k}={v}" for k, v in counts.items())
-  return summary, (f"CMB-Clin ({summary['protocol']})\n" + reporting.markdown_table(["metric", "%"], rows)
-                   + f"questions={summary['n']}, {counts_text}\n")
-
-
-RUNNERS = {"cmb": run_cmb, "meds_bench": run_meds_bench, "cmb_clin": run_cmb_clin}

@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import ml_collections
+from ml_collections import config_dict
+
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "internlm2")
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
@@ -151,13 +154,41 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
   return PRESETS[name].replace(**overrides)
 
 
+# Architecture fields a config may override on top of its preset (None: the preset's value).
+ARCHITECTURE_FIELDS = {
+    "hidden_size": int, "intermediate_size": int, "num_layers": int, "num_heads": int, "num_kv_heads": int,
+    "head_dim": int, "rope_theta": float, "rms_norm_eps": float, "max_position_embeddings": int,
+    "tie_embeddings": bool, "sliding_window": int,
+}
+# Fields that may differ between a checkpoint and the run that loads it (how it runs, not what it is).
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.model`: a preset, architecture overrides (typed placeholders) and runtime choices.
+
+  With `config.init.from_hf` / `from_checkpoint` the architecture comes from the checkpoint, and
+  only the runtime fields apply.
+  """
+  return ml_collections.ConfigDict(dict(
+      preset="tiny",
+      vocab_size=-1,  # <= 0: the tokenizer's size rounded up to a multiple of 128.
+      **{name: config_dict.placeholder(kind) for name, kind in ARCHITECTURE_FIELDS.items()},
+      dtype="bfloat16",  # compute dtype
+      param_dtype="float32",  # master weights
+      remat_policy="none",  # one of REMAT_POLICIES
+      scan_layers=True,
+      attention_impl="xla",  # one of ATTENTION_IMPLEMENTATIONS
+  ))
+
+
 def model_config_from(fields: Mapping[str, Any], tokenizer_size: int) -> ModelConfig:
   """`config.model` (a `preset` name + field overrides) -> `ModelConfig`.
 
   `vocab_size <= 0` takes the tokenizer's size, rounded up to a multiple of 128 so the vocab axis
-  shards evenly.
+  shards evenly. Fields left None keep the preset's value.
   """
-  fields = dict(fields)
+  fields = {k: v for k, v in dict(fields).items() if v is not None}
   preset = fields.pop("preset")
   if fields.get("vocab_size", 0) <= 0:
     fields["vocab_size"] = -(-tokenizer_size // 128) * 128

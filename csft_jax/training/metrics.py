@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from typing import Any
 
 import jax
+import numpy as np
 
 from csft_jax.models.config import ModelConfig
+from csft_jax.workdir import RunDir
 
 # Dense bf16 peak FLOP/s per device (vendor figures). Unknown devices (e.g. CPU) get no MFU unless
 # `config.train.peak_tflops` is set.
@@ -48,6 +49,44 @@ def peak_flops(device: jax.Device, override_tflops: float = 0.0) -> float | None
   return None
 
 
+def itstime(step: int, every: int, total: int) -> bool:
+  """The one cadence rule: every `every` steps (`every > 0`) and at the last step."""
+  return every > 0 and (step % every == 0 or step == total)
+
+
+class StepMeter:
+  """Host-side token counts and wall time since the last `read()`: throughput and MFU.
+
+  Counts are global (this process's rows times the process count: every process feeds an equal
+  share). MFU counts model FLOPs over every token slot the step computes (padding included).
+  """
+
+  def __init__(self, *, flops_per_token: float, device_peak: float | None, num_devices: int, process_count: int):
+    self.flops_per_token, self.device_peak = flops_per_token, device_peak
+    self.num_devices, self.process_count = num_devices, process_count
+    self._reset()
+
+  def _reset(self) -> None:
+    self.start, self.steps, self.real, self.loss_tokens, self.slots = time.time(), 0, 0, 0, 0
+
+  def add(self, local: dict[str, np.ndarray]) -> None:
+    """Counts one step's batch (this process's rows)."""
+    self.steps += 1
+    self.real += int((local["segment_ids"] > 0).sum()) * self.process_count
+    self.loss_tokens += int(local["loss_mask"].sum()) * self.process_count
+    self.slots += local["segment_ids"].size * self.process_count
+
+  def read(self) -> dict[str, float]:
+    """tokens_per_s, loss_tokens_per_s, step_time_s (and mfu when the peak is known); then restarts."""
+    seconds = max(time.time() - self.start, 1e-9)
+    scalars = {"tokens_per_s": self.real / seconds, "loss_tokens_per_s": self.loss_tokens / seconds,
+               "step_time_s": seconds / max(self.steps, 1)}
+    if self.device_peak:
+      scalars["mfu"] = self.flops_per_token * self.slots / seconds / (self.device_peak * self.num_devices)
+    self._reset()
+    return scalars
+
+
 def format_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"
@@ -62,7 +101,7 @@ class MetricsWriter:
   Only the primary process (process 0) writes; others accept calls and do nothing.
   """
 
-  def __init__(self, workdir: str, *, total_steps: int, start_step: int, primary: bool):
+  def __init__(self, run_dir: RunDir, *, total_steps: int, start_step: int, primary: bool):
     self.primary = primary
     self.total_steps = total_steps
     self.start_step = start_step
@@ -70,9 +109,9 @@ class MetricsWriter:
     self._jsonl = None
     self._tb = None
     if primary:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._jsonl = open(run_dir.metrics, "a", encoding="utf-8")
       from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(run_dir.tensorboard)
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if not self.primary:

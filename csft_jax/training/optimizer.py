@@ -11,6 +11,16 @@ import optax
 SCHEDULES = ("cosine", "linear", "constant")
 
 
+def default_config() -> ml_collections.ConfigDict:
+  """`config.optim`: AdamW with warmup then decay, clipping, decay off on norms and biases."""
+  return ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+      schedule="cosine",  # one of SCHEDULES
+      warmup_steps=0,  # > 0 wins over warmup_fraction
+      warmup_fraction=0.05, min_lr_ratio=0.0, grad_clip_norm=1.0,
+      z_loss=0.0))  # weight of z-loss (log Z)^2 on loss tokens
+
+
 def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
   """Linear warmup to `optim.lr`, then cosine/linear decay to `lr * min_lr_ratio` at `num_steps`.
 

@@ -1,0 +1,1 @@
+"""Config files (`get_config(arg=None) -> ConfigDict`); `configs.base` holds the shared pieces."""

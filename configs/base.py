@@ -1,0 +1,57 @@
+"""Shared pieces of the config files: the base config and the config-argument parser.
+
+The base config is every component's `default_config()`; an experiment config starts from it
+and states only what differs (big_vision style):
+
+  config = base.get_config()
+  config.model.update(preset="tiny", hidden_size=128)
+  config.data = sample_collection_config()
+"""
+
+import ml_collections
+
+from csft_jax import checkpointing, sharding, train
+from csft_jax.data import config as data_config
+from csft_jax.models import config as model_config
+from csft_jax.training import optimizer
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Every section with its component's defaults: model, data, mesh, optim, train, checkpoint, init."""
+  del arg
+  config = ml_collections.ConfigDict()
+  config.model = model_config.default_config()
+  config.data = data_config.default_config()
+  config.mesh = sharding.default_config()
+  config.optim = optimizer.default_config()
+  config.train = train.default_train_config()
+  config.checkpoint = checkpointing.default_config()
+  config.init = train.default_init_config()
+  return config
+
+
+def parse_arg(arg: str | None, defaults: dict[str, str], *, where: str, bare: str | None = None,
+              choices: dict[str, tuple[str, ...]] | None = None) -> dict[str, str]:
+  """`k=v,k2=v2` (a bare value means `bare=value`) over `defaults`; errors name the config file.
+
+  Args:
+    arg: the part after `:` in `--config=file.py:arg`.
+    defaults: the keys this config takes, with their defaults.
+    where: the config file, for errors.
+    bare: the key a value without `k=` sets.
+    choices: allowed values per key, where restricted.
+  """
+  parsed = dict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, sep, value = part.partition("=")
+    if not sep:
+      if bare is None:
+        raise ValueError(f"{where}: config arg {part!r} must be k=v with k in {sorted(defaults)}.")
+      key, value = bare, key
+    if key not in parsed:
+      raise ValueError(f"{where}: config arg {arg!r}: unknown key {key!r}; known: {sorted(defaults)}.")
+    parsed[key] = value
+  for key, allowed in (choices or {}).items():
+    if parsed[key] not in allowed:
+      raise ValueError(f"{where}: {key}={parsed[key]!r}; choose one of {list(allowed)}.")
+  return parsed

@@ -1,0 +1,126 @@
+"""Config files: the one way to load them, and the one rule for the paths they name.
+
+A config file is Python with `get_config(arg=None) -> ConfigDict` (big_vision style); `file:arg`
+passes `arg`. Every entry point loads configs through `load` (or the `--config` flag of
+`define_config_flag`, which takes the same files plus `--config.FIELD=VALUE` overrides), and the
+result goes through `resolve_paths` once:
+
+  * `pkg://csft_jax/assets/...` names a file shipped inside the installed package (found with
+    importlib.resources, so it works from a wheel as from a checkout);
+  * `~` is expanded;
+  * any other relative path is relative to the current directory: run commands from the
+    directory your config's relative paths assume (the README runs everything from the
+    repository root).
+
+Resolved paths are absolute, so a run's stored config (W/config.json) names the same files from
+any directory. The fields that hold paths are listed in PATH_FIELDS.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.resources
+import importlib.util
+import os
+import sys
+
+import ml_collections
+from ml_collections import config_flags
+
+PACKAGE_PREFIX = "pkg://"
+
+# Dotted config fields that hold paths ('*' matches one level, e.g. a source name).
+PATH_FIELDS = (
+    "data.tokenizer", "data.sources.*.path", "data.cache_dir", "init.from_hf", "init.from_checkpoint",
+    # Evaluation configs.
+    "checkpoint", "tokenizer", "out_dir", "exam", "val", "answer_key", "task_dir", "clin",
+)
+
+
+class ConfigError(ValueError):
+  """A config file or field that cannot be used as given."""
+
+
+def resolve_path(path: str) -> str:
+  """`path` made absolute by the rule of this module's docstring ('' stays '')."""
+  if not path:
+    return path
+  if path.startswith(PACKAGE_PREFIX):
+    package, _, inner = path[len(PACKAGE_PREFIX):].partition("/")
+    try:
+      root = importlib.resources.files(package)
+    except ModuleNotFoundError:
+      raise ConfigError(f"{path}: no installed package {package!r}.") from None
+    return os.fspath(root.joinpath(inner))
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def _path_fields(config: ml_collections.ConfigDict, prefix: str = ""):
+  for key in list(config.keys()):
+    dotted = f"{prefix}{key}"
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _path_fields(value, dotted + ".")
+    elif isinstance(value, str) and any(fnmatch.fnmatchcase(dotted, p) for p in PATH_FIELDS):
+      yield config, key
+
+
+def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with every PATH_FIELDS value resolved (idempotent)."""
+  config = config.copy_and_resolve_references()
+  for node, key in _path_fields(config):
+    node[key] = resolve_path(node[key])
+  return config
+
+
+def _load_module(path: str):
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path} does not exist (relative paths are relative to the current "
+                      f"directory, {os.getcwd()}).")
+  name = "_csft_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  # Config files import shared pieces as `configs.X`: the repository root must be importable.
+  if os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())
+  spec.loader.exec_module(module)
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"{path}: defines no get_config(arg=None).")
+  return module
+
+
+def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """Loads `file.py[:arg]`, applies `{dotted.field: value}` overrides, resolves paths."""
+  path, _, arg = spec.partition(":")
+  module = _load_module(path)
+  config = module.get_config(arg) if arg else module.get_config()
+  for key, value in (overrides or {}).items():
+    set_field(config, key, value)
+  return resolve_paths(config)
+
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+  """`config.a.b = value`, with an error naming the missing field."""
+  *parents, leaf = dotted.split(".")
+  node = config
+  for part in parents:
+    if part not in node:
+      raise ConfigError(f"config has no field {dotted!r} (no {part!r}).")
+    node = node[part]
+  if leaf not in node:
+    raise ConfigError(f"config has no field {dotted!r}; fields there: {sorted(node.keys())}.")
+  node[leaf] = value
+
+
+def define_config_flag(help_text: str) -> None:
+  """`--config=file.py[:arg]` with `--config.FIELD=VALUE` overrides (read it with `from_flags`)."""
+  config_flags.DEFINE_config_file("config", None, help_text, lock_config=True)
+
+
+def from_flags() -> ml_collections.ConfigDict:
+  """The `--config` flag's config, overrides applied, paths resolved."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  config = flags.FLAGS.config
+  if config is None:
+    raise ConfigError("--config is required (a config file, e.g. configs/demo.py).")
+  return resolve_paths(config)

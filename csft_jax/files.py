@@ -1,0 +1,91 @@
+"""Files a run writes and reads: atomic writes, and JSON read with located errors.
+
+Every writer puts the text in a temporary file in the destination folder and renames it over the
+target only when complete, so a crash, a signal or a bad input never leaves a half-written file:
+a reader sees the previous version or the new one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+  """Writes `text` (UTF-8) to `path` via a temp file + rename; creates parent folders."""
+  target = Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+      handle.write(text)
+    os.replace(tmp_name, target)
+  except BaseException:
+    Path(tmp_name).unlink(missing_ok=True)
+    raise
+  return target
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
+  """Writes `payload` as indented UTF-8 JSON (Chinese kept readable; other objects as `str`)."""
+  return write_text_atomic(path, json.dumps(payload, ensure_ascii=False, indent=2, default=str) + "\n")
+
+
+def write_csv_atomic(path: str | os.PathLike, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+  """Writes a CSV with `header` then `rows` (quoted as the csv module does)."""
+  buffer = io.StringIO()
+  writer = csv.writer(buffer)
+  writer.writerow(header)
+  for row in rows:
+    if len(row) != len(header):
+      raise ValueError(f"CSV row has {len(row)} fields, header {list(header)} has {len(header)}.")
+    writer.writerow(row)
+  return write_text_atomic(path, buffer.getvalue())
+
+
+def read_json(path: str | os.PathLike, *, expect: type = dict, what: str = "fields",
+              error: type[Exception] = ValueError) -> Any:
+  """Reads a JSON file that must hold a `expect` (list or dict) of `what`.
+
+  Raises:
+    `error` naming the file (and line, for a syntax error) and what was expected.
+  """
+  try:
+    with open(path, encoding="utf-8") as handle:
+      data = json.load(handle)
+  except FileNotFoundError:
+    raise error(f"{path}: file not found (expected a JSON {expect.__name__} of {what}).") from None
+  except json.JSONDecodeError as e:
+    raise error(f"{path}:{e.lineno}: not valid JSON ({e.msg}).") from None
+  if not isinstance(data, expect):
+    raise error(f"{path}: expected a JSON {expect.__name__} of {what}, found {type(data).__name__}.")
+  return data
+
+
+def read_json_if_exists(path: str | os.PathLike, *, error: type[Exception] = ValueError) -> dict[str, Any] | None:
+  """A JSON object file, or None when the file does not exist (yet)."""
+  if not os.path.isfile(path):
+    return None
+  return read_json(path, expect=dict, error=error)
+
+
+def check_writable(directory: str | os.PathLike, what: str) -> None:
+  """Fails now, before any work, when `directory` could not be created or written; creates nothing.
+
+  Raises:
+    PermissionError naming `what` (e.g. "config.out_dir") and the directory.
+  """
+  directory = Path(os.path.abspath(directory))
+  existing = directory
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    problem = "is not a directory" if not existing.is_dir() else "is not writable"
+    raise PermissionError(f"{what}: cannot write to {directory} ({existing} {problem}); choose a writable "
+                          "directory.")

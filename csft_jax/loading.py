@@ -1,0 +1,122 @@
+"""A model from disk with what it chats with: model, tokenizer and chat template.
+
+`path` is one of
+  * an HF directory (config.json + *.safetensors): its own tokenizer files and chat template
+    ('hf'); exports of csft_jax runs carry the template they were trained with;
+  * a training run W, W/checkpoints or W/checkpoints/<step> (latest step unless a step
+    directory is named): the run's tokenizer copy and chat template (`RunDir.data_settings`);
+  * a params-only checkpoint (tools/convert_from_hf.py): the tokenizer must be named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh
+
+from csft_jax import checkpointing, sharding
+from csft_jax.convert.hf import load_hf, read_hf_config
+from csft_jax.data.templates import TEMPLATE_NAMES, ChatTemplate, load_chat_template
+from csft_jax.data.tokenizer import load_tokenizer
+from csft_jax.models import Decoder
+from csft_jax.workdir import RunDir
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class LoadError(ValueError):
+  """A model path, tokenizer or template that cannot be used together."""
+
+
+@dataclasses.dataclass
+class ChatModelFiles:
+  """A loaded model and what goes with it.
+
+  Attributes:
+    model: the decoder, parameters placed (sharded when a mesh was given).
+    tokenizer: a transformers fast tokenizer.
+    template: the chat template.
+    kind: 'hf' or 'orbax'.
+    path: the path that was loaded.
+    run_dir: the training run the path belongs to, if any.
+  """
+
+  model: Decoder
+  tokenizer: Any
+  template: ChatTemplate
+  kind: str
+  path: str
+  run_dir: RunDir | None
+
+
+def is_hf_dir(path: str) -> bool:
+  return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and any(
+      name.endswith(".safetensors") for name in os.listdir(path))
+
+
+def load_model(path: str, *, dtype: str = "float32", mesh: Mesh | None = None, **overrides: Any
+               ) -> tuple[Decoder, str]:
+  """`(model, kind)` from an HF directory or an Orbax checkpoint (see the module docstring).
+
+  `overrides` (`ModelConfig` fields such as `scan_layers`) apply to HF directories; an Orbax
+  checkpoint keeps the layout it was saved with.
+  """
+  if not os.path.exists(path):
+    raise LoadError(f"checkpoint {path!r} does not exist: pass an HF model directory, a training workdir, "
+                    "or a checkpoint step directory.")
+  if is_hf_dir(path):
+    shardings = None
+    if mesh is not None:
+      # Each tensor goes straight to its shards: a model larger than one device still loads.
+      config = read_hf_config(path, param_dtype=dtype, **{"dtype": dtype, **overrides})
+      abstract = nnx.state(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
+      shardings = nnx.as_pure(sharding.state_shardings(abstract, mesh))
+    return load_hf(path, dtype=dtype, shardings=shardings, **overrides), "hf"
+  if overrides:
+    logging.info("Orbax checkpoint %s keeps its saved layout; ignoring %s.", path, sorted(overrides))
+  return checkpointing.restore_model(path, dtype=dtype, mesh=mesh), "orbax"
+
+
+def load_chat_model(path: str, *, dtype: str = "float32", mesh: Mesh | None = None, tokenizer: str = "",
+                    chat_template: str = "", **overrides: Any) -> ChatModelFiles:
+  """Model, tokenizer and template for `path`; `tokenizer`/`chat_template` override the defaults.
+
+  Raises:
+    LoadError when no tokenizer or template is known, or the tokenizer does not fit the model.
+  """
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise LoadError(f"checkpoint {path!r} does not exist: pass an HF model directory, a training workdir, "
+                    "or a checkpoint step directory.")
+  run_dir = RunDir.containing(path)
+  hf = is_hf_dir(path)
+  if hf:
+    own = path if any(os.path.isfile(os.path.join(path, n)) for n in _TOKENIZER_FILES) else None
+    default_tokenizer, default_template = own, ("hf" if own else None)
+  elif run_dir is not None:
+    default_tokenizer, default_template = run_dir.data_settings()
+  else:
+    default_tokenizer = default_template = None
+  tokenizer_dir = tokenizer or default_tokenizer
+  if not tokenizer_dir:
+    raise LoadError(f"No tokenizer for checkpoint {path}: it has no tokenizer files and belongs to no training "
+                    "run; pass --config.tokenizer=DIR.")
+  template_name = chat_template or default_template
+  if not template_name:
+    raise LoadError(f"No chat template known for checkpoint {path}; pass --config.chat_template="
+                    f"{'|'.join(TEMPLATE_NAMES)}.")
+  loaded_tokenizer = load_tokenizer(tokenizer_dir)
+  template = load_chat_template(template_name, loaded_tokenizer)
+  vocab_size = (read_hf_config(path) if hf else
+                checkpointing.read_model_config(checkpointing.resolve_step_dir(path))).vocab_size
+  if len(loaded_tokenizer) > vocab_size:  # checked before any parameter is read
+    raise LoadError(
+        f"Tokenizer {tokenizer_dir} has {len(loaded_tokenizer)} tokens but the model's vocab_size is "
+        f"{vocab_size}: they do not belong together; pass the model's own tokenizer with --config.tokenizer=DIR.")
+  model, kind = load_model(path, dtype=dtype, mesh=mesh, **overrides)
+  # An HF directory is self-contained (also an export inside a run): it is its own home.
+  return ChatModelFiles(model, loaded_tokenizer, template, kind, path, None if hf else run_dir)

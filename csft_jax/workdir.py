@@ -1,0 +1,141 @@
+"""The run directory: every path of one run, and the one vocabulary of run statuses.
+
+  W/config.json            the run's config as trained (paths absolute: see csft_jax.configuration)
+  W/tokenizer/             the run's own copy of its tokenizer (resume, export and evaluation use it)
+  W/metrics.jsonl          one JSON object per logged step
+  W/tensorboard/           TensorBoard events
+  W/checkpoints/<step>/    Orbax checkpoints (csft_jax.checkpointing)
+  W/checkpoints_unreadable/<step>/   checkpoints moved aside because they could not be restored
+  W/run_summary.json       status, steps and final loss, written when the trainer stops
+  W/hf_export/             the finished model as an HF directory (config.train.export_hf)
+  W/eval/<name>/           one evaluation: `results.json` (what reports read) and its other files;
+                           the name carries the benchmark and its mode (cmb-answer, cmb-cot, meds_bench)
+  W/sweep.log              the output of every command a sweep ran for this run
+
+Train, evaluate, sweep, report and the tools find these paths here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from csft_jax import files
+
+# Statuses of a run. The trainer writes the last three into run_summary.json; a run without a
+# summary is NEW (nothing written yet) or INTERRUPTED (it wrote outputs but did not stop cleanly).
+NEW = "new"
+INTERRUPTED = "interrupted"
+DIVERGED = "diverged"
+FINISHED = "finished"
+STATUSES = (NEW, INTERRUPTED, DIVERGED, FINISHED)
+
+TOKENIZER_DIR = "tokenizer"
+HF_EXPORT_DIR = "hf_export"
+
+
+class RunDirError(ValueError):
+  """A run directory whose files cannot be read as the trainer and evaluator write them."""
+
+
+class RunDir:
+  """The paths of one run rooted at `root` (nothing is created until something is written)."""
+
+  def __init__(self, root: str | os.PathLike):
+    self.root = os.path.abspath(os.fspath(root))
+
+  def __repr__(self) -> str:
+    return f"RunDir({self.root!r})"
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.root, *parts)
+
+  @property
+  def config(self) -> str:
+    return self.path("config.json")
+
+  @property
+  def tokenizer(self) -> str:
+    return self.path(TOKENIZER_DIR)
+
+  @property
+  def metrics(self) -> str:
+    return self.path("metrics.jsonl")
+
+  @property
+  def tensorboard(self) -> str:
+    return self.path("tensorboard")
+
+  @property
+  def checkpoints(self) -> str:
+    return self.path("checkpoints")
+
+  @property
+  def unreadable_checkpoints(self) -> str:
+    return self.path("checkpoints_unreadable")
+
+  @property
+  def summary(self) -> str:
+    return self.path("run_summary.json")
+
+  @property
+  def sweep_log(self) -> str:
+    return self.path("sweep.log")
+
+  def hf_export(self, name: str = HF_EXPORT_DIR) -> str:
+    return self.path(name)
+
+  def eval_dir(self, name: str) -> str:
+    return self.path("eval", name)
+
+  def eval_results(self, name: str) -> str:
+    return os.path.join(self.eval_dir(name), "results.json")
+
+  def eval_names(self) -> list[str]:
+    """Names of the evaluations that wrote results, sorted."""
+    root = self.path("eval")
+    if not os.path.isdir(root):
+      return []
+    return sorted(n for n in os.listdir(root) if os.path.isfile(self.eval_results(n)))
+
+  def exists(self) -> bool:
+    """Whether the trainer has written anything here."""
+    return any(os.path.exists(p) for p in (self.config, self.metrics, self.summary, self.checkpoints))
+
+  def read_config(self) -> dict[str, Any] | None:
+    """The run's stored config (a JSON dict), or None before the trainer wrote it."""
+    return files.read_json_if_exists(self.config, error=RunDirError)
+
+  def read_summary(self) -> dict[str, Any] | None:
+    return files.read_json_if_exists(self.summary, error=RunDirError)
+
+  def write_summary(self, summary: dict[str, Any]) -> None:
+    files.write_json_atomic(self.summary, summary)
+
+  def status(self) -> str:
+    """One of STATUSES."""
+    summary = self.read_summary()
+    if summary is None:
+      return INTERRUPTED if self.exists() else NEW
+    status = summary.get("status")
+    if status not in STATUSES:
+      raise RunDirError(f"{self.summary}: status {status!r} is not one of {STATUSES}.")
+    return status
+
+  def data_settings(self) -> tuple[str | None, str | None]:
+    """(tokenizer directory, chat template) the run trained with: its own tokenizer copy if present."""
+    data = (self.read_config() or {}).get("data", {})
+    tokenizer = self.tokenizer if os.path.isdir(self.tokenizer) else (data.get("tokenizer") or None)
+    return tokenizer, data.get("chat_template") or None
+
+  @classmethod
+  def containing(cls, path: str | os.PathLike) -> RunDir | None:
+    """The run that `path` belongs to: W itself, W/checkpoints, W/checkpoints/<step> or W/hf_export."""
+    candidate = os.path.abspath(os.fspath(path))
+    for _ in range(3):
+      if os.path.isfile(os.path.join(candidate, "config.json")) and (
+          os.path.isdir(os.path.join(candidate, "checkpoints"))
+          or os.path.isfile(os.path.join(candidate, "run_summary.json"))):
+        return cls(candidate)
+      candidate = os.path.dirname(candidate)
+    return None
