@@ -7,12 +7,13 @@ of `W/sweep.json` (listed even before it starts); runs come in sweep order, then
 name. One row per run:
 
   run, <one column per swept override>, status, steps, final_train_loss, eval_loss,
-  eval_loss/<source>..., cmb_micro, cmb_macro, cmb/<exam_type>...,
-  meds/<category>/<metric>...
+  eval_loss/<source>..., <evaluation>/<column>...
 
-Losses are the last logged values (eval: the last evaluation). CMB accuracies come from
-`eval/cmb/results.json` and are shown in percent (micro: all items; macro: mean of exam types);
-MedS-Bench metrics (already in percent) from `eval/meds_bench/results.json`, per category.
+Losses are the last logged values (eval: the last evaluation). Every evaluation a run holds
+(`W/eval/<name>/results.json`, see `csft_jax.workdir`) adds its benchmark's columns in percent,
+prefixed with the evaluation's name: `cmb-answer/micro`, `cmb-answer/<exam_type>`,
+`meds_bench/<category>/<metric>`, `cmb_clin/rougeL`; the benchmark's own `report_cells` says
+which (`csft_jax.eval.runner.Benchmark`). Status is the run's (`csft_jax.workdir.STATUSES`).
 Metric columns nobody has are left out. The CSV holds full-precision numbers, the markdown
 rounds them. Plots: `loss_curves.png` (train and eval loss vs step, a line per run) and
 `eval_loss_per_source.png` (final eval loss per source, a bar per run).
@@ -24,15 +25,20 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 from absl import app, flags
 
-from csft_jax.eval.reporting import markdown_table, write_csv_atomic, write_text_atomic
+from csft_jax import files
+from csft_jax.console import run_cli
+from csft_jax.eval import runner
+from csft_jax.eval.reporting import markdown_table
+from csft_jax.files import write_csv_atomic, write_text_atomic
+from csft_jax.workdir import RunDir, RunDirError
 
-TRAINER_OUTPUTS = ("metrics.jsonl", "run_summary.json", "config.json")
+# Not a percent: shown with four decimals in the markdown.
+_LOSS_COLUMNS = ("final_train_loss", "eval_loss")
 
 
 class ReportError(ValueError):
@@ -44,14 +50,13 @@ class RunRecord:
   """What the report knows about one run."""
   name: str
   overrides: dict[str, Any]
-  status: str  # run_summary status, "incomplete" (outputs but no summary) or "not started"
+  status: str  # one of csft_jax.workdir.STATUSES
   steps: int | None
   final_train_loss: float | None
   train_curve: list[tuple[int, float]]
   eval_curve: list[tuple[int, float]]
   eval_loss_per_source: dict[str, float]
-  cmb: dict[str, Any] | None
-  meds: dict[str, Any] | None
+  evals: dict[str, dict[str, float]]  # evaluation name -> its report cells
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -79,28 +84,31 @@ def _curve(records: Sequence[dict[str, Any]], key: str) -> list[tuple[int, float
   return sorted(by_step.items())
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
-  if not os.path.isfile(path):
-    return None
-  with open(path, encoding="utf-8") as f:
+def _eval_cells(run_dir: RunDir) -> dict[str, dict[str, float]]:
+  cells = {}
+  for name in run_dir.eval_names():
+    results = files.read_json(run_dir.eval_results(name), error=ReportError)
     try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ReportError(f"{path}: not valid JSON ({e}); rerun the step that writes it.") from e
+      cells[name] = runner.benchmark_of_result(name).report_cells(results)
+    except runner.EvalConfigError:
+      continue  # written by a benchmark this installation does not have
+  return cells
 
 
 def load_run(run_dir: str, name: str, overrides: dict[str, Any]) -> RunRecord:
   """Reads one run directory (any of its files may be missing)."""
-  records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-  summary = _read_json(os.path.join(run_dir, "run_summary.json"))
+  run = RunDir(run_dir)
+  records = read_metrics(run.metrics)
+  try:
+    summary, status = run.read_summary(), run.status()
+  except RunDirError as e:
+    raise ReportError(str(e)) from e
   train_curve = _curve(records, "loss")
   eval_curve = _curve(records, "eval_loss")
   last_eval = max((r for r in records if "eval_loss" in r), key=lambda r: r["step"], default={})
   if summary is not None:
-    status, steps, final_loss = summary["status"], summary["step"], summary["final_loss"]
+    steps, final_loss = summary["step"], summary["final_loss"]
   else:
-    started = any(os.path.exists(os.path.join(run_dir, f)) for f in TRAINER_OUTPUTS)
-    status = "incomplete" if started else "not started"
     steps = train_curve[-1][0] if train_curve else None
     final_loss = train_curve[-1][1] if train_curve else None
   return RunRecord(
@@ -108,18 +116,16 @@ def load_run(run_dir: str, name: str, overrides: dict[str, Any]) -> RunRecord:
       train_curve=train_curve, eval_curve=eval_curve,
       eval_loss_per_source={k[len("eval_loss/"):]: float(v) for k, v in last_eval.items()
                             if k.startswith("eval_loss/")},
-      cmb=_read_json(os.path.join(run_dir, "eval", "cmb", "results.json")),
-      meds=_read_json(os.path.join(run_dir, "eval", "meds_bench", "results.json")))
+      evals=_eval_cells(run))
 
 
 def find_runs(workdir: str) -> list[RunRecord]:
   """The runs of `workdir`: `sweep.json` points in order, then other run directories by name."""
-  points = (_read_json(os.path.join(workdir, "sweep.json")) or {}).get("points", [])
+  points = (files.read_json_if_exists(os.path.join(workdir, "sweep.json"), error=ReportError) or {}).get("points", [])
   named = [(p["name"], p.get("overrides", {})) for p in points]
   known = {name for name, _ in named}
   for entry in sorted(os.listdir(workdir)):
-    run_dir = os.path.join(workdir, entry)
-    if entry not in known and any(os.path.exists(os.path.join(run_dir, f)) for f in TRAINER_OUTPUTS):
+    if entry not in known and RunDir(os.path.join(workdir, entry)).exists():
       named.append((entry, {}))
   return [load_run(os.path.join(workdir, name), name, overrides) for name, overrides in named]
 
@@ -129,22 +135,6 @@ def _union(keys_per_run: Sequence[Sequence[str]]) -> list[str]:
   for keys in keys_per_run:
     seen.update(dict.fromkeys(keys))
   return list(seen)
-
-
-def _cmb_cells(cmb: dict[str, Any] | None) -> dict[str, float]:
-  if cmb is None:
-    return {}
-  cells = {"cmb_micro": 100 * cmb["overall"]["micro"], "cmb_macro": 100 * cmb["overall"]["macro"]}
-  cells.update({f"cmb/{t}": 100 * acc for t, acc in cmb["accuracy_per_category"].items()})
-  return cells
-
-
-def _meds_cells(meds: dict[str, Any] | None) -> dict[str, float]:
-  if meds is None:
-    return {}
-  return {f"meds/{category}/{metric}": value
-          for category, metrics in meds["categories"].items()
-          for metric, value in metrics.items() if metric not in ("tasks", "n")}
 
 
 def _override_text(value: Any) -> str | None:
@@ -160,12 +150,13 @@ def summary_rows(runs: Sequence[RunRecord]) -> tuple[list[str], list[list[Any]]]
       "status": r.status, "steps": r.steps, "final_train_loss": r.final_train_loss,
       "eval_loss": r.eval_curve[-1][1] if r.eval_curve else None,
       **{f"eval_loss/{s}": v for s, v in r.eval_loss_per_source.items()},
-      **_cmb_cells(r.cmb), **_meds_cells(r.meds),
+      **{f"{name}/{column}": value for name, cells in r.evals.items() for column, value in cells.items()},
   } for r in runs]
   metric_keys = ["status", "steps", "final_train_loss"]
   metric_keys += [k for k in ["eval_loss", *(f"eval_loss/{s}" for s in sources)]
                   if any(c.get(k) is not None for c in cells)]
-  metric_keys += [k for k in _union([list(c) for c in cells]) if k.startswith(("cmb", "meds"))]
+  eval_columns = [f"{name}/{column}" for r in runs for name, cells in r.evals.items() for column in cells]
+  metric_keys += list(dict.fromkeys(eval_columns))
   header = ["run", *override_keys, *metric_keys]
   rows = [[r.name, *(_override_text(r.overrides.get(k)) for k in override_keys), *(c.get(k) for k in metric_keys)]
           for r, c in zip(runs, cells)]
@@ -178,7 +169,7 @@ def _markdown_cell(column: str, value: Any) -> str:
   if isinstance(value, float) and not isinstance(value, bool):
     if math.isnan(value):
       return "nan"
-    return f"{value:.2f}" if column.startswith(("cmb", "meds")) else f"{value:.4f}"
+    return f"{value:.4f}" if column.startswith(_LOSS_COLUMNS) else f"{value:.2f}"
   return str(value)
 
 
@@ -189,7 +180,7 @@ def markdown_summary(workdir: str, header: Sequence[str], rows: Sequence[Sequenc
   lines = [f"# Sweep summary: {os.path.basename(os.path.abspath(workdir))}", "",
            f"{len(rows)} runs. final_train_loss: last logged train loss; eval_loss: last evaluation over the "
            "run's own held-out sources, eval_loss/<source> per source (same held-out items in every run). "
-           "CMB and MedS-Bench columns in percent.", "", table]
+           "Evaluation columns (<evaluation>/<column>) in percent.", "", table]
   lines += [f"![{os.path.splitext(p)[0]}]({p})\n" for p in plots]
   return "\n".join(lines)
 
@@ -244,7 +235,8 @@ def write_report(workdir: str) -> list[str]:
     raise ReportError(f"--workdir={workdir} is not a directory.")
   runs = find_runs(workdir)
   if not runs:
-    raise ReportError(f"{workdir} has no sweep.json and no run directories (with {TRAINER_OUTPUTS}).")
+    raise ReportError(f"{workdir} has no sweep.json and no run directories (with a config.json, metrics.jsonl, "
+                      "run_summary.json or checkpoints/).")
   header, rows = summary_rows(runs)
   plots = []
   if any(r.train_curve or r.eval_curve for r in runs):
@@ -268,10 +260,7 @@ def main(argv: Sequence[str]) -> None:
   del argv
   if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
-  try:
-    written = write_report(flags.FLAGS.workdir)
-  except ReportError as e:
-    sys.exit(f"error: {e}")
+  written = write_report(flags.FLAGS.workdir)
   with open(written[1], encoding="utf-8") as f:
     print(f.read())
   print("wrote " + ", ".join(written))
@@ -279,4 +268,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  run_cli(main)

@@ -8,7 +8,7 @@ An experiment file is plain Python with two functions:
 
   def get_experiment() -> ml_collections.ConfigDict:
     exp = ml_collections.ConfigDict()
-    exp.config = "configs/mixture_tiny.py"  # trainer config file, relative to the repo root
+    exp.config = "configs/mixture_tiny.py"  # trainer config file, relative to the current directory
     exp.evals = ("configs/eval/cmb.py",)    # optional: evaluator configs run after training
     return exp                              # optional: train_command, eval_command (below)
 
@@ -22,8 +22,8 @@ An override key is a config field (`data.mixing` -> `--config.data.mixing=...`),
 in the config file; the sweep holds only what varies, and a run's name is derived from its
 overrides alone (`run_name`), so names stay stable when points are added or removed.
 
-Local launcher: runs the points one after another, each in `W/<name>/` with its output also in
-`W/<name>/sweep.log`; a point whose `run_summary.json` says "finished" and whose eval results
+Local launcher: runs the points one after another from the current directory, each in `W/<name>/`
+(a `csft_jax.workdir.RunDir`) with its output also in `W/<name>/sweep.log`; a point whose `run_summary.json` says "finished" and whose eval results
 exist is skipped, an interrupted one is resumed (the trainer restarts from its latest
 checkpoint), a finished one missing evals gets only its evals. A failing point does not stop the
 sweep; the exit status is 1 unless every point finished. `W/sweep.json` records the points,
@@ -60,8 +60,10 @@ from typing import Any
 import ml_collections
 from absl import app, flags
 
-from csft_jax.data.config import REPO_ROOT
-from csft_jax.eval.reporting import write_json_atomic
+from csft_jax import configuration, workdir as workdir_lib
+from csft_jax.console import run_cli
+from csft_jax.files import read_json_if_exists, write_json_atomic
+from csft_jax.workdir import RunDir
 
 Overrides = dict[str, Any]
 
@@ -226,7 +228,7 @@ class Run:
   run_dir: str
   train: tuple[str, ...]
   evals: tuple[tuple[str, ...], ...]
-  eval_results: tuple[str, ...]  # results.json path of each eval, same order
+  eval_results: tuple[str, ...]  # results.json path of each eval, same order (RunDir.eval_results)
 
 
 def _join(workdir: str, name: str) -> str:
@@ -261,9 +263,15 @@ def plan_run(experiment: Experiment, overrides: Overrides, workdir: str) -> Run:
   evals, results = [], []
   for eval_config in experiment.evals:
     evals.append((*experiment.eval_command, f"--config={eval_config}", f"--config.checkpoint={run_dir}"))
-    stem = os.path.splitext(os.path.basename(eval_config.split(":", 1)[0]))[0]
-    results.append(_join(run_dir, f"eval/{stem}/results.json"))
+    results.append(RunDir(run_dir).eval_results(eval_result_name(eval_config)))
   return Run(name, dict(overrides), config, run_dir, train, tuple(evals), tuple(results))
+
+
+def eval_result_name(eval_config: str) -> str:
+  """The name the evaluator writes results under for an eval config file[:arg] (e.g. `cmb-answer`)."""
+  from csft_jax.eval import runner  # pylint: disable=import-outside-toplevel
+  config = configuration.load(eval_config)
+  return runner.get_benchmark(config.benchmark).result_name(config)
 
 
 def plan_runs(experiment: Experiment, workdir: str) -> list[Run]:
@@ -299,10 +307,8 @@ def check_overrides(runs: Sequence[Run], *, strict: bool = True) -> None:
 
 
 def _build_config(config: str, strict: bool) -> ml_collections.ConfigDict | None:
-  path, _, arg = config.partition(":")
   try:
-    module = _load_module(os.path.join(REPO_ROOT, path), "config")
-    return module.get_config(arg) if arg else module.get_config()
+    return configuration.load(config)
   except Exception as e:  # pylint: disable=broad-except
     message = f"cannot build config {config} to check the overrides: {e}"
     if strict:
@@ -311,27 +317,19 @@ def _build_config(config: str, strict: bool) -> ml_collections.ConfigDict | None
     return None
 
 
-def read_run_summary(run_dir: str) -> dict[str, Any] | None:
-  """`run_summary.json` of a run, or None when the trainer has not written one."""
-  path = os.path.join(run_dir, "run_summary.json")
-  if not os.path.isfile(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+# A point's state: a run status (csft_jax.workdir), or NEEDS_EVAL (trained, evals missing); the
+# sweep record adds PENDING (not reached yet) and FAILED (a command failed).
+NEEDS_EVAL = "needs_eval"
+PENDING = "pending"
+FAILED = "failed"
 
 
 def run_state(run: Run) -> str:
-  """`new`, `interrupted`, `diverged`, `needs_eval` (trained, evals missing) or `finished`."""
-  summary = read_run_summary(run.run_dir)
-  if summary is None:
-    started = os.path.exists(os.path.join(run.run_dir, "checkpoints")) or os.path.exists(
-        os.path.join(run.run_dir, "metrics.jsonl"))
-    return "interrupted" if started else "new"
-  if summary.get("status") == "diverged":
-    return "diverged"
-  if summary.get("status") != "finished":
-    return "interrupted"
-  return "finished" if all(os.path.isfile(p) for p in run.eval_results) else "needs_eval"
+  """`new`, `interrupted`, `diverged`, `needs_eval` or `finished`."""
+  status = RunDir(run.run_dir).status()
+  if status != workdir_lib.FINISHED:
+    return status
+  return workdir_lib.FINISHED if all(os.path.isfile(p) for p in run.eval_results) else NEEDS_EVAL
 
 
 # Launchers.
@@ -364,12 +362,12 @@ def dry_run_script(runs: Sequence[Run]) -> str:
   lines = []
   for run in runs:
     state = run_state(run)
-    action = {"finished": "skip", "diverged": "skip", "needs_eval": "evals only",
-              "interrupted": "resume", "new": "train"}[state]
+    action = {workdir_lib.FINISHED: "skip", workdir_lib.DIVERGED: "skip", NEEDS_EVAL: "evals only",
+              workdir_lib.INTERRUPTED: "resume", workdir_lib.NEW: "train"}[state]
     lines.append(f"# {run.name}: {state} -> {action}")
-    if state in ("new", "interrupted"):
+    if state in (workdir_lib.NEW, workdir_lib.INTERRUPTED):
       lines.append(_command_text(run.train))
-    if state in ("new", "interrupted", "needs_eval"):
+    if state in (workdir_lib.NEW, workdir_lib.INTERRUPTED, NEEDS_EVAL):
       lines += [_command_text(e) for e in run.evals]
   return "\n".join(lines) + "\n"
 
@@ -381,12 +379,12 @@ def _tee(lines, log) -> None:
 
 
 def _execute(argv: Sequence[str], log_path: str) -> int:
-  """Runs `argv` from the repo root, teeing its output to the console and `log_path`."""
+  """Runs `argv` (from the current directory), teeing its output to the console and `log_path`."""
   argv = [sys.executable if i == 0 and a == "python" else a for i, a in enumerate(argv)]
   with open(log_path, "a", encoding="utf-8") as log:
     log.write(f"\n[{time.strftime('%Y-%m-%d %H:%M:%S')}] $ {_command_text(argv)}\n")
     log.flush()
-    process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True, errors="replace")
     try:
       _tee(process.stdout, log)
@@ -404,25 +402,26 @@ def _execute(argv: Sequence[str], log_path: str) -> int:
 def execute_run(run: Run) -> tuple[str, str]:
   """Trains (or resumes) and evaluates one run as needed; returns (status, error message or "")."""
   state = run_state(run)
-  if state in ("finished", "diverged"):
+  if state in (workdir_lib.FINISHED, workdir_lib.DIVERGED):
     return state, ""
-  os.makedirs(run.run_dir, exist_ok=True)
-  log_path = os.path.join(run.run_dir, "sweep.log")
-  if state != "needs_eval":
+  run_dir = RunDir(run.run_dir)
+  os.makedirs(run_dir.root, exist_ok=True)
+  log_path = run_dir.sweep_log
+  if state != NEEDS_EVAL:
     returncode = _execute(run.train, log_path)
-    summary = read_run_summary(run.run_dir) or {}
-    if summary.get("status") == "diverged":
-      return "diverged", f"training diverged at step {summary.get('step')}"
-    if summary.get("status") != "finished":
-      return "failed", (f"trainer exited with status {returncode} and run_summary.json status "
-                        f"{summary.get('status')!r}; see {log_path}, then rerun the sweep to resume")
+    summary = run_dir.read_summary() or {}
+    if summary.get("status") == workdir_lib.DIVERGED:
+      return workdir_lib.DIVERGED, f"training diverged at step {summary.get('step')}"
+    if summary.get("status") != workdir_lib.FINISHED:
+      return FAILED, (f"trainer exited with status {returncode} and run_summary.json status "
+                      f"{summary.get('status')!r}; see {log_path}, then rerun the sweep to resume")
   for argv, results in zip(run.evals, run.eval_results):
     if os.path.isfile(results):
       continue
     returncode = _execute(argv, log_path)
     if not os.path.isfile(results):
-      return "failed", f"evaluator exited with status {returncode} without writing {results}; see {log_path}"
-  return "finished", ""
+      return FAILED, f"evaluator exited with status {returncode} without writing {results}; see {log_path}"
+  return workdir_lib.FINISHED, ""
 
 
 def _sweep_record(experiment: Experiment, workdir: str, runs: Sequence[Run],
@@ -441,20 +440,19 @@ def run_sweep(experiment: Experiment, workdir: str) -> int:
   workdir = os.path.abspath(workdir)
   record_path = os.path.join(workdir, "sweep.json")
   if os.path.isfile(record_path):
-    with open(record_path, encoding="utf-8") as f:
-      previous = json.load(f).get("experiment")
+    previous = read_json_if_exists(record_path, error=SweepError).get("experiment")
     if previous != os.path.abspath(experiment.path):
       raise SweepError(f"{workdir} holds a sweep of {previous}, not {experiment.path}; use another --workdir.")
   runs = plan_runs(experiment, workdir)
   check_overrides(runs)
-  statuses = {r.name: ("pending", "") for r in runs}
+  statuses = {r.name: (PENDING, "") for r in runs}
   write_json_atomic(record_path, _sweep_record(experiment, workdir, runs, statuses))
   for i, run in enumerate(runs):
     print(f"[sweep] {i + 1}/{len(runs)} {run.name}: {run_state(run)}", flush=True)
     try:
       statuses[run.name] = execute_run(run)
     except KeyboardInterrupt:
-      statuses[run.name] = ("interrupted", "stopped by the user; rerun the sweep to resume")
+      statuses[run.name] = (workdir_lib.INTERRUPTED, "stopped by the user; rerun the sweep to resume")
       write_json_atomic(record_path, _sweep_record(experiment, workdir, runs, statuses))
       raise
     write_json_atomic(record_path, _sweep_record(experiment, workdir, runs, statuses))
@@ -462,7 +460,7 @@ def run_sweep(experiment: Experiment, workdir: str) -> int:
   for run in runs:
     status, error = statuses[run.name]
     print(f"  {run.name}: {status}{f' ({error})' if error else ''}")
-  return 0 if all(s == "finished" for s, _ in statuses.values()) else 1
+  return 0 if all(s == workdir_lib.FINISHED for s, _ in statuses.values()) else 1
 
 
 def define_flags() -> None:
@@ -482,26 +480,23 @@ def main(argv: Sequence[str]) -> int:
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if not FLAGS.sweep or not FLAGS.workdir:
     raise app.UsageError("--sweep and --workdir are required.")
-  try:
-    experiment = load_experiment(FLAGS.sweep)
-    if FLAGS.launcher == "tpu_pod":
-      if not FLAGS.tpu_name or not FLAGS.zone:
-        raise app.UsageError("--launcher=tpu_pod needs --tpu_name and --zone.")
-      print(tpu_pod_script(plan_runs(experiment, FLAGS.workdir), tpu_name=FLAGS.tpu_name, zone=FLAGS.zone,
-                           repo_dir=FLAGS.repo_dir), end="")
-      return 0
-    if "://" in FLAGS.workdir:
-      raise SweepError(f"--workdir={FLAGS.workdir} is remote; the local launcher needs a local directory.")
-    runs = plan_runs(experiment, os.path.abspath(FLAGS.workdir))
-    if FLAGS.dry_run:
-      check_overrides(runs, strict=False)
-      print(dry_run_script(runs), end="")
-      return 0
-    return run_sweep(experiment, FLAGS.workdir)
-  except SweepError as e:
-    sys.exit(f"error: {e}")
+  experiment = load_experiment(FLAGS.sweep)
+  if FLAGS.launcher == "tpu_pod":
+    if not FLAGS.tpu_name or not FLAGS.zone:
+      raise app.UsageError("--launcher=tpu_pod needs --tpu_name and --zone.")
+    print(tpu_pod_script(plan_runs(experiment, FLAGS.workdir), tpu_name=FLAGS.tpu_name, zone=FLAGS.zone,
+                         repo_dir=FLAGS.repo_dir), end="")
+    return 0
+  if "://" in FLAGS.workdir:
+    raise SweepError(f"--workdir={FLAGS.workdir} is remote; the local launcher needs a local directory.")
+  runs = plan_runs(experiment, os.path.abspath(FLAGS.workdir))
+  if FLAGS.dry_run:
+    check_overrides(runs, strict=False)
+    print(dry_run_script(runs), end="")
+    return 0
+  return run_sweep(experiment, FLAGS.workdir)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  run_cli(main)

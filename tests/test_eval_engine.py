@@ -8,9 +8,11 @@ import pytest
 import torch
 from flax import nnx
 
+from csft_jax import loading
 from csft_jax.convert import load_hf
 from csft_jax.eval import engine
 from csft_jax.sharding import make_mesh
+from csft_jax.workdir import RunDir
 from tests.hf_models import make_hf_model
 
 PARITY_ARCHS = ["llama", "qwen2", "qwen3"]
@@ -175,9 +177,11 @@ def test_bad_inputs_raise_clear_errors(tiny_model):
 
 
 def test_load_model_from_hf_directory(tiny_dir, tiny_model):
-  model, source = engine.load_model(tiny_dir)
-  assert (source.kind, source.workdir, source.tokenizer, source.chat_template) == ("hf", tiny_dir, None, None)
+  model, kind = loading.load_model(tiny_dir)
+  assert kind == "hf"
   _same_parameters(model, tiny_model)
+  with pytest.raises(loading.LoadError, match="No tokenizer"):  # the directory has no tokenizer files
+    loading.load_chat_model(tiny_dir)
 
 
 def test_load_model_from_training_workdir(tiny_model, tmp_path):
@@ -188,8 +192,13 @@ def test_load_model_from_training_workdir(tiny_model, tmp_path):
   (workdir / "config.json").write_text(json.dumps({"data": {"tokenizer": "csft_jax/assets/demo_tokenizer",
                                                              "chat_template": "chatml"}}))
   for path in (workdir, workdir / "checkpoints", workdir / "checkpoints" / "7"):
-    model, source = engine.load_model(str(path), dtype="float32")
-    assert source.kind == "orbax" and source.workdir == str(workdir)
-    assert source.chat_template == "chatml"
-    assert os.path.isfile(os.path.join(source.tokenizer, "tokenizer.json"))
+    model, kind = loading.load_model(str(path), dtype="float32")
+    run_dir = RunDir.containing(str(path))
+    tokenizer, template = run_dir.data_settings()
+    assert kind == "orbax" and run_dir.root == str(workdir)
+    assert template == "chatml"
+    assert os.path.isfile(os.path.join(tokenizer, "tokenizer.json"))
     _same_parameters(model, tiny_model)
+    # The run's tokenizer (3,000 tokens) does not fit this 101-token model: refused before loading.
+    with pytest.raises(loading.LoadError, match="has 3000 tokens but the model's vocab_size is 101"):
+      loading.load_chat_model(str(path))

@@ -14,7 +14,7 @@ import transformers
 from configs.eval import cmb as cmb_config
 from configs.eval import cmb_clin as cmb_clin_config
 from configs.eval import meds_bench as meds_config
-from csft_jax import evaluate
+from csft_jax import evaluate, loading
 from csft_jax.eval import cmb, runner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def test_cli_cmb_writes_results_and_prints_summary(model_dir):
   assert done.returncode == 0, done.stderr[-3000:]
   assert "overall micro" in done.stdout and f"items={SAMPLE_ITEMS}" in done.stdout
   assert "CMB answer" in done.stderr  # the progress bar
-  out = Path(model_dir) / "eval" / "cmb"  # default: <checkpoint>/eval/cmb
+  out = Path(model_dir) / "eval" / "cmb-answer"  # default: <checkpoint>/eval/<benchmark>-<mode>
   results = json.loads((out / "results.json").read_text())
   assert set(results["accuracy_per_category"]) == EXAM_TYPES
   assert sum(len(classes) for classes in results["accuracy_per_subcategory"].values()) == 6
@@ -136,8 +136,12 @@ def test_bad_configs_fail_with_a_message_and_write_nothing(model_dir, tmp_path):
     evaluate.run(_config(cmb_config, model_dir, tmp_path / "b", mode="guess"))
   with pytest.raises(runner.EvalConfigError, match="config.exam="):
     evaluate.run(_config(cmb_config, model_dir, tmp_path / "c", exam=str(tmp_path / "missing.json")))
-  with pytest.raises(FileNotFoundError, match="does not exist"):
+  with pytest.raises(loading.LoadError, match="does not exist"):
     evaluate.run(_config(cmb_config, str(tmp_path / "nowhere"), tmp_path / "d"))
+  blocker = tmp_path / "blocker"
+  blocker.write_text("a file where the output directory's parent should be")
+  with pytest.raises(PermissionError, match=r"config.out_dir .*cannot write to .*blocker.* is not a directory"):
+    evaluate.run(_config(cmb_config, model_dir, blocker / "out"))  # refused before the model loads
   not_a_list = tmp_path / "exam.json"
   not_a_list.write_text("{}")
   with pytest.raises(cmb.CMBInputError, match="expected a JSON list"):

@@ -41,7 +41,7 @@ args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
 run_dir = args["config.checkpoint"]
 with open(os.path.join(run_dir, "calls.txt"), "a") as f:
   f.write("eval " + " ".join(sys.argv[1:]) + "\\n")
-out = os.path.join(run_dir, "eval", "cmb")
+out = os.path.join(run_dir, "eval", "cmb-answer")
 os.makedirs(out, exist_ok=True)
 json.dump({"overall": {"micro": 0.5, "macro": 0.5}}, open(os.path.join(out, "results.json"), "w"))
 """
@@ -100,8 +100,8 @@ def _write_run(run_dir, status: str | None, steps: int, with_eval: bool) -> None
     with open(os.path.join(run_dir, "run_summary.json"), "w") as f:
       json.dump({"status": status, "step": steps, "num_steps": 4, "final_loss": 10.0 / steps}, f)
   if with_eval:
-    os.makedirs(os.path.join(run_dir, "eval", "cmb"))
-    with open(os.path.join(run_dir, "eval", "cmb", "results.json"), "w") as f:
+    os.makedirs(os.path.join(run_dir, "eval", "cmb-answer"))
+    with open(os.path.join(run_dir, "eval", "cmb-answer", "results.json"), "w") as f:
       f.write("{}")
 
 
@@ -176,7 +176,7 @@ def test_commands_and_dry_run(fake_experiment, tmp_path):
                                 "--config.data.mixing=temperature", "--config.data.temperature=2.0")
   assert runs[1].evals[0][-2:] == ("--config=configs/eval/cmb.py",
                                    f"--config.checkpoint={workdir}/mixing-temperature_temperature-2")
-  assert runs[1].eval_results == (f"{workdir}/mixing-temperature_temperature-2/eval/cmb/results.json",)
+  assert runs[1].eval_results == (f"{workdir}/mixing-temperature_temperature-2/eval/cmb-answer/results.json",)
 
   _write_run(runs[0].run_dir, "finished", 4, with_eval=True)
   _write_run(runs[1].run_dir, "interrupted", 2, with_eval=False)
@@ -274,7 +274,7 @@ def test_cli_dry_run_of_the_tiny_ablation(tmp_path):
 
 
 def test_mixture_tiny_config_keeps_the_cmb_split_comparable():
-  module = sw._load_module(os.path.join(REPO_ROOT, "configs/mixture_tiny.py"), "config")  # pylint: disable=protected-access
+  from configs import mixture_tiny as module  # pylint: disable=import-outside-toplevel
   cmb_only = module.get_config("sources=cmb_only")
   collection = module.get_config("sources=collection")
   assert list(cmb_only.data.sources) == ["cmb_style_mcq"]
@@ -283,5 +283,5 @@ def test_mixture_tiny_config_keeps_the_cmb_split_comparable():
   # Same source index, seed and fraction: the same held-out CMB items in every arm.
   assert cmb_only.data.sources.cmb_style_mcq == collection.data.sources.cmb_style_mcq
   assert (cmb_only.data.val_fraction, cmb_only.data.seed) == (collection.data.val_fraction, collection.data.seed)
-  with pytest.raises(ValueError, match="must be `sources=X`"):
+  with pytest.raises(ValueError, match="must be k=v"):
     module.get_config("cmb_only")

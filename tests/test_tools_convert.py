@@ -25,7 +25,7 @@ def test_hf_to_orbax_to_hf_is_bitwise(tmp_path):
   make_hf_model("qwen2").save_pretrained(hf_dir)
   (hf_dir / "tokenizer_config.json").write_text("{}")
   _tool("convert_from_hf.py", f"--hf_dir={hf_dir}", f"--out={tmp_path / 'ckpt'}")
-  assert (tmp_path / "ckpt" / "0" / "params").is_dir()
+  assert (tmp_path / "ckpt" / "0" / "state").is_dir()
   assert (tmp_path / "ckpt" / "tokenizer" / "tokenizer_config.json").exists()
   _tool("convert_to_hf.py", f"--checkpoint={tmp_path / 'ckpt'}", f"--out={tmp_path / 'back'}")
   source, back = SafetensorsReader(str(hf_dir)), SafetensorsReader(str(tmp_path / "back"))
