@@ -235,8 +235,7 @@ def restore_or_init(config: ml_collections.ConfigDict, tokenizer_size: int, opti
   _check_vocab(tokenizer_size, model_config, config.data.tokenizer, source)
   abstract, shardings = _abstract(model_config, optimizer, config.train.seed, mesh)
   if init.from_hf:
-    params = nnx.state(load_hf(init.from_hf, model_config.param_dtype, shardings=shardings.params,
-                               **{k: v for k, v in runtime.items() if k != "param_dtype"}), nnx.Param)
+    params = nnx.state(load_hf(init.from_hf, shardings=nnx.as_pure(shardings.params), **runtime), nnx.Param)
   else:
     params = checkpointing.restore_params(checkpointing.resolve_step_dir(init.from_checkpoint), abstract.params)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)

@@ -58,7 +58,8 @@ def _state_key(config: ModelConfig, path: str, layer: int | None) -> tuple:
   return ("layers",) + parts if config.scan_layers else ("layers", layer) + parts
 
 
-def load_hf(path: str, dtype: str = "float32", *, shardings: Any = None, **config_overrides: Any) -> Decoder:
+def load_hf(path: str, dtype: str = "float32", *, shardings: Any = None, param_dtype: str | None = None,
+            **config_overrides: Any) -> Decoder:
   """Imports an HF checkpoint directory (safetensors, sharded or not) into a `Decoder`.
 
   Tensors are read one at a time from memory-mapped files; parameters of scanned layers fill a
@@ -67,10 +68,11 @@ def load_hf(path: str, dtype: str = "float32", *, shardings: Any = None, **confi
 
   Args:
     path: HF model directory (config.json + *.safetensors).
-    dtype: parameter dtype, and compute dtype unless `dtype=` is also given in overrides.
+    dtype: compute dtype, and parameter dtype unless `param_dtype` is given.
     shardings: optional pytree of `jax.sharding.Sharding` matching the model state (see
       `csft_jax.sharding.state_shardings`); each parameter is placed directly with it.
-    **config_overrides: `ModelConfig` fields to override (e.g. `scan_layers=False`).
+    param_dtype: parameter dtype (e.g. float32 master weights under bfloat16 compute).
+    **config_overrides: other `ModelConfig` fields to override (e.g. `scan_layers=False`).
 
   Returns:
     The model; `model.hf_source_dir` remembers `path` so `save_hf` can copy the tokenizer.
@@ -78,8 +80,8 @@ def load_hf(path: str, dtype: str = "float32", *, shardings: Any = None, **confi
   Raises:
     ValueError: unsupported architecture, missing/unexpected tensors, or a shape mismatch.
   """
-  config_overrides.setdefault("dtype", dtype)
-  config = read_hf_config(path, param_dtype=dtype, **config_overrides)
+  param_dtype = param_dtype or dtype
+  config = read_hf_config(path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
   layout = layouts.default_layout(config)
   reader = SafetensorsReader(path)
   _check_tensor_names(reader, config, layout, path)
@@ -88,7 +90,7 @@ def load_hf(path: str, dtype: str = "float32", *, shardings: Any = None, **confi
   graphdef, abstract_state = nnx.split(abstract)
   targets = {tuple(p): v for p, v in nnx.to_flat_state(abstract_state)}
   flat_shardings = ({tuple(p): s for p, s in nnx.to_flat_state(shardings)} if shardings is not None else {})
-  np_dtype = np.dtype(jnp.dtype(dtype))
+  np_dtype = np.dtype(jnp.dtype(param_dtype))
   values: dict[tuple, jax.Array] = {}
   stacked: dict[tuple, list] = {}  # key -> [buffer, layers filled]
 
