@@ -316,6 +316,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
   per_process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_iter = iter(pipeline.train_dataset(config.train.global_batch_size, **per_process))
   val_batches = pipeline.val_batches(config.train.global_batch_size, **per_process)
+  if not os.path.isdir(run_dir.checkpoints) and (config.init.from_hf or config.init.from_checkpoint):
+    # Nothing to resume: a bad init source fails here, before the workdir is created.
+    model_config, source = _init_source_config(config, {k: config.model[k] for k in RUNTIME_FIELDS})
+    _check_fixed_fields(model_config, config.model, source)
+    _check_vocab(len(pipeline.tokenizer), model_config, data_config.tokenizer, source)
   checkpointer = checkpointing.Checkpointer(run_dir.checkpoints, every_steps=config.checkpoint.every_steps,
                                             keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   try:
