@@ -17,14 +17,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Train the demo model on the bundled sample collection, evaluate it on the bundled CMB and
-# MedS-Bench samples, and print where everything is. Rerunning resumes/skips finished work.
+# The user's workflow at demo size: a small base model stands in for a downloaded HF checkpoint;
+# the demo recipe fine-tunes from it (init.from_hf), exports, and the export is evaluated and
+# reported. Rerunning resumes or skips finished work (`make clean-demo` starts over).
+RUN := JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m
 demo: $(STAMP)
-	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m csft_jax.train --config=configs/demo.py --workdir=$(DEMO_WORKDIR)
-	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m csft_jax.evaluate --config=configs/eval/cmb.py --config.checkpoint=$(DEMO_WORKDIR)
-	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m csft_jax.evaluate --config=configs/eval/meds_bench.py --config.checkpoint=$(DEMO_WORKDIR)
+	@echo "== 1/4 A stand-in for a pretrained checkpoint: a small base model, trained briefly, exported to HF"
+	$(RUN) csft_jax.train --config=configs/demo.py:stage=base --workdir=$(DEMO_WORKDIR)/base
+	@echo "== 2/4 Fine-tune from that HF directory, as from any downloaded one"
+	$(RUN) csft_jax.train --config=configs/demo.py --workdir=$(DEMO_WORKDIR)/sft --config.init.from_hf=$(DEMO_WORKDIR)/base/hf_export
+	@echo "== 3/4 Evaluate the fine-tuned export on the bundled CMB and MedS-Bench samples"
+	$(RUN) csft_jax.evaluate --config=configs/eval/cmb.py --config.checkpoint=$(DEMO_WORKDIR)/sft/hf_export
+	$(RUN) csft_jax.evaluate --config=configs/eval/meds_bench.py --config.checkpoint=$(DEMO_WORKDIR)/sft/hf_export
+	@echo "== 4/4 Report"
+	$(RUN) csft_jax.report --workdir=$(DEMO_WORKDIR)
 	@echo
-	@echo "Demo results in $(DEMO_WORKDIR): metrics.jsonl, run_summary.json, checkpoints/, eval/cmb/, eval/meds_bench/"
+	@echo "Demo results in $(DEMO_WORKDIR)/sft: metrics.jsonl, run_summary.json, checkpoints/, hf_export/, eval/cmb-answer/, eval/meds_bench/; summary in $(DEMO_WORKDIR)/summary.md"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -73,6 +73,13 @@ def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return config
 
 
+def _make_configs_importable() -> None:
+  """Config files import shared pieces as `configs.X`: the current directory must be importable
+  (it is with `python -m`, not with `python tools/X.py`)."""
+  if os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())
+
+
 def _load_module(path: str):
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path} does not exist (relative paths are relative to the current "
@@ -80,9 +87,7 @@ def _load_module(path: str):
   name = "_csft_config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
-  # Config files import shared pieces as `configs.X`: the repository root must be importable.
-  if os.getcwd() not in sys.path:
-    sys.path.insert(0, os.getcwd())
+  _make_configs_importable()
   spec.loader.exec_module(module)
   if not callable(getattr(module, "get_config", None)):
     raise ConfigError(f"{path}: defines no get_config(arg=None).")
@@ -114,6 +119,7 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value) -> None:
 
 def define_config_flag(help_text: str) -> None:
   """`--config=file.py[:arg]` with `--config.FIELD=VALUE` overrides (read it with `from_flags`)."""
+  _make_configs_importable()
   config_flags.DEFINE_config_file("config", None, help_text, lock_config=True)
 
 

@@ -22,36 +22,27 @@ import time
 import numpy as np
 import torch
 import transformers
-from absl import app, flags, logging
+from absl import flags, logging
 
+from csft_jax import configuration
+from csft_jax.console import run_cli
 from csft_jax.convert import load_hf
-from csft_jax.data.config import DEMO_TOKENIZER, REPO_ROOT
+from csft_jax.data.config import DEMO_TOKENIZER
 from csft_jax.data.templates import load_chat_template
 from csft_jax.data.tokenizer import load_tokenizer
 from csft_jax.eval import cmb, engine, reporting
-from csft_jax.eval.runner import resolve_path
-from csft_jax.models import get_preset
+from csft_jax.models import ModelConfig, get_preset, model_config_from
 
-_NUM_QUESTIONS = flags.DEFINE_integer("num_questions", 48, "CMB questions (the 24 samples, repeated).")
-_NUM_QUESTIONS_100M = flags.DEFINE_integer("num_questions_100m", 32, "Questions for the ~100M model.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Prompts per batch, both engines.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "New tokens per answer (CMB answer-only default).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes per engine and mode; the fastest counts.")
-_SCAN_LAYERS = flags.DEFINE_bool("scan_layers", False, "Load our model with scanned layers (eval default: unrolled).")
-_JSON = flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
-
-SAMPLE_EXAM = "csft_jax/assets/eval/cmb_sample/test.json"
+FLAGS = flags.FLAGS
+SAMPLE_EXAM = "pkg://csft_jax/assets/eval/cmb_sample/test.json"
 
 
-def _demo_config(vocab_size: int) -> transformers.LlamaConfig:
-  # configs/demo.py: hidden 128, 4 layers, 4 heads / 2 KV heads, vocab = tokenizer size padded to 128.
-  return transformers.LlamaConfig(vocab_size=-(-vocab_size // 128) * 128, hidden_size=128, intermediate_size=384,
-                                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=1024, rms_norm_eps=1e-5)
+def _demo_config(vocab_size: int) -> ModelConfig:
+  """The demo model of configs/demo.py (vocab = the tokenizer's size padded to 128)."""
+  return model_config_from(configuration.load("configs/demo.py").model, vocab_size)
 
 
-def _preset_config(name: str) -> transformers.LlamaConfig:
-  p = get_preset(name)
+def _hf_llama_config(p: ModelConfig) -> transformers.LlamaConfig:
   return transformers.LlamaConfig(vocab_size=p.vocab_size, hidden_size=p.hidden_size,
                                   intermediate_size=p.intermediate_size, num_hidden_layers=p.num_layers,
                                   num_attention_heads=p.num_heads, num_key_value_heads=p.num_kv_heads,
@@ -60,7 +51,7 @@ def _preset_config(name: str) -> transformers.LlamaConfig:
 
 def _questions(template, count: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
   """Prompt ids, and for log-likelihood mode (context, letter) pairs, `count` questions."""
-  items = cmb.load_exam(resolve_path(SAMPLE_EXAM))
+  items = cmb.load_exam(configuration.resolve_path(SAMPLE_EXAM))
   items = [items[i % len(items)] for i in range(count)]
   prompts, contexts, letters = [], [], []
   for item in items:
@@ -83,7 +74,7 @@ def _hf_generate(model, prompts: list[list[int]], batches, stop_ids: list[int]) 
       ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
       mask[r, width - len(prompts[i]):] = 1
     with torch.no_grad():
-      out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=_MAX_NEW_TOKENS.value,
+      out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=FLAGS.max_new_tokens,
                            do_sample=False, eos_token_id=stop_ids, pad_token_id=stop_ids[-1])
     for r, i in enumerate(rows):
       row = out[r, width:].tolist()
@@ -95,7 +86,7 @@ def _hf_generate(model, prompts: list[list[int]], batches, stop_ids: list[int]) 
 def _timed(fn):
   """`(result, seconds)` of the fastest of `--repeats` calls: the machine is shared, noise only adds."""
   best = float("inf")
-  for _ in range(_REPEATS.value):
+  for _ in range(FLAGS.repeats):
     start = time.perf_counter()
     result = fn()
     best = min(best, time.perf_counter() - start)
@@ -118,14 +109,14 @@ def bench_model(name: str, hf_config: transformers.LlamaConfig, template, num_qu
   hf_model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").eval()
   with tempfile.TemporaryDirectory() as path:
     hf_model.save_pretrained(path)
-    ours = load_hf(path, scan_layers=_SCAN_LAYERS.value)
+    ours = load_hf(path, scan_layers=FLAGS.scan_layers)
   prompts, contexts, letters = _questions(template, num_questions)
   stop_ids = list(template.stop_token_ids)
-  batch = _BATCH_SIZE.value
+  batch = FLAGS.batch_size
   batches = engine.plan_batches([len(p) for p in prompts], batch, ours.config.max_position_embeddings)
 
   def run_ours():
-    return engine.greedy_generate(ours, prompts, _MAX_NEW_TOKENS.value, stop_ids, batch_size=batch)
+    return engine.greedy_generate(ours, prompts, FLAGS.max_new_tokens, stop_ids, batch_size=batch)
 
   def run_loglik():
     return engine.score_continuations(ours, contexts, letters, batch_size=batch)
@@ -156,32 +147,44 @@ def bench_model(name: str, hf_config: transformers.LlamaConfig, template, num_qu
 
 def main(argv: list[str]) -> None:
   del argv
-  tokenizer = load_tokenizer(DEMO_TOKENIZER, REPO_ROOT)
+  tokenizer = load_tokenizer(DEMO_TOKENIZER)
   template = load_chat_template("chatml", tokenizer)
   results = [
-      bench_model("demo", _demo_config(len(tokenizer)), template, _NUM_QUESTIONS.value),
-      bench_model("llama_100m", _preset_config("llama_100m"), template, _NUM_QUESTIONS_100M.value),
+      bench_model("demo", _hf_llama_config(_demo_config(len(tokenizer))), template, FLAGS.num_questions),
+      bench_model("llama_100m", _hf_llama_config(get_preset("llama_100m")), template, FLAGS.num_questions_100m),
   ]
   header = ["model", "params (M)", "questions", "prompt tok", "ours gen q/s", "HF generate q/s", "speedup",
             "ours loglik q/s", "loglik / gen", "compile s", "same tokens"]
   rows = [[r["model"], r["params_m"], r["questions"], r["mean_prompt_tokens"], r["ours_generate_qps"],
            r["hf_generate_qps"], r["speedup"], r["ours_loglik_qps"], r["loglik_vs_generate"], r["compile_s"],
            r["identical_answers"]] for r in results]
-  print(f"CMB answer-only, greedy, max_new_tokens={_MAX_NEW_TOKENS.value}, batch_size={_BATCH_SIZE.value}, "
-        f"scan_layers={_SCAN_LAYERS.value}, CPU threads: torch {torch.get_num_threads()}")
+  print(f"CMB answer-only, greedy, max_new_tokens={FLAGS.max_new_tokens}, batch_size={FLAGS.batch_size}, "
+        f"scan_layers={FLAGS.scan_layers}, CPU threads: torch {torch.get_num_threads()}")
   print(reporting.markdown_table(header, rows), end="")
-  if _JSON.value:
+  if FLAGS.json:
     demo, big = results
     print(json.dumps({
         "speedup_vs_hf_generate": round(demo["speedup"], 2),
         "speedup_vs_hf_generate_100m": round(big["speedup"], 2),
         "loglik_vs_generate": round(demo["loglik_vs_generate"], 2),
         "loglik_vs_generate_100m": round(big["loglik_vs_generate"], 2),
-        "max_new_tokens": _MAX_NEW_TOKENS.value, "batch_size": _BATCH_SIZE.value,
-        "scan_layers": _SCAN_LAYERS.value,
+        "max_new_tokens": FLAGS.max_new_tokens, "batch_size": FLAGS.batch_size,
+        "scan_layers": FLAGS.scan_layers,
         "models": results,
     }))
 
 
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program."""
+  flags.DEFINE_integer("num_questions", 48, "CMB questions (the 24 samples, repeated).")
+  flags.DEFINE_integer("num_questions_100m", 32, "Questions for the ~100M model.")
+  flags.DEFINE_integer("batch_size", 16, "Prompts per batch, both engines.")
+  flags.DEFINE_integer("max_new_tokens", 32, "New tokens per answer (CMB answer-only default).")
+  flags.DEFINE_integer("repeats", 3, "Timed passes per engine and mode; the fastest counts.")
+  flags.DEFINE_bool("scan_layers", False, "Load our model with scanned layers (eval default: unrolled).")
+  flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  run_cli(main)

@@ -16,24 +16,20 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
-flags.DEFINE_integer("steps", 6, "Timed steps per measurement (after one warm-up step).")
-flags.DEFINE_integer("batch", 8, "Sequences per batch.")
-flags.DEFINE_integer("seq_len", 1024, "Packed row length (collection_shared.py's cutoff is 1024).")
-flags.DEFINE_integer("threads", 2, "CPU threads for PyTorch (XLA uses all cores).")
-flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
+from csft_jax import configuration
+from csft_jax.console import run_cli
+
 FLAGS = flags.FLAGS
 
 
 def _batches(packing: str, count: int):
-  from configs import collection_shared
-  from csft_jax.data.pipeline import DataPipeline
-  data = collection_shared.get_data_config()
+  from csft_jax.data.pipeline import DataPipeline  # pylint: disable=import-outside-toplevel
+  data = configuration.load("configs/collection_shared.py").data
   data.seq_len = FLAGS.seq_len
   data.packing = packing
   data.val_fraction = 0.0
@@ -48,28 +44,23 @@ def _trim_to_longest(batch):
   return {k: v[:, :longest] for k, v in batch.items()}
 
 
-def bench_jax(model_config, params_model, batches, num_sources):
-  import jax
-  import jax.numpy as jnp
-  import ml_collections
-  from flax import nnx
-  from csft_jax.training.optimizer import make_optimizer
-  from csft_jax.training.step import TrainState, make_train_step
+def bench_jax(config, start, batches, num_sources):
+  """Seconds for the trainer's own jitted step (train.jit_steps) over `batches[1:]`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from csft_jax import train  # pylint: disable=import-outside-toplevel
+  from csft_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
+  from csft_jax.training.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
 
-  optim = ml_collections.ConfigDict(dict(name="adamw", lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
-                                         schedule="constant", warmup_steps=1, warmup_fraction=0.0,
-                                         min_lr_ratio=1.0, grad_clip_norm=1.0, z_loss=0.0))
-  optimizer, _ = make_optimizer(optim, 1000)
-  graphdef, params = nnx.split(params_model, nnx.Param)
-  state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-  step = jax.jit(make_train_step(graphdef, optimizer, num_sources=num_sources), donate_argnums=0)
-  state, metrics = step(state, batches[0])
+  optimizer, schedule = make_optimizer(config.optim, 1000)
+  mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  step, _, _ = train.jit_steps(config, start, optimizer, schedule, mesh, num_sources)
+  state, metrics = step(start.state, batches[0])
   jax.block_until_ready(metrics)
-  start = time.perf_counter()
+  begin = time.perf_counter()
   for batch in batches[1:]:
     state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
-  return time.perf_counter() - start
+  return time.perf_counter() - begin
 
 
 def bench_torch(hf_dir, batches):
@@ -103,23 +94,29 @@ def bench_torch(hf_dir, batches):
 def main(argv):
   del argv
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import demo
-  from flax import nnx
-  from csft_jax.convert import save_hf
-  from csft_jax.models import Decoder, model_config_from
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from csft_jax import train  # pylint: disable=import-outside-toplevel
+  from csft_jax.convert import save_hf  # pylint: disable=import-outside-toplevel
+  from csft_jax.models import model_config_from  # pylint: disable=import-outside-toplevel
+  from csft_jax.training.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
 
   count = FLAGS.steps + 1
   pipeline, packed = _batches("packed", count)
   _, padded = _batches("padded", count)
   padded = [_trim_to_longest(b) for b in padded]
-  model_config = model_config_from(demo.get_config().model, len(pipeline.tokenizer)).replace(
+  # The demo model and trainer; a constant learning rate, as the PyTorch side uses.
+  config = configuration.load("configs/demo.py")
+  config.optim.update(lr=1e-4, schedule="constant", warmup_steps=1, weight_decay=0.0)
+  model_config = model_config_from(config.model, len(pipeline.tokenizer)).replace(
       max_position_embeddings=max(1024, FLAGS.seq_len))
-  model = Decoder(model_config, rngs=nnx.Rngs(0))
+  import jax  # pylint: disable=import-outside-toplevel
+  from csft_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
+  optimizer, _ = make_optimizer(config.optim, 1000)
+  start = train.random_init(model_config, optimizer, 0, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
   hf_dir = tempfile.mkdtemp(prefix="bench_train_hf_")
-  save_hf(model, hf_dir)
+  save_hf(nnx.merge(start.graphdef, start.state.params), hf_dir)
 
-  jax_seconds = bench_jax(model_config, model, packed, len(pipeline.source_names))
+  jax_seconds = bench_jax(config, start, packed, len(pipeline.source_names))
   torch_seconds = bench_torch(hf_dir, packed)
   torch_padded_seconds = bench_torch(hf_dir, padded)
 
@@ -154,5 +151,15 @@ def main(argv):
     print(json.dumps(result))
 
 
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program."""
+  flags.DEFINE_integer("steps", 6, "Timed steps per measurement (after one warm-up step).")
+  flags.DEFINE_integer("batch", 8, "Sequences per batch.")
+  flags.DEFINE_integer("seq_len", 1024, "Packed row length (collection_shared.py's cutoff is 1024).")
+  flags.DEFINE_integer("threads", 2, "CPU threads for PyTorch (XLA uses all cores).")
+  flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  run_cli(main)
