@@ -556,6 +556,6 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from csft_jax.console import run_cli  # pylint: disable=g-import-not-at-top
   define_flags()
-  app.run(main)
+  run_cli(main)
