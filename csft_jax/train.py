@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import signal
 import sys
@@ -54,6 +55,9 @@ def default_train_config() -> ml_collections.ConfigDict:
       num_epochs=0.0,
       global_batch_size=8,  # Rows per optimizer step, over all devices and accumulation steps.
       grad_accum_steps=1,
+      # Tokens per chunk of the LM head + cross-entropy (0: dense logits). Chunks keep the
+      # [batch, seq_len, vocab] float32 logits from ever existing whole (training/loss.py).
+      loss_chunk_size=0,
       log_every=10,
       eval_every=0,  # Held-out loss every N steps (needs data.val_fraction > 0); 0: never.
       seed=0,
@@ -139,7 +143,7 @@ def _check_vocab(tokenizer_size: int, model_config: ModelConfig, tokenizer: str,
                     "tokenizer (config.data.tokenizer).")
 
 
-def _abstract(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh) -> tuple[TrainState, Any]:
+def abstract_state(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh) -> tuple[TrainState, Any]:
   """The state's shapes with their shardings attached, and the shardings."""
   abstract = jax.eval_shape(functools.partial(new_train_state, model_config, optimizer, seed))
   shardings = state_shardings(abstract, mesh)
@@ -147,7 +151,7 @@ def _abstract(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh) -> tu
   return with_shardings, shardings
 
 
-def _graphdef(model_config: ModelConfig) -> nnx.GraphDef:
+def graphdef_of(model_config: ModelConfig) -> nnx.GraphDef:
   return nnx.graphdef(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
 
 
@@ -161,7 +165,7 @@ def _resume(config, tokenizer_size: int, optimizer, mesh: Mesh, checkpointer: ch
       model_config = checkpointing.read_model_config(checkpointer.step_dir(step), **runtime)
       _check_fixed_fields(model_config, config.model, f"the checkpoint of step {step}")
       _check_vocab(tokenizer_size, model_config, config.data.tokenizer, f"the checkpoint of step {step}")
-      abstract, shardings = _abstract(model_config, optimizer, config.train.seed, mesh)
+      abstract, shardings = abstract_state(model_config, optimizer, config.train.seed, mesh)
       restored = checkpointer.restore(step, abstract, data_iter)
     except checkpointing.CheckpointError as e:
       moved = checkpointer.move_aside(step, run_dir.unreadable_checkpoints) if _primary() else "(process 0 moves it)"
@@ -171,7 +175,7 @@ def _resume(config, tokenizer_size: int, optimizer, mesh: Mesh, checkpointer: ch
     origin = f"resumed from step {step} in {checkpointer.directory}"
     if unreadable:
       origin += f" (the newest readable; unreadable steps {unreadable} are in {run_dir.unreadable_checkpoints})"
-    return StartingState(_graphdef(model_config), TrainState(**restored), shardings, model_config, origin)
+    return StartingState(graphdef_of(model_config), TrainState(**restored), shardings, model_config, origin)
   if unreadable:
     raise checkpointing.CheckpointError(
         f"no checkpoint of {run_dir.root} can be read (steps {unreadable}, moved to {run_dir.unreadable_checkpoints}); "
@@ -202,9 +206,9 @@ def _init_source_config(config, runtime: dict[str, Any]) -> tuple[ModelConfig, s
 
 def random_init(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh) -> StartingState:
   """A new state, created inside `jit` with `out_shardings`: no device ever holds the whole model."""
-  _, shardings = _abstract(model_config, optimizer, seed, mesh)
+  _, shardings = abstract_state(model_config, optimizer, seed, mesh)
   state = jax.jit(functools.partial(new_train_state, model_config, optimizer, seed), out_shardings=shardings)()
-  return StartingState(_graphdef(model_config), state, shardings, model_config, "random init")
+  return StartingState(graphdef_of(model_config), state, shardings, model_config, "random init")
 
 
 def restore_or_init(config: ml_collections.ConfigDict, tokenizer_size: int, optimizer, mesh: Mesh,
@@ -233,14 +237,14 @@ def restore_or_init(config: ml_collections.ConfigDict, tokenizer_size: int, opti
   model_config, source = _init_source_config(config, runtime)
   _check_fixed_fields(model_config, config.model, source)
   _check_vocab(tokenizer_size, model_config, config.data.tokenizer, source)
-  abstract, shardings = _abstract(model_config, optimizer, config.train.seed, mesh)
+  abstract, shardings = abstract_state(model_config, optimizer, config.train.seed, mesh)
   if init.from_hf:
     params = nnx.state(load_hf(init.from_hf, shardings=nnx.as_pure(shardings.params), **runtime), nnx.Param)
   else:
     params = checkpointing.restore_params(checkpointing.resolve_step_dir(init.from_checkpoint), abstract.params)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
   state = TrainState(jnp.zeros((), jnp.int32), params, opt_state)
-  return StartingState(_graphdef(model_config), state, shardings, model_config, f"started from {source}")
+  return StartingState(graphdef_of(model_config), state, shardings, model_config, f"started from {source}")
 
 
 def jit_steps(config: ml_collections.ConfigDict, start: StartingState, optimizer, schedule, mesh: Mesh,
@@ -250,9 +254,10 @@ def jit_steps(config: ml_collections.ConfigDict, start: StartingState, optimizer
   train_step = jax.jit(
       make_train_step(start.graphdef, optimizer, num_sources=num_sources,
                       grad_accum_steps=config.train.grad_accum_steps, z_loss_weight=config.optim.z_loss,
-                      schedule=schedule),
+                      schedule=schedule, loss_chunk_size=config.train.loss_chunk_size),
       in_shardings=(start.shardings, batch_sharding), out_shardings=(start.shardings, None), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(start.graphdef, num_sources=num_sources),
+  eval_step = jax.jit(make_eval_step(start.graphdef, num_sources=num_sources,
+                                     loss_chunk_size=config.train.loss_chunk_size),
                       in_shardings=(start.shardings.params, batch_sharding))
   return train_step, eval_step, batch_sharding
 
@@ -442,6 +447,14 @@ def _print(primary: bool, text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def model_config_for_plan(config: ml_collections.ConfigDict, vocab_size: int = 0) -> ModelConfig:
+  """The model a run of `config` would train, without devices: `init.from_hf`'s config.json when
+  that directory is here, else the config's preset and fields."""
+  if config.init.from_hf and is_hf_dir(config.init.from_hf):
+    return read_hf_config(config.init.from_hf, **{k: config.model[k] for k in RUNTIME_FIELDS})
+  return model_config_from(config.model, vocab_size)
+
+
 def plan(config: ml_collections.ConfigDict, vocab_size: int = 0) -> str:
   """The per-device bytes of params + optimizer state for `config`, computed abstractly.
 
@@ -449,10 +462,7 @@ def plan(config: ml_collections.ConfigDict, vocab_size: int = 0) -> str:
   shape comes from the HF config.json.
   """
   mesh = abstract_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  if config.init.from_hf and is_hf_dir(config.init.from_hf):
-    model_config = read_hf_config(config.init.from_hf, **{k: config.model[k] for k in RUNTIME_FIELDS})
-  else:
-    model_config = model_config_from(config.model, vocab_size)
+  model_config = model_config_for_plan(config, vocab_size)
   optimizer, _ = make_optimizer(config.optim, max(config.train.num_steps, 1))
   abstract = jax.eval_shape(functools.partial(new_train_state, model_config, optimizer, 0))
   return (f"model {model_config.arch}: {model_config.num_params() / 1e9:.3f}B parameters; mesh {dict(mesh.shape)}\n"
@@ -464,8 +474,11 @@ def define_flags() -> None:
   configuration.define_config_flag("Training config file (configs/*.py).")
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, summary (csft_jax.workdir).")
   distributed.define_flags()
-  flags.DEFINE_bool("plan_only", False, "Print the model's sharding plan (bytes per device) and exit; needs no "
-                                        "devices and allocates nothing.")
+  flags.DEFINE_bool("plan_only", False, "Quick estimate: the bytes per device of parameters and optimizer state; "
+                                        "needs no devices and allocates nothing.")
+  flags.DEFINE_string("compile_for", None, "Will it fit? Compile the train step for a TPU slice (v4-8, v5p-8, "
+                                           "v5e-16, v6e-8, ...) from this host and report per-device memory; "
+                                           "exit 0 if it fits, 1 if not. Needs the `tpu` extra.")
 
 
 def main(argv: list[str]) -> None:
@@ -475,6 +488,14 @@ def main(argv: list[str]) -> None:
   if flags.FLAGS.plan_only:
     print(plan(config))
     return
+  if flags.FLAGS.compile_for:
+    from csft_jax import aot  # pylint: disable=import-outside-toplevel
+    report = aot.check_fit(config, flags.FLAGS.compile_for)
+    print(report.table())
+    if not report.fits:
+      print(aot.advice(config))
+    print(json.dumps(report.as_json()))
+    sys.exit(0 if report.fits else 1)
   if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
   distributed.initialize_from_flags()

@@ -197,7 +197,7 @@ class Decoder(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-               last_logits_only: bool = False):
+               last_logits_only: bool = False, hidden_only: bool = False):
     """Runs the decoder.
 
     Args:
@@ -207,6 +207,8 @@ class Decoder(nnx.Module):
       cache: a `KVCache` to extend (prefill or decode); then `(logits, new_cache)` is returned.
       last_logits_only: compute logits for the last position only (`[B, 1, vocab]`): a prefill
         for generation needs no others, and the LM head is a large share of its FLOPs.
+      hidden_only: return the final hidden states `[B, T, D]` (after the final norm) instead of
+        logits, for a loss that applies the head chunk by chunk (`lm_head_weights`).
 
     Returns:
       float32 logits `[B, T, vocab]` (and the updated cache when one was given).
@@ -234,12 +236,11 @@ class Decoder(nnx.Module):
     if last_logits_only:
       x = x[:, -1:]
     x = self.final_norm(x)
-    if config.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x, self.embed.embedding[...].astype(x.dtype),
-                          preferred_element_type=jnp.float32)
-    else:
-      logits = jnp.einsum("btd,dv->btv", x, self.lm_head.kernel[...].astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+    if hidden_only and cache is None:
+      return x
+    head, layout = self.lm_head_weights()
+    logits = jnp.einsum(f"btd,{layout[0]}{layout[1]}->btv", x, head.astype(x.dtype),
+                        preferred_element_type=jnp.float32)
     logits = constrain(logits, ("batch", "length", "vocab"))
     if cache is None:
       return logits
@@ -248,6 +249,12 @@ class Decoder(nnx.Module):
     cache_k = jax.lax.dynamic_update_slice(cache.k, new_k.astype(cache.k.dtype), slot)
     cache_v = jax.lax.dynamic_update_slice(cache.v, new_v.astype(cache.v.dtype), slot)
     return logits, KVCache(cache_k, cache_v, kv_segments, cache.end + length)
+
+  def lm_head_weights(self) -> tuple[jax.Array, str]:
+    """The LM head and its layout: the tied embedding `[V, D]` ("vd") or the kernel `[D, V]` ("dv")."""
+    if self.config.tie_embeddings:
+      return self.embed.embedding[...], "vd"
+    return self.lm_head.kernel[...], "dv"
 
   def _run_layers(self, x, positions, mask, cache_k, cache_v, cache_end):
     policy = self.config.remat_policy

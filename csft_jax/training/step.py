@@ -11,7 +11,7 @@ import optax
 from flax import nnx
 
 from csft_jax.sharding import constrain
-from csft_jax.training.loss import LossSums, loss_sums
+from csft_jax.training.loss import LossSums, chunked_loss_sums, loss_sums
 
 Batch = dict[str, jax.Array]
 
@@ -25,10 +25,17 @@ class TrainState:
   opt_state: Any
 
 
-def _forward_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch, num_sources: int) -> LossSums:
+def _forward_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch, num_sources: int,
+                  loss_chunk_size: int) -> LossSums:
+  """Loss sums of one (micro)batch; with `loss_chunk_size > 0` the full logits never exist."""
   model = nnx.merge(graphdef, params)
-  logits = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-  return loss_sums(logits, batch["target_ids"], batch["loss_mask"], batch["source_ids"], num_sources)
+  inputs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
+  targets = (batch["target_ids"], batch["loss_mask"], batch["source_ids"], num_sources)
+  if loss_chunk_size > 0:
+    head, layout = model.lm_head_weights()
+    return chunked_loss_sums(model(batch["input_ids"], **inputs, hidden_only=True), head, *targets,
+                             chunk_size=loss_chunk_size, head_layout=layout)
+  return loss_sums(model(batch["input_ids"], **inputs), *targets)
 
 
 def _split_microbatches(batch: Batch, num_micro: int) -> Batch:
@@ -48,19 +55,21 @@ def _split_microbatches(batch: Batch, num_micro: int) -> Batch:
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *, num_sources: int,
                     grad_accum_steps: int = 1, z_loss_weight: float = 0.0,
-                    schedule: optax.Schedule | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    schedule: optax.Schedule | None = None,
+                    loss_chunk_size: int = 0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)`; jit it with shardings and donation.
 
   The loss is the token mean over the loss tokens of the whole *global* batch: each microbatch
   contributes sum / global_count, so accumulation over microbatches and sharding over devices
-  give the same gradient as one big batch.
+  give the same gradient as one big batch. `loss_chunk_size > 0` computes the LM head and the
+  cross-entropy chunk by chunk (`chunked_loss_sums`): same values, no `[B, T, V]` logits.
   """
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     global_tokens = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
 
     def objective(params, micro):
-      sums = _forward_sums(graphdef, params, micro, num_sources)
+      sums = _forward_sums(graphdef, params, micro, num_sources, loss_chunk_size)
       return (sums.loss + z_loss_weight * sums.z_loss) / global_tokens, sums
 
     grad_fn = jax.grad(objective, has_aux=True)
@@ -91,10 +100,11 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, *, num_sources: int) -> Callable[[Any, Batch], LossSums]:
+def make_eval_step(graphdef: nnx.GraphDef, *, num_sources: int,
+                   loss_chunk_size: int = 0) -> Callable[[Any, Batch], LossSums]:
   """Builds `eval_step(params, batch) -> LossSums` (sums, so batches add up exactly)."""
 
   def eval_step(params: Any, batch: Batch) -> LossSums:
-    return _forward_sums(graphdef, params, batch, num_sources)
+    return _forward_sums(graphdef, params, batch, num_sources, loss_chunk_size)
 
   return eval_step
