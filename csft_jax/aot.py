@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 from typing import Any
 
@@ -105,6 +106,9 @@ def slice_devices(name: str) -> tuple[list[Any], Slice]:
   except ImportError:
     raise FitError("compiling for a TPU slice needs libtpu: install the `tpu` extra "
                    "(pip install -e '.[tpu]', or `make install-tpu`).") from None
+  # libtpu takes a machine-wide lockfile meant for processes that drive real TPUs; compiling drives
+  # none, so two compiles (or a compile beside a test run) must not lock each other out.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   topology = topologies.get_topology_desc(platform="tpu", topology_name=spec.topology,
                                           chip_config_name=spec.chip_config,

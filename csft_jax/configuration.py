@@ -80,7 +80,8 @@ def _make_configs_importable() -> None:
     sys.path.insert(0, os.getcwd())
 
 
-def _load_module(path: str):
+def load_module(path: str):
+  """The config file `path` as a module (for what it defines beside `get_config`, e.g. presets)."""
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path} does not exist (relative paths are relative to the current "
                       f"directory, {os.getcwd()}).")
@@ -97,7 +98,7 @@ def _load_module(path: str):
 def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
   """Loads `file.py[:arg]`, applies `{dotted.field: value}` overrides, resolves paths."""
   path, _, arg = spec.partition(":")
-  module = _load_module(path)
+  module = load_module(path)
   config = module.get_config(arg) if arg else module.get_config()
   for key, value in (overrides or {}).items():
     set_field(config, key, value)

@@ -47,10 +47,8 @@ def main(argv: list[str]) -> None:
 
 
 def _module_presets(path: str) -> list[str]:
-  """The recipe's MESH_PRESETS names (configs is a package: configs/x.py is configs.x)."""
-  import importlib  # pylint: disable=import-outside-toplevel
-  module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-  return list(module.MESH_PRESETS)
+  """The recipe's MESH_PRESETS names."""
+  return list(configuration.load_module(path).MESH_PRESETS)
 
 
 def define_flags() -> None:
