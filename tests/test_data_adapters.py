@@ -7,7 +7,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests import REPO_ROOT
 from csft_jax.data.config import sample_collection_config
 from csft_jax.data.conversation import Conversation
 from csft_jax.data.sources import load_conversations, parse_sources

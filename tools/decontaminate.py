@@ -15,7 +15,6 @@ import csv
 import json
 import os
 import shutil
-import sys
 import tempfile
 
 from absl import app, flags
