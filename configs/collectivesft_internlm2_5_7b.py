@@ -8,7 +8,8 @@ cosine schedule, warmup ratio 0.05, bf16, per-device batch 16 x gradient accumul
       --config=configs/collectivesft_internlm2_5_7b.py:mesh=8xh100,model_dir=/models/internlm2_5-7b,data_dir=/data/csft
 
 The argument is `k=v` pairs separated by commas (a bare name means `mesh=`):
-  mesh      a mesh preset: v4-8, v5e-8, v5p-8 or 8xh100 (the default);
+  mesh      a preset (mesh + gradient accumulation, see MESH_PRESETS): v5p-8, v4-16, v5e-16, v6e-8 or
+            8xh100 (the default);
   sources   `collection` (the default) or `cmb_only` (the single-source arm of experiments/mixture_ablation.py);
   model_dir the base model's HF directory (config.json, *.safetensors, tokenizer.json); it is both
             `init.from_hf` and the tokenizer. Default: checkpoints/internlm2_5-7b;
@@ -25,16 +26,22 @@ import ml_collections
 from configs import base
 from csft_jax.data.config import source_config
 
-# Device count of each slice (a TPU v4/v5p chip is one JAX device with megacore) and its mesh.
-# Params (f32) + AdamW moments for 7.74B parameters are ~86.5 GiB in total, so FSDP over every
-# device: per device ~10.8 GiB on 8 devices, ~21.6 GiB on 4 (v4: 32 GiB HBM, v5p: 95 GiB HBM).
-# v5e chips have 16 GiB: 10.8 GiB of state leaves little for activations; prefer v5e-16 or larger
-# (same preset with --config.mesh.fsdp=16) for this model.
+# Each preset: the mesh (FSDP over every device) and the gradient accumulation that makes the
+# recipe's global batch of 256 sequences fit, checked with `--compile_for=<preset>` (GiB per device,
+# total of 90% of HBM allowed; tools/bench_memory.py measures all of them):
+#   v5p-8  4 devices x 95 GiB, accum 2:  77.1
+#   v4-16  8 devices x 32 GiB, accum 16: 26.8. v4-8 cannot hold a 7B full fine-tune: 4 x 32 GiB
+#          leave 10 GiB per device beside 21.6 GiB of f32 params + AdamW moments (79.8 at accum 2).
+#   v5e-16 16 devices x 16 GiB, accum 16: 13.5. v5e-8 cannot: 10.8 GiB of state per 16 GiB chip
+#          leave too little for gradients and activations (40.7 at accum 2).
+#   v6e-8  8 devices x 32 GiB, accum 16: 26.4
+# 8xh100 is the paper's setup (8 GPUs, per-device batch 16 x accum 2); not compiled here.
 MESH_PRESETS = {
-    "v4-8": dict(data=1, fsdp=4, tensor=1),
-    "v5e-8": dict(data=1, fsdp=8, tensor=1),
-    "v5p-8": dict(data=1, fsdp=4, tensor=1),
-    "8xh100": dict(data=1, fsdp=8, tensor=1),
+    "v5p-8": (dict(data=1, fsdp=4, tensor=1), 2),
+    "v4-16": (dict(data=1, fsdp=8, tensor=1), 16),
+    "v5e-16": (dict(data=1, fsdp=16, tensor=1), 16),
+    "v6e-8": (dict(data=1, fsdp=8, tensor=1), 16),
+    "8xh100": (dict(data=1, fsdp=8, tensor=1), 2),
 }
 
 # The 12 sources of CollectiveSFT, as prepared for LLaMA-Factory (Alpaca JSON), except CMB-train
@@ -88,10 +95,11 @@ def recipe(arg: str | None, *, model_preset: str, model_dir: str, chat_template:
   data.chat_template = chat_template
   data.val_fraction = 0.002
 
-  config.mesh.update(MESH_PRESETS[options["mesh"]])
+  mesh, grad_accum_steps = MESH_PRESETS[options["mesh"]]
+  config.mesh.update(mesh)
   config.optim.update(lr=2e-5, b2=0.999, weight_decay=0.0, warmup_fraction=0.05, min_lr_ratio=0.0)
-  config.train.update(num_epochs=3.0, global_batch_size=256, grad_accum_steps=2, log_every=10, eval_every=500,
-                      export_hf="hf_export")
+  config.train.update(num_epochs=3.0, global_batch_size=256, grad_accum_steps=grad_accum_steps, log_every=10,
+                      eval_every=500, export_hf="hf_export")
   config.checkpoint.update(every_steps=500, keep=3)
   config.init.from_hf = options["model_dir"]
   return config

@@ -93,7 +93,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_7b_plan_is_computed_without_allocating():
   from configs import collectivesft_internlm2_5_7b as recipe
-  config = recipe.get_config("v5e-8")
+  config = recipe.get_config("v6e-8")
   text = train.plan(config)
   params_line = next(line for line in text.splitlines() if line.startswith("params"))
   total_gib, per_device_gib = map(float, params_line.split()[1:3])
