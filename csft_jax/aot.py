@@ -105,7 +105,7 @@ def slice_devices(name: str) -> tuple[list[Any], Slice]:
     import libtpu  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     raise FitError("compiling for a TPU slice needs libtpu: install the `tpu` extra "
-                   "(pip install -e '.[tpu]', or `make install-tpu`).") from None
+                   "(pip install -e '.[tpu]'; `make test` installs it).") from None
   # libtpu takes a machine-wide lockfile meant for processes that drive real TPUs; compiling drives
   # none, so two compiles (or a compile beside a test run) must not lock each other out.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -192,6 +192,6 @@ def advice(config: ml_collections.ConfigDict) -> str:
   """What to change when a run does not fit."""
   return (f"To fit: lower the per-device batch by raising config.train.grad_accum_steps (now "
           f"{config.train.grad_accum_steps}; the global batch stays {config.train.global_batch_size}), use "
-          f"config.model.remat_policy=full (now {config.model.remat_policy}), shrink "
-          f"config.train.loss_chunk_size (now {config.train.loss_chunk_size}), or shard over more devices "
+          f"config.model.remat_policy=full (now {config.model.remat_policy}), set config.train.loss_chunk_size "
+          f"> 0 to chunk the logits (now {config.train.loss_chunk_size}), or shard over more devices "
           f"(config.mesh.fsdp, now {config.mesh.fsdp}, on a larger slice).")

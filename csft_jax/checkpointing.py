@@ -39,6 +39,16 @@ class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used: missing, of the wrong kind, or unreadable."""
 
 
+class UnreadableCheckpointError(CheckpointError):
+  """A step whose files cannot be read (cut short, corrupt): the run may fall back to an older one."""
+
+
+# How TensorStore and Orbax report files that are cut short or damaged (as opposed to a target
+# that does not match a sound checkpoint, which must not cost the run its checkpoints).
+_UNREADABLE = ("OUT_OF_RANGE", "DATA_LOSS", "Requested byte range", "Error reading", "Unexpected end",
+               "corrupt", "truncated", "No such file", "not found", "Failed to decode")
+
+
 def default_config() -> ml_collections.ConfigDict:
   """`config.checkpoint`: how often to save, how many to keep, async saving."""
   return ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
@@ -105,7 +115,10 @@ class Checkpointer:
           state=ocp.args.StandardRestore(_as_dict(abstract_state)),
           data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"step {step} cannot be restored: {_failing_file(e, self.step_dir(step))}") from e
+      unreadable = (isinstance(e, (OSError, EOFError, json.JSONDecodeError))
+                    or any(marker in str(e) for marker in _UNREADABLE))
+      kind = UnreadableCheckpointError if unreadable else CheckpointError
+      raise kind(f"step {step} cannot be restored: {_failing_file(e, self.step_dir(step))}") from e
     return restored.state
 
   def move_aside(self, step: int, destination: str) -> str:

@@ -25,11 +25,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
   try:
     with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
       handle.write(text)
+    os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; others must read results too
     os.replace(tmp_name, target)
   except BaseException:
     Path(tmp_name).unlink(missing_ok=True)
     raise
   return target
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:

@@ -158,7 +158,8 @@ def graphdef_of(model_config: ModelConfig) -> nnx.GraphDef:
 def _resume(config, tokenizer_size: int, optimizer, mesh: Mesh, checkpointer: checkpointing.Checkpointer,
             data_iter, run_dir: RunDir, say: Callable[[str], None]) -> StartingState | None:
   """The newest readable checkpoint of the run, restored straight into sharded targets (or None)."""
-  runtime = {k: config.model[k] for k in RUNTIME_FIELDS}
+  # The checkpoint's own layer layout: scanned and unrolled layers are different trees.
+  runtime = {k: config.model[k] for k in RUNTIME_FIELDS if k != "scan_layers"}
   unreadable = []
   for step in reversed(checkpointer.steps()):
     try:
@@ -167,7 +168,7 @@ def _resume(config, tokenizer_size: int, optimizer, mesh: Mesh, checkpointer: ch
       _check_vocab(tokenizer_size, model_config, config.data.tokenizer, f"the checkpoint of step {step}")
       abstract, shardings = abstract_state(model_config, optimizer, config.train.seed, mesh)
       restored = checkpointer.restore(step, abstract, data_iter)
-    except checkpointing.CheckpointError as e:
+    except checkpointing.UnreadableCheckpointError as e:
       moved = checkpointer.move_aside(step, run_dir.unreadable_checkpoints) if _primary() else "(process 0 moves it)"
       say(f"WARNING: checkpoint {e}; moved it to {moved}, trying the one before.")
       unreadable.append(step)
@@ -309,7 +310,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
   say = functools.partial(_print, primary)
   files.check_writable(run_dir.root, "--workdir")
 
-  # Data first: a bad source or tokenizer fails here, before the workdir is touched.
+  resuming = os.path.isdir(run_dir.checkpoints)
+  if not resuming and (config.init.from_hf or config.init.from_checkpoint):
+    # A bad init source fails first, naming its field, before anything reads its tokenizer.
+    init_model_config, init_source = _init_source_config(config, {k: config.model[k] for k in RUNTIME_FIELDS})
+    _check_fixed_fields(init_model_config, config.model, init_source)
+  # Data next: a bad source or tokenizer fails here, before the workdir is touched.
   data_config = data_config_for(config, run_dir)
   pipeline = DataPipeline(data_config)
   num_steps = resolve_num_steps(config.train, pipeline)
@@ -321,11 +327,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
   per_process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_iter = iter(pipeline.train_dataset(config.train.global_batch_size, **per_process))
   val_batches = pipeline.val_batches(config.train.global_batch_size, **per_process)
-  if not os.path.isdir(run_dir.checkpoints) and (config.init.from_hf or config.init.from_checkpoint):
-    # Nothing to resume: a bad init source fails here, before the workdir is created.
-    model_config, source = _init_source_config(config, {k: config.model[k] for k in RUNTIME_FIELDS})
-    _check_fixed_fields(model_config, config.model, source)
-    _check_vocab(len(pipeline.tokenizer), model_config, data_config.tokenizer, source)
+  if not resuming and (config.init.from_hf or config.init.from_checkpoint):
+    _check_vocab(len(pipeline.tokenizer), init_model_config, data_config.tokenizer, init_source)
   checkpointer = checkpointing.Checkpointer(run_dir.checkpoints, every_steps=config.checkpoint.every_steps,
                                             keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   try:

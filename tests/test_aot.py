@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-from csft_jax import aot, configuration
+pytest.importorskip("libtpu", reason="needs the tpu extra (make test installs it)")
+
+from csft_jax import aot, configuration  # pylint: disable=wrong-import-position
 from tests import REPO_ROOT
 
 

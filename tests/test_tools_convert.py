@@ -48,6 +48,10 @@ def test_training_workdir_exports_to_transformers(tmp_path):
   assert not info["missing_keys"] and not info["unexpected_keys"]
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))  # demo tokenizer travelled along
   assert len(tokenizer) <= model.config.vocab_size
+  # The run's chat template and its stop tokens travelled along too (chatml: <|im_end|>, <|endoftext|>).
+  stops = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+  assert model.generation_config.eos_token_id == stops and model.config.eos_token_id == stops
+  assert (tmp_path / "hf" / "chat_template.jinja").is_file()
   # train.export_hf wrote the same weights at the end of the run.
   assert summary["hf_export"] == os.path.join(workdir, "hf_export")
   at_end, cli = SafetensorsReader(summary["hf_export"]), SafetensorsReader(str(tmp_path / "hf"))

@@ -27,11 +27,11 @@ FLAGS = flags.FLAGS
 
 def tokenizer_and_template(checkpoint: str) -> tuple[str | None, str | None]:
   """The tokenizer directory and chat template name that go with a checkpoint, where known."""
-  converted = os.path.join(checkpoint, "tokenizer")
-  if os.path.isdir(converted):  # tools/convert_from_hf.py output
-    return converted, None
   run_dir = RunDir.containing(checkpoint)
-  return run_dir.data_settings() if run_dir else (None, None)
+  if run_dir is not None:  # a training run: its tokenizer copy and its chat template
+    return run_dir.data_settings()
+  converted = os.path.join(checkpoint, "tokenizer")  # tools/convert_from_hf.py output
+  return (converted if os.path.isdir(converted) else None), None
 
 
 def main(argv: list[str]) -> None:

@@ -30,7 +30,6 @@ from csft_jax.eval import engine
 from csft_jax.models import Decoder
 
 Messages = list[dict[str, str]]
-SHIPPED_SAMPLES = "pkg://csft_jax/assets/eval"
 
 
 class EvalConfigError(ValueError):
@@ -102,7 +101,9 @@ def get_benchmark(name: str) -> Benchmark:
   """The benchmark `name` (a module `csft_jax.eval.<name>` with a `BENCHMARK`)."""
   try:
     module = importlib.import_module(f"csft_jax.eval.{name}")
-  except ModuleNotFoundError:
+  except ModuleNotFoundError as e:
+    if e.name != f"csft_jax.eval.{name}":
+      raise  # the benchmark exists but needs a package that is missing
     module = None
   if module is None or not isinstance(getattr(module, "BENCHMARK", None), Benchmark):
     raise EvalConfigError(f"config.benchmark={name!r}; choose one of {benchmark_names()}.")
