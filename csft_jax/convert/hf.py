@@ -97,8 +97,12 @@ def load_hf(path: str, dtype: str = "float32", *, shardings: Any = None, param_d
   def place(key: tuple, array: np.ndarray) -> jax.Array:
     sharding = flat_shardings.get(key)
     if sharding is None:
-      return jax.device_put(array)  # one copy; jnp.asarray would stage a second, transient one
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+      placed = jax.device_put(array)  # one copy; jnp.asarray would stage a second, transient one
+    else:
+      placed = jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+    # The transfer is asynchronous and keeps `array` alive until it is done: waiting here bounds
+    # the host peak to one buffer in flight, however slow the device or the host is.
+    return placed.block_until_ready()
 
   for rule, layer in param_paths(config, layout):
     name = _hf_name(rule, layer)
