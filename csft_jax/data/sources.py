@@ -6,7 +6,7 @@ file order, so the conversations of a source are deterministic.
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from csft_jax.data.adapters import ADAPTERS, DEFAULT_COLUMNS
@@ -103,15 +103,21 @@ def load_conversations(spec: SourceSpec, on_error: str) -> tuple[list[SourceReco
   Returns:
     The source's records in file order, and its stats so far.
   """
+  stats = SourceStats()
+  return list(iter_conversations(spec, on_error, stats)), stats
+
+
+def iter_conversations(spec: SourceSpec, on_error: str, stats: SourceStats) -> Iterator[SourceRecord]:
+  """`load_conversations` one record at a time (the cache streams sources); counts go to `stats`."""
   if on_error not in ON_ERROR:
     raise DataError(f"config.data.on_error={on_error!r} is not one of {ON_ERROR}")
   adapter = ADAPTERS[spec.format]
-  stats, out = SourceStats(), []
+  kept = 0
   for path in spec.paths:
-    if spec.max_samples is not None and len(out) >= spec.max_samples:
+    if spec.max_samples is not None and kept >= spec.max_samples:
       break
     for item in read_records(spec.name, path, spec.reader, spec.encoding):
-      if spec.max_samples is not None and len(out) >= spec.max_samples:
+      if spec.max_samples is not None and kept >= spec.max_samples:
         break
       stats.records += 1
       try:
@@ -119,7 +125,7 @@ def load_conversations(spec: SourceSpec, on_error: str) -> tuple[list[SourceReco
           raise item
         record, location = item
         try:
-          out.append(SourceRecord(adapter(record, spec.options), record, location))
+          conversation = adapter(record, spec.options)
         except RecordError as e:
           e.location = location
           raise
@@ -129,7 +135,9 @@ def load_conversations(spec: SourceSpec, on_error: str) -> tuple[list[SourceReco
           raise DataError(message + "; fix the record or set config.data.on_error='skip'") from None
         stats.skipped += 1
         stats.first_skip = stats.first_skip or message
-  if not out:
+        continue
+      kept += 1
+      yield SourceRecord(conversation, record, location)
+  if not kept:
     why = f"all {stats.records} records were bad; first: {stats.first_skip}" if stats.records else "no records"
     raise DataError(f"source {spec.name!r}: {why} in {list(spec.paths)}")
-  return out, stats
