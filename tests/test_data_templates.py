@@ -69,3 +69,54 @@ def test_byte_level_demo_tokenizer_has_no_unknown_tokens():
   text = "罕见字：龘靐齉爩 and émoji 🩺"
   ids = demo_tokenizer().backend_tokenizer.encode(text, add_special_tokens=False).ids
   assert demo_tokenizer().decode(ids) == text
+
+
+# Per-model content rules of the MedS-Bench official prompt builder (Evaluation/EvalDataset.py).
+PADDED = [{"role": "system", "content": "\n 3 cases...\n\n"}, {"role": "user", "content": "Input:\nq\nOutput:\n"}]
+
+
+def test_llama3_strips_every_message_content():
+  t = template("llama3")
+  assert t.render_prompt(PADDED) == (
+      "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n3 cases...<|eot_id|>"
+      "<|start_header_id|>user<|end_header_id|>\n\nInput:\nq\nOutput:<|eot_id|>"
+      "<|start_header_id|>assistant<|end_header_id|>\n\n")
+  text, spans = t.render(Conversation(" sys ", (("user", " q\n"), ("assistant", "\n a \n"))))
+  assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nsys<|eot_id|>"
+                  "<|start_header_id|>user<|end_header_id|>\n\nq<|eot_id|>"
+                  "<|start_header_id|>assistant<|end_header_id|>\n\na<|eot_id|>")
+  assert [text[s:e] for s, e in spans] == ["a<|eot_id|>"]
+
+
+def test_llama3_jinja_export_trims_as_the_template_does():
+  import jinja2  # pylint: disable=import-outside-toplevel
+  t = template("llama3")
+  rendered = jinja2.Template(t.jinja()).render(messages=PADDED, add_generation_prompt=True)
+  assert rendered == t.render_prompt(PADDED)
+
+
+def test_internlm2_keeps_contents_as_given():
+  # EvalDataset.build_inputs_for_internlm: no strip; BOS as text when the tokenizer adds none.
+  assert template("internlm2").render_prompt(PADDED) == (
+      "<s><|im_start|>system\n\n 3 cases...\n\n<|im_end|>\n<|im_start|>user\nInput:\nq\nOutput:\n<|im_end|>\n"
+      "<|im_start|>assistant\n")
+
+
+MISTRAL_JINJA = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] + eos_token }}{% else %}{{ raise_exception('no system role') }}{% endif %}{% endfor %}")
+
+
+def test_mistral_folds_the_system_turn_into_the_user_turn():
+  import copy  # pylint: disable=import-outside-toplevel
+  tokenizer = copy.deepcopy(demo_tokenizer())
+  tokenizer.chat_template = MISTRAL_JINJA
+  tokenizer.bos_token, tokenizer.eos_token = "<s>", "</s>"
+  t = load_chat_template("mistral", tokenizer)
+  # EvalDataset.build_inputs_for_mistral: one user message `instruction + "\n" + query`, unstripped.
+  assert t.render_prompt(PADDED) == "<s>[INST] \n 3 cases...\n\n\nInput:\nq\nOutput:\n [/INST]"
+  text, spans = t.render(Conversation("s", (("user", "q"), ("assistant", "a"))))
+  assert text == "<s>[INST] s\nq [/INST]a</s>"
+  assert [text[s:e] for s, e in spans] == ["a</s>"]
+  assert t.name == "mistral"

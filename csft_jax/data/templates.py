@@ -13,6 +13,14 @@ Templates render text plus the character spans the model is trained on
 offsets turns the spans into a per-token loss mask. Rendering whole text and
 tokenizing it once keeps the ids identical to what the template gives at
 inference, which encoding turn by turn would not guarantee.
+
+Per-model rules on message contents, as the models' own templates and the
+MedS-Bench official prompt builder (`Evaluation/EvalDataset.py`) apply them:
+  * `llama3` strips every message's content (Meta's template trims too);
+  * `internlm2` and `chatml` keep contents as given;
+  * `mistral` (the tokenizer's own template) folds the system turn into the
+    first user turn as `system + "\n" + user`, since Mistral-Instruct
+    templates take no system role.
 """
 
 import abc
@@ -25,7 +33,7 @@ import numpy as np
 from csft_jax.data.conversation import ASSISTANT, Conversation
 from csft_jax.data.errors import DataError
 
-TEMPLATE_NAMES = ("hf", "chatml", "internlm2", "llama3")
+TEMPLATE_NAMES = ("hf", "chatml", "internlm2", "llama3", "mistral")
 Spans = list[tuple[int, int]]
 
 
@@ -84,6 +92,7 @@ class MarkupSpec:
   separator: str  # After end_of_turn; not trained.
   eos: str
   special_tokens: tuple[str, ...]  # Must each be one token of the tokenizer.
+  strip_content: bool = False  # Strip each message's content before rendering it.
 
 
 BUILTIN_TEMPLATES = {
@@ -93,7 +102,8 @@ BUILTIN_TEMPLATES = {
                             ("<s>", "<|im_start|>", "<|im_end|>")),
     "llama3": MarkupSpec("<|begin_of_text|>", "<|start_header_id|>{role}<|end_header_id|>\n\n",
                          "<|eot_id|>", "", "<|end_of_text|>",
-                         ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+                         ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+                         strip_content=True),
 }
 
 
@@ -114,13 +124,17 @@ class MarkupTemplate(ChatTemplate):
     super().__init__(name, tokenizer, stops)
     self.spec = spec
 
+  def _content(self, text: str) -> str:
+    return text.strip() if self.spec.strip_content else text
+
   def render(self, conversation: Conversation) -> tuple[str, Spans]:
     s = self.spec
     parts = [s.bos]
     if conversation.system:
-      parts.append(f"{s.header.format(role='system')}{conversation.system}{s.end_of_turn}{s.separator}")
+      parts.append(f"{s.header.format(role='system')}{self._content(conversation.system)}{s.end_of_turn}{s.separator}")
     spans, length = [], len(parts[0]) + (len(parts[1]) if conversation.system else 0)
     for role, text in conversation.turns:
+      text = self._content(text)
       head = s.header.format(role=role)
       if role == ASSISTANT:
         start = length + len(head)
@@ -136,13 +150,14 @@ class MarkupTemplate(ChatTemplate):
     s = self.spec
     before, after = (json.dumps(part) for part in s.header.split("{role}"))
     end = json.dumps(s.end_of_turn + s.separator)
+    content = "(message['content'] | trim)" if s.strip_content else "message['content']"
     return (f"{{{{ {json.dumps(s.bos)} }}}}{{% for message in messages %}}{{{{ {before} + message['role'] + {after} + "
-            f"message['content'] + {end} }}}}{{% endfor %}}{{% if add_generation_prompt %}}"
+            f"{content} + {end} }}}}{{% endfor %}}{{% if add_generation_prompt %}}"
             f"{{{{ {before} + 'assistant' + {after} }}}}{{% endif %}}")
 
   def render_prompt(self, messages: Sequence[dict[str, str]]) -> str:
     s = self.spec
-    body = "".join(f"{s.header.format(role=m['role'])}{m['content']}{s.end_of_turn}{s.separator}"
+    body = "".join(f"{s.header.format(role=m['role'])}{self._content(m['content'])}{s.end_of_turn}{s.separator}"
                    for m in messages)
     return f"{s.bos}{body}{s.header.format(role=ASSISTANT)}"
 
@@ -196,10 +211,36 @@ class HFTemplate(ChatTemplate):
     return self._apply(messages, generation_prompt=True)
 
 
+class SystemFoldedTemplate(HFTemplate):
+  """The tokenizer's own template with the system turn folded into the first user turn.
+
+  `system + "\n" + user`, as MedS-Bench's `build_inputs_for_mistral` builds its single
+  user message; Mistral-Instruct templates reject or misplace a system role.
+  """
+
+  def __init__(self, tokenizer):
+    super().__init__(tokenizer)
+    self.name = "mistral"
+
+  def _apply(self, messages, generation_prompt: bool) -> str:
+    return super()._apply(fold_system_turn(messages), generation_prompt)
+
+
+def fold_system_turn(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+  """[system s, user u, ...] -> [user s + "\n" + u, ...]; other lists unchanged."""
+  messages = [dict(m) for m in messages]
+  if len(messages) >= 2 and messages[0]["role"] == "system" and messages[1]["role"] == "user":
+    system = messages.pop(0)
+    messages[0]["content"] = system["content"] + "\n" + messages[0]["content"]
+  return messages
+
+
 def load_chat_template(name: str, tokenizer) -> ChatTemplate:
   """Returns the chat template `name` (one of TEMPLATE_NAMES) for `tokenizer`."""
   if name == "hf":
     return HFTemplate(tokenizer)
+  if name == "mistral":
+    return SystemFoldedTemplate(tokenizer)
   if name not in BUILTIN_TEMPLATES:
     raise DataError(f"config.data.chat_template={name!r} is not one of {TEMPLATE_NAMES}")
   return MarkupTemplate(name, tokenizer, BUILTIN_TEMPLATES[name])
