@@ -126,6 +126,12 @@ def activation_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_R
     _ACTIVE.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+  """The mesh of the enclosing `activation_sharding` (None outside it), for kernels run per shard."""
+  active = _ACTIVE.get()
+  return None if active is None else active[0]
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """`with_sharding_constraint` by logical names; a no-op outside `activation_sharding`."""
   active = _ACTIVE.get()

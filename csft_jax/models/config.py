@@ -16,7 +16,7 @@ from ml_collections import config_dict
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "internlm2")
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "bfloat16"
   attention_impl: str = "xla"
+  attention_block_q: int = 128  # tile sizes of the blockwise and splash kernels
+  attention_block_kv: int = 128
   remat_policy: str = "none"
   scan_layers: bool = True
 
@@ -68,6 +70,9 @@ class ModelConfig:
     if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(
           f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLEMENTATIONS}.")
+    if self.attention_block_q <= 0 or self.attention_block_kv <= 0:
+      raise ValueError(f"attention_block_q={self.attention_block_q}, attention_block_kv={self.attention_block_kv}: "
+                       "tile sizes must be positive (128 is a good start).")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}.")
     if isinstance(self.rope_scaling, dict):
@@ -161,7 +166,8 @@ ARCHITECTURE_FIELDS = {
     "tie_embeddings": bool, "sliding_window": int,
 }
 # Fields that may differ between a checkpoint and the run that loads it (how it runs, not what it is).
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl", "attention_block_q",
+                  "attention_block_kv")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -179,6 +185,8 @@ def default_config() -> ml_collections.ConfigDict:
       remat_policy="none",  # one of REMAT_POLICIES
       scan_layers=True,
       attention_impl="xla",  # one of ATTENTION_IMPLEMENTATIONS
+      attention_block_q=128,  # blockwise / splash tile sizes
+      attention_block_kv=128,
   ))
 
 

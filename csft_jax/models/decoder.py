@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from csft_jax.models.attention import attend, attention_mask
+from csft_jax.models.attention import AttentionMask, attend
 from csft_jax.models.config import ModelConfig
 from csft_jax.models.rope import apply_rope, inverse_frequencies
 from csft_jax.sharding import constrain
@@ -95,7 +95,7 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: AttentionMask,
                cache_k: jax.Array | None, cache_v: jax.Array | None, cache_end: jax.Array | None):
     """Returns (output, this call's keys, this call's values); the cache arrays are only read."""
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -111,7 +111,8 @@ class Attention(nnx.Module):
       # so a decode step never copies the whole cache.
       k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_end, 0, 0)).astype(q.dtype)
       v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_end, 0, 0)).astype(q.dtype)
-    out = attend(q, k, v, mask, implementation=self.config.attention_impl)
+    out = attend(q, k, v, mask, implementation=self.config.attention_impl, block_q=self.config.attention_block_q,
+                 block_kv=self.config.attention_block_kv)
     return self.o_proj(out), new_k, new_v
 
 
@@ -219,15 +220,15 @@ class Decoder(nnx.Module):
       segment_ids = jnp.ones((batch, length), jnp.int32)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    q_index = jnp.arange(length, dtype=jnp.int32)
     if cache is None:
-      mask = attention_mask(segment_ids, segment_ids, q_index, q_index, config.sliding_window)
+      mask = AttentionMask.causal(segment_ids, config.sliding_window)
       cache_k = cache_v = cache_end = None
     else:
       kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                  (0, cache.end))
       kv_index = jnp.arange(cache.segment_ids.shape[1], dtype=jnp.int32)
-      mask = attention_mask(segment_ids, kv_segments, cache.end + q_index, kv_index, config.sliding_window)
+      q_index = cache.end + jnp.arange(length, dtype=jnp.int32)
+      mask = AttentionMask(segment_ids, kv_segments, q_index, kv_index, config.sliding_window)
       cache_k, cache_v, cache_end = cache.k, cache.v, cache.end
 
     x = jnp.take(self.embed.embedding[...], input_ids, axis=0).astype(jnp.dtype(config.dtype))
