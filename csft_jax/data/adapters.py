@@ -20,6 +20,7 @@ import string
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from csft_jax.data import meds_ins
 from csft_jax.data.conversation import ASSISTANT, SYSTEM, USER, Conversation, from_messages
 from csft_jax.data.errors import RecordError
 
@@ -200,4 +201,5 @@ def _render_value(value: Any, separator: str) -> str:
 ADAPTERS: dict[str, Adapter] = {
     "alpaca": alpaca, "sharegpt": sharegpt, "messages": messages, "columns": columns,
     "inline_multiturn": inline_multiturn, "mcq": mcq, "template": template,
+    "meds_ins": meds_ins.adapt,
 }

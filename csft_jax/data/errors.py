@@ -30,3 +30,11 @@ class RecordError(ValueError):
   def __init__(self, message: str, location: Location | None = None):
     super().__init__(message)
     self.location = location
+
+
+class RecordLeftOut(Exception):
+  """A record that a source's own options leave out on purpose (e.g. meds_ins `split_types`).
+
+  Not an error: the loader counts it in `SourceStats.left_out`, and fails only when a source's
+  options leave out every record.
+  """

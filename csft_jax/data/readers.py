@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from csft_jax.configuration import resolve_path
+from csft_jax.data import meds_ins
 from csft_jax.data.errors import DataError, Location, RecordError
 
-READERS = ("auto", "json", "jsonl", "csv", "parquet")
+READERS = ("auto", "json", "jsonl", "csv", "parquet", "meds_ins")
 _EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 # Tried in this order to suggest `encoding=` when a file does not decode.
 _ENCODING_CANDIDATES = ("utf-8", "gb18030", "utf-16", "big5")
@@ -70,7 +71,8 @@ def read_records(source: str, path: str, reader: str, encoding: str) -> Iterator
     source: source name, for errors.
     path: the file.
     reader: one of READERS; "auto" picks by extension and, for .json, by
-      content (a file starting with '{' is read as JSON lines).
+      content (a file starting with '{' is read as JSON lines); "meds_ins"
+      expands a MedS-Ins task file into its instances (`csft_jax.data.meds_ins`).
     encoding: text encoding of JSON/JSONL/CSV files.
   """
   if reader not in READERS:
@@ -88,7 +90,9 @@ def read_records(source: str, path: str, reader: str, encoding: str) -> Iterator
   text = _decode(source, path, encoding)
   if reader == "json" and text.lstrip()[:1] == "{":
     reader = "jsonl"  # Common in the wild: JSON lines in a file named .json.
-  if reader == "json":
+  if reader == "meds_ins":
+    yield from meds_ins.read_task_file(source, path, text)
+  elif reader == "json":
     yield from _read_json_list(source, path, text)
   elif reader == "jsonl":
     yield from _read_jsonl(path, text)

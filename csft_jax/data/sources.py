@@ -11,7 +11,7 @@ from typing import Any
 
 from csft_jax.data.adapters import ADAPTERS, DEFAULT_COLUMNS
 from csft_jax.data.conversation import Conversation
-from csft_jax.data.errors import DataError, Location, RecordError
+from csft_jax.data.errors import DataError, Location, RecordError, RecordLeftOut
 from csft_jax.data.readers import read_records, resolve_paths
 
 ON_ERROR = ("raise", "skip")
@@ -43,6 +43,8 @@ class SourceStats:
   tokens: int = 0  # Tokens of the kept examples.
   loss_tokens: int = 0  # Trained (assistant) tokens of the kept examples.
   first_skip: str | None = None  # The first skipped record's error, to show people.
+  left_out: int = 0  # Records the source's options leave out (e.g. meds_ins split_types).
+  first_left_out: str | None = None  # Why the first of them was left out.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +79,7 @@ def parse_sources(sources_config) -> list[SourceSpec]:
     max_samples = cfg.get("max_samples")
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
       raise DataError(f"{where}.max_samples={max_samples!r}: must be a positive integer or None")
-    columns = dict(DEFAULT_COLUMNS[cfg.format])
+    columns = dict(DEFAULT_COLUMNS.get(cfg.format, {}))
     user_columns = cfg.get("columns") or {}
     columns.update(user_columns.to_dict() if hasattr(user_columns, "to_dict") else user_columns)
     options = {k: v for k, v in cfg.items() if k not in ("path", "format", "weight", "max_samples",
@@ -129,6 +131,10 @@ def iter_conversations(spec: SourceSpec, on_error: str, stats: SourceStats) -> I
         except RecordError as e:
           e.location = location
           raise
+        except RecordLeftOut as e:
+          stats.left_out += 1
+          stats.first_left_out = stats.first_left_out or str(e)
+          continue
       except RecordError as e:
         message = f"source {spec.name!r}, {e.location}: {e} (format {spec.format!r})"
         if on_error == "raise":
@@ -140,4 +146,7 @@ def iter_conversations(spec: SourceSpec, on_error: str, stats: SourceStats) -> I
       yield SourceRecord(conversation, record, location)
   if not kept:
     why = f"all {stats.records} records were bad; first: {stats.first_skip}" if stats.records else "no records"
+    if stats.left_out:
+      why = (f"the source's options leave out {stats.left_out} of its {stats.records} records and"
+             f" {stats.skipped} were bad; first left out: {stats.first_left_out}")
     raise DataError(f"source {spec.name!r}: {why} in {list(spec.paths)}")
