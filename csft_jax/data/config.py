@@ -29,6 +29,8 @@ def default_config() -> ml_collections.ConfigDict:
       chat_template="chatml",  # hf | chatml | internlm2 | llama3
       seed=0,
       val_fraction=0.0,  # Held-out fraction of each source for eval loss.
+      cache="off",  # off (tokenize at every start) | auto (build the cache if absent or stale) | require
+      cache_dir="",  # Tokenize-once cache (`python -m csft_jax.data.prepare`); see csft_jax/data/cache.py.
   ))
 
 

@@ -14,6 +14,12 @@ global batch k is the k-th row of row stream r, which packs only mixture
 elements r, r + B, r + 2B, ... (B = global batch size); a process reads and
 packs only the streams of its own rows, and its batch is rows
 [p * b, (p + 1) * b) of the single-process global batch (b = B / processes).
+
+With `config.data.cache` = "require" (or "auto") the sources come from the tokenize-once
+cache (`csft_jax.data.cache`) instead: start-up reads the manifest and opens one Grain
+ArrayRecord data source per source, and examples are read by random access, so start-up
+time and memory do not grow with the collection. The batches are bitwise the same as
+without the cache (same examples in the same order, same split, same mixture).
 """
 
 import math
@@ -24,20 +30,24 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from csft_jax.data import cache
 from csft_jax.data.errors import DataError
 from csft_jax.data.examples import TokenizedSource, split_validation, tokenize_source
 from csft_jax.data.mixture import block_counts, mix_sources, mixture_weights
 from csft_jax.data.packing import PACKINGS, ROW_KEYS, TrainingExample, packed_rows, padded_rows, stack_rows
-from csft_jax.data.sources import SourceStats, load_conversations, parse_sources
+from csft_jax.data.sources import SourceSpec, SourceStats, load_conversations, parse_sources
 from csft_jax.data.templates import ChatTemplate, load_chat_template
 from csft_jax.data.tokenizer import load_tokenizer
 
 
+Source = TokenizedSource | cache.CachedSource
+
+
 class DataPipeline:
-  """Loads every source once; builds train and val batches from them."""
+  """Loads every source once (or opens its cache); builds train and val batches from them."""
 
   def __init__(self, data_config: ml_collections.ConfigDict):
-    """Reads, adapts and tokenizes all sources; raises `DataError` on bad data.
+    """Reads, adapts and tokenizes all sources, or opens their cache; raises `DataError` on bad data.
 
     Args:
       data_config: `config.data` (see `csft_jax.data.config.default_config`).
@@ -50,16 +60,16 @@ class DataPipeline:
     if not data_config.tokenizer:
       raise DataError("config.data.tokenizer is not set: name a tokenizer directory (the trainer takes "
                       "config.init.from_hf's when it is empty)")
+    if data_config.cache not in cache.CACHE_MODES:
+      raise DataError(f"config.data.cache={data_config.cache!r} is not one of {cache.CACHE_MODES}")
     specs = parse_sources(data_config.sources)
     self.tokenizer = load_tokenizer(data_config.tokenizer)
     self.template: ChatTemplate = load_chat_template(data_config.chat_template, self.tokenizer)
     self.source_names: list[str] = [s.name for s in specs]
-    self.train_sources: list[TokenizedSource] = []
-    self.val_sources: list[TokenizedSource | None] = []
-    for i, spec in enumerate(specs):
-      records, stats = load_conversations(spec, data_config.on_error)
-      source = tokenize_source(spec.name, records, stats, self.template,
-                               data_config.seq_len, data_config.overlong)
+    self.train_sources: list[Source] = []
+    self.val_sources: list[Source | None] = []
+    sources = self._tokenized_sources(specs) if data_config.cache == "off" else _cached_sources(data_config, specs)
+    for i, source in enumerate(sources):
       train, val = split_validation(source, data_config.val_fraction, data_config.seed, i)
       self.train_sources.append(train)
       self.val_sources.append(val)
@@ -67,6 +77,11 @@ class DataPipeline:
         data_config.mixing, self.source_names, [len(s) for s in self.train_sources],
         [s.weight for s in specs], data_config.temperature)
     self.block_counts = block_counts(self.weights, data_config.mixture_block, self.source_names)
+
+  def _tokenized_sources(self, specs: Sequence[SourceSpec]):
+    for spec in specs:
+      records, stats = load_conversations(spec, self.config.on_error)
+      yield tokenize_source(spec.name, records, stats, self.template, self.config.seq_len, self.config.overlong)
 
   @property
   def stats(self) -> list[SourceStats]:
@@ -85,9 +100,22 @@ class DataPipeline:
 
   def examples(self) -> grain.MapDataset:
     """The infinite mixed stream of unpacked training examples."""
-    sources = [grain.MapDataset.source(list(zip(s.token_ids, s.loss_masks))).map(TrainingExample(i))
-               for i, s in enumerate(self.train_sources)]
+    sources = [_source_dataset(s, i) for i, s in enumerate(self.train_sources)]
     return mix_sources(sources, self.block_counts, self.config.seed)
+
+  def train_example(self, source_index: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(token_ids, loss_mask) of training example `index` of a source, in source order."""
+    source = self.train_sources[source_index]
+    if isinstance(source, cache.CachedSource):
+      return source[index]
+    return source.token_ids[index], source.loss_masks[index]
+
+  def train_lengths(self, source_index: int) -> np.ndarray:
+    """Tokens per training example of a source."""
+    source = self.train_sources[source_index]
+    if isinstance(source, cache.CachedSource):
+      return np.asarray(source.lengths)
+    return np.fromiter((len(t) for t in source.token_ids), dtype=np.int64, count=len(source))
 
   def train_dataset(self, global_batch_size: int, process_index: int = 0,
                     process_count: int = 1) -> grain.IterDataset:
@@ -113,8 +141,7 @@ class DataPipeline:
     order; the last batch is filled with empty rows (loss_mask 0).
     """
     rows_of_process = _process_rows(global_batch_size, process_index, process_count)
-    sources = [grain.MapDataset.source(list(zip(s.token_ids, s.loss_masks))).map(TrainingExample(i))
-               for i, s in enumerate(self.val_sources) if s is not None]
+    sources = [_source_dataset(s, i) for i, s in enumerate(self.val_sources) if s is not None]
     if not sources:
       return []
     rows = list(self._rows(grain.MapDataset.concatenate(sources)))
@@ -155,6 +182,33 @@ class DataPipeline:
     rows = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
             for line in lines]
     return "\n".join([title] + rows)
+
+
+def _source_dataset(source: Source, source_index: int) -> grain.MapDataset:
+  """A source's examples as (token_ids, loss_mask) -> unpacked row features."""
+  if isinstance(source, cache.CachedSource):
+    examples = grain.MapDataset.source(source)  # Random access into the ArrayRecord shards.
+  else:
+    examples = grain.MapDataset.source(list(zip(source.token_ids, source.loss_masks)))
+  return examples.map(TrainingExample(source_index))
+
+
+def _cached_sources(data_config: ml_collections.ConfigDict, specs: Sequence[SourceSpec]) -> list[cache.CachedSource]:
+  """The sources from the cache; under cache="auto" an absent or stale cache is built first."""
+  if not data_config.cache_dir:
+    raise DataError(f"config.data.cache={data_config.cache!r} needs config.data.cache_dir: name the directory"
+                    " of the tokenized cache (or set config.data.cache='off')")
+  try:
+    manifest = cache.open_cache(data_config, specs)
+  except cache.CacheError as e:
+    if data_config.cache != "auto":
+      raise
+    import jax  # pylint: disable=import-outside-toplevel
+    from csft_jax.data import prepare  # pylint: disable=import-outside-toplevel
+    logging.warning("building the data cache (config.data.cache='auto'): %s", e)
+    manifest = prepare.prepare(data_config, process_index=jax.process_index(), process_count=jax.process_count(),
+                               wait=True)
+  return [cache.cached_source(data_config.cache_dir, manifest, spec.name) for spec in specs]
 
 
 def _process_rows(global_batch_size: int, process_index: int, process_count: int) -> range:
