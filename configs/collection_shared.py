@@ -16,9 +16,10 @@ def get_data_config() -> ml_collections.ConfigDict:
   """Returns `config.data` mixing the shared collection by n_i ** (1/2)."""
   data = default_config()
   data.sources = ml_collections.ConfigDict(dict(
+      # As CollectiveSFT's cmeddialogue_to_sft.py maps it: title + "\n" + ask -> answer.
       cmeddialogue=source_config(
-          f"{COLLECTION}/cmeddialogue/sample_IM_5000-6000.csv", "columns",
-          encoding="gb18030", columns={"user": "ask", "assistant": "answer"}),
+          f"{COLLECTION}/cmeddialogue/sample_IM_5000-6000.csv", "alpaca",
+          encoding="gb18030", columns={"instruction": "title", "input": "ask", "output": "answer"}),
       medicalgpt_sft=source_config(f"{COLLECTION}/medicalgpt_sft/medical_sft_1K_format.jsonl", "sharegpt"),
       huatuo_cmekg=source_config(f"{COLLECTION}/huatuo_cmekg/llama_data.json", "alpaca"),
       huatuo_liver_cancer=source_config(

@@ -1,13 +1,26 @@
 """CollectiveSFT recipe: full fine-tune of InternLM2.5-7B on the 12-source medical collection.
 
-Published settings (Zhu et al., 2024, trained with LLaMA-Factory): cutoff 1024, lr 2e-5, 3 epochs,
-cosine schedule, warmup ratio 0.05, bf16, per-device batch 16 x gradient accumulation 2 on 8 GPUs
-(global batch 256 sequences), the 12 sources concatenated (= proportional mixing).
+Published settings (Zhu et al., 2024, CollectiveSFT's train/collectivesft.yaml, LLaMA-Factory
+v0.8.3): template intern2, cutoff 1024, max_samples 1000, val_size 0.1, lr 2e-5, 3 epochs, cosine
+schedule, warmup ratio 0.05, bf16, per-device batch 16 x gradient accumulation 2 on 8 GPUs, the 12
+sources concatenated (= proportional mixing), no packing. Two variants (`variant=`):
+
+  paper  what the yaml ran: the first 1000 records of each source, 10% of each held out (LLaMA-
+         Factory holds out 10% of the concatenation at random), one example per padded row and
+         256 examples per optimizer step (16 x 2 x 8 GPUs, whatever the mesh preset), each example
+         rendered with LLaMA-Factory's intern2 template (chat_template=llamafactory_intern2:
+         efficient_eos labels) and cut to 1024 tokens by its infer_seqlen (overlong=infer_seqlen).
+         12 x 900 training examples: about 42 steps an epoch.
+  full   all records, 0.2% held out, packed rows of 1024 tokens, 64 rows per step: about the
+         paper's 256 examples per step, as the collection packs about 4 examples into a row. The
+         run's first log lines (mixture table, steps per epoch) give the real count; scale
+         `--config.train.global_batch_size` (rows) to keep 256 examples per step on other data.
 
   python -m csft_jax.train --workdir=W \
       --config=configs/collectivesft_internlm2_5_7b.py:mesh=8xh100,model_dir=/models/internlm2_5-7b,data_dir=/data/csft
 
 The argument is `k=v` pairs separated by commas (a bare name means `mesh=`):
+  variant   `paper` (the default) or `full`, above;
   mesh      a preset (mesh + gradient accumulation, see MESH_PRESETS): v5p-8, v4-16, v5e-16, v6e-8 or
             8xh100 (the default);
   sources   `collection` (the default) or `cmb_only` (the single-source arm of experiments/mixture_ablation.py);
@@ -26,8 +39,8 @@ import ml_collections
 from configs import base
 from csft_jax.data.config import source_config
 
-# Each preset: the mesh (FSDP over every device) and the gradient accumulation that makes the
-# recipe's global batch of 256 sequences fit, checked with `--compile_for=<preset>` (GiB per device,
+# Each preset: the mesh (FSDP over every device) and the gradient accumulation that makes a global
+# batch of 256 rows of 1024 tokens (the paper variant's) fit, checked with `--compile_for=<preset>` (GiB per device,
 # total of 90% of HBM allowed; tools/bench_memory.py measures all of them):
 #   v5p-8  4 devices x 95 GiB, accum 2:  77.1
 #   v4-16  8 devices x 32 GiB, accum 16: 26.8. v4-8 cannot hold a 7B full fine-tune: 4 x 32 GiB
@@ -35,7 +48,8 @@ from csft_jax.data.config import source_config
 #   v5e-16 16 devices x 16 GiB, accum 16: 13.5. v5e-8 cannot: 10.8 GiB of state per 16 GiB chip
 #          leave too little for gradients and activations (40.7 at accum 2).
 #   v6e-8  8 devices x 32 GiB, accum 16: 26.4
-# 8xh100 is the paper's setup (8 GPUs, per-device batch 16 x accum 2); not compiled here.
+# 8xh100 is the paper's setup (8 GPUs, per-device batch 16 x accum 2); not compiled here. The full
+# variant's 64 rows take a quarter of the accumulation (at least 1): no more rows per device.
 MESH_PRESETS = {
     "v5p-8": (dict(data=1, fsdp=4, tensor=1), 2),
     "v4-16": (dict(data=1, fsdp=8, tensor=1), 16),
@@ -44,12 +58,17 @@ MESH_PRESETS = {
     "8xh100": (dict(data=1, fsdp=8, tensor=1), 2),
 }
 
-# The 12 sources of CollectiveSFT, as prepared for LLaMA-Factory (Alpaca JSON), except CMB-train
-# (raw CMB exam items, rendered as the paper did) and cmeddialogue (the original GB18030 CSV).
+PAPER_EXAMPLES_PER_STEP = 256  # 16 per device x 2 accumulation x 8 GPUs
+PAPER_MAX_SAMPLES = 1000
+FULL_ROWS_PER_STEP = 64  # packed rows of ~4 examples: ~PAPER_EXAMPLES_PER_STEP examples
+
+# The 12 sources of CollectiveSFT, as its preprocess/*.py prepare them for LLaMA-Factory (Alpaca
+# JSON), except CMB-train (raw CMB exam items, rendered as cmb_to_sft.py does) and cmeddialogue
+# (the original GB18030 CSVs, mapped as cmeddialogue_to_sft.py maps them).
+CMEDDIALOGUE_COLUMNS = {"instruction": "title", "input": "ask", "output": "answer"}
 SOURCES = {
     "cmb": ("cmb/CMB-train-merge.json", "mcq", {}),
-    "cmeddialogue": ("cmeddialogue", "columns",
-                     dict(encoding="gb18030", columns={"user": "ask", "assistant": "answer"})),
+    "cmeddialogue": ("cmeddialogue", "alpaca", dict(encoding="gb18030", columns=CMEDDIALOGUE_COLUMNS)),
     "cmedqa2": ("cmedqa2.json", "alpaca", {}),
     "cmid": ("cmid.json", "alpaca", {}),
     "discmed": ("discmed.json", "alpaca", {}),
@@ -64,17 +83,19 @@ SOURCES = {
 
 
 def parse_arg(arg: str | None, *, model_dir: str) -> dict[str, str]:
-  """`mesh=v5p-8,sources=cmb_only,model_dir=M,data_dir=D` (a bare name is a mesh) -> options."""
-  return base.parse_arg(arg, {"mesh": "8xh100", "sources": "collection", "model_dir": model_dir,
+  """`variant=full,mesh=v5p-8,sources=cmb_only,model_dir=M,data_dir=D` (a bare name is a mesh) -> options."""
+  return base.parse_arg(arg, {"variant": "paper", "mesh": "8xh100", "sources": "collection", "model_dir": model_dir,
                               "data_dir": "data/collectivesft"},
                         where="the CollectiveSFT recipe", bare="mesh",
-                        choices={"mesh": tuple(MESH_PRESETS), "sources": ("collection", "cmb_only")})
+                        choices={"variant": ("paper", "full"), "mesh": tuple(MESH_PRESETS),
+                                 "sources": ("collection", "cmb_only")})
 
 
 def recipe(arg: str | None, *, model_preset: str, model_dir: str, chat_template: str,
            vocab_size: int) -> ml_collections.ConfigDict:
   """The CollectiveSFT recipe for one base model (shared by the configs of each model size)."""
   options = parse_arg(arg, model_dir=model_dir)
+  paper = options["variant"] == "paper"
   config = base.get_config()
 
   # Architecture comes from the HF checkpoint in init.from_hf; these are runtime choices.
@@ -86,19 +107,24 @@ def recipe(arg: str | None, *, model_preset: str, model_dir: str, chat_template:
   data = config.data
   root = options["data_dir"]
   names = ["cmb"] if options["sources"] == "cmb_only" else list(SOURCES)
+  cap = dict(max_samples=PAPER_MAX_SAMPLES) if paper else {}
   data.sources = ml_collections.ConfigDict(
-      {name: source_config(f"{root}/{SOURCES[name][0]}", SOURCES[name][1], **SOURCES[name][2]) for name in names})
+      {name: source_config(f"{root}/{SOURCES[name][0]}", SOURCES[name][1], **SOURCES[name][2], **cap)
+       for name in names})
   data.mixing = "proportional"  # the paper concatenated the sources
   data.seq_len = 1024  # LLaMA-Factory cutoff_len
-  data.overlong = "truncate"
+  data.overlong = "infer_seqlen"
   data.tokenizer = ""  # empty: the tokenizer of init.from_hf, the model's own (needs tokenizer.json)
   data.chat_template = chat_template
-  data.val_fraction = 0.002
+  data.packing = "padded" if paper else "packed"
+  data.val_fraction = 0.1 if paper else 0.002
 
   mesh, grad_accum_steps = MESH_PRESETS[options["mesh"]]
+  rows = PAPER_EXAMPLES_PER_STEP if paper else FULL_ROWS_PER_STEP
+  grad_accum_steps = max(1, grad_accum_steps * rows // PAPER_EXAMPLES_PER_STEP)
   config.mesh.update(mesh)
   config.optim.update(lr=2e-5, b2=0.999, weight_decay=0.0, warmup_fraction=0.05, min_lr_ratio=0.0)
-  config.train.update(num_epochs=3.0, global_batch_size=256, grad_accum_steps=grad_accum_steps, log_every=10,
+  config.train.update(num_epochs=3.0, global_batch_size=rows, grad_accum_steps=grad_accum_steps, log_every=10,
                       eval_every=500, export_hf="hf_export")
   config.checkpoint.update(every_steps=500, keep=3)
   config.init.from_hf = options["model_dir"]
@@ -108,4 +134,4 @@ def recipe(arg: str | None, *, model_preset: str, model_dir: str, chat_template:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the recipe for InternLM2.5-7B; see the module docstring for `arg`."""
   return recipe(arg, model_preset="internlm2_5_7b", model_dir="checkpoints/internlm2_5-7b",
-                chat_template="internlm2", vocab_size=92544)
+                chat_template="llamafactory_intern2", vocab_size=92544)

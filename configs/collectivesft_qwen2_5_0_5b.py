@@ -1,7 +1,9 @@
 """The CollectiveSFT recipe on Qwen2.5-0.5B: the small end of the model-size axis.
 
-Same data, schedule and arguments as `configs/collectivesft_internlm2_5_7b.py` (see it), with
-Qwen2.5-0.5B's checkpoint, tokenizer and chat template.
+Same data, schedule, variants (`paper`, `full`) and arguments as
+`configs/collectivesft_internlm2_5_7b.py` (see it), with Qwen2.5-0.5B's checkpoint, tokenizer and
+chat template (chatml; LLaMA-Factory's `intern2` needs InternLM2's tokens). Over-long examples are
+cut by LLaMA-Factory's infer_seqlen all the same.
 
   python -m csft_jax.train --config=configs/collectivesft_qwen2_5_0_5b.py:mesh=v5p-8,model_dir=/models/Qwen2.5-0.5B \
       --workdir=W

@@ -33,6 +33,29 @@ def test_columns_adapter_reads_gb18030_cmeddialogue_csv():
   assert first.location.line == 2 and records[1].location.line == 3
 
 
+def test_cmeddialogue_as_collectivesft_maps_it_title_then_ask():
+  """cmeddialogue_to_sft.py: instruction=title, input=ask, output=answer; LLaMA-Factory joins with a newline."""
+  (first,) = _first(f"{COLLECTION}/cmeddialogue/sample_IM_5000-6000.csv", "alpaca", max_samples=1,
+                    encoding="gb18030", columns={"instruction": "title", "input": "ask", "output": "answer"})
+  assert first.conversation.turns[0] == (
+      "user", "高血压患者能吃党参吗？\n我有高血压这两天女婿来的时候给我拿了些党参泡水喝，您好高血压可以吃党参吗？")
+
+
+@pytest.mark.parametrize("instruction, extra, user", [
+    ("请回答。", "头痛怎么办？", "请回答。\n头痛怎么办？"),
+    ("", "头痛怎么办？", "头痛怎么办？"),  # aligner.py skips an empty instruction: no leading newline
+    ("头痛怎么办？", "", "头痛怎么办？"),
+    ("头痛怎么办？", None, "头痛怎么办？"),
+    ("a\n", "\nb", "a\n\n\nb"),  # nothing is stripped
+])
+def test_alpaca_joins_non_empty_instruction_and_input_like_llamafactory(tmp_path, instruction, extra, user):
+  record = {"instruction": instruction, "output": "注意休息。", **({} if extra is None else {"input": extra})}
+  path = tmp_path / "a.jsonl"
+  path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+  (only,) = _first(str(path), "alpaca")
+  assert only.conversation.turns == (("user", user), ("assistant", "注意休息。"))
+
+
 def test_sharegpt_adapter_on_medicalgpt():
   (first,) = _first(f"{COLLECTION}/medicalgpt_sft/medical_sft_1K_format.jsonl", "sharegpt", max_samples=1)
   roles = [r for r, _ in first.conversation.turns]
@@ -65,15 +88,17 @@ def test_template_adapter_renders_cmekg_triples():
   assert len(answer.splitlines()) == len(first.record["spo_list"])
 
 
-def test_mcq_adapter_renders_cmb_items_like_collectivesft(tmp_path):
+def test_mcq_adapter_renders_cmb_items_as_cmb_to_sft(tmp_path):
+  """cmb_to_sft.py: instruction ends '。\\n\\n', input = question + one 'X: text\\n' per sorted option
+  (empty ones kept), output '答案是X。'; LLaMA-Factory joins instruction and input with '\\n'."""
   item = {"exam_type": "医师考试", "exam_class": "规培结业", "exam_subject": "临床病理科",
-          "question": "下列哪项是癌前病变？", "option": {"A": "肠化生", "B": "炎性息肉", "C": "", "D": "增生"},
+          "question": "下列哪项是癌前病变？", "option": {"B": "炎性息肉", "A": "肠化生", "D": "增生", "C": ""},
           "answer": "A", "explanation": "肠化生可进展为癌。"}
   path = tmp_path / "cmb.json"
   path.write_text(json.dumps([item], ensure_ascii=False), encoding="utf-8")
   (plain,) = _first(str(path), "mcq")
   assert plain.conversation.turns == (
-      ("user", "该问题源自医师考试，面向规培结业中的临床病理科。下列哪项是癌前病变？\nA. 肠化生\nB. 炎性息肉\nD. 增生"),
+      ("user", "该问题源自医师考试，面向规培结业中的临床病理科。\n\n\n下列哪项是癌前病变？\nA: 肠化生\nB: 炎性息肉\nC: \nD: 增生\n"),
       ("assistant", "答案是A。"))
   (explained,) = _first(str(path), "mcq", with_explanation=True)
   assert explained.conversation.turns[1][1] == "肠化生可进展为癌。所以答案是A。"

@@ -8,10 +8,14 @@ malformed field. Formats:
   alpaca            instruction/input/output, optional system and history
   sharegpt          conversations: [{from, value}]
   messages          OpenAI-style messages: [{role, content}]
-  columns           one Q/A pair from table columns (e.g. cmeddialogue CSV)
+  columns           one Q/A pair from table columns
   inline_multiturn  earlier turns inlined as " <user>: .. <bot>: .."
-  mcq               CMB-style exam items, rendered as CollectiveSFT did
+  mcq               CMB exam items, rendered as CollectiveSFT's preprocess/cmb_to_sft.py does
   template          structured records through user/assistant templates
+
+The Alpaca join is LLaMA-Factory's (`aligner.py`): the non-empty ones of instruction and input,
+joined by "\n". CollectiveSFT's cmeddialogue source is `alpaca` with columns
+{"instruction": "title", "input": "ask", "output": "answer"}, as its cmeddialogue_to_sft.py maps them.
 """
 
 import json
@@ -40,7 +44,7 @@ DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
 _SHAREGPT_ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT,
                    "bot": ASSISTANT, "system": SYSTEM}
 _INLINE_TURN = re.compile(r"\s*<(user|bot)>:\s*")
-MCQ_HEADER = "该问题源自{exam_type}，面向{exam_class}中的{exam_subject}。"
+MCQ_INSTRUCTION = "该问题源自{exam_type}，面向{exam_class}中的{exam_subject}。\n\n"
 
 Adapter = Callable[[Mapping[str, Any], Mapping[str, Any]], Conversation]
 
@@ -69,13 +73,18 @@ def _text(value: Any, what: str) -> str:
   return value
 
 
+def _alpaca_user(instruction: str, extra: str | None) -> str:
+  """LLaMA-Factory's join: instruction and input, each only if non-empty, joined by a newline."""
+  return "\n".join(part for part in (instruction, extra) if part)
+
+
 def alpaca(record: Mapping[str, Any], options: Mapping[str, Any]) -> Conversation:
-  """instruction (+ "\\n" + input) -> output, after optional [[q, a], ...] history."""
+  """instruction + "\\n" + input (either may be empty) -> output, after optional [[q, a], ...] history."""
   cols = options["columns"]
   instruction = _text(_field(record, cols, "instruction", "alpaca"), cols["instruction"])
   output = _text(_field(record, cols, "output", "alpaca"), cols["output"])
   extra = _optional(record, cols, "input")
-  user = f"{instruction}\n{_text(extra, cols['input'])}" if extra else instruction
+  user = _alpaca_user(instruction, extra and _text(extra, cols["input"]))
   turns = []
   for i, pair in enumerate(_optional(record, cols, "history") or []):
     if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
@@ -144,22 +153,28 @@ def inline_multiturn(record: Mapping[str, Any], options: Mapping[str, Any]) -> C
 
 
 def mcq(record: Mapping[str, Any], options: Mapping[str, Any]) -> Conversation:
-  """CMB-style exam item -> '该问题源自..。question\\nA. ..' -> '答案是X。'."""
+  """CMB exam item -> the Alpaca record of CollectiveSFT's cmb_to_sft.py, joined as LLaMA-Factory does.
+
+  instruction '该问题源自{exam_type}，面向{exam_class}中的{exam_subject}。\\n\\n'; input the question
+  and a newline, then one 'X: text\\n' line per option in letter order (empty options too);
+  output '答案是X。' ('{explanation}所以答案是X。' with the `with_explanation` option, ours).
+  """
   cols = options["columns"]
-  header = MCQ_HEADER.format(**{k: _text(_field(record, cols, k, "mcq"), cols[k])
-                                for k in ("exam_type", "exam_class", "exam_subject")})
+  instruction = MCQ_INSTRUCTION.format(**{k: _text(_field(record, cols, k, "mcq"), cols[k])
+                                          for k in ("exam_type", "exam_class", "exam_subject")})
   question = _text(_field(record, cols, "question", "mcq"), cols["question"])
   choices = _field(record, cols, "option", "mcq")
   if not isinstance(choices, Mapping) or not choices:
     raise RecordError(f"field {cols['option']!r} must be a non-empty {{letter: text}} object, found {choices!r:.80}")
-  answer = _text(_field(record, cols, "answer", "mcq"), cols["answer"]).strip()
-  unknown = [c for c in answer if c not in choices]
-  if not answer or unknown:
+  answer = _text(_field(record, cols, "answer", "mcq"), cols["answer"])
+  unknown = [c for c in answer.strip() if c not in choices]
+  if not answer.strip() or unknown:
     raise RecordError(f"answer {answer!r} is not made of option letters {sorted(choices)}")
-  lines = "\n".join(f"{k}. {v}" for k, v in choices.items() if str(v).strip())
+  lines = "".join(f"{letter}: {choices[letter]}\n" for letter in sorted(choices))
   explanation = _optional(record, cols, "explanation") if options.get("with_explanation") else None
   reply = f"{explanation}所以答案是{answer}。" if explanation else f"答案是{answer}。"
-  return Conversation(options.get("system"), ((USER, f"{header}{question}\n{lines}"), (ASSISTANT, reply)))
+  return Conversation(options.get("system"), ((USER, _alpaca_user(instruction, f"{question}\n{lines}")),
+                                              (ASSISTANT, reply)))
 
 
 def template(record: Mapping[str, Any], options: Mapping[str, Any]) -> Conversation:

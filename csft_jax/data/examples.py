@@ -6,16 +6,18 @@ from collections.abc import Sequence
 import numpy as np
 
 from csft_jax.data.errors import DataError
+from csft_jax.data.llamafactory import truncate_turns
 from csft_jax.data.sources import SourceRecord, SourceStats
 from csft_jax.data.templates import ChatTemplate
 
-OVERLONG = ("truncate", "drop")
+OVERLONG = ("truncate", "drop", "infer_seqlen")
 _ENCODE_CHUNK = 2048  # Conversations per tokenizer call: bounds peak memory.
 
 
 @dataclasses.dataclass
 class TokenizedSource:
-  """A source's examples as token ids and 0/1 loss masks (on tokens, not targets)."""
+  """A source's examples as token ids and loss masks (on tokens, not targets; nonzero = trained,
+  `packing.LAST_TOKEN_TARGET` = trained towards the example's last token)."""
 
   name: str
   token_ids: list[np.ndarray]
@@ -39,13 +41,19 @@ def tokenize_source(name: str, records: Sequence[SourceRecord], stats: SourceSta
   """Encodes a source's conversations and applies the over-long policy.
 
   An example of n tokens gives n - 1 (input, target) pairs, so it fits a row
-  of `seq_len` when n <= seq_len + 1. Longer ones are truncated to that or
-  dropped; a truncated example with no trained target left is dropped too.
-  Counts go to `stats` (truncated, dropped, examples, tokens, loss_tokens).
+  of `seq_len` when n <= seq_len + 1. Policies for longer ones:
+    truncate      cut the end off, to seq_len + 1 tokens;
+    drop          leave the example out;
+    infer_seqlen  LLaMA-Factory's cutoff (cutoff_len = seq_len tokens an example keeps): each
+                  turn's budget split between its prompt and reply (`llamafactory.infer_seqlen`).
+  A template that appends a trained eos to every example (efficient_eos) keeps it under
+  either cut. A cut example with no trained target left is dropped. Counts go to `stats`
+  (truncated, dropped, examples, tokens, loss_tokens).
   """
   if overlong not in OVERLONG:
     raise DataError(f"config.data.overlong={overlong!r} is not one of {OVERLONG}")
-  limit = seq_len + 1
+  efficient_eos = getattr(template, "efficient_eos", False)
+  limit = seq_len if overlong == "infer_seqlen" else seq_len + 1
   token_ids, loss_masks = [], []
   for start in range(0, len(records), _ENCODE_CHUNK):
     chunk = [r.conversation for r in records[start : start + _ENCODE_CHUNK]]
@@ -54,7 +62,11 @@ def tokenize_source(name: str, records: Sequence[SourceRecord], stats: SourceSta
         if overlong == "drop":
           stats.dropped += 1
           continue
-        ids, mask = ids[:limit], mask[:limit]
+        if overlong == "infer_seqlen":
+          ids, mask = truncate_turns(ids, mask, limit, efficient_eos)
+        else:
+          keep = np.r_[0 : limit - 1, len(ids) - 1] if efficient_eos else np.arange(limit)
+          ids, mask = ids[keep], mask[keep]
         if not mask[1:].any():
           stats.dropped += 1
           continue
@@ -67,7 +79,7 @@ def tokenize_source(name: str, records: Sequence[SourceRecord], stats: SourceSta
         f" seq_len={seq_len} and were dropped; raise config.data.seq_len or set overlong='truncate'")
   stats.examples = len(token_ids)
   stats.tokens = int(sum(len(t) for t in token_ids))
-  stats.loss_tokens = int(sum(int(m[1:].sum()) for m in loss_masks))
+  stats.loss_tokens = int(sum(np.count_nonzero(m[1:]) for m in loss_masks))
   return TokenizedSource(name, token_ids, loss_masks, stats)
 
 

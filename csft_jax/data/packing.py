@@ -12,6 +12,9 @@ import grain
 import numpy as np
 
 PACKINGS = ("packed", "padded")
+# Loss-mask value of a token that is trained with the example's last token as its target instead
+# of itself (LLaMA-Factory's efficient_eos labels; see data/llamafactory.py).
+LAST_TOKEN_TARGET = 2
 ROW_KEYS = ("input_ids", "target_ids", "loss_mask", "segment_ids", "positions", "source_ids")
 _SEQUENCE_KEYS = ("input_ids", "target_ids", "loss_mask", "source_ids")
 # Row streams run on the caller's thread: rows are cheap and the trainer
@@ -31,9 +34,9 @@ class TrainingExample:
     n = len(token_ids) - 1
     return {
         "input_ids": token_ids[:-1],
-        "target_ids": token_ids[1:],
+        "target_ids": np.where(loss_mask[1:] == LAST_TOKEN_TARGET, token_ids[-1], token_ids[1:]),
         # The mask is on tokens; a target is trained iff its token is.
-        "loss_mask": loss_mask[1:].astype(np.int32),
+        "loss_mask": (loss_mask[1:] > 0).astype(np.int32),
         "source_ids": np.full(n, self.source_index, dtype=np.int32),
     }
 

@@ -239,6 +239,9 @@ def load_chat_template(name: str, tokenizer) -> ChatTemplate:
   """Returns the chat template `name` (one of TEMPLATE_NAMES) for `tokenizer`."""
   if name == "hf":
     return HFTemplate(tokenizer)
+  if name == "llamafactory_intern2":  # LLaMA-Factory's intern2, as CollectiveSFT trained (imports this module)
+    from csft_jax.data.llamafactory import Intern2Template  # pylint: disable=import-outside-toplevel
+    return Intern2Template(tokenizer)
   if name == "mistral":
     return SystemFoldedTemplate(tokenizer)
   if name not in BUILTIN_TEMPLATES:
