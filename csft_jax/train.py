@@ -36,6 +36,7 @@ from csft_jax.console import run_cli
 from csft_jax.convert import read_hf_config, save_hf
 from csft_jax.convert.hf import copy_tokenizer_files, load_hf
 from csft_jax.data.pipeline import DataPipeline
+from csft_jax.data.tokenizer import is_sentencepiece_only, save_converted_tokenizer
 from csft_jax.loading import is_hf_dir
 from csft_jax.models import Decoder, ModelConfig, model_config_from
 from csft_jax.models.config import ARCHITECTURE_FIELDS, RUNTIME_FIELDS
@@ -346,6 +347,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
   if primary:
     files.write_json_atomic(run_dir.config, config_json)
     copy_tokenizer_files(data_config.tokenizer, run_dir.tokenizer)
+    if is_sentencepiece_only(data_config.tokenizer):  # converted once: the run's copy is a fast tokenizer
+      save_converted_tokenizer(pipeline.tokenizer, data_config.tokenizer, run_dir.tokenizer)
 
   num_sources = len(pipeline.source_names)
   train_step, eval_step, batch_sharding = jit_steps(config, start, optimizer, schedule, mesh, num_sources)
