@@ -1,19 +1,18 @@
-"""MedS-Bench: prompt parity with the official results, metrics on the shared CSV, bad input."""
+"""MedS-Bench against the official code (MAGIC-AI4Med/MedS-Ins `Evaluation/`, `Metrics/`):
+the published prompts rebuilt, metrics on the shared CSV, each official script's rules."""
 
-import csv
 import json
 import re
 from pathlib import Path
 
 import jieba
 import pytest
-from janome.tokenizer import Tokenizer
-from nltk.tokenize import NLTKWordTokenizer
-from nltk.tokenize.punkt import PunktSentenceTokenizer
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge import Rouge
 
 from csft_jax.eval import meds_bench
+from tests.data_fixtures import template
+from tests.test_eval_metrics import nltk_word_tokenize  # noqa: F401  pylint: disable=unused-import
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "meds_bench"
@@ -21,39 +20,91 @@ SHARED_CSV = SHARED / "eval_results_Rationale_1_context_1_oriINS_MMedS-Llama3.cs
 SAMPLE_DIR = REPO / "csft_jax" / "assets" / "eval" / "meds_sample"
 
 needs_shared = pytest.mark.skipif(not SHARED_CSV.exists(), reason="../shared MedS-Bench CSV not present")
+# The published results predate EvalDataset.py's "ouput" -> "output" fix; our prompt says "output".
+PUBLISHED_SUFFIX = meds_bench.SHOT_INSTRUCTION_SUFFIX.replace("to output.", "to ouput.")
+LLAMA3_PROMPT = re.compile(
+    r"<\|begin_of_text\|><\|start_header_id\|>system<\|end_header_id\|>\n\n(.*)<\|eot_id\|>"
+    r"<\|start_header_id\|>user<\|end_header_id\|>\n\nInput:\n(.*)\nOutput:<\|eot_id\|>"
+    r"<\|start_header_id\|>assistant<\|end_header_id\|>\n\n", re.S)
 
 
-def read_shared_rows():
-  with open(SHARED_CSV, encoding="utf-8", newline="") as handle:
-    return list(csv.DictReader(handle))
+@pytest.fixture(scope="module")
+def shared_rows():
+  return meds_bench.read_results_csv(SHARED_CSV)
 
 
-def llama3_turn(prompt: str, role: str) -> str:
-  return prompt.split(f"<|start_header_id|>{role}<|end_header_id|>\n\n")[1].split("<|eot_id|>")[0]
+def prompt_parts(prompt: str, definition: str):
+  """(3 shots, instance input) out of a published Llama-3 prompt whose definition is known."""
+  system, query = LLAMA3_PROMPT.fullmatch(prompt).groups()
+  ending = "\n\n\n" + definition + PUBLISHED_SUFFIX
+  assert system.endswith(ending)
+  cases = system[: -len(ending)].removeprefix("Input:\n").split("\n\n\nInput:\n")
+  shots = [dict(zip(("input", "output"), case.split("\n\nOutput:\n"))) for case in cases]
+  assert len(shots) == 3 and all(len(s) == 2 for s in shots)
+  return shots, query
 
 
 @needs_shared
-@pytest.mark.parametrize("row_index", [0, 57, 123, 188, 249, 299])
-def test_build_messages_reproduces_official_prompt(row_index):
-  row = read_shared_rows()[row_index]
+def test_published_prompts_rebuilt_from_their_parts(shared_rows):
   definitions = json.loads((SHARED / "RewriteDefinitions.json").read_text(encoding="utf-8"))
-  definition = definitions[row["task_id"]]["original_def"]
-  system, user = llama3_turn(row["input"], "system"), llama3_turn(row["input"], "user")
-  # Recover the three demo cases and the asked input from the official prompt text.
-  shots_text = system[: -len("\n\n\n" + definition + meds_bench.SHOT_INSTRUCTION_SUFFIX)]
-  shots = [
-      dict(zip(("input", "output"), case.split("\n\nOutput:\n", 1)))
-      for case in re.split(r"\n\n\nInput:\n", shots_text.removeprefix("Input:\n"))
-  ]
-  assert len(shots) == 3
-  task = {"task_id": row["task_id"], "Definition": [definition], "Instances": shots}
-  instance = {"input": user.removeprefix("Input:\n").removesuffix("\nOutput:")}
-  messages = meds_bench.build_messages(task, instance, shots=shots)
-  # The official Llama-3 formatter strips each message; so does the chat template.
-  assert [m["role"] for m in messages] == ["system", "user"]
-  assert messages[0]["content"].strip() == system
-  assert messages[1]["content"].strip() == user
-  assert messages[1]["content"].endswith("\nOutput:\n")
+  llama3 = template("llama3")
+  rebuilt = 0
+  for row in shared_rows:
+    definition = definitions[row["task_id"]]["original_def"]
+    shots, query = prompt_parts(row["input"], definition)
+    task = {"task_id": row["task_id"], "Definition": [definition],
+            "Instances": [{"input": s["input"], "output": [s["output"]]} for s in shots]}
+    messages = meds_bench.build_messages(task, {"input": query, "output": [row["GT"]]}, shots=task["Instances"])
+    assert messages[1]["content"].endswith("\nOutput:\n")  # stripped only by the Llama-3 template
+    prompt = llama3.render_prompt(messages)
+    assert prompt.replace(meds_bench.SHOT_INSTRUCTION_SUFFIX, PUBLISHED_SUFFIX) == row["input"]
+    rebuilt += 1
+  assert rebuilt == 300
+
+
+@pytest.fixture(scope="module")
+def shared_results():
+  return meds_bench.score_results(SHARED_CSV)
+
+
+# Percent, with the real English punkt model; `python -m csft_jax.eval.meds_bench score` prints them.
+SHARED_NUMBERS = {
+    "task51": (51.50, 35.35), "task52": (48.63, 38.22), "task53": (47.69, 39.24),
+    "task54": (53.31, 36.83), "task55": (34.91, 23.71), "task56": (47.14, 36.42),
+}
+
+
+@needs_shared
+def test_shared_csv_numbers_per_task_and_as_rationale_py_writes_them(shared_results):
+  tasks = shared_results["tasks"]
+  assert list(tasks) == list(SHARED_NUMBERS)
+  official = shared_results["official"]
+  assert list(official) == ["Rationale.py"]
+  for task_id, (bleu1, rouge_l) in SHARED_NUMBERS.items():
+    assert tasks[task_id]["category"] == meds_bench.RATIONALE and tasks[task_id]["script"] == "Rationale.py"
+    assert tasks[task_id]["n"] == 50 and tasks[task_id]["n_empty"] == 0
+    assert round(tasks[task_id]["bleu1"], 2) == bleu1 and round(tasks[task_id]["rougeL"], 2) == rouge_l
+    assert official["Rationale.py"][task_id] == {"bleu1": tasks[task_id]["bleu1"], "rougeL": tasks[task_id]["rougeL"]}
+  average = official["Rationale.py"]["Avg."]
+  assert average["bleu1"] == pytest.approx(sum(tasks[t]["bleu1"] for t in SHARED_NUMBERS) / 6)
+  assert (round(average["bleu1"], 2), round(average["rougeL"], 2)) == (47.20, 34.96)
+  assert "text_generation" not in shared_results["categories"]
+
+
+@needs_shared
+def test_shared_csv_english_and_chinese_equal_a_direct_computation(shared_results, shared_rows, nltk_word_tokenize):
+  """Rationale.py's loop written out with nltk.word_tokenize (NLTK loading the English model) and jieba."""
+  for task_id, tokenize in (("task52", nltk_word_tokenize), ("task51", lambda text: list(jieba.cut(text)))):
+    bleu, rouge_l = [], []
+    for row in (r for r in shared_rows if r["task_id"] == task_id):
+      out, gt = row["output"].strip(), row["GT"].strip()
+      bleu.append(sentence_bleu([tokenize(gt)], tokenize(out), smoothing_function=SmoothingFunction().method1,
+                                weights=(1, 0, 0, 0)))
+      if task_id == "task51":
+        out, gt = " ".join(jieba.cut(out)), " ".join(jieba.cut(gt))
+      rouge_l.append(Rouge().get_scores(out, gt)[0]["rouge-l"]["f"])
+    assert shared_results["tasks"][task_id]["bleu1"] == pytest.approx(100 * sum(bleu) / 50, abs=1e-9)
+    assert shared_results["tasks"][task_id]["rougeL"] == pytest.approx(100 * sum(rouge_l) / 50, abs=1e-9)
 
 
 def test_select_shots_from_instances_seeded():
@@ -67,72 +118,167 @@ def test_select_shots_from_instances_seeded():
   assert draws[0] != draws[1]  # the seed changes the draw
   system = meds_bench.build_messages(task, instance, shots=shots)[0]["content"]
   assert system.startswith("Input:\nQuestion: ")
-  assert system.endswith(task["Definition"][0] + meds_bench.SHOT_INSTRUCTION_SUFFIX)
+  assert system.endswith(task["Definition"][0] + "Please learn from the few-shot cases to see what content you have "
+                         "to output.")
 
 
-@pytest.fixture(scope="module")
-def shared_results():
-  return meds_bench.score_results(SHARED_CSV)
+def test_prompts_cut_at_model_max_length_on_the_right_as_eval_py():
+  messages = [{"role": "system", "content": "s " * 40}, {"role": "user", "content": "Input:\nq\nOutput:\n"}]
+  full = template("chatml").encode_prompt(messages)
+  right = meds_bench.TruncatedTemplate(template("chatml"), 16, "right")
+  left = meds_bench.TruncatedTemplate(template("chatml"), 16, "left")
+  assert len(full) > 16
+  assert right.encode_prompt(messages) == full[:16] and left.encode_prompt(messages) == full[-16:]
+  assert right.num_cut == 1
+  assert meds_bench.TruncatedTemplate(template("chatml"), len(full), "right").encode_prompt(messages) == full
+  assert right.stop_token_ids == template("chatml").stop_token_ids
 
 
-JANOME = Tokenizer()
+# ------------------------------------------------------- the official rules, by hand ----
 
 
-def independent_tokens(text: str, language: str) -> list[str]:
-  if language == "zh":
-    return list(jieba.cut(text))
-  if language == "ja":
-    return [t.surface for t in JANOME.tokenize(text)]
-  words = NLTKWordTokenizer()
-  return [t for s in PunktSentenceTokenizer().tokenize(text) for t in words.tokenize(s)]
+def write_csv(path, rows):
+  """rows: (task_id, GT, output) as raw CSV text cells (an empty cell is written as nothing)."""
+  def cell(text):
+    return '"' + text.replace('"', '""') + '"' if text else ""
+  path.write_text("task_id,input,GT,output\n" + "".join(
+      f"{t},q,{cell(g)},{cell(o)}\n" for t, g, o in rows), encoding="utf-8")
+  return path
 
 
-@needs_shared
-@pytest.mark.parametrize("task_id,language", [("task51", "zh"), ("task52", "en"), ("task54", "ja")])
-def test_shared_csv_per_task_matches_direct_computation(shared_results, task_id, language):
-  rows = [r for r in read_shared_rows() if r["task_id"] == task_id]
-  bleu, rouge_l = [], []
-  for row in rows:
-    out, gt = row["output"].strip(), row["GT"].strip()
-    out_tokens, gt_tokens = independent_tokens(out, language), independent_tokens(gt, language)
-    bleu.append(sentence_bleu([gt_tokens], out_tokens, weights=(1, 0, 0, 0),
-                              smoothing_function=SmoothingFunction().method1))
-    if language in ("zh", "ja"):
-      out, gt = " ".join(out_tokens), " ".join(gt_tokens)
-    rouge_l.append(Rouge().get_scores(out, gt)[0]["rouge-l"]["f"])
-  result = shared_results["tasks"][task_id]
-  assert result["n"] == len(rows) == 50 and result["n_empty"] == 0
-  assert result["language"] == language and result["category"] == meds_bench.TEXT_GENERATION
-  assert result["bleu1"] == pytest.approx(100 * sum(bleu) / 50)
-  assert result["rougeL"] == pytest.approx(100 * sum(rouge_l) / 50)
+def test_cells_read_with_pandas_defaults(tmp_path):
+  values = ["", "NA", "N/A", "None", "null", "nan", "#N/A", "<NA>", " ", "none", "No"]
+  rows = meds_bench.read_results_csv(write_csv(tmp_path / "r.csv", [("task4", "A", v) for v in values]))
+  assert [r["output"] for r in rows] == [None] * 8 + [" ", "none", "No"]
 
 
-@needs_shared
-def test_shared_csv_reported_numbers(shared_results):
-  expected = {  # percent, as printed by `python -m csft_jax.eval.meds_bench score`
-      "task51": (51.50, 35.35), "task52": (48.62, 38.22), "task53": (47.70, 39.24),
-      "task54": (53.31, 36.83), "task55": (34.91, 23.71), "task56": (47.12, 36.42),
-  }
-  tasks = shared_results["tasks"]
-  assert list(tasks) == sorted(expected, key=lambda t: int(t[4:]))
-  for task_id, (bleu1, rouge_l) in expected.items():
-    assert tasks[task_id]["bleu1"] == pytest.approx(bleu1, abs=0.005)
-    assert tasks[task_id]["rougeL"] == pytest.approx(rouge_l, abs=0.005)
-  category = shared_results["categories"][meds_bench.TEXT_GENERATION]
-  assert category["n"] == 300 and category["tasks"] == list(expected)
-  assert category["bleu1"] == pytest.approx(sum(b for b, _ in expected.values()) / 6, abs=0.01)
+def test_nan_becomes_the_string_nan_where_a_script_calls_str(tmp_path):
+  # MCQA.py: str(NaN) = "nan", whose first letter is "n": a "no" for the yes/no task123.
+  path = write_csv(tmp_path / "r.csv", [
+      ("task123", "no", "None"), ("task123", "no", ""), ("task123", "yes", "N/A"), ("task123", "yes", "Yes."),
+      ("task4", "The right answer is A", " "),  # blank: MCQA.py crashes on pred[0]; wrong here
+      ("task4", "The right answer is A", "a"),
+      ("task41", "nan", "NA"),  # NatureLanguageInference.py: "nan" in "nan"
+      ("task1", "5 mg", "NULL")])
+  results = meds_bench.score_results(path)
+  tasks = results["tasks"]
+  assert tasks["task123"]["accuracy"] == 75.0 and tasks["task123"]["n_empty"] == 3
+  assert tasks["task4"]["accuracy"] == 50.0 and tasks["task4"]["n_empty"] == 1
+  assert tasks["task41"]["accuracy"] == 100.0 and tasks["task1"]["accuracy"] == 0.0
+  mcqa = results["official"]["MCQA.py"]
+  assert list(mcqa) == list(meds_bench.OFFICIAL_SCRIPTS["MCQA.py"][meds_bench.MCQA])  # no Avg.: see official_results
+  assert mcqa["task123"] == 75.0 and mcqa["task4"] == 50.0 and mcqa["task5"] == 0
+  assert results["official"]["NatureLanguageInference.py"]["NLI"] == {"task41": 100.0, "Avg.": 100.0}
+  assert results["official"]["InformationExtraction.py"]["Avg."] == 0.0
 
 
-@needs_shared
-def test_sentence_splitting_matters_for_english_bleu():
-  """Why we run (untrained) Punkt: without sentence splitting, mid-text periods stay glued
-  to words ("hurts.") and task52 BLEU-1 drops by about 2 points."""
-  rows = [r for r in read_shared_rows() if r["task_id"] == "task52"]
-  words = NLTKWordTokenizer()
-  unsplit = [sentence_bleu([words.tokenize(r["GT"].strip())], words.tokenize(r["output"].strip()),
-                           weights=(1, 0, 0, 0), smoothing_function=SmoothingFunction().method1) for r in rows]
-  split = meds_bench.score_rows(rows)["tasks"]["task52"]["bleu1"]
-  assert 1.5 < split - 100 * sum(unsplit) / len(rows) < 3.0
+EXACT, OTHER = "chest pain radiating to the left arm", "alpha beta gamma"
+
+
+def test_strip_and_skip_rules_per_script(tmp_path):
+  path = write_csv(tmp_path / "r.csv", [
+      # Rationale.py strips both sides and skips what is then empty; NaN crashes it: skipped.
+      ("task52", EXACT, f"\n  {EXACT}  \n"), ("task52", EXACT, "   "), ("task52", EXACT, ""),
+      # ConceptExplanation.py: no strip; NaN skipped; a blank output counts (scores 0).
+      ("task18", EXACT, EXACT), ("task18", EXACT, "   "), ("task18", EXACT, ""),
+      # TextSummarization.py: every row counts; NaN crashes word_tokenize: 0 here.
+      ("task78", EXACT, EXACT), ("task78", EXACT, ""),
+      # evaluate_nli_gen: as summarization.
+      ("task42", EXACT, OTHER),
+      # FactVerification.py BLEU task: lower-cased, '.' dropped from GT, empty output counts 0.
+      ("task100", "Supported.", "SUPPORTED"), ("task100", "Supported.", "  ")])
+  tasks = meds_bench.score_results(path)["tasks"]
+  expected = {"task52": (1, 100.0, 2), "task18": (2, 50.0, 2), "task78": (2, 50.0, 1), "task42": (1, 0.0, 0),
+              "task100": (2, 50.0, 1)}
+  for task_id, (n, bleu1, n_empty) in expected.items():
+    assert (tasks[task_id]["n"], tasks[task_id]["n_empty"]) == (n, n_empty), task_id
+    assert tasks[task_id]["bleu1"] == pytest.approx(bleu1), task_id
+    assert tasks[task_id]["rougeL"] == pytest.approx(bleu1, abs=1e-6), task_id
+
+
+def test_ner_skips_rows_whose_output_is_not_a_string(tmp_path):
+  path = write_csv(tmp_path / "r.csv", [
+      ("task125", "hypertension, sepsis.", "hypertension, sepsis."),
+      ("task125", "asthma.", ""),  # NaN output: skipped, its gold entity is not a false negative
+      ("task126", "asthma.", "N/A"),  # also NaN
+      ("task126", "asthma.", "x.")])  # a string: one false positive, one false negative
+  results = meds_bench.score_results(path)
+  assert results["tasks"]["task125"]["f1"] == 100.0 and results["tasks"]["task125"]["n"] == 1
+  assert results["tasks"]["task126"]["f1"] == 0.0 and results["tasks"]["task126"]["n"] == 1
+  assert results["official"]["NamedEntityRecognition.py"] == {
+      "task125": 100.0, "task126": 0.0, "task127": 0.0, "task128": 0.0, "Avg.": 25.0}
+
+
+def test_diagnosis_pools_every_row(tmp_path):
+  path = write_csv(tmp_path / "r.csv", [
+      ("task901", "The diagnosis result is pneumonia.", "Pneumonia"),
+      ("task902", "The diagnosis result is asthma.", "asthma"), ("task902", "gout.", "no idea"),
+      ("task902", "gout.", "")])  # NaN: Diagnosis.py's .lower() crashes; wrong here
+  results = meds_bench.score_results(path, task_categories={"task901": "diagnosis", "task902": "diagnosis"})
+  assert results["tasks"]["task901"]["accuracy"] == 100.0
+  assert results["tasks"]["task902"]["accuracy"] == pytest.approx(100 / 3)
+  assert results["tasks"]["task902"]["script"] == "Diagnosis.py"
+  assert results["official"] == {"Diagnosis.py": {"Accuracy": 50.0}}  # 2 of 4 rows, not the mean of tasks
+  assert results["categories"]["diagnosis"]["accuracy"] == pytest.approx((100 + 100 / 3) / 2)  # ours
+
+
+def test_text_summarization_ct_mri_pools_and_average(tmp_path):
+  path = write_csv(tmp_path / "r.csv", [
+      ("task78", EXACT, EXACT), ("task78", EXACT, OTHER),
+      ("task83", EXACT, EXACT), *[("task84", EXACT, OTHER)] * 3,
+      ("task89", EXACT, EXACT)])
+  results = meds_bench.score_results(path)
+  table = results["official"]["TextSummarization.py"]
+  assert list(table) == ["task78", "task114", "task112", "task110", "CT", "MRI", "Avg."]
+  assert table["task78"]["bleu1"] == pytest.approx(50.0)
+  assert table["task114"] == {"bleu1": -1.0, "rougeL": -1.0}  # absent: the script's placeholder
+  assert table["CT"]["bleu1"] == pytest.approx(25.0)  # 1 of 4 pooled rows, not (100 + 0) / 2
+  assert table["MRI"]["rougeL"] == pytest.approx(100.0, abs=1e-6)
+  assert table["Avg."]["bleu1"] == pytest.approx((50.0 - 3) / 4)  # over the four it lists, -1s included
+  assert results["tasks"]["task84"]["bleu1"] == 0.0 and results["tasks"]["task83"]["bleu1"] == pytest.approx(100)
+
+
+# The default task lists of the official Metrics/*.py, typed from those scripts.
+OFFICIAL_LISTS = {
+    "mcqa": "4 5 6 8 9 57 58 59 60 61 122 123 129", "rationale": "51 52 53 54 55 56",
+    "concept_explanation": "18 46 50", "text_summarization": "78 114 112 110 " + " ".join(map(str, range(83, 95))),
+    "nli": "41", "nli_generation": "42", "ner": "125 126 127 128", "text_classification": "106",
+    "information_extraction": "1 2 3 29 74", "treatment_planning": "131", "clinical_outcome": "117 118 119",
+    "fact_verification": "12 16", "fact_verification_generation": "100",
+}
+
+
+def test_category_inferred_from_the_official_task_lists(tmp_path):
+  expected = {f"task{n}": family for family, numbers in OFFICIAL_LISTS.items() for n in numbers.split()}
+  assert meds_bench.OFFICIAL_TASK_CATEGORIES == expected
+  assert meds_bench.resolve_categories(["task52", "task131"]) == {"task52": "rationale", "task131": "treatment_planning"}
+  with pytest.raises(meds_bench.MedSInputError, match=r"task52 is in the task list of the official Rationale.py"):
+    meds_bench.resolve_categories(["task52"], task_categories={"task52": "mcqa"})
+  with pytest.raises(meds_bench.MedSInputError, match=r"No metric category for \['task999'\]"):
+    meds_bench.resolve_categories(["task999"])
+  assert meds_bench.task_language("task18", {"task18": {"Output_language": ["Chinese"]}}) == "en"  # script: 'en'
+  assert meds_bench.task_language("task55") == "ru"
+
+
+def test_results_json_has_tasks_and_official_per_script(tmp_path, capsys):
+  path = write_csv(tmp_path / "r.csv", [
+      ("task12", "Supported.", "supported\nbecause"), ("task16", "refuted", "Supported"),
+      ("task100", "Supported.", "supported"), ("task106", "inducing angiogenesis", "Inducing angiogenesis."),
+      ("task117", "true", "True"), ("task131", "The treatment planning is: metformin.", "metformin daily")])
+  out = tmp_path / "res.json"
+  assert meds_bench.score_command(str(path), str(out)) == 0
+  results = json.loads(out.read_text(encoding="utf-8"))
+  assert set(results) == {"tasks", "official", "categories", "n_rows"}
+  official = results["official"]
+  assert official["FactVerification.py"] == {"task12": 100.0, "task16": 0.0,
+                                             "task100": {"bleu1": pytest.approx(100), "rougeL": pytest.approx(100)}}
+  assert official["TextClassification.py"] == {"precision": 10.0, "recall": 10.0, "f1_score": 10.0}
+  assert official["ClinicalOutcomePrediction.py"] == {"task117": 100.0, "task118": 0, "task119": 0,
+                                                      "Avg.": pytest.approx(100 / 3)}
+  assert official["TreatmentPlanning.py"] == {"task131": 100.0, "Avg.": 100.0}
+  printed = capsys.readouterr().out
+  assert "| FactVerification.py | task100 | 100.00/100.00 |" in printed
+  assert "| task106 | text_classification | TextClassification.py | en | 1 | 0 |" in printed
 
 
 def sample_rows(output_for):
@@ -151,9 +297,10 @@ def test_sample_tasks_scored_by_their_categories(tmp_path):
   tasks = results["tasks"]
   assert tasks["task901"]["category"] == meds_bench.MCQA and tasks["task901"]["accuracy"] == 100.0
   assert tasks["task902"]["category"] == meds_bench.TEXT_GENERATION and tasks["task902"]["language"] == "zh"
+  assert tasks["task902"]["script"] == "ours"
   assert tasks["task902"]["bleu1"] == pytest.approx(100.0) and tasks["task902"]["rougeL"] == pytest.approx(100.0)
   assert tasks["task903"]["category"] == meds_bench.NER and tasks["task903"]["f1"] == 100.0
-  assert results["n_rows"] == 16
+  assert results["n_rows"] == 16 and results["official"] == {}  # no task of an official list
 
 
 def test_sample_tasks_hand_computed(tmp_path):
@@ -161,7 +308,7 @@ def test_sample_tasks_hand_computed(tmp_path):
     if task_id == "task901":
       return "The right answer is A" if "C: Vitamin C" in gold or "B: Pancreas" in gold else gold
     if task_id == "task902":
-      return ""  # all empty: skipped like the official script, and reported
+      return ""  # all empty: read as NaN, skipped as ConceptExplanation.py skips them, and reported
     return "hypertension." if gold.startswith("hypertension") else gold
 
   path = meds_bench.write_results_csv(sample_rows(output_for), tmp_path / "r.csv")
@@ -186,7 +333,13 @@ def test_results_csv_round_trip(tmp_path):
 def test_bad_results_csv(tmp_path):
   path = tmp_path / "r.csv"
   path.write_text("task_id,input,GT\ntask52,a,b\n", encoding="utf-8")
-  with pytest.raises(meds_bench.MedSInputError, match="lacks \\['output'\\]"):
+  with pytest.raises(meds_bench.MedSInputError, match=r"lacks \['output'\]"):
+    meds_bench.read_results_csv(path)
+  path.write_text("task_id,GT,input,output\ntask52,a,b,c\n", encoding="utf-8")
+  with pytest.raises(meds_bench.MedSInputError, match="out of order"):
+    meds_bench.read_results_csv(path)
+  path.write_text("task_id,input,GT,output\n,a,b,c\n", encoding="utf-8")
+  with pytest.raises(meds_bench.MedSInputError, match="data row 1 has no task_id"):
     meds_bench.read_results_csv(path)
   path.write_text("task_id,input,GT,output\ntask999,a,b,c\n", encoding="utf-8")
   with pytest.raises(meds_bench.MedSInputError, match=r"No metric category for \['task999'\]"):
@@ -211,7 +364,7 @@ def test_cli(tmp_path, capsys):
   out = tmp_path / "res.json"
   assert meds_bench.score_command(str(results_csv), str(out), str(SAMPLE_DIR)) == 0
   assert json.loads(out.read_text(encoding="utf-8"))["tasks"]["task901"]["accuracy"] == 100.0
-  assert "| task901 | mcqa | en | 6 | 0 | 100.00 |" in capsys.readouterr().out
+  assert "| task901 | mcqa | ours | en | 6 | 0 | 100.00 |" in capsys.readouterr().out
   bad_out = tmp_path / "bad.json"
   assert meds_bench.score_command(str(results_csv), str(bad_out)) == 2
   assert "No metric category" in capsys.readouterr().err and not bad_out.exists()

@@ -4,7 +4,7 @@
       [--config.task_dir=/data/MedS-Bench/tasks]
 
 Writes <workdir>/eval/meds_bench/results.csv (task_id,input,GT,output), then results.json with
-metrics per task and per category.
+metrics per task (`tasks`), per official metric script (`official`) and per family (`categories`).
 """
 
 import ml_collections
@@ -20,4 +20,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.task_dir = "pkg://csft_jax/assets/eval/meds_sample"  # Folder of task*.json files.
   config.shots = meds_bench.NUM_SHOTS
   config.max_new_tokens = meds_bench.MAX_NEW_TOKENS
+  # eval.py: prompts of more than 2048 tokens lose their end (the tokenizer's default side);
+  # 'left' keeps the end instead. The engine still cuts the start of what exceeds the model's
+  # context minus max_new_tokens.
+  config.model_max_length = meds_bench.MODEL_MAX_LENGTH
+  config.truncation_side = "right"
   return config

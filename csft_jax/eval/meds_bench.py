@@ -1,28 +1,34 @@
-"""MedS-Bench: task files, the official 3-shot prompt, results CSV, metrics per category, CLI.
+"""MedS-Bench: task files, the official 3-shot prompt, results CSV, the official metric scripts, CLI.
 
-Follows MAGIC-AI4Med/MedS-Ins: prompt from `Evaluation/EvalDataset.py` with the
-evaluation settings of `Evaluation/eval.py` (3-shot, original definition, greedy,
-200 new tokens), metrics from `Metrics/*.py` (see `text_metrics`).
-
-Prompt: the system turn is three solved cases `Input:\\n{x}\\n\\nOutput:\\n{y}\\n`
-joined by blank lines, then the task definition and a fixed sentence; the user
-turn is `Input:\\n{x}\\nOutput:\\n`. As in the official code, the three cases are
-drawn from the task's `Instances` (any of them, the asked one included), not from
-`Positive Examples`; our draw is seeded so runs repeat.
+Follows MAGIC-AI4Med/MedS-Ins:
+  * prompt: `Evaluation/EvalDataset.py` with the settings of `Evaluation/eval.py` (3-shot,
+    original definition, greedy, 200 new tokens, `model_max_length=2048` with the tokenizer's
+    right-side truncation). The system turn is three solved cases `Input:\\n{x}\\n\\nOutput:\\n{y}\\n`
+    joined by blank lines, then the task definition and a fixed sentence; the user turn is
+    `Input:\\n{x}\\nOutput:\\n`. The three cases are drawn from the task's `Instances` (any of
+    them, the asked one included), not from `Positive Examples`; our draw is seeded. The
+    per-model rules (Llama-3 strips every message, InternLM2 does not, Mistral folds the
+    system turn into the user turn) live in the chat templates (`csft_jax.data.templates`).
+  * scoring: each `Metrics/<Script>.py`. A results CSV is read as they read it (pandas
+    defaults: `""`, `NA`, `N/A`, `None`, `null`, ... become NaN, which `str()` makes "nan");
+    each task is scored by the rule of the script whose task list names it, and `official`
+    holds, per script, the numbers that script writes under its own keys (percent).
+    Where a script would crash (an empty output in Rationale or TextSummarization, a blank
+    MCQA answer, a NaN in a string method), we keep a defined behaviour, stated per family
+    below, and count such outputs in `n_empty`.
 
 CLI:
-    python -m csft_jax.eval.meds_bench score --results=R.csv --out=R.json [--task_dir=D]
+    python -m csft_jax.eval.meds_bench score --results=R.csv --out=R.json [--task_dir=D] [--category=T=C]
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import random
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import ml_collections
 
@@ -31,54 +37,71 @@ from csft_jax.eval import reporting, runner, text_metrics
 
 NUM_SHOTS = 3
 MAX_NEW_TOKENS = 200
+MODEL_MAX_LENGTH = 2048  # eval.py: AutoTokenizer(model_max_length=2048), truncation=True.
 RESULTS_HEADER = ("task_id", "input", "GT", "output")
 
 SHOT_TEMPLATE = "Input:\n{input}\n\nOutput:\n{output}\n"
 QUERY_TEMPLATE = "Input:\n{input}\nOutput:\n"
-# Spelt as in the prompts of the official published results (the shared
-# MMedS-Llama3 CSV); later repository code corrects "ouput".
-SHOT_INSTRUCTION_SUFFIX = "Please learn from the few-shot cases to see what content you have to ouput."
+# As EvalDataset.py says it at HEAD; the published MMedS-Llama3 results predate the fix and
+# read "ouput".
+SHOT_INSTRUCTION_SUFFIX = "Please learn from the few-shot cases to see what content you have to output."
 
-# Metric families (the official Metrics/*.py scripts).
-MCQA = "mcqa"
-TEXT_GENERATION = "text_generation"  # rationale, explanation, summarization, NLI generation
-NER = "ner"
-TEXT_CLASSIFICATION = "text_classification"
-INFORMATION_EXTRACTION = "information_extraction"
-DIAGNOSIS = "diagnosis"
-TREATMENT_PLANNING = "treatment_planning"
-NLI = "nli"
-CLINICAL_OUTCOME = "clinical_outcome"
-FACT_VERIFICATION = "fact_verification"
-FACT_VERIFICATION_GENERATION = "fact_verification_generation"
+# Metric families: one per rule of the official scripts, plus TEXT_GENERATION (ours).
+MCQA = "mcqa"  # MCQA.py
+RATIONALE = "rationale"  # Rationale.py
+CONCEPT_EXPLANATION = "concept_explanation"  # ConceptExplanation.py
+TEXT_SUMMARIZATION = "text_summarization"  # TextSummarization.py
+NLI = "nli"  # NatureLanguageInference.py, evaluate_nli
+NLI_GENERATION = "nli_generation"  # NatureLanguageInference.py, evaluate_nli_gen
+NER = "ner"  # NamedEntityRecognition.py
+TEXT_CLASSIFICATION = "text_classification"  # TextClassification.py
+INFORMATION_EXTRACTION = "information_extraction"  # InformationExtraction.py
+DIAGNOSIS = "diagnosis"  # Diagnosis.py
+TREATMENT_PLANNING = "treatment_planning"  # TreatmentPlanning.py
+CLINICAL_OUTCOME = "clinical_outcome"  # ClinicalOutcomePrediction.py
+FACT_VERIFICATION = "fact_verification"  # FactVerification.py, accuracy tasks
+FACT_VERIFICATION_GENERATION = "fact_verification_generation"  # FactVerification.py, BLEU tasks
+# Ours, not official: BLEU-1/ROUGE-L for generation tasks outside every official list (by a
+# task file's `Categories` or --category), scored with ConceptExplanation.py's rule.
+TEXT_GENERATION = "text_generation"
 CATEGORIES = (
-    MCQA, TEXT_GENERATION, NER, TEXT_CLASSIFICATION, INFORMATION_EXTRACTION, DIAGNOSIS,
-    TREATMENT_PLANNING, NLI, CLINICAL_OUTCOME, FACT_VERIFICATION, FACT_VERIFICATION_GENERATION,
+    MCQA, RATIONALE, CONCEPT_EXPLANATION, TEXT_SUMMARIZATION, NLI, NLI_GENERATION, NER,
+    TEXT_CLASSIFICATION, INFORMATION_EXTRACTION, DIAGNOSIS, TREATMENT_PLANNING, CLINICAL_OUTCOME,
+    FACT_VERIFICATION, FACT_VERIFICATION_GENERATION, TEXT_GENERATION,
 )
+GENERATION_CATEGORIES = frozenset({
+    RATIONALE, CONCEPT_EXPLANATION, TEXT_SUMMARIZATION, NLI_GENERATION, FACT_VERIFICATION_GENERATION,
+    TEXT_GENERATION})
 
 
-def _tasks(*numbers: int) -> list[str]:
-  return [f"task{n}" for n in numbers]
+def _tasks(*numbers: int) -> tuple[str, ...]:
+  return tuple(f"task{n}" for n in numbers)
 
 
-# Task ids named in the official metric scripts' defaults. Diagnosis has no ids
-# there; such tasks need a task file with `Categories` or an explicit mapping.
-OFFICIAL_TASK_CATEGORIES: dict[str, str] = {
-    **{t: MCQA for t in _tasks(4, 5, 6, 8, 9, 57, 58, 59, 60, 61, 122, 123, 129)},
-    **{t: TEXT_GENERATION for t in _tasks(51, 52, 53, 54, 55, 56)},  # Rationale.py
-    **{t: TEXT_GENERATION for t in _tasks(18, 46, 50)},  # ConceptExplanation.py
-    **{t: TEXT_GENERATION for t in _tasks(78, 114, 112, 110, *range(83, 95))},  # TextSummarization.py
-    "task42": TEXT_GENERATION,  # NatureLanguageInference.py, generation part
-    "task41": NLI,
-    **{t: NER for t in _tasks(125, 126, 127, 128)},
-    "task106": TEXT_CLASSIFICATION,
-    **{t: INFORMATION_EXTRACTION for t in _tasks(1, 2, 3, 29, 74)},
-    "task131": TREATMENT_PLANNING,
-    **{t: CLINICAL_OUTCOME for t in _tasks(117, 118, 119)},
-    **{t: FACT_VERIFICATION for t in _tasks(12, 16)},
-    "task100": FACT_VERIFICATION_GENERATION,
+# The default task lists of the official scripts, in their order: script -> family -> tasks.
+# Diagnosis.py has no list (it pools every row of its file).
+OFFICIAL_SCRIPTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "MCQA.py": {MCQA: _tasks(4, 5, 6, 8, 9, 57, 58, 59, 60, 61, 122, 123, 129)},
+    "Rationale.py": {RATIONALE: _tasks(51, 52, 53, 54, 55, 56)},
+    "ConceptExplanation.py": {CONCEPT_EXPLANATION: _tasks(18, 46, 50)},
+    "TextSummarization.py": {TEXT_SUMMARIZATION: _tasks(78, 114, 112, 110, *range(83, 95))},
+    "NatureLanguageInference.py": {NLI: _tasks(41), NLI_GENERATION: _tasks(42)},
+    "NamedEntityRecognition.py": {NER: _tasks(125, 126, 127, 128)},
+    "TextClassification.py": {TEXT_CLASSIFICATION: _tasks(106)},
+    "InformationExtraction.py": {INFORMATION_EXTRACTION: _tasks(1, 2, 3, 29, 74)},
+    "Diagnosis.py": {DIAGNOSIS: ()},
+    "TreatmentPlanning.py": {TREATMENT_PLANNING: _tasks(131)},
+    "ClinicalOutcomePrediction.py": {CLINICAL_OUTCOME: _tasks(117, 118, 119)},
+    "FactVerification.py": {FACT_VERIFICATION: _tasks(12, 16), FACT_VERIFICATION_GENERATION: _tasks(100)},
 }
-# Rationale.py's language table; every other official BLEU/ROUGE task uses English.
+OFFICIAL_TASK_CATEGORIES: dict[str, str] = {
+    task: family for lists in OFFICIAL_SCRIPTS.values() for family, tasks in lists.items() for task in tasks}
+FAMILY_SCRIPT = {family: script for script, lists in OFFICIAL_SCRIPTS.items() for family in lists}
+# TextSummarization.py: its own table lists these four and averages over them; the CT and MRI
+# report tasks are pooled row by row into one number each.
+SUMMARIZATION_PRIMARY = _tasks(78, 114, 112, 110)
+SUMMARIZATION_POOLS = {"CT": _tasks(*range(83, 89)), "MRI": _tasks(*range(89, 95))}
+# Rationale.py's TASKID2LANG; every other official BLEU/ROUGE call passes lang='en'.
 OFFICIAL_TASK_LANGUAGES = {
     "task51": "zh", "task52": "en", "task53": "fr", "task54": "ja", "task55": "ru", "task56": "es",
 }
@@ -92,11 +115,11 @@ OFFICIAL_TASK_CLASSES = {
         "tumor promoting inflammation", "cellular energetics", "avoiding immune destruction",
     ),
 }
-# Task-file `Categories` names we map to a metric family (lower-cased).
+# Task-file `Categories` names (lower-cased) -> family, for tasks outside the official lists.
 CATEGORY_NAMES = {
     "multiple choice question answering": MCQA, "multiple-choice question answering": MCQA, "mcqa": MCQA,
-    "rationale": TEXT_GENERATION, "explanation": TEXT_GENERATION, "concept explanation": TEXT_GENERATION,
-    "text summarization": TEXT_GENERATION, "text generation": TEXT_GENERATION,
+    "rationale": RATIONALE, "explanation": CONCEPT_EXPLANATION, "concept explanation": CONCEPT_EXPLANATION,
+    "text summarization": TEXT_SUMMARIZATION, "text generation": TEXT_GENERATION,
     "named entity recognition": NER, "text classification": TEXT_CLASSIFICATION,
     "information extraction": INFORMATION_EXTRACTION, "diagnosis": DIAGNOSIS,
     "treatment planning": TREATMENT_PLANNING, "natural language inference": NLI,
@@ -162,8 +185,8 @@ def build_messages(
 ) -> list[dict[str, str]]:
   """[system: shots + definition, user: query] as in the official 3-shot prompt.
 
-  Contents are not stripped here; the official Llama-3 formatter strips each
-  message, which the chat template does too.
+  Contents are not stripped here: stripping is a per-model rule of the official
+  builder (Llama-3 strips, InternLM2 does not), which the chat templates apply.
   """
   cases = [SHOT_TEMPLATE.format(input=s["input"], output=gold_output(s)) for s in shots]
   system = "\n\n".join(cases) + "\n\n" + task["Definition"][0] + SHOT_INSTRUCTION_SUFFIX
@@ -173,7 +196,12 @@ def build_messages(
   ]
 
 
+
 # ------------------------------------------------------- results CSV ----
+
+# One cell of a results CSV as pandas reads it: a string, a number where a whole column is
+# numeric, or None where pandas gives NaN (an empty cell, "NA", "N/A", "None", "null", ...).
+Cell = Union[str, int, float, bool, None]
 
 
 def write_results_csv(rows: Sequence[Mapping[str, str]], path: str | Path) -> Path:
@@ -187,27 +215,39 @@ def write_results_csv(rows: Sequence[Mapping[str, str]], path: str | Path) -> Pa
   return files.write_csv_atomic(path, RESULTS_HEADER, table)
 
 
-def read_results_csv(path: str | Path) -> list[dict[str, str]]:
-  """Reads a results CSV; every row must have task_id, GT and output (input may be anything)."""
+def read_results_csv(path: str | Path) -> list[dict[str, Cell]]:
+  """Reads a results CSV as every official metric script does: `pandas.read_csv` defaults.
+
+  Cells that pandas reads as NaN are None; what a script does with them is its rule (see
+  `score_task`). The first four columns must be task_id,input,GT,output: scripts read them by
+  name and (`utils.csv_to_list`) by position.
+  """
+  import pandas as pd  # pylint: disable=import-outside-toplevel
+
   try:
-    handle = open(path, encoding="utf-8", newline="")
+    frame = pd.read_csv(path)
   except FileNotFoundError:
     raise MedSInputError(f"{path}: results CSV not found.") from None
-  with handle:
-    reader = csv.DictReader(handle)
-    missing = [k for k in RESULTS_HEADER if k not in (reader.fieldnames or [])]
-    if missing:
-      raise MedSInputError(
-          f"{path}:1: header {reader.fieldnames} lacks {missing}; expected {','.join(RESULTS_HEADER)}."
-      )
-    rows = []
-    for row in reader:
-      if any(row[k] is None for k in RESULTS_HEADER) or not row["task_id"]:
-        raise MedSInputError(f"{path}:{reader.line_num}: row has missing fields or no task_id.")
-      rows.append({k: row[k] for k in RESULTS_HEADER})
-  if not rows:
+  except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+    raise MedSInputError(f"{path}: not a readable results CSV ({error}); expected the header "
+                         f"{','.join(RESULTS_HEADER)} and one row per instance.") from None
+  header = [str(c) for c in frame.columns]
+  if header[:4] != list(RESULTS_HEADER):
+    missing = [k for k in RESULTS_HEADER if k not in header]
+    raise MedSInputError(f"{path}:1: header {header} lacks {missing or 'nothing, but is out of order'}; "
+                         f"expected {','.join(RESULTS_HEADER)} as the first four columns.")
+  if frame.empty:
     raise MedSInputError(f"{path}: no result rows.")
+  columns = [[None if _is_nan(v) else v for v in frame[k].tolist()] for k in RESULTS_HEADER]
+  rows = [dict(zip(RESULTS_HEADER, values)) for values in zip(*columns)]
+  for index, row in enumerate(rows):
+    if not isinstance(row["task_id"], str):
+      raise MedSInputError(f"{path}: data row {index + 1} has no task_id (found {row['task_id']!r}).")
   return rows
+
+
+def _is_nan(value: Any) -> bool:
+  return isinstance(value, float) and value != value  # pylint: disable=comparison-with-itself
 
 
 # ------------------------------------------------------------ scoring ----
@@ -219,10 +259,16 @@ def resolve_categories(
     task_categories: Mapping[str, str] | None = None,
     tasks: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, str]:
-  """Metric family per task: explicit mapping, then the official table, then task-file Categories."""
+  """Family per task: the official scripts' task lists, else `task_categories`, else Categories."""
   resolved, unknown = {}, []
   for task_id in task_ids:
-    category = (task_categories or {}).get(task_id) or OFFICIAL_TASK_CATEGORIES.get(task_id)
+    official = OFFICIAL_TASK_CATEGORIES.get(task_id)
+    explicit = (task_categories or {}).get(task_id)
+    if official and explicit and explicit != official:
+      raise MedSInputError(
+          f"--category {task_id}={explicit}: {task_id} is in the task list of the official "
+          f"{FAMILY_SCRIPT[official]} ({official}); --category is only for tasks outside the official lists.")
+    category = official or explicit
     if category is None and tasks and task_id in tasks:
       names = [str(c).strip().lower() for c in tasks[task_id].get("Categories", [])]
       category = next((CATEGORY_NAMES[n] for n in names if n in CATEGORY_NAMES), None)
@@ -234,78 +280,132 @@ def resolve_categories(
       resolved[task_id] = category
   if unknown:
     raise MedSInputError(
-        f"No metric category for {unknown}: not in the official metric scripts and no task file "
-        f"with a known 'Categories' entry. Pass --task_dir or --category TASK={'|'.join(CATEGORIES)}."
-    )
+        f"No metric category for {unknown}: not in the official metric scripts' task lists and no task "
+        f"file with a known 'Categories' entry. Pass --task_dir or --category TASK={'|'.join(CATEGORIES)}.")
   return resolved
 
 
 def task_language(task_id: str, tasks: Mapping[str, Mapping[str, Any]] | None = None) -> str:
-  """Official table for task51..56, else the task file's Output_language, else English."""
-  if task_id in OFFICIAL_TASK_LANGUAGES:
-    return OFFICIAL_TASK_LANGUAGES[task_id]
+  """Official tasks: Rationale.py's table, else English (every other script passes lang='en').
+
+  Tasks outside the official lists (ours): the task file's Output_language, else English.
+  """
+  if task_id in OFFICIAL_TASK_CATEGORIES:
+    return OFFICIAL_TASK_LANGUAGES.get(task_id, "en")
   language = (tasks or {}).get(task_id, {}).get("Output_language")
   if language:
     return text_metrics.normalize_language(language[0] if isinstance(language, list) else language)
   return "en"
 
 
+def _cast(value: Cell) -> str:
+  """`str(cell)` as the scripts call it on a pandas cell: NaN becomes "nan"."""
+  return "nan" if value is None else str(value)
+
+
+def _is_blank(value: Cell) -> bool:
+  return value is None or (isinstance(value, str) and not value.strip())
+
+
+def generation_scores(category: str, language: str, rows: Sequence[Mapping[str, Cell]]
+                      ) -> list[tuple[float, float]]:
+  """(BLEU-1, ROUGE-L) in [0, 1] of each row that enters the family's mean, by its script's rule."""
+  scores = []
+  for row in rows:
+    output, gold = row["output"], row["GT"]
+    both_text = isinstance(output, str) and isinstance(gold, str)
+    if category == RATIONALE:
+      # Rationale.py strips both and skips empty ones. Its .strip() crashes on NaN (an empty
+      # cell): skipped here too.
+      if not both_text or not output.strip() or not gold.strip():
+        continue
+      output, gold = output.strip(), gold.strip()
+    elif category in (CONCEPT_EXPLANATION, TEXT_GENERATION):
+      # ConceptExplanation.py skips non-strings (NaN) and scores the raw text.
+      if not both_text:
+        continue
+    elif category == FACT_VERIFICATION_GENERATION:
+      # FactVerification.py: output stripped and lower-cased, GT without '.'; an empty output
+      # counts as 0 in the mean. Its string methods crash on NaN: 0 here too.
+      if not both_text or not output.strip():
+        scores.append((0.0, 0.0))
+        continue
+      output, gold = output.strip().lower(), gold.replace(".", "").strip().lower()
+    else:
+      # TextSummarization.py, evaluate_nli_gen: every row counts, raw text. word_tokenize
+      # crashes on NaN: 0 here.
+      if not both_text:
+        scores.append((0.0, 0.0))
+        continue
+    scores.append((text_metrics.bleu1(output, gold, language), text_metrics.rouge_l(output, gold, language)))
+  return scores
+
+
+def accuracy_hits(task_id: str, category: str, rows: Sequence[Mapping[str, Cell]]) -> list[bool]:
+  """Right or wrong per row, by the family's script."""
+  if category == MCQA:
+    yes_no = task_id in YES_NO_MCQA_TASKS
+    return [text_metrics.mcqa_correct(_cast(r["output"]), _cast(r["GT"]), yes_no=yes_no) for r in rows]
+  if category in _CAST_RULES:  # these scripts call str() on both cells first
+    match = _CAST_RULES[category]
+    return [match(_cast(r["output"]), _cast(r["GT"])) for r in rows]
+  # Diagnosis.py, TreatmentPlanning.py, FactVerification.py call string methods on the raw
+  # cells and crash on NaN: such a row is wrong here.
+  match = _RAW_RULES[category]
+  return [r["output"] is not None and r["GT"] is not None and match(str(r["output"]), str(r["GT"]))
+          for r in rows]
+
+
+_CAST_RULES = {
+    NLI: text_metrics.nli_match,
+    INFORMATION_EXTRACTION: text_metrics.information_extraction_match,
+    CLINICAL_OUTCOME: text_metrics.clinical_outcome_match,
+}
+_RAW_RULES = {
+    DIAGNOSIS: text_metrics.diagnosis_match,
+    TREATMENT_PLANNING: text_metrics.treatment_planning_match,
+    FACT_VERIFICATION: text_metrics.fact_verification_match,
+}
+
+
 def score_task(
-    task_id: str, category: str, language: str, rows: Sequence[Mapping[str, str]]
+    task_id: str, category: str, language: str, rows: Sequence[Mapping[str, Cell]]
 ) -> dict[str, Any]:
-  """Metrics for one task's rows, in percent; `n` rows scored, `n_empty` empty outputs."""
-  empty = sum(not r["output"].strip() for r in rows)
-  result: dict[str, Any] = {"category": category, "language": language}
-  if category == TEXT_GENERATION:
-      # Official Rationale/Explanation skip empty outputs (they are not averaged in).
-    scored = [r for r in rows if r["output"].strip() and r["GT"].strip()]
-    n = len(scored)
-    result["bleu1"] = _mean_percent(
-        [text_metrics.bleu1(r["output"].strip(), r["GT"].strip(), language) for r in scored]
-    )
-    result["rougeL"] = _mean_percent(
-        [text_metrics.rouge_l(r["output"].strip(), r["GT"].strip(), language) for r in scored]
-    )
-  elif category == FACT_VERIFICATION_GENERATION:
-      # Official: lower-cased, periods dropped from GT, empty outputs count as 0 in the mean.
-    n = len(rows)
-    pairs = [(r["output"].strip().lower(), r["GT"].replace(".", "").strip().lower()) for r in rows]
-    result["bleu1"] = _mean_percent([text_metrics.bleu1(o, g, "en") if o else 0.0 for o, g in pairs])
-    result["rougeL"] = _mean_percent([text_metrics.rouge_l(o, g, "en") if o else 0.0 for o, g in pairs])
+  """Metrics of one task's rows by its family's script, in percent.
+
+  `n`: rows in the mean; `n_empty`: outputs that are blank or NaN as read (empty
+  generations), which the scripts skip, score as wrong, or crash on (see the rules above).
+  """
+  official = task_id in OFFICIAL_TASK_CATEGORIES or category == DIAGNOSIS  # Diagnosis.py lists no ids
+  result: dict[str, Any] = {"category": category, "language": language,
+                            "script": FAMILY_SCRIPT[category] if official else "ours"}
+  if category in GENERATION_CATEGORIES:
+    scores = generation_scores(category, language, rows)
+    n = len(scores)
+    result["bleu1"] = _mean_percent([b for b, _ in scores])
+    result["rougeL"] = _mean_percent([r for _, r in scores])
   elif category == NER:
-    n = len(rows)
-    counts = [text_metrics.ner_counts(r["output"], r["GT"]) for r in rows]
+    # NamedEntityRecognition.py skips rows whose output is not a string (NaN); its .replace
+    # crashes on a NaN GT: skipped here too. Counts are pooled over the task's rows.
+    kept = [r for r in rows if isinstance(r["output"], str) and isinstance(r["GT"], str)]
+    n = len(kept)
+    counts = [text_metrics.ner_counts(r["output"], r["GT"]) for r in kept]
     result["f1"] = 100 * text_metrics.f1_from_counts(*(sum(c[i] for c in counts) for i in range(3)))
   elif category == TEXT_CLASSIFICATION:
     n = len(rows)
-    classes = OFFICIAL_TASK_CLASSES.get(task_id) or sorted(
-        {r["GT"].lower().strip().rstrip(".") for r in rows}
-    )
-    gold = [text_metrics.labels_in_text(r["GT"], classes) for r in rows]
-    predicted = [text_metrics.labels_in_text(r["output"], classes) for r in rows]
+    gold_texts, output_texts = [_cast(r["GT"]) for r in rows], [_cast(r["output"]) for r in rows]
+    # Tasks outside TextClassification.py's list (ours): the labels are the GT values seen.
+    classes = OFFICIAL_TASK_CLASSES.get(task_id) or sorted({g.lower().strip().rstrip(".") for g in gold_texts})
+    gold = [text_metrics.labels_in_text(g, classes) for g in gold_texts]
+    predicted = [text_metrics.labels_in_text(o, classes) for o in output_texts]
     p, rec, f1 = text_metrics.macro_prf1(gold, predicted, classes)
     result.update(precision=100 * p, recall=100 * rec, f1=100 * f1)
-  elif category == MCQA:
-    n = len(rows)
-    yes_no = task_id in YES_NO_MCQA_TASKS
-    hits = [text_metrics.mcqa_correct(r["output"], r["GT"], yes_no=yes_no) for r in rows]
-    result["accuracy"] = _mean_percent([float(h) for h in hits])
   else:
-    n = len(rows)
-    match = _ACCURACY_RULES[category]
-    result["accuracy"] = _mean_percent([float(match(r["output"], r["GT"])) for r in rows])
-  result.update(n=n, n_empty=empty)
+    hits = accuracy_hits(task_id, category, rows)
+    n = len(hits)
+    result["accuracy"] = _mean_percent([float(h) for h in hits])
+  result.update(n=n, n_empty=sum(_is_blank(r["output"]) for r in rows))
   return result
-
-
-_ACCURACY_RULES = {
-    INFORMATION_EXTRACTION: text_metrics.information_extraction_match,
-    DIAGNOSIS: text_metrics.diagnosis_match,
-    TREATMENT_PLANNING: text_metrics.treatment_planning_match,
-    NLI: text_metrics.nli_match,
-    CLINICAL_OUTCOME: text_metrics.clinical_outcome_match,
-    FACT_VERIFICATION: text_metrics.fact_verification_match,
-}
 
 
 def _task_number(task_id: str) -> tuple[int, str]:
@@ -317,14 +417,88 @@ def _mean_percent(values: Sequence[float]) -> float:
   return 100 * sum(values) / len(values) if values else 0.0
 
 
+def _pair(metrics: Mapping[str, Any] | None, missing: float) -> dict[str, float]:
+  if metrics is None:
+    return {"bleu1": missing, "rougeL": missing}
+  return {"bleu1": metrics["bleu1"], "rougeL": metrics["rougeL"]}
+
+
+def _table(task_ids: Sequence[str], per_task: Mapping[str, Mapping[str, Any]], metric: str | None,
+           *, missing: float = 0.0, average: bool = True) -> dict[str, Any]:
+  """A script's row: each listed task (its placeholder when absent) and its "Avg." over them."""
+  if metric is None:  # a BLEU/ROUGE pair
+    table: dict[str, Any] = {t: _pair(per_task.get(t), missing) for t in task_ids}
+    if average:
+      table["Avg."] = {k: sum(table[t][k] for t in task_ids) / len(task_ids) for k in ("bleu1", "rougeL")}
+  else:
+    table = {t: per_task[t][metric] if t in per_task else missing for t in task_ids}
+    if average:
+      table["Avg."] = sum(table[t] for t in task_ids) / len(task_ids)
+  return table
+
+
+def official_results(per_task: Mapping[str, Mapping[str, Any]],
+                     rows_by_task: Mapping[str, Sequence[Mapping[str, Cell]]]) -> dict[str, Any]:
+  """Per official script whose tasks are in the file: the numbers it writes, under its keys (percent).
+
+  Absent listed tasks get the script's placeholder (0; -1 in TextSummarization.py) and enter
+  its "Avg." as they do there. MCQA.py imports a `write_results_to_csv` that `utils.py` lacks
+  at HEAD, so it stops before writing: its entry is the per-task accuracy it computes.
+  Diagnosis.py pools every row of its file; here, every row of the diagnosis tasks (the
+  official eval writes one file per benchmark folder).
+  """
+  lists = {family: tasks for families in OFFICIAL_SCRIPTS.values() for family, tasks in families.items()}
+  present = set(per_task)
+  out: dict[str, Any] = {}
+  if present & set(lists[MCQA]):
+    out["MCQA.py"] = _table(lists[MCQA], per_task, "accuracy", average=False)
+  for script, family in (("Rationale.py", RATIONALE), ("ConceptExplanation.py", CONCEPT_EXPLANATION)):
+    if present & set(lists[family]):
+      out[script] = _table(lists[family], per_task, None)
+  if present & set(lists[TEXT_SUMMARIZATION]):
+    table = _table(SUMMARIZATION_PRIMARY, per_task, None, missing=-1.0)
+    average = table.pop("Avg.")
+    for pool, task_ids in SUMMARIZATION_POOLS.items():
+      pooled = [row for t in task_ids for row in rows_by_task.get(t, ())]
+      scores = generation_scores(TEXT_SUMMARIZATION, "en", pooled)
+      table[pool] = ({"bleu1": _mean_percent([b for b, _ in scores]), "rougeL": _mean_percent([r for _, r in scores])}
+                     if scores else _pair(None, -1.0))
+    out["TextSummarization.py"] = {**table, "Avg.": average}
+  if present & set(lists[NLI] + lists[NLI_GENERATION]):
+    out["NatureLanguageInference.py"] = {"NLI": _table(lists[NLI], per_task, "accuracy"),
+                                         "NLI_GEN": _table(lists[NLI_GENERATION], per_task, None)}
+  if present & set(lists[NER]):
+    out["NamedEntityRecognition.py"] = _table(lists[NER], per_task, "f1")
+  if "task106" in present:
+    m = per_task["task106"]
+    out["TextClassification.py"] = {"precision": m["precision"], "recall": m["recall"], "f1_score": m["f1"]}
+  for script, family in (("InformationExtraction.py", INFORMATION_EXTRACTION),
+                         ("TreatmentPlanning.py", TREATMENT_PLANNING),
+                         ("ClinicalOutcomePrediction.py", CLINICAL_OUTCOME)):
+    if present & set(lists[family]):
+      out[script] = _table(lists[family], per_task, "accuracy")
+  diagnosis = [t for t, m in per_task.items() if m["category"] == DIAGNOSIS]
+  if diagnosis:
+    hits = [h for t in diagnosis for h in accuracy_hits(t, DIAGNOSIS, rows_by_task[t])]
+    out["Diagnosis.py"] = {"Accuracy": _mean_percent([float(h) for h in hits])}
+  if present & set(lists[FACT_VERIFICATION] + lists[FACT_VERIFICATION_GENERATION]):
+    out["FactVerification.py"] = {**_table(lists[FACT_VERIFICATION], per_task, "accuracy", average=False),
+                                  **_table(lists[FACT_VERIFICATION_GENERATION], per_task, None, average=False)}
+  return out
+
+
 def score_rows(
-    rows: Sequence[Mapping[str, str]],
+    rows: Sequence[Mapping[str, Cell]],
     *,
     task_categories: Mapping[str, str] | None = None,
     tasks: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-  """Scores result rows: `{"tasks": {id: metrics}, "categories": {family: mean metrics}}`."""
-  by_task: dict[str, list[Mapping[str, str]]] = {}
+  """Scores result rows (cells as `read_results_csv` gives them).
+
+  Returns `tasks` (per task, by its script's rule), `official` (`official_results`),
+  `categories` (ours: the unweighted mean of each family's tasks in these rows) and `n_rows`.
+  """
+  by_task: dict[str, list[Mapping[str, Cell]]] = {}
   for row in rows:
     by_task.setdefault(row["task_id"], []).append(row)
   task_ids = sorted(by_task, key=_task_number)
@@ -343,7 +517,8 @@ def score_rows(
       if name in members[0]:
         entry[name] = sum(m[name] for m in members) / len(members)
     entry["n"] = sum(m["n"] for m in members)
-  return {"tasks": per_task, "categories": per_category, "n_rows": len(rows)}
+  return {"tasks": per_task, "official": official_results(per_task, by_task), "categories": per_category,
+          "n_rows": len(rows)}
 
 
 def score_results(
@@ -351,28 +526,55 @@ def score_results(
     *,
     task_categories: Mapping[str, str] | None = None,
     task_dir: str | Path | None = None,
+    tasks: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-  """Reads a results CSV (and optional task folder for Categories/languages) and scores it."""
-  tasks = load_task_dir(task_dir) if task_dir else None
+  """Reads a results CSV (pandas defaults) and scores it; a task folder (or loaded `tasks`)
+  gives Categories and languages of tasks outside the official lists."""
+  if task_dir:
+    tasks = load_task_dir(task_dir)
   return score_rows(read_results_csv(csv_path), task_categories=task_categories, tasks=tasks)
 
 
+METRIC_NAMES = ("accuracy", "bleu1", "rougeL", "f1", "precision", "recall")
+
+
 def summary_table(results: Mapping[str, Any]) -> str:
-  """Markdown: one line per task, then one per category (metrics in percent)."""
-  metric_names = ("accuracy", "bleu1", "rougeL", "f1", "precision", "recall")
+  """Markdown: one line per task, one per family (ours), then each official script's numbers."""
 
   def cells(metrics: Mapping[str, Any]) -> list[str]:
-    return [f"{metrics[m]:.2f}" if m in metrics else "" for m in metric_names]
+    return [f"{metrics[m]:.2f}" if m in metrics else "" for m in METRIC_NAMES]
 
   rows = [
-      [task_id, m["category"], m["language"], m["n"], m["n_empty"], *cells(m)]
+      [task_id, m["category"], m["script"], m["language"], m["n"], m["n_empty"], *cells(m)]
       for task_id, m in results["tasks"].items()
   ]
   rows += [
-      [f"**{category}**", f"{len(m['tasks'])} tasks", "", m["n"], "", *cells(m)]
+      [f"**{category}**", f"{len(m['tasks'])} tasks", "ours: mean of tasks", "", m["n"], "", *cells(m)]
       for category, m in results["categories"].items()
   ]
-  return reporting.markdown_table(["task", "category", "lang", "n", "empty", *metric_names], rows)
+  text = reporting.markdown_table(["task", "category", "script", "lang", "n", "empty", *METRIC_NAMES], rows)
+  official = [[script, key, _official_cell(value)] for script, table in results["official"].items()
+              for key, value in _flatten(table)]
+  if official:
+    text += "\nAs the official scripts write them (BLEU/ROUGE as bleu1/rougeL):\n"
+    text += reporting.markdown_table(["script", "key", "value"], official)
+  return text
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+  items = []
+  for key, value in table.items():
+    if isinstance(value, Mapping) and "bleu1" not in value:
+      items += _flatten(value, f"{prefix}{key}/")
+    else:
+      items.append((prefix + key, value))
+  return items
+
+
+def _official_cell(value: Any) -> str:
+  if isinstance(value, Mapping):
+    return f"{value['bleu1']:.2f}/{value['rougeL']:.2f}"
+  return f"{value:.2f}"
 
 
 def _parse_category_flags(values: Sequence[str]) -> dict[str, str]:
@@ -385,14 +587,37 @@ def _parse_category_flags(values: Sequence[str]) -> dict[str, str]:
   return mapping
 
 
-
 # -------------------------------------------------------------- the run ----
 
-def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str) -> tuple[dict, str]:
-  """MedS-Bench: 3-shot greedy generation per instance, `results.csv`, then scoring.
 
-  Writes `results.csv` (task_id,input,GT,output), `results.json` (`score_rows` plus
-  generation counts) and `results.md`. Returns `(results, summary text)`.
+class TruncatedTemplate:
+  """A chat template whose prompts are cut to `limit` tokens on one side.
+
+  eval.py tokenizes with `model_max_length=2048, truncation=True`: the tokenizer's default
+  side, right, so an overlong prompt loses its end (the query and the assistant header).
+  """
+
+  def __init__(self, template, limit: int, side: str):
+    self.template, self.limit, self.side, self.num_cut = template, limit, side, 0
+    self.stop_token_ids = template.stop_token_ids
+
+  def render_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+    return self.template.render_prompt(messages)
+
+  def encode_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    ids = self.template.encode_prompt(messages)
+    if len(ids) <= self.limit:
+      return ids
+    self.num_cut += 1
+    return ids[:self.limit] if self.side == "right" else ids[len(ids) - self.limit:]
+
+
+def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str) -> tuple[dict, str]:
+  """MedS-Bench: 3-shot greedy generation per instance, `results.csv`, then scoring it.
+
+  Writes `results.csv` (task_id,input,GT,output; `input` is the whole prompt, as eval.py
+  writes it), then reads it back as the official scripts do and writes `results.json`
+  (`score_rows` plus generation counts) and `results.md`. Returns `(results, summary text)`.
   """
   tasks = load_task_dir(config.task_dir)
   pairs = [(task, instance) for task in tasks.values() for instance in task["Instances"]]
@@ -401,14 +626,19 @@ def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str)
   conversations = [build_messages(
       task, instance, shots=select_shots(task, instance, config.shots, seed=config.seed))
                    for task, instance in pairs]
-  texts, counts = chat.generate(conversations, max_new_tokens=config.max_new_tokens, desc="MedS-Bench")
+  template = TruncatedTemplate(chat.template, config.model_max_length, config.truncation_side)
+  truncating = runner.ChatModel(chat.model, chat.tokenizer, template, mesh=chat.mesh,
+                                batch_size=chat.batch_size, max_prompt_len=chat.max_prompt_len)
+  texts, counts = truncating.generate(conversations, max_new_tokens=config.max_new_tokens, desc="MedS-Bench")
+  counts["cut_at_model_max_length"] = template.num_cut
   rows = [{"task_id": task["task_id"], "input": chat.template.render_prompt(messages),
            "GT": gold_output(instance), "output": samples[0]}
           for (task, instance), messages, samples in zip(pairs, conversations, texts)]
-  write_results_csv(rows, os.path.join(out_dir, "results.csv"))
-  results = score_rows(rows, tasks=tasks)
+  csv_path = write_results_csv(rows, os.path.join(out_dir, "results.csv"))
+  results = score_results(csv_path, tasks=tasks)
   results["counts"] = counts
-  results["settings"] = runner.settings(config, ("shots", "max_new_tokens", "task_dir"))
+  results["settings"] = runner.settings(
+      config, ("shots", "max_new_tokens", "model_max_length", "truncation_side", "task_dir"))
   files.write_json_atomic(os.path.join(out_dir, "results.json"), results)
   files.write_text_atomic(os.path.join(out_dir, "results.md"), summary_table(results))
   return results, _meds_summary(results)
@@ -419,8 +649,8 @@ def _meds_summary(results: Mapping[str, Any]) -> str:
   rows = [[category, len(m["tasks"]), m["n"], *(f"{m[k]:.2f}" if k in m else "" for k in metrics)]
           for category, m in results["categories"].items()]
   counts = ", ".join(f"{k}={v}" for k, v in results["counts"].items())
-  return ("MedS-Bench (3-shot, greedy)\n" + reporting.markdown_table(["category", "tasks", "n", *metrics], rows)
-          + f"counts: {counts}\n")
+  return ("MedS-Bench (3-shot, greedy; per family, mean of its tasks)\n"
+          + reporting.markdown_table(["category", "tasks", "n", *metrics], rows) + f"counts: {counts}\n")
 
 
 def _report_cells(results: Mapping[str, Any]) -> dict[str, float]:
@@ -428,9 +658,18 @@ def _report_cells(results: Mapping[str, Any]) -> dict[str, float]:
           for metric, value in metrics.items() if metric not in ("tasks", "n")}
 
 
+def _validate(config: ml_collections.ConfigDict) -> None:
+  if config.truncation_side not in ("right", "left"):
+    raise runner.EvalConfigError(f"config.truncation_side={config.truncation_side!r}; expected 'right' "
+                                 "(eval.py's tokenizer default) or 'left'.")
+  if config.model_max_length < 1:
+    raise runner.EvalConfigError(f"config.model_max_length={config.model_max_length} must be >= 1.")
+
+
 BENCHMARK = runner.Benchmark(
     name="meds_bench", inputs=(("task_dir", lambda c: True),), result_name=lambda config: "meds_bench",
-    run=run, report_cells=_report_cells)
+    run=run, report_cells=_report_cells, validate=_validate)
+
 
 def score_command(results_csv: str, out: str, task_dir: str | None = None,
                   category: Sequence[str] = ()) -> int:
@@ -454,7 +693,7 @@ def define_flags() -> None:
   flags.DEFINE_string("results", None, "Results CSV (task_id,input,GT,output).", required=True)
   flags.DEFINE_string("out", None, "Results JSON path (markdown written beside it).", required=True)
   flags.DEFINE_string("task_dir", None, "Folder of task*.json files (Categories, languages).")
-  flags.DEFINE_multi_string("category", [], "TASK=CATEGORY override, repeatable.")
+  flags.DEFINE_multi_string("category", [], "TASK=CATEGORY for a task outside the official lists, repeatable.")
 
 
 def main(argv: Sequence[str]) -> int:
