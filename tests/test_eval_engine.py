@@ -1,4 +1,4 @@
-"""Evaluation engine: HF parity (greedy tokens, log-likelihoods), sharding, bucketing, sampling."""
+"""Evaluation engine: HF parity (greedy tokens, repetition penalty, log-likelihoods), sharding, bucketing, sampling."""
 
 import json
 import os
@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import transformers
 from flax import nnx
 
 from csft_jax import loading
@@ -34,13 +35,16 @@ def hf_pair(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> str:
   path = tmp_path_factory.mktemp("engine_tiny")
-  make_hf_model("llama", seed=1).save_pretrained(path)
+  hf_model = make_hf_model("llama", seed=1)
+  hf_model.config.max_position_embeddings = 1024  # Room for CMB's 512 new tokens.
+  hf_model.generation_config.eos_token_id = None
+  hf_model.save_pretrained(path)
   return str(path)
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_dir):
-  """A tiny random Llama (vocab 101); loading it is faster than an eager random init."""
+  """A tiny random Llama (vocab 101, 1,024 positions); loading it is faster than an eager random init."""
   return load_hf(tiny_dir)
 
 
@@ -167,6 +171,35 @@ def test_sampling_is_seeded_and_independent_of_batching(tiny_model):
   assert [samples[0] for samples in nucleus] == [samples[1] for samples in nucleus] == greedy
 
 
+def _hf_generate_one_by_one(hf_model, prompts, max_new_tokens: int, eos, **options) -> list[list[int]]:
+  """transformers `generate` per prompt (no padding, so HF penalises no pad token), cut after a stop."""
+  rows = []
+  for prompt in prompts:
+    with torch.no_grad():
+      out = hf_model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                              **options)
+    row = out[0, len(prompt):].tolist()
+    end = next((i + 1 for i, t in enumerate(row) if eos is not None and t in eos), len(row))
+    rows.append(row[:end])
+  return rows
+
+
+def test_repetition_penalty_greedy_is_token_identical_to_hf_generate(tiny_dir, tiny_model):
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+  prompts = _prompts(101, [5, 11, 3, 8])
+  prompts[1][6:] = prompts[1][:5]  # A prompt that repeats itself: its tokens are penalised from step 0.
+  penalised = _hf_generate_one_by_one(hf_model, prompts, 12, None, repetition_penalty=1.1)
+  assert penalised != _hf_generate_one_by_one(hf_model, prompts, 12, None), "the penalty changed nothing"
+  # Stop tokens that every row reaches within 12 steps: a 512-token budget ends early, as in HF.
+  stops = sorted({row[len(row) // 2] for row in penalised})
+  expected = _hf_generate_one_by_one(hf_model, prompts, 512, stops, repetition_penalty=1.1)
+  assert max(map(len, expected)) <= 12
+  sampling = engine.Sampling(repetition_penalty=1.1)
+  got = engine.generate(tiny_model, prompts, 512, stops, sampling=sampling, batch_size=4).tokens
+  assert [samples[0] for samples in got] == expected
+
+
 def test_bad_inputs_raise_clear_errors(tiny_model):
   with pytest.raises(ValueError, match="prompt 1 is empty"):
     engine.greedy_generate(tiny_model, [[1, 2], []], 4, None)
@@ -174,6 +207,8 @@ def test_bad_inputs_raise_clear_errors(tiny_model):
     engine.score_continuations(tiny_model, [[1, 2]], [[]])
   with pytest.raises(ValueError, match="top_p"):
     engine.Sampling(temperature=1.0, top_p=0.0)
+  with pytest.raises(ValueError, match="repetition_penalty=0 must be > 0"):
+    engine.Sampling(repetition_penalty=0)
 
 
 def test_load_model_from_hf_directory(tiny_dir, tiny_model):

@@ -53,16 +53,25 @@ Progress = Callable[[int], None]
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-  """How the next token is chosen: argmax when `temperature == 0`, else temperature + top-p."""
+  """How the next token is chosen: argmax when `temperature == 0`, else temperature + top-p.
+
+  `repetition_penalty` has Hugging Face's meaning (`RepetitionPenaltyLogitsProcessor`, applied
+  before temperature and top-p): the logit of every token already in the sequence, prompt
+  included, is divided by it where positive and multiplied by it where negative; 1.0 is off.
+  Left padding is not part of a sequence, so unlike HF's padded batches it is never penalised.
+  """
 
   temperature: float = 0.0
   top_p: float = 1.0
+  repetition_penalty: float = 1.0
 
   def __post_init__(self):
     if self.temperature < 0:
       raise ValueError(f"Sampling temperature={self.temperature} must be >= 0 (0 = greedy).")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"Sampling top_p={self.top_p} must be in (0, 1].")
+    if not self.repetition_penalty > 0:
+      raise ValueError(f"Sampling repetition_penalty={self.repetition_penalty} must be > 0 (1.0 = off).")
 
   @property
   def greedy(self) -> bool:
@@ -215,8 +224,32 @@ def _top_p_logits(logits: jax.Array, top_p: float) -> jax.Array:
   return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-def _next_token(logits: jax.Array, row_keys: jax.Array, step: jax.Array, sampling: Sampling) -> jax.Array:
-  """`[B, V]` float32 logits -> `[B]` token ids."""
+def _seen_tokens(tokens: jax.Array, segment_ids: jax.Array, vocab_size: int) -> jax.Array:
+  """`[B, V]` bool: the tokens each row's prompt holds (what the repetition penalty applies to)."""
+  # Padding (segment 0) goes to the out-of-range id `vocab_size`, which the scatter drops.
+  ids = jnp.where(segment_ids > 0, tokens, vocab_size)
+  rows = jnp.arange(tokens.shape[0])[:, None]
+  seen = jnp.zeros((tokens.shape[0], vocab_size), bool).at[rows, ids].set(True, mode="drop")
+  return sharding.constrain(seen, ("batch", "vocab"))
+
+
+def _add_seen(seen: jax.Array | None, token: jax.Array) -> jax.Array | None:
+  if seen is None:
+    return None
+  return seen.at[jnp.arange(token.shape[0]), token].set(True)
+
+
+def _penalize_repeats(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+  """HF's repetition penalty: seen tokens' logits divided by `penalty` if positive, else multiplied."""
+  penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
+  return jnp.where(seen, penalized, logits)
+
+
+def _next_token(logits: jax.Array, row_keys: jax.Array, step: jax.Array, sampling: Sampling,
+                seen: jax.Array | None) -> jax.Array:
+  """`[B, V]` float32 logits -> `[B]` token ids; `seen` marks the tokens to penalise."""
+  if seen is not None:
+    logits = _penalize_repeats(logits, seen, sampling.repetition_penalty)
   if sampling.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / sampling.temperature
@@ -253,28 +286,32 @@ def _generate_batch(graphdef, state, tokens, segment_ids, positions, active, sto
                           last_logits_only=True)
     # Left padding puts every row's last real token in the last column.
     first_position = positions[:, -1] + 1
-    token = _next_token(logits[:, -1], row_keys, jnp.int32(0), sampling)
+    seen = (_seen_tokens(tokens, segment_ids, logits.shape[-1]) if sampling.repetition_penalty != 1
+            else None)
+    token = _next_token(logits[:, -1], row_keys, jnp.int32(0), sampling, seen)
+    seen = _add_seen(seen, token)
     out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
     done = ~active | _is_stop(token, stop_ids)
     ones = jnp.ones((batch, 1), jnp.int32)
 
     def keep_going(carry):
-      _, step, _, _, done, _ = carry
+      _, step, _, _, done, _, _ = carry
       return (step < max_new_tokens) & ~jnp.all(done)
 
     def decode_step(carry):
       # The weights ride in the carry (unchanged): NNX refuses to use arrays closed over from the
       # enclosing trace inside the loop's own trace.
-      state, step, cache, token, done, out = carry
+      state, step, cache, token, done, out, seen = carry
       logits, cache = nnx.merge(graphdef, state)(
           token[:, None], positions=(first_position + step - 1)[:, None], segment_ids=ones, cache=cache)
-      new = _next_token(logits[:, 0], row_keys, step, sampling)
+      new = _next_token(logits[:, 0], row_keys, step, sampling, seen)
       new = jnp.where(done, token, new)
       out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
-      return state, step + 1, cache, new, done | _is_stop(new, stop_ids), out
+      return state, step + 1, cache, new, done | _is_stop(new, stop_ids), out, _add_seen(seen, new)
 
-    carry = (state, jnp.int32(1), cache, token, done, out)
-    return jax.lax.while_loop(keep_going, decode_step, carry)[-1]
+    carry = (state, jnp.int32(1), cache, token, done, out, seen)
+    _, _, _, _, _, out, _ = jax.lax.while_loop(keep_going, decode_step, carry)
+    return out
 
 
 _generate_batch_jit = jax.jit(_generate_batch, static_argnames=("graphdef", "mesh", "max_new_tokens", "sampling"))
@@ -303,7 +340,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
     prompts: token ids per prompt (no padding); each needs at least one token.
     max_new_tokens: the most new tokens per sequence.
     eos_token_id: stop token id(s) (e.g. end-of-turn and end-of-sequence), or None.
-    sampling: `GREEDY` (default) or temperature/top-p sampling.
+    sampling: `GREEDY` (default) or temperature/top-p sampling, optionally with a repetition penalty.
     num_samples: sequences per prompt (e.g. several samples for CMB's majority vote).
     seed: sampling seed (see the module docstring for what it determines).
     batch_size: sequences per compiled batch (rounded up to the data-parallel size).
