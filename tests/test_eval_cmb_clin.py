@@ -1,13 +1,15 @@
-"""CMB-Clin: multi-turn prompts with gold history, official judge prompt, proxy scores."""
+"""CMB-Clin: multi-turn prompts with gold history as the official workers, decoding, judge prompt, proxies."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from csft_jax.eval import cmb_clin, text_metrics
+from configs.eval import cmb_clin as cmb_clin_config
+from csft_jax.eval import cmb_clin, engine, text_metrics
 
-SAMPLE = Path(__file__).resolve().parents[1] / "csft_jax" / "assets" / "eval" / "cmb_sample" / "clin.json"
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "csft_jax" / "assets" / "eval" / "cmb_sample" / "clin.json"
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +20,9 @@ def cases():
 def test_first_turn_and_gold_history(cases):
   case = cases[0]
   first = cmb_clin.build_messages(case, 0)
-  assert first == [{
-      "role": "user",
-      "content": "以下是一位病人的病例：\n" + case["description"] + "\n" + case["QA_pairs"][0]["question"],
-  }]
+  # As every official worker's collate_conv: description and question joined with nothing between.
+  assert first == [{"role": "user", "content": case["description"] + case["QA_pairs"][0]["question"]}]
+  assert first[0]["content"].startswith(case["description"][:20]) and "以下是一位病人的病例" not in first[0]["content"]
   third = cmb_clin.build_messages(case, 2, system_prompt="你是医生。")
   assert [m["role"] for m in third] == ["system", "user", "assistant", "user", "assistant", "user"]
   assert third[1] == first[0]
@@ -57,8 +58,9 @@ def test_records_and_summary(cases, tmp_path):
   assert len(records) == 5
   assert records[0]["rougeL"] == pytest.approx(1.0, abs=1e-6) and records[0]["bleu1"] == pytest.approx(1.0)
   empty = records[3]
-  assert empty["empty"] and empty["judge_scores"] == cmb_clin.EMPTY_ANSWER_SCORES
-  assert empty["rougeL"] == 0.0 and empty["bleu1"] == 0.0
+  assert empty["empty"] and empty["rougeL"] == 0.0 and empty["bleu1"] == 0.0
+  assert f"[ answer ]\n\n[ end of answer ]" in empty["judge_prompt"]  # judged like any other answer
+  assert "judge_scores" not in empty  # we never invent a judge's score
   last = records[4]
   assert last["bleu1"] == pytest.approx(text_metrics.bleu1("多运动。", cases[1]["QA_pairs"][1]["solution"], "zh"))
   summary = cmb_clin.write_outputs(records, tmp_path / "clin.json")
@@ -78,3 +80,38 @@ def test_bad_clin_file(tmp_path):
   path.write_text(json.dumps([{"id": 0, "title": "t"}]))
   with pytest.raises(cmb_clin.ClinInputError, match=r"missing field\(s\) \['description', 'QA_pairs'\]"):
     cmb_clin.load_clin(path)
+
+
+class _RecordingChat:
+  """A ChatModel stand-in that records what CMB-Clin asks for and answers '答'."""
+
+  def __init__(self):
+    self.calls = []
+
+  def generate(self, conversations, **options):
+    self.calls.append((conversations, options))
+    return [["答"] for _ in conversations], {"prompts": len(conversations)}
+
+
+def test_run_decodes_as_the_official_workers(tmp_path, cases):
+  config = cmb_clin_config.get_config()
+  assert config.max_new_tokens == 512 and config.repetition_penalty == 1.1
+  config.clin = str(SAMPLE)  # The evaluator resolves pkg:// paths when it loads a config file.
+  chat = _RecordingChat()
+  summary, _ = cmb_clin.run(chat, config, str(tmp_path))
+  ((conversations, options),) = chat.calls
+  assert options["max_new_tokens"] == 512
+  assert options["sampling"] == engine.Sampling(temperature=0.0, repetition_penalty=1.1)  # greedy
+  assert conversations[0] == [{"role": "user", "content": cases[0]["description"] + cases[0]["QA_pairs"][0]["question"]}]
+  assert len(conversations) == summary["n"] == sum(len(c["QA_pairs"]) for c in cases)
+  assert summary["settings"]["repetition_penalty"] == 1.1
+  config.repetition_penalty = 0.0
+  with pytest.raises(cmb_clin.runner.EvalConfigError, match="repetition_penalty"):
+    cmb_clin.BENCHMARK.validate(config)
+
+
+def test_no_official_judge_script_is_claimed():
+  """The CMB repository has no judge script: only the README's judge prompt exists."""
+  sources = [*REPO.glob("csft_jax/**/*.py"), *REPO.glob("configs/**/*.py")]
+  claims = [str(path) for path in sources if "judge script" in path.read_text(encoding="utf-8").lower()]
+  assert claims == []

@@ -2,8 +2,10 @@
 
   python -m csft_jax.evaluate --config=configs/eval/cmb_clin.py --config.checkpoint=W
 
-Writes <workdir>/eval/cmb_clin/results.json: per question the answer, the ready-to-send official
-judge prompt and local ROUGE-L / BLEU-1 proxies (the official score is the LLM judge).
+Generation as the official CMB workers run CMB-Clin: greedy, at most 512 new tokens
+(`configs/model_config.yaml`), repetition_penalty 1.1 (`workers/base.py`, Hugging Face semantics).
+Writes <workdir>/eval/cmb_clin/results.json: per question the answer, the ready-to-send judge
+prompt (the CMB README's) and local ROUGE-L / BLEU-1 proxies (CMB-Clin is scored by an LLM judge).
 """
 
 import ml_collections
@@ -16,5 +18,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   config = default_eval_config("cmb_clin")
   config.clin = "pkg://csft_jax/assets/eval/cmb_sample/clin.json"
-  config.max_new_tokens = 256
+  config.max_new_tokens = 512
+  config.repetition_penalty = 1.1  # 1.0 turns it off.
   return config

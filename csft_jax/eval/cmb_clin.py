@@ -1,15 +1,17 @@
 """CMB-Clin: multi-turn clinical case questions with gold history, judge prompts, local proxy.
 
-Protocol (FreedomIntelligence/CMB README, "CMB-Clin Prompt"): the first user
-turn is `以下是一位病人的病例：\\n{description}\\n{question_1}`; every later
-question is a new user turn, and the earlier assistant turns carry the *gold*
-solutions, not the model's answers. Each (case, question) is one generation.
+Generation follows the official FreedomIntelligence/CMB code, not its README: every worker's
+`collate_conv` (`workers/*.py`) opens the dialogue with `description + question_1`, concatenated
+with nothing between them (the README's `以下是一位病人的病例：` preamble is in no worker); every
+later question is a new user turn, and the earlier assistant turns carry the *gold* solutions,
+not the model's answers. Each (case, question) is one greedy generation (`do_sample: False`) of
+at most 512 new tokens (`configs/model_config.yaml`) with `repetition_penalty=1.1`, which
+`workers/base.py` sets for CMB-Clin (`use_qa`).
 
-Scoring is by an LLM judge with the official GPT-4 prompt (`JUDGE_PROMPT`, kept
-verbatim from the README, PDF spacing included). We save one ready-to-send judge
-prompt per answer and, as a local proxy only, ROUGE-L and BLEU-1 against the
-solution (jieba tokens). As in the official judge script, an empty answer gets
-1 on every criterion without calling the judge (`EMPTY_ANSWER_SCORES`).
+Scoring is by an LLM judge. The CMB repository ships no code for it; the judge prompt is the README's
+"CMB-Clin GPT-4 evaluation Prompt" (`JUDGE_PROMPT`, verbatim, PDF spacing included). We save one
+ready-to-send judge prompt per answer and, as a local proxy only, ROUGE-L and BLEU-1 against the
+solution (jieba tokens); empty answers score 0 on the proxies and are counted (`n_empty`).
 """
 
 from __future__ import annotations
@@ -23,12 +25,9 @@ from typing import Any
 import ml_collections
 
 from csft_jax import files
-from csft_jax.eval import reporting, runner, text_metrics
+from csft_jax.eval import engine, reporting, runner, text_metrics
 
-FIRST_TURN = "以下是一位病人的病例：\n{description}\n{question}"
-
-# Earlier turns inside the judge prompt's [ conversation ] block, in the
-# official judge script's "问/答" few-shot template.
+# The README does not say how `{ history }` is filled; this layout of the earlier turns is ours.
 HISTORY_TURN = "问：{question}\n答：{solution}\n"
 
 JUDGE_PROMPT = """You are an AI evaluator specializing in assessing the quality of answers
@@ -86,9 +85,6 @@ JSON , with separate ratings for each of the mentioned criteria as in
 the following example :
 { \u2018 fluency \u2019: 3 , \u2018 relevance \u2019: 3 , \u2018 completeness \u2019: 3 , \u2018 proficiency \u2019: 3}"""
 
-JUDGE_CRITERIA = ("fluency", "relevance", "completeness", "proficiency")
-EMPTY_ANSWER_SCORES = {criterion: 1 for criterion in JUDGE_CRITERIA}
-
 _JUDGE_SLOT = re.compile(r"\{ (description|history|question|solution|answer) \}")
 
 
@@ -125,7 +121,7 @@ def build_messages(
   for index, pair in enumerate(pairs[: turn + 1]):
     question = pair["question"]
     if index == 0:
-      question = FIRST_TURN.format(description=case["description"], question=question)
+      question = case["description"] + question
     messages.append({"role": "user", "content": question})
     if index < turn:
       messages.append({"role": "assistant", "content": pair["solution"]})
@@ -133,7 +129,7 @@ def build_messages(
 
 
 def judge_prompt(case: Mapping[str, Any], turn: int, answer: str) -> str:
-  """The official judge prompt filled in for question `turn` and the model's `answer`."""
+  """The README's judge prompt filled in for question `turn` and the model's `answer`."""
   pairs = case["QA_pairs"]
   history = "".join(HISTORY_TURN.format(**pair) for pair in pairs[:turn])
   values = {
@@ -170,7 +166,6 @@ def build_records(
           "answer": answer,
           "empty": empty,
           "judge_prompt": judge_prompt(case, turn, answer),
-          "judge_scores": dict(EMPTY_ANSWER_SCORES) if empty else None,
           "rougeL": 0.0 if empty else text_metrics.rouge_l(answer, pair["solution"], "zh"),
           "bleu1": 0.0 if empty else text_metrics.bleu1(answer, pair["solution"], "zh"),
       })
@@ -183,7 +178,8 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   if n == 0:
     raise ClinInputError("No CMB-Clin records to summarise.")
   return {
-      "protocol": "local proxy (ROUGE-L / BLEU-1 vs solutions); the official score is the LLM judge",
+      "protocol": "local proxy (ROUGE-L / BLEU-1 vs solutions); CMB-Clin's score is an LLM judge's "
+                  "(one judge_prompt per record)",
       "rougeL": 100 * sum(r["rougeL"] for r in records) / n,
       "bleu1": 100 * sum(r["bleu1"] for r in records) / n,
       "n": n,
@@ -201,9 +197,9 @@ def write_outputs(records: Sequence[Mapping[str, Any]], path: str | Path) -> dic
 # -------------------------------------------------------------- the run ----
 
 def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str) -> tuple[dict, str]:
-  """CMB-Clin: one greedy reply per (case, question), gold history; judge prompts + proxy scores.
+  """CMB-Clin: one greedy reply per (case, question) with gold history; judge prompts + proxies.
 
-  Writes `results.json` (`{"summary", "records"}`, `write_outputs`). Returns
+  Decoding uses `config.repetition_penalty` (the official 1.1 by default). Writes `results.json` (`{"summary", "records"}`, `write_outputs`). Returns
   `(summary dict, summary text)`.
   """
   cases = load_clin(config.clin)
@@ -212,13 +208,14 @@ def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str)
   system = config.system_prompt or None
   asks = [(c, t) for c, case in enumerate(cases) for t in range(len(case["QA_pairs"]))]
   conversations = [build_messages(cases[c], t, system_prompt=system) for c, t in asks]
-  texts, counts = chat.generate(conversations, max_new_tokens=config.max_new_tokens, desc="CMB-Clin")
+  texts, counts = chat.generate(conversations, max_new_tokens=config.max_new_tokens, sampling=_sampling(config),
+                                desc="CMB-Clin")
   answers: list[list[str]] = [[] for _ in cases]
   for (c, _), samples in zip(asks, texts):
     answers[c].append(samples[0])
   records = build_records(cases, answers)
   summary = summarize(records)
-  summary.update(counts=counts, settings=runner.settings(config, ("max_new_tokens", "clin")))
+  summary.update(counts=counts, settings=runner.settings(config, ("max_new_tokens", "repetition_penalty", "clin")))
   files.write_json_atomic(os.path.join(out_dir, "results.json"), {"summary": summary, "records": records})
   rows = [["ROUGE-L", summary["rougeL"]], ["BLEU-1", summary["bleu1"]]]
   counts_text = ", ".join(f"{k}={v}" for k, v in counts.items())
@@ -230,6 +227,13 @@ def _report_cells(results: Mapping[str, Any]) -> dict[str, float]:
   return {"rougeL": results["summary"]["rougeL"], "bleu1": results["summary"]["bleu1"]}
 
 
+def _sampling(config: ml_collections.ConfigDict) -> engine.Sampling:
+  try:
+    return engine.Sampling(repetition_penalty=config.repetition_penalty)
+  except ValueError as error:
+    raise runner.EvalConfigError(f"config.repetition_penalty: {error}") from error
+
+
 BENCHMARK = runner.Benchmark(
     name="cmb_clin", inputs=(("clin", lambda c: True),), result_name=lambda config: "cmb_clin",
-    run=run, report_cells=_report_cells)
+    run=run, report_cells=_report_cells, validate=_sampling)
