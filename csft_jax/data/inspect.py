@@ -1,6 +1,7 @@
 """Inspect a data config: mixture table, rendered examples, lengths, packing efficiency.
 
   python -m csft_jax.data.inspect --config=configs/collection_shared.py --num_batches=20 [--json]
+      [--config.data.cache=require --config.data.cache_dir=DIR]   # read the tokenize-once cache
 
 Trained (loss) tokens of the rendered examples are shown between [[ ]]. With
 --json the last line is one JSON object:
@@ -52,9 +53,10 @@ def main(argv: list[str]) -> None:
       print(f"first skipped record of {s}: {stats.first_skip}")
   for i, source in enumerate(pipeline.train_sources):
     for j in range(min(FLAGS.num_examples, len(source)) if i < 3 else 0):
-      print(f"\n--- {source.name} example {j} ({len(source.token_ids[j])} tokens) ---")
-      print(render_example(pipeline.tokenizer, source.token_ids[j], source.loss_masks[j]))
-  lengths = np.concatenate([[len(t) for t in s.token_ids] for s in pipeline.train_sources])
+      token_ids, loss_mask = pipeline.train_example(i, j)
+      print(f"\n--- {source.name} example {j} ({len(token_ids)} tokens) ---")
+      print(render_example(pipeline.tokenizer, token_ids, loss_mask))
+  lengths = np.concatenate([pipeline.train_lengths(i) for i in range(len(pipeline.train_sources))])
   print(f"\nexample lengths (tokens), seq_len={pipeline.config.seq_len}:")
   print(length_histogram(lengths, pipeline.config.seq_len))
   it = iter(pipeline.train_dataset(FLAGS.batch_size))
