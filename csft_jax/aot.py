@@ -1,15 +1,17 @@
-"""Will it fit? Ahead-of-time compilation of a run's train step for a named TPU slice, from any host.
+"""Will it fit? Ahead-of-time compilation of a run's programs for a named TPU slice, from any host.
 
 XLA compiles for a TPU topology without the TPU (libtpu, the `tpu` extra: `pip install -e '.[tpu]'`),
 and the compiled program reports its exact per-device memory. `check_fit(config, "v5p-8")` builds
 the slice's mesh from `config.mesh`, the run's abstract sharded state and batch, lowers and
 compiles the real jitted train step (the same `train.jit_steps` a run uses), and returns a
-`FitReport`. Nothing is allocated.
+`FitReport`. `check_generate_fit(eval_config, "v5p-8", model_config)` does the same for the
+evaluation engine's generate program (prefill + decode loop on its KV cache) at the largest batch
+the evaluation can compile. Nothing is allocated.
 
 Per device: `params` and `opt_state` are the state's shards (from the sharding plan); `temp` is
-XLA's temporaries (activations, gradients, logits chunks); `total` is arguments + outputs +
-temporaries - donated (aliased) buffers. A run fits when total <= FIT_MARGIN x the chip's HBM,
-leaving room for the runtime and fragmentation.
+XLA's temporaries (activations, gradients, logits chunks; the KV cache when generating); `total`
+is arguments + outputs + temporaries - donated (aliased) buffers. A run fits when total <=
+FIT_MARGIN x the chip's HBM, leaving room for the runtime and fragmentation.
 """
 
 from __future__ import annotations
@@ -71,24 +73,29 @@ class FitReport:
   devices: int
   mesh: dict[str, int]
   params_gib: float
-  opt_state_gib: float
+  opt_state_gib: float | None  # None for a program without optimizer state (generation)
   temp_gib: float
   total_gib: float
   hbm_per_device_gib: float
   compiler_message: str = ""  # XLA's own words when it refused the program as too large
+  program: str = "train step"
+  kv_cache_gib: float | None = None  # generation: the KV cache, one of the temporaries
 
   @property
   def fits(self) -> bool:
     return self.total_gib <= FIT_MARGIN * self.hbm_per_device_gib
 
   def as_json(self) -> dict[str, Any]:
-    return {**dataclasses.asdict(self), "fits": self.fits, "fit_margin": FIT_MARGIN}
+    fields = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+    return {**fields, "fits": self.fits, "fit_margin": FIT_MARGIN}
 
   def table(self) -> str:
     rows = [("params", self.params_gib), ("opt_state", self.opt_state_gib), ("temporaries", self.temp_gib),
-            ("total", self.total_gib), ("HBM of the chip", self.hbm_per_device_gib)]
-    lines = [f"{self.slice}: {self.devices} devices, mesh {self.mesh}", f"{'per device':<18} {'GiB':>8}"]
-    lines += [f"{name:<18} {value:>8.2f}" for name, value in rows]
+            ("  of which KV cache", self.kv_cache_gib), ("total", self.total_gib),
+            ("HBM of the chip", self.hbm_per_device_gib)]
+    lines = [f"{self.slice}: {self.devices} devices, mesh {self.mesh}, {self.program}",
+             f"{'per device':<18} {'GiB':>8}"]
+    lines += [f"{name:<18} {value:>8.2f}" for name, value in rows if value is not None]
     verdict = "fits" if self.fits else "does NOT fit"
     if self.compiler_message:
       lines.append(f"XLA: {self.compiler_message}")
@@ -133,17 +140,39 @@ def _check_batch(config: ml_collections.ConfigDict, mesh) -> None:
         f"data x fsdp = {batch_devices} devices.")
 
 
+def _slice_mesh(mesh_config: ml_collections.ConfigDict, slice_name: str, devices: list[Any]):
+  from csft_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
+  try:
+    return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, devices=devices)
+  except ValueError as e:
+    raise FitError(f"config.mesh does not fit {slice_name} ({len(devices)} devices): {e}") from None
+
+
+def _compile(jitted, args: tuple[Any, ...], kwargs: dict[str, Any], mesh) -> tuple[float, float, str]:
+  """(temporaries GiB, total GiB or -1 when XLA refused, XLA's refusal) of `jitted` compiled for `args`."""
+  from csft_jax.sharding import activation_sharding  # pylint: disable=import-outside-toplevel
+  try:
+    with activation_sharding(mesh):
+      compiled = jitted.lower(*args, **kwargs).compile()
+  except jax.errors.JaxRuntimeError as e:
+    # XLA refuses a program whose temporaries exceed the chip's HBM; its message has the size.
+    match = _TOO_LARGE.search(str(e))
+    if match is None:
+      raise
+    return float(match.group(1)), -1.0, match.group(0)
+  memory = compiled.memory_analysis()
+  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+           - memory.alias_size_in_bytes)
+  return memory.temp_size_in_bytes / GIB, total / GIB, ""
+
+
 def check_fit(config: ml_collections.ConfigDict, slice_name: str) -> FitReport:
   """Compiles `config`'s train step for `slice_name`; see the module docstring."""
   from csft_jax import train  # pylint: disable=import-outside-toplevel
-  from csft_jax.sharding import activation_sharding, make_mesh  # pylint: disable=import-outside-toplevel
   from csft_jax.training.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
 
   devices, spec = slice_devices(slice_name)
-  try:
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
-  except ValueError as e:
-    raise FitError(f"config.mesh does not fit {slice_name} ({len(devices)} devices): {e}") from None
+  mesh = _slice_mesh(config.mesh, slice_name, devices)
   _check_batch(config, mesh)
   model_config = train.model_config_for_plan(config, _tokenizer_size(config))
   optimizer, schedule = make_optimizer(config.optim, max(config.train.num_steps, 1))
@@ -157,21 +186,73 @@ def check_fit(config: ml_collections.ConfigDict, slice_name: str) -> FitReport:
   report = functools.partial(FitReport, slice=slice_name, devices=len(devices), mesh=dict(mesh.shape),
                              params_gib=params_bytes / GIB, opt_state_gib=opt_state_bytes / GIB,
                              hbm_per_device_gib=spec.hbm_gib)
-  try:
-    with activation_sharding(mesh):
-      compiled = train_step.lower(abstract, batch).compile()
-  except jax.errors.JaxRuntimeError as e:
-    # XLA refuses a program whose temporaries exceed the chip's HBM; its message has the size.
-    match = _TOO_LARGE.search(str(e))
-    if match is None:
-      raise
-    temp = float(match.group(1))
-    arguments = (params_bytes + opt_state_bytes + _per_device_bytes(batch, {k: batch_sharding for k in batch})) / GIB
-    return report(temp_gib=temp, total_gib=arguments + temp, compiler_message=match.group(0))
-  memory = compiled.memory_analysis()
-  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-           - memory.alias_size_in_bytes)
-  return report(temp_gib=memory.temp_size_in_bytes / GIB, total_gib=total / GIB)
+  temp, total, refusal = _compile(train_step, (abstract, batch), {}, mesh)
+  if refusal:
+    total = temp + (params_bytes + opt_state_bytes
+                    + _per_device_bytes(batch, {k: batch_sharding for k in batch})) / GIB
+  return report(temp_gib=temp, total_gib=total, compiler_message=refusal)
+
+
+def check_generate_fit(config: ml_collections.ConfigDict, slice_name: str, model_config) -> FitReport:
+  """Compiles the eval engine's generate program for `slice_name`; see the module docstring.
+
+  Args:
+    config: an eval config (`configs/eval/*.py`): `mesh`, `batch_size`, `max_new_tokens`,
+      `max_prompt_len` (0: the model's context minus `max_new_tokens`, the longest prompt the
+      engine pads to), sampling fields where the benchmark has them.
+    slice_name: a key of `SLICES`.
+    model_config: the evaluated model's `ModelConfig`, in the dtypes it will run in.
+
+  Returns:
+    A `FitReport` whose temporaries include the KV cache (`kv_cache_gib`) and the prefill's
+    activations for `batch_size` rows of the longest prompt.
+  """
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
+
+  from csft_jax import sharding  # pylint: disable=import-outside-toplevel
+  from csft_jax.eval import engine, runner  # pylint: disable=import-outside-toplevel
+  from csft_jax.models import Decoder  # pylint: disable=import-outside-toplevel
+
+  devices, spec = slice_devices(slice_name)
+  mesh = _slice_mesh(config.mesh, slice_name, devices)
+  prompt_len = config.max_prompt_len or model_config.max_position_embeddings - config.max_new_tokens
+  if prompt_len < 1:
+    raise FitError(f"config.max_new_tokens={config.max_new_tokens} leaves no room for a prompt in the model's "
+                   f"context of {model_config.max_position_embeddings} tokens; lower it.")
+  rows = engine._batch_size(config.batch_size, mesh)  # pylint: disable=protected-access
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
+  shardings = sharding.state_shardings(abstract, mesh)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+  def by_rows(shape, dtype) -> jax.ShapeDtypeStruct:
+    names = ("batch",) + (None,) * (len(shape) - 1)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, sharding.logical_to_spec(names, shape, mesh)))
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
+  stop_ids = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=replicated)  # end of turn, end of sequence
+  args = (graphdef, state, by_rows((rows, prompt_len), jnp.int32), by_rows((rows, prompt_len), jnp.int32),
+          by_rows((rows, prompt_len), jnp.int32), by_rows((rows,), jnp.bool_), stop_ids,
+          jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=replicated))
+  sampling = runner.sampling(config) if "temperature" in config else engine.GREEDY
+  # The engine's own jitted program: what an evaluation compiles for its largest batch.
+  jitted = engine._generate_batch_jit  # pylint: disable=protected-access
+  temp, total, refusal = _compile(jitted, args, dict(mesh=mesh, max_new_tokens=config.max_new_tokens,
+                                                     sampling=sampling), mesh)
+  params_gib = _per_device_bytes(abstract, shardings) / GIB
+  if refusal:
+    total = temp + params_gib
+  cache_shape = (model_config.num_layers, rows, prompt_len + config.max_new_tokens, model_config.num_kv_heads,
+                 model_config.head_dim)
+  cache_spec = sharding.logical_to_spec(engine._CACHE_AXES, cache_shape, mesh)  # pylint: disable=protected-access
+  cache_bytes = 2 * int(np.prod(NamedSharding(mesh, cache_spec).shard_shape(cache_shape))) * jnp.dtype(
+      model_config.dtype).itemsize  # keys and values
+  return FitReport(slice=slice_name, devices=len(devices), mesh=dict(mesh.shape), params_gib=params_gib,
+                   opt_state_gib=None, temp_gib=temp, total_gib=total, hbm_per_device_gib=spec.hbm_gib,
+                   compiler_message=refusal, kv_cache_gib=cache_bytes / GIB,
+                   program=(f"generate {rows} rows x {prompt_len} prompt tokens + {config.max_new_tokens} new, "
+                            f"{model_config.dtype}"))
 
 
 def _tokenizer_size(config: ml_collections.ConfigDict) -> int:
@@ -186,6 +267,14 @@ def _per_device_bytes(tree: Any, shardings: Any) -> int:
   def one(leaf, sharding) -> int:
     return int(np.prod(sharding.shard_shape(leaf.shape))) * np.dtype(leaf.dtype).itemsize
   return sum(jax.tree.leaves(jax.tree.map(one, tree, shardings)))
+
+
+def generate_advice(config: ml_collections.ConfigDict) -> str:
+  """What to change when an evaluation's generate program does not fit."""
+  return (f"To fit: lower config.batch_size (now {config.batch_size}) or config.max_prompt_len (now "
+          f"{config.max_prompt_len or 'the model context minus max_new_tokens'}; longer prompts lose their start), "
+          f"evaluate in config.dtype=bfloat16 (now {config.dtype}), or shard the weights and KV cache "
+          f"(config.mesh.fsdp, now {config.mesh.fsdp}; config.mesh.tensor, now {config.mesh.tensor}).")
 
 
 def advice(config: ml_collections.ConfigDict) -> str:

@@ -10,20 +10,33 @@ Results go to `W/eval/<name>/` for a run W (its checkpoints and its HF export al
 `<dir>/eval/<name>/` for a directory outside a run, or `--config.out_dir`; the name carries the mode (`cmb-answer`, `cmb-cot`, `meds_bench`). The output
 directory is checked for writing before the model loads. `results.json` is what sweeps and reports
 read. A progress bar with ETA runs on stderr; a one-screen summary ends the run.
+
+Will it fit? `--compile_for=SLICE` compiles the generate program (prefill + decode on the KV cache)
+for a TPU slice from this host, at the largest batch the evaluation compiles (`batch_size` rows of
+`max_prompt_len` tokens + `max_new_tokens`), prints the per-device memory, ends with one JSON line
+and exits 0 if it fits, 1 if not. The model's shape comes from `checkpoint` (its config only, no
+weights are read) or `--compile_model=PRESET`; nothing is allocated:
+
+  python -m csft_jax.evaluate --config=configs/eval/cmb.py --config.dtype=bfloat16 \
+      --config.max_prompt_len=1024 --compile_for=v5p-8 --compile_model=internlm2_5_7b
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from typing import Any
 
 import ml_collections
-from absl import app, logging
+from absl import app, flags, logging
 
-from csft_jax import configuration, distributed, files, sharding
+from csft_jax import checkpointing, configuration, distributed, files, sharding
 from csft_jax.console import run_cli
-from csft_jax.loading import load_chat_model
+from csft_jax.convert import read_hf_config
+from csft_jax.loading import is_hf_dir, load_chat_model
 from csft_jax.eval import runner
+from csft_jax.models import PRESETS, ModelConfig, get_preset
 from csft_jax.workdir import RunDir
 
 
@@ -56,10 +69,40 @@ def run(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | None, str, 
   return results, summary, out_dir
 
 
+def model_config_for_compile(config: ml_collections.ConfigDict, preset: str | None) -> ModelConfig:
+  """The evaluated model's shape in the dtype it runs in: the `preset`, else `config.checkpoint`'s
+  config (an HF config.json or a checkpoint's model config; no weights are read)."""
+  if preset:
+    if preset not in PRESETS:
+      raise ValueError(f"--compile_model={preset!r} is not a model preset; known presets: {', '.join(PRESETS)}.")
+    return get_preset(preset, dtype=config.dtype, param_dtype=config.dtype, scan_layers=config.scan_layers)
+  if not config.checkpoint:
+    raise ValueError("--compile_for needs the model's shape: pass --config.checkpoint=DIR or "
+                     f"--compile_model=PRESET (one of {', '.join(PRESETS)}).")
+  if is_hf_dir(config.checkpoint):  # loaded in config.dtype, as load_chat_model does
+    return read_hf_config(config.checkpoint, dtype=config.dtype, param_dtype=config.dtype,
+                          scan_layers=config.scan_layers)
+  return checkpointing.read_model_config(checkpointing.resolve_step_dir(config.checkpoint), dtype=config.dtype)
+
+
+def compile_for(config: ml_collections.ConfigDict, slice_name: str, preset: str | None) -> None:
+  """`--compile_for`: prints the generate program's per-device memory on `slice_name`; exits 0 or 1."""
+  from csft_jax import aot  # pylint: disable=import-outside-toplevel
+  config = configuration.resolve_paths(config)
+  report = aot.check_generate_fit(config, slice_name, model_config_for_compile(config, preset))
+  print(report.table())
+  if not report.fits:
+    print(aot.generate_advice(config))
+  print(json.dumps(report.as_json()))
+  sys.exit(0 if report.fits else 1)
+
+
 def main(argv: list[str]) -> None:
-  """Runs the eval config and prints its summary."""
+  """Runs the eval config and prints its summary (or, with --compile_for, its memory on a slice)."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}; settings go in --config.FIELD=VALUE.")
+  if flags.FLAGS.compile_for:
+    compile_for(configuration.from_flags(), flags.FLAGS.compile_for, flags.FLAGS.compile_model)
   distributed.initialize_from_flags()
   start = time.perf_counter()
   _, summary, out_dir = run(configuration.from_flags())
@@ -71,6 +114,11 @@ def define_flags() -> None:
   """Command-line flags, defined only when run as a program (so modules can import each other)."""
   configuration.define_config_flag("An eval config from configs/eval/.")
   distributed.define_flags()
+  flags.DEFINE_string("compile_for", None, "Will it fit? Compile the generate program for a TPU slice (v4-8, "
+                                           "v5p-8, v5e-16, v6e-8, ...) from this host and report per-device "
+                                           "memory; exit 0 if it fits, 1 if not. Needs the `tpu` extra.")
+  flags.DEFINE_string("compile_model", None, "With --compile_for and no checkpoint at hand: the model preset "
+                                             "(e.g. internlm2_5_7b) whose shape to compile.")
 
 
 if __name__ == "__main__":

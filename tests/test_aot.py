@@ -1,15 +1,19 @@
-"""`--compile_for=SLICE`: the real train step compiled for TPU slices from this CPU host (libtpu)."""
+"""`--compile_for=SLICE`: the real train step and eval generate program compiled for TPU slices from this CPU host (libtpu)."""
 
 import json
 import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
 pytest.importorskip("libtpu", reason="needs the tpu extra (make test installs it)")
 
 from csft_jax import aot, configuration  # pylint: disable=wrong-import-position
+from csft_jax.models import Decoder  # pylint: disable=wrong-import-position
 from tests import REPO_ROOT
 
 
@@ -51,3 +55,43 @@ def test_bad_inputs_name_what_to_fix(monkeypatch):
   monkeypatch.setitem(sys.modules, "libtpu", None)  # as if the extra were not installed
   with pytest.raises(aot.FitError, match=r"needs libtpu: install the `tpu` extra"):
     aot.check_fit(config, "v5p-8")
+
+
+def _eval_config(**fields):
+  config = configuration.load("configs/eval/cmb.py")
+  config.update(max_new_tokens=16, **fields)
+  return config
+
+
+def test_eval_generate_program_compiles_for_a_slice():
+  from csft_jax import evaluate  # pylint: disable=import-outside-toplevel
+  config = _eval_config(batch_size=12)  # rounded up to 16 rows: two per device of v5e-8
+  model_config = evaluate.model_config_for_compile(config, "tiny")
+  report = aot.check_generate_fit(config, "v5e-8", model_config)
+  prompt_len = model_config.max_position_embeddings - 16  # max_prompt_len=0: the longest prompt it pads to
+  assert report.program == f"generate 16 rows x {prompt_len} prompt tokens + 16 new, float32"
+  assert report.devices == 8 and report.mesh == {"data": 8, "fsdp": 1, "tensor": 1} and report.fits
+  # Weights replicated over data; the cache holds keys and values of 2 rows per device, in float32.
+  params = sum(np.prod(leaf.shape) * 4 for leaf in jax.tree.leaves(
+      nnx.state(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))))
+  cache = 2 * model_config.num_layers * 2 * (prompt_len + 16) * model_config.num_kv_heads * model_config.head_dim * 4
+  assert report.params_gib == pytest.approx(params / aot.GIB)
+  assert report.kv_cache_gib == pytest.approx(cache / aot.GIB)
+  assert report.kv_cache_gib < report.temp_gib and report.params_gib + report.temp_gib <= report.total_gib < 0.5
+  fields = report.as_json()
+  assert {"slice", "devices", "params_gib", "temp_gib", "total_gib", "hbm_per_device_gib", "fits"} <= set(fields)
+  assert "opt_state_gib" not in fields
+
+
+def test_eval_compile_for_exits_1_when_it_does_not_fit(capsys):
+  from csft_jax import evaluate  # pylint: disable=import-outside-toplevel
+  # 8,192 rows of 496 prompt tokens per 16 GiB chip: the prefill's attention scores alone are 31 GiB.
+  with pytest.raises(SystemExit) as exit_status:
+    evaluate.compile_for(_eval_config(batch_size=65536), "v5e-8", "tiny")
+  out = capsys.readouterr().out
+  report = json.loads(out.strip().splitlines()[-1])
+  assert exit_status.value.code == 1 and report["fits"] is False and report["total_gib"] > 16, out[-2000:]
+  assert report["slice"] == "v5e-8" and report["devices"] == 8
+  assert "does NOT fit" in out and "config.batch_size (now 65536)" in out
+  with pytest.raises(ValueError, match=r"needs the model's shape: pass --config.checkpoint=DIR or --compile_model"):
+    evaluate.compile_for(_eval_config(), "v5e-8", None)
