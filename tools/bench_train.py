@@ -1,19 +1,24 @@
 r"""Training throughput: our jitted step vs a transformers + PyTorch step (the LLaMA-Factory stack).
 
-  python tools/bench_train.py [--steps=6] [--batch=8] [--seq_len=1024] [--json]
+  python tools/bench_train.py [--model=demo|llama_100m] [--attention=blockwise,xla] [--steps=6]
+      [--batch=8] [--seq_len=1024] [--json]
 
-Both sides train the same model (same weights: ours exported with `save_hf` and loaded by
-transformers) with AdamW on batches from `configs/collection_shared.py`:
+Both sides train the same model (the demo model of `configs/demo.py` or the ~100M `llama_100m`
+preset, float32; same weights: ours exported with `save_hf` and loaded by transformers) with
+AdamW on batches from `configs/collection_shared.py`. Our step runs once per `--attention`
+implementation (`model.attention_impl`; the first one gives the top-level figures):
 - same batch: the identical packed `[batch, seq_len]` batches through both steps (PyTorch sees them
   as plain causal rows: same FLOPs, throughput only) -> `same_batch_ratio`;
 - effective: loss-bearing tokens/s of our packed pipeline vs PyTorch on the same examples padded
   to the longest in each batch (what LLaMA-Factory does without packing)
   -> `effective_speedup_vs_padded_torch`.
-Prints a table; with --json the last line is one JSON object.
+Prints a table; with --json the last line is one JSON object (`by_attention` holds every
+implementation's figures).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -91,32 +96,49 @@ def bench_torch(hf_dir, batches):
   return time.perf_counter() - start
 
 
+def _model_config(config, tokenizer_size: int):
+  """The benchmarked model: the demo config's, or the `llama_100m` preset (float32 both)."""
+  from csft_jax.models import model_config_from  # pylint: disable=import-outside-toplevel
+  if FLAGS.model == "llama_100m":
+    config.model.update(preset="llama_100m", hidden_size=None, intermediate_size=None, num_layers=None,
+                        num_heads=None, num_kv_heads=None)
+  config.model.update(dtype="float32", param_dtype="float32")
+  return model_config_from(config.model, tokenizer_size).replace(
+      max_position_embeddings=max(1024, FLAGS.seq_len))
+
+
 def main(argv):
   del argv
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from csft_jax import train  # pylint: disable=import-outside-toplevel
   from csft_jax.convert import save_hf  # pylint: disable=import-outside-toplevel
-  from csft_jax.models import model_config_from  # pylint: disable=import-outside-toplevel
+  from csft_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
   from csft_jax.training.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
 
   count = FLAGS.steps + 1
   pipeline, packed = _batches("packed", count)
   _, padded = _batches("padded", count)
   padded = [_trim_to_longest(b) for b in padded]
-  # The demo model and trainer; a constant learning rate, as the PyTorch side uses.
+  # The demo trainer; a constant learning rate, as the PyTorch side uses.
   config = configuration.load("configs/demo.py")
   config.optim.update(lr=1e-4, schedule="constant", warmup_steps=1, weight_decay=0.0)
-  model_config = model_config_from(config.model, len(pipeline.tokenizer)).replace(
-      max_position_embeddings=max(1024, FLAGS.seq_len))
-  import jax  # pylint: disable=import-outside-toplevel
-  from csft_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
+  model_config = _model_config(config, len(pipeline.tokenizer))
   optimizer, _ = make_optimizer(config.optim, 1000)
-  start = train.random_init(model_config, optimizer, 0, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  start = train.random_init(model_config, optimizer, 0, mesh)
   hf_dir = tempfile.mkdtemp(prefix="bench_train_hf_")
   save_hf(nnx.merge(start.graphdef, start.state.params), hf_dir)
 
-  jax_seconds = bench_jax(config, start, packed, len(pipeline.source_names))
+  jax_seconds = {}
+  for implementation in FLAGS.attention:
+    impl_config = model_config.replace(attention_impl=implementation)
+    # A fresh copy of the state for each run: the step donates it.
+    with_impl = dataclasses.replace(start, graphdef=train.graphdef_of(impl_config), model_config=impl_config,
+                                    state=jax.tree.map(jnp.copy, start.state))
+    jax_seconds[implementation] = bench_jax(config, with_impl, packed, len(pipeline.source_names))
   torch_seconds = bench_torch(hf_dir, packed)
   torch_padded_seconds = bench_torch(hf_dir, padded)
 
@@ -124,35 +146,40 @@ def main(argv):
   packed_loss_tokens = sum(int(b["loss_mask"].sum()) for b in packed[1:])
   padded_loss_tokens = sum(int(b["loss_mask"].sum()) for b in padded[1:])
   padded_slots = sum(b["input_ids"].size for b in padded[1:])
+  torch_padded_loss_tokens_per_s = padded_loss_tokens / torch_padded_seconds
+  by_attention = {
+      implementation: {
+          "jax_tokens_per_s": slots / seconds,
+          "same_batch_ratio": torch_seconds / seconds,
+          "jax_packed_loss_tokens_per_s": packed_loss_tokens / seconds,
+          "effective_speedup_vs_padded_torch": packed_loss_tokens / seconds / torch_padded_loss_tokens_per_s,
+      } for implementation, seconds in jax_seconds.items()}
   result = {
-      "model_params_m": round(model_config.num_params() / 1e6, 2),
+      "model": FLAGS.model, "model_params_m": round(model_config.num_params() / 1e6, 2),
       "batch": FLAGS.batch, "seq_len": FLAGS.seq_len, "steps": FLAGS.steps,
-      "jax_tokens_per_s": slots / jax_seconds,
+      "attention": FLAGS.attention[0], **by_attention[FLAGS.attention[0]],
       "torch_tokens_per_s": slots / torch_seconds,
-      "same_batch_ratio": torch_seconds / jax_seconds,
-      "jax_packed_loss_tokens_per_s": packed_loss_tokens / jax_seconds,
-      "torch_padded_loss_tokens_per_s": padded_loss_tokens / torch_padded_seconds,
+      "torch_padded_loss_tokens_per_s": torch_padded_loss_tokens_per_s,
       "torch_padded_mean_row_len": padded_slots / (FLAGS.batch * FLAGS.steps),
+      "by_attention": by_attention,
   }
-  result["effective_speedup_vs_padded_torch"] = (result["jax_packed_loss_tokens_per_s"]
-                                                 / result["torch_padded_loss_tokens_per_s"])
-  rows = [
-      ("same packed batches", f"{result['jax_tokens_per_s']:,.0f}", f"{result['torch_tokens_per_s']:,.0f}",
-       f"{result['same_batch_ratio']:.2f}x"),
-      ("loss tokens/s: packed (ours) vs padded-to-longest (torch)", f"{result['jax_packed_loss_tokens_per_s']:,.0f}",
-       f"{result['torch_padded_loss_tokens_per_s']:,.0f}", f"{result['effective_speedup_vs_padded_torch']:.2f}x"),
-  ]
-  print(f"model {result['model_params_m']}M params, batch {FLAGS.batch} x {FLAGS.seq_len}, {FLAGS.steps} timed steps "
-        f"(torch padded rows average {result['torch_padded_mean_row_len']:.0f} tokens)")
+  print(f"model {FLAGS.model} ({result['model_params_m']}M params), batch {FLAGS.batch} x {FLAGS.seq_len}, "
+        f"{FLAGS.steps} timed steps (torch padded rows average {result['torch_padded_mean_row_len']:.0f} tokens)")
   print(f"{'measure':<58} {'jax':>10} {'torch':>10} {'ratio':>8}")
-  for row in rows:
-    print(f"{row[0]:<58} {row[1]:>10} {row[2]:>10} {row[3]:>8}")
+  for implementation, row in by_attention.items():
+    print(f"{'same packed batches, token slots/s (' + implementation + ')':<58} {row['jax_tokens_per_s']:>10,.0f} "
+          f"{result['torch_tokens_per_s']:>10,.0f} {row['same_batch_ratio']:>7.2f}x")
+    print(f"{'loss tokens/s: packed (ours, ' + implementation + ') vs padded (torch)':<58} "
+          f"{row['jax_packed_loss_tokens_per_s']:>10,.0f} {torch_padded_loss_tokens_per_s:>10,.0f} "
+          f"{row['effective_speedup_vs_padded_torch']:>7.2f}x")
   if FLAGS.json:
     print(json.dumps(result))
 
 
 def define_flags() -> None:
   """Command-line flags, defined only when run as a program."""
+  flags.DEFINE_enum("model", "demo", ["demo", "llama_100m"], "The demo model or the ~100M preset.")
+  flags.DEFINE_list("attention", ["blockwise", "xla"], "Attention implementations of our step (model.attention_impl).")
   flags.DEFINE_integer("steps", 6, "Timed steps per measurement (after one warm-up step).")
   flags.DEFINE_integer("batch", 8, "Sequences per batch.")
   flags.DEFINE_integer("seq_len", 1024, "Packed row length (collection_shared.py's cutoff is 1024).")

@@ -313,7 +313,8 @@ def _splash(q, k, v, mask: AttentionMask, *, block_q: int, block_kv: int, interp
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=import-outside-toplevel
       splash_attention_kernel as splash, splash_attention_mask as splash_mask)
   batch, length, heads, head_dim = q.shape
-  block_q, block_kv = min(block_q, length), min(block_kv, length)
+  # The kernel's tiles are multiples of 128 lanes: short rows are padded up to one tile.
+  block_q, block_kv = (min(block, length + -length % 128) for block in (block_q, block_kv))
   block = math.lcm(block_q, block_kv)
   if mask.sliding_window is None:
     kernel_mask = splash_mask.CausalMask((length + -length % block,) * 2)
