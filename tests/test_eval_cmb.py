@@ -1,11 +1,14 @@
-"""CMB-Exam: prompts, official extraction, majority vote, scoring, validator, CLI."""
+"""CMB-Exam: prompts, official extraction, majority vote, scoring as score.py, strict validator, CLI."""
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from configs.eval import cmb as cmb_config
 from csft_jax.eval import cmb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,17 +218,97 @@ def test_multi_choice_needs_exact_letters():
   assert results["accuracy_per_question_type"][M] == 0.0
 
 
+def official_score(answer_key: list[dict], submission: list[dict]) -> dict:
+  """Independent transcription of the official score.py, reading lists instead of its two files."""
+  model_answers = {item["id"]: item["model_answer"] for item in submission}
+  stats = {}
+  for item in answer_key:
+    counts = stats.setdefault(item["exam_type"], {}).setdefault(item["exam_class"], {"correct": 0, "total": 0})
+    counts["total"] += 1
+    if item["answer"] == model_answers.get(item["id"], ""):
+      counts["correct"] += 1
+  result = {"accuracy_per_category": {}, "accuracy_per_subcategory": {}}
+  for exam_type, classes in stats.items():
+    result["accuracy_per_subcategory"][exam_type] = {c: v["correct"] / v["total"] for c, v in classes.items()}
+    total = sum(result["accuracy_per_subcategory"][exam_type].values())
+    result["accuracy_per_category"][exam_type] = total / len(classes)
+  return result
+
+
+# What the official scorer accepts but the strict validator does not.
+MESSY = [
+    {"id": 1, "model_answer": "a"},  # lower case: wrong under exact match
+    {"id": 3, "model_answer": "C"},
+    {"id": 3, "model_answer": "A"},  # a repeated id: the last answer counts (wrong)
+    {"id": 4.0, "model_answer": "D"},  # the same dict key as 4: right
+    {"id": "5", "model_answer": "AB"},  # not id 5: 5 is missing, "5" is unknown
+    {"id": 6, "model_answer": ["C", "E"]},  # not a string: wrong
+    {"id": 99, "model_answer": "A"},  # not in the key: ignored
+]  # ids 2, 5 and 7 are missing: empty answers, wrong
+
+
+def test_score_follows_official_score_py_with_warnings(caplog):
+  results = cmb.score_submission(MESSY, TINY_KEY)
+  official = official_score(TINY_KEY, MESSY)
+  assert results["accuracy_per_subcategory"] == official["accuracy_per_subcategory"]
+  assert results["accuracy_per_category"] == official["accuracy_per_category"]
+  # Hand-computed: c1 = {1: wrong, 2: missing}; c2 = {3: last is A, 4.0: right, 5: missing, 6: list}.
+  assert official["accuracy_per_subcategory"] == {"T1": {"c1": 0.0, "c2": 0.25}, "T2": {"c3": 0.0}}
+  assert results["counts"] == {"items": 7, "correct": 1, "empty_answers": 3}
+  assert results["submission_warnings"] == [
+      "1 duplicate id(s), e.g. [3]: the last entry of each counts",
+      "3 answer-key id(s) missing, e.g. [2, 5, 7]: scored as empty answers (wrong)",
+      "2 id(s) not in the answer key, e.g. ['5', 99]: ignored",
+      "2 model_answer(s) not letters A-G, e.g. id 1: 'a', id 6: ['C', 'E']: compared as written (exact match)",
+  ]
+  assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+      f"CMB submission: {w}, as the official score.py does (--strict refuses it)." for w in results["submission_warnings"]]
+  assert "Warning: 3 answer-key id(s) missing" in cmb.markdown_report(results)
+  with pytest.raises(cmb.CMBInputError, match="Submission does not match the answer key: 1 duplicate id"):
+    cmb.score_submission(MESSY, TINY_KEY, strict=True)
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {0: "B"}, {0: None}, {1: ""}, {4: "BA"}, {4: "ABC"}, {6: "e"}, {6: 5},
+])
+def test_score_equals_official_transcription(changes):
+  submission = [{"id": e["id"], "model_answer": changes.get(i, e["answer"])} for i, e in enumerate(TINY_KEY)]
+  for strict in (False, True):
+    if strict and any(not isinstance(a, str) or a.upper() != a for a in changes.values()):
+      continue
+    results = cmb.score_submission(submission, TINY_KEY, strict=strict)
+    official = official_score(TINY_KEY, submission)
+    assert results["accuracy_per_subcategory"] == official["accuracy_per_subcategory"]
+    assert results["accuracy_per_category"] == official["accuracy_per_category"]
+
+
 @pytest.mark.parametrize("mutate,message", [
     (lambda s: s.pop(), r"1 answer-key id\(s\) missing, e.g. \[7\]"),
     (lambda s: s.append({"id": 3, "model_answer": "C"}), r"1 duplicate id\(s\), e.g. \[3\]"),
     (lambda s: s.append({"id": 99, "model_answer": "A"}), r"1 id\(s\) not in the answer key, e.g. \[99\]"),
     (lambda s: s.__setitem__(0, {"id": "1", "model_answer": "A"}), r"missing, e.g. \[1\].*not in the answer key, e.g. \['1'\]"),
-    (lambda s: s.__setitem__(0, {"id": 1, "model_answer": "H"}), "must be letters A-G"),
-    (lambda s: s.__setitem__(0, {"id": 1}), "expected"),
+    (lambda s: s.__setitem__(0, {"id": 1, "model_answer": "H"}), r"not letters A-G, e.g. id 1: 'H'"),
 ])
-def test_validate_submission_errors(mutate, message):
+def test_strict_validator_refuses_what_official_scores(mutate, message):
   submission = [{"id": e["id"], "model_answer": e["answer"]} for e in TINY_KEY]
   mutate(submission)
+  with pytest.raises(cmb.CMBInputError, match=message):
+    cmb.score_submission(submission, TINY_KEY, strict=True)
+  with pytest.raises(cmb.CMBInputError, match=message):
+    cmb.validate_submission(submission, TINY_KEY)
+  results = cmb.score_submission(submission, TINY_KEY)  # scored, with a warning
+  assert results["accuracy_per_category"] == official_score(TINY_KEY, submission)["accuracy_per_category"]
+  assert len(results["submission_warnings"]) >= 1
+
+
+@pytest.mark.parametrize("entry,message", [
+    ({"id": 1}, r"submission entry 0: expected \{\"id\": ..., \"model_answer\": ...\}"),
+    ({"model_answer": "A"}, "submission entry 0: expected"),
+    ("A", "submission entry 0: expected"),
+    ({"id": [1], "model_answer": "A"}, r"submission entry 0: id \[1\] must be a number or a string"),
+])
+def test_entries_the_official_scorer_cannot_read_are_errors(entry, message):
+  submission = [entry] + [{"id": e["id"], "model_answer": e["answer"]} for e in TINY_KEY[1:]]
   with pytest.raises(cmb.CMBInputError, match=message):
     cmb.score_submission(submission, TINY_KEY)
 
@@ -263,29 +346,62 @@ def test_shared_key_scores():
   assert all_a["accuracy_per_subcategory"]["医师考试"]["高级职称"] == pytest.approx(38 / 400)
 
 
+def _score_cli(*args: str) -> subprocess.CompletedProcess:
+  """`python -m csft_jax.eval.cmb score ...` as a user runs it, from the repository root."""
+  return subprocess.run([sys.executable, "-m", "csft_jax.eval.cmb", "score", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
 @needs_shared_key
-def test_cli_scores_shared_key(tmp_path, capsys):
+def test_cli_scores_shared_key_as_official_score_py(tmp_path):
   key = json.loads(SHARED_KEY.read_text(encoding="utf-8"))
-  submission = tmp_path / "all_a.json"
-  submission.write_text(json.dumps([{"id": e["id"], "model_answer": "A"} for e in key]), encoding="utf-8")
+  # Right for most ids; the first 300 ids missing; 200 ids repeated with a wrong last answer; one
+  # unknown id; 50 lower-case answers.
+  entries = [{"id": e["id"], "model_answer": e["answer"]} for e in key[300:]]
+  entries += [{"id": e["id"], "model_answer": "G"} for e in key[300:500]]
+  entries.append({"id": 99999, "model_answer": "A"})
+  for entry in entries[1000:1050]:
+    entry["model_answer"] = entry["model_answer"].lower()
+  submission = tmp_path / "messy.json"
+  submission.write_text(json.dumps(entries), encoding="utf-8")
   out = tmp_path / "r" / "results.json"
-  code = cmb.score_command(str(submission), str(SHARED_KEY), str(out))
-  assert code == 0
+
+  done = _score_cli(f"--submission={submission}", f"--answer_key={SHARED_KEY}", f"--out={out}")
+  assert done.returncode == 0, done.stderr
   results = json.loads(out.read_text(encoding="utf-8"))
-  assert set(results) >= {"accuracy_per_category", "accuracy_per_subcategory", "overall"}
-  assert results["overall"]["micro"] == pytest.approx(1845 / 11200)
-  assert "| overall micro | 16.47 |" in capsys.readouterr().out
-  assert "| **overall** | micro (all items) | 16.47 |" in out.with_suffix(".md").read_text(encoding="utf-8")
+  official = official_score(key, entries)
+  assert results["accuracy_per_subcategory"] == official["accuracy_per_subcategory"]
+  assert results["accuracy_per_category"] == official["accuracy_per_category"]
+  assert results["counts"]["correct"] == 11200 - 300 - 200 - 50 == 10650
+  assert results["counts"]["empty_answers"] == 300
+  for warning in ("200 duplicate id(s)", "300 answer-key id(s) missing", "1 id(s) not in the answer key",
+                  "50 model_answer(s) not letters A-G"):
+    assert warning in done.stderr
+  assert f"| overall micro | {100 * 10650 / 11200:.2f} |" in done.stdout
+  assert "Warning: 300 answer-key id(s) missing" in out.with_suffix(".md").read_text(encoding="utf-8")
+
+  strict_out = tmp_path / "strict" / "results.json"
+  refused = _score_cli(f"--submission={submission}", f"--answer_key={SHARED_KEY}", f"--out={strict_out}",
+                       "--strict")
+  assert refused.returncode == 2
+  assert "error: Submission does not match the answer key: 200 duplicate id(s)" in refused.stderr
+  assert not strict_out.parent.exists()
 
 
-def test_cli_bad_submission_writes_nothing(tmp_path, capsys):
-  submission = tmp_path / "short.json"
-  submission.write_text(json.dumps([{"id": 1, "model_answer": "B"}]), encoding="utf-8")
+def test_cli_unreadable_submission_writes_nothing(tmp_path, capsys):
+  submission = tmp_path / "bad.json"
+  submission.write_text(json.dumps([{"id": 1, "answer": "B"}]), encoding="utf-8")
   out = tmp_path / "results.json"
-  code = cmb.score_command(str(submission), str(SAMPLE / 'answer_key.json'), str(out))
+  code = cmb.score_command(str(submission), str(SAMPLE / "answer_key.json"), str(out))
   assert code == 2
-  assert "23 answer-key id(s) missing" in capsys.readouterr().err
+  assert "submission entry 0: expected" in capsys.readouterr().err
   assert list(tmp_path.iterdir()) == [submission]
+
+
+def test_generation_defaults_are_the_official_configs():
+  for mode in ("answer", "cot"):
+    config = cmb_config.get_config(mode)
+    assert config.max_new_tokens == 512 and config.temperature == 0.0 and config.num_samples == 1
 
 
 def test_sample_end_to_end(tmp_path):

@@ -6,9 +6,11 @@
       --config.val=/data/CMB/CMB-Exam/CMB-val/CMB-val-merge.json \\
       --config.answer_key=../shared/data/cmb/CMB-test-choice-answer.json
 
-Modes: 'answer' (answer-only prompt, short generation), 'cot' (raise max_new_tokens, e.g. 512),
-'loglik' (fast non-official proxy: log-likelihood of each option letter). Majority vote: set
-num_samples > 1 with a temperature. Results: <workdir>/eval/cmb-<mode>/results.json.
+Modes: 'answer' (answer-only prompt), 'cot' (chain-of-thought prompt), 'loglik' (fast
+non-official proxy: log-likelihood of each option letter). Both generation modes decode greedily
+with at most 512 new tokens, as every model in the official configs/model_config.yaml; a batch
+stops decoding once each of its replies has its stop token, so short answers never run 512 steps. Majority vote:
+set num_samples > 1 with a temperature. Results: <workdir>/eval/cmb-<mode>/results.json.
 """
 
 import ml_collections
@@ -29,5 +31,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_samples = 1
   config.temperature = 0.0  # 0 = greedy.
   config.top_p = 1.0
-  config.max_new_tokens = 512 if config.mode == "cot" else 32
+  config.max_new_tokens = 512
   return config

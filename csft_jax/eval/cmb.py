@@ -3,15 +3,19 @@
 Follows the official FreedomIntelligence/CMB code: prompt templates and option
 formatting from `workers/base.py`, few-shot demos from `src/generate_fewshot.py`,
 extraction and voting from `src/utils.py` (`match_choice`, `extract_ans`),
-scoring from `score.py` (exact string match, accuracy per exam_class, an
-exam_type's score = mean of its classes' accuracies).
+decoding from `configs/model_config.yaml` (greedy, at most 512 new tokens; see
+configs/eval/cmb.py), scoring from `score.py` (exact match with the key's answer,
+accuracy per exam_class, an exam_type's score = mean of its classes' accuracies;
+an id missing from the submission answers '' and is wrong, a repeated id keeps
+its last answer, ids not in the key are ignored: we warn about each, and
+`--strict` refuses them).
 
 The model-facing part returns chat messages; the engine applies the chat
 template and generates. Everything here is pure except the file readers and
 writers at the bottom.
 
 CLI:
-    python -m csft_jax.eval.cmb score --submission=S.json --answer_key=K.json --out=R.json
+    python -m csft_jax.eval.cmb score --submission=S.json --answer_key=K.json --out=R.json [--strict]
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ import random
 import re
 import sys
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
+from absl import logging
 
 from csft_jax import files
 from csft_jax.eval import reporting, runner
@@ -325,41 +330,67 @@ def load_submission(path: str | Path) -> list[dict]:
   return _read_json_list(path, what='{"id", "model_answer"} entries')
 
 
-def validate_submission(
-    submission: Sequence[Mapping[str, Any]], answer_key: Sequence[Mapping[str, Any]]
-) -> None:
-  """Checks a submission like the official validator: every key id once, nothing else.
-
-  Also requires `model_answer` to be a string of letters A-G ('' = no answer).
-  """
+def _check_entries(submission: Sequence[Any]) -> None:
+  """Raises CMBInputError on entries the official score.py cannot read either (it would crash)."""
   for index, entry in enumerate(submission):
     if not isinstance(entry, Mapping) or "id" not in entry or "model_answer" not in entry:
       raise CMBInputError(
           f"submission entry {index}: expected {{\"id\": ..., \"model_answer\": ...}}, found {entry!r:.80}."
       )
-    answer = entry["model_answer"]
-    if not isinstance(answer, str) or any(c not in OPTION_LETTERS for c in answer):
-      raise CMBInputError(
-          f"submission entry {index} (id={entry['id']!r}): model_answer {answer!r} "
-          "must be letters A-G or '' for no answer."
-      )
+    if not isinstance(entry["id"], Hashable):
+      raise CMBInputError(f"submission entry {index}: id {entry['id']!r:.40} must be a number or a string.")
+
+
+def submission_problems(
+    submission: Sequence[Mapping[str, Any]], answer_key: Sequence[Mapping[str, Any]]
+) -> list[str]:
+  """What the strict validator finds wrong in a submission, each with how `score.py` scores it.
+
+  Duplicate ids (the last entry counts), answer-key ids missing (scored as empty answers, wrong),
+  ids not in the key (ignored), and model answers that are not a string of letters A-G ('' = no
+  answer; compared as written, so `"a"` or `"A "` is wrong). Ids compare as Python values, as in
+  the official dict: 1 and "1" differ.
+  """
   id_counts = Counter(entry["id"] for entry in submission)
   duplicates = [i for i, count in id_counts.items() if count > 1]
   key_ids = {entry["id"] for entry in answer_key}
   missing = [entry["id"] for entry in answer_key if entry["id"] not in id_counts]
   extra = [i for i in id_counts if i not in key_ids]
+  not_letters = [(entry["id"], entry["model_answer"]) for entry in submission
+                 if not isinstance(entry["model_answer"], str)
+                 or any(c not in OPTION_LETTERS for c in entry["model_answer"])]
   problems = []
   if duplicates:
-    problems.append(f"{len(duplicates)} duplicate id(s), e.g. {duplicates[:5]}")
+    problems.append(f"{len(duplicates)} duplicate id(s), e.g. {duplicates[:5]}: the last entry of each counts")
   if missing:
-    problems.append(f"{len(missing)} answer-key id(s) missing, e.g. {missing[:5]}")
+    problems.append(f"{len(missing)} answer-key id(s) missing, e.g. {missing[:5]}: scored as empty answers (wrong)")
   if extra:
-    problems.append(f"{len(extra)} id(s) not in the answer key, e.g. {extra[:5]}")
+    problems.append(f"{len(extra)} id(s) not in the answer key, e.g. {extra[:5]}: ignored")
+  if not_letters:
+    example = ", ".join(f"id {i!r}: {a!r:.20}" for i, a in not_letters[:3])
+    problems.append(f"{len(not_letters)} model_answer(s) not letters A-G, e.g. {example}: "
+                    "compared as written (exact match)")
+  return problems
+
+
+def validate_submission(
+    submission: Sequence[Mapping[str, Any]], answer_key: Sequence[Mapping[str, Any]]
+) -> None:
+  """The strict validator: every key id exactly once, nothing else, answers letters A-G or ''.
+
+  Raises CMBInputError listing `submission_problems`; `score_submission(strict=False)` scores
+  such a submission as the official score.py does instead.
+  """
+  _check_entries(submission)
+  problems = submission_problems(submission, answer_key)
   if problems:
-    raise CMBInputError(
-        "Submission does not match the answer key: " + "; ".join(problems)
-        + ". Submit exactly one entry per answer-key id (ids compare by value and type)."
-    )
+    raise CMBInputError(_strict_error(problems))
+
+
+def _strict_error(problems: Sequence[str]) -> str:
+  return ("Submission does not match the answer key: " + "; ".join(problems)
+          + ". Submit exactly one entry per answer-key id, each model_answer letters A-G or '' "
+          "(ids compare as values: 1 and \"1\" differ).")
 
 
 def score_submission(
@@ -368,22 +399,35 @@ def score_submission(
     *,
     protocol: str = OFFICIAL_PROTOCOL,
     generation_stats: Mapping[str, int] | None = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
-  """Official CMB scoring plus overall numbers; accuracies are fractions in [0, 1].
+  """CMB scoring as the official score.py, plus overall numbers; accuracies are fractions in [0, 1].
+
+  As score.py: a model answer is right when it equals the key's answer exactly; an id missing
+  from the submission answers '' (wrong); a repeated id keeps its last answer; ids not in the key
+  are ignored. Each such problem is logged as a warning and listed in `submission_warnings`; with
+  `strict=True` it is an error instead (`validate_submission`).
 
   Returns `accuracy_per_category` (exam_type = mean of its classes),
   `accuracy_per_subcategory` ({exam_type: {exam_class: accuracy}}), `overall`
   (`micro` = correct / items, `macro` = mean of the exam_type scores),
-  `accuracy_per_question_type`, `counts` and the `protocol` label.
+  `accuracy_per_question_type`, `counts`, the `protocol` label and, when there are any,
+  `submission_warnings`.
   """
   validate_answer_key(answer_key)
-  validate_submission(submission, answer_key)
+  _check_entries(submission)
+  problems = submission_problems(submission, answer_key)
+  if strict and problems:
+    raise CMBInputError(_strict_error(problems))
+  for problem in problems:
+    logging.warning("CMB submission: %s, as the official score.py does (--strict refuses it).", problem)
+  # A dict of the entries, as score.py builds it: a repeated id keeps its last answer.
   predicted = {entry["id"]: entry["model_answer"] for entry in submission}
   per_class: dict[str, dict[str, list[int]]] = {}
   per_qtype: dict[str, list[int]] = {}
   correct_total = empty = 0
   for entry in answer_key:
-    answer = predicted[entry["id"]]
+    answer = predicted.get(entry["id"], "")
     correct = int(answer == entry["answer"])
     stats = per_class.setdefault(entry["exam_type"], {}).setdefault(entry["exam_class"], [0, 0])
     stats[0] += correct
@@ -411,6 +455,8 @@ def score_submission(
   }
   if generation_stats:
     results["counts"].update(generation_stats)
+  if problems:
+    results["submission_warnings"] = problems
   return results
 
 
@@ -424,10 +470,11 @@ def markdown_report(results: Mapping[str, Any]) -> str:
   rows.append(["**overall**", "micro (all items)", 100 * overall["micro"]])
   rows.append(["**overall**", "macro (mean of exam_types)", 100 * overall["macro"]])
   counts = ", ".join(f"{k}={v}" for k, v in results["counts"].items())
+  warnings = "".join(f"Warning: {problem}.\n" for problem in results.get("submission_warnings", ()))
   return (
       f"Protocol: {results['protocol']}\n\n"
       + reporting.markdown_table(["exam_type", "exam_class", "accuracy (%)"], rows)
-      + f"\nCounts: {counts}\n"
+      + f"\nCounts: {counts}\n" + warnings
   )
 
 
@@ -523,10 +570,15 @@ BENCHMARK = runner.Benchmark(
     result_name=lambda config: f"cmb-{config.mode}",
     run=run, report_cells=_report_cells, validate=_validate)
 
-def score_command(submission: str, answer_key: str, out: str, markdown: str | None = None) -> int:
-  """`score`: scores a submission against an answer key, writes results JSON + markdown; exit code."""
+def score_command(submission: str, answer_key: str, out: str, markdown: str | None = None, *,
+                  strict: bool = False) -> int:
+  """`score`: scores a submission as the official score.py, writes results JSON + markdown; exit code.
+
+  Problems the official scorer tolerates (missing, repeated or unknown ids, answers that are not
+  letters A-G) are warnings, or with `strict` an error (exit 2, nothing written).
+  """
   try:
-    results = score_submission(load_submission(submission), load_answer_key(answer_key))
+    results = score_submission(load_submission(submission), load_answer_key(answer_key), strict=strict)
   except CMBInputError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
@@ -544,15 +596,17 @@ def define_flags() -> None:
                       required=True)
   flags.DEFINE_string("out", None, "Results JSON path.", required=True)
   flags.DEFINE_string("markdown", None, "Markdown path (default: --out with .md).")
+  flags.DEFINE_bool("strict", False, "Refuse a submission with missing, repeated or unknown ids or answers that "
+                    "are not letters A-G (by default they are scored as the official score.py does, with a warning).")
 
 
 def main(argv: Sequence[str]) -> int:
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   if argv[1:] != ["score"]:
     raise app.UsageError(f"usage: python -m csft_jax.eval.cmb score --submission=S --answer_key=K --out=R "
-                         f"(got {argv[1:]})")
+                         f"[--strict] (got {argv[1:]})")
   f = flags.FLAGS
-  return score_command(f.submission, f.answer_key, f.out, f.markdown)
+  return score_command(f.submission, f.answer_key, f.out, f.markdown, strict=f.strict)
 
 
 if __name__ == "__main__":
