@@ -182,7 +182,8 @@ def open_cache(data_config: ml_collections.ConfigDict, specs: Sequence[SourceSpe
     top = field.split(".")[0].split("[")[0]
     what = _WHY.get(top, f"config.data.{field} is {was!r} in the cache but {now!r} in the config")
     if field.startswith("sources.") and ".files[" in field:
-      what = f"source file {field.split('[', 1)[1].rsplit(']', 1)[0]} changed ({field}: {was!r} -> {now!r})"
+      path, _, key = field.split("[", 1)[1].rpartition("]")
+      what = f"source file {path} changed ({key.lstrip('.') or 'listed'}: {was!r} -> {now!r})"
     elif field.startswith("sources.") and was == "absent":
       what = f"source {field.split('.')[1]!r} is not in the cache (it holds {sorted(manifest['sources'])})"
     raise CacheError(f"cache {cache_dir} does not match the config: {what} (field {field}); {prepare} to"
