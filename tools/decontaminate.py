@@ -5,10 +5,15 @@
       [--ngram=13] [--write_filtered=DIR] [--json]
 
 Benchmarks: `cmb` (JSON list of items with `question` and `option`), `meds`
-(MedS-Bench task JSON with `Instances[].input`, or a results CSV with an
-`input` column). Whitespace is ignored when comparing. --write_filtered
-writes one JSONL file of the kept raw records per source; files appear only
-after every source was checked, so an error leaves nothing half-written.
+(a MedS-Bench task file, pretty-printed or one line, whose `Instances[].input`
+are the questions; a folder of them, every `task*.json`; or a results CSV with
+an `input` column). Whitespace is ignored when comparing. A `meds_ins` source
+is checked on each instance's own input and answer, not on the few-shot cases
+its prompt borrows from other instances. --write_filtered writes the kept raw
+records per source: one JSONL file, or for a `meds_ins` source a folder of its
+task files with the contaminated instances removed (readable as the same
+source); files appear only after every source was checked, so an error leaves
+nothing half-written.
 """
 
 import csv
@@ -21,8 +26,10 @@ from absl import app, flags
 
 from csft_jax import configuration
 from csft_jax.console import run_cli
+from csft_jax.data import meds_ins
 from csft_jax.data.errors import DataError
-from csft_jax.data.sources import load_conversations, parse_sources
+from csft_jax.data.sources import SourceRecord, load_conversations, parse_sources
+from csft_jax.eval import meds_bench
 
 FLAGS = flags.FLAGS
 _SHOW = 3  # Contaminated examples shown per source.
@@ -35,6 +42,12 @@ def _normalize(text: str) -> str:
 def benchmark_questions(kind: str, path: str) -> list[str]:
   """Reads the question texts (with options for MCQ) of a benchmark file."""
   full = configuration.resolve_path(path)
+  if kind == "meds" and os.path.isdir(full):
+    try:
+      tasks = meds_bench.load_task_dir(full)
+    except meds_bench.MedSInputError as e:
+      raise DataError(f"benchmark meds: {e}") from None
+    return [instance["input"] for task in tasks.values() for instance in task["Instances"]]
   if not os.path.isfile(full):
     raise DataError(f"benchmark {kind}: {path} not found (tried {full})")
   if kind == "cmb":
@@ -56,11 +69,11 @@ def benchmark_questions(kind: str, path: str) -> list[str]:
       if rows and "input" not in rows[0]:
         raise DataError(f"benchmark meds: {full} has no 'input' column")
       return sorted({r["input"] for r in rows})
-    with open(full, encoding="utf-8") as f:
-      task = json.load(f)
-    if "Instances" not in task:
-      raise DataError(f"benchmark meds: {full} has no 'Instances' (expected a MedS-Bench task file)")
-    return [inst["input"] for inst in task["Instances"]]
+    try:
+      task = meds_bench.load_task(full)
+    except meds_bench.MedSInputError as e:
+      raise DataError(f"benchmark meds: {e} (expected a MedS-Bench task file)") from None
+    return [instance["input"] for instance in task["Instances"]]
   raise DataError(f"--benchmark kind {kind!r} is not one of cmb, meds")
 
 
@@ -82,6 +95,19 @@ def shared_ngram(text: str, grams: set[str], n: int) -> str | None:
   return None
 
 
+def write_task_files(records: list[SourceRecord], directory: str) -> None:
+  """Writes the task files of kept meds_ins records, each with only its kept instances."""
+  os.makedirs(directory)
+  by_task: dict[str, tuple[meds_ins.Task, list]] = {}
+  for r in records:
+    task = r.record["task"]
+    instance = {k: r.record[k] for k in ("id", "input", "output") if r.record[k] is not None}
+    by_task.setdefault(task.path, (task, []))[1].append(instance)
+  for path, (task, instances) in by_task.items():
+    with open(os.path.join(directory, os.path.basename(path)), "w", encoding="utf-8") as f:
+      json.dump({**task.fields, "Instances": instances}, f, ensure_ascii=False, indent=1)
+
+
 def main(argv: list[str]) -> None:
   """The command: see the module docstring."""
   del argv
@@ -100,9 +126,10 @@ def main(argv: list[str]) -> None:
     records, _ = load_conversations(spec, data.on_error)
     hits, kept[spec.name] = [], []
     for r in records:
-      gram = shared_ngram(r.conversation.text(), grams, FLAGS.ngram)
+      text = meds_ins.instance_text(r.record) if spec.format == meds_ins.FORMAT else r.conversation.text()
+      gram = shared_ngram(text, grams, FLAGS.ngram)
       if gram is None:
-        kept[spec.name].append(r.record)
+        kept[spec.name].append(r)
       else:
         hits.append((str(r.location), gram))
     report[spec.name] = {"examples": len(records), "contaminated": len(hits),
@@ -114,8 +141,11 @@ def main(argv: list[str]) -> None:
     out = configuration.resolve_path(FLAGS.write_filtered)
     staging = tempfile.mkdtemp(prefix=".decontaminate-", dir=os.path.dirname(os.path.abspath(out)))
     for name, records in kept.items():
+      if records and isinstance(records[0].record.get("task"), meds_ins.Task):
+        write_task_files(records, os.path.join(staging, name))
+        continue
       with open(os.path.join(staging, f"{name}.jsonl"), "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
+        f.writelines(json.dumps(r.record, ensure_ascii=False) + "\n" for r in records)
     if os.path.exists(out):
       shutil.rmtree(out)
     os.replace(staging, out)

@@ -124,13 +124,14 @@ def adapt(record: Mapping[str, Any], options: Mapping[str, Any]) -> Conversation
   rewrite_prob = _probability(options, "rewrite_prob")
   few_shot_prob = _probability(options, "few_shot_prob")
   rng = random.Random(f"{options.get('seed', 0)}|{task.task_id}|{record['instance_index']}")
-  # Both draws happen for every instance, in InsDataset's order, so changing one probability
-  # does not change the other choice.
+  # Both draws happen for every instance, compared and used as InsDataset does (original iff
+  # q <= original_ins_possibility, zero-shot iff p <= no_context_possibility), so one
+  # probability never changes the other choice.
   definition = task.definitions[0]
-  if rng.random() < rewrite_prob:
+  if rng.random() > 1.0 - rewrite_prob:
     rewrites = _rewrites(options.get("rewrite_definitions") or "", task)
-    definition = rng.choice(rewrites) if rewrites else definition
-  if rng.random() < few_shot_prob:
+    definition = rng.sample(rewrites, 1)[0] if rewrites else definition
+  if rng.random() > 1.0 - few_shot_prob:
     shots = rng.sample(task.instances, min(len(task.instances), NUM_SHOTS))
     system, user = few_shot_prompt(definition, shots, record["input"])
   else:
@@ -167,7 +168,7 @@ def source_config(path: str, **options: Any) -> ml_collections.ConfigDict:
       `data.get_ref("seed")`).
   """
   meds = {key: options.pop(key, default) for key, default in OPTION_DEFAULTS.items()}
-  entry = data_config.source_config(path, FORMAT, reader=READER, **options)
+  entry = data_config.source_config(path, FORMAT, **{"reader": READER, **options})
   for key, value in meds.items():
     setattr(entry, key, value)
   return entry
