@@ -18,6 +18,7 @@ Shard k of a source holds the examples of its conversations [k * SHARD_CONVERSAT
 the shards concatenated are exactly the uncached `TokenizedSource`.
 """
 
+import functools
 import glob
 import hashlib
 import json
@@ -77,7 +78,9 @@ def _sha256_files(paths: Sequence[str]) -> str:
   return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=None)
 def _code_hash() -> str:
+  # Once per process: the code this process runs, even if the files are edited meanwhile.
   here = os.path.dirname(os.path.abspath(__file__))
   modules = sorted(p for p in glob.glob(os.path.join(here, "*.py"))
                    if os.path.splitext(os.path.basename(p))[0] not in _NOT_TOKEN_CODE)
