@@ -35,7 +35,7 @@ from csft_jax.data import meds_ins
 # recipe's global batch of 128 x 2048 fit, checked with `--compile_for=<preset>` (GiB per device
 # of params / optimizer state / total; a run fits at <= 90% of HBM):
 #   v5p-8  4 devices x 95 GiB, accum 4:  7.48 / 14.96 / 70.18
-#   v4-16  8 devices x 32 GiB, accum 16: not compiled yet
+#   v4-16  8 devices x 32 GiB, accum 16: 3.74 / 7.48 / 28.36 (the most accumulation 8 devices allow)
 #   v5e-16 16 devices x 16 GiB, accum 8: not compiled yet
 #   v6e-8  8 devices x 32 GiB, accum 16: not compiled yet
 # 8xh100: 8 GPUs, per-device batch 4 x accum 4; not compiled here.

@@ -124,9 +124,9 @@ def adapt(record: Mapping[str, Any], options: Mapping[str, Any]) -> Conversation
   rewrite_prob = _probability(options, "rewrite_prob")
   few_shot_prob = _probability(options, "few_shot_prob")
   rng = random.Random(f"{options.get('seed', 0)}|{task.task_id}|{record['instance_index']}")
-  # Both draws happen for every instance, compared and used as InsDataset does (original iff
-  # q <= original_ins_possibility, zero-shot iff p <= no_context_possibility), so one
-  # probability never changes the other choice.
+  # The draws in InsDataset's order and comparisons: q (original definition iff
+  # q <= original_ins_possibility), the rewrite, p (zero-shot iff p <= no_context_possibility),
+  # the shots.
   definition = task.definitions[0]
   if rng.random() > 1.0 - rewrite_prob:
     rewrites = _rewrites(options.get("rewrite_definitions") or "", task)
