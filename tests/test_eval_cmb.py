@@ -401,7 +401,8 @@ def test_cli_unreadable_submission_writes_nothing(tmp_path, capsys):
 def test_generation_defaults_are_the_official_configs():
   for mode in ("answer", "cot"):
     config = cmb_config.get_config(mode)
-    assert config.max_new_tokens == 512 and config.temperature == 0.0 and config.num_samples == 1
+    assert config.max_new_tokens == 512 and config.min_new_tokens == 1
+    assert config.temperature == 0.0 and config.num_samples == 1
 
 
 def test_sample_end_to_end(tmp_path):

@@ -101,12 +101,12 @@ def test_run_decodes_as_the_official_workers(tmp_path, cases):
   summary, _ = cmb_clin.run(chat, config, str(tmp_path))
   ((conversations, options),) = chat.calls
   assert options["max_new_tokens"] == 512
-  assert options["sampling"] == engine.Sampling(temperature=0.0, repetition_penalty=1.1)  # greedy
+  assert options["sampling"] == engine.Sampling(temperature=0.0, repetition_penalty=1.1, min_new_tokens=1)
   assert conversations[0] == [{"role": "user", "content": cases[0]["description"] + cases[0]["QA_pairs"][0]["question"]}]
   assert len(conversations) == summary["n"] == sum(len(c["QA_pairs"]) for c in cases)
   assert summary["settings"]["repetition_penalty"] == 1.1
   config.repetition_penalty = 0.0
-  with pytest.raises(cmb_clin.runner.EvalConfigError, match="repetition_penalty"):
+  with pytest.raises(cmb_clin.runner.EvalConfigError, match="config: Sampling repetition_penalty=0.0"):
     cmb_clin.BENCHMARK.validate(config)
 
 

@@ -198,6 +198,14 @@ def test_repetition_penalty_greedy_is_token_identical_to_hf_generate(tiny_dir, t
   sampling = engine.Sampling(repetition_penalty=1.1)
   got = engine.generate(tiny_model, prompts, 512, stops, sampling=sampling, batch_size=4).tokens
   assert [samples[0] for samples in got] == expected
+  # The official CMB-Clin decoding adds min_new_tokens=1: a stop token that would come first is skipped.
+  stops.append(penalised[0][0])
+  assert len(_hf_generate_one_by_one(hf_model, prompts[:1], 512, stops, repetition_penalty=1.1)[0]) == 1
+  expected = _hf_generate_one_by_one(hf_model, prompts, 512, stops, repetition_penalty=1.1, min_new_tokens=1)
+  assert len(expected[0]) > 1
+  official = engine.Sampling(repetition_penalty=1.1, min_new_tokens=1)
+  got = engine.generate(tiny_model, prompts, 512, stops, sampling=official, batch_size=4).tokens
+  assert [samples[0] for samples in got] == expected
 
 
 def test_bad_inputs_raise_clear_errors(tiny_model):
@@ -209,6 +217,8 @@ def test_bad_inputs_raise_clear_errors(tiny_model):
     engine.Sampling(temperature=1.0, top_p=0.0)
   with pytest.raises(ValueError, match="repetition_penalty=0 must be > 0"):
     engine.Sampling(repetition_penalty=0)
+  with pytest.raises(ValueError, match="min_new_tokens=-1 must be >= 0"):
+    engine.Sampling(min_new_tokens=-1)
 
 
 def test_load_model_from_hf_directory(tiny_dir, tiny_model):

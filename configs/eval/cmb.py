@@ -8,7 +8,7 @@
 
 Modes: 'answer' (answer-only prompt), 'cot' (chain-of-thought prompt), 'loglik' (fast
 non-official proxy: log-likelihood of each option letter). Both generation modes decode greedily
-with at most 512 new tokens, as every model in the official configs/model_config.yaml; a batch
+with 1 to 512 new tokens, as every model in the official configs/model_config.yaml; a batch
 stops decoding once each of its replies has its stop token, so short answers never run 512 steps. Majority vote:
 set num_samples > 1 with a temperature. Results: <workdir>/eval/cmb-<mode>/results.json.
 """
@@ -32,4 +32,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.temperature = 0.0  # 0 = greedy.
   config.top_p = 1.0
   config.max_new_tokens = 512
+  config.min_new_tokens = 1  # As the official configs: the first new token is never a stop token.
   return config

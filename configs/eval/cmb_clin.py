@@ -2,8 +2,9 @@
 
   python -m csft_jax.evaluate --config=configs/eval/cmb_clin.py --config.checkpoint=W
 
-Generation as the official CMB workers run CMB-Clin: greedy, at most 512 new tokens
-(`configs/model_config.yaml`), repetition_penalty 1.1 (`workers/base.py`, Hugging Face semantics).
+Generation as the official CMB workers run CMB-Clin: greedy, 1 to 512 new tokens (min_new_tokens and
+max_new_tokens of `configs/model_config.yaml`), repetition_penalty 1.1 (`workers/base.py`, Hugging Face
+semantics).
 Writes <workdir>/eval/cmb_clin/results.json: per question the answer, the ready-to-send judge
 prompt (the CMB README's) and local ROUGE-L / BLEU-1 proxies (CMB-Clin is scored by an LLM judge).
 """
@@ -20,4 +21,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.clin = "pkg://csft_jax/assets/eval/cmb_sample/clin.json"
   config.max_new_tokens = 512
   config.repetition_penalty = 1.1  # 1.0 turns it off.
+  config.min_new_tokens = 1  # The first new token is never a stop token.
   return config

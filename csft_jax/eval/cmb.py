@@ -3,7 +3,7 @@
 Follows the official FreedomIntelligence/CMB code: prompt templates and option
 formatting from `workers/base.py`, few-shot demos from `src/generate_fewshot.py`,
 extraction and voting from `src/utils.py` (`match_choice`, `extract_ans`),
-decoding from `configs/model_config.yaml` (greedy, at most 512 new tokens; see
+decoding from `configs/model_config.yaml` (greedy, 1 to 512 new tokens; see
 configs/eval/cmb.py), scoring from `score.py` (exact match with the key's answer,
 accuracy per exam_class, an exam_type's score = mean of its classes' accuracies;
 an id missing from the submission answers '' and is wrong, a repeated id keeps
@@ -33,7 +33,7 @@ import ml_collections
 from absl import logging
 
 from csft_jax import files
-from csft_jax.eval import reporting, runner
+from csft_jax.eval import engine, reporting, runner
 
 SINGLE_CHOICE = "单项选择题"
 MULTI_CHOICE = "多项选择题"
@@ -530,7 +530,9 @@ def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str)
   else:
     conversations = [build_messages(item, mode=config.mode, shots=s, system_prompt=system)
                      for item, s in zip(items, shots)]
-    texts, counts = chat.generate(conversations, max_new_tokens=config.max_new_tokens, sampling=runner.sampling(config),
+    sampling = engine.Sampling(temperature=config.temperature, top_p=config.top_p,
+                               min_new_tokens=config.min_new_tokens)
+    texts, counts = chat.generate(conversations, max_new_tokens=config.max_new_tokens, sampling=sampling,
                                   num_samples=config.num_samples, seed=config.seed, desc=f"CMB {config.mode}")
     submission, extraction_counts = build_submission(items, texts)
     counts.update(extraction_counts)
@@ -547,7 +549,7 @@ def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str)
   results = score_submission(submission, [e for e in key if e["id"] in asked], protocol=protocol,
                                  generation_stats=counts)
   results["settings"] = runner.settings(config, ("mode", "shots", "num_samples", "temperature", "top_p",
-                                           "max_new_tokens", "exam"))
+                                                 "max_new_tokens", "min_new_tokens", "exam"))
   write_results(results, os.path.join(out_dir, "results.json"))
   counts_text = ", ".join(f"{k}={v}" for k, v in results["counts"].items())
   return results, f"CMB-Exam ({results['protocol']})\n{_summary(results)}counts: {counts_text}\n"

@@ -5,8 +5,8 @@ Generation follows the official FreedomIntelligence/CMB code, not its README: ev
 with nothing between them (the README's `以下是一位病人的病例：` preamble is in no worker); every
 later question is a new user turn, and the earlier assistant turns carry the *gold* solutions,
 not the model's answers. Each (case, question) is one greedy generation (`do_sample: False`) of
-at most 512 new tokens (`configs/model_config.yaml`) with `repetition_penalty=1.1`, which
-`workers/base.py` sets for CMB-Clin (`use_qa`).
+1 to 512 new tokens (`min_new_tokens`, `max_new_tokens` in `configs/model_config.yaml`) with
+`repetition_penalty=1.1`, which `workers/base.py` sets for CMB-Clin (`use_qa`).
 
 Scoring is by an LLM judge. The CMB repository ships no code for it; the judge prompt is the README's
 "CMB-Clin GPT-4 evaluation Prompt" (`JUDGE_PROMPT`, verbatim, PDF spacing included). We save one
@@ -199,7 +199,7 @@ def write_outputs(records: Sequence[Mapping[str, Any]], path: str | Path) -> dic
 def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str) -> tuple[dict, str]:
   """CMB-Clin: one greedy reply per (case, question) with gold history; judge prompts + proxies.
 
-  Decoding uses `config.repetition_penalty` (the official 1.1 by default). Writes `results.json` (`{"summary", "records"}`, `write_outputs`). Returns
+  Decoding uses `config.repetition_penalty` and `config.min_new_tokens` (official 1.1 and 1). Writes `results.json` (`{"summary", "records"}`, `write_outputs`). Returns
   `(summary dict, summary text)`.
   """
   cases = load_clin(config.clin)
@@ -215,7 +215,7 @@ def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str)
     answers[c].append(samples[0])
   records = build_records(cases, answers)
   summary = summarize(records)
-  summary.update(counts=counts, settings=runner.settings(config, ("max_new_tokens", "repetition_penalty", "clin")))
+  summary.update(counts=counts, settings=runner.settings(config, ("max_new_tokens", "min_new_tokens", "repetition_penalty", "clin")))
   files.write_json_atomic(os.path.join(out_dir, "results.json"), {"summary": summary, "records": records})
   rows = [["ROUGE-L", summary["rougeL"]], ["BLEU-1", summary["bleu1"]]]
   counts_text = ", ".join(f"{k}={v}" for k, v in counts.items())
@@ -229,9 +229,9 @@ def _report_cells(results: Mapping[str, Any]) -> dict[str, float]:
 
 def _sampling(config: ml_collections.ConfigDict) -> engine.Sampling:
   try:
-    return engine.Sampling(repetition_penalty=config.repetition_penalty)
+    return engine.Sampling(repetition_penalty=config.repetition_penalty, min_new_tokens=config.min_new_tokens)
   except ValueError as error:
-    raise runner.EvalConfigError(f"config.repetition_penalty: {error}") from error
+    raise runner.EvalConfigError(f"config: {error}") from error
 
 
 BENCHMARK = runner.Benchmark(

@@ -59,11 +59,14 @@ class Sampling:
   before temperature and top-p): the logit of every token already in the sequence, prompt
   included, is divided by it where positive and multiplied by it where negative; 1.0 is off.
   Left padding is not part of a sequence, so unlike HF's padded batches it is never penalised.
+  `min_new_tokens` is HF's too (`MinNewTokensLengthLogitsProcessor`): no stop token is chosen
+  before that many new tokens.
   """
 
   temperature: float = 0.0
   top_p: float = 1.0
   repetition_penalty: float = 1.0
+  min_new_tokens: int = 0
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -72,6 +75,8 @@ class Sampling:
       raise ValueError(f"Sampling top_p={self.top_p} must be in (0, 1].")
     if not self.repetition_penalty > 0:
       raise ValueError(f"Sampling repetition_penalty={self.repetition_penalty} must be > 0 (1.0 = off).")
+    if self.min_new_tokens < 0:
+      raise ValueError(f"Sampling min_new_tokens={self.min_new_tokens} must be >= 0.")
 
   @property
   def greedy(self) -> bool:
@@ -246,10 +251,13 @@ def _penalize_repeats(logits: jax.Array, seen: jax.Array, penalty: float) -> jax
 
 
 def _next_token(logits: jax.Array, row_keys: jax.Array, step: jax.Array, sampling: Sampling,
-                seen: jax.Array | None) -> jax.Array:
+                seen: jax.Array | None, stop_ids: jax.Array) -> jax.Array:
   """`[B, V]` float32 logits -> `[B]` token ids; `seen` marks the tokens to penalise."""
   if seen is not None:
     logits = _penalize_repeats(logits, seen, sampling.repetition_penalty)
+  if sampling.min_new_tokens:
+    is_stop = jnp.zeros((logits.shape[-1],), bool).at[stop_ids].set(True)
+    logits = jnp.where(is_stop & (step < sampling.min_new_tokens), -jnp.inf, logits)
   if sampling.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / sampling.temperature
@@ -288,7 +296,7 @@ def _generate_batch(graphdef, state, tokens, segment_ids, positions, active, sto
     first_position = positions[:, -1] + 1
     seen = (_seen_tokens(tokens, segment_ids, logits.shape[-1]) if sampling.repetition_penalty != 1
             else None)
-    token = _next_token(logits[:, -1], row_keys, jnp.int32(0), sampling, seen)
+    token = _next_token(logits[:, -1], row_keys, jnp.int32(0), sampling, seen, stop_ids)
     seen = _add_seen(seen, token)
     out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
     done = ~active | _is_stop(token, stop_ids)
@@ -304,7 +312,7 @@ def _generate_batch(graphdef, state, tokens, segment_ids, positions, active, sto
       state, step, cache, token, done, out, seen = carry
       logits, cache = nnx.merge(graphdef, state)(
           token[:, None], positions=(first_position + step - 1)[:, None], segment_ids=ones, cache=cache)
-      new = _next_token(logits[:, 0], row_keys, step, sampling, seen)
+      new = _next_token(logits[:, 0], row_keys, step, sampling, seen, stop_ids)
       new = jnp.where(done, token, new)
       out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
       return state, step + 1, cache, new, done | _is_stop(new, stop_ids), out, _add_seen(seen, new)
@@ -340,7 +348,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
     prompts: token ids per prompt (no padding); each needs at least one token.
     max_new_tokens: the most new tokens per sequence.
     eos_token_id: stop token id(s) (e.g. end-of-turn and end-of-sequence), or None.
-    sampling: `GREEDY` (default) or temperature/top-p sampling, optionally with a repetition penalty.
+    sampling: `GREEDY` (default) or temperature/top-p sampling, optionally with a repetition penalty
+      and a minimum number of new tokens.
     num_samples: sequences per prompt (e.g. several samples for CMB's majority vote).
     seed: sampling seed (see the module docstring for what it determines).
     batch_size: sequences per compiled batch (rounded up to the data-parallel size).
