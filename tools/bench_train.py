@@ -1,14 +1,16 @@
 r"""Training throughput: our jitted step vs a transformers + PyTorch step (the LLaMA-Factory stack).
 
-  python tools/bench_train.py [--model=demo|llama_100m] [--attention=blockwise,xla] [--steps=6]
+  python tools/bench_train.py [--model=demo|llama_100m] [--attention=blockwise:64,blockwise,xla] [--steps=6]
       [--batch=8] [--seq_len=1024] [--json]
 
 Both sides train the same model (the demo model of `configs/demo.py` or the ~100M `llama_100m`
 preset, float32; same weights: ours exported with `save_hf` and loaded by transformers) with
 AdamW on batches from `configs/collection_shared.py`. Our step runs once per `--attention`
-implementation (`model.attention_impl`; the first one gives the top-level figures):
+implementation (`model.attention_impl`, `blockwise:64` for 64-slot tiles; the first one gives the
+top-level figures):
 - same batch: the identical packed `[batch, seq_len]` batches through both steps (PyTorch sees them
-  as plain causal rows: same FLOPs, throughput only) -> `same_batch_ratio`;
+  as plain causal rows; `xla` does their FLOPs, `blockwise` skips the blocks between segments)
+  -> `same_batch_ratio`;
 - effective: loss-bearing tokens/s of our packed pipeline vs PyTorch on the same examples padded
   to the longest in each batch (what LLaMA-Factory does without packing)
   -> `effective_speedup_vs_padded_torch`.
@@ -134,7 +136,11 @@ def main(argv):
 
   jax_seconds = {}
   for implementation in FLAGS.attention:
-    impl_config = model_config.replace(attention_impl=implementation)
+    # `name` or `name:tile` (model.attention_block_q = attention_block_kv = tile).
+    name, _, tile = implementation.partition(":")
+    impl_config = model_config.replace(attention_impl=name)
+    if tile:
+      impl_config = impl_config.replace(attention_block_q=int(tile), attention_block_kv=int(tile))
     # A fresh copy of the state for each run: the step donates it.
     with_impl = dataclasses.replace(start, graphdef=train.graphdef_of(impl_config), model_config=impl_config,
                                     state=jax.tree.map(jnp.copy, start.state))
@@ -179,7 +185,8 @@ def main(argv):
 def define_flags() -> None:
   """Command-line flags, defined only when run as a program."""
   flags.DEFINE_enum("model", "demo", ["demo", "llama_100m"], "The demo model or the ~100M preset.")
-  flags.DEFINE_list("attention", ["blockwise", "xla"], "Attention implementations of our step (model.attention_impl).")
+  flags.DEFINE_list("attention", ["blockwise:64", "blockwise", "xla"],
+                    "Our step's attention, each `model.attention_impl` or `impl:tile` (tile sizes, default 128).")
   flags.DEFINE_integer("steps", 6, "Timed steps per measurement (after one warm-up step).")
   flags.DEFINE_integer("batch", 8, "Sequences per batch.")
   flags.DEFINE_integer("seq_len", 1024, "Packed row length (collection_shared.py's cutoff is 1024).")
