@@ -247,3 +247,49 @@ def test_load_model_from_training_workdir(tiny_model, tmp_path):
     # The run's tokenizer (3,000 tokens) does not fit this 101-token model: refused before loading.
     with pytest.raises(loading.LoadError, match="has 3000 tokens but the model's vocab_size is 101"):
       loading.load_chat_model(str(path))
+
+
+def _shared_prefix_prompts() -> list[list[int]]:
+  """Two groups of prompts with a long common start (40 and 35 tokens), and two of their own."""
+  rng = np.random.default_rng(7)
+  first, second = rng.integers(0, 101, 40).tolist(), rng.integers(0, 101, 35).tolist()
+  prompts = [first + rng.integers(0, 101, n).tolist() for n in (2, 9, 5)]
+  prompts += [second + rng.integers(0, 101, n).tolist() for n in (1, 6)]
+  prompts += _prompts(101, [12, 3], seed=8)
+  prompts.insert(2, prompts[0][:41])  # A prompt that is the prefix plus one token.
+  return prompts
+
+
+def test_plan_generation_shares_only_prefixes_that_save_prefill():
+  prompts = _shared_prefix_prompts()
+  plans = engine.plan_generation(prompts, batch_size=4, cap=200)
+  assert sorted(i for plan in plans for i in plan.rows) == list(range(len(prompts)))
+  shared = [plan for plan in plans if plan.prefix_len]
+  assert [(sorted(plan.rows), plan.prefix_len) for plan in shared] == [([0, 1, 2, 3], 40)]
+  assert all(prompts[i][:40] == prompts[0][:40] for i in shared[0].rows)
+  assert shared[0].padded_len == 16  # suffixes of 1..9 tokens
+  # The 35-token pair shares its batch with two unrelated prompts: nothing in common there. In
+  # batches of two it keeps 32 tokens (the bucket grid below 35).
+  assert [(sorted(plan.rows), plan.prefix_len) for plan in engine.plan_generation(prompts, 2, 200)
+          if plan.prefix_len] == [([4, 5], 32), ([0, 2], 40), ([1, 3], 40)]
+  assert engine.plan_generation(prompts, batch_size=4, cap=200, share_prefixes=False) == [
+      engine.BatchPlan(rows, padded_rows, 0, padded_len)
+      for rows, padded_rows, padded_len in engine.plan_batches([len(p) for p in prompts], 4, 200)]
+
+
+def test_shared_prefix_generation_equals_whole_prompts_and_hf(tiny_dir, tiny_model):
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+  prompts = _shared_prefix_prompts()
+  whole = engine.generate(tiny_model, prompts, 8, None, batch_size=4, share_prefixes=False)
+  shared = engine.generate(tiny_model, prompts, 8, None, batch_size=4)
+  assert shared.tokens == whole.tokens
+  assert shared.prefill_slots < whole.prefill_slots
+  assert [samples[0] for samples in shared.tokens] == _hf_generate_one_by_one(hf_model, prompts, 8, None)
+  # Sampling keeps its seeding rule, the repetition penalty sees the prefix, meshes agree.
+  for sampling, num_samples in ((engine.Sampling(temperature=1.0, top_p=0.9), 2),
+                                (engine.Sampling(repetition_penalty=1.3), 1)):
+    options = dict(sampling=sampling, num_samples=num_samples, batch_size=4)
+    assert (engine.generate(tiny_model, prompts, 8, None, **options).tokens
+            == engine.generate(tiny_model, prompts, 8, None, share_prefixes=False, **options).tokens)
+  mesh = make_mesh(data=2, fsdp=2, tensor=2)
+  assert engine.generate(tiny_model, prompts, 8, None, batch_size=4, mesh=mesh).tokens == whole.tokens

@@ -11,6 +11,11 @@ bucket length (`BUCKETS_PER_OCTAVE` steps between powers of two, at least `MIN_B
 last, short batch to a power-of-two row count, so a run compiles one program per distinct
 (rows, bucket) pair: a handful, whatever the number of prompts. Each new program is logged.
 
+Shared prefixes: prompts that start alike (the chat template's header, the few-shot demos of a
+CMB exam_class) are batched together when that saves prefill work; their common prefix is
+prefilled once and its keys/values are copied into every row's cache (`plan_generation`). The
+tokens each row computes do not change: greedy outputs are those of whole-prompt prefills.
+
 Generation: one jitted program per batch runs the prefill and then a `lax.while_loop` of
 single-token decode steps on a static KV cache, entirely on device; the loop ends when every row
 has produced a stop token or `max_new_tokens` tokens.
@@ -41,6 +46,8 @@ MIN_BUCKET = 16
 # Finer than powers of two: prefill cost grows with the padded length, so a bucket wastes at most
 # ~1/BUCKETS_PER_OCTAVE of it, at the price of up to BUCKETS_PER_OCTAVE programs per octave.
 BUCKETS_PER_OCTAVE = 4
+# A shared prefix shorter than this is prefilled per row: too little work saved to be worth a program.
+MIN_SHARED_PREFIX = 32
 _CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 # Number of times each jitted program was traced (= compiled) in this process.
 _TRACES: collections.Counter = collections.Counter()
@@ -94,11 +101,14 @@ class Generation:
     tokens: `[prompt][sample]` new token ids, up to and including the first stop token.
     num_truncated: prompts cut from the left to fit `max_prompt_len`.
     num_compilations: programs compiled by this call (0 when every shape was seen before).
+    prefill_slots: token slots the prefills computed (padding included; a shared prefix once
+      per data-parallel shard).
   """
 
   tokens: list[list[list[int]]]
   num_truncated: int
   num_compilations: int
+  prefill_slots: int = 0
 
 
 @dataclasses.dataclass
@@ -136,11 +146,81 @@ def plan_batches(lengths: Sequence[int], batch_size: int, cap: int, row_multiple
   plans = []
   for start in range(0, len(order), batch_size):
     rows = order[start:start + batch_size]
-    padded_rows = batch_size
-    if len(rows) < batch_size:
-      padded_rows = min(batch_size, _round_up(1 << (len(rows) - 1).bit_length(), row_multiple))
-    plans.append((rows, padded_rows, bucket_length(max(lengths[i] for i in rows), cap)))
+    plans.append((rows, _padded_rows(len(rows), batch_size, row_multiple),
+                  bucket_length(max(lengths[i] for i in rows), cap)))
   return plans
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+  """One compiled batch: its rows, padded row count, shared prefix length and per-row length.
+
+  With `prefix_len > 0` every row starts with the same `prefix_len` tokens; they are prefilled
+  once and their keys/values copied to every row, and only the rest (`padded_len` slots per row,
+  left-padded) is prefilled per row.
+  """
+
+  rows: list[int]
+  padded_rows: int
+  prefix_len: int
+  padded_len: int
+
+
+def plan_generation(prompts: Sequence[Sequence[int]], batch_size: int, cap: int, row_multiple: int = 1,
+                    share_prefixes: bool = True) -> list[BatchPlan]:
+  """Batches for `generate`: shared-prefix batches where they prefill fewer slots, else by length.
+
+  Prompts are sorted lexicographically, so prompts with a common start (a chat header, the
+  few-shot demos of a CMB exam_class) are neighbours, and cut into batches. A batch whose rows
+  share at least `MIN_SHARED_PREFIX` tokens keeps that prefix (rounded down to the bucket grid,
+  so few programs are compiled) when prefilling it once plus the padded suffixes costs fewer
+  token slots than the plain batch would; every other prompt is batched by length
+  (`plan_batches`). Each row keeps at least one token of its own, whose logits start decoding.
+  """
+  lengths = [len(p) for p in prompts]
+  shared, rest = [], []
+  if share_prefixes:
+    order = sorted(range(len(prompts)), key=lambda i: (tuple(prompts[i]), i))
+    for start in range(0, len(order), batch_size):
+      rows = order[start:start + batch_size]
+      # In lexicographic order the first and last rows' common prefix is every row's.
+      common = min(_common_prefix(prompts[rows[0]], prompts[rows[-1]]), min(lengths[i] for i in rows) - 1)
+      prefix_len = _bucket_floor(common)
+      padded_rows = _padded_rows(len(rows), batch_size, row_multiple)
+      longest = max(lengths[i] for i in rows)
+      if prefix_len >= MIN_SHARED_PREFIX:
+        padded_len = bucket_length(longest - prefix_len, cap - prefix_len)
+        if row_multiple * prefix_len + padded_rows * padded_len < padded_rows * bucket_length(longest, cap):
+          shared.append(BatchPlan(rows, padded_rows, prefix_len, padded_len))
+          continue
+      rest.extend(rows)
+  else:
+    rest = list(range(len(prompts)))
+  plain = [BatchPlan([rest[i] for i in rows], padded_rows, 0, padded_len)
+           for rows, padded_rows, padded_len in plan_batches([lengths[i] for i in rest], batch_size, cap,
+                                                             row_multiple)]
+  return shared + plain
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+  n = min(len(a), len(b))
+  differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+  return int(differ[0]) if len(differ) else n
+
+
+def _bucket_floor(length: int) -> int:
+  """The largest length <= `length` on `bucket_length`'s grid (0 for 0)."""
+  if length < MIN_BUCKET:
+    return length
+  octave = 1 << length.bit_length() - 1
+  step = max(octave // BUCKETS_PER_OCTAVE, 8)
+  return length // step * step
+
+
+def _padded_rows(rows: int, batch_size: int, row_multiple: int) -> int:
+  if rows == batch_size:
+    return batch_size
+  return min(batch_size, _round_up(1 << (rows - 1).bit_length(), row_multiple))
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -281,10 +361,7 @@ def _empty_cache(model: Decoder, batch: int, length: int) -> KVCache:
 
 def _generate_batch(graphdef, state, tokens, segment_ids, positions, active, stop_ids, row_keys, *,
                     mesh: Mesh | None, max_new_tokens: int, sampling: Sampling):
-  """Prefill + decode loop for one left-padded batch; returns `[B, max_new_tokens]` int32.
-
-  After a row stops it keeps decoding (its outputs are ignored): rows share the cache slot.
-  """
+  """Prefill + decode loop for one left-padded batch; returns `[B, max_new_tokens]` int32."""
   _TRACES["generate"] += 1
   with _activation_context(mesh):
     model = nnx.merge(graphdef, state)
@@ -292,37 +369,88 @@ def _generate_batch(graphdef, state, tokens, segment_ids, positions, active, sto
     cache = _empty_cache(model, batch, prompt_len + max_new_tokens)
     logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache,
                           last_logits_only=True)
-    # Left padding puts every row's last real token in the last column.
-    first_position = positions[:, -1] + 1
     seen = (_seen_tokens(tokens, segment_ids, logits.shape[-1]) if sampling.repetition_penalty != 1
             else None)
-    token = _next_token(logits[:, -1], row_keys, jnp.int32(0), sampling, seen, stop_ids)
-    seen = _add_seen(seen, token)
-    out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
-    done = ~active | _is_stop(token, stop_ids)
-    ones = jnp.ones((batch, 1), jnp.int32)
-
-    def keep_going(carry):
-      _, step, _, _, done, _, _ = carry
-      return (step < max_new_tokens) & ~jnp.all(done)
-
-    def decode_step(carry):
-      # The weights ride in the carry (unchanged): NNX refuses to use arrays closed over from the
-      # enclosing trace inside the loop's own trace.
-      state, step, cache, token, done, out, seen = carry
-      logits, cache = nnx.merge(graphdef, state)(
-          token[:, None], positions=(first_position + step - 1)[:, None], segment_ids=ones, cache=cache)
-      new = _next_token(logits[:, 0], row_keys, step, sampling, seen, stop_ids)
-      new = jnp.where(done, token, new)
-      out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
-      return state, step + 1, cache, new, done | _is_stop(new, stop_ids), out, _add_seen(seen, new)
-
-    carry = (state, jnp.int32(1), cache, token, done, out, seen)
-    _, _, _, _, _, out, _ = jax.lax.while_loop(keep_going, decode_step, carry)
-    return out
+    return _decode(graphdef, state, cache, logits[:, -1], positions[:, -1] + 1, active, seen, stop_ids,
+                   row_keys, max_new_tokens=max_new_tokens, sampling=sampling)
 
 
-_generate_batch_jit = jax.jit(_generate_batch, static_argnames=("graphdef", "mesh", "max_new_tokens", "sampling"))
+def _generate_shared_batch(graphdef, state, prefix, tokens, segment_ids, positions, active, stop_ids, row_keys,
+                           *, mesh: Mesh | None, max_new_tokens: int, sampling: Sampling):
+  """`_generate_batch` for rows that all start with `prefix` `[R, P]` (R identical rows).
+
+  The prefix is prefilled once per data-parallel shard (R = that many rows, so each device
+  computes its own copy and nothing is gathered) and its keys/values fill the first P slots of
+  every row's cache; `tokens` `[B, S]` are the rows' own, left-padded suffixes, whose positions
+  continue from P. Padding between the prefix and a suffix is segment 0, never attended, so each
+  row computes what it would have computed on its whole prompt.
+  """
+  _TRACES["generate"] += 1
+  with _activation_context(mesh):
+    model = nnx.merge(graphdef, state)
+    prefix_rows, prefix_len = prefix.shape
+    batch, suffix_len = tokens.shape
+    prefix_segments = jnp.ones_like(prefix)
+    prefix_positions = jnp.broadcast_to(jnp.arange(prefix_len, dtype=jnp.int32), prefix.shape)
+    _, prefix_cache = model(prefix, positions=prefix_positions, segment_ids=prefix_segments,
+                            cache=_empty_cache(model, prefix_rows, prefix_len), last_logits_only=True)
+    cache = _empty_cache(model, batch, prefix_len + suffix_len + max_new_tokens)
+    copies = batch // prefix_rows  # row r of the batch takes prefix row r // copies (its shard's)
+    cache = KVCache(
+        sharding.constrain(cache.k.at[:, :, :prefix_len].set(jnp.repeat(prefix_cache.k, copies, axis=1)),
+                           _CACHE_AXES),
+        sharding.constrain(cache.v.at[:, :, :prefix_len].set(jnp.repeat(prefix_cache.v, copies, axis=1)),
+                           _CACHE_AXES),
+        cache.segment_ids.at[:, :prefix_len].set(1), jnp.int32(prefix_len))
+    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache,
+                          last_logits_only=True)
+    seen = None
+    if sampling.repetition_penalty != 1:
+      whole = jnp.concatenate([jnp.repeat(prefix, copies, axis=0), tokens], axis=1)
+      whole_segments = jnp.concatenate([jnp.repeat(prefix_segments, copies, axis=0), segment_ids], axis=1)
+      seen = _seen_tokens(whole, whole_segments, logits.shape[-1])
+    return _decode(graphdef, state, cache, logits[:, -1], positions[:, -1] + 1, active, seen, stop_ids,
+                   row_keys, max_new_tokens=max_new_tokens, sampling=sampling)
+
+
+def _decode(graphdef, state, cache: KVCache, last_logits, first_position, active, seen, stop_ids, row_keys, *,
+            max_new_tokens: int, sampling: Sampling) -> jax.Array:
+  """The decode loop after a prefill: `[B, max_new_tokens]` int32 new tokens.
+
+  `last_logits` `[B, V]` are the prefill's logits at each row's last prompt token (left padding
+  puts it in the last column) and `first_position` the position of the first new token. After a
+  row stops it keeps decoding (its outputs are ignored): rows share the cache slot.
+  """
+  batch = last_logits.shape[0]
+  token = _next_token(last_logits, row_keys, jnp.int32(0), sampling, seen, stop_ids)
+  seen = _add_seen(seen, token)
+  out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
+  done = ~active | _is_stop(token, stop_ids)
+  ones = jnp.ones((batch, 1), jnp.int32)
+
+  def keep_going(carry):
+    _, step, _, _, done, _, _ = carry
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def decode_step(carry):
+    # The weights ride in the carry (unchanged): NNX refuses to use arrays closed over from the
+    # enclosing trace inside the loop's own trace.
+    state, step, cache, token, done, out, seen = carry
+    logits, cache = nnx.merge(graphdef, state)(
+        token[:, None], positions=(first_position + step - 1)[:, None], segment_ids=ones, cache=cache)
+    new = _next_token(logits[:, 0], row_keys, step, sampling, seen, stop_ids)
+    new = jnp.where(done, token, new)
+    out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
+    return state, step + 1, cache, new, done | _is_stop(new, stop_ids), out, _add_seen(seen, new)
+
+  carry = (state, jnp.int32(1), cache, token, done, out, seen)
+  _, _, _, _, _, out, _ = jax.lax.while_loop(keep_going, decode_step, carry)
+  return out
+
+
+_STATIC = ("graphdef", "mesh", "max_new_tokens", "sampling")
+_generate_batch_jit = jax.jit(_generate_batch, static_argnames=_STATIC)
+_generate_shared_batch_jit = jax.jit(_generate_shared_batch, static_argnames=_STATIC)
 
 
 def _row_keys(seed: int, prompt_ids: np.ndarray, sample_ids: np.ndarray) -> jax.Array:
@@ -340,7 +468,8 @@ def _cut_at_stop(row: np.ndarray, stop_ids: np.ndarray) -> list[int]:
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              eos_token_id: int | Sequence[int] | None, *, sampling: Sampling = GREEDY, num_samples: int = 1,
              seed: int = 0, batch_size: int = 16, max_prompt_len: int | None = None,
-             mesh: Mesh | None = None, progress: Progress | None = None) -> Generation:
+             mesh: Mesh | None = None, progress: Progress | None = None,
+             share_prefixes: bool = True) -> Generation:
   """Generates `num_samples` continuations of every prompt.
 
   Args:
@@ -357,6 +486,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
       `max_position_embeddings - max_new_tokens`.
     mesh: run sharded on this mesh (rows over data/fsdp, weights per `csft_jax.sharding`).
     progress: called with the number of prompts finished after each batch.
+    share_prefixes: prefill a prefix common to a batch's prompts once (`plan_generation`); the
+      outputs are the same either way.
 
   Returns:
     A `Generation`; `tokens[i][s]` holds the new tokens of prompt i, sample s, up to and including
@@ -383,18 +514,23 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
                     sum(cut for _, cut in truncated), len(prompts), limit)
 
   sequences = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
-  lengths = [len(truncated[p][0]) for p, _ in sequences]
   stop_ids = _stop_ids(eos_token_id)
   graphdef, state = _place_state(model, mesh)
   stop_ids_device = jnp.asarray(stop_ids)
   tokens: list[list[list[int]]] = [[[] for _ in range(num_samples)] for _ in prompts]
   traces_before, done_prompts = _TRACES["generate"], 0
   remaining = collections.Counter(p for p, _ in sequences)
-  for rows, padded_rows, padded_len in plan_batches(lengths, _batch_size(batch_size, mesh), limit,
-                                                    _data_parallel_size(mesh)):
+  row_prompts = [truncated[p][0] for p, _ in sequences]
+  # A sliding window counts slots, and the padding between a shared prefix and a row's suffix
+  # would put slots between tokens: such models prefill whole prompts.
+  share = share_prefixes and model.config.sliding_window is None
+  dp = _data_parallel_size(mesh)
+  prefill_slots = 0
+  for plan in plan_generation(row_prompts, _batch_size(batch_size, mesh), limit, dp, share):
+    rows, padded_rows, padded_len, prefix_len = plan.rows, plan.padded_rows, plan.padded_len, plan.prefix_len
     ids = np.zeros((padded_rows, padded_len), np.int32)
     segment_ids = np.zeros((padded_rows, padded_len), np.int32)
-    positions = np.zeros((padded_rows, padded_len), np.int32)
+    positions = np.full((padded_rows, padded_len), prefix_len, np.int32)
     active = np.zeros((padded_rows,), bool)
     prompt_ids = np.zeros((padded_rows,), np.int32)
     sample_ids = np.zeros((padded_rows,), np.int32)
@@ -402,19 +538,25 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
     segment_ids[:, -1] = 1
     for r, row in enumerate(rows):
       p, s = sequences[row]
-      prompt = truncated[p][0]
-      ids[r, padded_len - len(prompt):] = prompt
-      segment_ids[r, padded_len - len(prompt):] = 1
-      # As HF does for left padding: real tokens count positions from 0.
-      positions[r, padded_len - len(prompt):] = np.arange(len(prompt))
+      own = row_prompts[row][prefix_len:]
+      ids[r, padded_len - len(own):] = own
+      segment_ids[r, padded_len - len(own):] = 1
+      # As HF does for left padding: real tokens count positions from 0 (the prefix's come first).
+      positions[r, padded_len - len(own):] = prefix_len + np.arange(len(own))
       active[r], prompt_ids[r], sample_ids[r] = True, p, s
     before = _TRACES["generate"]
-    out = _generate_batch_jit(
-        graphdef, state, *_place_rows(mesh, ids, segment_ids, positions, active),
-        stop_ids_device, _row_keys(seed, prompt_ids, sample_ids),
-        mesh=mesh, max_new_tokens=max_new_tokens, sampling=sampling)
-    _log_compiles("generate", before, f"{padded_rows} rows x {padded_len} prompt tokens "
-                  f"+ {max_new_tokens} new")
+    row_args = (*_place_rows(mesh, ids, segment_ids, positions, active), stop_ids_device,
+                _row_keys(seed, prompt_ids, sample_ids))
+    options = dict(mesh=mesh, max_new_tokens=max_new_tokens, sampling=sampling)
+    if prefix_len:
+      prefix = np.tile(np.asarray(row_prompts[rows[0]][:prefix_len], np.int32), (dp, 1))
+      out = _generate_shared_batch_jit(graphdef, state, *_place_rows(mesh, prefix), *row_args, **options)
+      shape = f"{padded_rows} rows x ({prefix_len} shared + {padded_len}) prompt tokens + {max_new_tokens} new"
+    else:
+      out = _generate_batch_jit(graphdef, state, *row_args, **options)
+      shape = f"{padded_rows} rows x {padded_len} prompt tokens + {max_new_tokens} new"
+    prefill_slots += dp * prefix_len + padded_rows * padded_len
+    _log_compiles("generate", before, shape)
     out = _to_host(out)
     for r, row in enumerate(rows):
       p, s = sequences[row]
@@ -423,7 +565,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
       done_prompts += remaining[p] == 0
     if progress is not None:
       progress(done_prompts)
-  return Generation(tokens, sum(cut for _, cut in truncated), _TRACES["generate"] - traces_before)
+  return Generation(tokens, sum(cut for _, cut in truncated), _TRACES["generate"] - traces_before, prefill_slots)
 
 
 def greedy_generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int,
