@@ -10,7 +10,9 @@ whose Split Type is Train or Train/Test (the Test-only tasks are MedS-Bench's), 
 official `InsDataset` builds them: with probability 0.5 the 3-shot prompt that MedS-Bench
 evaluates, else zero-shot; with probability 0.5 a rewritten definition from
 `data_dir/RewriteDefinitions.json` (the file of the MedS-Ins repository, Evaluation/), else
-`Definition[0]`. The draws are seeded per (config.data.seed, task, instance).
+`Definition[0]`. The draws are seeded per (config.data.seed, task, instance). Examples over 2048
+tokens are cut at the end; a 3-shot prompt so long that nothing of the answer is left is dropped
+(the mixture table at the start of a run counts both).
 
   python -m csft_jax.train --workdir=W \
       --config=configs/meds_ins_llama3_8b.py:mesh=v5p-8,model_dir=/models/Meta-Llama-3-8B,data_dir=/data/meds_ins
@@ -36,13 +38,14 @@ from csft_jax.data import meds_ins
 # of params / optimizer state / total; a run fits at <= 90% of HBM):
 #   v5p-8  4 devices x 95 GiB, accum 4:  7.48 / 14.96 / 70.18
 #   v4-16  8 devices x 32 GiB, accum 16: 3.74 / 7.48 / 28.36 (the most accumulation 8 devices allow)
-#   v5e-16 16 devices x 16 GiB, accum 8: not compiled yet
-#   v6e-8  8 devices x 32 GiB, accum 16: not compiled yet
+#   v5e-32 32 devices x 16 GiB, accum 4: not compiled yet. v5e-16 cannot: at accum 8 (one sequence
+#          per device, the most 16 devices allow) the total is 16.71 GiB of 16.
+#   v6e-8  8 devices x 32 GiB, accum 16: 3.74 / 7.48 / 28.50
 # 8xh100: 8 GPUs, per-device batch 4 x accum 4; not compiled here.
 MESH_PRESETS = {
     "v5p-8": (dict(data=1, fsdp=4, tensor=1), 4),
     "v4-16": (dict(data=1, fsdp=8, tensor=1), 16),
-    "v5e-16": (dict(data=1, fsdp=16, tensor=1), 8),
+    "v5e-32": (dict(data=1, fsdp=32, tensor=1), 4),
     "v6e-8": (dict(data=1, fsdp=8, tensor=1), 16),
     "8xh100": (dict(data=1, fsdp=8, tensor=1), 4),
 }

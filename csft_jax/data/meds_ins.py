@@ -274,7 +274,8 @@ def _split_types_option(options: Mapping[str, Any]) -> tuple[str, ...]:
   value = (value,) if isinstance(value, str) else tuple(value)
   unknown = [v for v in value if v not in SPLIT_TYPES]
   if unknown:
-    raise DataError(f"meds_ins option split_types={list(value)}: {unknown} not among the Split Types {list(SPLIT_TYPES)}")
+    raise DataError(f"meds_ins option split_types={list(value)}: {unknown} not among the Split Types "
+                    f"{list(SPLIT_TYPES)}")
   return value
 
 
