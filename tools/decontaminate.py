@@ -121,10 +121,10 @@ def main(argv: list[str]) -> None:
     questions += benchmark_questions(kind, path)
   grams = ngram_set(questions, FLAGS.ngram)
   data = configuration.from_flags().data
-  report, kept = {}, {}
+  report, kept, formats = {}, {}, {}
   for spec in parse_sources(data.sources):
     records, _ = load_conversations(spec, data.on_error)
-    hits, kept[spec.name] = [], []
+    hits, kept[spec.name], formats[spec.name] = [], [], spec.format
     for r in records:
       text = meds_ins.instance_text(r.record) if spec.format == meds_ins.FORMAT else r.conversation.text()
       gram = shared_ngram(text, grams, FLAGS.ngram)
@@ -141,7 +141,7 @@ def main(argv: list[str]) -> None:
     out = configuration.resolve_path(FLAGS.write_filtered)
     staging = tempfile.mkdtemp(prefix=".decontaminate-", dir=os.path.dirname(os.path.abspath(out)))
     for name, records in kept.items():
-      if records and isinstance(records[0].record.get("task"), meds_ins.Task):
+      if formats[name] == meds_ins.FORMAT:
         write_task_files(records, os.path.join(staging, name))
         continue
       with open(os.path.join(staging, f"{name}.jsonl"), "w", encoding="utf-8") as f:
