@@ -10,7 +10,8 @@ Layout under `config.data.cache_dir`:
 The manifest holds per source the shards and counts (records, examples, tokens, loss tokens,
 skipped, dropped, truncated) and a fingerprint of everything that changes the tokens: the files
 (size and mtime), the format options, the tokenizer files (SHA-256), the chat template,
-seq_len, the over-long and bad-record policies, and the data code itself. Mixing, weights,
+seq_len, the over-long and bad-record policies, and the data code itself (its syntax trees: comments
+and docstrings do not count). Mixing, weights,
 seed and val_fraction are applied when the cache is read, so changing them needs no rebuild.
 
 Shard k of a source holds the examples of its conversations [k * SHARD_CONVERSATIONS,
@@ -18,6 +19,7 @@ Shard k of a source holds the examples of its conversations [k * SHARD_CONVERSAT
 the shards concatenated are exactly the uncached `TokenizedSource`.
 """
 
+import ast
 import functools
 import glob
 import hashlib
@@ -80,11 +82,23 @@ def _sha256_files(paths: Sequence[str]) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _code_hash() -> str:
-  # Once per process: the code this process runs, even if the files are edited meanwhile.
+  """The data code this process runs, as syntax trees: comments, docstrings and layout do not count."""
   here = os.path.dirname(os.path.abspath(__file__))
-  modules = sorted(p for p in glob.glob(os.path.join(here, "*.py"))
-                   if os.path.splitext(os.path.basename(p))[0] not in _NOT_TOKEN_CODE)
-  return _sha256_files(modules)
+  digest = hashlib.sha256()
+  for path in sorted(glob.glob(os.path.join(here, "*.py"))):
+    name = os.path.splitext(os.path.basename(path))[0]
+    if name in _NOT_TOKEN_CODE:
+      continue
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      body = getattr(node, "body", None)
+      if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+          and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+          and isinstance(body[0].value.value, str)):
+        node.body = body[1:] or [ast.Pass()]
+    digest.update(name.encode() + ast.dump(tree).encode())
+  return digest.hexdigest()
 
 
 def _jsonable(value: Any) -> Any:

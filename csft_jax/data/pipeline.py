@@ -60,15 +60,16 @@ class DataPipeline:
     if not data_config.tokenizer:
       raise DataError("config.data.tokenizer is not set: name a tokenizer directory (the trainer takes "
                       "config.init.from_hf's when it is empty)")
-    if data_config.cache not in cache.CACHE_MODES:
-      raise DataError(f"config.data.cache={data_config.cache!r} is not one of {cache.CACHE_MODES}")
+    mode = data_config.get("cache", "off")  # Configs stored before the cache existed have no field.
+    if mode not in cache.CACHE_MODES:
+      raise DataError(f"config.data.cache={mode!r} is not one of {cache.CACHE_MODES}")
     specs = parse_sources(data_config.sources)
     self.tokenizer = load_tokenizer(data_config.tokenizer)
     self.template: ChatTemplate = load_chat_template(data_config.chat_template, self.tokenizer)
     self.source_names: list[str] = [s.name for s in specs]
     self.train_sources: list[Source] = []
     self.val_sources: list[Source | None] = []
-    sources = self._tokenized_sources(specs) if data_config.cache == "off" else _cached_sources(data_config, specs)
+    sources = self._tokenized_sources(specs) if mode == "off" else _cached_sources(data_config, specs)
     for i, source in enumerate(sources):
       train, val = split_validation(source, data_config.val_fraction, data_config.seed, i)
       self.train_sources.append(train)
