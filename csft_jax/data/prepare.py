@@ -6,9 +6,9 @@
 Training, `inspect` and `bench_data` then read the cache with `--config.data.cache=require`
 (or `auto`, which runs this first when the cache is absent or stale). The main process reads and
 adapts the sources in order and hands shards of SHARD_CONVERSATIONS conversations to one worker
-process per core, which tokenize them and write their ArrayRecord files. A progress line with
-ETA (by bytes of the source files read) shows while it runs, and a per-source summary at the
-end; with --json the last line is one JSON object.
+process per core (for over 32 MiB of source files), which tokenize them and write their
+ArrayRecord files. A progress line with ETA (by bytes of the source files read) shows while it
+runs, and a per-source summary at the end; with --json the last line is one JSON object.
 
 Multi-host: run the same command on every host with --coordinator_address/--num_processes/
 --process_id (or --distributed) and a cache_dir that all of them see. Process p tokenizes the
@@ -44,6 +44,7 @@ from csft_jax.data.tokenizer import load_tokenizer
 _WAIT_S = 6 * 3600  # How long a process waits for the shards or manifest of the others.
 _POLL_S = 2.0
 _SHOW_EVERY_S = 1.0
+_POOL_MIN_BYTES = 32 << 20  # Smaller collections are tokenized in the reading process.
 _TEMPLATE: ChatTemplate | None = None  # A worker process's template, loaded once.
 
 
@@ -129,7 +130,8 @@ def prepare(data_config: ml_collections.ConfigDict, *, num_workers: int = 0, pro
 
   Args:
     data_config: `config.data` with `cache_dir` set and paths resolved.
-    num_workers: tokenizer processes on this host; 0 = one per core, 1 = in this process.
+    num_workers: tokenizer processes on this host; 0 = one per core (in this process for
+      collections under 32 MiB), 1 = in this process.
     process_index, process_count: this host's place in a multi-host prepare.
     force: rebuild even if the cache matches the config.
     wait: the other processes wait for process 0's manifest (the pipeline needs it to read).
@@ -158,8 +160,9 @@ def prepare(data_config: ml_collections.ConfigDict, *, num_workers: int = 0, pro
   if process_index == 0 and os.path.exists(manifest_path):
     os.remove(manifest_path)  # From here until the end the cache is absent, never half-new.
   start = time.perf_counter()
-  num_workers = num_workers or os.cpu_count() or 1
   progress = _Progress(specs, out)
+  if not num_workers:  # Starting worker processes only pays off for a large collection.
+    num_workers = 1 if progress.total < _POOL_MIN_BYTES else os.cpu_count() or 1
   plans = _tokenize_shards(data_config, specs, build_dir, num_workers, process_index, process_count, progress)
   progress.close()
   if process_index != 0:
@@ -341,7 +344,7 @@ def define_flags() -> None:
 
   configuration.define_config_flag("Config file with a `data` field (data.cache_dir set).")
   distributed.define_flags()
-  flags.DEFINE_integer("num_workers", 0, "Tokenizer processes on this host; 0 = one per core.")
+  flags.DEFINE_integer("num_workers", 0, "Tokenizer processes on this host; 0 = one per core (none below 32 MiB).")
   flags.DEFINE_bool("force", False, "Rebuild even when the cache matches the config.")
   flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
 
