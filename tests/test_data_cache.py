@@ -187,7 +187,8 @@ def test_an_interrupted_prepare_leaves_no_manifest_says_so_and_resumes(tmp_path,
   with pytest.raises(_Killed):
     _prepare(data)
   assert cache.read_manifest(data.cache_dir) is None
-  with pytest.raises(cache.CacheError, match=r"has shards \(build-\w+\) but no manifest.json: a prepare was interrupted"):
+  with pytest.raises(cache.CacheError, match=r"has shards \(build-\w+\) but no manifest.json: a prepare was"
+                                            r" interrupted"):
     DataPipeline(sample_config(cache_dir=data.cache_dir, cache="require"))
   calls.clear()
   resumed = True

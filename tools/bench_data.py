@@ -17,10 +17,11 @@ configs/collection_shared.py (their records repeated, in shares of their real si
 lines in a temporary folder), prepares its tokenize-once cache, and starts the pipeline in fresh
 subprocesses from the cache and without it, up to the first batch. startup_s is the whole
 process (imports, tokenizer, pipeline, first batch), startup_pipeline_s the pipeline and first
-batch alone (after importing transformers, startup_transformers_import_s), and *_peak_rss_gb the process's peak resident memory. prepare_s is the prepare process's
-wall time; its CPU seconds in the reading process and in the tokenizer workers give the
-extrapolation to 13.5M examples (MedS-Ins) on a 16-core host, at this collection's example
-lengths: max(reading, tokenizing / 16). batches_identical compares the first batch of both starts.
+batch alone (after importing transformers, startup_transformers_import_s), and *_peak_rss_gb
+the process's peak resident memory. prepare_s is the prepare process's wall time; its CPU
+seconds in the reading process and in the tokenizer workers give the extrapolation to 13.5M
+examples (MedS-Ins) on a 16-core host, at this collection's example lengths:
+max(reading, tokenizing / 16). batches_identical compares the first batch of both starts.
 """
 
 import hashlib
