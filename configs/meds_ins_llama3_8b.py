@@ -38,8 +38,8 @@ from csft_jax.data import meds_ins
 # of params / optimizer state / total; a run fits at <= 90% of HBM):
 #   v5p-8  4 devices x 95 GiB, accum 4:  7.48 / 14.96 / 70.18
 #   v4-16  8 devices x 32 GiB, accum 16: 3.74 / 7.48 / 28.36 (the most accumulation 8 devices allow)
-#   v5e-32 32 devices x 16 GiB, accum 4: not compiled yet. v5e-16 cannot: at accum 8 (one sequence
-#          per device, the most 16 devices allow) the total is 16.71 GiB of 16.
+#   v5e-32 32 devices x 16 GiB, accum 4: 0.94 / 1.87 / 9.78. v5e-16 cannot: at accum 8 (one
+#          sequence per device, the most 16 devices allow) the total is 16.71 GiB of 16.
 #   v6e-8  8 devices x 32 GiB, accum 16: 3.74 / 7.48 / 28.50
 # 8xh100: 8 GPUs, per-device batch 4 x accum 4; not compiled here.
 MESH_PRESETS = {
