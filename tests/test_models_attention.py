@@ -1,5 +1,7 @@
 """`attend` implementations against `xla` (the dense masked reference), values and gradients in f32."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +33,7 @@ def _qkv(batch: int, q_len: int, kv_len: int, seed: int = 0):
   return tuple(jnp.asarray(x, jnp.float32) for x in (q, k, v))
 
 
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("block_q", "block_kv"))
 def _values_and_grads(implementation: str, q, k, v, mask: AttentionMask, **blocks):
   """Outputs on real queries and the gradients of a loss over them (padding rows carry no loss)."""
   real = (mask.q_segment_ids != 0)[:, :, None, None]
@@ -76,17 +79,16 @@ def test_blockwise_equals_xla_against_a_kv_cache():
   kv_segments = np.zeros((2, 64), np.int32)
   kv_segments[0, :28] = 1
   kv_segments[1, 5:28] = 1
-  q_segments = jnp.ones((2, 8), jnp.int32)
-  for window in (None, 6):
-    mask = AttentionMask(q_segments, jnp.asarray(kv_segments), 20 + jnp.arange(8), jnp.arange(64), window)
-    _assert_same("blockwise", q, k, v, mask, block_q=4, block_kv=16)
+  mask = AttentionMask(jnp.ones((2, 8), jnp.int32), jnp.asarray(kv_segments), 20 + jnp.arange(8), jnp.arange(64),
+                       sliding_window=6)
+  _assert_same("blockwise", q, k, v, mask, block_q=4, block_kv=16)
 
 
 def test_blockwise_runs_only_the_live_pairs():
   # With contiguous segments, a pair is live exactly when its block of the dense mask has an allowed entry.
   block = 10
   mask = AttentionMask.causal(jnp.asarray(SEGMENTS))
-  pairs, count = _live_pairs(mask, block, block)
+  pairs, count = jax.jit(_live_pairs, static_argnums=(1, 2))(mask, block, block)
   dense = np.asarray(mask.dense())[:, 0].reshape(3, 10, block, 10, block).any(axis=(2, 4))
   assert int(count) == dense.sum() == 105  # of 300 pairs, 165 of them causal
   np.testing.assert_array_equal(np.sort(np.asarray(pairs[:count])), np.flatnonzero(dense))
@@ -98,28 +100,30 @@ def test_blockwise_per_shard_equals_unsharded():
   mask = AttentionMask.causal(segments)
   want, want_grads = _values_and_grads("blockwise", q, k, v, mask, block_q=16, block_kv=16)
   with activation_sharding(make_mesh(2, 2, 2, devices=jax.devices()[:8])):
-    got, got_grads = jax.jit(lambda q, k, v: _values_and_grads("blockwise", q, k, v, mask, block_q=16,
-                                                               block_kv=16))(q, k, v)
+    # A fresh trace (not the cached unsharded one), made under the mesh.
+    got, got_grads = jax.jit(lambda q, k, v: _values_and_grads.__wrapped__("blockwise", q, k, v, mask, block_q=16,
+                                                                           block_kv=16))(q, k, v)
   np.testing.assert_allclose(got, want, atol=1e-6)
   for g, w in zip(got_grads, want_grads):
     np.testing.assert_allclose(g, w, atol=1e-6)
 
 
 def test_decoder_blockwise_prefill_and_decode_equal_xla():
-  # Mistral's sliding window (4 slots) over a left-padded prompt, then three decode steps.
+  # Mistral's sliding window (4 slots) over a left-padded prompt, then two decode steps.
   config = get_preset("tiny", sliding_window=4, attention_block_q=4, attention_block_kv=4)
   xla = Decoder(config, rngs=nnx.Rngs(0))
   blockwise = Decoder(config.replace(attention_impl="blockwise"), rngs=nnx.Rngs(0))
-  ids = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 9)))
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 8)))
   segments = jnp.asarray([[1] * 6, [0, 0, 0, 1, 1, 1]])  # row 1 left-padded
   positions = jnp.asarray([list(range(6)), [0, 0, 0, 0, 1, 2]])
+  run = nnx.jit(lambda model, ids, positions, segments, cache: model(ids, positions=positions, segment_ids=segments,
+                                                                     cache=cache))
   outputs = []
   for model in (xla, blockwise):
-    logits, cache = model(ids[:, :6], positions=positions, segment_ids=segments, cache=KVCache.empty(config, 2, 12))
+    logits, cache = run(model, ids[:, :6], positions, segments, KVCache.empty(config, 2, 12))
     steps = [logits[:, 3:]]
-    for t in range(6, 9):
-      step, cache = model(ids[:, t:t + 1], positions=positions[:, -1:] + (t - 5),
-                          segment_ids=jnp.ones((2, 1), jnp.int32), cache=cache)
+    for t in range(6, 8):
+      step, cache = run(model, ids[:, t:t + 1], positions[:, -1:] + (t - 5), jnp.ones((2, 1), jnp.int32), cache)
       steps.append(step)
     outputs.append(jnp.concatenate(steps, axis=1))
   np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-5)

@@ -14,6 +14,7 @@ top-level figures):
 - effective: loss-bearing tokens/s of our packed pipeline vs PyTorch on the same examples padded
   to the longest in each batch (what LLaMA-Factory does without packing)
   -> `effective_speedup_vs_padded_torch`.
+The steps take turns batch by batch, so a shared machine's changing load falls on every side alike.
 Prints a table; with --json the last line is one JSON object (`by_attention` holds every
 implementation's figures).
 """
@@ -51,8 +52,8 @@ def _trim_to_longest(batch):
   return {k: v[:, :longest] for k, v in batch.items()}
 
 
-def bench_jax(config, start, batches, num_sources):
-  """Seconds for the trainer's own jitted step (train.jit_steps) over `batches[1:]`."""
+def jax_stepper(config, start, num_sources):
+  """One blocking call of the trainer's own jitted step (train.jit_steps) per batch."""
   import jax  # pylint: disable=import-outside-toplevel
   from csft_jax import train  # pylint: disable=import-outside-toplevel
   from csft_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
@@ -61,16 +62,18 @@ def bench_jax(config, start, batches, num_sources):
   optimizer, schedule = make_optimizer(config.optim, 1000)
   mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
   step, _, _ = train.jit_steps(config, start, optimizer, schedule, mesh, num_sources)
-  state, metrics = step(start.state, batches[0])
-  jax.block_until_ready(metrics)
-  begin = time.perf_counter()
-  for batch in batches[1:]:
+  state = start.state
+
+  def run(batch):
+    nonlocal state
     state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  return time.perf_counter() - begin
+    jax.block_until_ready(metrics)
+
+  return run
 
 
-def bench_torch(hf_dir, batches):
+def torch_stepper(hf_dir):
+  """One transformers + PyTorch AdamW step per batch (SDPA attention, as LLaMA-Factory runs it)."""
   import torch
   import transformers
   torch.set_num_threads(FLAGS.threads)
@@ -79,7 +82,7 @@ def bench_torch(hf_dir, batches):
   model.train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
 
-  def step(batch):
+  def run(batch):
     ids = torch.from_numpy(batch["input_ids"]).long()
     labels = torch.from_numpy(batch["target_ids"]).long()
     labels[torch.from_numpy(batch["loss_mask"]) == 0] = -100
@@ -91,11 +94,24 @@ def bench_torch(hf_dir, batches):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
-  step(batches[0])
-  start = time.perf_counter()
-  for batch in batches[1:]:
-    step(batch)
-  return time.perf_counter() - start
+  return run
+
+
+def interleaved_seconds(runs: dict[str, tuple]) -> dict[str, float]:
+  """Seconds of each `name: (step, batches)` over `batches[1:]` after a warm-up on `batches[0]`.
+
+  The steps take turns batch by batch, so a load that comes and goes on a shared machine
+  slows every side alike instead of whichever ran at the time.
+  """
+  for step, batches in runs.values():
+    step(batches[0])
+  seconds = dict.fromkeys(runs, 0.0)
+  for i in range(1, FLAGS.steps + 1):
+    for name, (step, batches) in runs.items():
+      begin = time.perf_counter()
+      step(batches[i])
+      seconds[name] += time.perf_counter() - begin
+  return seconds
 
 
 def _model_config(config, tokenizer_size: int):
@@ -134,7 +150,7 @@ def main(argv):
   hf_dir = tempfile.mkdtemp(prefix="bench_train_hf_")
   save_hf(nnx.merge(start.graphdef, start.state.params), hf_dir)
 
-  jax_seconds = {}
+  runs = {}
   for implementation in FLAGS.attention:
     # `name` or `name:tile` (model.attention_block_q = attention_block_kv = tile).
     name, _, tile = implementation.partition(":")
@@ -144,9 +160,12 @@ def main(argv):
     # A fresh copy of the state for each run: the step donates it.
     with_impl = dataclasses.replace(start, graphdef=train.graphdef_of(impl_config), model_config=impl_config,
                                     state=jax.tree.map(jnp.copy, start.state))
-    jax_seconds[implementation] = bench_jax(config, with_impl, packed, len(pipeline.source_names))
-  torch_seconds = bench_torch(hf_dir, packed)
-  torch_padded_seconds = bench_torch(hf_dir, padded)
+    runs[implementation] = (jax_stepper(config, with_impl, len(pipeline.source_names)), packed)
+  runs["torch"] = (torch_stepper(hf_dir), packed)
+  runs["torch_padded"] = (torch_stepper(hf_dir), padded)
+  seconds = interleaved_seconds(runs)
+  torch_seconds, torch_padded_seconds = seconds.pop("torch"), seconds.pop("torch_padded")
+  jax_seconds = seconds
 
   slots = sum(b["input_ids"].size for b in packed[1:])
   packed_loss_tokens = sum(int(b["loss_mask"].sum()) for b in packed[1:])

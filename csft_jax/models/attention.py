@@ -22,9 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from csft_jax.models.config import ATTENTION_IMPLEMENTATIONS
 from csft_jax.sharding import active_mesh, logical_to_spec
-
-IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "splash")
 
 
 def attention_mask(q_segment_ids: jnp.ndarray, kv_segment_ids: jnp.ndarray, q_index: jnp.ndarray,
@@ -81,7 +80,7 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: AttentionMask, 
     q: `[B, Tq, heads, head_dim]`.
     k, v: `[B, Tkv, kv_heads, head_dim]`; heads must be a multiple of kv_heads.
     mask: the `AttentionMask` of these queries and keys.
-    implementation: one of `IMPLEMENTATIONS` (see the module docstring). `splash` needs
+    implementation: one of `ATTENTION_IMPLEMENTATIONS` (see the module docstring). `splash` needs
       self-attention; a decode step against a KV cache falls back to `xla`.
     block_q, block_kv: tile sizes of `blockwise` and `splash` (clipped to the lengths).
 
@@ -97,7 +96,7 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: AttentionMask, 
   if implementation == "splash":
     return _per_shard(functools.partial(_splash, block_q=block_q, block_kv=block_kv,
                                         interpret=_platform() != "tpu"), q, k, v, mask)
-  raise ValueError(f"attend(implementation={implementation!r}); choose one of {IMPLEMENTATIONS}.")
+  raise ValueError(f"attend(implementation={implementation!r}); choose one of {ATTENTION_IMPLEMENTATIONS}.")
 
 
 def _platform() -> str:
