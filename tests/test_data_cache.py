@@ -215,3 +215,17 @@ def test_bad_cache_settings_and_all_dropped_sources(tmp_path):
     _prepare(data)
   assert str(cached.value) == str(uncached.value)
   assert "all 40 examples are longer than seq_len=16" in str(cached.value)
+
+
+def test_a_file_named_by_a_source_option_is_fingerprinted(tmp_path):
+  from csft_jax.data import meds_ins  # pylint: disable=import-outside-toplevel
+  from csft_jax.data.sources import parse_sources  # pylint: disable=import-outside-toplevel
+  rewrites = tmp_path / "RewriteDefinitions.json"
+  rewrites.write_text(json.dumps({"task1001": {"auto_rewrite_def": ["分诊。"]}}, ensure_ascii=False))
+  sources = {"meds": meds_ins.source_config(resolve_path("pkg://csft_jax/assets/meds_ins"),
+                                            rewrite_definitions=str(rewrites), rewrite_prob=0.5)}
+  before = cache.source_fingerprint(parse_sources(sources)[0])
+  rewrites.write_text(json.dumps({"task1001": {"auto_rewrite_def": ["请分诊。"]}}, ensure_ascii=False))
+  after = cache.source_fingerprint(parse_sources(sources)[0])
+  field, _, _ = cache.fingerprint_difference(before, after)
+  assert field.startswith("option_files.rewrite_definitions.")  # mtime_ns, or size

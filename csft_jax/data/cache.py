@@ -117,8 +117,14 @@ def source_fingerprint(spec: SourceSpec) -> dict[str, Any]:
   for path in spec.paths:
     st = os.stat(path)
     stats[path] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+  # A file that an option names (e.g. meds_ins's rewrite_definitions) shapes the text too.
+  option_files = {}
+  for key, value in sorted(spec.options.items()):
+    if isinstance(value, str) and os.path.isfile(value):
+      st = os.stat(value)
+      option_files[key] = {"path": value, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
   return {"files": stats, "format": spec.format, "max_samples": spec.max_samples, "encoding": spec.encoding,
-          "reader": spec.reader, "options": _jsonable(spec.options)}
+          "reader": spec.reader, "options": _jsonable(spec.options), "option_files": option_files}
 
 
 def fingerprint(data_config: ml_collections.ConfigDict, specs: Sequence[SourceSpec]) -> dict[str, Any]:
