@@ -40,28 +40,28 @@ from configs import base
 from csft_jax.data.config import source_config
 
 # Each preset: the mesh (FSDP over every device), the gradient accumulation that makes a global
-# batch of 256 rows of 1024 tokens (the paper variant's) fit, the attention kernel and the loss
-# chunk (0 = dense logits), checked with `--compile_for=<preset>` (GiB per device, total of 90% of
+# batch of 256 rows of 1024 tokens (the paper variant's) fit, and the attention kernel,
+# checked with `--compile_for=<preset>` (GiB per device, total of 90% of
 # HBM allowed; tools/bench_memory.py measures all of them). The TPU presets use the Pallas splash
 # kernel (tiles of SPLASH_TILE): equal to 'xla' in values and gradients (interpret-mode tests) and
 # compiled for each slice, but not yet run on a TPU; --config.model.attention_impl=xla goes back.
-#   v5p-8  4 devices x 95 GiB, accum 16, splash, loss chunks of 256: 49.4 (xla, dense, accum 2:
-#          77.1; splash + chunks at accum 4: 59.4, at accum 8: 52.7). What stays is per-parameter
-#          float32: 21.6 GiB of params + AdamW moments and about as much of gradients and updates.
-#   v4-16  8 devices x 32 GiB, accum 16. v4-8 cannot hold a 7B full fine-tune: 4 x 32 GiB
+#   v5p-8  4 devices x 95 GiB, accum 16: 49.4 (xla at accum 16: 51.1; xla, accum 2: 77.1;
+#          splash at accum 4: 58.8). What stays is per-parameter float32: 21.6 GiB of params +
+#          AdamW moments and about as much again of gradients and updates.
+#   v4-16  8 devices x 32 GiB, accum 16: 26.8. v4-8 cannot hold a 7B full fine-tune: 4 x 32 GiB
 #          leave 10 GiB per device beside 21.6 GiB of f32 params + AdamW moments (79.8 at accum 2).
-#   v5e-16 16 devices x 16 GiB, accum 16. v5e-8 cannot: 10.8 GiB of state per 16 GiB chip
+#   v5e-16 16 devices x 16 GiB, accum 16: 13.3. v5e-8 cannot: 10.8 GiB of state per 16 GiB chip
 #          leave too little for gradients and activations (40.7 at accum 2).
-#   v6e-8  8 devices x 32 GiB, accum 16.
+#   v6e-8  8 devices x 32 GiB, accum 16: 26.4 (loss chunks of 256 save 1.4-1.8 GiB on v4-16 and v6e-8).
 # 8xh100 is the paper's setup (8 GPUs, per-device batch 16 x accum 2); not compiled here. The full
 # variant's 64 rows take a quarter of the accumulation (at least 1): no more rows per device.
 SPLASH_TILE = 512
 MESH_PRESETS = {
-    "v5p-8": (dict(data=1, fsdp=4, tensor=1), 16, "splash", 256),
-    "v4-16": (dict(data=1, fsdp=8, tensor=1), 16, "splash", 0),
-    "v5e-16": (dict(data=1, fsdp=16, tensor=1), 16, "splash", 0),
-    "v6e-8": (dict(data=1, fsdp=8, tensor=1), 16, "splash", 0),
-    "8xh100": (dict(data=1, fsdp=8, tensor=1), 2, "xla", 0),
+    "v5p-8": (dict(data=1, fsdp=4, tensor=1), 16, "splash"),
+    "v4-16": (dict(data=1, fsdp=8, tensor=1), 16, "splash"),
+    "v5e-16": (dict(data=1, fsdp=16, tensor=1), 16, "splash"),
+    "v6e-8": (dict(data=1, fsdp=8, tensor=1), 16, "splash"),
+    "8xh100": (dict(data=1, fsdp=8, tensor=1), 2, "xla"),
 }
 
 PAPER_EXAMPLES_PER_STEP = 256  # 16 per device x 2 accumulation x 8 GPUs
@@ -104,7 +104,7 @@ def recipe(arg: str | None, *, model_preset: str, model_dir: str, chat_template:
   paper = options["variant"] == "paper"
   config = base.get_config()
 
-  mesh, grad_accum_steps, attention_impl, loss_chunk_size = MESH_PRESETS[options["mesh"]]
+  mesh, grad_accum_steps, attention_impl = MESH_PRESETS[options["mesh"]]
   # Architecture comes from the HF checkpoint in init.from_hf; these are runtime choices.
   # 'cudnn' (flash attention on NVIDIA GPUs) has not been validated against 'xla' yet; on H100s try
   # --config.model.attention_impl=cudnn after comparing a few losses.
@@ -132,7 +132,7 @@ def recipe(arg: str | None, *, model_preset: str, model_dir: str, chat_template:
   config.mesh.update(mesh)
   config.optim.update(lr=2e-5, b2=0.999, weight_decay=0.0, warmup_fraction=0.05, min_lr_ratio=0.0)
   config.train.update(num_epochs=3.0, global_batch_size=rows, grad_accum_steps=grad_accum_steps, log_every=10,
-                      eval_every=500, export_hf="hf_export", loss_chunk_size=loss_chunk_size)
+                      eval_every=500, export_hf="hf_export")
   config.checkpoint.update(every_steps=500, keep=3)
   config.init.from_hf = options["model_dir"]
   return config
