@@ -23,7 +23,7 @@ def default_config() -> ml_collections.ConfigDict:
       seq_len=1024,
       packing="packed",  # packed | padded
       num_packing_bins=8,  # First-fit bins per batch row; more bins, less padding.
-      overlong="truncate",  # truncate | drop
+      overlong="truncate",  # truncate | drop | infer_seqlen (LLaMA-Factory's per-turn budget)
       on_error="raise",  # raise | skip
       tokenizer="",  # Tokenizer directory; empty: the one of config.init.from_hf.
       chat_template="chatml",  # hf | chatml | internlm2 | llama3
