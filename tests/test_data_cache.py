@@ -1,5 +1,6 @@
 """The tokenize-once cache: bitwise the uncached batches, exact resume, 2-process prepare and split, bad input."""
 
+import glob
 import json
 import os
 import shutil
@@ -229,3 +230,12 @@ def test_a_file_named_by_a_source_option_is_fingerprinted(tmp_path):
   after = cache.source_fingerprint(parse_sources(sources)[0])
   field, _, _ = cache.fingerprint_difference(before, after)
   assert field.startswith("option_files.rewrite_definitions.")  # mtime_ns, or size
+
+
+def test_force_rewrites_every_shard(tmp_path):
+  data = sample_config(cache_dir=str(tmp_path))
+  _prepare(data)
+  shards = sorted(glob.glob(os.path.join(str(tmp_path), "build-*", "*", "shard-*.json")))
+  before = {path: os.stat(path).st_mtime_ns for path in shards}
+  _prepare(data, force=True)
+  assert shards and all(os.stat(path).st_mtime_ns != before[path] for path in shards)

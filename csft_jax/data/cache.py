@@ -47,7 +47,8 @@ SHARD_CONVERSATIONS = 16_384  # Conversations per shard: the unit of parallel wo
 # group_size:1 makes every record its own chunk: what Grain needs for fast random access.
 _WRITER_OPTIONS = "group_size:1"
 # Modules that only arrange tokens already made; every other csft_jax/data module is fingerprinted.
-_NOT_TOKEN_CODE = ("__init__", "cache", "config", "errors", "inspect", "mixture", "packing", "pipeline", "prepare")
+# packing.py stays in: it reads the cached loss masks (LAST_TOKEN_TARGET).
+_NOT_TOKEN_CODE = ("__init__", "cache", "config", "errors", "inspect", "mixture", "pipeline", "prepare")
 # Files of a tokenizer directory that change token ids or the template; an HF model directory's
 # weights beside them are not read.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

@@ -14,8 +14,9 @@ Trained: every reply and the final `</s>` (efficient_eos: the template ends the 
 the tokenizer's eos instead of ending each reply). Each earlier reply is also trained to be
 followed by `</s>`: supervised.py labels the first token of every later prompt, the `<|im_end|>`
 separator, with the eos id. That token carries the loss-mask value `LAST_TOKEN_TARGET`, whose
-target is the example's last token (the eos), so the model sees `<|im_end|>` as input there and
-learns `</s>` as target, as in LLaMA-Factory.
+target is the example's last token (the eos): where the next token is that `<|im_end|>`, the
+model learns `</s>` instead (the reply's last token is the input), as LLaMA-Factory's shifted
+labels do.
 """
 
 import json

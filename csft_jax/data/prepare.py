@@ -163,7 +163,8 @@ def prepare(data_config: ml_collections.ConfigDict, *, num_workers: int = 0, pro
   progress = _Progress(specs, out)
   if not num_workers:  # Starting worker processes only pays off for a large collection.
     num_workers = 1 if progress.total < _POOL_MIN_BYTES else os.cpu_count() or 1
-  plans = _tokenize_shards(data_config, specs, build_dir, num_workers, process_index, process_count, progress)
+  plans = _tokenize_shards(data_config, specs, build_dir, num_workers, process_index, process_count, progress,
+                           force)
   progress.close()
   if process_index != 0:
     return _wait_for_manifest(data_config, specs, fp, out) if wait else None
@@ -179,8 +180,8 @@ def prepare(data_config: ml_collections.ConfigDict, *, num_workers: int = 0, pro
 
 def _tokenize_shards(data_config: ml_collections.ConfigDict, specs: Sequence[SourceSpec], build_dir: str,
                      num_workers: int, process_index: int, process_count: int,
-                     progress: _Progress) -> list[_SourcePlan]:
-  """Reads every source and tokenizes this process's shards (those not already done)."""
+                     progress: _Progress, force: bool = False) -> list[_SourcePlan]:
+  """Reads every source and tokenizes this process's shards (those not already done, or all with `force`)."""
   seq_len, overlong = data_config.seq_len, data_config.overlong
   plans, shard_counter = [], 0
   pending: collections.deque = collections.deque()
@@ -203,7 +204,7 @@ def _tokenize_shards(data_config: ml_collections.ConfigDict, specs: Sequence[Sou
     mine = shard_counter % process_count == process_index
     plan.num_shards += 1
     shard_counter += 1
-    if not mine or os.path.exists(f"{stem}.json"):
+    if not mine or (not force and os.path.exists(f"{stem}.json")):
       return
     if pool is None:
       finish(cache.write_shard(stem, plan.spec.name, conversations, template, seq_len, overlong))
