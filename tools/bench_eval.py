@@ -247,8 +247,7 @@ def bench_meds(name: str, hf_model, ours, template, num_tasks: int, peak: float)
       "prefill_slots_unshared": unshared.prefill_slots,
       "peak_fraction": _forward_flops(ours.config, prompts, ours_tokens) / ours_s / peak,
       "identical_answers": f"{identical}/{len(prompts)}",
-      "identical_to_unshared": f"{sum(a == [b[0] for b in unshared.tokens][i] for i, a in enumerate(ours_tokens))}"
-                               f"/{len(prompts)}",
+      "identical_to_unshared": f"{sum(a == b[0] for a, b in zip(ours_tokens, unshared.tokens))}/{len(prompts)}",
   }
   logging.info("%s MedS: %s", name, result)
   return result
