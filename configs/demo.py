@@ -22,7 +22,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   stage = base.parse_arg(arg, {"stage": "sft"}, where="configs/demo.py", choices={"stage": ("base", "sft")})["stage"]
   config = base.get_config()
   config.model.update(preset="tiny", hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
-                      num_kv_heads=2, max_position_embeddings=1024, dtype="float32", param_dtype="float32")
+                      num_kv_heads=2, max_position_embeddings=1024, dtype="float32", param_dtype="float32",
+                      # Four layers compile fast unrolled, and the step skips a layer scan's stacked
+                      # residual buffers (13% faster on CPU, tools/bench_train.py); deep models scan.
+                      scan_layers=False)
   config.data = sample_collection_config()
   config.data.seq_len = 256
   config.optim.update(lr=3e-3, b2=0.95, weight_decay=0.01, min_lr_ratio=0.1)

@@ -132,6 +132,12 @@ def active_mesh() -> Mesh | None:
   return None if active is None else active[0]
 
 
+def target_platform() -> str:
+  """The platform the program is built for: the active mesh's (AOT for a TPU slice) or the default."""
+  mesh = active_mesh()
+  return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """`with_sharding_constraint` by logical names; a no-op outside `activation_sharding`."""
   active = _ACTIVE.get()

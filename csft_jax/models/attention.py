@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from csft_jax.models.config import ATTENTION_IMPLEMENTATIONS
-from csft_jax.sharding import active_mesh, logical_to_spec
+from csft_jax.sharding import active_mesh, logical_to_spec, target_platform
 
 
 def attention_mask(q_segment_ids: jnp.ndarray, kv_segment_ids: jnp.ndarray, q_index: jnp.ndarray,
@@ -95,14 +95,8 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: AttentionMask, 
     return _per_shard(functools.partial(_blockwise, block_q=block_q, block_kv=block_kv), q, k, v, mask)
   if implementation == "splash":
     return _per_shard(functools.partial(_splash, block_q=block_q, block_kv=block_kv,
-                                        interpret=_platform() != "tpu"), q, k, v, mask)
+                                        interpret=target_platform() != "tpu"), q, k, v, mask)
   raise ValueError(f"attend(implementation={implementation!r}); choose one of {ATTENTION_IMPLEMENTATIONS}.")
-
-
-def _platform() -> str:
-  """The platform the program is built for: the active mesh's (AOT for a TPU slice) or the default."""
-  mesh = active_mesh()
-  return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
 def _per_shard(fn, q, k, v, mask: AttentionMask):

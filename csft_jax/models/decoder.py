@@ -10,6 +10,7 @@ packed sequences from attending to each other and `positions` restart in each se
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import flax.struct
@@ -20,7 +21,7 @@ from flax import nnx
 from csft_jax.models.attention import AttentionMask, attend
 from csft_jax.models.config import ModelConfig
 from csft_jax.models.rope import apply_rope, inverse_frequencies
-from csft_jax.sharding import constrain
+from csft_jax.sharding import constrain, target_platform
 
 _REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,
@@ -56,19 +57,26 @@ class RMSNorm(nnx.Module):
 
 
 class Projection(nnx.Module):
-  """A dense map written as an einsum so heads keep their own axis (for tensor parallelism)."""
+  """A dense map whose kernel keeps the heads on their own axis (for tensor parallelism).
+
+  `equation` names the axes, einsum style (`"btd,dhk->bthk"`): the kernel's leading axes are
+  contracted with the input's trailing ones.
+  """
 
   def __init__(self, equation: str, kernel_shape: tuple[int, ...], kernel_axes: tuple[str, ...],
                bias_shape: tuple[int, ...] | None, bias_axes: tuple[str, ...], config: ModelConfig,
                rngs: nnx.Rngs):
     dtype = jnp.dtype(config.param_dtype)
-    self.equation = equation
+    inputs, kernel = equation.split("->")[0].split(",")
+    self.contracted = sum(axis in inputs for axis in kernel)
+    if inputs[-self.contracted:] != kernel[:self.contracted]:
+      raise ValueError(f"Projection {equation!r}: the kernel's leading axes must be the input's trailing ones.")
     self.kernel = _param(rngs, kernel_shape, kernel_axes, dtype, init="normal",
                          stddev=config.initializer_range)
     self.bias = _param(None, bias_shape, bias_axes, dtype, init="zeros") if bias_shape else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.einsum(self.equation, x, self.kernel[...].astype(x.dtype))
+    y = contract(x, self.kernel[...].astype(x.dtype), self.contracted)
     if self.bias is not None:
       y = y + self.bias[...].astype(x.dtype)
     return y
@@ -171,6 +179,35 @@ class KVCache:
                jnp.zeros((), jnp.int32))
 
 
+def contract(x: jax.Array, kernel: jax.Array, axes: int, kernel_axes: tuple[int, ...] | None = None,
+             preferred_element_type=None) -> jax.Array:
+  """`x`'s last `axes` axes contracted with `kernel`'s `kernel_axes` (default: its leading ones).
+
+  On CPU the product runs as one 2-D matmul over the flattened tokens: there, the gradient of a
+  multi-axis einsum pays transposing copies of the activations for the weight gradient (the demo
+  train step is 28% faster, tools/bench_train.py). Elsewhere it stays one `dot_general`, which
+  the TPU compiler lays out best (the 2-D form costs the 7B recipe 2.7 GiB more per v5p chip).
+  """
+  kernel_axes = tuple(range(axes)) if kernel_axes is None else kernel_axes
+  x_axes = tuple(range(x.ndim - axes, x.ndim))
+  if target_platform() != "cpu":
+    return jax.lax.dot_general(x, kernel, ((x_axes, kernel_axes), ((), ())),
+                               preferred_element_type=preferred_element_type)
+  free = [a for a in range(kernel.ndim) if a not in kernel_axes]
+  lead, out = x.shape[:x.ndim - axes], tuple(kernel.shape[a] for a in free)
+  matrix = kernel.transpose(*kernel_axes, *free).reshape(-1, math.prod(out))
+  y = jnp.matmul(x.reshape(math.prod(lead), -1), matrix, preferred_element_type=preferred_element_type)
+  return y.reshape(*lead, *out)
+
+
+def lm_head_logits(x: jax.Array, head: jax.Array, layout: str) -> jax.Array:
+  """float32 logits `[..., V]` of hidden states `x` `[..., D]`.
+
+  `layout` is "dv" (a kernel `[D, V]`) or "vd" (a tied embedding `[V, D]`).
+  """
+  return contract(x, head.astype(x.dtype), 1, (0,) if layout == "dv" else (1,), preferred_element_type=jnp.float32)
+
+
 class Decoder(nnx.Module):
   """Token embedding, `num_layers` blocks (scanned or unrolled), final norm, LM head."""
 
@@ -239,9 +276,7 @@ class Decoder(nnx.Module):
     x = self.final_norm(x)
     if hidden_only and cache is None:
       return x
-    head, layout = self.lm_head_weights()
-    logits = jnp.einsum(f"btd,{layout[0]}{layout[1]}->btv", x, head.astype(x.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = lm_head_logits(x, *self.lm_head_weights())
     logits = constrain(logits, ("batch", "length", "vocab"))
     if cache is None:
       return logits

@@ -6,6 +6,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from csft_jax.models.decoder import lm_head_logits
 from csft_jax.sharding import constrain
 
 
@@ -90,11 +91,9 @@ def chunked_loss_sums(hidden: jax.Array, head: jax.Array, target_ids: jax.Array,
     x = jnp.swapaxes(x.reshape(batch, num_chunks, chunk, *x.shape[2:]), 0, 1)
     return constrain(x, (None, "batch", "length", "embed")[:x.ndim])
 
-  equation = "btd,dv->btv" if head_layout == "dv" else "btd,vd->btv"
-
   @jax.checkpoint
   def chunk_sums(hidden_chunk, targets, mask, sources):
-    logits = jnp.einsum(equation, hidden_chunk, head.astype(hidden_chunk.dtype), preferred_element_type=jnp.float32)
+    logits = lm_head_logits(hidden_chunk, head, head_layout)
     # Without this each device would compute the chunk's logits for every row of the batch.
     logits = constrain(logits, ("batch", "length", "vocab"))
     return loss_sums(logits, targets, mask, sources, num_sources)
