@@ -53,8 +53,13 @@ SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "s
 
 
 def _demo_config(vocab_size: int) -> ModelConfig:
-  """The demo model of configs/demo.py (vocab = the tokenizer's size padded to 128)."""
-  return model_config_from(configuration.load("configs/demo.py").model, vocab_size)
+  """The demo model of configs/demo.py (vocab = the tokenizer's size padded to 128).
+
+  Its context grows from the 1,024 it trains with to MedS-Bench's `model_max_length` of 2,048:
+  3-shot prompts run to ~1,150 tokens, and both engines must see them whole.
+  """
+  config = model_config_from(configuration.load("configs/demo.py").model, vocab_size)
+  return config.replace(max_position_embeddings=2048)
 
 
 def _hf_llama_config(p: ModelConfig) -> transformers.LlamaConfig:
@@ -126,9 +131,10 @@ def _meds_prompts(template, num_tasks: int, instances: int) -> list[list[int]]:
   with open(os.path.join(SHARED, "meds_bench", "RewriteDefinitions.json"), encoding="utf-8") as f:
     definitions = json.load(f)
   prompts = []
-  for t in range(num_tasks):
-    task_id = f"task{t + 1}"
-    task = {"task_id": task_id, "Definition": definitions[task_id]["original_def"],
+  # The file's task ids are not contiguous (task1-3, then task11, ...): the first `num_tasks` in order.
+  task_ids = sorted(definitions, key=lambda name: int(name.removeprefix("task")))[:num_tasks]
+  for t, task_id in enumerate(task_ids):
+    task = {"task_id": task_id, "Definition": [definitions[task_id]["original_def"]],
             "Instances": [{"id": f"{task_id}-{i}", "input": r["instruction"], "output": [r["output"]]}
                           for i, r in enumerate(records[t * instances:(t + 1) * instances])]}
     for instance in task["Instances"]:
