@@ -35,7 +35,7 @@ demo: $(STAMP)
 	@echo "Demo results in $(DEMO_WORKDIR)/sft: metrics.jsonl, run_summary.json, checkpoints/, hf_export/, eval/cmb-answer/, eval/meds_bench/; summary in $(DEMO_WORKDIR)/summary.md"
 
 # One pytest worker per core (pytest-xdist), a test file per worker at a time so that module
-# fixtures (the workflow test's trained run) are built once: 9 min instead of 15 on 2 cores.
+# fixtures (the workflow test's trained run) are built once: 9-11 min instead of 15 on 2 cores.
 TEST_WORKERS ?= auto
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
