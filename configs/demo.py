@@ -24,7 +24,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.update(preset="tiny", hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                       num_kv_heads=2, max_position_embeddings=1024, dtype="float32", param_dtype="float32",
                       # Four layers compile fast unrolled, and the step skips a layer scan's stacked
-                      # residual buffers (13% faster on CPU, tools/bench_train.py); deep models scan.
+                      # residual buffers (13% of the step on CPU at 8 x 1024, measured side by side);
+                      # deep models scan.
                       scan_layers=False)
   config.data = sample_collection_config()
   config.data.seq_len = 256
