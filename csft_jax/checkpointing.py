@@ -115,9 +115,7 @@ class Checkpointer:
           state=ocp.args.StandardRestore(_as_dict(abstract_state)),
           data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
     except Exception as e:  # pylint: disable=broad-except
-      unreadable = (isinstance(e, (OSError, EOFError, json.JSONDecodeError))
-                    or any(marker in str(e) for marker in _UNREADABLE))
-      kind = UnreadableCheckpointError if unreadable else CheckpointError
+      kind = UnreadableCheckpointError if _is_unreadable(e) else CheckpointError
       raise kind(f"step {step} cannot be restored: {_failing_file(e, self.step_dir(step))}") from e
     return restored.state
 
@@ -139,13 +137,39 @@ class Checkpointer:
     self.manager.close()
 
 
+def _exception_chain(error: BaseException) -> list[BaseException]:
+  """`error` and every exception behind it (`__cause__`, `__context__`, an ExceptionGroup's members).
+
+  Orbax and TensorStore wrap the reason a file cannot be read (`OUT_OF_RANGE`, `DATA_LOSS`) in
+  outer exceptions whose own text says only "error while reading array index".
+  """
+  chain, pending, seen = [], [error], set()
+  while pending:
+    current = pending.pop(0)
+    if current is None or id(current) in seen:
+      continue
+    seen.add(id(current))
+    chain.append(current)
+    pending += [current.__cause__, current.__context__, *getattr(current, "exceptions", ())]
+  return chain
+
+
+def _is_unreadable(error: BaseException) -> bool:
+  """Whether anything in `error`'s chain says a file is missing, cut short or corrupt."""
+  return any(isinstance(e, (OSError, EOFError, json.JSONDecodeError)) or any(m in str(e) for m in _UNREADABLE)
+             for e in _exception_chain(error))
+
+
 def _failing_file(error: Exception, step_dir: str) -> str:
-  """The first file of `step_dir` that `error`'s text names, with the error's first line."""
-  text = str(error)
-  match = re.search(re.escape(step_dir) + r"[^\s\"',)]*", text)
-  first_line = text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__
-  where = f"file {match.group(0)}" if match else f"a file under {step_dir}"
-  return f"{where} ({type(error).__name__}: {first_line})"
+  """The first file of `step_dir` that `error`'s chain names, with the innermost reason's first line."""
+  chain = _exception_chain(error)
+  text = "\n".join(str(e) for e in chain)
+  reason = next((e for e in reversed(chain) if str(e).strip()), error)
+  paths = re.findall(re.escape(step_dir) + r"[^\s\"',)]*", text)
+  named_files = [p for p in paths if os.path.isfile(p)] or paths
+  first_line = str(reason).strip().splitlines()[0][:300] if str(reason).strip() else type(reason).__name__
+  where = f"file {named_files[0]}" if named_files else f"a file under {step_dir}"
+  return f"{where} ({type(reason).__name__}: {first_line})"
 
 
 def resolve_step_dir(path: str, step: int | None = None) -> str:

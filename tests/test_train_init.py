@@ -66,16 +66,27 @@ def test_resume_refuses_a_changed_model_shape_naming_the_fields(tmp_path):
     _run(config, workdir)
 
 
-def test_an_unreadable_latest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_one_before(tmp_path, capsys):
+def _largest_tensor_file(step_dir: str) -> str:
+  """The biggest array data file of a step (what a preemption cuts short)."""
+  return max(glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*")), key=os.path.getsize)
+
+
+def _first_large_state_file(step_dir: str) -> str:
+  return [p for p in _files_under(os.path.join(step_dir, "state")) if os.path.getsize(p) > 1000][0]
+
+
+@pytest.mark.parametrize("broken", [_largest_tensor_file, _first_large_state_file])
+def test_an_unreadable_latest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_one_before(tmp_path, capsys,
+                                                                                              broken):
   workdir = tmp_path / "run"
   config = small_config(num_steps=8)
   config.checkpoint.update(every_steps=2, keep=5)
   _run(config, workdir, after_step=sigterm_at(6))
   run_dir = RunDir(workdir)
   assert [int(s) for s in sorted(os.listdir(run_dir.checkpoints), key=int)] == [2, 4, 6]
-  params_files = [p for p in _files_under(os.path.join(run_dir.checkpoints, "6", "state")) if os.path.getsize(p) > 1000]
-  with open(params_files[0], "r+b") as f:  # a preempted copy: the file ends early
-    f.truncate(os.path.getsize(params_files[0]) // 2)
+  path = broken(os.path.join(run_dir.checkpoints, "6"))
+  with open(path, "r+b") as f:  # a preempted copy: the file ends early
+    f.truncate(os.path.getsize(path) // 2)
 
   summary = _run(config, workdir)
   err = capsys.readouterr().err
