@@ -209,9 +209,45 @@ def read_model_config(step_dir: str, **overrides: Any) -> ModelConfig:
   return model_config_from_json(fields, **overrides)
 
 
-def restore_params(step_dir: str, abstract_params: Any) -> Any:
-  """Restores only the parameters onto the shardings/dtypes of `abstract_params`."""
-  target = {"params": abstract_params}
+def _stored_param_paths(step_dir: str) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Path (as strings, without Orbax's trailing 'value') -> shape of every parameter a step holds."""
+  state_dir = os.path.join(step_dir, "state")
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      metadata = checkpointer.metadata(state_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"parameters of {step_dir} cannot be read: {_failing_file(e, step_dir)}") from e
+  tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+  paths = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree.get("params", {}))[0]:
+    keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    paths[keys[:-1] if keys[-1] == "value" else keys] = tuple(getattr(leaf, "shape", ()))
+  return paths
+
+
+def _param_paths(params: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+  flat = nnx.traversals.flatten_mapping(nnx.to_pure_dict(params))
+  return {tuple(str(k) for k in path): tuple(leaf.shape) for path, leaf in flat.items()}
+
+
+def _is_scanned(paths) -> bool:
+  """Whether a parameter tree stacks its layers on a leading axis (`layers/attn/...`) rather than
+  keeping one subtree per layer (`layers/0/attn/...`)."""
+  return not any(len(p) > 1 and p[0] == "layers" and p[1].isdigit() for p in paths)
+
+
+def _relayout(tree: dict[str, Any], *, to_scanned: bool, num_layers: int, stack: Any, unstack: Any) -> dict:
+  """A pure parameter dict with its layers stacked (`to_scanned`) or split into one entry per layer."""
+  tree = dict(tree)
+  if to_scanned:
+    per_layer = [tree["layers"][i] for i in range(num_layers)]
+    tree["layers"] = jax.tree.map(lambda *leaves: stack(leaves), *per_layer)
+  else:
+    tree["layers"] = {i: jax.tree.map(lambda leaf, i=i: unstack(leaf, i), tree["layers"]) for i in range(num_layers)}
+  return tree
+
+
+def _restore_state_item(step_dir: str, target: Any) -> Any:
   try:
     with ocp.PyTreeCheckpointer() as checkpointer:
       restored = checkpointer.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
@@ -219,6 +255,68 @@ def restore_params(step_dir: str, abstract_params: Any) -> Any:
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f"parameters of {step_dir} cannot be restored: {_failing_file(e, step_dir)}") from e
   return restored["params"]
+
+
+def _with_spec(leaf: jax.ShapeDtypeStruct, shape: tuple[int, ...], spec: tuple) -> jax.ShapeDtypeStruct:
+  sharding = leaf.sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+  return jax.ShapeDtypeStruct(shape, leaf.dtype, sharding=sharding)
+
+
+def _spec(leaf: jax.ShapeDtypeStruct) -> tuple:
+  sharding = leaf.sharding
+  spec = tuple(sharding.spec) if isinstance(sharding, jax.sharding.NamedSharding) else ()
+  return spec + (None,) * (len(leaf.shape) - len(spec))
+
+
+def restore_params(step_dir: str, abstract_params: Any) -> Any:
+  """Restores only the parameters onto the shardings/dtypes of `abstract_params`.
+
+  A step saved with the other layer layout (scanned vs unrolled, e.g. `tools/convert_from_hf.py`
+  output restored by an unrolled model) is converted while it is restored. Every parameter of
+  the target must be in the step: a partial fill is never returned.
+
+  Raises:
+    CheckpointError naming the step and the parameters it lacks, or the file that cannot be read.
+  """
+  stored = _stored_param_paths(step_dir)
+  wanted = _param_paths(abstract_params)
+  if _is_scanned(stored) == _is_scanned(wanted):
+    _check_params_present(step_dir, stored, wanted)
+    return _restore_state_item(step_dir, {"params": abstract_params})
+  # The other layout: restore into that layout's shapes (same dtypes, layer axis unsharded), then
+  # stack or split the layers and place each parameter on its target sharding.
+  target = nnx.to_pure_dict(abstract_params)
+  to_scanned = _is_scanned(wanted)
+  num_layers = (max(int(p[1]) for p in stored if p[0] == "layers") + 1 if to_scanned
+                else max(int(p[1]) for p in wanted if p[0] == "layers") + 1)
+  stored_layout = _relayout(
+      target, to_scanned=not to_scanned, num_layers=num_layers,
+      stack=lambda leaves: _with_spec(leaves[0], (len(leaves), *leaves[0].shape), (None, *_spec(leaves[0]))),
+      unstack=lambda leaf, i: _with_spec(leaf, leaf.shape[1:], _spec(leaf)[1:]))
+  _check_params_present(step_dir, stored, {tuple(str(k) for k in path): tuple(leaf.shape) for path, leaf
+                                           in nnx.traversals.flatten_mapping(stored_layout).items()})
+  abstract_stored = nnx.State(jax.tree.map(nnx.Param, stored_layout))
+  restored = nnx.to_pure_dict(_restore_state_item(step_dir, {"params": abstract_stored}))
+  converted = _relayout(restored, to_scanned=to_scanned, num_layers=num_layers,
+                        stack=jnp.stack, unstack=lambda leaf, i: leaf[i])
+  placed = jax.tree.map(lambda value, leaf: jax.device_put(value.astype(leaf.dtype), leaf.sharding), converted, target)
+  params = jax.tree.map(lambda leaf: leaf, abstract_params)
+  nnx.replace_by_pure_dict(params, placed)
+  return params
+
+
+def _check_params_present(step_dir: str, stored: dict, wanted: dict) -> None:
+  missing = sorted("/".join(p) for p in wanted if p not in stored)
+  if missing:
+    raise CheckpointError(
+        f"{step_dir} lacks {len(missing)} of the model's {len(wanted)} parameters, e.g. {missing[:6]}; it holds "
+        f"{len(stored)}. Is it a checkpoint of this model (config.model must match its model_config)?")
+  mismatched = [f"{'/'.join(p)} {stored[p]} vs {shape}" for p, shape in wanted.items() if stored[p] != shape]
+  if mismatched:
+    raise CheckpointError(f"{step_dir}: parameter shapes differ from the model's (stored vs wanted): "
+                          f"{mismatched[:6]}.")
 
 
 def restore_model(path: str, *, step: int | None = None, dtype: str | None = None, mesh: Mesh | None = None,

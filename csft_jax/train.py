@@ -15,9 +15,11 @@ touching `init.from_hf` / `init.from_checkpoint` again. Multi-host: pass
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import json
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -81,6 +83,55 @@ class TrainingDiverged(RuntimeError):
 
 class InitError(ValueError):
   """An init source, tokenizer or resumed run that does not fit the config."""
+
+
+# Settings a resumed run may change: when it stops, how it logs and saves, and how the same
+# computation is laid out in memory (mesh, accumulation, remat, attention kernel). Anything else
+# changes what the run trains and needs --allow_config_change. Model shape is refused regardless.
+CHANGEABLE_ON_RESUME = (
+    "train.num_steps", "train.num_epochs", "train.log_every", "train.eval_every", "train.export_hf",
+    "train.peak_tflops", "train.grad_accum_steps", "train.loss_chunk_size", "checkpoint.*", "mesh.*", "init.*",
+    "data.cache", "data.cache_dir", "data.tokenizer", "model.remat_policy", "model.attention_impl",
+    "model.attention_block_q", "model.attention_block_kv",
+)
+
+
+def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """`{dotted field: (stored value, current value)}` for every field that differs (absent: `None`)."""
+  old, new = _flatten(stored), _flatten(json.loads(json.dumps(current, default=str)))
+  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], *, allow: bool,
+                        say: Callable[[str], None]) -> None:
+  """Refuses a resumed run whose config changes what it trains (unless `allow`); notes the rest.
+
+  Raises:
+    InitError naming every field that changed, with the stored and the new value.
+  """
+  if stored is None:
+    return
+  shape = {f"model.{k}" for k in (*ARCHITECTURE_FIELDS, "vocab_size")}  # refused by _check_fixed_fields
+  changes = {k: v for k, v in config_changes(stored, current).items() if k not in shape}
+  listed = {k: f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()}
+  refused = [k for k in changes if not any(fnmatch.fnmatchcase(k, p) for p in CHANGEABLE_ON_RESUME)]
+  if refused and not allow:
+    raise InitError(f"this run was started with another config; resuming would change {len(refused)} field(s) "
+                    f"that decide what it trains: {'; '.join(listed[k] for k in refused)}. Rerun without those "
+                    "overrides, use a new --workdir, or pass --allow_config_change to continue with the new values.")
+  shown = [listed[k] for k in changes if k != "data.tokenizer"]
+  if shown:
+    say("note: config changed since this run started (resuming with the new values): " + "; ".join(shown))
 
 
 def resolve_num_steps(train: ml_collections.ConfigDict, pipeline: DataPipeline) -> int:
@@ -296,22 +347,75 @@ def _primary() -> bool:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None,
-        after_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+        after_step: Callable[[int], None] | None = None, allow_config_change: bool = False) -> dict[str, Any]:
   """Trains as `config` says in `workdir` (resuming if it holds checkpoints); returns the summary.
+
+  One trainer at a time holds the workdir (`workdir.RunLock`). A start that fails before the first
+  step removes what it created there, so a corrected rerun starts clean.
 
   Args:
     config: the run's config (see configs/base.py for the fields).
     workdir: run directory (`csft_jax.workdir.RunDir`).
     mesh: overrides the mesh built from `config.mesh` over all devices (tests use device subsets).
     after_step: called with the step number after each step (tests send signals from it).
+    allow_config_change: resume even when the config changes fields outside CHANGEABLE_ON_RESUME.
   """
   config = configuration.resolve_paths(config)
   run_dir = RunDir(workdir)
   primary = _primary()
   say = functools.partial(_print, primary)
   files.check_writable(run_dir.root, "--workdir")
+  existing = set(os.listdir(run_dir.root)) if os.path.isdir(run_dir.root) else None
+  lock = workdir_lib.RunLock(run_dir)
+  _take_lock(lock, primary, say)
+  looping = []  # set once the first step starts: from then on the workdir holds the run's work
+  try:
+    return _run_locked(config, run_dir, mesh, after_step, allow_config_change, say, looping)
+  except BaseException:
+    if primary and not looping:
+      _remove_created(run_dir.root, existing, keep=os.path.basename(lock.path))
+    raise
+  finally:
+    lock.release()
 
-  resuming = os.path.isdir(run_dir.checkpoints)
+
+def _take_lock(lock: workdir_lib.RunLock, primary: bool, say: Callable[[str], None]) -> None:
+  """Process 0 takes the lock; every process stops if it could not."""
+  error = None
+  if primary:
+    try:
+      lock.acquire(say)
+    except workdir_lib.RunLockedError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))) and error is None:
+      raise workdir_lib.RunLockedError(f"process 0 could not lock {lock.path}; see its output.")
+  if error is not None:
+    raise error
+
+
+def _remove_created(root: str, existing: set[str] | None, keep: str) -> None:
+  """Removes what a failed start created under `root` (all of it, if `root` did not exist)."""
+  if existing is None:
+    shutil.rmtree(root, ignore_errors=True)
+    return
+  for name in set(os.listdir(root)) - existing - {keep}:
+    path = os.path.join(root, name)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      os.remove(path)
+
+
+def _run_locked(config: ml_collections.ConfigDict, run_dir: RunDir, mesh: Mesh | None,
+                after_step: Callable[[int], None] | None, allow_config_change: bool, say: Callable[[str], None],
+                looping: list[bool]) -> dict[str, Any]:
+  """The run itself, with the workdir locked (see `run`)."""
+  primary = _primary()
+  resuming = os.path.isdir(run_dir.checkpoints) and any(n.isdigit() for n in os.listdir(run_dir.checkpoints))
+  if resuming:
+    check_resume_config(run_dir.read_config(), config.to_dict(), allow=allow_config_change, say=say)
   if not resuming and (config.init.from_hf or config.init.from_checkpoint):
     # A bad init source fails first, naming its field, before anything reads its tokenizer.
     init_model_config, init_source = _init_source_config(config, {k: config.model[k] for k in RUNTIME_FIELDS})
@@ -375,6 +479,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
   writer = MetricsWriter(run_dir, total_steps=num_steps, start_step=first_step, primary=primary)
   stop = StopRequest()
   status, last_loss, step = workdir_lib.FINISHED, float("nan"), first_step
+  looping.append(True)
   try:
     while step < num_steps:
       local = next(train_iter)
@@ -480,6 +585,8 @@ def define_flags() -> None:
   configuration.define_config_flag("Training config file (configs/*.py).")
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, summary (csft_jax.workdir).")
   distributed.define_flags()
+  flags.DEFINE_bool("allow_config_change", False, "Resume even though the config changes fields that decide what "
+                    "the run trains (learning rate, data, ...); by default such a resume is refused.")
   flags.DEFINE_bool("plan_only", False, "Quick estimate: the bytes per device of parameters and optimizer state; "
                                         "needs no devices and allocates nothing.")
   flags.DEFINE_string("compile_for", None, "Will it fit? Compile the train step for a TPU slice (v4-8, v5p-8, "
@@ -505,7 +612,7 @@ def main(argv: list[str]) -> None:
   if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
   distributed.initialize_from_flags()
-  summary = run(config, flags.FLAGS.workdir)
+  summary = run(config, flags.FLAGS.workdir, allow_config_change=flags.FLAGS.allow_config_change)
   _print(_primary(), f"{summary['status']}: step {summary['step']}/{summary['num_steps']}, "
          f"final loss {summary['final_loss']:.4f}. Results in {summary['workdir']} "
          f"(metrics.jsonl, tensorboard/, checkpoints/, run_summary.json"

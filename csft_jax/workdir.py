@@ -11,13 +11,17 @@
   W/eval/<name>/           one evaluation: `results.json` (what reports read) and its other files;
                            the name carries the benchmark and its mode (cmb-answer, cmb-cot, meds_bench)
   W/sweep.log              the output of every command a sweep ran for this run
+  W/.lock                  held by the one trainer writing this run (`RunLock`): pid, host, start time
 
 Train, evaluate, sweep, report and the tools find these paths here and nowhere else.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
+import socket
 from typing import Any
 
 from csft_jax import files
@@ -73,6 +77,10 @@ class RunDir:
   @property
   def unreadable_checkpoints(self) -> str:
     return self.path("checkpoints_unreadable")
+
+  @property
+  def lock(self) -> str:
+    return self.path(".lock")
 
   @property
   def summary(self) -> str:
@@ -139,3 +147,81 @@ class RunDir:
         return cls(candidate)
       candidate = os.path.dirname(candidate)
     return None
+
+
+class RunLockedError(RunDirError):
+  """Another trainer holds the run directory."""
+
+
+class RunLock:
+  """One writer per run directory: `W/.lock` holds the owner's pid, host and start time.
+
+  Guarantee: while one trainer holds it, a second one on the same run stops before it reads,
+  writes or deletes anything there. The lock is released on exit (also on errors and signals); one
+  left by a process that no longer runs on this host (kill -9, a crash) is broken with a note.
+  A lock from another host cannot be checked from here: the error says whose it is and how to
+  remove it. Only the process that takes it (process 0 on a slice) touches the file.
+  """
+
+  def __init__(self, run_dir: RunDir):
+    self.path = run_dir.lock
+    self.held = False
+
+  def acquire(self, say=print) -> None:
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        owner = self._owner()
+        if owner is None or not self._alive(owner):
+          say(f"note: removed the stale lock {self.path} of {self._describe(owner)}, which is no longer running.")
+          _remove(self.path)
+          continue
+        raise RunLockedError(
+            f"{os.path.dirname(self.path)} is in use by {self._describe(owner)}: one trainer per workdir. Wait for "
+            f"it to finish or stop it; if it is gone (another host crashed), delete {self.path}.") from None
+      with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                   "started": datetime.datetime.now().isoformat(timespec="seconds")}, handle)
+      self.held = True
+      return
+    raise RunLockedError(f"{self.path}: could not take the lock (another trainer is starting); try again.")
+
+  def release(self) -> None:
+    if self.held:
+      _remove(self.path)
+      self.held = False
+
+  def _owner(self) -> dict[str, Any] | None:
+    try:
+      with open(self.path, encoding="utf-8") as handle:
+        owner = json.load(handle)
+    except (OSError, ValueError):
+      return None  # unreadable or half-written: its writer died while writing it
+    return owner if isinstance(owner, dict) else None
+
+  @staticmethod
+  def _alive(owner: dict[str, Any]) -> bool:
+    if owner.get("host") != socket.gethostname():
+      return True  # cannot be checked from here
+    try:
+      os.kill(int(owner.get("pid", -1)), 0)
+    except ProcessLookupError:
+      return False
+    except (PermissionError, ValueError, TypeError):
+      return True
+    return True
+
+  @staticmethod
+  def _describe(owner: dict[str, Any] | None) -> str:
+    if not owner:
+      return "an unknown process (unreadable lock file)"
+    return f"process {owner.get('pid')} on {owner.get('host')} (since {owner.get('started')})"
+
+
+def _remove(path: str) -> None:
+  try:
+    os.remove(path)
+  except FileNotFoundError:
+    pass

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
-from csft_jax import files
+from csft_jax import files as files_lib
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -29,6 +29,10 @@ _DTYPES = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
+class SafetensorsFileError(ValueError):
+  """A safetensors file that cannot be read whole: missing, cut short, or with a broken header."""
+
+
 class SafetensorsReader:
   """Lazy view of a checkpoint directory: `names()`, `shape(name)`, `get(name) -> np.ndarray`."""
 
@@ -36,8 +40,10 @@ class SafetensorsReader:
     self.directory = directory
     index_path = os.path.join(directory, INDEX_NAME)
     if os.path.exists(index_path):
-      with open(index_path) as f:
-        weight_map = json.load(f)["weight_map"]
+      weight_map = files_lib.read_json(index_path, what="safetensors index (weight_map)",
+                                       error=SafetensorsFileError).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise SafetensorsFileError(f"{index_path}: no 'weight_map' object; re-download or re-export the model.")
       files = sorted(set(weight_map.values()))
     elif os.path.exists(os.path.join(directory, SINGLE_NAME)):
       files = [SINGLE_NAME]
@@ -74,10 +80,34 @@ class SafetensorsReader:
 
 
 def _read_header(path: str) -> tuple[dict, int]:
-  with open(path, "rb") as f:
-    (length,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(length))
-  return header, 8 + length
+  """The header of one safetensors file and where its data starts, checked against the file's size.
+
+  Raises:
+    SafetensorsFileError naming the file when it is missing, its header is broken, or it is shorter
+    than its header says (a download or copy that stopped early).
+  """
+  redo = "re-download or re-copy this file (the other shards are not affected)"
+  try:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      prefix = f.read(8)
+      if len(prefix) < 8:
+        raise SafetensorsFileError(f"{path}: {size} bytes, too short for a safetensors header; {redo}.")
+      (length,) = struct.unpack("<Q", prefix)
+      if 8 + length > size:
+        raise SafetensorsFileError(f"{path}: header of {length} bytes but the file has {size}; it is cut short or "
+                                   f"not a safetensors file; {redo}.")
+      header = json.loads(f.read(length))
+  except FileNotFoundError:
+    raise SafetensorsFileError(f"{path}: the shard is missing (the index names it); {redo}.") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise SafetensorsFileError(f"{path}: the header is not valid JSON ({e}); {redo}.") from None
+  data_start = 8 + length
+  end = max((info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"), default=0)
+  if data_start + end > size:
+    raise SafetensorsFileError(f"{path}: {size:,} bytes but its header needs {data_start + end:,}; the file is cut "
+                               f"short; {redo}.")
+  return header, data_start
 
 
 def plan_shards(tensors: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int
@@ -122,7 +152,7 @@ def write_sharded(directory: str, tensors: list[tuple[str, tuple[int, ...], np.d
     weight_map.update({name: file_name for name, _, _ in shard})
   if len(shards) > 1:
     total = sum(int(np.prod(s)) * np.dtype(d).itemsize for _, s, d in tensors)
-    files.write_json_atomic(os.path.join(directory, INDEX_NAME),
+    files_lib.write_json_atomic(os.path.join(directory, INDEX_NAME),
                        {"metadata": {"total_size": total}, "weight_map": weight_map})
   return names
 

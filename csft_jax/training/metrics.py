@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from csft_jax import files
 from csft_jax.models.config import ModelConfig
 from csft_jax.workdir import RunDir
 
@@ -95,10 +97,33 @@ def format_duration(seconds: float) -> str:
   return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
+def drop_steps_after(path: str, step: int) -> None:
+  """Rewrites `metrics.jsonl` without its records of steps after `step` (and a cut-off last line).
+
+  A run killed after its last checkpoint, or a start that failed, logged steps that the resumed run
+  logs again.
+  """
+  if not os.path.isfile(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # a line cut off by a kill mid-write
+    if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+      kept.append(line)
+  if len(kept) != len(lines):
+    files.write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
 class MetricsWriter:
   """Writes one JSON object per logged step to `metrics.jsonl`, TensorBoard events, and a console line.
 
-  Only the primary process (process 0) writes; others accept calls and do nothing.
+  Only the primary process (process 0) writes; others accept calls and do nothing. On resume from
+  step s the file is first cut back to steps <= s, so every step appears once, as it ran last.
   """
 
   def __init__(self, run_dir: RunDir, *, total_steps: int, start_step: int, primary: bool):
@@ -109,6 +134,7 @@ class MetricsWriter:
     self._jsonl = None
     self._tb = None
     if primary:
+      drop_steps_after(run_dir.metrics, start_step)
       self._jsonl = open(run_dir.metrics, "a", encoding="utf-8")
       from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
       self._tb = SummaryWriter(run_dir.tensorboard)
