@@ -7,6 +7,7 @@ shards; each test breaks one thing the way a crash, a copy or a person does and 
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -119,3 +120,72 @@ def test_a_truncated_safetensors_shard_is_named_by_every_cli(pretrained, tmp_pat
     message = error_line(done)
     assert message.startswith(f"error: {shard}: ") and "cut short" in message, (name, message)
   assert not (tmp_path / "w").exists() and not (tmp_path / "eval").exists()
+
+
+def _steps_logged(workdir) -> list[int]:
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line)["step"] for line in f if '"loss"' in line]
+
+
+def test_one_trainer_per_workdir_and_kill_9_leaves_metrics_that_resume_cleanly(tmp_path):
+  """Items 5 and 6: a second trainer on a busy workdir stops at once and touches nothing; after kill -9 the
+  stale lock is broken, the run resumes from its last checkpoint, and metrics.jsonl holds every step once."""
+  workdir = tmp_path / "w"
+  flags = [*SMALL, f"--workdir={workdir}", "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=5",
+           "--config.checkpoint.async_save=False"]
+  first = subprocess.Popen([sys.executable, "-m", "csft_jax.train", *flags, "--config.train.num_steps=100000"],
+                           cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+  try:
+    for line in first.stdout:
+      if re.match(r"step +7/", line):
+        break
+    second = python("-m", "csft_jax.train", *flags, "--config.train.num_steps=100000")
+    message = error_line(second)
+    assert f"is in use by process {first.pid} on" in message and "one trainer per workdir" in message
+    assert first.poll() is None  # the first one goes on
+  finally:
+    first.kill()  # kill -9: no handler runs, the lock stays behind
+    first.wait()
+  assert os.path.exists(workdir / ".lock")
+  steps_before = _steps_logged(workdir)
+  saved = max(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+  assert max(steps_before) > saved  # steps after the last checkpoint were logged, and will run again
+
+  done = python("-m", "csft_jax.train", *flags, f"--config.train.num_steps={max(steps_before) + 3}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"removed the stale lock {workdir / '.lock'} of process {first.pid}" in done.stderr
+  assert f"resumed from step {saved}" in done.stderr
+  assert _steps_logged(workdir) == list(range(1, max(steps_before) + 4))
+  assert not os.path.exists(workdir / ".lock")
+
+
+def test_resume_with_a_changed_config_is_refused_unless_allowed(tmp_path):
+  """Item 7: fields that change what the run trains are refused, naming them; run-length and logging changes
+  go through with a note; --allow_config_change takes the new values."""
+  workdir = tmp_path / "w"
+  flags = [*SMALL, f"--workdir={workdir}"]
+  assert python("-m", "csft_jax.train", *flags, "--config.train.num_steps=2").returncode == 0
+  with open(workdir / "config.json", encoding="utf-8") as f:
+    stored = f.read()
+
+  refused = python("-m", "csft_jax.train", *flags, "--config.train.num_steps=3", "--config.optim.lr=0.01",
+                   "--config.data.sources.messages_chat.enabled=False")
+  message = error_line(refused)
+  assert "resuming would change 2 field(s)" in message
+  assert "data.sources.messages_chat.enabled: True -> False" in message and "optim.lr: 0.001 -> 0.01" in message
+  assert "--allow_config_change" in message
+  with open(workdir / "config.json", encoding="utf-8") as f:
+    assert f.read() == stored  # nothing was written
+  assert _steps_logged(workdir) == [1, 2]
+
+  longer = python("-m", "csft_jax.train", *flags, "--config.train.num_steps=3", "--config.train.log_every=1")
+  assert longer.returncode == 0, longer.stderr[-3000:]
+  assert "note: config changed since this run started" in longer.stderr and "train.num_steps: 2 -> 3" in longer.stderr
+
+  allowed = python("-m", "csft_jax.train", *flags, "--config.train.num_steps=4", "--config.optim.lr=0.01",
+                   "--allow_config_change")
+  assert allowed.returncode == 0, allowed.stderr[-3000:]
+  assert "optim.lr: 0.001 -> 0.01" in allowed.stderr and "resumed from step 3" in allowed.stderr
+  with open(workdir / "config.json", encoding="utf-8") as f:
+    assert json.load(f)["optim"]["lr"] == 0.01
