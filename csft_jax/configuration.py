@@ -132,3 +132,24 @@ def from_flags() -> ml_collections.ConfigDict:
   if config is None:
     raise ConfigError("--config is required (a config file, e.g. configs/demo.py).")
   return resolve_paths(config)
+
+
+def training_data_config(config: ml_collections.ConfigDict, own_tokenizer: str | None = None
+                         ) -> ml_collections.ConfigDict:
+  """`config.data` with the tokenizer a training run of `config` uses, by one rule for every command
+  (train, prepare, inspect, the data benchmarks): `own_tokenizer` (a run's copy) when it exists, else
+  `data.tokenizer`, else the tokenizer of `init.from_hf` (the model's own, as the recipes do).
+
+  Raises:
+    ConfigError when none of them is set.
+  """
+  data = config.data.copy_and_resolve_references()
+  if own_tokenizer and os.path.isdir(own_tokenizer):
+    data.tokenizer = own_tokenizer
+  elif not data.tokenizer:
+    from_hf = config.get("init", {}).get("from_hf", "")
+    if not from_hf:
+      raise ConfigError("config.data.tokenizer is empty and there is no config.init.from_hf to take one from; "
+                        "name a tokenizer directory (--config.data.tokenizer=DIR).")
+    data.tokenizer = from_hf
+  return data

@@ -1,8 +1,9 @@
 """What the entry points show on the console: our progress lines, not the libraries' chatter."""
 
+import difflib
 import logging as std_logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import app, flags, logging
@@ -45,4 +46,44 @@ def run_cli(main: Callable[[list[str]], Any]) -> None:
         raise
       sys.exit(f"error: {error}\n(rerun with --verbosity=0 to see the traceback)")
 
-  app.run(wrapped)
+  app.run(wrapped, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a `--config.FIELD=VALUE` that names no field as one `error:` line."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError) as error:
+    if any(arg.startswith("--verbosity") for arg in argv):
+      raise
+    sys.exit(f"error: {_unknown_override(argv) or error}")
+
+
+def _unknown_override(argv: Sequence[str]) -> str | None:
+  """Which `--config.a.b.c=...` of `argv` names a field the config file does not have, and what it has."""
+  from csft_jax import configuration  # pylint: disable=import-outside-toplevel
+  spec = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), None)
+  if spec is None:
+    return None
+  path, _, arg = spec.partition(":")
+  try:
+    module = configuration.load_module(path)
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None  # the config file itself fails: let the original error speak
+  for flag in argv:
+    if not flag.startswith("--config."):
+      continue
+    dotted = flag[len("--config."):].split("=", 1)[0]
+    node, walked = config, "config"
+    for part in dotted.split("."):
+      if not hasattr(node, "keys"):
+        break
+      if part not in node:
+        fields = sorted(node.keys())
+        close = difflib.get_close_matches(part, fields, n=1)
+        hint = f" Did you mean {walked}.{close[0]}?" if close else ""
+        return (f"{flag.split('=', 1)[0]}: {walked} has no field {part!r}; its fields are "
+                f"{', '.join(fields) or '(none)'}.{hint}")
+      node, walked = node[part], f"{walked}.{part}"
+  return None

@@ -41,6 +41,7 @@ from csft_jax.data.pipeline import DataPipeline
 from csft_jax.data.tokenizer import is_sentencepiece_only, save_converted_tokenizer
 from csft_jax.loading import is_hf_dir
 from csft_jax.models import Decoder, ModelConfig, model_config_from
+from csft_jax.models.attention import check_backend
 from csft_jax.models.config import ARCHITECTURE_FIELDS, RUNTIME_FIELDS
 from csft_jax.sharding import (abstract_mesh, activation_sharding, describe_plan, logical_to_spec, make_mesh,
                                state_shardings)
@@ -146,20 +147,6 @@ def new_train_state(model_config: ModelConfig, optimizer, seed: int) -> TrainSta
   """A freshly initialised state (call under `jax.eval_shape` or `jit` with out_shardings)."""
   params = nnx.state(Decoder(model_config, rngs=nnx.Rngs(seed)), nnx.Param)
   return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-
-
-def data_config_for(config: ml_collections.ConfigDict, run_dir: RunDir) -> ml_collections.ConfigDict:
-  """`config.data` with the tokenizer this run uses: its own copy once it has one, else
-  `data.tokenizer`, else the tokenizer of `init.from_hf`."""
-  data = config.data.copy_and_resolve_references()
-  if os.path.isdir(run_dir.tokenizer):
-    data.tokenizer = run_dir.tokenizer
-  elif not data.tokenizer:
-    if not config.init.from_hf:
-      raise InitError("config.data.tokenizer is empty and there is no config.init.from_hf to take one from; "
-                      "name a tokenizer directory.")
-    data.tokenizer = config.init.from_hf
-  return data
 
 
 # --------------------------------------------------------------- the state ----
@@ -365,6 +352,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
   primary = _primary()
   say = functools.partial(_print, primary)
   files.check_writable(run_dir.root, "--workdir")
+  check_backend(config.model.attention_impl)
   existing = set(os.listdir(run_dir.root)) if os.path.isdir(run_dir.root) else None
   lock = workdir_lib.RunLock(run_dir)
   _take_lock(lock, primary, say)
@@ -421,7 +409,7 @@ def _run_locked(config: ml_collections.ConfigDict, run_dir: RunDir, mesh: Mesh |
     init_model_config, init_source = _init_source_config(config, {k: config.model[k] for k in RUNTIME_FIELDS})
     _check_fixed_fields(init_model_config, config.model, init_source)
   # Data next: a bad source or tokenizer fails here, before the workdir is touched.
-  data_config = data_config_for(config, run_dir)
+  data_config = configuration.training_data_config(config, run_dir.tokenizer)
   pipeline = DataPipeline(data_config)
   num_steps = resolve_num_steps(config.train, pipeline)
   mesh = mesh or make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)

@@ -189,3 +189,39 @@ def test_resume_with_a_changed_config_is_refused_unless_allowed(tmp_path):
   assert "optim.lr: 0.001 -> 0.01" in allowed.stderr and "resumed from step 3" in allowed.stderr
   with open(workdir / "config.json", encoding="utf-8") as f:
     assert json.load(f)["optim"]["lr"] == 0.01
+
+
+def test_overrides_that_name_nothing_or_do_nothing_say_so_in_one_line(tmp_path):
+  """Item 10: a field typo, a source that does not exist, a kernel this backend lacks: one `error:` line each,
+  and no workdir left behind; a weight under temperature mixing is reported as ignored."""
+  workdir = tmp_path / "w"
+  typo = error_line(python("-m", "csft_jax.train", *SMALL, f"--workdir={workdir}", "--config.train.num_stepz=4"))
+  assert "--config.train.num_stepz: config.train has no field 'num_stepz'" in typo
+  assert "Did you mean config.train.num_steps?" in typo
+  source = error_line(python("-m", "csft_jax.train", *SMALL, f"--workdir={workdir}",
+                             "--config.data.sources.cmb.weight=2.0"))
+  assert "config.data.sources has no field 'cmb'" in source and "alpaca_qa, cmb_style_mcq, doctor_qa" in source
+  kernel = error_line(python("-m", "csft_jax.train", *SMALL, f"--workdir={workdir}", "--config.train.num_steps=1",
+                             "--config.model.attention_impl=cudnn"))
+  assert "attention_impl='cudnn' needs an NVIDIA GPU" in kernel and "'cpu'" in kernel
+  assert not workdir.exists()
+  verbose = python("-m", "csft_jax.train", *SMALL, f"--workdir={workdir}", "--config.train.num_stepz=4",
+                   "--verbosity=0")
+  assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+
+  weighted = python("-m", "csft_jax.data.inspect", *SMALL[:1], "--config.data.sources.alpaca_qa.weight=5.0",
+                    "--num_batches=1", "--num_examples=0")
+  assert weighted.returncode == 0, weighted.stderr[-3000:]
+  assert ("note: config.data.sources.<name>.weight is set for ['alpaca_qa'] but mixing is 'temperature'"
+          in weighted.stdout)
+
+
+def test_inspect_takes_the_tokenizer_of_init_from_hf_as_training_does(pretrained):
+  """Item 11: with data.tokenizer empty, inspect (like train and prepare) uses the init model's tokenizer."""
+  done = python("-m", "csft_jax.data.inspect", "--config=configs/demo.py", "--config.data.tokenizer=",
+                f"--config.init.from_hf={pretrained}", "--num_batches=1", "--num_examples=1")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "--- alpaca_qa example 0" in done.stdout
+  empty = error_line(python("-m", "csft_jax.data.inspect", "--config=configs/demo.py", "--config.data.tokenizer=",
+                            "--num_batches=1"))
+  assert "config.data.tokenizer is empty and there is no config.init.from_hf" in empty

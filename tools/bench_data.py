@@ -182,7 +182,7 @@ def main(argv: list[str]) -> None:
     scale_main()
     return
   start = time.perf_counter()
-  pipeline = DataPipeline(configuration.from_flags().data)
+  pipeline = DataPipeline(configuration.training_data_config(configuration.from_flags()))
   load_s = time.perf_counter() - start
   print(pipeline.mixture_table())
   seq_len, batch_size = pipeline.config.seq_len, FLAGS.batch_size

@@ -46,7 +46,7 @@ def length_histogram(lengths: np.ndarray, seq_len: int, num_bins: int = 8, width
 def main(argv: list[str]) -> None:
   """The command: see the module docstring."""
   del argv
-  pipeline = DataPipeline(configuration.from_flags().data)
+  pipeline = DataPipeline(configuration.training_data_config(configuration.from_flags()))
   print(pipeline.mixture_table())
   for s, stats in zip(pipeline.source_names, pipeline.stats):
     if stats.first_skip:

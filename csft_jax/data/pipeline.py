@@ -78,6 +78,9 @@ class DataPipeline:
         data_config.mixing, self.source_names, [len(s) for s in self.train_sources],
         [s.weight for s in specs], data_config.temperature)
     self.block_counts = block_counts(self.weights, data_config.mixture_block, self.source_names)
+    weighted = [s.name for s in specs if s.weight is not None]
+    # A weight is read by explicit mixing only: say so rather than let an override do nothing.
+    self.ignored_weights = weighted if data_config.mixing != "explicit" else []
 
   def _tokenized_sources(self, specs: Sequence[SourceSpec]):
     for spec in specs:
@@ -182,7 +185,10 @@ class DataPipeline:
              + f", {self.num_examples} examples/epoch, epochs over {num_epochs:g} mixture epoch(s)")
     rows = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
             for line in lines]
-    return "\n".join([title] + rows)
+    notes = ([f"note: config.data.sources.<name>.weight is set for {self.ignored_weights} but mixing is "
+              f"{self.config.mixing!r}; weights are read only with config.data.mixing=explicit."]
+             if self.ignored_weights else [])
+    return "\n".join([title] + rows + notes)
 
 
 def _source_dataset(source: Source, source_index: int) -> grain.MapDataset:

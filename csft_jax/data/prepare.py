@@ -324,11 +324,7 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   distributed.initialize_from_flags()
   config = configuration.from_flags()
-  data = config.data
-  if not data.tokenizer:
-    if not config.get("init", {}).get("from_hf"):
-      raise DataError("config.data.tokenizer is empty and there is no config.init.from_hf to take one from")
-    data.tokenizer = config.init.from_hf
+  data = configuration.training_data_config(config)
   manifest = prepare(data, num_workers=f.num_workers, process_index=jax.process_index(),
                      process_count=jax.process_count(), force=f.force)
   if f.json and manifest is not None:

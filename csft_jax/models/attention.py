@@ -72,6 +72,20 @@ class AttentionMask:
                           self.sliding_window)
 
 
+def check_backend(implementation: str, platform: str | None = None) -> None:
+  """Fails before any work when `implementation` cannot run on this JAX backend.
+
+  `cudnn` needs an NVIDIA GPU; `splash` runs anywhere (interpret mode off TPU, slowly).
+
+  Raises:
+    ValueError naming the config field, the backend found and what to use instead.
+  """
+  platform = platform or jax.default_backend()
+  if implementation == "cudnn" and platform not in ("gpu", "cuda"):
+    raise ValueError(f"config.model.attention_impl='cudnn' needs an NVIDIA GPU with cuDNN, but the JAX backend here "
+                     f"is {platform!r}; use 'blockwise' (CPU/GPU) or 'xla'.")
+
+
 def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: AttentionMask, *,
            implementation: str = "xla", block_q: int = 128, block_kv: int = 128) -> jnp.ndarray:
   """Scaled dot-product attention with grouped KV heads.
