@@ -6,10 +6,15 @@
 
 `checkpoint` is a training workdir (latest step; the run's tokenizer and chat template), W/checkpoints,
 a step directory, or an HF directory (its own tokenizer and template); see `csft_jax.loading`.
-Results go to `W/eval/<name>/` for a run W (its checkpoints and its HF export alike),
-`<dir>/eval/<name>/` for a directory outside a run, or `--config.out_dir`; the name carries the mode (`cmb-answer`, `cmb-cot`, `meds_bench`). The output
-directory is checked for writing before the model loads. `results.json` is what sweeps and reports
-read. A progress bar with ETA runs on stderr; a one-screen summary ends the run.
+Results go to `W/eval/<name>/step_<N>/` for step N of a run W (a step directory, the workdir's latest
+step, or the run's HF export at the step it was exported), `<dir>/eval/<name>/` for a directory
+outside a run, or `--config.out_dir`; the name carries the mode (`cmb-answer`, `cmb-cot`,
+`meds_bench`). A `--config.limit=K` run is partial: it writes `step_<N>-limit_K/` (`<name>-limit_K/`
+outside a run), and reports keep it out of their columns. The output directory is checked for
+writing and the benchmark's inputs are read and checked before the model loads. `results.json` is
+what sweeps and reports read. A progress bar with ETA runs on stderr; a one-screen summary ends the
+run. Ctrl-C (SIGINT) or SIGTERM finishes the batch in flight, keeps the finished generations in
+`progress.jsonl` and exits 0; rerunning the same command generates only the rest.
 
 Will it fit? `--compile_for=SLICE` compiles the generate program (prefill + decode on the KV cache)
 for a TPU slice from this host, at the largest batch the evaluation compiles (`batch_size` rows of
@@ -24,9 +29,12 @@ weights are read) or `--compile_model=PRESET`; nothing is allocated:
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
+
+import jax
 
 import ml_collections
 from absl import app, flags, logging
@@ -37,35 +45,70 @@ from csft_jax.convert import read_hf_config
 from csft_jax.loading import is_hf_dir, load_chat_model
 from csft_jax.eval import runner
 from csft_jax.models import PRESETS, ModelConfig, get_preset
-from csft_jax.workdir import RunDir
+from csft_jax.stopping import StopRequest
+from csft_jax.workdir import RunDir, model_tag
+
+
+def evaluated_step(checkpoint: str, run: RunDir) -> int | str:
+  """The step of run `run` that `checkpoint` holds: a step directory's, the latest one of the workdir,
+  or for the run's HF export the step it was exported at (else the export's directory name)."""
+  if is_hf_dir(checkpoint):
+    summary = run.read_summary() or {}
+    exported = summary.get("hf_export") and os.path.samefile(summary["hf_export"], checkpoint)
+    return summary["step"] if exported else os.path.basename(os.path.abspath(checkpoint))
+  return int(os.path.basename(checkpointing.resolve_step_dir(checkpoint)))
 
 
 def output_dir(config: ml_collections.ConfigDict, benchmark: runner.Benchmark) -> str:
   """Where the evaluation of `config` writes (see the module docstring)."""
   if config.out_dir:
     return config.out_dir
-  home = RunDir.containing(config.checkpoint) or RunDir(config.checkpoint)
-  return home.eval_dir(benchmark.result_name(config))
+  name = benchmark.result_name(config)
+  run = RunDir.containing(config.checkpoint)
+  if run is None:  # one model per directory: <dir>/eval/<name>/, or <name>-limit_<k>/ for a partial run
+    return os.path.join(config.checkpoint, "eval", name + (f"-limit_{config.limit}" if config.limit else ""))
+  return run.eval_dir(name, model_tag(evaluated_step(config.checkpoint, run), config.limit))
 
 
-def run(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | None, str, str]:
+class Interrupted(NamedTuple):
+  """What an evaluation stopped by a signal leaves: its journal, to continue from."""
+  signal_name: str
+  error: runner.EvaluationInterrupted
+
+
+def run(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | None | Interrupted, str, str]:
   """Loads the model named by `config.checkpoint`, runs `config.benchmark`, writes its results.
 
+  The benchmark's inputs are read and checked before the model loads. SIGINT/SIGTERM ends the batch
+  in flight, keeps every finished generation (`runner.GenerationJournal`) and returns `Interrupted`;
+  rerunning continues from there.
+
   Returns:
-    `(results or None when unscored, summary text, output directory)`.
+    `(results, None when unscored, or Interrupted; summary text; output directory)`.
   """
   config = configuration.resolve_paths(config)
   benchmark = runner.validate_config(config)
   out_dir = output_dir(config, benchmark)
   files.check_writable(out_dir, "config.out_dir (the evaluation's output directory)")
+  inputs = benchmark.load(config)
   mesh = sharding.make_mesh(**config.mesh)
   start = time.perf_counter()
   loaded = load_chat_model(config.checkpoint, dtype=config.dtype, mesh=mesh, tokenizer=config.tokenizer,
                            chat_template=config.chat_template, scan_layers=config.scan_layers)
   logging.info("Loaded %s checkpoint %s in %.1fs.", loaded.kind, loaded.path, time.perf_counter() - start)
-  chat = runner.ChatModel(loaded.model, loaded.tokenizer, loaded.template, mesh=mesh,
-                          batch_size=config.batch_size, max_prompt_len=config.max_prompt_len or None)
-  results, summary = benchmark.run(chat, config, out_dir)
+  journal = runner.GenerationJournal(os.path.join(out_dir, "progress.jsonl"), runner.fingerprint(config),
+                                     primary=jax.process_index() == 0)
+  stop = StopRequest()
+  chat = runner.ChatModel(loaded.model, loaded.tokenizer, loaded.template, mesh=mesh, batch_size=config.batch_size,
+                          max_prompt_len=config.max_prompt_len or None, journal=journal, should_stop=stop.requested)
+  try:
+    results, summary = benchmark.run(chat, config, out_dir, inputs)
+  except runner.EvaluationInterrupted as e:
+    return Interrupted(stop.signal_name or "stop", e), (
+        f"{stop.signal_name or 'stop'} received: {e}. Rerun the same command to continue.\n"), out_dir
+  finally:
+    stop.close()
+    journal.close()
   return results, summary, out_dir
 
 
@@ -105,8 +148,11 @@ def main(argv: list[str]) -> None:
     compile_for(configuration.from_flags(), flags.FLAGS.compile_for, flags.FLAGS.compile_model)
   distributed.initialize_from_flags()
   start = time.perf_counter()
-  _, summary, out_dir = run(configuration.from_flags())
+  outcome, summary, out_dir = run(configuration.from_flags())
   print(summary, end="")
+  if isinstance(outcome, Interrupted):
+    print(f"Interrupted after {time.perf_counter() - start:.1f}s; finished generations in {outcome.error.journal}.")
+    return
   print(f"Results in {out_dir} ({time.perf_counter() - start:.1f}s).")
 
 

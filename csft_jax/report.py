@@ -56,7 +56,8 @@ class RunRecord:
   train_curve: list[tuple[int, float]]
   eval_curve: list[tuple[int, float]]
   eval_loss_per_source: dict[str, float]
-  evals: dict[str, dict[str, float]]  # evaluation name -> its report cells
+  evals: dict[str, dict[str, Any]]  # evaluation name -> `step` and the report cells of its newest full evaluation
+  partial_evals: list[str]  # `<name>/<model>` of evaluations with config.limit (not in the columns)
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -84,15 +85,21 @@ def _curve(records: Sequence[dict[str, Any]], key: str) -> list[tuple[int, float
   return sorted(by_step.items())
 
 
-def _eval_cells(run_dir: RunDir) -> dict[str, dict[str, float]]:
-  cells = {}
-  for name in run_dir.eval_names():
-    results = files.read_json(run_dir.eval_results(name), error=ReportError)
+def _eval_cells(run_dir: RunDir) -> tuple[dict[str, dict[str, Any]], list[str]]:
+  """Per evaluation name, the cells of its newest full evaluation (with its `step`); and the
+  partial (`limit`) evaluations, named, which stay out of the columns."""
+  cells, partial = {}, []
+  for evaluation in run_dir.evaluations():  # sorted by step: a later step replaces an earlier one
+    if evaluation.limit:
+      partial.append(f"{evaluation.name}/{evaluation.model}")
+      continue
+    results = files.read_json(run_dir.eval_results(evaluation.name, evaluation.model), error=ReportError)
     try:
-      cells[name] = runner.benchmark_of_result(name).report_cells(results)
+      report = runner.benchmark_of_result(evaluation.name).report_cells(results)
     except runner.EvalConfigError:
       continue  # written by a benchmark this installation does not have
-  return cells
+    cells[evaluation.name] = {"step": evaluation.step if evaluation.step is not None else evaluation.model, **report}
+  return cells, partial
 
 
 def load_run(run_dir: str, name: str, overrides: dict[str, Any]) -> RunRecord:
@@ -103,6 +110,7 @@ def load_run(run_dir: str, name: str, overrides: dict[str, Any]) -> RunRecord:
     summary, status = run.read_summary(), run.status()
   except RunDirError as e:
     raise ReportError(str(e)) from e
+  evals, partial = _eval_cells(run)
   train_curve = _curve(records, "loss")
   eval_curve = _curve(records, "eval_loss")
   last_eval = max((r for r in records if "eval_loss" in r), key=lambda r: r["step"], default={})
@@ -116,7 +124,7 @@ def load_run(run_dir: str, name: str, overrides: dict[str, Any]) -> RunRecord:
       train_curve=train_curve, eval_curve=eval_curve,
       eval_loss_per_source={k[len("eval_loss/"):]: float(v) for k, v in last_eval.items()
                             if k.startswith("eval_loss/")},
-      evals=_eval_cells(run))
+      evals=evals, partial_evals=partial)
 
 
 def find_runs(workdir: str) -> list[RunRecord]:
@@ -174,13 +182,18 @@ def _markdown_cell(column: str, value: Any) -> str:
 
 
 def markdown_summary(workdir: str, header: Sequence[str], rows: Sequence[Sequence[Any]],
-                     plots: Sequence[str]) -> str:
-  """`summary.md`: a short legend, the table, and the plots."""
+                     plots: Sequence[str], runs: Sequence[RunRecord] = ()) -> str:
+  """`summary.md`: a short legend, the table, the partial evaluations of `runs`, and the plots."""
   table = markdown_table(header, [[_markdown_cell(h, v) for h, v in zip(header, row)] for row in rows])
   lines = [f"# Sweep summary: {os.path.basename(os.path.abspath(workdir))}", "",
            f"{len(rows)} runs. final_train_loss: last logged train loss; eval_loss: last evaluation over the "
            "run's own held-out sources, eval_loss/<source> per source (same held-out items in every run). "
-           "Evaluation columns (<evaluation>/<column>) in percent.", "", table]
+           "Evaluation columns (<evaluation>/<column>) in percent, from the newest full evaluation of each run; "
+           "<evaluation>/step is the training step it evaluated.", "", table]
+  partial = [f"{r.name}: {', '.join(r.partial_evals)}" for r in runs if r.partial_evals]
+  if partial:
+    lines += ["Partial evaluations (config.limit: the first items only), not in the table: " + "; ".join(partial),
+              ""]
   lines += [f"![{os.path.splitext(p)[0]}]({p})\n" for p in plots]
   return "\n".join(lines)
 
@@ -192,15 +205,17 @@ def plot_loss_curves(runs: Sequence[RunRecord], path: str) -> None:
   from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
 
   fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(15, 4.5))
-  for run in runs:
+  for index, run in enumerate(runs):
+    color = f"C{index % 10}"  # one colour per run in both panels
     if run.train_curve:
-      train_ax.plot(*zip(*run.train_curve), label=run.name)
+      train_ax.plot(*zip(*run.train_curve), color=color, label=run.name)
     if run.eval_curve:
-      eval_ax.plot(*zip(*run.eval_curve), marker="o", label=run.name)
+      eval_ax.plot(*zip(*run.eval_curve), color=color, marker="o", label=run.name)
   for ax, title in ((train_ax, "train loss"), (eval_ax, "eval loss (the run's held-out sources)")):
     ax.set(title=title, xlabel="step", ylabel="loss")
     ax.grid(alpha=0.3)
-  eval_ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
+    if ax.get_lines():
+      ax.legend(fontsize="small", loc="upper right")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -219,7 +234,7 @@ def plot_eval_loss_per_source(runs: Sequence[RunRecord], path: str) -> None:
   for i, run in enumerate(with_eval):
     xs = [j + (i - (len(with_eval) - 1) / 2) * width for j, s in enumerate(sources) if s in run.eval_loss_per_source]
     ys = [run.eval_loss_per_source[s] for s in sources if s in run.eval_loss_per_source]
-    ax.bar(xs, ys, width=width, label=run.name)
+    ax.bar(xs, ys, width=width, label=run.name, color=f"C{runs.index(run) % 10}")  # as in loss_curves.png
   ax.set_xticks(range(len(sources)), sources, rotation=20, ha="right")
   ax.set(title="eval loss per source (last evaluation)", ylabel="loss")
   ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -247,7 +262,7 @@ def write_report(workdir: str) -> list[str]:
     plots.append("eval_loss_per_source.png")
   csv_rows = [["" if v is None else v for v in row] for row in rows]
   written = [str(write_csv_atomic(os.path.join(workdir, "summary.csv"), header, csv_rows)),
-             str(write_text_atomic(os.path.join(workdir, "summary.md"), markdown_summary(workdir, header, rows, plots)))]
+             str(write_text_atomic(os.path.join(workdir, "summary.md"), markdown_summary(workdir, header, rows, plots, runs)))]
   return written + [os.path.join(workdir, p) for p in plots]
 
 

@@ -228,7 +228,12 @@ class Run:
   run_dir: str
   train: tuple[str, ...]
   evals: tuple[tuple[str, ...], ...]
-  eval_results: tuple[str, ...]  # results.json path of each eval, same order (RunDir.eval_results)
+  eval_names: tuple[str, ...]  # the result name of each eval, same order (`W/eval/<name>/step_<N>/`)
+
+  def eval_results(self, name: str) -> str:
+    """Where the eval `name` of the run's final step writes results.json (once the run finished)."""
+    run_dir = RunDir(self.run_dir)
+    return run_dir.eval_results(name, workdir_lib.model_tag((run_dir.read_summary() or {}).get("step", "final")))
 
 
 def _join(workdir: str, name: str) -> str:
@@ -263,7 +268,7 @@ def plan_run(experiment: Experiment, overrides: Overrides, workdir: str) -> Run:
   evals, results = [], []
   for eval_config in experiment.evals:
     evals.append((*experiment.eval_command, f"--config={eval_config}", f"--config.checkpoint={run_dir}"))
-    results.append(RunDir(run_dir).eval_results(eval_result_name(eval_config)))
+    results.append(eval_result_name(eval_config))
   return Run(name, dict(overrides), config, run_dir, train, tuple(evals), tuple(results))
 
 
@@ -329,7 +334,7 @@ def run_state(run: Run) -> str:
   status = RunDir(run.run_dir).status()
   if status != workdir_lib.FINISHED:
     return status
-  return workdir_lib.FINISHED if all(os.path.isfile(p) for p in run.eval_results) else NEEDS_EVAL
+  return workdir_lib.FINISHED if all(os.path.isfile(run.eval_results(n)) for n in run.eval_names) else NEEDS_EVAL
 
 
 # Launchers.
@@ -415,7 +420,8 @@ def execute_run(run: Run) -> tuple[str, str]:
     if summary.get("status") != workdir_lib.FINISHED:
       return FAILED, (f"trainer exited with status {returncode} and run_summary.json status "
                       f"{summary.get('status')!r}; see {log_path}, then rerun the sweep to resume")
-  for argv, results in zip(run.evals, run.eval_results):
+  for argv, name in zip(run.evals, run.eval_names):
+    results = run.eval_results(name)
     if os.path.isfile(results):
       continue
     returncode = _execute(argv, log_path)

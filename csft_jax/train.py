@@ -20,7 +20,6 @@ import functools
 import json
 import os
 import shutil
-import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from csft_jax import checkpointing, configuration, distributed, files, workdir as workdir_lib
 from csft_jax.console import run_cli
+from csft_jax.stopping import StopRequest
 from csft_jax.convert import read_hf_config, save_hf
 from csft_jax.convert.hf import copy_tokenizer_files, load_hf
 from csft_jax.data.pipeline import DataPipeline
@@ -303,30 +303,6 @@ def jit_steps(config: ml_collections.ConfigDict, start: StartingState, optimizer
 
 
 # ---------------------------------------------------------------- the run ----
-
-
-class StopRequest:
-  """Turns SIGTERM/SIGINT into a flag the loop checks after each step (finish, save, exit 0)."""
-
-  def __init__(self):
-    self.signal_name = None
-    self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-  def close(self) -> None:
-    """Puts the previous handlers back (the run is over)."""
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-  def _handle(self, signum, _frame):
-    self.signal_name = signal.Signals(signum).name
-
-  def requested(self) -> bool:
-    flag = np.asarray(self.signal_name is not None)
-    if jax.process_count() > 1:
-      # Every process must leave the loop at the same step, or the collectives would hang.
-      from jax.experimental import multihost_utils
-      flag = multihost_utils.process_allgather(flag).any()
-    return bool(flag)
 
 
 def _primary() -> bool:

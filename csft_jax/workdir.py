@@ -8,8 +8,11 @@
   W/checkpoints_unreadable/<step>/   checkpoints moved aside because they could not be restored
   W/run_summary.json       status, steps and final loss, written when the trainer stops
   W/hf_export/             the finished model as an HF directory (config.train.export_hf)
-  W/eval/<name>/           one evaluation: `results.json` (what reports read) and its other files;
-                           the name carries the benchmark and its mode (cmb-answer, cmb-cot, meds_bench)
+  W/eval/<name>/<model>/   one evaluation: `results.json` (what reports read), its other files and
+                           `progress.jsonl` (finished generations, for resuming); the name carries
+                           the benchmark and its mode (cmb-answer, cmb-cot, meds_bench), the model
+                           the step evaluated (`step_150`; `step_150-limit_4` for a partial run of
+                           the first 4 items), so evaluations of different steps never overwrite
   W/sweep.log              the output of every command a sweep ran for this run
   W/.lock                  held by the one trainer writing this run (`RunLock`): pid, host, start time
 
@@ -18,9 +21,11 @@ Train, evaluate, sweep, report and the tools find these paths here and nowhere e
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
+import re
 import socket
 from typing import Any
 
@@ -36,6 +41,28 @@ STATUSES = (NEW, INTERRUPTED, DIVERGED, FINISHED)
 
 TOKENIZER_DIR = "tokenizer"
 HF_EXPORT_DIR = "hf_export"
+
+
+def model_tag(step: int | str, limit: int = 0) -> str:
+  """The directory an evaluation of `step` writes under `W/eval/<name>/` (see the module docstring)."""
+  return f"step_{step}" + (f"-limit_{limit}" if limit else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """One evaluation of a run: `W/eval/<name>/<model>/`."""
+
+  name: str
+  model: str
+  step: int | None  # None: a model without a step (named by its directory)
+  limit: int  # > 0: only the first `limit` items (partial)
+
+  @classmethod
+  def parse(cls, name: str, model: str) -> Evaluation:
+    match = re.fullmatch(r"step_(\d+)(?:-limit_(\d+))?", model)
+    if match is None:
+      return cls(name, model, None, 0)
+    return cls(name, model, int(match.group(1)), int(match.group(2) or 0))
 
 
 class RunDirError(ValueError):
@@ -93,18 +120,20 @@ class RunDir:
   def hf_export(self, name: str = HF_EXPORT_DIR) -> str:
     return self.path(name)
 
-  def eval_dir(self, name: str) -> str:
-    return self.path("eval", name)
+  def eval_dir(self, name: str, model: str) -> str:
+    return self.path("eval", name, model)
 
-  def eval_results(self, name: str) -> str:
-    return os.path.join(self.eval_dir(name), "results.json")
+  def eval_results(self, name: str, model: str) -> str:
+    return os.path.join(self.eval_dir(name, model), "results.json")
 
-  def eval_names(self) -> list[str]:
-    """Names of the evaluations that wrote results, sorted."""
+  def evaluations(self) -> list[Evaluation]:
+    """The evaluations that wrote results, by name, then step."""
     root = self.path("eval")
-    if not os.path.isdir(root):
-      return []
-    return sorted(n for n in os.listdir(root) if os.path.isfile(self.eval_results(n)))
+    found = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+      models = os.listdir(os.path.join(root, name)) if os.path.isdir(os.path.join(root, name)) else []
+      found += [Evaluation.parse(name, m) for m in models if os.path.isfile(self.eval_results(name, m))]
+    return sorted(found, key=lambda e: (e.name, e.step if e.step is not None else -1, e.limit))
 
   def exists(self) -> bool:
     """Whether the trainer has written anything here."""

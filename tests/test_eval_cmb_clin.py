@@ -98,7 +98,7 @@ def test_run_decodes_as_the_official_workers(tmp_path, cases):
   assert config.max_new_tokens == 512 and config.repetition_penalty == 1.1
   config.clin = str(SAMPLE)  # The evaluator resolves pkg:// paths when it loads a config file.
   chat = _RecordingChat()
-  summary, _ = cmb_clin.run(chat, config, str(tmp_path))
+  summary, _ = cmb_clin.run(chat, config, str(tmp_path), cmb_clin.load_inputs(config))
   ((conversations, options),) = chat.calls
   assert options["max_new_tokens"] == 512
   assert options["sampling"] == engine.Sampling(temperature=0.0, repetition_penalty=1.1, min_new_tokens=1)

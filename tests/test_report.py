@@ -56,12 +56,18 @@ def workdir(tmp_path):
                                                 "final_loss": 2.875}))
   submission = [{"id": 1, "model_answer": "A"}, {"id": 2, "model_answer": "C"},
                 {"id": 3, "model_answer": "C"}, {"id": 4, "model_answer": "D"}]
-  _write(run / "eval" / "cmb-answer" / "results.json", json.dumps(cmb.score_submission(submission, ANSWER_KEY)))
+  _write(run / "eval" / "cmb-answer" / "step_30" / "results.json",
+         json.dumps(cmb.score_submission(submission, ANSWER_KEY)))
+  # An earlier step's evaluation and a partial one (config.limit) of the last step: not in the columns.
+  wrong = [{"id": i, "model_answer": "G"} for i in range(1, 5)]
+  _write(run / "eval" / "cmb-answer" / "step_20" / "results.json", json.dumps(cmb.score_submission(wrong, ANSWER_KEY)))
+  _write(run / "eval" / "cmb-answer" / "step_30-limit_2" / "results.json",
+         json.dumps(cmb.score_submission(wrong[:2], ANSWER_KEY[:2])))
   rows = [{"task_id": "task901", "input": "q1", "GT": "A", "output": "A"},
           {"task_id": "task901", "input": "q2", "GT": "B", "output": "C"}]
   meds = meds_bench.score_rows(rows, task_categories={"task901": meds_bench.MCQA})
-  _write(run / "eval" / "meds_bench" / "results.json", json.dumps(meds))
-  _write(run / "eval" / "cmb_clin" / "results.json", json.dumps({"summary": {"rougeL": 12.5, "bleu1": 25.0},
+  _write(run / "eval" / "meds_bench" / "step_30" / "results.json", json.dumps(meds))
+  _write(run / "eval" / "cmb_clin" / "step_30" / "results.json", json.dumps({"summary": {"rougeL": 12.5, "bleu1": 25.0},
                                                                 "records": []}))
 
   run = w / "mixing-uniform"
@@ -84,16 +90,16 @@ def test_summary_csv_and_markdown_cell_by_cell(workdir):
     table = list(csv.reader(f))
   assert table[0] == [
       "run", "arg.sources", "data.mixing", "data.temperature", "status", "steps", "final_train_loss",
-      "eval_loss", "eval_loss/cmb", "eval_loss/dialogue", "cmb-answer/micro", "cmb-answer/macro",
-      "cmb-answer/医师考试", "cmb-answer/护理考试", "cmb_clin/rougeL", "cmb_clin/bleu1",
-      f"meds_bench/{meds_bench.MCQA}/accuracy"]
+      "eval_loss", "eval_loss/cmb", "eval_loss/dialogue", "cmb-answer/step", "cmb-answer/micro", "cmb-answer/macro",
+      "cmb-answer/医师考试", "cmb-answer/护理考试", "cmb_clin/step", "cmb_clin/rougeL", "cmb_clin/bleu1",
+      "meds_bench/step", f"meds_bench/{meds_bench.MCQA}/accuracy"]
   assert table[1] == ["sources-cmb_only", "cmb_only", "", "", "finished", "30", "2.875", "3.75", "3.5", "",
-                      "75.0", "75.0", "50.0", "100.0", "12.5", "25.0", "50.0"]
-  assert table[2] == ["mixing-uniform", "", "uniform", "", "interrupted", "10", "6.0", "5.5", "5.25", "6.0",
-                      "", "", "", "", "", "", ""]
+                      "30", "75.0", "75.0", "50.0", "100.0", "30", "12.5", "25.0", "30", "50.0"]
+  empty = [""] * 10
+  assert table[2] == ["mixing-uniform", "", "uniform", "", "interrupted", "10", "6.0", "5.5", "5.25", "6.0", *empty]
   assert table[3] == ["mixing-temperature_temperature-2", "", "temperature", "2.0", "new", "", "", "", "",
-                      "", "", "", "", "", "", "", ""]
-  assert table[4] == ["manual", "", "", "", "interrupted", "5", "7.25", "", "", "", "", "", "", "", "", "", ""]
+                      "", *empty]
+  assert table[4] == ["manual", "", "", "", "interrupted", "5", "7.25", "", "", "", *empty]
   assert len(table) == 5
 
   with open(os.path.join(workdir, "summary.md"), encoding="utf-8") as f:
@@ -101,9 +107,11 @@ def test_summary_csv_and_markdown_cell_by_cell(workdir):
   assert markdown[0] == "# Sweep summary: mix"
   rows = [line for line in markdown if line.startswith("| ")]
   assert rows[1] == ("| sources-cmb_only | cmb_only |  |  | finished | 30 | 2.8750 | 3.7500 | 3.5000 |  | "
-                     "75.00 | 75.00 | 50.00 | 100.00 | 12.50 | 25.00 | 50.00 |")
-  assert rows[3] == ("| mixing-temperature_temperature-2 |  | temperature | 2.0 | new |  |  |  |  |  |  |  |  |  |  "
-                     "|  |  |")
+                     "30 | 75.00 | 75.00 | 50.00 | 100.00 | 30 | 12.50 | 25.00 | 30 | 50.00 |")
+  assert rows[3] == ("| mixing-temperature_temperature-2 |  | temperature | 2.0 | new |  |  |  |  |  |"
+                     + "  |" * 10)
+  assert ("Partial evaluations (config.limit: the first items only), not in the table: "
+          "sources-cmb_only: cmb-answer/step_30-limit_2") in markdown
   assert "![loss_curves](loss_curves.png)" in markdown
   assert "![eval_loss_per_source](eval_loss_per_source.png)" in markdown
 

@@ -41,7 +41,8 @@ args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
 run_dir = args["config.checkpoint"]
 with open(os.path.join(run_dir, "calls.txt"), "a") as f:
   f.write("eval " + " ".join(sys.argv[1:]) + "\\n")
-out = os.path.join(run_dir, "eval", "cmb-answer")
+step = json.load(open(os.path.join(run_dir, "run_summary.json")))["step"]
+out = os.path.join(run_dir, "eval", "cmb-answer", f"step_{step}")
 os.makedirs(out, exist_ok=True)
 json.dump({"overall": {"micro": 0.5, "macro": 0.5}}, open(os.path.join(out, "results.json"), "w"))
 """
@@ -100,8 +101,8 @@ def _write_run(run_dir, status: str | None, steps: int, with_eval: bool) -> None
     with open(os.path.join(run_dir, "run_summary.json"), "w") as f:
       json.dump({"status": status, "step": steps, "num_steps": 4, "final_loss": 10.0 / steps}, f)
   if with_eval:
-    os.makedirs(os.path.join(run_dir, "eval", "cmb-answer"))
-    with open(os.path.join(run_dir, "eval", "cmb-answer", "results.json"), "w") as f:
+    os.makedirs(os.path.join(run_dir, "eval", "cmb-answer", f"step_{steps}"))
+    with open(os.path.join(run_dir, "eval", "cmb-answer", f"step_{steps}", "results.json"), "w") as f:
       f.write("{}")
 
 
@@ -176,7 +177,7 @@ def test_commands_and_dry_run(fake_experiment, tmp_path):
                                 "--config.data.mixing=temperature", "--config.data.temperature=2.0")
   assert runs[1].evals[0][-2:] == ("--config=configs/eval/cmb.py",
                                    f"--config.checkpoint={workdir}/mixing-temperature_temperature-2")
-  assert runs[1].eval_results == (f"{workdir}/mixing-temperature_temperature-2/eval/cmb-answer/results.json",)
+  assert runs[1].eval_names == ("cmb-answer",)
 
   _write_run(runs[0].run_dir, "finished", 4, with_eval=True)
   _write_run(runs[1].run_dir, "interrupted", 2, with_eval=False)

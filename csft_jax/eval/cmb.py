@@ -508,16 +508,24 @@ def _summary(results: Mapping[str, Any]) -> str:
 
 # -------------------------------------------------------------- the run ----
 
-def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str) -> tuple[dict | None, str]:
+def load_inputs(config: ml_collections.ConfigDict) -> tuple[list[dict], list[dict], list[dict] | None]:
+  """The items to ask (the first `limit`), the few-shot pool and the answer key, all validated."""
+  items = load_exam(config.exam)
+  if config.limit:
+    items = items[:config.limit]
+  val = load_exam(config.val, require_answer=True) if config.shots else []
+  key = load_answer_key(config.answer_key) if config.answer_key else None
+  return items, val, key
+
+
+def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str,
+        inputs: tuple[list[dict], list[dict], list[dict] | None]) -> tuple[dict | None, str]:
   """CMB-Exam: answer / cot (generation + official extraction, majority vote) or loglik.
 
   Writes `submission.json`, `generations.json` and, with an answer key, `results.json` +
   `results.md` (`score_submission`). Returns `(results or None, summary text)`.
   """
-  items = load_exam(config.exam)
-  if config.limit:
-    items = items[:config.limit]
-  val = load_exam(config.val, require_answer=True) if config.shots else []
+  items, val, key = inputs
   system = config.system_prompt or None
   shots = [select_shots(val, item, config.shots, seed=config.seed) for item in items]
   if config.mode == "loglik":
@@ -541,10 +549,9 @@ def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str)
     protocol = OFFICIAL_PROTOCOL
   files.write_json_atomic(os.path.join(out_dir, "generations.json"), records)
   write_submission(submission, os.path.join(out_dir, "submission.json"))
-  if not config.answer_key:
+  if key is None:
     return None, (f"No answer key: wrote {out_dir}/submission.json ({len(submission)} answers); score it with "
                   "`python -m csft_jax.eval.cmb score`.\n")
-  key = load_answer_key(config.answer_key)
   asked = {item["id"] for item in items}
   results = score_submission(submission, [e for e in key if e["id"] in asked], protocol=protocol,
                                  generation_stats=counts)
@@ -570,7 +577,7 @@ BENCHMARK = runner.Benchmark(
     name="cmb",
     inputs=(("exam", lambda c: True), ("val", lambda c: c.shots > 0), ("answer_key", lambda c: bool(c.answer_key))),
     result_name=lambda config: f"cmb-{config.mode}",
-    run=run, report_cells=_report_cells, validate=_validate)
+    run=run, report_cells=_report_cells, validate=_validate, load=load_inputs)
 
 def score_command(submission: str, answer_key: str, out: str, markdown: str | None = None, *,
                   strict: bool = False) -> int:

@@ -196,15 +196,19 @@ def write_outputs(records: Sequence[Mapping[str, Any]], path: str | Path) -> dic
 
 # -------------------------------------------------------------- the run ----
 
-def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str) -> tuple[dict, str]:
+def load_inputs(config: ml_collections.ConfigDict) -> list[dict]:
+  """The cases to ask (the first `limit`), validated."""
+  cases = load_clin(config.clin)
+  return cases[:config.limit] if config.limit else cases
+
+
+def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str,
+        cases: list[dict]) -> tuple[dict, str]:
   """CMB-Clin: one greedy reply per (case, question) with gold history; judge prompts + proxies.
 
   Decoding uses `config.repetition_penalty` and `config.min_new_tokens` (official 1.1 and 1). Writes `results.json` (`{"summary", "records"}`, `write_outputs`). Returns
   `(summary dict, summary text)`.
   """
-  cases = load_clin(config.clin)
-  if config.limit:
-    cases = cases[:config.limit]
   system = config.system_prompt or None
   asks = [(c, t) for c, case in enumerate(cases) for t in range(len(case["QA_pairs"]))]
   conversations = [build_messages(cases[c], t, system_prompt=system) for c, t in asks]
@@ -217,10 +221,14 @@ def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str)
   summary = summarize(records)
   summary.update(counts=counts, settings=runner.settings(config, ("max_new_tokens", "min_new_tokens", "repetition_penalty", "clin")))
   files.write_json_atomic(os.path.join(out_dir, "results.json"), {"summary": summary, "records": records})
+  files.write_json_atomic(os.path.join(out_dir, "answers.json"),
+                          [{"id": case["id"], "answers": case_answers} for case, case_answers in zip(cases, answers)])
   rows = [["ROUGE-L", summary["rougeL"]], ["BLEU-1", summary["bleu1"]]]
   counts_text = ", ".join(f"{k}={v}" for k, v in counts.items())
-  return summary, (f"CMB-Clin ({summary['protocol']})\n" + reporting.markdown_table(["metric", "%"], rows)
-                   + f"questions={summary['n']}, {counts_text}\n")
+  table = (f"CMB-Clin ({summary['protocol']})\n" + reporting.markdown_table(["metric", "%"], rows)
+           + f"questions={summary['n']}, {counts_text}\n")
+  files.write_text_atomic(os.path.join(out_dir, "results.md"), table)
+  return summary, table
 
 
 def _report_cells(results: Mapping[str, Any]) -> dict[str, float]:
@@ -236,4 +244,4 @@ def _sampling(config: ml_collections.ConfigDict) -> engine.Sampling:
 
 BENCHMARK = runner.Benchmark(
     name="cmb_clin", inputs=(("clin", lambda c: True),), result_name=lambda config: "cmb_clin",
-    run=run, report_cells=_report_cells, validate=_sampling)
+    run=run, report_cells=_report_cells, validate=_sampling, load=load_inputs)

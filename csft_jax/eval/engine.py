@@ -103,12 +103,14 @@ class Generation:
     num_compilations: programs compiled by this call (0 when every shape was seen before).
     prefill_slots: token slots the prefills computed (padding included; a shared prefix once
       per data-parallel shard).
+    stopped: whether `should_stop` ended the call before every prompt was generated.
   """
 
   tokens: list[list[list[int]]]
   num_truncated: int
   num_compilations: int
   prefill_slots: int = 0
+  stopped: bool = False  # `should_stop` ended the call early: prompts not reported done have no tokens
 
 
 @dataclasses.dataclass
@@ -465,11 +467,22 @@ def _cut_at_stop(row: np.ndarray, stop_ids: np.ndarray) -> list[int]:
   return row[:end].tolist()
 
 
+def prompt_limit(model: Decoder, max_new_tokens: int, max_prompt_len: int | None = None) -> int:
+  """The most prompt tokens `generate` keeps (longer prompts lose their start)."""
+  limit = max_prompt_len or model.config.max_position_embeddings - max_new_tokens
+  if limit < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                     f"context of {model.config.max_position_embeddings} tokens; lower max_new_tokens.")
+  return limit
+
+
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              eos_token_id: int | Sequence[int] | None, *, sampling: Sampling = GREEDY, num_samples: int = 1,
              seed: int = 0, batch_size: int = 16, max_prompt_len: int | None = None,
              mesh: Mesh | None = None, progress: Progress | None = None,
-             share_prefixes: bool = True) -> Generation:
+             share_prefixes: bool = True, key_ids: Sequence[int] | None = None,
+             on_prompt_done: Callable[[int, list[list[int]]], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> Generation:
   """Generates `num_samples` continuations of every prompt.
 
   Args:
@@ -488,6 +501,10 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
     progress: called with the number of prompts finished after each batch.
     share_prefixes: prefill a prefix common to a batch's prompts once (`plan_generation`); the
       outputs are the same either way.
+    key_ids: the index each prompt's sampling randomness is keyed by (default: its position);
+      an evaluation that resumes with the prompts still to do passes their original indices.
+    on_prompt_done: called with (prompt index, its samples' tokens) once all its samples are done.
+    should_stop: asked after each batch; True ends the call early (`Generation.stopped`).
 
   Returns:
     A `Generation`; `tokens[i][s]` holds the new tokens of prompt i, sample s, up to and including
@@ -500,10 +517,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
   if num_samples > 1 and sampling.greedy:
     logging.warning("num_samples=%d with greedy decoding gives identical samples; set a temperature.",
                     num_samples)
-  limit = max_prompt_len or model.config.max_position_embeddings - max_new_tokens
-  if limit < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
-                     f"context of {model.config.max_position_embeddings} tokens; lower max_new_tokens.")
+  limit = prompt_limit(model, max_new_tokens, max_prompt_len)
   truncated = []
   for index, prompt in enumerate(prompts):
     if not len(prompt):
@@ -525,7 +539,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
   # would put slots between tokens: such models prefill whole prompts.
   share = share_prefixes and model.config.sliding_window is None
   dp = _data_parallel_size(mesh)
-  prefill_slots = 0
+  prefill_slots, stopped = 0, False
   for plan in plan_generation(row_prompts, _batch_size(batch_size, mesh), limit, dp, share):
     rows, padded_rows, padded_len, prefix_len = plan.rows, plan.padded_rows, plan.padded_len, plan.prefix_len
     ids = np.zeros((padded_rows, padded_len), np.int32)
@@ -543,7 +557,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
       segment_ids[r, padded_len - len(own):] = 1
       # As HF does for left padding: real tokens count positions from 0 (the prefix's come first).
       positions[r, padded_len - len(own):] = prefix_len + np.arange(len(own))
-      active[r], prompt_ids[r], sample_ids[r] = True, p, s
+      active[r], prompt_ids[r], sample_ids[r] = True, p if key_ids is None else key_ids[p], s
     before = _TRACES["generate"]
     row_args = (*_place_rows(mesh, ids, segment_ids, positions, active), stop_ids_device,
                 _row_keys(seed, prompt_ids, sample_ids))
@@ -562,10 +576,17 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
       p, s = sequences[row]
       tokens[p][s] = _cut_at_stop(out[r], stop_ids)
       remaining[p] -= 1
-      done_prompts += remaining[p] == 0
+      if remaining[p] == 0:
+        done_prompts += 1
+        if on_prompt_done is not None:
+          on_prompt_done(p, tokens[p])
     if progress is not None:
       progress(done_prompts)
-  return Generation(tokens, sum(cut for _, cut in truncated), _TRACES["generate"] - traces_before, prefill_slots)
+    if should_stop is not None and done_prompts < len(prompts) and should_stop():
+      stopped = True
+      break
+  return Generation(tokens, sum(cut for _, cut in truncated), _TRACES["generate"] - traces_before, prefill_slots,
+                    stopped)
 
 
 def greedy_generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int,

@@ -612,14 +612,14 @@ class TruncatedTemplate:
     return ids[:self.limit] if self.side == "right" else ids[len(ids) - self.limit:]
 
 
-def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str) -> tuple[dict, str]:
+def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str,
+        tasks: dict[str, dict]) -> tuple[dict, str]:
   """MedS-Bench: 3-shot greedy generation per instance, `results.csv`, then scoring it.
 
   Writes `results.csv` (task_id,input,GT,output; `input` is the whole prompt, as eval.py
   writes it), then reads it back as the official scripts do and writes `results.json`
   (`score_rows` plus generation counts) and `results.md`. Returns `(results, summary text)`.
   """
-  tasks = load_task_dir(config.task_dir)
   pairs = [(task, instance) for task in tasks.values() for instance in task["Instances"]]
   if config.limit:
     pairs = pairs[:config.limit]
@@ -627,9 +627,7 @@ def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str)
       task, instance, shots=select_shots(task, instance, config.shots, seed=config.seed))
                    for task, instance in pairs]
   template = TruncatedTemplate(chat.template, config.model_max_length, config.truncation_side)
-  truncating = runner.ChatModel(chat.model, chat.tokenizer, template, mesh=chat.mesh,
-                                batch_size=chat.batch_size, max_prompt_len=chat.max_prompt_len)
-  texts, counts = truncating.generate(conversations, max_new_tokens=config.max_new_tokens, desc="MedS-Bench")
+  texts, counts = chat.with_template(template).generate(conversations, max_new_tokens=config.max_new_tokens, desc="MedS-Bench")
   counts["cut_at_model_max_length"] = template.num_cut
   rows = [{"task_id": task["task_id"], "input": chat.template.render_prompt(messages),
            "GT": gold_output(instance), "output": samples[0]}
@@ -668,7 +666,8 @@ def _validate(config: ml_collections.ConfigDict) -> None:
 
 BENCHMARK = runner.Benchmark(
     name="meds_bench", inputs=(("task_dir", lambda c: True),), result_name=lambda config: "meds_bench",
-    run=run, report_cells=_report_cells, validate=_validate)
+    run=run, report_cells=_report_cells, validate=_validate,
+    load=lambda config: load_task_dir(config.task_dir))
 
 
 def score_command(results_csv: str, out: str, task_dir: str | None = None,

@@ -5,16 +5,23 @@ one config file `configs/eval/<name>.py`; `get_benchmark(name)` finds it, so the
 (`python -m csft_jax.evaluate`), sweeps and reports need no change to add one.
 
 `ChatModel` turns messages into text with the engine (prompt template in, stop tokens out). A
-benchmark's `run` builds its prompts, generates, scores, and writes its files into `out_dir`,
-only after every generation is done and each atomically (`csft_jax.files`), so a failed run
-leaves no partial results.
+benchmark's `load` reads and checks its inputs before the model loads; its `run` builds its
+prompts, generates, scores, and writes its files into `out_dir`, only after every generation is
+done and each atomically (`csft_jax.files`), so a failed run leaves no partial results.
+
+Interruption: every finished prompt's generations go to `out_dir/progress.jsonl` as they finish
+(`GenerationJournal`). SIGINT/SIGTERM ends the batch in flight and raises `EvaluationInterrupted`;
+rerunning the same command reads the journal back and generates only the prompts still to do, with
+the same sampling keys, so its results equal an uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib
+import json
 import os
 import pkgutil
 import sys
@@ -34,6 +41,81 @@ Messages = list[dict[str, str]]
 
 class EvalConfigError(ValueError):
   """An evaluation config that cannot be run (missing checkpoint, tokenizer, bad mode...)."""
+
+
+class EvaluationInterrupted(Exception):
+  """A signal stopped the evaluation between batches; its finished generations are in the journal."""
+
+  def __init__(self, done: int, total: int, journal: str):
+    super().__init__(f"{done} of {total} prompts done, kept in {journal}")
+    self.done, self.total, self.journal = done, total, journal
+
+
+class GenerationJournal:
+  """`progress.jsonl` of an evaluation: one line per finished prompt, flushed as it finishes.
+
+  Guarantee: every prompt whose line was written is never generated again by a rerun with the same
+  settings (`fingerprint`); a line is matched by (generation call, prompt index, prompt tokens), so a
+  changed prompt is generated anew. A journal of other settings is set aside as `.old`, and a line
+  cut off by a kill is ignored. Only the primary process writes.
+  """
+
+  def __init__(self, path: str, fingerprint: str, *, primary: bool = True):
+    self.path, self.fingerprint, self.primary = path, fingerprint, primary
+    self._done: dict[tuple[str, int], tuple[str, list[list[int]]]] = {}
+    lines = _read_lines(path)
+    if lines and json.loads(lines[0]).get("fingerprint") != fingerprint:
+      logging.warning("%s was written with other settings; moved to %s.old and starting over.", path, path)
+      if primary:
+        os.replace(path, path + ".old")
+      lines = []
+    for line in lines[1:]:
+      entry = json.loads(line)
+      self._done[(entry["call"], entry["index"])] = (entry["prompt_sha"], entry["samples"])
+    self._handle = None
+    if primary:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      self._handle = open(path, "a", encoding="utf-8")
+      if not lines:
+        self._write({"fingerprint": fingerprint})
+
+  def finished(self, call: str, index: int, prompt: Sequence[int]) -> list[list[int]] | None:
+    entry = self._done.get((call, index))
+    return entry[1] if entry is not None and entry[0] == _sha(prompt) else None
+
+  def add(self, call: str, index: int, prompt: Sequence[int], samples: list[list[int]]) -> None:
+    self._done[(call, index)] = (_sha(prompt), samples)
+    if self._handle is not None:
+      self._write({"call": call, "index": index, "prompt_sha": _sha(prompt), "samples": samples})
+
+  def _write(self, entry: dict[str, Any]) -> None:
+    self._handle.write(json.dumps(entry) + "\n")
+    self._handle.flush()
+    os.fsync(self._handle.fileno())
+
+  def close(self) -> None:
+    if self._handle is not None:
+      self._handle.close()
+
+
+def _read_lines(path: str) -> list[str]:
+  """The complete JSON lines of a journal (a last line cut off by a kill is dropped)."""
+  if not os.path.isfile(path):
+    return []
+  with open(path, encoding="utf-8") as handle:
+    lines = handle.read().splitlines()
+  complete = []
+  for line in lines:
+    try:
+      json.loads(line)
+    except json.JSONDecodeError:
+      break
+    complete.append(line)
+  return complete
+
+
+def _sha(prompt: Sequence[int]) -> str:
+  return hashlib.sha1(json.dumps(list(prompt)).encode()).hexdigest()
 
 
 def default_eval_config(benchmark: str) -> ml_collections.ConfigDict:
@@ -72,19 +154,22 @@ class Benchmark:
     inputs: `(config field, needed(config))` of the files it reads, checked before the model loads.
     result_name: the evaluation's name from its config (`W/eval/<result_name>/`); it carries the
       mode when a benchmark has several (`cmb-answer`, `cmb-cot`), so they never overwrite each other.
-    run: `run(chat, config, out_dir) -> (results or None when unscored, summary text)`; writes
-      `out_dir/results.json` when scored.
+    run: `run(chat, config, out_dir, inputs) -> (results or None when unscored, summary text)`;
+      writes `out_dir/results.json` when scored.
     report_cells: `results.json` contents -> `{column: value}` for `python -m csft_jax.report`
       (percent), columns without the evaluation's name (the report prefixes it).
     validate: raises `EvalConfigError` for a config it cannot run (before the model loads).
+    load: reads and checks the benchmark's input files (before the model loads: a bad item is
+      reported in seconds, not after minutes of loading weights); its value is `run`'s `inputs`.
   """
 
   name: str
   inputs: tuple[tuple[str, Callable[[ml_collections.ConfigDict], bool]], ...]
   result_name: Callable[[ml_collections.ConfigDict], str]
-  run: Callable[["ChatModel", ml_collections.ConfigDict, str], tuple[Results | None, str]]
+  run: Callable[["ChatModel", ml_collections.ConfigDict, str, Any], tuple[Results | None, str]]
   report_cells: Callable[[Results], dict[str, float]]
   validate: Callable[[ml_collections.ConfigDict], None] = lambda config: None
+  load: Callable[[ml_collections.ConfigDict], Any] = lambda config: None
 
 
 def benchmark_names() -> list[str]:
@@ -132,9 +217,16 @@ class ChatModel:
   """A model with its tokenizer and chat template: chat messages in, text out."""
 
   def __init__(self, model: Decoder, tokenizer, template, *, mesh: Mesh | None, batch_size: int,
-               max_prompt_len: int | None):
+               max_prompt_len: int | None, journal: GenerationJournal | None = None,
+               should_stop: Callable[[], bool] | None = None):
     self.model, self.tokenizer, self.template = model, tokenizer, template
     self.mesh, self.batch_size, self.max_prompt_len = mesh, batch_size, max_prompt_len
+    self.journal, self.should_stop = journal, should_stop
+
+  def with_template(self, template) -> "ChatModel":
+    """The same model, journal and stop request with another chat template (e.g. one that truncates)."""
+    return ChatModel(self.model, self.tokenizer, template, mesh=self.mesh, batch_size=self.batch_size,
+                     max_prompt_len=self.max_prompt_len, journal=self.journal, should_stop=self.should_stop)
 
   def generate(self, conversations: Sequence[Messages], *, max_new_tokens: int,
                sampling: engine.Sampling = engine.GREEDY, num_samples: int = 1, seed: int = 0,
@@ -146,16 +238,36 @@ class ChatModel:
       empty_generations (blank replies, scored as wrong) and compilations.
     """
     prompts = [self.template.encode_prompt(messages) for messages in conversations]
-    with _progress_bar(len(prompts), desc) as advance:
-      result = engine.generate(
-          self.model, prompts, max_new_tokens, self.template.stop_token_ids, sampling=sampling,
-          num_samples=num_samples, seed=seed, batch_size=self.batch_size, max_prompt_len=self.max_prompt_len,
-          mesh=self.mesh, progress=advance)
-    texts = [[self._decode(tokens) for tokens in samples] for samples in result.tokens]
+    limit = engine.prompt_limit(self.model, max_new_tokens, self.max_prompt_len)
+    tokens = [self.journal.finished(desc, i, p) if self.journal else None for i, p in enumerate(prompts)]
+    todo = [i for i, done in enumerate(tokens) if done is None]
+    if len(todo) < len(prompts):
+      logging.info("%s: %d of %d prompts were done before (%s); generating the other %d.", desc,
+                   len(prompts) - len(todo), len(prompts), self.journal.path, len(todo))
+
+    def finished(j: int, samples: list[list[int]]) -> None:
+      tokens[todo[j]] = samples
+      if self.journal:
+        self.journal.add(desc, todo[j], prompts[todo[j]], samples)
+
+    compilations = 0
+    if todo:
+      with _progress_bar(len(prompts), desc, initial=len(prompts) - len(todo)) as advance:
+        result = engine.generate(
+            self.model, [prompts[i] for i in todo], max_new_tokens, self.template.stop_token_ids, sampling=sampling,
+            num_samples=num_samples, seed=seed, batch_size=self.batch_size, max_prompt_len=self.max_prompt_len,
+            mesh=self.mesh, progress=lambda done: advance(len(prompts) - len(todo) + done), key_ids=todo,
+            on_prompt_done=finished, should_stop=self.should_stop)
+      compilations = result.num_compilations
+      if result.stopped:
+        raise EvaluationInterrupted(sum(t is not None for t in tokens), len(prompts),
+                                    self.journal.path if self.journal else "memory only (no journal)")
+    texts = [[self._decode(sample) for sample in samples] for samples in tokens]
     empty = sum(not text.strip() for samples in texts for text in samples)
-    _report(len(prompts), result.num_truncated, empty)
-    return texts, {"prompts": len(prompts), "truncated_prompts": result.num_truncated,
-                   "empty_generations": empty, "compilations": result.num_compilations}
+    truncated = sum(len(prompt) > limit for prompt in prompts)
+    _report(len(prompts), truncated, empty)
+    return texts, {"prompts": len(prompts), "truncated_prompts": truncated, "empty_generations": empty,
+                   "compilations": compilations}
 
   def score_options(self, conversations: Sequence[Messages], options: Sequence[Sequence[str]],
                     desc: str = "score") -> tuple[list[dict[str, float]], dict[str, int]]:
@@ -186,9 +298,9 @@ class ChatModel:
 
 
 @contextlib.contextmanager
-def _progress_bar(total: int, desc: str, unit: str = "prompt") -> Iterator[Callable[[int], None]]:
+def _progress_bar(total: int, desc: str, unit: str = "prompt", initial: int = 0) -> Iterator[Callable[[int], None]]:
   """A tqdm bar on stderr (rate and ETA); yields a callback that sets the finished count."""
-  bar = tqdm.tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+  bar = tqdm.tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, initial=initial)
   try:
     yield lambda done: bar.update(done - bar.n)
   finally:
@@ -209,5 +321,13 @@ def sampling(config: ml_collections.ConfigDict) -> engine.Sampling:
 
 
 def settings(config: ml_collections.ConfigDict, names: Sequence[str]) -> dict[str, Any]:
-  """The config fields a results file records (with the checkpoint evaluated)."""
-  return {"checkpoint": config.checkpoint, **{name: config[name] for name in names}}
+  """The config fields a results file records: the checkpoint evaluated, `limit` (> 0: a partial
+  evaluation of the first `limit` items, which reports keep out of their full columns), and `names`."""
+  return {"checkpoint": config.checkpoint, "limit": config.limit, **{name: config[name] for name in names}}
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> str:
+  """What decides an evaluation's generations: the config less batching, mesh and output place
+  (greedy answers do not depend on them; sampled ones are keyed by prompt and sample)."""
+  fields = {k: v for k, v in config.to_dict().items() if k not in ("batch_size", "mesh", "out_dir")}
+  return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
