@@ -4,12 +4,16 @@ A pretrained checkpoint stands in as a demo-shaped model saved in HF format in s
 shards; each test breaks one thing the way a crash, a copy or a person does and checks the promise.
 """
 
+import csv
 import glob
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -225,3 +229,95 @@ def test_inspect_takes_the_tokenizer_of_init_from_hf_as_training_does(pretrained
   empty = error_line(python("-m", "csft_jax.data.inspect", "--config=configs/demo.py", "--config.data.tokenizer=",
                             "--num_batches=1"))
   assert "config.data.tokenizer is empty and there is no config.init.from_hf" in empty
+
+
+@pytest.fixture(scope="module")
+def run_workdir(tmp_path_factory) -> str:
+  """A finished 4-step run with checkpoints at steps 2 and 4 and an HF export."""
+  workdir = str(tmp_path_factory.mktemp("run") / "sft")
+  done = python("-m", "csft_jax.train", *SMALL, "--config.train.num_steps=4", "--config.checkpoint.every_steps=2",
+                "--config.train.export_hf=hf_export", f"--workdir={workdir}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  return workdir
+
+
+def _evaluate(*args: str) -> subprocess.CompletedProcess:
+  return python("-m", "csft_jax.evaluate", "--config=configs/eval/cmb.py", "--config.max_new_tokens=4",
+                "--config.batch_size=8", *args)
+
+
+def _read(path) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def test_evaluations_are_kept_per_step_and_partial_ones_apart(run_workdir):
+  """Item 3: evaluating an older checkpoint does not replace the final model's results; a limit run is
+  marked partial and kept out of the report's columns, which show the step evaluated."""
+  eval_root = os.path.join(run_workdir, "eval", "cmb-answer")
+  assert _evaluate(f"--config.checkpoint={run_workdir}").returncode == 0
+  final = _read(os.path.join(eval_root, "step_4", "results.json"))
+  assert _evaluate(f"--config.checkpoint={run_workdir}/checkpoints/2").returncode == 0
+  assert _read(os.path.join(eval_root, "step_4", "results.json")) == final
+  assert _read(os.path.join(eval_root, "step_2", "results.json"))["settings"]["checkpoint"].endswith("checkpoints/2")
+  export = _evaluate(f"--config.checkpoint={run_workdir}/hf_export", "--config.scan_layers=True")
+  assert export.returncode == 0 and f"Results in {os.path.join(eval_root, 'step_4')}" in export.stdout
+  partial = _evaluate(f"--config.checkpoint={run_workdir}", "--config.limit=3")
+  assert partial.returncode == 0
+  settings = _read(os.path.join(eval_root, "step_4-limit_3", "results.json"))["settings"]
+  assert settings["limit"] == 3
+  assert sorted(os.listdir(eval_root)) == ["step_2", "step_4", "step_4-limit_3"]
+
+  report = python("-m", "csft_jax.report", f"--workdir={os.path.dirname(run_workdir)}")
+  assert report.returncode == 0, report.stderr[-3000:]
+  with open(os.path.join(os.path.dirname(run_workdir), "summary.csv"), encoding="utf-8") as f:
+    header, row = list(csv.reader(f))[:2]
+  assert row[header.index("cmb-answer/step")] == "4"
+  assert float(row[header.index("cmb-answer/micro")]) == pytest.approx(100 * final["overall"]["micro"])
+  assert "Partial evaluations (config.limit: the first items only), not in the table: sft: cmb-answer/step_4-limit_3" \
+      in report.stdout
+
+
+def test_ctrl_c_during_evaluation_keeps_finished_generations_and_the_rerun_completes_them(run_workdir, tmp_path):
+  """Item 4: SIGINT finishes the batch in flight, keeps its generations and exits 0; the rerun generates
+  only the rest, and its results equal an uninterrupted run's."""
+  flags = ["--config=configs/eval/cmb.py", f"--config.checkpoint={run_workdir}", "--config.batch_size=2",
+           "--config.max_new_tokens=256"]
+  reference = python("-m", "csft_jax.evaluate", *flags, f"--config.out_dir={tmp_path / 'straight'}")
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  out = tmp_path / "interrupted"
+  journal = out / "progress.jsonl"
+  process = subprocess.Popen([sys.executable, "-m", "csft_jax.evaluate", *flags, f"--config.out_dir={out}"],
+                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if journal.exists() and len(journal.read_text(encoding="utf-8").splitlines()) >= 3:  # header + 2 prompts
+      process.send_signal(signal.SIGINT)
+      break
+    time.sleep(0.02)
+  stdout, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-3000:]
+  assert "SIGINT received:" in stdout and "Rerun the same command to continue." in stdout
+  assert "Traceback" not in stderr and not (out / "results.json").exists()
+  kept = len(journal.read_text(encoding="utf-8").splitlines()) - 1
+  assert 2 <= kept < 24
+
+  rerun = python("-m", "csft_jax.evaluate", *flags, f"--config.out_dir={out}")
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f"{kept} of 24 prompts were done before" in rerun.stderr
+  assert len(journal.read_text(encoding="utf-8").splitlines()) == 1 + 24  # nothing generated twice
+  assert _read(out / "generations.json") == _read(tmp_path / "straight" / "generations.json")
+  assert _read(out / "results.json")["overall"] == _read(tmp_path / "straight" / "results.json")["overall"]
+
+
+def test_a_bad_item_is_reported_before_the_model_loads(run_workdir, tmp_path):
+  """Item 9: the benchmark's inputs are checked first (seconds, not minutes of loading 7B weights)."""
+  items = _read(os.path.join(REPO_ROOT, "csft_jax", "assets", "eval", "cmb_sample", "test.json"))
+  del items[5]["option"]
+  exam = tmp_path / "exam.json"
+  exam.write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
+  done = _evaluate(f"--config.checkpoint={run_workdir}", f"--config.exam={exam}", f"--config.out_dir={tmp_path / 'o'}")
+  message = error_line(done)
+  assert f"{exam}: item 5" in message and "missing field(s) ['option']" in message
+  assert "Loaded" not in done.stderr and not (tmp_path / "o").exists()
