@@ -14,20 +14,26 @@ export. Every field can be overridden on the command line, e.g. `--config.train.
 import ml_collections
 
 from configs import base
-from csft_jax.data.config import sample_collection_config
+from csft_jax.data.config import SAMPLE_COLLECTION, sample_collection_config, source_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the demo config; `arg` is `stage=base|sft`."""
   stage = base.parse_arg(arg, {"stage": "sft"}, where="configs/demo.py", choices={"stage": ("base", "sft")})["stage"]
   config = base.get_config()
+  # The context holds MedS-Bench's 2,048-token prompts plus their 200 new tokens (RoPE: no
+  # parameters), so evaluation cuts prompts where the official eval.py does, not earlier.
   config.model.update(preset="tiny", hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
-                      num_kv_heads=2, max_position_embeddings=1024, dtype="float32", param_dtype="float32",
+                      num_kv_heads=2, max_position_embeddings=2560, dtype="float32", param_dtype="float32",
                       # Four layers compile fast unrolled, and the step skips a layer scan's stacked
                       # residual buffers (13% of the step on CPU at 8 x 1024, measured side by side);
                       # deep models scan.
                       scan_layers=False)
   config.data = sample_collection_config()
+  # The collection's CMB-style items once more, asked as the CMB benchmark asks (answer-only, reply
+  # '答案是X。'): a 1.5M model does not carry an answer format over from another prompt, so without
+  # them its CMB replies are dialogue with no letter to extract.
+  config.data.sources.cmb_exam = source_config(f"{SAMPLE_COLLECTION}/cmb_style_mcq.json", "mcq", prompt="cmb_exam")
   config.data.seq_len = 256
   config.optim.update(lr=3e-3, b2=0.95, weight_decay=0.01, min_lr_ratio=0.1)
   config.train.update(num_steps=150, global_batch_size=8, log_every=10, eval_every=50, export_hf="hf_export")

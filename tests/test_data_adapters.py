@@ -7,9 +7,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from configs import demo
+from csft_jax import configuration
+from csft_jax.data.adapters import ADAPTERS
 from csft_jax.data.config import sample_collection_config
 from csft_jax.data.conversation import Conversation
 from csft_jax.data.sources import load_conversations, parse_sources
+from csft_jax.eval import cmb
 from tests.data_fixtures import COLLECTION, one_source_config
 
 
@@ -138,3 +142,17 @@ def test_every_sample_source_loads(fmt):
   specs = [s for s in parse_sources(sample_collection_config().sources) if s.format == fmt]
   records, stats = load_conversations(specs[0], "raise")
   assert len(records) >= 36 and stats.skipped == 0
+
+
+def test_the_demo_rehearses_cmb_questions_exactly_as_the_benchmark_asks_them():
+  """The demo's `cmb_exam` source (mcq, prompt='cmb_exam') renders each item as `csft_jax.eval.cmb` asks it."""
+  config = configuration.resolve_paths(demo.get_config())
+  spec = next(s for s in parse_sources(config.data.sources) if s.name == "cmb_exam")
+  with open(spec.paths[0], encoding="utf-8") as f:
+    items = json.load(f)
+  for item in items:
+    conversation = ADAPTERS["mcq"](item, spec.options)
+    user, assistant = conversation.turns
+    assert [{"role": "user", "content": user[1]}] == cmb.build_messages(item, mode="answer")
+    assert assistant[1] == f"答案是{item['answer']}。"
+    assert cmb.extract_answer(assistant[1], item["question_type"]) == item["answer"]

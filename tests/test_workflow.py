@@ -146,14 +146,14 @@ def test_evaluate_from_workdir_and_export_agree_and_report_shows_both(trained):
   export_out = str(root / "export_eval")
   _evaluate("configs/eval/cmb.py", workdir)
   _evaluate("configs/eval/cmb.py", run_dir.hf_export(), f"--config.out_dir={export_out}/cmb", "--config.scan_layers=True")
-  from_run = json.loads(open(os.path.join(run_dir.eval_dir("cmb-answer"), "generations.json"), encoding="utf-8").read())
+  from_run = json.loads(open(os.path.join(run_dir.eval_dir("cmb-answer", f"step_{NUM_STEPS}"), "generations.json"), encoding="utf-8").read())
   from_export = json.loads(open(os.path.join(export_out, "cmb", "generations.json"), encoding="utf-8").read())
   assert len(from_run) == 6 and from_run == from_export
 
   _evaluate("configs/eval/meds_bench.py", workdir)
   _evaluate("configs/eval/meds_bench.py", run_dir.hf_export(), f"--config.out_dir={export_out}/meds",
             "--config.scan_layers=True")
-  with open(os.path.join(run_dir.eval_dir("meds_bench"), "results.csv"), encoding="utf-8", newline="") as f:
+  with open(os.path.join(run_dir.eval_dir("meds_bench", f"step_{NUM_STEPS}"), "results.csv"), encoding="utf-8", newline="") as f:
     rows_run = list(csv.DictReader(f))
   with open(os.path.join(export_out, "meds", "results.csv"), encoding="utf-8", newline="") as f:
     rows_export = list(csv.DictReader(f))
@@ -164,6 +164,6 @@ def test_evaluate_from_workdir_and_export_agree_and_report_shows_both(trained):
     header, row = list(csv.reader(f))[:2]
   assert row[0] == "sft" and row[header.index("status")] == "finished"
   cmb_micro = float(row[header.index("cmb-answer/micro")])
-  assert cmb_micro == pytest.approx(100 * json.load(open(run_dir.eval_results("cmb-answer")))["overall"]["micro"])
+  assert cmb_micro == pytest.approx(100 * json.load(open(run_dir.eval_results("cmb-answer", f"step_{NUM_STEPS}")))["overall"]["micro"])
   assert any(h.startswith("meds_bench/") for h in header)
   assert "cmb-answer/micro" in report.stdout

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from csft_jax.data import meds_ins
+from csft_jax.data.cmb_exam import format_question
 from csft_jax.data.conversation import ASSISTANT, SYSTEM, USER, Conversation, from_messages
 from csft_jax.data.errors import RecordError
 
@@ -36,7 +37,7 @@ DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
     "messages": {"messages": "messages", "role": "role", "content": "content"},
     "columns": {"user": "question", "assistant": "answer", "system": "system"},
     "inline_multiturn": {"instruction": "instruction", "input": "input", "output": "output"},
-    "mcq": {"question": "question", "option": "option", "answer": "answer",
+    "mcq": {"question": "question", "option": "option", "answer": "answer", "question_type": "question_type",
             "exam_type": "exam_type", "exam_class": "exam_class",
             "exam_subject": "exam_subject", "explanation": "explanation"},
     "template": {},
@@ -158,6 +159,8 @@ def mcq(record: Mapping[str, Any], options: Mapping[str, Any]) -> Conversation:
   instruction '该问题源自{exam_type}，面向{exam_class}中的{exam_subject}。\\n\\n'; input the question
   and a newline, then one 'X: text\\n' line per option in letter order (empty options too);
   output '答案是X。' ('{explanation}所以答案是X。' with the `with_explanation` option, ours).
+  With `prompt="cmb_exam"` the user turn is instead the CMB benchmark's own answer-only question
+  (`csft_jax.data.cmb_exam`) and the reply '答案是X。': the format the benchmark's extraction reads.
   """
   cols = options["columns"]
   instruction = MCQ_INSTRUCTION.format(**{k: _text(_field(record, cols, k, "mcq"), cols[k])
@@ -170,9 +173,17 @@ def mcq(record: Mapping[str, Any], options: Mapping[str, Any]) -> Conversation:
   unknown = [c for c in answer.strip() if c not in choices]
   if not answer.strip() or unknown:
     raise RecordError(f"answer {answer!r} is not made of option letters {sorted(choices)}")
-  lines = "".join(f"{letter}: {choices[letter]}\n" for letter in sorted(choices))
   explanation = _optional(record, cols, "explanation") if options.get("with_explanation") else None
   reply = f"{explanation}所以答案是{answer}。" if explanation else f"答案是{answer}。"
+  prompt = options.get("prompt") or "cmb_to_sft"
+  if prompt == "cmb_exam":
+    item = {k: _text(_field(record, cols, k, "mcq"), cols[k]) for k in ("exam_type", "exam_class", "question_type")}
+    user = format_question({**item, "question": question, "option": choices}, "answer")
+    return Conversation(options.get("system"), ((USER, user), (ASSISTANT, f"答案是{answer}。")))
+  if prompt != "cmb_to_sft":
+    raise RecordError(f"mcq prompt={prompt!r}; choose 'cmb_to_sft' (CollectiveSFT's rendering) or 'cmb_exam' "
+                      "(the CMB benchmark's answer-only question)")
+  lines = "".join(f"{letter}: {choices[letter]}\n" for letter in sorted(choices))
   return Conversation(options.get("system"), ((USER, _alpaca_user(instruction, f"{question}\n{lines}")),
                                               (ASSISTANT, reply)))
 

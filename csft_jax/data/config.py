@@ -43,12 +43,14 @@ def source_config(path: str, format: str, **options) -> ml_collections.ConfigDic
     **options: enabled (False drops the source), weight (explicit mixing), max_samples (keep
       the first N), encoding, reader (auto|json|jsonl|csv|parquet), columns (logical -> record
       field names), system (default system prompt), user_template and assistant_template
-      (format "template"), item_separator, with_explanation (format "mcq").
+      (format "template"), item_separator, with_explanation and prompt (format "mcq": "cmb_to_sft", the
+      default, or "cmb_exam", the CMB benchmark's own question).
   """
   entry = dict(path=path, format=format, enabled=True, weight=config_dict.placeholder(float),
                max_samples=config_dict.placeholder(int), encoding="utf-8", reader="auto", columns={},
                system=config_dict.placeholder(str), user_template=config_dict.placeholder(str),
-               assistant_template=config_dict.placeholder(str), item_separator="，", with_explanation=False)
+               assistant_template=config_dict.placeholder(str), item_separator="，", with_explanation=False,
+               prompt=config_dict.placeholder(str))
   unknown = set(options) - set(entry)
   if unknown:
     raise ValueError(f"source_config: unknown options {sorted(unknown)}; known: {sorted(entry)}")

@@ -33,23 +33,13 @@ import ml_collections
 from absl import logging
 
 from csft_jax import files
+from csft_jax.data.cmb_exam import format_question
 from csft_jax.eval import engine, reporting, runner
 
 SINGLE_CHOICE = "单项选择题"
 MULTI_CHOICE = "多项选择题"
 QUESTION_TYPES = (SINGLE_CHOICE, MULTI_CHOICE)
 OPTION_LETTERS = "ABCDEFG"
-MODES = ("answer", "cot")
-
-# The official prompts (workers/base.py: query_prompt_2 and query_prompt_1).
-ANSWER_ONLY_PROMPT = (
-    "以下是中国{exam_type}中{exam_class}考试的一道{question_type}，"
-    "不需要做任何分析和解释，直接输出答案选项。\n{question}\n{option_str}"
-)
-COT_PROMPT = (
-    "以下是中国{exam_type}中{exam_class}考试的一道{question_type}，"
-    "请分析每个选项，并最后给出答案。\n{question}\n{option_str}"
-)
 
 OFFICIAL_PROTOCOL = "generation + official answer extraction (CMB protocol)"
 LOGLIK_PROTOCOL = (
@@ -131,29 +121,6 @@ def _read_json_list(path: str | Path, *, what: str) -> list:
 
 
 # -------------------------------------------------------------- prompts ----
-
-
-def option_str(options: Mapping[str, str]) -> str:
-  """Official option block "A. text\\nB. text".
-
-  Reproduces the official filter `len(v) > 1`: options whose text is a single
-  character (or empty) are not shown, exactly as in the official prompts.
-  """
-  return "\n".join(f"{letter}. {text}" for letter, text in options.items() if len(text) > 1)
-
-
-def format_question(item: Mapping[str, Any], mode: str = "answer") -> str:
-  """The official user prompt for one item: answer-only ('answer') or chain-of-thought ('cot')."""
-  if mode not in MODES:
-    raise ValueError(f"Unknown CMB prompt mode {mode!r}; expected one of {MODES}.")
-  template = ANSWER_ONLY_PROMPT if mode == "answer" else COT_PROMPT
-  return template.format(
-      exam_type=item["exam_type"],
-      exam_class=item["exam_class"],
-      question_type=item["question_type"],
-      question=item["question"],
-      option_str=option_str(item["option"]),
-  )
 
 
 def demo_answer(item: Mapping[str, Any], mode: str = "answer") -> str:
@@ -559,7 +526,12 @@ def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str,
                                                  "max_new_tokens", "min_new_tokens", "exam"))
   write_results(results, os.path.join(out_dir, "results.json"))
   counts_text = ", ".join(f"{k}={v}" for k, v in results["counts"].items())
-  return results, f"CMB-Exam ({results['protocol']})\n{_summary(results)}counts: {counts_text}\n"
+  extracted = ""
+  if config.mode != "loglik":
+    answered = sum(bool(entry["model_answer"]) for entry in submission)
+    extracted = (f"answers extracted: {answered} of {len(submission)} ({answered / len(submission):.0%}; the rest "
+                 "had no letter A-G for the official extraction)\n")
+  return results, f"CMB-Exam ({results['protocol']})\n{_summary(results)}counts: {counts_text}\n{extracted}"
 
 
 def _report_cells(results: Mapping[str, Any]) -> dict[str, float]:
