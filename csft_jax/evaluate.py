@@ -151,7 +151,7 @@ def main(argv: list[str]) -> None:
   outcome, summary, out_dir = run(configuration.from_flags())
   print(summary, end="")
   if isinstance(outcome, Interrupted):
-    print(f"Interrupted after {time.perf_counter() - start:.1f}s; finished generations in {outcome.error.journal}.")
+    print(f"Interrupted after {time.perf_counter() - start:.1f}s.")
     return
   print(f"Results in {out_dir} ({time.perf_counter() - start:.1f}s).")
 

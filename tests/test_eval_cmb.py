@@ -420,3 +420,12 @@ def test_sample_end_to_end(tmp_path):
   cmb.write_results(results, tmp_path / "results.json")
   assert json.loads((tmp_path / "results.json").read_text(encoding="utf-8")) == results
   assert (tmp_path / "results.md").read_text(encoding="utf-8").startswith("Protocol: generation")
+
+
+def test_the_bundled_answer_key_uses_every_single_choice_letter():
+  """A model that always answers the same letter cannot score 0 (or 100) on the sample by accident of the key."""
+  key = cmb.load_answer_key(REPO / "csft_jax/assets/eval/cmb_sample/answer_key.json")
+  items = {item["id"]: item for item in cmb.load_exam(REPO / "csft_jax/assets/eval/cmb_sample/test.json")}
+  single = {entry["answer"] for entry in key if entry["question_type"] == cmb.SINGLE_CHOICE}
+  assert single == set("ABCDE")
+  assert all(set(entry["answer"]) <= set(items[entry["id"]]["option"]) for entry in key)

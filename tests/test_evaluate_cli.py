@@ -127,6 +127,9 @@ def test_cmb_clin_writes_judge_prompts(model_dir, tmp_path):
   assert summary["n"] == len(written["records"]) == 5
   assert all("[ answer ]" in record["judge_prompt"] for record in written["records"])
   assert "ROUGE-L" in text
+  assert (tmp_path / "results.md").read_text(encoding="utf-8") == text  # the table a person reads
+  answers = json.loads((tmp_path / "answers.json").read_text(encoding="utf-8"))
+  assert [a for case in answers for a in case["answers"]] == [r["answer"] for r in written["records"]]
 
 
 def test_bad_configs_fail_with_a_message_and_write_nothing(model_dir, tmp_path):

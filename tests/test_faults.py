@@ -204,7 +204,7 @@ def test_overrides_that_name_nothing_or_do_nothing_say_so_in_one_line(tmp_path):
   assert "Did you mean config.train.num_steps?" in typo
   source = error_line(python("-m", "csft_jax.train", *SMALL, f"--workdir={workdir}",
                              "--config.data.sources.cmb.weight=2.0"))
-  assert "config.data.sources has no field 'cmb'" in source and "alpaca_qa, cmb_style_mcq, doctor_qa" in source
+  assert "config.data.sources has no field 'cmb'" in source and "alpaca_qa, cmb_exam, cmb_style_mcq, doctor_qa" in source
   kernel = error_line(python("-m", "csft_jax.train", *SMALL, f"--workdir={workdir}", "--config.train.num_steps=1",
                              "--config.model.attention_impl=cudnn"))
   assert "attention_impl='cudnn' needs an NVIDIA GPU" in kernel and "'cpu'" in kernel

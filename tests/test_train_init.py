@@ -127,7 +127,7 @@ def test_cli_sets_optional_source_fields_and_drops_sources(tmp_path):
                                                   "data.sources.messages_chat.enabled": False})
   assert config.data.sources.alpaca_qa.weight == 2.0
   pipeline = DataPipeline(config.data)
-  assert "messages_chat" not in pipeline.source_names and len(pipeline.source_names) == 4
+  assert "messages_chat" not in pipeline.source_names and len(pipeline.source_names) == 5
 
 
 def test_cli_errors_are_one_line_and_leave_no_workdir(tmp_path):

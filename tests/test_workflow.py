@@ -137,7 +137,7 @@ def test_export_loads_in_transformers_with_the_checkpoints_logits_and_stops_at_e
 
 def _evaluate(eval_config: str, checkpoint: str, *extra: str) -> None:
   _python("-m", "csft_jax.evaluate", f"--config={eval_config}", f"--config.checkpoint={checkpoint}",
-          "--config.limit=6", "--config.max_new_tokens=8", "--config.batch_size=8", *extra)
+          "--config.max_new_tokens=8", "--config.batch_size=8", *extra)
 
 
 def test_evaluate_from_workdir_and_export_agree_and_report_shows_both(trained):
@@ -148,7 +148,7 @@ def test_evaluate_from_workdir_and_export_agree_and_report_shows_both(trained):
   _evaluate("configs/eval/cmb.py", run_dir.hf_export(), f"--config.out_dir={export_out}/cmb", "--config.scan_layers=True")
   from_run = json.loads(open(os.path.join(run_dir.eval_dir("cmb-answer", f"step_{NUM_STEPS}"), "generations.json"), encoding="utf-8").read())
   from_export = json.loads(open(os.path.join(export_out, "cmb", "generations.json"), encoding="utf-8").read())
-  assert len(from_run) == 6 and from_run == from_export
+  assert len(from_run) == 24 and from_run == from_export
 
   _evaluate("configs/eval/meds_bench.py", workdir)
   _evaluate("configs/eval/meds_bench.py", run_dir.hf_export(), f"--config.out_dir={export_out}/meds",
@@ -157,7 +157,7 @@ def test_evaluate_from_workdir_and_export_agree_and_report_shows_both(trained):
     rows_run = list(csv.DictReader(f))
   with open(os.path.join(export_out, "meds", "results.csv"), encoding="utf-8", newline="") as f:
     rows_export = list(csv.DictReader(f))
-  assert len(rows_run) == 6 and rows_run == rows_export  # same prompts (templates agree) and same outputs
+  assert len(rows_run) == 16 and rows_run == rows_export  # same prompts (templates agree) and same outputs
 
   report = _python("-m", "csft_jax.report", f"--workdir={os.path.dirname(workdir)}")
   with open(os.path.join(os.path.dirname(workdir), "summary.csv"), encoding="utf-8") as f:

@@ -630,7 +630,7 @@ _score_batch_jit = jax.jit(_score_batch, static_argnames=("graphdef", "mesh"))
 
 def score(model: Decoder, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], *,
           batch_size: int = 16, max_len: int | None = None, mesh: Mesh | None = None,
-          progress: Progress | None = None) -> Scores:
+          progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> Scores | None:
   """Summed log p(continuation | context) per pair, in float32.
 
   Pairs whose `context + continuation[:-1]` is the same sequence (e.g. one question scored against
@@ -644,9 +644,10 @@ def score(model: Decoder, contexts: Sequence[Sequence[int]], continuations: Sequ
     max_len: longer inputs lose context tokens from the left; default `max_position_embeddings`.
     mesh: run sharded on this mesh.
     progress: called with the number of pairs scored after each batch.
+    should_stop: asked after each batch; True ends the call early and returns None.
 
   Returns:
-    `Scores` with one value per pair.
+    `Scores` with one value per pair (None when `should_stop` ended the call).
   """
   if len(contexts) != len(continuations):
     raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations.")
@@ -693,6 +694,8 @@ def score(model: Decoder, contexts: Sequence[Sequence[int]], continuations: Sequ
         scored += 1
     if progress is not None:
       progress(scored)
+    if should_stop is not None and scored < len(contexts) and should_stop():
+      return None
   return Scores(values, num_truncated, _TRACES["score"] - traces_before)
 
 

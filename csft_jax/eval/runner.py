@@ -46,8 +46,9 @@ class EvalConfigError(ValueError):
 class EvaluationInterrupted(Exception):
   """A signal stopped the evaluation between batches; its finished generations are in the journal."""
 
-  def __init__(self, done: int, total: int, journal: str):
-    super().__init__(f"{done} of {total} prompts done, kept in {journal}")
+  def __init__(self, done: int, total: int, journal: str | None):
+    kept = f", kept in {journal}" if journal else "; log-likelihood scoring keeps nothing (it is fast): the rerun starts over"
+    super().__init__(f"{done} of {total} prompts done{kept}")
     self.done, self.total, self.journal = done, total, journal
 
 
@@ -261,7 +262,7 @@ class ChatModel:
       compilations = result.num_compilations
       if result.stopped:
         raise EvaluationInterrupted(sum(t is not None for t in tokens), len(prompts),
-                                    self.journal.path if self.journal else "memory only (no journal)")
+                                    self.journal.path if self.journal else None)
     texts = [[self._decode(sample) for sample in samples] for samples in tokens]
     empty = sum(not text.strip() for samples in texts for text in samples)
     truncated = sum(len(prompt) > limit for prompt in prompts)
@@ -284,7 +285,10 @@ class ChatModel:
         continuations.append(self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids)
     with _progress_bar(len(contexts), desc, unit="option") as advance:
       result = engine.score(self.model, contexts, continuations, batch_size=self.batch_size,
-                            max_len=self.max_prompt_len, mesh=self.mesh, progress=advance)
+                            max_len=self.max_prompt_len, mesh=self.mesh, progress=advance,
+                            should_stop=self.should_stop)
+    if result is None:  # log-likelihoods are cheap next to generation: none are kept
+      raise EvaluationInterrupted(0, len(conversations), None)
     values = iter(result.values)
     scores = [{text: next(values) for text in texts} for texts in options]
     _report(len(contexts), result.num_truncated, 0)
