@@ -59,6 +59,13 @@ def evaluated_step(checkpoint: str, run: RunDir) -> int | str:
   return int(os.path.basename(checkpointing.resolve_step_dir(checkpoint)))
 
 
+def weight_files(checkpoint: str) -> list[str]:
+  """The files that hold the weights of `checkpoint` (an HF directory's safetensors, a step's state)."""
+  directory = checkpoint if is_hf_dir(checkpoint) else os.path.join(checkpointing.resolve_step_dir(checkpoint), "state")
+  return [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names
+          if name.endswith(".safetensors") or not is_hf_dir(checkpoint)]
+
+
 def output_dir(config: ml_collections.ConfigDict, benchmark: runner.Benchmark) -> str:
   """Where the evaluation of `config` writes (see the module docstring)."""
   if config.out_dir:
@@ -96,7 +103,8 @@ def run(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | None | Inte
   loaded = load_chat_model(config.checkpoint, dtype=config.dtype, mesh=mesh, tokenizer=config.tokenizer,
                            chat_template=config.chat_template, scan_layers=config.scan_layers)
   logging.info("Loaded %s checkpoint %s in %.1fs.", loaded.kind, loaded.path, time.perf_counter() - start)
-  journal = runner.GenerationJournal(os.path.join(out_dir, "progress.jsonl"), runner.fingerprint(config),
+  journal = runner.GenerationJournal(os.path.join(out_dir, "progress.jsonl"),
+                                     runner.fingerprint(config, weight_files(config.checkpoint)),
                                      primary=jax.process_index() == 0)
   stop = StopRequest()
   chat = runner.ChatModel(loaded.model, loaded.tokenizer, loaded.template, mesh=mesh, batch_size=config.batch_size,

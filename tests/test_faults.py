@@ -321,3 +321,26 @@ def test_a_bad_item_is_reported_before_the_model_loads(run_workdir, tmp_path):
   message = error_line(done)
   assert f"{exam}: item 5" in message and "missing field(s) ['option']" in message
   assert "Loaded" not in done.stderr and not (tmp_path / "o").exists()
+
+
+def test_the_generation_journal_survives_a_cut_line_and_refuses_other_settings(tmp_path):
+  """Item 4: what the rerun trusts: whole lines only, the same prompt tokens, the same settings."""
+  from csft_jax.eval import runner  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "progress.jsonl")
+  journal = runner.GenerationJournal(path, "settings-1")
+  journal.add("CMB answer", 0, [1, 2, 3], [[7, 8]])
+  journal.add("CMB answer", 1, [4, 5], [[9]])
+  journal.close()
+  with open(path, "a", encoding="utf-8") as f:
+    f.write('{"call": "CMB answer", "index": 2, "prom')  # killed mid-write
+  again = runner.GenerationJournal(path, "settings-1")
+  assert again.finished("CMB answer", 0, [1, 2, 3]) == [[7, 8]]
+  assert again.finished("CMB answer", 0, [1, 2, 4]) is None  # another prompt at that index
+  assert again.finished("CMB answer", 2, [6]) is None and again.finished("MedS", 1, [4, 5]) is None
+  again.add("CMB answer", 2, [6], [[1]])  # appended after the cut line was dropped
+  again.close()
+  assert runner.GenerationJournal(path, "settings-1").finished("CMB answer", 2, [6]) == [[1]]
+  other = runner.GenerationJournal(path, "settings-2")  # e.g. the model was rewritten in place
+  assert other.finished("CMB answer", 0, [1, 2, 3]) is None
+  other.close()
+  assert os.path.exists(path + ".old")

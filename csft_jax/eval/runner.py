@@ -33,6 +33,7 @@ import tqdm
 from absl import logging
 from jax.sharding import Mesh
 
+from csft_jax import files
 from csft_jax.eval import engine
 from csft_jax.models import Decoder
 
@@ -75,6 +76,8 @@ class GenerationJournal:
       self._done[(entry["call"], entry["index"])] = (entry["prompt_sha"], entry["samples"])
     self._handle = None
     if primary:
+      if lines and os.path.getsize(path) != sum(len(line.encode()) + 1 for line in lines):
+        files.write_text_atomic(path, "".join(line + "\n" for line in lines))  # drop a cut-off tail
       os.makedirs(os.path.dirname(path), exist_ok=True)
       self._handle = open(path, "a", encoding="utf-8")
       if not lines:
@@ -330,8 +333,11 @@ def settings(config: ml_collections.ConfigDict, names: Sequence[str]) -> dict[st
   return {"checkpoint": config.checkpoint, "limit": config.limit, **{name: config[name] for name in names}}
 
 
-def fingerprint(config: ml_collections.ConfigDict) -> str:
+def fingerprint(config: ml_collections.ConfigDict, weights: Sequence[str]) -> str:
   """What decides an evaluation's generations: the config less batching, mesh and output place
-  (greedy answers do not depend on them; sampled ones are keyed by prompt and sample)."""
+  (greedy answers do not depend on them; sampled ones are keyed by prompt and sample), and the
+  size and modification time of the model's weight files `weights` (a model rewritten in place is
+  a different model)."""
   fields = {k: v for k, v in config.to_dict().items() if k not in ("batch_size", "mesh", "out_dir")}
-  return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+  stamps = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in sorted(weights)]
+  return hashlib.sha1(json.dumps([fields, stamps], sort_keys=True, default=str).encode()).hexdigest()
