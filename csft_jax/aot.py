@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from csft_jax.data import packing
+
 GIB = 2**30
 FIT_MARGIN = 0.9
 # XLA's refusal, e.g. "HLO temporaries (58.13G) exceeds available HBM (30.75G)" (G = GiB).
@@ -123,11 +125,10 @@ def slice_devices(name: str) -> tuple[list[Any], Slice]:
   return list(topology.devices), spec
 
 
-def _abstract_batch(config: ml_collections.ConfigDict, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(config: ml_collections.ConfigDict, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch the pipeline feeds the train step: its keys and dtype (`data.packing`)."""
   shape = (config.train.global_batch_size, config.data.seq_len)
-  dtypes = {"input_ids": jnp.int32, "target_ids": jnp.int32, "loss_mask": jnp.int8, "segment_ids": jnp.int32,
-            "positions": jnp.int32, "source_ids": jnp.int32}
-  return {k: jax.ShapeDtypeStruct(shape, d, sharding=sharding) for k, d in dtypes.items()}
+  return {k: jax.ShapeDtypeStruct(shape, packing.ROW_DTYPE, sharding=sharding) for k in packing.ROW_KEYS}
 
 
 def _check_batch(config: ml_collections.ConfigDict, mesh) -> None:
@@ -180,7 +181,7 @@ def check_fit(config: ml_collections.ConfigDict, slice_name: str) -> FitReport:
   start = train.StartingState(train.graphdef_of(model_config), abstract, shardings, model_config, "abstract")
   num_sources = max(sum(1 for s in config.data.sources.values() if s.get("enabled", True)), 1)
   train_step, _, batch_sharding = train.jit_steps(config, start, optimizer, schedule, mesh, num_sources)
-  batch = _abstract_batch(config, batch_sharding)
+  batch = abstract_batch(config, batch_sharding)
   params_bytes = _per_device_bytes(abstract.params, shardings.params)
   opt_state_bytes = _per_device_bytes(abstract.opt_state, shardings.opt_state)
   report = functools.partial(FitReport, slice=slice_name, devices=len(devices), mesh=dict(mesh.shape),

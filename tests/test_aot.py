@@ -95,3 +95,13 @@ def test_eval_compile_for_exits_1_when_it_does_not_fit(capsys):
   assert "does NOT fit" in out and "config.batch_size (now 65536)" in out
   with pytest.raises(ValueError, match=r"needs the model's shape: pass --config.checkpoint=DIR or --compile_model"):
     evaluate.compile_for(_eval_config(), "v5e-8", None)
+
+
+def test_the_compiled_batch_is_the_batch_the_pipeline_feeds():
+  """Keys, shape and dtype of every feature: the program compiled for a slice is the program that runs."""
+  from csft_jax.data.pipeline import DataPipeline  # pylint: disable=import-outside-toplevel
+  config = configuration.load("configs/demo.py", {"train.global_batch_size": 4})
+  fed = next(iter(DataPipeline(config.data).train_dataset(config.train.global_batch_size)))
+  compiled = aot.abstract_batch(config, None)
+  assert {k: (v.shape, np.dtype(v.dtype)) for k, v in compiled.items()} == {k: (v.shape, v.dtype)
+                                                                           for k, v in fed.items()}

@@ -16,6 +16,7 @@ PACKINGS = ("packed", "padded")
 # of itself (LLaMA-Factory's efficient_eos labels; see data/llamafactory.py).
 LAST_TOKEN_TARGET = 2
 ROW_KEYS = ("input_ids", "target_ids", "loss_mask", "segment_ids", "positions", "source_ids")
+ROW_DTYPE = np.int32  # of every row feature, packed or padded (what the train step is compiled for)
 _SEQUENCE_KEYS = ("input_ids", "target_ids", "loss_mask", "source_ids")
 # Row streams run on the caller's thread: rows are cheap and the trainer
 # prefetches batches; grain's default of 16 threads per stream would swamp
@@ -36,15 +37,15 @@ class TrainingExample:
         "input_ids": token_ids[:-1],
         "target_ids": np.where(loss_mask[1:] == LAST_TOKEN_TARGET, token_ids[-1], token_ids[1:]),
         # The mask is on tokens; a target is trained iff its token is.
-        "loss_mask": (loss_mask[1:] > 0).astype(np.int32),
-        "source_ids": np.full(n, self.source_index, dtype=np.int32),
+        "loss_mask": (loss_mask[1:] > 0).astype(ROW_DTYPE),
+        "source_ids": np.full(n, self.source_index, dtype=ROW_DTYPE),
     }
 
 
 def _rename_packed(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  out = {k: row[k].astype(np.int32) for k in _SEQUENCE_KEYS}
-  out["segment_ids"] = row["input_ids_segment_ids"].astype(np.int32)
-  out["positions"] = row["input_ids_positions"].astype(np.int32)
+  out = {k: row[k].astype(ROW_DTYPE) for k in _SEQUENCE_KEYS}
+  out["segment_ids"] = row["input_ids_segment_ids"].astype(ROW_DTYPE)
+  out["positions"] = row["input_ids_positions"].astype(ROW_DTYPE)
   return out
 
 
@@ -65,11 +66,11 @@ def packed_rows(examples: grain.MapDataset, seq_len: int, num_bins: int) -> grai
 
 def _pad(example: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
   n = len(example["input_ids"])
-  out = {k: np.zeros(seq_len, dtype=np.int32) for k in ROW_KEYS}
+  out = {k: np.zeros(seq_len, dtype=ROW_DTYPE) for k in ROW_KEYS}
   for k in _SEQUENCE_KEYS:
     out[k][:n] = example[k]
   out["segment_ids"][:n] = 1
-  out["positions"][:n] = np.arange(n, dtype=np.int32)
+  out["positions"][:n] = np.arange(n, dtype=ROW_DTYPE)
   return out
 
 
