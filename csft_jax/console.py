@@ -45,6 +45,13 @@ def run_cli(main: Callable[[list[str]], Any]) -> None:
       if verbose:
         raise
       sys.exit(f"error: {error}\n(rerun with --verbosity=0 to see the traceback)")
+    except KeyboardInterrupt as interrupt:
+      # Ctrl-C outside the loops that stop cleanly at a step or batch (e.g. while a model loads),
+      # or a second Ctrl-C: one line, exit status 130 as a shell gives, not a traceback.
+      if verbose:
+        raise
+      print(f"interrupted{': ' + str(interrupt) if str(interrupt) else ''}", file=sys.stderr)
+      sys.exit(130)
 
   app.run(wrapped, flags_parser=_parse_flags)
 
