@@ -82,6 +82,8 @@ class FitReport:
   compiler_message: str = ""  # XLA's own words when it refused the program as too large
   program: str = "train step"
   kv_cache_gib: float | None = None  # generation: the KV cache, one of the temporaries
+  # optim.offload='host': the optimizer state lives in host memory, outside `total_gib`
+  host_gib: float | None = None
 
   @property
   def fits(self) -> bool:
@@ -92,9 +94,10 @@ class FitReport:
     return {**fields, "fits": self.fits, "fit_margin": FIT_MARGIN}
 
   def table(self) -> str:
-    rows = [("params", self.params_gib), ("opt_state", self.opt_state_gib), ("temporaries", self.temp_gib),
-            ("  of which KV cache", self.kv_cache_gib), ("total", self.total_gib),
-            ("HBM of the chip", self.hbm_per_device_gib)]
+    opt_state = "opt_state (host)" if self.host_gib is not None else "opt_state"
+    rows = [("params", self.params_gib), (opt_state, self.opt_state_gib), ("temporaries", self.temp_gib),
+            ("  of which KV cache", self.kv_cache_gib), ("total on device", self.total_gib),
+            ("host memory", self.host_gib), ("HBM of the chip", self.hbm_per_device_gib)]
     lines = [f"{self.slice}: {self.devices} devices, mesh {self.mesh}, {self.program}",
              f"{'per device':<18} {'GiB':>8}"]
     lines += [f"{name:<18} {value:>8.2f}" for name, value in rows if value is not None]
@@ -149,8 +152,9 @@ def _slice_mesh(mesh_config: ml_collections.ConfigDict, slice_name: str, devices
     raise FitError(f"config.mesh does not fit {slice_name} ({len(devices)} devices): {e}") from None
 
 
-def _compile(jitted, args: tuple[Any, ...], kwargs: dict[str, Any], mesh) -> tuple[float, float, str]:
-  """(temporaries GiB, total GiB or -1 when XLA refused, XLA's refusal) of `jitted` compiled for `args`."""
+def _compile(jitted, args: tuple[Any, ...], kwargs: dict[str, Any], mesh) -> tuple[float, float, str, float]:
+  """(temporaries GiB, device total GiB or -1 when XLA refused, XLA's refusal, host-memory arguments
+  GiB) of `jitted` compiled for `args`."""
   from csft_jax.sharding import activation_sharding  # pylint: disable=import-outside-toplevel
   try:
     with activation_sharding(mesh):
@@ -160,24 +164,27 @@ def _compile(jitted, args: tuple[Any, ...], kwargs: dict[str, Any], mesh) -> tup
     match = _TOO_LARGE.search(str(e))
     if match is None:
       raise
-    return float(match.group(1)), -1.0, match.group(0)
+    return float(match.group(1)), -1.0, match.group(0), 0.0
   memory = compiled.memory_analysis()
+  # Device memory only: arguments kept in host memory (optim.offload) are counted apart.
   total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
            - memory.alias_size_in_bytes)
-  return memory.temp_size_in_bytes / GIB, total / GIB, ""
+  host = getattr(memory, "host_argument_size_in_bytes", 0)
+  return memory.temp_size_in_bytes / GIB, total / GIB, "", host / GIB
 
 
 def check_fit(config: ml_collections.ConfigDict, slice_name: str) -> FitReport:
   """Compiles `config`'s train step for `slice_name`; see the module docstring."""
   from csft_jax import train  # pylint: disable=import-outside-toplevel
-  from csft_jax.training.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
+  from csft_jax.training.optimizer import make_optimizer, opt_state_memory  # pylint: disable=import-outside-toplevel
 
   devices, spec = slice_devices(slice_name)
   mesh = _slice_mesh(config.mesh, slice_name, devices)
   _check_batch(config, mesh)
   model_config = train.model_config_for_plan(config, _tokenizer_size(config))
   optimizer, schedule = make_optimizer(config.optim, max(config.train.num_steps, 1))
-  abstract, shardings = train.abstract_state(model_config, optimizer, config.train.seed, mesh)
+  offloaded = opt_state_memory(config.optim)
+  abstract, shardings = train.abstract_state(model_config, optimizer, config.train.seed, mesh, offloaded)
   start = train.StartingState(train.graphdef_of(model_config), abstract, shardings, model_config, "abstract")
   num_sources = max(sum(1 for s in config.data.sources.values() if s.get("enabled", True)), 1)
   train_step, _, batch_sharding = train.jit_steps(config, start, optimizer, schedule, mesh, num_sources)
@@ -187,9 +194,11 @@ def check_fit(config: ml_collections.ConfigDict, slice_name: str) -> FitReport:
   report = functools.partial(FitReport, slice=slice_name, devices=len(devices), mesh=dict(mesh.shape),
                              params_gib=params_bytes / GIB, opt_state_gib=opt_state_bytes / GIB,
                              hbm_per_device_gib=spec.hbm_gib)
-  temp, total, refusal = _compile(train_step, (abstract, batch), {}, mesh)
+  temp, total, refusal, host = _compile(train_step, (abstract, batch), {}, mesh)
+  if offloaded:
+    report = functools.partial(report, host_gib=host if not refusal else opt_state_bytes / GIB)
   if refusal:
-    total = temp + (params_bytes + opt_state_bytes
+    total = temp + (params_bytes + (0 if offloaded else opt_state_bytes)
                     + _per_device_bytes(batch, {k: batch_sharding for k in batch})) / GIB
   return report(temp_gib=temp, total_gib=total, compiler_message=refusal)
 
@@ -239,7 +248,7 @@ def check_generate_fit(config: ml_collections.ConfigDict, slice_name: str, model
   sampling = runner.sampling(config) if "temperature" in config else engine.GREEDY
   # The engine's own jitted program: what an evaluation compiles for its largest batch.
   jitted = engine._generate_batch_jit  # pylint: disable=protected-access
-  temp, total, refusal = _compile(jitted, args, dict(mesh=mesh, max_new_tokens=config.max_new_tokens,
+  temp, total, refusal, _ = _compile(jitted, args, dict(mesh=mesh, max_new_tokens=config.max_new_tokens,
                                                      sampling=sampling), mesh)
   params_gib = _per_device_bytes(abstract, shardings) / GIB
   if refusal:

@@ -116,6 +116,11 @@ def state_shardings(abstract_state: Any, mesh: Mesh,
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def in_memory(shardings: Any, kind: str) -> Any:
+  """`shardings` (a tree of `NamedSharding`) placed in memory `kind` (`device`, `pinned_host`)."""
+  return jax.tree.map(lambda s: s.with_memory_kind(kind), shardings)
+
+
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Iterator[None]:
   """Within this context (while tracing), `constrain` pins activations to the mesh."""

@@ -43,11 +43,11 @@ from csft_jax.loading import is_hf_dir
 from csft_jax.models import Decoder, ModelConfig, model_config_from
 from csft_jax.models.attention import check_backend
 from csft_jax.models.config import ARCHITECTURE_FIELDS, RUNTIME_FIELDS
-from csft_jax.sharding import (abstract_mesh, activation_sharding, describe_plan, logical_to_spec, make_mesh,
-                               state_shardings)
+from csft_jax.sharding import (abstract_mesh, activation_sharding, describe_plan, in_memory, logical_to_spec,
+                               make_mesh, state_shardings)
 from csft_jax.training.loss import LossSums
 from csft_jax.training.metrics import MetricsWriter, StepMeter, itstime, peak_flops, training_flops_per_token
-from csft_jax.training.optimizer import make_optimizer
+from csft_jax.training.optimizer import check_host_memory, make_optimizer, opt_state_memory
 from csft_jax.training.step import TrainState, make_eval_step, make_train_step
 from csft_jax.workdir import RunDir
 
@@ -182,10 +182,14 @@ def _check_vocab(tokenizer_size: int, model_config: ModelConfig, tokenizer: str,
                     "tokenizer (config.data.tokenizer).")
 
 
-def abstract_state(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh) -> tuple[TrainState, Any]:
-  """The state's shapes with their shardings attached, and the shardings."""
+def abstract_state(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh,
+                   opt_state_kind: str | None = None) -> tuple[TrainState, Any]:
+  """The state's shapes with their shardings attached, and the shardings (the optimizer state's in
+  memory kind `opt_state_kind`, e.g. `pinned_host`, when given: see `optim.offload`)."""
   abstract = jax.eval_shape(functools.partial(new_train_state, model_config, optimizer, seed))
   shardings = state_shardings(abstract, mesh)
+  if opt_state_kind:
+    shardings = shardings.replace(opt_state=in_memory(shardings.opt_state, opt_state_kind))
   with_shardings = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return with_shardings, shardings
 
@@ -205,7 +209,8 @@ def _resume(config, tokenizer_size: int, optimizer, mesh: Mesh, checkpointer: ch
       model_config = checkpointing.read_model_config(checkpointer.step_dir(step), **runtime)
       _check_fixed_fields(model_config, config.model, f"the checkpoint of step {step}")
       _check_vocab(tokenizer_size, model_config, config.data.tokenizer, f"the checkpoint of step {step}")
-      abstract, shardings = abstract_state(model_config, optimizer, config.train.seed, mesh)
+      abstract, shardings = abstract_state(model_config, optimizer, config.train.seed, mesh,
+                                           opt_state_memory(config.optim))
       restored = checkpointer.restore(step, abstract, data_iter)
     except checkpointing.UnreadableCheckpointError as e:
       moved = checkpointer.move_aside(step, run_dir.unreadable_checkpoints) if _primary() else "(process 0 moves it)"
@@ -244,9 +249,10 @@ def _init_source_config(config, runtime: dict[str, Any]) -> tuple[ModelConfig, s
   return checkpointing.read_model_config(step_dir, **runtime), f"config.init.from_checkpoint={step_dir}"
 
 
-def random_init(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh) -> StartingState:
+def random_init(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh,
+                opt_state_kind: str | None = None) -> StartingState:
   """A new state, created inside `jit` with `out_shardings`: no device ever holds the whole model."""
-  _, shardings = abstract_state(model_config, optimizer, seed, mesh)
+  _, shardings = abstract_state(model_config, optimizer, seed, mesh, opt_state_kind)
   state = jax.jit(functools.partial(new_train_state, model_config, optimizer, seed), out_shardings=shardings)()
   return StartingState(graphdef_of(model_config), state, shardings, model_config, "random init")
 
@@ -273,11 +279,12 @@ def restore_or_init(config: ml_collections.ConfigDict, tokenizer_size: int, opti
   if not (init.from_hf or init.from_checkpoint):
     model_config = model_config_from(config.model, tokenizer_size)
     _check_vocab(tokenizer_size, model_config, config.data.tokenizer, "config.model")
-    return random_init(model_config, optimizer, config.train.seed, mesh)
+    return random_init(model_config, optimizer, config.train.seed, mesh, opt_state_memory(config.optim))
   model_config, source = _init_source_config(config, runtime)
   _check_fixed_fields(model_config, config.model, source)
   _check_vocab(tokenizer_size, model_config, config.data.tokenizer, source)
-  abstract, shardings = abstract_state(model_config, optimizer, config.train.seed, mesh)
+  abstract, shardings = abstract_state(model_config, optimizer, config.train.seed, mesh,
+                                       opt_state_memory(config.optim))
   if init.from_hf:
     params = nnx.state(load_hf(init.from_hf, shardings=nnx.as_pure(shardings.params), **runtime), nnx.Param)
   else:
@@ -291,10 +298,14 @@ def jit_steps(config: ml_collections.ConfigDict, start: StartingState, optimizer
               num_sources: int) -> tuple[Callable, Callable, NamedSharding]:
   """(train step, eval step, batch sharding): the jitted programs of a run, state donated."""
   batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length")))
+  offloaded = None
+  if opt_state_memory(config.optim):
+    offloaded = (in_memory(start.shardings.opt_state, "device"), start.shardings.opt_state)
   train_step = jax.jit(
       make_train_step(start.graphdef, optimizer, num_sources=num_sources,
                       grad_accum_steps=config.train.grad_accum_steps, z_loss_weight=config.optim.z_loss,
-                      schedule=schedule, loss_chunk_size=config.train.loss_chunk_size),
+                      schedule=schedule, loss_chunk_size=config.train.loss_chunk_size,
+                      opt_state_shardings=offloaded),
       in_shardings=(start.shardings, batch_sharding), out_shardings=(start.shardings, None), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(start.graphdef, num_sources=num_sources,
                                      loss_chunk_size=config.train.loss_chunk_size),
@@ -329,6 +340,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
   say = functools.partial(_print, primary)
   files.check_writable(run_dir.root, "--workdir")
   check_backend(config.model.attention_impl)
+  if opt_state_memory(config.optim):
+    check_host_memory(jax.devices()[0])
   existing = set(os.listdir(run_dir.root)) if os.path.isdir(run_dir.root) else None
   lock = workdir_lib.RunLock(run_dir)
   _take_lock(lock, primary, say)

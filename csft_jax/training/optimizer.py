@@ -18,7 +18,13 @@ def default_config() -> ml_collections.ConfigDict:
       schedule="cosine",  # one of SCHEDULES
       warmup_steps=0,  # > 0 wins over warmup_fraction
       warmup_fraction=0.05, min_lr_ratio=0.0, grad_clip_norm=1.0,
-      z_loss=0.0))  # weight of z-loss (log Z)^2 on loss tokens
+      z_loss=0.0,  # weight of z-loss (log Z)^2 on loss tokens
+      # none | host: the AdamW moments live in host memory (JAX memory kind pinned_host) and are
+      # brought onto the device for each update; frees twice the parameters' bytes of HBM.
+      offload="none"))
+
+OFFLOADS = ("none", "host")
+HOST_MEMORY = "pinned_host"
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -46,6 +52,27 @@ def decay_mask(params: Any) -> Any:
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
     return any(n in ("kernel", "embedding") for n in names)
   return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def opt_state_memory(optim: ml_collections.ConfigDict) -> str | None:
+  """The memory kind the optimizer state lives in: `pinned_host` with `optim.offload='host'`, else None
+  (the device's own memory)."""
+  offload = optim.get("offload", "none")  # configs stored before the field existed
+  if offload not in OFFLOADS:
+    raise ValueError(f"config.optim.offload={offload!r}; choose one of {OFFLOADS}.")
+  return HOST_MEMORY if offload == "host" else None
+
+
+def check_host_memory(device: jax.Device) -> None:
+  """Fails before any work when `device` cannot address host memory (`optim.offload='host'`).
+
+  Raises:
+    ValueError naming the backend's memory kinds and what to set instead.
+  """
+  kinds = sorted(memory.kind for memory in device.addressable_memories())
+  if HOST_MEMORY not in kinds:
+    raise ValueError(f"config.optim.offload='host' needs {HOST_MEMORY!r} memory, which {device.platform} device "
+                     f"{device.id} lacks (it has {kinds}); set config.optim.offload=none.")
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> tuple[optax.GradientTransformation,

@@ -55,14 +55,17 @@ def _split_microbatches(batch: Batch, num_micro: int) -> Batch:
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *, num_sources: int,
                     grad_accum_steps: int = 1, z_loss_weight: float = 0.0,
-                    schedule: optax.Schedule | None = None,
-                    loss_chunk_size: int = 0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    schedule: optax.Schedule | None = None, loss_chunk_size: int = 0,
+                    opt_state_shardings: tuple[Any, Any] | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)`; jit it with shardings and donation.
 
   The loss is the token mean over the loss tokens of the whole *global* batch: each microbatch
   contributes sum / global_count, so accumulation over microbatches and sharding over devices
   give the same gradient as one big batch. `loss_chunk_size > 0` computes the LM head and the
   cross-entropy chunk by chunk (`chunked_loss_sums`): same values, no `[B, T, V]` logits.
+  `opt_state_shardings=(on device, where it lives)` moves an optimizer state kept in host memory
+  onto the device for the update and back (`optim.offload='host'`); the arithmetic is the same.
   """
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
@@ -82,7 +85,12 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     zero_grads = jax.tree.map(jnp.zeros_like, state.params)
     (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, LossSums.zeros(num_sources)),
                                     _split_microbatches(batch, grad_accum_steps))
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    opt_state = state.opt_state
+    if opt_state_shardings is not None:
+      opt_state = jax.device_put(opt_state, opt_state_shardings[0])
+    updates, opt_state = optimizer.update(grads, opt_state, state.params)
+    if opt_state_shardings is not None:
+      opt_state = jax.device_put(opt_state, opt_state_shardings[1])
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": sums.loss / global_tokens,
