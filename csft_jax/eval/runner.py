@@ -47,10 +47,9 @@ class EvalConfigError(ValueError):
 class EvaluationInterrupted(Exception):
   """A signal stopped the evaluation between batches; its finished generations are in the journal."""
 
-  def __init__(self, done: int, total: int, journal: str | None):
-    kept = f", kept in {journal}" if journal else "; log-likelihood scoring keeps nothing (it is fast): the rerun starts over"
-    super().__init__(f"{done} of {total} prompts done{kept}")
-    self.done, self.total, self.journal = done, total, journal
+  def __init__(self, done: int, total: int, kept: str):
+    super().__init__(f"{done} of {total} prompts done; {kept}")
+    self.done, self.total = done, total
 
 
 class GenerationJournal:
@@ -265,7 +264,7 @@ class ChatModel:
       compilations = result.num_compilations
       if result.stopped:
         raise EvaluationInterrupted(sum(t is not None for t in tokens), len(prompts),
-                                    self.journal.path if self.journal else None)
+                                    f"kept in {self.journal.path}" if self.journal else "not kept (no journal)")
     texts = [[self._decode(sample) for sample in samples] for samples in tokens]
     empty = sum(not text.strip() for samples in texts for text in samples)
     truncated = sum(len(prompt) > limit for prompt in prompts)
@@ -291,7 +290,8 @@ class ChatModel:
                             max_len=self.max_prompt_len, mesh=self.mesh, progress=advance,
                             should_stop=self.should_stop)
     if result is None:  # log-likelihoods are cheap next to generation: none are kept
-      raise EvaluationInterrupted(0, len(conversations), None)
+      raise EvaluationInterrupted(0, len(conversations), "log-likelihoods are not kept (scoring is fast): the "
+                                                          "rerun starts over")
     values = iter(result.values)
     scores = [{text: next(values) for text in texts} for texts in options]
     _report(len(contexts), result.num_truncated, 0)
