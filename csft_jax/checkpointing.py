@@ -169,6 +169,9 @@ def _failing_file(error: Exception, step_dir: str) -> str:
   named_files = [p for p in paths if os.path.isfile(p)] or paths
   first_line = str(reason).strip().splitlines()[0][:300] if str(reason).strip() else type(reason).__name__
   where = f"file {named_files[0]}" if named_files else f"a file under {step_dir}"
+  tensor = re.search(r'Error reading "([^"]+?)(?:\.value)?(?:/[\d.]+)?"', text)  # TensorStore names the array
+  if tensor:
+    where += f", tensor {tensor.group(1)}"
   return f"{where} ({type(reason).__name__}: {first_line})"
 
 
