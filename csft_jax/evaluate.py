@@ -51,7 +51,7 @@ from csft_jax.workdir import RunDir, model_tag
 
 def evaluated_step(checkpoint: str, run: RunDir) -> int | str:
   """The step of run `run` that `checkpoint` holds: a step directory's, the latest one of the workdir,
-  or for the run's HF export the step it was exported at (else the export's directory name)."""
+  or for the run's HF export the step it was exported at (another HF directory: its name)."""
   if is_hf_dir(checkpoint):
     summary = run.read_summary() or {}
     exported = summary.get("hf_export") and os.path.samefile(summary["hf_export"], checkpoint)
@@ -61,9 +61,10 @@ def evaluated_step(checkpoint: str, run: RunDir) -> int | str:
 
 def weight_files(checkpoint: str) -> list[str]:
   """The files that hold the weights of `checkpoint` (an HF directory's safetensors, a step's state)."""
-  directory = checkpoint if is_hf_dir(checkpoint) else os.path.join(checkpointing.resolve_step_dir(checkpoint), "state")
-  return [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names
-          if name.endswith(".safetensors") or not is_hf_dir(checkpoint)]
+  if is_hf_dir(checkpoint):
+    return [os.path.join(checkpoint, name) for name in os.listdir(checkpoint) if name.endswith(".safetensors")]
+  directory = os.path.join(checkpointing.resolve_step_dir(checkpoint), "state")
+  return [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
 
 
 def output_dir(config: ml_collections.ConfigDict, benchmark: runner.Benchmark) -> str:

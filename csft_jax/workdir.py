@@ -43,9 +43,11 @@ TOKENIZER_DIR = "tokenizer"
 HF_EXPORT_DIR = "hf_export"
 
 
-def model_tag(step: int | str, limit: int = 0) -> str:
-  """The directory an evaluation of `step` writes under `W/eval/<name>/` (see the module docstring)."""
-  return f"step_{step}" + (f"-limit_{limit}" if limit else "")
+def model_tag(model: int | str, limit: int = 0) -> str:
+  """The directory an evaluation writes under `W/eval/<name>/`: `step_<N>` for step N (an int), else
+  the model's own name (e.g. an HF directory of the run that is not its latest export); `-limit_K`
+  marks a partial evaluation of the first K items."""
+  return (f"step_{model}" if isinstance(model, int) else model) + (f"-limit_{limit}" if limit else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +61,8 @@ class Evaluation:
 
   @classmethod
   def parse(cls, name: str, model: str) -> Evaluation:
-    match = re.fullmatch(r"step_(\d+)(?:-limit_(\d+))?", model)
-    if match is None:
-      return cls(name, model, None, 0)
-    return cls(name, model, int(match.group(1)), int(match.group(2) or 0))
+    match = re.fullmatch(r"(?:step_(\d+)|.+?)(?:-limit_(\d+))?", model)
+    return cls(name, model, int(match.group(1)) if match.group(1) else None, int(match.group(2) or 0))
 
 
 class RunDirError(ValueError):
