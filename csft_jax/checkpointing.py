@@ -115,6 +115,11 @@ class Checkpointer:
           state=ocp.args.StandardRestore(_as_dict(abstract_state)),
           data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
     except Exception as e:  # pylint: disable=broad-except
+      if any("tree structures do not match" in str(inner) for inner in _exception_chain(e)):
+        raise CheckpointError(
+            f"step {step} cannot be restored into this config's state: the saved state has another structure "
+            "(a config.optim change such as grad_clip_norm builds a different optimizer state). Resume with the "
+            "config the run was started with, or start a new workdir.") from e
       kind = UnreadableCheckpointError if _is_unreadable(e) else CheckpointError
       raise kind(f"step {step} cannot be restored: {_failing_file(e, self.step_dir(step))}") from e
     return restored.state

@@ -194,6 +194,12 @@ def test_resume_with_a_changed_config_is_refused_unless_allowed(tmp_path):
   with open(workdir / "config.json", encoding="utf-8") as f:
     assert json.load(f)["optim"]["lr"] == 0.01
 
+  # An allowed change the saved state cannot take is refused by name, and costs no checkpoint.
+  other_state = error_line(python("-m", "csft_jax.train", *flags, "--config.train.num_steps=5",
+                                  "--config.optim.grad_clip_norm=0.0", "--allow_config_change"))
+  assert "step 4 cannot be restored into this config's state" in other_state and "grad_clip_norm" in other_state
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "4"] and not (workdir / "checkpoints_unreadable").exists()
+
 
 def test_overrides_that_name_nothing_or_do_nothing_say_so_in_one_line(tmp_path):
   """Item 10: a field typo, a source that does not exist, a kernel this backend lacks: one `error:` line each,
