@@ -3,7 +3,7 @@
 XLA compiles for a TPU topology without the TPU (libtpu, the `tpu` extra: `pip install -e '.[tpu]'`),
 and the compiled program reports its exact per-device memory. `check_fit(config, "v5p-8")` builds
 the slice's mesh from `config.mesh`, the run's abstract sharded state and batch, lowers and
-compiles the real jitted train step (the same `train.jit_steps` a run uses), and returns a
+compiles the real jitted train step (the same `programs.jit_steps` a run uses), and returns a
 `FitReport`. `check_generate_fit(eval_config, "v5p-8", model_config)` does the same for the
 evaluation engine's generate program (prefill + decode loop on its KV cache) at the largest batch
 the evaluation can compile. Nothing is allocated.
@@ -175,19 +175,19 @@ def _compile(jitted, args: tuple[Any, ...], kwargs: dict[str, Any], mesh) -> tup
 
 def check_fit(config: ml_collections.ConfigDict, slice_name: str) -> FitReport:
   """Compiles `config`'s train step for `slice_name`; see the module docstring."""
-  from csft_jax import train  # pylint: disable=import-outside-toplevel
+  from csft_jax.training import programs  # pylint: disable=import-outside-toplevel
   from csft_jax.training.optimizer import make_optimizer, opt_state_memory  # pylint: disable=import-outside-toplevel
 
   devices, spec = slice_devices(slice_name)
   mesh = _slice_mesh(config.mesh, slice_name, devices)
   _check_batch(config, mesh)
-  model_config = train.model_config_for_plan(config, _tokenizer_size(config))
+  model_config = programs.model_config_for_plan(config, _tokenizer_size(config))
   optimizer, schedule = make_optimizer(config.optim, max(config.train.num_steps, 1))
   offloaded = opt_state_memory(config.optim)
-  abstract, shardings = train.abstract_state(model_config, optimizer, config.train.seed, mesh, offloaded)
-  start = train.StartingState(train.graphdef_of(model_config), abstract, shardings, model_config, "abstract")
+  abstract, shardings = programs.abstract_state(model_config, optimizer, config.train.seed, mesh, offloaded)
+  start = programs.StartingState(programs.graphdef_of(model_config), abstract, shardings, model_config, "abstract")
   num_sources = max(sum(1 for s in config.data.sources.values() if s.get("enabled", True)), 1)
-  train_step, _, batch_sharding = train.jit_steps(config, start, optimizer, schedule, mesh, num_sources)
+  train_step, _, batch_sharding = programs.jit_steps(config, start, optimizer, schedule, mesh, num_sources)
   batch = abstract_batch(config, batch_sharding)
   params_bytes = _per_device_bytes(abstract.params, shardings.params)
   opt_state_bytes = _per_device_bytes(abstract.opt_state, shardings.opt_state)

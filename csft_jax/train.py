@@ -14,7 +14,6 @@ touching `init.from_hf` / `init.from_checkpoint` again. Multi-host: pass
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import functools
 import json
@@ -30,25 +29,26 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from csft_jax import checkpointing, configuration, distributed, files, workdir as workdir_lib
 from csft_jax.console import run_cli
-from csft_jax.stopping import StopRequest
 from csft_jax.convert import read_hf_config, save_hf
 from csft_jax.convert.hf import copy_tokenizer_files, load_hf
 from csft_jax.data.pipeline import DataPipeline
 from csft_jax.data.tokenizer import is_sentencepiece_only, save_converted_tokenizer
 from csft_jax.loading import is_hf_dir
-from csft_jax.models import Decoder, ModelConfig, model_config_from
+from csft_jax.models import ModelConfig, model_config_from
 from csft_jax.models.attention import check_backend
 from csft_jax.models.config import ARCHITECTURE_FIELDS, RUNTIME_FIELDS
-from csft_jax.sharding import (abstract_mesh, activation_sharding, describe_plan, in_memory, logical_to_spec,
-                               make_mesh, state_shardings)
+from csft_jax.sharding import abstract_mesh, activation_sharding, describe_plan, make_mesh, state_shardings
 from csft_jax.training.loss import LossSums
 from csft_jax.training.metrics import MetricsWriter, StepMeter, itstime, peak_flops, training_flops_per_token
 from csft_jax.training.optimizer import check_host_memory, make_optimizer, opt_state_memory
-from csft_jax.training.step import TrainState, make_eval_step, make_train_step
+from csft_jax.training.programs import (StartingState, abstract_state, graphdef_of, jit_steps, model_config_for_plan,
+                                        new_train_state, random_init)
+from csft_jax.stopping import StopRequest
+from csft_jax.training.step import TrainState
 from csft_jax.workdir import RunDir
 
 
@@ -143,24 +143,7 @@ def resolve_num_steps(train: ml_collections.ConfigDict, pipeline: DataPipeline) 
   return max(1, int(round(train.num_epochs * pipeline.estimate_steps_per_epoch(train.global_batch_size))))
 
 
-def new_train_state(model_config: ModelConfig, optimizer, seed: int) -> TrainState:
-  """A freshly initialised state (call under `jax.eval_shape` or `jit` with out_shardings)."""
-  params = nnx.state(Decoder(model_config, rngs=nnx.Rngs(seed)), nnx.Param)
-  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-
-
 # --------------------------------------------------------------- the state ----
-
-
-@dataclasses.dataclass
-class StartingState:
-  """What `restore_or_init` decided and built."""
-
-  graphdef: nnx.GraphDef
-  state: TrainState
-  shardings: Any
-  model_config: ModelConfig
-  origin: str  # A sentence for the console: where the weights came from.
 
 
 def _check_fixed_fields(model_config: ModelConfig, model: ml_collections.ConfigDict, source: str) -> None:
@@ -180,22 +163,6 @@ def _check_vocab(tokenizer_size: int, model_config: ModelConfig, tokenizer: str,
     raise InitError(f"tokenizer {tokenizer} has {tokenizer_size} tokens but the model from {source} has "
                     f"vocab_size {model_config.vocab_size}: they do not belong together. Use the model's own "
                     "tokenizer (config.data.tokenizer).")
-
-
-def abstract_state(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh,
-                   opt_state_kind: str | None = None) -> tuple[TrainState, Any]:
-  """The state's shapes with their shardings attached, and the shardings (the optimizer state's in
-  memory kind `opt_state_kind`, e.g. `pinned_host`, when given: see `optim.offload`)."""
-  abstract = jax.eval_shape(functools.partial(new_train_state, model_config, optimizer, seed))
-  shardings = state_shardings(abstract, mesh)
-  if opt_state_kind:
-    shardings = shardings.replace(opt_state=in_memory(shardings.opt_state, opt_state_kind))
-  with_shardings = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  return with_shardings, shardings
-
-
-def graphdef_of(model_config: ModelConfig) -> nnx.GraphDef:
-  return nnx.graphdef(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
 
 
 def _resume(config, tokenizer_size: int, optimizer, mesh: Mesh, checkpointer: checkpointing.Checkpointer,
@@ -249,14 +216,6 @@ def _init_source_config(config, runtime: dict[str, Any]) -> tuple[ModelConfig, s
   return checkpointing.read_model_config(step_dir, **runtime), f"config.init.from_checkpoint={step_dir}"
 
 
-def random_init(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh,
-                opt_state_kind: str | None = None) -> StartingState:
-  """A new state, created inside `jit` with `out_shardings`: no device ever holds the whole model."""
-  _, shardings = abstract_state(model_config, optimizer, seed, mesh, opt_state_kind)
-  state = jax.jit(functools.partial(new_train_state, model_config, optimizer, seed), out_shardings=shardings)()
-  return StartingState(graphdef_of(model_config), state, shardings, model_config, "random init")
-
-
 def restore_or_init(config: ml_collections.ConfigDict, tokenizer_size: int, optimizer, mesh: Mesh,
                     checkpointer: checkpointing.Checkpointer, data_iter, run_dir: RunDir,
                     say: Callable[[str], None] = print) -> StartingState:
@@ -292,25 +251,6 @@ def restore_or_init(config: ml_collections.ConfigDict, tokenizer_size: int, opti
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
   state = TrainState(jnp.zeros((), jnp.int32), params, opt_state)
   return StartingState(graphdef_of(model_config), state, shardings, model_config, f"started from {source}")
-
-
-def jit_steps(config: ml_collections.ConfigDict, start: StartingState, optimizer, schedule, mesh: Mesh,
-              num_sources: int) -> tuple[Callable, Callable, NamedSharding]:
-  """(train step, eval step, batch sharding): the jitted programs of a run, state donated."""
-  batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length")))
-  offloaded = None
-  if opt_state_memory(config.optim):
-    offloaded = (in_memory(start.shardings.opt_state, "device"), start.shardings.opt_state)
-  train_step = jax.jit(
-      make_train_step(start.graphdef, optimizer, num_sources=num_sources,
-                      grad_accum_steps=config.train.grad_accum_steps, z_loss_weight=config.optim.z_loss,
-                      schedule=schedule, loss_chunk_size=config.train.loss_chunk_size,
-                      opt_state_shardings=offloaded),
-      in_shardings=(start.shardings, batch_sharding), out_shardings=(start.shardings, None), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(start.graphdef, num_sources=num_sources,
-                                     loss_chunk_size=config.train.loss_chunk_size),
-                      in_shardings=(start.shardings.params, batch_sharding))
-  return train_step, eval_step, batch_sharding
 
 
 # ---------------------------------------------------------------- the run ----
@@ -533,14 +473,6 @@ def _ensure_finite(loss: float, step: int, checkpointer: checkpointing.Checkpoin
 def _print(primary: bool, text: str) -> None:
   if primary:
     print(text, file=sys.stderr, flush=True)
-
-
-def model_config_for_plan(config: ml_collections.ConfigDict, vocab_size: int = 0) -> ModelConfig:
-  """The model a run of `config` would train, without devices: `init.from_hf`'s config.json when
-  that directory is here, else the config's preset and fields."""
-  if config.init.from_hf and is_hf_dir(config.init.from_hf):
-    return read_hf_config(config.init.from_hf, **{k: config.model[k] for k in RUNTIME_FIELDS})
-  return model_config_from(config.model, vocab_size)
 
 
 def plan(config: ml_collections.ConfigDict, vocab_size: int = 0) -> str:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from csft_jax import checkpointing, train
+from csft_jax.training import programs
 from csft_jax.models import model_config_from
 from csft_jax.sharding import make_mesh
 from tests.train_fixtures import losses, sigterm_at, small_config
@@ -143,7 +144,7 @@ def test_optimizer_state_offloaded_to_host_memory_trains_identically(tmp_path):
     assert losses(host) == losses(on_device) and len(losses(host)) == 5
 
   optimizer, _ = make_optimizer(config.optim, 5)
-  start = train.random_init(model_config_from(config.model, 3000), optimizer, 0,
+  start = programs.random_init(model_config_from(config.model, 3000), optimizer, 0,
                             make_mesh(1, 1, 1, devices=jax.devices()[:1]), "pinned_host")
   assert {leaf.sharding.memory_kind for leaf in jax.tree.leaves(start.state.opt_state)} == {"pinned_host"}
   assert {leaf.sharding.memory_kind for leaf in jax.tree.leaves(start.state.params)} == {"device"}

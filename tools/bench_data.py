@@ -50,7 +50,7 @@ FLAGS = flags.FLAGS
 def demo_step_seconds(batch: dict[str, np.ndarray], vocab_size: int, num_sources: int, repeats: int = 3) -> float:
   """Seconds per jitted training step of the demo model (configs/demo.py) on `batch`, after compiling."""
   import jax  # pylint: disable=import-outside-toplevel
-  from csft_jax import train  # pylint: disable=import-outside-toplevel
+  from csft_jax.training import programs  # pylint: disable=import-outside-toplevel
   from csft_jax.models import model_config_from  # pylint: disable=import-outside-toplevel
   from csft_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
   from csft_jax.training.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
@@ -60,8 +60,8 @@ def demo_step_seconds(batch: dict[str, np.ndarray], vocab_size: int, num_sources
       max_position_embeddings=max(config.model.max_position_embeddings, batch["input_ids"].shape[1]))
   optimizer, schedule = make_optimizer(config.optim, 100)
   mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  start = train.random_init(model_config, optimizer, 0, mesh)
-  step, _, _ = train.jit_steps(config, start, optimizer, schedule, mesh, num_sources)
+  start = programs.random_init(model_config, optimizer, 0, mesh)
+  step, _, _ = programs.jit_steps(config, start, optimizer, schedule, mesh, num_sources)
   state, metrics = step(start.state, batch)
   jax.block_until_ready(metrics)
   begin = time.perf_counter()

@@ -53,15 +53,15 @@ def _trim_to_longest(batch):
 
 
 def jax_stepper(config, start, num_sources):
-  """One blocking call of the trainer's own jitted step (train.jit_steps) per batch."""
+  """One blocking call of the trainer's own jitted step (programs.jit_steps) per batch."""
   import jax  # pylint: disable=import-outside-toplevel
-  from csft_jax import train  # pylint: disable=import-outside-toplevel
+  from csft_jax.training import programs  # pylint: disable=import-outside-toplevel
   from csft_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
   from csft_jax.training.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
 
   optimizer, schedule = make_optimizer(config.optim, 1000)
   mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  step, _, _ = train.jit_steps(config, start, optimizer, schedule, mesh, num_sources)
+  step, _, _ = programs.jit_steps(config, start, optimizer, schedule, mesh, num_sources)
   state = start.state
 
   def run(batch):
@@ -131,7 +131,7 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from csft_jax import train  # pylint: disable=import-outside-toplevel
+  from csft_jax.training import programs  # pylint: disable=import-outside-toplevel
   from csft_jax.convert import save_hf  # pylint: disable=import-outside-toplevel
   from csft_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
   from csft_jax.training.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
@@ -146,7 +146,7 @@ def main(argv):
   model_config = _model_config(config, len(pipeline.tokenizer))
   optimizer, _ = make_optimizer(config.optim, 1000)
   mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  start = train.random_init(model_config, optimizer, 0, mesh)
+  start = programs.random_init(model_config, optimizer, 0, mesh)
   hf_dir = tempfile.mkdtemp(prefix="bench_train_hf_")
   save_hf(nnx.merge(start.graphdef, start.state.params), hf_dir)
 
@@ -158,7 +158,7 @@ def main(argv):
     if tile:
       impl_config = impl_config.replace(attention_block_q=int(tile), attention_block_kv=int(tile))
     # A fresh copy of the state for each run: the step donates it.
-    with_impl = dataclasses.replace(start, graphdef=train.graphdef_of(impl_config), model_config=impl_config,
+    with_impl = dataclasses.replace(start, graphdef=programs.graphdef_of(impl_config), model_config=impl_config,
                                     state=jax.tree.map(jnp.copy, start.state))
     runs[implementation] = (jax_stepper(config, with_impl, len(pipeline.source_names)), packed)
   runs["torch"] = (torch_stepper(hf_dir), packed)
