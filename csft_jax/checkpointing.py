@@ -297,7 +297,8 @@ def restore_params(step_dir: str, abstract_params: Any) -> Any:
   # stack or split the layers and place each parameter on its target sharding.
   target = nnx.to_pure_dict(abstract_params)
   to_scanned = _is_scanned(wanted)
-  num_layers = (max(int(p[1]) for p in stored if p[0] == "layers") + 1 if to_scanned
+  # The model's layer count: the stack's leading axis, or the number of per-layer subtrees.
+  num_layers = (next(shape[0] for p, shape in wanted.items() if p[0] == "layers") if to_scanned
                 else max(int(p[1]) for p in wanted if p[0] == "layers") + 1)
   stored_layout = _relayout(
       target, to_scanned=not to_scanned, num_layers=num_layers,

@@ -350,3 +350,19 @@ def test_the_generation_journal_survives_a_cut_line_and_refuses_other_settings(t
   assert other.finished("CMB answer", 0, [1, 2, 3]) is None
   other.close()
   assert os.path.exists(path + ".old")
+
+
+def test_a_partial_restore_is_refused_naming_the_missing_parameters(tmp_path):
+  """Item 2: a checkpoint that lacks parameters the model has (here a third layer) never half-fills it."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from csft_jax.models import get_preset  # pylint: disable=import-outside-toplevel
+  for scan_layers in (False, True):
+    model = Decoder(dataclasses.replace(get_preset("tiny"), num_layers=2, scan_layers=scan_layers), rngs=nnx.Rngs(0))
+    step_dir = checkpointing.save_model(str(tmp_path / f"scan{scan_layers}"), model)
+    for target_scan in (False, True):
+      expected = (r"lacks 9 of the model's 30 parameters, e.g. \['layers/2/attn/k_proj/kernel'"
+                  if not scan_layers else
+                  r"parameter shapes differ from the model's \(stored vs wanted\): "
+                  r"\['layers/attn/k_proj/kernel \(2, 64, 2, 16\) vs \(3, 64, 2, 16\)'")
+      with pytest.raises(checkpointing.CheckpointError, match=expected):
+        checkpointing.restore_model(step_dir, num_layers=3, scan_layers=target_scan)
