@@ -366,3 +366,29 @@ def test_a_partial_restore_is_refused_naming_the_missing_parameters(tmp_path):
                   r"\['layers/attn/k_proj/kernel \(2, 64, 2, 16\) vs \(3, 64, 2, 16\)'")
       with pytest.raises(checkpointing.CheckpointError, match=expected):
         checkpointing.restore_model(step_dir, num_layers=3, scan_layers=target_scan)
+
+
+def test_ctrl_c_outside_a_clean_stopping_point_is_one_line_and_exit_130():
+  """Ctrl-C while, say, a model loads (or a second Ctrl-C): no traceback."""
+  program = ("from csft_jax.console import run_cli\n"
+             "def main(argv):\n"
+             "  raise KeyboardInterrupt\n"
+             "run_cli(main)\n")
+  done = python("-c", program)
+  assert done.returncode == 130 and done.stderr.strip() == "interrupted" and "Traceback" not in done.stderr
+
+
+def test_optimizer_offload_from_the_command_line(tmp_path):
+  """`--config.optim.offload=host` as the README gives it: the same losses as on the device."""
+  runs = {}
+  for offload in ("none", "host"):
+    done = python("-m", "csft_jax.train", *SMALL, "--config.train.num_steps=3", f"--workdir={tmp_path / offload}",
+                  f"--config.optim.offload={offload}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs[offload] = _steps_and_losses(tmp_path / offload)
+  assert runs["host"] == runs["none"] and len(runs["host"]) == 3
+
+
+def _steps_and_losses(workdir) -> dict[int, float]:
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
