@@ -233,8 +233,9 @@ def _stored_param_paths(step_dir: str) -> dict[tuple[str, ...], tuple[int, ...]]
   return paths
 
 
-def _param_paths(params: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
-  flat = nnx.traversals.flatten_mapping(nnx.to_pure_dict(params))
+def _param_paths(tree: dict[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Path (as strings) -> shape of every leaf of a pure parameter dict."""
+  flat = nnx.traversals.flatten_mapping(tree)
   return {tuple(str(k) for k in path): tuple(leaf.shape) for path, leaf in flat.items()}
 
 
@@ -289,13 +290,13 @@ def restore_params(step_dir: str, abstract_params: Any) -> Any:
     CheckpointError naming the step and the parameters it lacks, or the file that cannot be read.
   """
   stored = _stored_param_paths(step_dir)
-  wanted = _param_paths(abstract_params)
+  target = nnx.to_pure_dict(abstract_params)
+  wanted = _param_paths(target)
   if _is_scanned(stored) == _is_scanned(wanted):
     _check_params_present(step_dir, stored, wanted)
     return _restore_state_item(step_dir, {"params": abstract_params})
   # The other layout: restore into that layout's shapes (same dtypes, layer axis unsharded), then
   # stack or split the layers and place each parameter on its target sharding.
-  target = nnx.to_pure_dict(abstract_params)
   to_scanned = _is_scanned(wanted)
   # The model's layer count: the stack's leading axis, or the number of per-layer subtrees.
   num_layers = (next(shape[0] for p, shape in wanted.items() if p[0] == "layers") if to_scanned
@@ -304,8 +305,7 @@ def restore_params(step_dir: str, abstract_params: Any) -> Any:
       target, to_scanned=not to_scanned, num_layers=num_layers,
       stack=lambda leaves: _with_spec(leaves[0], (len(leaves), *leaves[0].shape), (None, *_spec(leaves[0]))),
       unstack=lambda leaf, i: _with_spec(leaf, leaf.shape[1:], _spec(leaf)[1:]))
-  _check_params_present(step_dir, stored, {tuple(str(k) for k in path): tuple(leaf.shape) for path, leaf
-                                           in nnx.traversals.flatten_mapping(stored_layout).items()})
+  _check_params_present(step_dir, stored, _param_paths(stored_layout))
   abstract_stored = nnx.State(jax.tree.map(nnx.Param, stored_layout))
   restored = nnx.to_pure_dict(_restore_state_item(step_dir, {"params": abstract_stored}))
   converted = _relayout(restored, to_scanned=to_scanned, num_layers=num_layers,

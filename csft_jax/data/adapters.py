@@ -173,8 +173,6 @@ def mcq(record: Mapping[str, Any], options: Mapping[str, Any]) -> Conversation:
   unknown = [c for c in answer.strip() if c not in choices]
   if not answer.strip() or unknown:
     raise RecordError(f"answer {answer!r} is not made of option letters {sorted(choices)}")
-  explanation = _optional(record, cols, "explanation") if options.get("with_explanation") else None
-  reply = f"{explanation}所以答案是{answer}。" if explanation else f"答案是{answer}。"
   prompt = options.get("prompt") or "cmb_to_sft"
   if prompt == "cmb_exam":
     item = {k: _text(_field(record, cols, k, "mcq"), cols[k]) for k in ("exam_type", "exam_class", "question_type")}
@@ -183,6 +181,8 @@ def mcq(record: Mapping[str, Any], options: Mapping[str, Any]) -> Conversation:
   if prompt != "cmb_to_sft":
     raise RecordError(f"mcq prompt={prompt!r}; choose 'cmb_to_sft' (CollectiveSFT's rendering) or 'cmb_exam' "
                       "(the CMB benchmark's answer-only question)")
+  explanation = _optional(record, cols, "explanation") if options.get("with_explanation") else None
+  reply = f"{explanation}所以答案是{answer}。" if explanation else f"答案是{answer}。"
   lines = "".join(f"{letter}: {choices[letter]}\n" for letter in sorted(choices))
   return Conversation(options.get("system"), ((USER, _alpaca_user(instruction, f"{question}\n{lines}")),
                                               (ASSISTANT, reply)))

@@ -62,17 +62,15 @@ class GenerationJournal:
   """
 
   def __init__(self, path: str, fingerprint: str, *, primary: bool = True):
-    self.path, self.fingerprint, self.primary = path, fingerprint, primary
-    self._done: dict[tuple[str, int], tuple[str, list[list[int]]]] = {}
-    lines = _read_lines(path)
-    if lines and json.loads(lines[0]).get("fingerprint") != fingerprint:
+    self.path = path
+    lines, entries = _read_lines(path)
+    if entries and entries[0].get("fingerprint") != fingerprint:
       logging.warning("%s was written with other settings; moved to %s.old and starting over.", path, path)
       if primary:
         os.replace(path, path + ".old")
-      lines = []
-    for line in lines[1:]:
-      entry = json.loads(line)
-      self._done[(entry["call"], entry["index"])] = (entry["prompt_sha"], entry["samples"])
+      lines, entries = [], []
+    self._done: dict[tuple[str, int], tuple[str, list[list[int]]]] = {
+        (entry["call"], entry["index"]): (entry["prompt_sha"], entry["samples"]) for entry in entries[1:]}
     self._handle = None
     if primary:
       if lines and os.path.getsize(path) != sum(len(line.encode()) + 1 for line in lines):
@@ -87,9 +85,10 @@ class GenerationJournal:
     return entry[1] if entry is not None and entry[0] == _sha(prompt) else None
 
   def add(self, call: str, index: int, prompt: Sequence[int], samples: list[list[int]]) -> None:
-    self._done[(call, index)] = (_sha(prompt), samples)
+    digest = _sha(prompt)
+    self._done[(call, index)] = (digest, samples)
     if self._handle is not None:
-      self._write({"call": call, "index": index, "prompt_sha": _sha(prompt), "samples": samples})
+      self._write({"call": call, "index": index, "prompt_sha": digest, "samples": samples})
 
   def _write(self, entry: dict[str, Any]) -> None:
     self._handle.write(json.dumps(entry) + "\n")
@@ -101,20 +100,20 @@ class GenerationJournal:
       self._handle.close()
 
 
-def _read_lines(path: str) -> list[str]:
-  """The complete JSON lines of a journal (a last line cut off by a kill is dropped)."""
+def _read_lines(path: str) -> tuple[list[str], list[dict[str, Any]]]:
+  """The complete lines of a journal and their JSON objects (a last line cut off by a kill is dropped)."""
   if not os.path.isfile(path):
-    return []
+    return [], []
   with open(path, encoding="utf-8") as handle:
     lines = handle.read().splitlines()
-  complete = []
+  complete, entries = [], []
   for line in lines:
     try:
-      json.loads(line)
+      entries.append(json.loads(line))
     except json.JSONDecodeError:
       break
     complete.append(line)
-  return complete
+  return complete, entries
 
 
 def _sha(prompt: Sequence[int]) -> str:
