@@ -13,14 +13,16 @@ import ml_collections
 from csft_jax import checkpointing, sharding, train
 from csft_jax.data import config as data_config
 from csft_jax.models import config as model_config
+from csft_jax.models import lora
 from csft_jax.training import optimizer
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Every section with its component's defaults: model, data, mesh, optim, train, checkpoint, init."""
+  """Every section with its component's defaults: model, lora, data, mesh, optim, train, checkpoint, init."""
   del arg
   config = ml_collections.ConfigDict()
   config.model = model_config.default_config()
+  config.lora = lora.default_config()
   config.data = data_config.default_config()
   config.mesh = sharding.default_config()
   config.optim = optimizer.default_config()
@@ -28,6 +30,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint = checkpointing.default_config()
   config.init = train.default_init_config()
   return config
+
+
+# `method=` of the recipes: how much of the model trains, and where its optimizer state lives.
+#   full     every parameter, f32 master weights and AdamW moments on the device (the papers' runs);
+#   lora     LoRA adapters of rank 16 (alpha 32) on every linear projection of every layer, the base
+#            frozen in bf16; lr 1e-4 (LLaMA-Factory's LoRA examples); the adapters are also exported
+#            as a PEFT directory (W/peft) beside the merged HF export;
+#   offload  every parameter, the AdamW moments in host memory (optim.offload=host).
+METHODS = ("full", "lora", "offload")
+
+
+def apply_method(config: ml_collections.ConfigDict, method: str) -> None:
+  """Sets `config` for a `method` of METHODS (in place)."""
+  if method == "lora":
+    config.lora.update(rank=16, alpha=32.0, dropout=0.0, targets="")
+    config.optim.lr = 1e-4
+    config.train.export_peft = "peft"
+  elif method == "offload":
+    config.optim.offload = "host"
+  elif method != "full":
+    raise ValueError(f"method={method!r}; choose one of {METHODS}.")
 
 
 def parse_arg(arg: str | None, defaults: dict[str, str], *, where: str, bare: str | None = None,

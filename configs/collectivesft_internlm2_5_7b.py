@@ -21,12 +21,14 @@ sources concatenated (= proportional mixing), no packing. Two variants (`variant
 
 The argument is `k=v` pairs separated by commas (a bare name means `mesh=`):
   variant   `paper` (the default) or `full`, above;
-  mesh      a preset (mesh + gradient accumulation, see MESH_PRESETS): v5p-8, v4-16, v5e-16, v6e-8 or
-            8xh100 (the default);
+  mesh      a preset (mesh + gradient accumulation, see MESH_PRESETS): v5p-8, v4-16, v5e-16, v6e-8,
+            v4-8, v5e-8 or 8xh100 (the default);
   sources   `collection` (the default) or `cmb_only` (the single-source arm of experiments/mixture_ablation.py);
   model_dir the base model's HF directory (config.json, *.safetensors, tokenizer.json); it is both
             `init.from_hf` and the tokenizer. Default: checkpoints/internlm2_5-7b;
-  data_dir  the folder holding the sources under the file names in SOURCES. Default: data/collectivesft.
+  data_dir  the folder holding the sources under the file names in SOURCES. Default: data/collectivesft;
+  method    `full` (the default), `lora` or `offload` (configs/base.py METHODS): v4-8 and v5e-8,
+            too small for a 7B full fine-tune, take `method=lora`.
 Relative paths are relative to the current directory. A single source can still be moved
 (`--config.data.sources.cmb.path=...`), capped (`.max_samples=1000`) or dropped (`.enabled=False`).
 Print the per-device memory plan without devices or allocation:
@@ -62,6 +64,9 @@ MESH_PRESETS = {
     "v5e-16": (dict(data=1, fsdp=16, tensor=1), 16, "splash"),
     "v6e-8": (dict(data=1, fsdp=8, tensor=1), 16, "splash"),
     "8xh100": (dict(data=1, fsdp=8, tensor=1), 2, "xla"),
+    # The slices a 7B full fine-tune does not fit (above): with method=lora (or offload, measured).
+    "v4-8": (dict(data=1, fsdp=4, tensor=1), 16, "splash"),
+    "v5e-8": (dict(data=1, fsdp=8, tensor=1), 32, "splash"),
 }
 
 PAPER_EXAMPLES_PER_STEP = 256  # 16 per device x 2 accumulation x 8 GPUs
@@ -91,10 +96,10 @@ SOURCES = {
 def parse_arg(arg: str | None, *, model_dir: str) -> dict[str, str]:
   """`variant=full,mesh=v5p-8,sources=cmb_only,model_dir=M,data_dir=D` (a bare name is a mesh) -> options."""
   return base.parse_arg(arg, {"variant": "paper", "mesh": "8xh100", "sources": "collection", "model_dir": model_dir,
-                              "data_dir": "data/collectivesft"},
+                              "data_dir": "data/collectivesft", "method": "full"},
                         where="the CollectiveSFT recipe", bare="mesh",
                         choices={"variant": ("paper", "full"), "mesh": tuple(MESH_PRESETS),
-                                 "sources": ("collection", "cmb_only")})
+                                 "sources": ("collection", "cmb_only"), "method": base.METHODS})
 
 
 def recipe(arg: str | None, *, model_preset: str, model_dir: str, chat_template: str,
@@ -135,6 +140,7 @@ def recipe(arg: str | None, *, model_preset: str, model_dir: str, chat_template:
                       eval_every=500, export_hf="hf_export")
   config.checkpoint.update(every_steps=500, keep=3)
   config.init.from_hf = options["model_dir"]
+  base.apply_method(config, options["method"])
   return config
 
 

@@ -21,7 +21,9 @@ The argument is `k=v` pairs separated by commas (a bare name means `mesh=`):
   mesh      a preset (mesh + gradient accumulation, see MESH_PRESETS); default 8xh100;
   model_dir the base model's HF directory (config.json, *.safetensors, tokenizer.json): both
             `init.from_hf` and the tokenizer. Default: checkpoints/Meta-Llama-3-8B;
-  data_dir  the folder of the MedS-Ins task files and RewriteDefinitions.json. Default: data/meds_ins.
+  data_dir  the folder of the MedS-Ins task files and RewriteDefinitions.json. Default: data/meds_ins;
+  method    `full` (the default), `lora` or `offload` (configs/base.py METHODS); v4-8 and v5e-8 take
+            `method=lora`.
 The prompt mix is `--config.data.sources.meds_ins.few_shot_prob=...`, `.rewrite_prob=...`,
 `.split_types=...`. Will it fit?
 
@@ -48,6 +50,9 @@ MESH_PRESETS = {
     "v5e-32": (dict(data=1, fsdp=32, tensor=1), 4),
     "v6e-8": (dict(data=1, fsdp=8, tensor=1), 16),
     "8xh100": (dict(data=1, fsdp=8, tensor=1), 4),
+    # Too small for the full fine-tune; with method=lora.
+    "v4-8": (dict(data=1, fsdp=4, tensor=1), 16),
+    "v5e-8": (dict(data=1, fsdp=8, tensor=1), 16),
 }
 # Llama-3-8B's vocabulary (128,000 tokens + 256 reserved specials).
 VOCAB_SIZE = 128256
@@ -56,8 +61,9 @@ VOCAB_SIZE = 128256
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the recipe; see the module docstring for `arg`."""
   options = base.parse_arg(arg, {"mesh": "8xh100", "model_dir": "checkpoints/Meta-Llama-3-8B",
-                                 "data_dir": "data/meds_ins"},
-                           where="configs/meds_ins_llama3_8b.py", bare="mesh", choices={"mesh": tuple(MESH_PRESETS)})
+                                 "data_dir": "data/meds_ins", "method": "full"},
+                           where="configs/meds_ins_llama3_8b.py", bare="mesh",
+                           choices={"mesh": tuple(MESH_PRESETS), "method": base.METHODS})
   config = base.get_config()
   # The architecture comes from the HF checkpoint in init.from_hf (Llama-3-8B: rope theta 5e5, no
   # rope scaling, 8k positions). Without one (--compile_for, --plan_only) the Llama-3.1-8B preset
@@ -86,4 +92,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       eval_every=1000, export_hf="hf_export")
   config.checkpoint.update(every_steps=1000, keep=3)
   config.init.from_hf = options["model_dir"]
+  base.apply_method(config, options["method"])
   return config

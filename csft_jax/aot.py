@@ -84,6 +84,8 @@ class FitReport:
   kv_cache_gib: float | None = None  # generation: the KV cache, one of the temporaries
   # optim.offload='host': the optimizer state lives in host memory, outside `total_gib`
   host_gib: float | None = None
+  # LoRA: the frozen base (compute dtype); `params_gib` and `opt_state_gib` are the adapters'
+  frozen_gib: float | None = None
 
   @property
   def fits(self) -> bool:
@@ -95,7 +97,9 @@ class FitReport:
 
   def table(self) -> str:
     opt_state = "opt_state (host)" if self.host_gib is not None else "opt_state"
-    rows = [("params", self.params_gib), (opt_state, self.opt_state_gib), ("temporaries", self.temp_gib),
+    params = "params (trained)" if self.frozen_gib is not None else "params"
+    rows = [("frozen base", self.frozen_gib), (params, self.params_gib), (opt_state, self.opt_state_gib),
+            ("temporaries", self.temp_gib),
             ("  of which KV cache", self.kv_cache_gib), ("total on device", self.total_gib),
             ("host memory", self.host_gib), ("HBM of the chip", self.hbm_per_device_gib)]
     lines = [f"{self.slice}: {self.devices} devices, mesh {self.mesh}, {self.program}",
@@ -191,14 +195,16 @@ def check_fit(config: ml_collections.ConfigDict, slice_name: str) -> FitReport:
   batch = abstract_batch(config, batch_sharding)
   params_bytes = _per_device_bytes(abstract.params, shardings.params)
   opt_state_bytes = _per_device_bytes(abstract.opt_state, shardings.opt_state)
+  frozen_bytes = _per_device_bytes(abstract.frozen, shardings.frozen) if abstract.frozen is not None else None
   report = functools.partial(FitReport, slice=slice_name, devices=len(devices), mesh=dict(mesh.shape),
                              params_gib=params_bytes / GIB, opt_state_gib=opt_state_bytes / GIB,
-                             hbm_per_device_gib=spec.hbm_gib)
+                             hbm_per_device_gib=spec.hbm_gib,
+                             frozen_gib=None if frozen_bytes is None else frozen_bytes / GIB)
   temp, total, refusal, host = _compile(train_step, (abstract, batch), {}, mesh)
   if offloaded:
     report = functools.partial(report, host_gib=host if not refusal else opt_state_bytes / GIB)
   if refusal:
-    total = temp + (params_bytes + (0 if offloaded else opt_state_bytes)
+    total = temp + (params_bytes + (frozen_bytes or 0) + (0 if offloaded else opt_state_bytes)
                     + _per_device_bytes(batch, {k: batch_sharding for k in batch})) / GIB
   return report(temp_gib=temp, total_gib=total, compiler_message=refusal)
 

@@ -344,22 +344,56 @@ def restore_model(path: str, *, step: int | None = None, dtype: str | None = Non
   if dtype is not None:
     config_overrides["dtype"] = dtype
   config = read_model_config(step_dir, **config_overrides)
-  graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))), nnx.Param)
-  if mesh is None:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: device, abstract_params)
-  else:
-    shardings = state_shardings(abstract_params, mesh)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
-  return nnx.merge(graphdef, restore_params(step_dir, target))
+  # A LoRA step holds the adapters; the run keeps the frozen base once (`run_base_dir`).
+  graphdef, *abstract_parts = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))),
+                                        *((nnx.LoRAParam, nnx.Param) if config.lora_rank else (nnx.Param,)))
+  targets = []
+  for abstract_params in abstract_parts:
+    if mesh is None:
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      shardings = jax.tree.map(lambda _: device, abstract_params)
+    else:
+      shardings = state_shardings(abstract_params, mesh)
+    targets.append(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params,
+                                shardings))
+  parts = [restore_params(step_dir, targets[0])]
+  if config.lora_rank:
+    parts.append(restore_base(run_base_dir(step_dir), targets[1]))
+  return nnx.merge(graphdef, *parts)
 
 
 def save_model(directory: str, model: Decoder, step: int = 0) -> str:
   """Writes `model` as a params-only checkpoint `<directory>/<step>/` (what the trainer can start from)."""
+  return save_params(directory, nnx.state(model, nnx.Param), model.config, step)
+
+
+def save_params(directory: str, params: Any, model_config: ModelConfig, step: int = 0) -> str:
+  """Writes `params` (a model's nnx parameter state) as a params-only checkpoint `<directory>/<step>/`.
+
+  Orbax writes into a temporary directory and renames it when complete: an interrupted save leaves
+  no `<step>/` behind.
+  """
   manager = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=True))
   manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave({"step": jnp.asarray(step, jnp.int32), "params": nnx.state(model, nnx.Param)}),
-      model_config=ocp.args.JsonSave(model_config_to_json(model.config))), force=True)
+      state=ocp.args.StandardSave({"step": jnp.asarray(step, jnp.int32), "params": params}),
+      model_config=ocp.args.JsonSave(model_config_to_json(model_config))), force=True)
   manager.wait_until_finished()
   manager.close()
   return os.path.join(os.path.abspath(directory), str(step))
+
+
+def run_base_dir(step_dir: str) -> str:
+  """The frozen base of the LoRA run a step directory `W/checkpoints/<step>` belongs to: `W/base/0`."""
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), "base", "0")
+
+
+def restore_base(base_dir: str, abstract_frozen: Any) -> Any:
+  """A LoRA run's frozen base from `base_dir` (`W/base/0`) onto `abstract_frozen`'s shardings.
+
+  Raises:
+    CheckpointError saying the base is missing or unreadable (a LoRA run cannot resume without it).
+  """
+  if not os.path.isdir(os.path.join(base_dir, "state")):
+    raise CheckpointError(f"{base_dir} is missing: a LoRA run's step checkpoints hold only the adapters, and the "
+                          "frozen base it was started from is kept there. Restore it, or start a new workdir.")
+  return restore_params(base_dir, abstract_frozen)

@@ -31,10 +31,10 @@ PACKAGE_PREFIX = "pkg://"
 
 # Dotted config fields that hold paths ('*' matches one level, e.g. a source name).
 PATH_FIELDS = (
-    "data.tokenizer", "data.sources.*.path", "data.cache_dir", "init.from_hf", "init.from_checkpoint",
+    "data.tokenizer", "data.sources.*.path", "data.cache_dir", "init.from_hf", "init.from_checkpoint", "init.from_peft",
     "data.sources.*.rewrite_definitions",  # meds_ins sources
     # Evaluation configs.
-    "checkpoint", "tokenizer", "out_dir", "exam", "val", "answer_key", "task_dir", "clin",
+    "checkpoint", "adapter", "tokenizer", "out_dir", "exam", "val", "answer_key", "task_dir", "clin",
 )
 
 

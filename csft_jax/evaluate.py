@@ -3,6 +3,7 @@
   python -m csft_jax.evaluate --config=configs/eval/cmb.py --config.checkpoint=W
   python -m csft_jax.evaluate --config=configs/eval/meds_bench.py --config.checkpoint=W
   python -m csft_jax.evaluate --config=configs/eval/cmb.py --config.checkpoint=HF_DIR --config.out_dir=OUT
+  python -m csft_jax.evaluate --config=configs/eval/cmb.py --config.checkpoint=BASE_HF_DIR --config.adapter=PEFT_DIR
 
 `checkpoint` is a training workdir (latest step; the run's tokenizer and chat template), W/checkpoints,
 a step directory, or an HF directory (its own tokenizer and template); see `csft_jax.loading`.
@@ -44,24 +45,25 @@ from csft_jax.console import run_cli
 from csft_jax.convert import read_hf_config
 from csft_jax.loading import is_hf_dir, load_chat_model
 from csft_jax.eval import runner
-from csft_jax.models import PRESETS, ModelConfig, get_preset
+from csft_jax.models import PRESETS, ModelConfig, get_preset, lora
 from csft_jax.stopping import StopRequest
 from csft_jax.workdir import RunDir, model_tag
 
 
 def evaluated_step(checkpoint: str, run: RunDir) -> int | str:
   """The step of run `run` that `checkpoint` holds: a step directory's, the latest one of the workdir,
-  or for the run's HF export the step it was exported at (another HF directory: its name)."""
-  if is_hf_dir(checkpoint):
+  or for the run's HF or PEFT export the step it was exported at (another such directory: its name)."""
+  if is_hf_dir(checkpoint) or lora.is_peft_dir(checkpoint):
     summary = run.read_summary() or {}
-    exported = summary.get("hf_export") and os.path.samefile(summary["hf_export"], checkpoint)
+    exported = any(summary.get(k) and os.path.samefile(summary[k], checkpoint) for k in ("hf_export", "peft_export"))
     return summary["step"] if exported else os.path.basename(os.path.abspath(checkpoint))
   return int(os.path.basename(checkpointing.resolve_step_dir(checkpoint)))
 
 
 def weight_files(checkpoint: str) -> list[str]:
-  """The files that hold the weights of `checkpoint` (an HF directory's safetensors, a step's state)."""
-  if is_hf_dir(checkpoint):
+  """The files that hold the weights of `checkpoint` (an HF directory's safetensors, a PEFT adapter's, a
+  step's state)."""
+  if is_hf_dir(checkpoint) or lora.is_peft_dir(checkpoint):
     return [os.path.join(checkpoint, name) for name in os.listdir(checkpoint) if name.endswith(".safetensors")]
   directory = os.path.join(checkpointing.resolve_step_dir(checkpoint), "state")
   return [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
@@ -72,10 +74,12 @@ def output_dir(config: ml_collections.ConfigDict, benchmark: runner.Benchmark) -
   if config.out_dir:
     return config.out_dir
   name = benchmark.result_name(config)
-  run = RunDir.containing(config.checkpoint)
+  # With an adapter, the adapter is what was trained: results go beside it, not beside the base.
+  model = config.adapter or config.checkpoint
+  run = RunDir.containing(model)
   if run is None:  # one model per directory: <dir>/eval/<name>/, or <name>-limit_<k>/ for a partial run
-    return os.path.join(config.checkpoint, "eval", name + (f"-limit_{config.limit}" if config.limit else ""))
-  return run.eval_dir(name, model_tag(evaluated_step(config.checkpoint, run), config.limit))
+    return os.path.join(model, "eval", name + (f"-limit_{config.limit}" if config.limit else ""))
+  return run.eval_dir(name, model_tag(evaluated_step(model, run), config.limit))
 
 
 class Interrupted(NamedTuple):
@@ -102,10 +106,11 @@ def run(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | None | Inte
   mesh = sharding.make_mesh(**config.mesh)
   start = time.perf_counter()
   loaded = load_chat_model(config.checkpoint, dtype=config.dtype, mesh=mesh, tokenizer=config.tokenizer,
-                           chat_template=config.chat_template, scan_layers=config.scan_layers)
+                           chat_template=config.chat_template, adapter=config.adapter, scan_layers=config.scan_layers)
   logging.info("Loaded %s checkpoint %s in %.1fs.", loaded.kind, loaded.path, time.perf_counter() - start)
   journal = runner.GenerationJournal(os.path.join(out_dir, "progress.jsonl"),
-                                     runner.fingerprint(config, weight_files(config.checkpoint)),
+                                     runner.fingerprint(config, weight_files(config.checkpoint)
+                                                        + (weight_files(config.adapter) if config.adapter else [])),
                                      primary=jax.process_index() == 0)
   stop = StopRequest()
   chat = runner.ChatModel(loaded.model, loaded.tokenizer, loaded.template, mesh=mesh, batch_size=config.batch_size,

@@ -14,6 +14,7 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
 from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
@@ -22,7 +23,7 @@ from csft_jax import checkpointing, sharding
 from csft_jax.convert.hf import load_hf, read_hf_config
 from csft_jax.data.templates import TEMPLATE_NAMES, ChatTemplate, load_chat_template
 from csft_jax.data.tokenizer import load_tokenizer
-from csft_jax.models import Decoder
+from csft_jax.models import Decoder, lora
 from csft_jax.workdir import RunDir
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -58,13 +59,64 @@ def is_hf_dir(path: str) -> bool:
       name.endswith(".safetensors") for name in os.listdir(path))
 
 
-def load_model(path: str, *, dtype: str = "float32", mesh: Mesh | None = None, **overrides: Any
-               ) -> tuple[Decoder, str]:
+def load_model(path: str, *, dtype: str = "float32", mesh: Mesh | None = None, adapter: str = "",
+               **overrides: Any) -> tuple[Decoder, str]:
   """`(model, kind)` from an HF directory or an Orbax checkpoint (see the module docstring).
 
   `overrides` (`ModelConfig` fields such as `scan_layers`) apply to HF directories; an Orbax
-  checkpoint keeps the layout it was saved with.
+  checkpoint keeps the layout it was saved with. A LoRA model (a LoRA run's step, or `path` as the
+  base of `adapter`: a PEFT directory or a LoRA run) comes back with its adapters merged in memory.
   """
+  model, kind = _load_weights(path, dtype=dtype, mesh=mesh, **overrides)
+  if adapter:
+    model = with_adapter(model, adapter, mesh)
+  return (lora.merged(model) if model.config.lora_rank else model), kind
+
+
+def with_adapter(base: Decoder, adapter: str, mesh: Mesh | None = None) -> Decoder:
+  """`base` carrying the LoRA adapters of `adapter`: a PEFT directory, or a LoRA run's workdir or step.
+
+  Raises:
+    LoadError when `adapter` is neither, or its adapters do not fit `base`.
+  """
+  if base.config.lora_rank:
+    raise LoadError(f"the model already has LoRA adapters; drop config.adapter={adapter!r}.")
+  try:
+    if lora.is_peft_dir(adapter):
+      fields = lora.read_peft_config(adapter, base.config.arch)
+      arrays = lora.load_peft(adapter, base.config.replace(**fields))
+    else:
+      step_dir = checkpointing.resolve_step_dir(adapter)
+      stored = checkpointing.read_model_config(step_dir)
+      if not stored.lora_rank:
+        raise LoadError(f"config.adapter={adapter!r} is a full checkpoint, not a LoRA run or a PEFT directory.")
+      fields = {k: getattr(stored, k) for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_rslora",
+                                                "lora_targets")}
+      arrays = None
+  except (ValueError, checkpointing.CheckpointError) as e:
+    if isinstance(e, LoadError):
+      raise
+    raise LoadError(f"config.adapter={adapter!r}: {e}") from None
+  config = base.config.replace(**fields)
+  graphdef, abstract, _ = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))), nnx.LoRAParam,
+                                    nnx.Param)
+  if mesh is not None:
+    shardings = sharding.state_shardings(abstract, mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  if arrays is None:
+    adapters = checkpointing.restore_params(step_dir, abstract)
+  else:
+    try:
+      adapters = lora.fill(abstract, arrays, adapter)
+    except ValueError as e:
+      raise LoadError(str(e)) from None
+  model = nnx.merge(graphdef, adapters, nnx.state(base, nnx.Param))
+  if hasattr(base, "hf_source_dir"):
+    model.hf_source_dir = base.hf_source_dir
+  return model
+
+
+def _load_weights(path: str, *, dtype: str, mesh: Mesh | None, **overrides: Any) -> tuple[Decoder, str]:
   if not os.path.exists(path):
     raise LoadError(f"checkpoint {path!r} does not exist: pass an HF model directory, a training workdir, "
                     "or a checkpoint step directory.")
@@ -82,7 +134,7 @@ def load_model(path: str, *, dtype: str = "float32", mesh: Mesh | None = None, *
 
 
 def load_chat_model(path: str, *, dtype: str = "float32", mesh: Mesh | None = None, tokenizer: str = "",
-                    chat_template: str = "", **overrides: Any) -> ChatModelFiles:
+                    chat_template: str = "", adapter: str = "", **overrides: Any) -> ChatModelFiles:
   """Model, tokenizer and template for `path`; `tokenizer`/`chat_template` override the defaults.
 
   Raises:
@@ -117,6 +169,6 @@ def load_chat_model(path: str, *, dtype: str = "float32", mesh: Mesh | None = No
     raise LoadError(
         f"Tokenizer {tokenizer_dir} has {len(loaded_tokenizer)} tokens but the model's vocab_size is "
         f"{vocab_size}: they do not belong together; pass the model's own tokenizer with --config.tokenizer=DIR.")
-  model, kind = load_model(path, dtype=dtype, mesh=mesh, **overrides)
+  model, kind = load_model(path, dtype=dtype, mesh=mesh, adapter=adapter, **overrides)
   # An HF directory is self-contained (also an export inside a run): it is its own home.
   return ChatModelFiles(model, loaded_tokenizer, template, kind, path, None if hf else run_dir)

@@ -38,17 +38,18 @@ from csft_jax.convert.hf import copy_tokenizer_files, load_hf
 from csft_jax.data.pipeline import DataPipeline
 from csft_jax.data.tokenizer import is_sentencepiece_only, save_converted_tokenizer
 from csft_jax.loading import is_hf_dir
-from csft_jax.models import ModelConfig, model_config_from
+from csft_jax.models import ModelConfig, lora, model_config_from
 from csft_jax.models.attention import check_backend
 from csft_jax.models.config import ARCHITECTURE_FIELDS, RUNTIME_FIELDS
 from csft_jax.sharding import abstract_mesh, activation_sharding, describe_plan, make_mesh, state_shardings
 from csft_jax.training.loss import LossSums
 from csft_jax.training.metrics import MetricsWriter, StepMeter, itstime, peak_flops, training_flops_per_token
 from csft_jax.training.optimizer import check_host_memory, make_optimizer, opt_state_memory
-from csft_jax.training.programs import (StartingState, abstract_state, graphdef_of, jit_steps, model_config_for_plan,
-                                        new_train_state, random_init)
+from csft_jax.training.programs import (StartingState, abstract_state, base_config, graphdef_of, jit_steps,
+                                        model_config_for_plan, new_adapters, new_train_state, random_init,
+                                        runtime_fields, with_lora)
 from csft_jax.stopping import StopRequest
-from csft_jax.training.step import TrainState
+from csft_jax.training.step import TrainState, merge_model
 from csft_jax.workdir import RunDir
 
 
@@ -67,6 +68,7 @@ def default_train_config() -> ml_collections.ConfigDict:
       seed=0,
       peak_tflops=0.0,  # Per-device peak for MFU where the device kind is unknown.
       export_hf="",  # A directory name under the workdir (e.g. "hf_export"): the finished model in HF format.
+      export_peft="",  # LoRA runs: a directory name under the workdir: the adapters as a PEFT directory.
   ))
 
 
@@ -75,6 +77,9 @@ def default_init_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       from_hf="",  # An HF model directory (config.json + *.safetensors).
       from_checkpoint="",  # A csft_jax checkpoint: workdir, checkpoints dir, step dir or convert_from_hf output.
+      # A PEFT LoRA directory to continue training (with from_hf / from_checkpoint as its base); its
+      # adapter_config.json sets config.lora.
+      from_peft="",
   ))
 
 
@@ -90,7 +95,7 @@ class InitError(ValueError):
 # computation is laid out in memory (mesh, accumulation, remat, attention kernel). Anything else
 # changes what the run trains and needs --allow_config_change. Model shape is refused regardless.
 CHANGEABLE_ON_RESUME = (
-    "train.num_steps", "train.num_epochs", "train.log_every", "train.eval_every", "train.export_hf",
+    "train.num_steps", "train.num_epochs", "train.log_every", "train.eval_every", "train.export_hf", "train.export_peft",
     "train.peak_tflops", "train.grad_accum_steps", "train.loss_chunk_size", "checkpoint.*", "mesh.*", "init.*",
     "data.cache", "data.cache_dir", "data.tokenizer", "model.remat_policy", "model.attention_impl",
     "model.attention_block_q", "model.attention_block_kv",
@@ -179,6 +184,8 @@ def _resume(config, tokenizer_size: int, optimizer, mesh: Mesh, checkpointer: ch
       abstract, shardings = abstract_state(model_config, optimizer, config.train.seed, mesh,
                                            opt_state_memory(config.optim))
       restored = checkpointer.restore(step, abstract, data_iter)
+      if model_config.lora_rank:  # a LoRA step holds the adapters; the base was kept once
+        restored["frozen"] = checkpointing.restore_base(os.path.join(run_dir.base, "0"), abstract.frozen)
     except checkpointing.UnreadableCheckpointError as e:
       moved = checkpointer.move_aside(step, run_dir.unreadable_checkpoints) if _primary() else "(process 0 moves it)"
       say(f"WARNING: checkpoint {e}; moved it to {moved}, trying the one before.")
@@ -208,12 +215,17 @@ def _init_source_config(config, runtime: dict[str, Any]) -> tuple[ModelConfig, s
               else "")
       raise InitError(f"config.init.from_hf={init.from_hf!r} is not an HF model directory (config.json + "
                       f"*.safetensors).{hint}")
-    return read_hf_config(init.from_hf, **runtime), f"config.init.from_hf={init.from_hf}"
+    return (_adapter_settings(config, read_hf_config(init.from_hf, **runtime)),
+            f"config.init.from_hf={init.from_hf}")
   try:
     step_dir = checkpointing.resolve_step_dir(init.from_checkpoint)
   except checkpointing.CheckpointError as e:
     raise InitError(f"config.init.from_checkpoint: {e}") from None
-  return checkpointing.read_model_config(step_dir, **runtime), f"config.init.from_checkpoint={step_dir}"
+  stored = checkpointing.read_model_config(step_dir, **runtime)
+  if stored.lora_rank:
+    raise InitError(f"config.init.from_checkpoint={step_dir} is a step of a LoRA run (adapters only); start from "
+                    "its merged export (config.train.export_hf), or from its base with config.init.from_peft.")
+  return _adapter_settings(config, stored), f"config.init.from_checkpoint={step_dir}"
 
 
 def restore_or_init(config: ml_collections.ConfigDict, tokenizer_size: int, optimizer, mesh: Mesh,
@@ -234,9 +246,11 @@ def restore_or_init(config: ml_collections.ConfigDict, tokenizer_size: int, opti
   resumed = _resume(config, tokenizer_size, optimizer, mesh, checkpointer, data_iter, run_dir, say)
   if resumed is not None:
     return resumed
-  runtime = {k: config.model[k] for k in RUNTIME_FIELDS}
+  runtime = runtime_fields(config)
   if not (init.from_hf or init.from_checkpoint):
-    model_config = model_config_from(config.model, tokenizer_size)
+    if init.from_peft:
+      raise InitError("config.init.from_peft needs its base: set config.init.from_hf (or from_checkpoint) too.")
+    model_config = with_lora(model_config_from(config.model, tokenizer_size), config)
     _check_vocab(tokenizer_size, model_config, config.data.tokenizer, "config.model")
     return random_init(model_config, optimizer, config.train.seed, mesh, opt_state_memory(config.optim))
   model_config, source = _init_source_config(config, runtime)
@@ -244,16 +258,56 @@ def restore_or_init(config: ml_collections.ConfigDict, tokenizer_size: int, opti
   _check_vocab(tokenizer_size, model_config, config.data.tokenizer, source)
   abstract, shardings = abstract_state(model_config, optimizer, config.train.seed, mesh,
                                        opt_state_memory(config.optim))
+  base_runtime = {**runtime, "param_dtype": base_config(model_config).param_dtype}
+  base_shardings = shardings.frozen if model_config.lora_rank else shardings.params
   if init.from_hf:
-    params = nnx.state(load_hf(init.from_hf, shardings=nnx.as_pure(shardings.params), **runtime), nnx.Param)
+    base = nnx.state(load_hf(init.from_hf, shardings=nnx.as_pure(base_shardings), **base_runtime), nnx.Param)
   else:
-    params = checkpointing.restore_params(checkpointing.resolve_step_dir(init.from_checkpoint), abstract.params)
+    base = checkpointing.restore_params(checkpointing.resolve_step_dir(init.from_checkpoint),
+                                        abstract.frozen if model_config.lora_rank else abstract.params)
+  frozen = None
+  params = base
+  if model_config.lora_rank:
+    frozen = base
+    if init.from_peft:
+      params = lora.fill(abstract.params, lora.load_peft(init.from_peft, model_config), init.from_peft)
+      source += f" with the adapters of config.init.from_peft={init.from_peft}"
+    else:
+      params = new_adapters(model_config, config.train.seed, shardings.params)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-  state = TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+  # On the step's own sharding, as the train step returns it: the second step then reuses the
+  # first one's compiled program instead of compiling again for a differently typed input.
+  step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+  state = TrainState(step, params, opt_state, frozen)
   return StartingState(graphdef_of(model_config), state, shardings, model_config, f"started from {source}")
 
 
+def _adapter_settings(config, model_config: ModelConfig) -> ModelConfig:
+  """`model_config` with its LoRA settings: `init.from_peft`'s adapter_config.json, else `config.lora`.
+
+  Raises:
+    InitError when config.lora sets a rank that the PEFT adapter does not have.
+  """
+  if not config.init.from_peft:
+    return with_lora(model_config, config)
+  if not os.path.isdir(config.init.from_peft) or not lora.is_peft_dir(config.init.from_peft):
+    raise InitError(f"config.init.from_peft={config.init.from_peft!r} is not a PEFT adapter directory "
+                    f"({lora.ADAPTER_CONFIG} + {lora.ADAPTER_WEIGHTS}).")
+  try:
+    fields = lora.read_peft_config(config.init.from_peft, model_config.arch)
+  except ValueError as e:
+    raise InitError(f"config.init.from_peft: {e}") from None
+  if config.lora.rank and config.lora.rank != fields["lora_rank"]:
+    raise InitError(f"config.lora.rank={config.lora.rank} but the adapter in config.init.from_peft="
+                    f"{config.init.from_peft} has rank {fields['lora_rank']}; drop config.lora.rank.")
+  return model_config.replace(**fields)
+
+
 # ---------------------------------------------------------------- the run ----
+
+
+def _count(tree: Any) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def _primary() -> bool:
@@ -330,12 +384,15 @@ def _run_locked(config: ml_collections.ConfigDict, run_dir: RunDir, mesh: Mesh |
                 looping: list[bool]) -> dict[str, Any]:
   """The run itself, with the workdir locked (see `run`)."""
   primary = _primary()
+  if config.train.export_peft and not (config.lora.rank or config.init.from_peft):
+    raise InitError("config.train.export_peft needs a LoRA run (config.lora.rank > 0); export a full fine-tune "
+                    "with config.train.export_hf.")
   resuming = os.path.isdir(run_dir.checkpoints) and any(n.isdigit() for n in os.listdir(run_dir.checkpoints))
   if resuming:
     check_resume_config(run_dir.read_config(), config.to_dict(), allow=allow_config_change, say=say)
   if not resuming and (config.init.from_hf or config.init.from_checkpoint):
     # A bad init source fails first, naming its field, before anything reads its tokenizer.
-    init_model_config, init_source = _init_source_config(config, {k: config.model[k] for k in RUNTIME_FIELDS})
+    init_model_config, init_source = _init_source_config(config, runtime_fields(config))
     _check_fixed_fields(init_model_config, config.model, init_source)
   # Data next: a bad source or tokenizer fails here, before the workdir is touched.
   data_config = configuration.training_data_config(config, run_dir.tokenizer)
@@ -371,6 +428,15 @@ def _run_locked(config: ml_collections.ConfigDict, run_dir: RunDir, mesh: Mesh |
     if is_sentencepiece_only(data_config.tokenizer):  # converted once: the run's copy is a fast tokenizer
       save_converted_tokenizer(pipeline.tokenizer, data_config.tokenizer, run_dir.tokenizer)
 
+  if model_config.lora_rank and first_step == 0:
+    # The frozen base, kept once: the step checkpoints hold the adapters, and resuming needs no
+    # init source (the HF directory may be gone by then).
+    if primary and os.path.isdir(run_dir.base):
+      shutil.rmtree(run_dir.base)
+    checkpointing.save_params(run_dir.base, state.frozen, base_config(model_config))
+    say(f"LoRA rank {model_config.lora_rank} on {', '.join(lora.hf_target_names(model_config))}: "
+        f"{_count(state.params) / 1e6:.3f}M trained parameters; frozen base kept in {run_dir.base}")
+
   num_sources = len(pipeline.source_names)
   train_step, eval_step, batch_sharding = jit_steps(config, start, optimizer, schedule, mesh, num_sources)
 
@@ -381,7 +447,7 @@ def _run_locked(config: ml_collections.ConfigDict, run_dir: RunDir, mesh: Mesh |
     total = LossSums.zeros(num_sources)
     with activation_sharding(mesh):
       for batch in val_batches:
-        total = total + eval_step(state.params, to_global(batch))
+        total = total + eval_step(state.params, state.frozen, to_global(batch))
     total = jax.device_get(total)
     scalars = {"eval_loss": total.loss / max(total.tokens, 1)}
     for name, loss, tokens in zip(pipeline.source_names, total.source_loss, total.source_tokens):
@@ -435,10 +501,15 @@ def _run_locked(config: ml_collections.ConfigDict, run_dir: RunDir, mesh: Mesh |
     last_loss = (run_dir.read_summary() or {}).get("final_loss", float("nan"))  # finished before: keep its loss
   summary = {"status": status, "step": step, "num_steps": num_steps, "final_loss": last_loss,
              "workdir": run_dir.root, "checkpoint": checkpointer.step_dir(checkpointer.latest_step() or 0)}
+  if status == workdir_lib.FINISHED and config.train.export_peft:
+    summary["peft_export"] = run_dir.hf_export(config.train.export_peft)
+    lora.save_peft(merge_model(graphdef, state.params, state.frozen), summary["peft_export"],
+                   base_model=config.init.from_hf)
   if status == workdir_lib.FINISHED and config.train.export_hf:
     export_dir = run_dir.hf_export(config.train.export_hf)
     template = pipeline.template
-    save_hf(nnx.merge(graphdef, state.params), export_dir, tokenizer_dir=data_config.tokenizer,
+    model = merge_model(graphdef, state.params, state.frozen)
+    save_hf(lora.merged(model) if model_config.lora_rank else model, export_dir, tokenizer_dir=data_config.tokenizer,
             stop_token_ids=template.stop_token_ids,
             chat_template=template.jinja() if hasattr(template, "jinja") else None)
     summary["hf_export"] = export_dir
@@ -525,7 +596,7 @@ def main(argv: list[str]) -> None:
   _print(_primary(), f"{summary['status']}: step {summary['step']}/{summary['num_steps']}, "
          f"final loss {summary['final_loss']:.4f}. Results in {summary['workdir']} "
          f"(metrics.jsonl, tensorboard/, checkpoints/, run_summary.json"
-         f"{', ' + os.path.basename(summary['hf_export']) + '/' if 'hf_export' in summary else ''}).")
+         f"{''.join(', ' + os.path.basename(summary[k]) + '/' for k in ('hf_export', 'peft_export') if k in summary)}).")
   if summary["status"] == workdir_lib.DIVERGED:
     sys.exit(1)
 

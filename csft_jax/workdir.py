@@ -6,8 +6,10 @@
   W/tensorboard/           TensorBoard events
   W/checkpoints/<step>/    Orbax checkpoints (csft_jax.checkpointing)
   W/checkpoints_unreadable/<step>/   checkpoints moved aside because they could not be restored
+  W/base/0/                a LoRA run's frozen base (written once; step checkpoints hold the adapters)
   W/run_summary.json       status, steps and final loss, written when the trainer stops
-  W/hf_export/             the finished model as an HF directory (config.train.export_hf)
+  W/hf_export/             the finished model as an HF directory (config.train.export_hf; merged for LoRA)
+  W/<export_peft>/         a LoRA run's adapters as a PEFT directory (config.train.export_peft)
   W/eval/<name>/<model>/   one evaluation: `results.json` (what reports read), its other files and
                            `progress.jsonl` (finished generations, for resuming); the name carries
                            the benchmark and its mode (cmb-answer, cmb-cot, meds_bench), the model
@@ -100,6 +102,10 @@ class RunDir:
   @property
   def checkpoints(self) -> str:
     return self.path("checkpoints")
+
+  @property
+  def base(self) -> str:
+    return self.path("base")
 
   @property
   def unreadable_checkpoints(self) -> str:

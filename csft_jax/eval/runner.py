@@ -125,6 +125,9 @@ def default_eval_config(benchmark: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       benchmark=benchmark,
       checkpoint="",  # HF directory, training workdir W, W/checkpoints or a step directory.
+      # A LoRA adapter on `checkpoint` (its base): a PEFT directory, or a LoRA run's workdir / step.
+      # Added to the weights in memory; nothing is merged on disk.
+      adapter="",
       tokenizer="",  # Override the checkpoint's tokenizer directory.
       chat_template="",  # Override the checkpoint's template: hf | chatml | internlm2 | llama3.
       system_prompt="",
@@ -329,7 +332,8 @@ def sampling(config: ml_collections.ConfigDict) -> engine.Sampling:
 def settings(config: ml_collections.ConfigDict, names: Sequence[str]) -> dict[str, Any]:
   """The config fields a results file records: the checkpoint evaluated, `limit` (> 0: a partial
   evaluation of the first `limit` items, which reports keep out of their full columns), and `names`."""
-  return {"checkpoint": config.checkpoint, "limit": config.limit, **{name: config[name] for name in names}}
+  return {"checkpoint": config.checkpoint, **({"adapter": config.adapter} if config.get("adapter") else {}),
+          "limit": config.limit, **{name: config[name] for name in names}}
 
 
 def fingerprint(config: ml_collections.ConfigDict, weights: Sequence[str]) -> str:

@@ -8,6 +8,7 @@ head_dim, RoPE scaling, sliding window) and in checkpoint layout; the layout liv
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import ml_collections
@@ -55,6 +56,14 @@ class ModelConfig:
   attention_block_kv: int = 128
   remat_policy: str = "none"
   scan_layers: bool = True
+  # LoRA (csft_jax.models.lora): adapters of rank `lora_rank` (0: none) on the projections named
+  # in `lora_targets` (our module paths, e.g. "attn.q_proj"), scaled by alpha / r (alpha / sqrt(r)
+  # with `lora_rslora`); `lora_dropout` drops their input while training.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ()
+  lora_rslora: bool = False
+  lora_dropout: float = 0.0
 
   def __post_init__(self):
     if self.arch not in ARCHITECTURES:
@@ -79,9 +88,20 @@ class ModelConfig:
       object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    if isinstance(self.lora_targets, (list, str)):
+      object.__setattr__(self, "lora_targets", tuple(self.lora_targets.split(",") if isinstance(
+          self.lora_targets, str) else self.lora_targets))
+    if self.lora_rank < 0 or not 0.0 <= self.lora_dropout < 1.0:
+      raise ValueError(f"lora_rank={self.lora_rank}, lora_dropout={self.lora_dropout}: the rank must be >= 0 "
+                       "and the dropout in [0, 1).")
     rope_type = self.rope_scaling_dict.get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
       raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: {ROPE_TYPES}.")
+
+  @property
+  def lora_scale(self) -> float:
+    """The factor on the adapters' output: alpha / r, or alpha / sqrt(r) with rsLoRA (as PEFT)."""
+    return self.lora_alpha / (math.sqrt(self.lora_rank) if self.lora_rslora else self.lora_rank)
 
   @property
   def rope_scaling_dict(self) -> dict[str, Any]:

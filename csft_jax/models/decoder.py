@@ -61,11 +61,17 @@ class Projection(nnx.Module):
 
   `equation` names the axes, einsum style (`"btd,dhk->bthk"`): the kernel's leading axes are
   contracted with the input's trailing ones.
+
+  With `lora=True` (and `config.lora_rank = r > 0`) it carries a LoRA adapter: A `[*in, r]`
+  (uniform in +-1/sqrt(in), as PEFT's Kaiming init) and B `[r, *out]` (zeros, so the adapted map
+  starts equal to the base), both `nnx.LoRAParam` on the kernel's logical axes, adding
+  `scale * B(A(x))`. `shared_a=True` leaves A to the caller (InternLM2's fused `wqkv` has one A
+  for q, k and v): `__call__` then takes A's output.
   """
 
   def __init__(self, equation: str, kernel_shape: tuple[int, ...], kernel_axes: tuple[str, ...],
                bias_shape: tuple[int, ...] | None, bias_axes: tuple[str, ...], config: ModelConfig,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, lora: bool = False, shared_a: bool = False):
     dtype = jnp.dtype(config.param_dtype)
     inputs, kernel = equation.split("->")[0].split(",")
     self.contracted = sum(axis in inputs for axis in kernel)
@@ -74,12 +80,46 @@ class Projection(nnx.Module):
     self.kernel = _param(rngs, kernel_shape, kernel_axes, dtype, init="normal",
                          stddev=config.initializer_range)
     self.bias = _param(None, bias_shape, bias_axes, dtype, init="zeros") if bias_shape else None
+    adapted = lora and config.lora_rank > 0
+    c, r = self.contracted, config.lora_rank
+    self.lora_a = (lora_down_param(rngs, kernel_shape[:c], kernel_axes[:c], config)
+                   if adapted and not shared_a else None)
+    self.lora_b = (nnx.LoRAParam(jnp.zeros((r, *kernel_shape[c:]), dtype), out_sharding=("lora_rank", *kernel_axes[c:]),
+                                 eager_sharding=False) if adapted else None)
+    self.lora_scale, self.lora_dropout = config.lora_scale if adapted else 0.0, config.lora_dropout
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, lora_x: jax.Array | None = None,
+               dropout_key: jax.Array | None = None) -> jax.Array:
+    """`x` mapped; `lora_x` is A's output where A is shared, `dropout_key` drops A's input."""
     y = contract(x, self.kernel[...].astype(x.dtype), self.contracted)
     if self.bias is not None:
       y = y + self.bias[...].astype(x.dtype)
+    if self.lora_b is not None:
+      if lora_x is None:
+        lora_x = lora_down(self.lora_a, x, self.contracted, self.lora_dropout, dropout_key)
+      y = y + contract(lora_x * self.lora_scale, self.lora_b[...].astype(x.dtype), 1)
     return y
+
+
+def lora_down_param(rngs: nnx.Rngs, in_shape: tuple[int, ...], in_axes: tuple[str, ...],
+                    config: ModelConfig) -> nnx.LoRAParam:
+  bound = 1.0 / math.sqrt(math.prod(in_shape))
+  value = jax.random.uniform(rngs.params(), (*in_shape, config.lora_rank), jnp.dtype(config.param_dtype),
+                             -bound, bound)
+  return nnx.LoRAParam(value, out_sharding=(*in_axes, "lora_rank"), eager_sharding=False)
+
+
+def lora_down(a: nnx.LoRAParam, x: jax.Array, contracted: int, dropout: float,
+              dropout_key: jax.Array | None) -> jax.Array:
+  """A's output `[..., r]`; with `dropout_key` (training) its input is dropped at rate `dropout`."""
+  if dropout > 0 and dropout_key is not None:
+    keep = jax.random.bernoulli(dropout_key, 1.0 - dropout, x.shape)
+    x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
+  return contract(x, a[...].astype(x.dtype), contracted)
+
+
+def _key(key: jax.Array | None, index: int) -> jax.Array | None:
+  return None if key is None else jax.random.fold_in(key, index)
 
 
 class Attention(nnx.Module):
@@ -89,14 +129,23 @@ class Attention(nnx.Module):
     d, h, k, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
     self.config = config
     qkv_bias = config.qkv_bias
+    targets = config.lora_targets if config.lora_rank else ()
+    # InternLM2's adapters sit on its fused wqkv: one A for q, k and v, a B for each.
+    self.shared_qkv_a = (lora_down_param(rngs, (d,), ("embed",), config)
+                         if config.arch == "internlm2" and "attn.q_proj" in targets else None)
+    shared = self.shared_qkv_a is not None
     self.q_proj = Projection("btd,dhk->bthk", (d, h, hd), ("embed", "heads", "head_dim"),
-                             (h, hd) if qkv_bias else None, ("heads", "head_dim"), config, rngs)
+                             (h, hd) if qkv_bias else None, ("heads", "head_dim"), config, rngs,
+                             lora="attn.q_proj" in targets, shared_a=shared)
     self.k_proj = Projection("btd,dhk->bthk", (d, k, hd), ("embed", "kv_heads", "head_dim"),
-                             (k, hd) if qkv_bias else None, ("kv_heads", "head_dim"), config, rngs)
+                             (k, hd) if qkv_bias else None, ("kv_heads", "head_dim"), config, rngs,
+                             lora="attn.k_proj" in targets, shared_a=shared)
     self.v_proj = Projection("btd,dhk->bthk", (d, k, hd), ("embed", "kv_heads", "head_dim"),
-                             (k, hd) if qkv_bias else None, ("kv_heads", "head_dim"), config, rngs)
+                             (k, hd) if qkv_bias else None, ("kv_heads", "head_dim"), config, rngs,
+                             lora="attn.v_proj" in targets, shared_a=shared)
     self.o_proj = Projection("bthk,hkd->btd", (h, hd, d), ("heads", "head_dim", "embed"),
-                             (d,) if config.out_bias else None, ("norm",), config, rngs)
+                             (d,) if config.out_bias else None, ("norm",), config, rngs,
+                             lora="attn.o_proj" in targets)
     if config.qk_norm:
       self.q_norm = RMSNorm(hd, config.rms_norm_eps, config, axes=("head_dim",))
       self.k_norm = RMSNorm(hd, config.rms_norm_eps, config, axes=("head_dim",))
@@ -104,9 +153,13 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: AttentionMask,
-               cache_k: jax.Array | None, cache_v: jax.Array | None, cache_end: jax.Array | None):
+               cache_k: jax.Array | None, cache_v: jax.Array | None, cache_end: jax.Array | None,
+               dropout_key: jax.Array | None = None):
     """Returns (output, this call's keys, this call's values); the cache arrays are only read."""
-    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    shared = None
+    if self.shared_qkv_a is not None:
+      shared = lora_down(self.shared_qkv_a, x, 1, self.config.lora_dropout, _key(dropout_key, 4))
+    q, k, v = (proj(x, shared, _key(dropout_key, i)) for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = inverse_frequencies(self.config)
@@ -121,7 +174,7 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_end, 0, 0)).astype(q.dtype)
     out = attend(q, k, v, mask, implementation=self.config.attention_impl, block_q=self.config.attention_block_q,
                  block_kv=self.config.attention_block_kv)
-    return self.o_proj(out), new_k, new_v
+    return self.o_proj(out, dropout_key=_key(dropout_key, 3)), new_k, new_v
 
 
 class MLP(nnx.Module):
@@ -130,16 +183,18 @@ class MLP(nnx.Module):
   def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
     d, m = config.hidden_size, config.intermediate_size
     bias = config.mlp_bias
+    targets = config.lora_targets if config.lora_rank else ()
     self.gate_proj = Projection("btd,dm->btm", (d, m), ("embed", "mlp"), (m,) if bias else None,
-                                ("mlp",), config, rngs)
+                                ("mlp",), config, rngs, lora="mlp.gate_proj" in targets)
     self.up_proj = Projection("btd,dm->btm", (d, m), ("embed", "mlp"), (m,) if bias else None,
-                              ("mlp",), config, rngs)
+                              ("mlp",), config, rngs, lora="mlp.up_proj" in targets)
     self.down_proj = Projection("btm,md->btd", (m, d), ("mlp", "embed"), (d,) if bias else None,
-                                ("norm",), config, rngs)
+                                ("norm",), config, rngs, lora="mlp.down_proj" in targets)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-    return self.down_proj(constrain(hidden, ("batch", "length", "mlp")))
+  def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    hidden = (jax.nn.silu(self.gate_proj(x, dropout_key=_key(dropout_key, 0)))
+              * self.up_proj(x, dropout_key=_key(dropout_key, 1)))
+    return self.down_proj(constrain(hidden, ("batch", "length", "mlp")), dropout_key=_key(dropout_key, 2))
 
 
 class Block(nnx.Module):
@@ -151,10 +206,11 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
     self.mlp = MLP(config, rngs)
 
-  def __call__(self, x, positions, mask, cache_k=None, cache_v=None, cache_end=None):
-    attn_out, new_k, new_v = self.attn(self.attn_norm(x), positions, mask, cache_k, cache_v, cache_end)
+  def __call__(self, x, positions, mask, cache_k=None, cache_v=None, cache_end=None, dropout_key=None):
+    attn_out, new_k, new_v = self.attn(self.attn_norm(x), positions, mask, cache_k, cache_v, cache_end,
+                                       _key(dropout_key, 0))
     x = x + attn_out
-    x = x + self.mlp(self.mlp_norm(x))
+    x = x + self.mlp(self.mlp_norm(x), _key(dropout_key, 1))
     return constrain(x, ("batch", "length", "embed")), new_k, new_v
 
 
@@ -236,7 +292,7 @@ class Decoder(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-               last_logits_only: bool = False, hidden_only: bool = False):
+               last_logits_only: bool = False, hidden_only: bool = False, dropout_key: jax.Array | None = None):
     """Runs the decoder.
 
     Args:
@@ -248,6 +304,7 @@ class Decoder(nnx.Module):
         for generation needs no others, and the LM head is a large share of its FLOPs.
       hidden_only: return the final hidden states `[B, T, D]` (after the final norm) instead of
         logits, for a loss that applies the head chunk by chunk (`lm_head_weights`).
+      dropout_key: training only: the key of LoRA dropout (`lora_dropout > 0`; no cache).
 
     Returns:
       float32 logits `[B, T, vocab]` (and the updated cache when one was given).
@@ -271,7 +328,9 @@ class Decoder(nnx.Module):
 
     x = jnp.take(self.embed.embedding[...], input_ids, axis=0).astype(jnp.dtype(config.dtype))
     x = constrain(x, ("batch", "length", "embed"))
-    x, new_k, new_v = self._run_layers(x, positions, mask, cache_k, cache_v, cache_end)
+    if cache is not None or not (self.config.lora_rank and self.config.lora_dropout > 0):
+      dropout_key = None
+    x, new_k, new_v = self._run_layers(x, positions, mask, cache_k, cache_v, cache_end, dropout_key)
     if last_logits_only:
       x = x[:, -1:]
     x = self.final_norm(x)
@@ -293,17 +352,24 @@ class Decoder(nnx.Module):
       return self.embed.embedding[...], "vd"
     return self.lm_head.kernel[...], "dv"
 
-  def _run_layers(self, x, positions, mask, cache_k, cache_v, cache_end):
+  def _run_layers(self, x, positions, mask, cache_k, cache_v, cache_end, dropout_key=None):
     policy = self.config.remat_policy
 
-    def run_block(block: Block, x, ck, cv):
-      return block(x, positions, mask, ck, cv, cache_end)
+    def run_block(block: Block, x, ck, cv, key=None):
+      return block(x, positions, mask, ck, cv, cache_end, key)
 
     if policy != "none":
       run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[policy], prevent_cse=not self.config.scan_layers)
 
     if self.config.scan_layers:
       # One traced layer body: compile time stays flat as depth grows.
+      if cache_k is None and dropout_key is not None:
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def scan_layers_dropout(x, block, key):
+          return run_block(block, x, None, None, key)[0]
+
+        keys = jax.random.split(dropout_key, self.config.num_layers)
+        return scan_layers_dropout(x, self.layers, keys), None, None
       if cache_k is None:
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def scan_layers(x, block):
@@ -320,8 +386,10 @@ class Decoder(nnx.Module):
       return scan_layers_with_cache(x, self.layers, cache_k, cache_v)
 
     if cache_k is None:
-      for block in self.layers:
-        x = run_block(block, x, None, None)[0]
+      keys = (jax.random.split(dropout_key, self.config.num_layers) if dropout_key is not None
+              else [None] * self.config.num_layers)
+      for block, key in zip(self.layers, keys):
+        x = run_block(block, x, None, None, key)[0]
       return x, None, None
     new_k, new_v = [], []
     for i, block in enumerate(self.layers):

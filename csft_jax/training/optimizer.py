@@ -47,10 +47,10 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> 
 
 
 def decay_mask(params: Any) -> Any:
-  """True for matrices (kernels, embeddings), False for norm scales and biases."""
+  """True for matrices (kernels, embeddings, LoRA adapters), False for norm scales and biases."""
   def decays(path, _):
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    return any(n in ("kernel", "embedding") for n in names)
+    return any(n in ("kernel", "embedding", "lora_a", "lora_b", "shared_qkv_a") for n in names)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 

@@ -21,15 +21,23 @@ class TrainState:
   """Everything that changes during training, as one pytree (checkpointed and donated)."""
 
   step: jax.Array
-  params: Any  # nnx.State of the model's Params (float32 master weights)
+  params: Any  # nnx.State of the trained Params (float32 master weights): all, or the LoRA adapters
   opt_state: Any
+  # LoRA's frozen base (compute dtype, no gradient, no optimizer state), None otherwise. It is
+  # not in step checkpoints: a LoRA run keeps it once, in its workdir (`RunDir.base`).
+  frozen: Any = None
 
 
-def _forward_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch, num_sources: int,
-                  loss_chunk_size: int) -> LossSums:
+def merge_model(graphdef: nnx.GraphDef, params: Any, frozen: Any = None) -> nnx.Module:
+  """The model of trained `params` and, for LoRA, its `frozen` base."""
+  return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+
+
+def _forward_sums(graphdef: nnx.GraphDef, params: Any, frozen: Any, batch: Batch, num_sources: int,
+                  loss_chunk_size: int, dropout_key: jax.Array | None = None) -> LossSums:
   """Loss sums of one (micro)batch; with `loss_chunk_size > 0` the full logits never exist."""
-  model = nnx.merge(graphdef, params)
-  inputs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
+  model = merge_model(graphdef, params, frozen)
+  inputs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"], dropout_key=dropout_key)
   targets = (batch["target_ids"], batch["loss_mask"], batch["source_ids"], num_sources)
   if loss_chunk_size > 0:
     head, layout = model.lm_head_weights()
@@ -56,7 +64,7 @@ def _split_microbatches(batch: Batch, num_micro: int) -> Batch:
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *, num_sources: int,
                     grad_accum_steps: int = 1, z_loss_weight: float = 0.0,
                     schedule: optax.Schedule | None = None, loss_chunk_size: int = 0,
-                    opt_state_shardings: tuple[Any, Any] | None = None
+                    opt_state_shardings: tuple[Any, Any] | None = None, dropout_seed: int | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)`; jit it with shardings and donation.
 
@@ -66,25 +74,31 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   cross-entropy chunk by chunk (`chunked_loss_sums`): same values, no `[B, T, V]` logits.
   `opt_state_shardings=(on device, where it lives)` moves an optimizer state kept in host memory
   onto the device for the update and back (`optim.offload='host'`); the arithmetic is the same.
+  Gradients and updates cover `state.params` only: a LoRA state's `frozen` base passes through.
+  `dropout_seed` keys LoRA dropout by (seed, step, microbatch), so a resumed run draws the same masks.
   """
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     global_tokens = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
 
-    def objective(params, micro):
-      sums = _forward_sums(graphdef, params, micro, num_sources, loss_chunk_size)
+    def objective(params, micro, key):
+      sums = _forward_sums(graphdef, params, state.frozen, micro, num_sources, loss_chunk_size, key)
       return (sums.loss + z_loss_weight * sums.z_loss) / global_tokens, sums
 
     grad_fn = jax.grad(objective, has_aux=True)
 
-    def accumulate(carry, micro):
+    def accumulate(carry, inputs):
       grads, sums = carry
-      micro_grads, micro_sums = grad_fn(state.params, micro)
+      micro, index = inputs
+      key = None
+      if dropout_seed is not None:
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), state.step), index)
+      micro_grads, micro_sums = grad_fn(state.params, micro, key)
       return (jax.tree.map(jnp.add, grads, micro_grads), sums + micro_sums), None
 
     zero_grads = jax.tree.map(jnp.zeros_like, state.params)
     (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, LossSums.zeros(num_sources)),
-                                    _split_microbatches(batch, grad_accum_steps))
+                                    (_split_microbatches(batch, grad_accum_steps), jnp.arange(grad_accum_steps)))
     opt_state = state.opt_state
     if opt_state_shardings is not None:
       opt_state = jax.device_put(opt_state, opt_state_shardings[0])
@@ -103,16 +117,16 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     }
     if schedule is not None:
       metrics["lr"] = schedule(state.step)
-    return TrainState(state.step + 1, params, opt_state), metrics
+    return TrainState(state.step + 1, params, opt_state, state.frozen), metrics
 
   return train_step
 
 
 def make_eval_step(graphdef: nnx.GraphDef, *, num_sources: int,
-                   loss_chunk_size: int = 0) -> Callable[[Any, Batch], LossSums]:
-  """Builds `eval_step(params, batch) -> LossSums` (sums, so batches add up exactly)."""
+                   loss_chunk_size: int = 0) -> Callable[[Any, Any, Batch], LossSums]:
+  """Builds `eval_step(params, frozen, batch) -> LossSums` (sums, so batches add up exactly)."""
 
-  def eval_step(params: Any, batch: Batch) -> LossSums:
-    return _forward_sums(graphdef, params, batch, num_sources, loss_chunk_size)
+  def eval_step(params: Any, frozen: Any, batch: Batch) -> LossSums:
+    return _forward_sums(graphdef, params, frozen, batch, num_sources, loss_chunk_size)
 
   return eval_step
