@@ -65,8 +65,8 @@ MESH_PRESETS = {
     "v6e-8": (dict(data=1, fsdp=8, tensor=1), 16, "splash"),
     "8xh100": (dict(data=1, fsdp=8, tensor=1), 2, "xla"),
     # The slices a 7B full fine-tune does not fit (above): with method=lora (or offload, measured).
-    "v4-8": (dict(data=1, fsdp=4, tensor=1), 16, "splash"),
-    "v5e-8": (dict(data=1, fsdp=8, tensor=1), 32, "splash"),
+    "v4-8": (dict(data=1, fsdp=4, tensor=1), 4, "splash"),
+    "v5e-8": (dict(data=1, fsdp=8, tensor=1), 4, "splash"),
 }
 
 PAPER_EXAMPLES_PER_STEP = 256  # 16 per device x 2 accumulation x 8 GPUs

@@ -51,8 +51,8 @@ MESH_PRESETS = {
     "v6e-8": (dict(data=1, fsdp=8, tensor=1), 16),
     "8xh100": (dict(data=1, fsdp=8, tensor=1), 4),
     # Too small for the full fine-tune; with method=lora.
-    "v4-8": (dict(data=1, fsdp=4, tensor=1), 16),
-    "v5e-8": (dict(data=1, fsdp=8, tensor=1), 16),
+    "v4-8": (dict(data=1, fsdp=4, tensor=1), 8),
+    "v5e-8": (dict(data=1, fsdp=8, tensor=1), 8),
 }
 # Llama-3-8B's vocabulary (128,000 tokens + 256 reserved specials).
 VOCAB_SIZE = 128256

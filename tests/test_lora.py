@@ -217,9 +217,13 @@ def test_a_lora_run_keeps_its_base_once_and_steps_hold_the_adapters(pretrained, 
     assert {p[-1] for p in stored} == {"lora_a", "lora_b"}  # a step holds the adapters only
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_lora_losses_on_a_2x2x2_mesh_equal_one_device(tmp_path, dropout):
-  config = small_config(num_steps=3)
+@pytest.mark.parametrize("dropout,scan_layers,remat,attention", [(0.0, True, "full", "blockwise"),
+                                                                (0.1, False, "none", "xla")],
+                         ids=["scanned-remat-blockwise", "unrolled-dropout"])
+def test_lora_losses_on_a_2x2x2_mesh_equal_one_device(tmp_path, dropout, scan_layers, remat, attention):
+  config = small_config(num_steps=3, grad_accum_steps=2)
+  config.model.update(scan_layers=scan_layers, remat_policy=remat, attention_impl=attention, attention_block_q=64,
+                      attention_block_kv=64)
   config.lora.update(rank=4, alpha=8.0, dropout=dropout, targets="q_proj,v_proj,down_proj")
   config.optim.lr = 1e-2
   results = []
@@ -319,3 +323,27 @@ def test_evaluate_base_plus_adapter_answers_as_the_merged_export(lora_run, pretr
         outputs[name][file] = json.load(f)
   assert outputs["peft"] == outputs["merged"] == outputs["workdir"]
   assert len(outputs["merged"]["generations.json"]) == 8
+
+
+def test_init_from_peft_continues_from_the_exported_adapters(lora_run, pretrained, tmp_path):  # noqa: F811
+  """`init.from_peft`: a new run on the base starts from the PEFT export; with lr 0 its one step changes
+  nothing, so its merged export is the first run's."""
+  whole, _ = lora_run
+  workdir = str(tmp_path / "continued")
+  done = _python("-m", "csft_jax.train", *SMALL, "--config.model.dtype=float32", f"--config.init.from_hf={pretrained}",
+                 f"--config.init.from_peft={whole}/peft", "--config.optim.lr=0.0", "--config.train.num_steps=1",
+                 "--config.train.export_hf=merged", f"--workdir={workdir}")
+  assert f"with the adapters of config.init.from_peft={whole}/peft" in done.stderr
+  assert "LoRA rank 4 on q_proj" in done.stderr  # the rank came from adapter_config.json
+  ours = safetensors.numpy.load_file(os.path.join(workdir, "merged", "model.safetensors"))
+  reference = safetensors.numpy.load_file(os.path.join(whole, "merged", "model.safetensors"))
+  assert ours.keys() == reference.keys()
+  for name, value in reference.items():
+    np.testing.assert_array_equal(ours[name], value, err_msg=name)
+
+  refused = subprocess.run([sys.executable, "-m", "csft_jax.train", *SMALL, f"--config.init.from_hf={pretrained}",
+                            f"--config.init.from_peft={whole}/peft", "--config.lora.rank=8",
+                            f"--workdir={tmp_path / 'refused'}"], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=600)
+  assert refused.returncode != 0
+  assert "config.lora.rank=8 but the adapter in config.init.from_peft" in refused.stderr and "rank 4" in refused.stderr

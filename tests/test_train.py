@@ -150,6 +150,27 @@ def test_optimizer_state_offloaded_to_host_memory_trains_identically(tmp_path):
   assert {leaf.sharding.memory_kind for leaf in jax.tree.leaves(start.state.params)} == {"device"}
 
 
+def test_moments_in_bfloat16_halve_the_optimizer_state_and_train_alike(tmp_path):
+  from csft_jax.training.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
+
+  config = small_config(num_steps=4)
+  full, _ = _run(tmp_path, "f32", config)
+  config.optim.moments_dtype = "bfloat16"
+  half, summary = _run(tmp_path, "bf16", config)
+  assert summary["status"] == "finished"
+  assert losses(half)[1] == losses(full)[1]  # the first update's forward is the same
+  for step, loss in losses(full).items():
+    assert losses(half)[step] == pytest.approx(loss, rel=1e-3)
+  optimizer, _ = make_optimizer(config.optim, 4)
+  start = programs.random_init(model_config_from(config.model, 3000), optimizer, 0,
+                               make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  floats = {leaf.dtype.name for leaf in jax.tree.leaves(start.state.opt_state)
+            if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)}
+  assert floats == {"bfloat16"}
+  with pytest.raises(ValueError, match="config.optim.moments_dtype='float16'; choose one of"):
+    make_optimizer(ml_collections.ConfigDict({**config.optim.to_dict(), "moments_dtype": "float16"}), 4)
+
+
 def test_offload_on_a_backend_without_host_memory_is_one_clear_error():
   from csft_jax.training import optimizer  # pylint: disable=import-outside-toplevel
 

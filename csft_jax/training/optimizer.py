@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -21,7 +22,12 @@ def default_config() -> ml_collections.ConfigDict:
       z_loss=0.0,  # weight of z-loss (log Z)^2 on loss tokens
       # none | host: the AdamW moments live in host memory (JAX memory kind pinned_host) and are
       # brought onto the device for each update; frees twice the parameters' bytes of HBM.
-      offload="none"))
+      offload="none",
+      # float32 | bfloat16: the dtype the AdamW moments are stored in between steps (the update
+      # itself runs in float32); bfloat16 halves the optimizer state.
+      moments_dtype="float32"))
+
+MOMENTS_DTYPES = ("float32", "bfloat16")
 
 OFFLOADS = ("none", "host")
 HOST_MEMORY = "pinned_host"
@@ -84,6 +90,25 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> tuple[op
   parts = []
   if optim.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
-  parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
-                           mask=decay_mask))
+  adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+                      mask=decay_mask)
+  moments_dtype = optim.get("moments_dtype", "float32")  # configs stored before the field existed
+  if moments_dtype not in MOMENTS_DTYPES:
+    raise ValueError(f"config.optim.moments_dtype={moments_dtype!r}; choose one of {MOMENTS_DTYPES}.")
+  parts.append(adamw if moments_dtype == "float32" else stored_in(adamw, jnp.dtype(moments_dtype)))
   return optax.chain(*parts), schedule
+
+
+def stored_in(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+  """`inner` with its floating-point state stored in `dtype` between updates and computed in float32."""
+  def cast(tree, to):
+    return jax.tree.map(lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+  def init(params):
+    return cast(inner.init(params), dtype)
+
+  def update(updates, state, params=None):
+    updates, state = inner.update(updates, cast(state, jnp.float32), params)
+    return updates, cast(state, dtype)
+
+  return optax.GradientTransformation(init, update)

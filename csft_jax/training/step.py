@@ -29,8 +29,15 @@ class TrainState:
 
 
 def merge_model(graphdef: nnx.GraphDef, params: Any, frozen: Any = None) -> nnx.Module:
-  """The model of trained `params` and, for LoRA, its `frozen` base."""
-  return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+  """The model of trained `params` and, for LoRA, its `frozen` base.
+
+  The base's variables are rebuilt here (`tree.map`), so that they belong to the trace this runs
+  in (under `grad`, as the trained ones do): NNX's scan over layers refuses a module whose
+  variables come from different traces.
+  """
+  if frozen is None:
+    return nnx.merge(graphdef, params)
+  return nnx.merge(graphdef, params, jax.tree.map(lambda x: x, frozen))
 
 
 def _forward_sums(graphdef: nnx.GraphDef, params: Any, frozen: Any, batch: Batch, num_sources: int,
@@ -81,8 +88,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     global_tokens = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
 
-    def objective(params, micro, key):
-      sums = _forward_sums(graphdef, params, state.frozen, micro, num_sources, loss_chunk_size, key)
+    def objective(params, frozen, micro, key):
+      sums = _forward_sums(graphdef, params, frozen, micro, num_sources, loss_chunk_size, key)
       return (sums.loss + z_loss_weight * sums.z_loss) / global_tokens, sums
 
     grad_fn = jax.grad(objective, has_aux=True)
@@ -93,7 +100,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       key = None
       if dropout_seed is not None:
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), state.step), index)
-      micro_grads, micro_sums = grad_fn(state.params, micro, key)
+      micro_grads, micro_sums = grad_fn(state.params, state.frozen, micro, key)
       return (jax.tree.map(jnp.add, grads, micro_grads), sums + micro_sums), None
 
     zero_grads = jax.tree.map(jnp.zeros_like, state.params)
