@@ -23,7 +23,6 @@ import re
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -223,12 +222,7 @@ def check_generate_fit(config: ml_collections.ConfigDict, slice_name: str, model
     A `FitReport` whose temporaries include the KV cache (`kv_cache_gib`) and the prefill's
     activations for `batch_size` rows of the longest prompt.
   """
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
-
-  from csft_jax import sharding  # pylint: disable=import-outside-toplevel
   from csft_jax.eval import engine, runner  # pylint: disable=import-outside-toplevel
-  from csft_jax.models import Decoder  # pylint: disable=import-outside-toplevel
 
   devices, spec = slice_devices(slice_name)
   mesh = _slice_mesh(config.mesh, slice_name, devices)
@@ -236,34 +230,16 @@ def check_generate_fit(config: ml_collections.ConfigDict, slice_name: str, model
   if prompt_len < 1:
     raise FitError(f"config.max_new_tokens={config.max_new_tokens} leaves no room for a prompt in the model's "
                    f"context of {model_config.max_position_embeddings} tokens; lower it.")
-  rows = engine._batch_size(config.batch_size, mesh)  # pylint: disable=protected-access
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
-  shardings = sharding.state_shardings(abstract, mesh)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-  def by_rows(shape, dtype) -> jax.ShapeDtypeStruct:
-    names = ("batch",) + (None,) * (len(shape) - 1)
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, sharding.logical_to_spec(names, shape, mesh)))
-
-  replicated = NamedSharding(mesh, PartitionSpec())
-  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
-  stop_ids = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=replicated)  # end of turn, end of sequence
-  args = (graphdef, state, by_rows((rows, prompt_len), jnp.int32), by_rows((rows, prompt_len), jnp.int32),
-          by_rows((rows, prompt_len), jnp.int32), by_rows((rows,), jnp.bool_), stop_ids,
-          jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=replicated))
-  sampling = runner.sampling(config) if "temperature" in config else engine.GREEDY
+  sampling = runner.get_benchmark(config.benchmark).sampling(config)  # what the benchmark's run generates with
   # The engine's own jitted program: what an evaluation compiles for its largest batch.
-  jitted = engine._generate_batch_jit  # pylint: disable=protected-access
-  temp, total, refusal, _ = _compile(jitted, args, dict(mesh=mesh, max_new_tokens=config.max_new_tokens,
-                                                     sampling=sampling), mesh)
-  params_gib = _per_device_bytes(abstract, shardings) / GIB
+  program = engine.generate_program(model_config, mesh, batch_size=config.batch_size, prompt_len=prompt_len,
+                                    max_new_tokens=config.max_new_tokens, sampling=sampling)
+  rows = program.rows
+  temp, total, refusal, _ = _compile(program.jitted, program.args, program.kwargs, mesh)
+  params_gib = _per_device_bytes(program.params, jax.tree.map(lambda a: a.sharding, program.params)) / GIB
   if refusal:
     total = temp + params_gib
-  cache_shape = (model_config.num_layers, rows, prompt_len + config.max_new_tokens, model_config.num_kv_heads,
-                 model_config.head_dim)
-  cache_spec = sharding.logical_to_spec(engine._CACHE_AXES, cache_shape, mesh)  # pylint: disable=protected-access
-  cache_bytes = 2 * int(np.prod(NamedSharding(mesh, cache_spec).shard_shape(cache_shape))) * jnp.dtype(
-      model_config.dtype).itemsize  # keys and values
+  cache_bytes = program.cache_bytes_per_device
   return FitReport(slice=slice_name, devices=len(devices), mesh=dict(mesh.shape), params_gib=params_gib,
                    opt_state_gib=None, temp_gib=temp, total_gib=total, hbm_per_device_gib=spec.hbm_gib,
                    compiler_message=refusal, kv_cache_gib=cache_bytes / GIB,

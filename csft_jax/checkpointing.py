@@ -364,18 +364,20 @@ def restore_model(path: str, *, step: int | None = None, dtype: str | None = Non
 
 def save_model(directory: str, model: Decoder, step: int = 0) -> str:
   """Writes `model` as a params-only checkpoint `<directory>/<step>/` (what the trainer can start from)."""
-  return save_params(directory, nnx.state(model, nnx.Param), model.config, step)
+  return save_params(directory, nnx.state(model, nnx.Param), model.config, step,
+                     extra={"step": jnp.asarray(step, jnp.int32)})
 
 
-def save_params(directory: str, params: Any, model_config: ModelConfig, step: int = 0) -> str:
+def save_params(directory: str, params: Any, model_config: ModelConfig, step: int = 0,
+                extra: dict[str, Any] | None = None) -> str:
   """Writes `params` (a model's nnx parameter state) as a params-only checkpoint `<directory>/<step>/`.
 
-  Orbax writes into a temporary directory and renames it when complete: an interrupted save leaves
-  no `<step>/` behind.
+  Every process calls it (the arrays may be sharded over hosts). Orbax writes into a temporary
+  directory and renames it when complete: an interrupted save leaves no `<step>/` behind.
   """
   manager = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=True))
   manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave({"step": jnp.asarray(step, jnp.int32), "params": params}),
+      state=ocp.args.StandardSave({**(extra or {}), "params": params}),
       model_config=ocp.args.JsonSave(model_config_to_json(model_config))), force=True)
   manager.wait_until_finished()
   manager.close()

@@ -40,9 +40,8 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from csft_jax import checkpointing, configuration, distributed, files, sharding
+from csft_jax import checkpointing, configuration, distributed, files, model_source, sharding
 from csft_jax.console import run_cli
-from csft_jax.convert import read_hf_config
 from csft_jax.loading import is_hf_dir, load_chat_model
 from csft_jax.eval import runner
 from csft_jax.models import PRESETS, ModelConfig, get_preset, lora
@@ -136,10 +135,11 @@ def model_config_for_compile(config: ml_collections.ConfigDict, preset: str | No
   if not config.checkpoint:
     raise ValueError("--compile_for needs the model's shape: pass --config.checkpoint=DIR or "
                      f"--compile_model=PRESET (one of {', '.join(PRESETS)}).")
-  if is_hf_dir(config.checkpoint):  # loaded in config.dtype, as load_chat_model does
-    return read_hf_config(config.checkpoint, dtype=config.dtype, param_dtype=config.dtype,
-                          scan_layers=config.scan_layers)
-  return checkpointing.read_model_config(checkpointing.resolve_step_dir(config.checkpoint), dtype=config.dtype)
+  # Loaded in config.dtype, as load_chat_model does (a checkpoint keeps its layer layout); adapters
+  # are merged before generation, so the program is the base's.
+  overrides = dict(param_dtype=config.dtype, scan_layers=config.scan_layers) if is_hf_dir(config.checkpoint) else {}
+  return model_source.resolve(config.checkpoint, dtype=config.dtype, **overrides).model_config.replace(
+      lora_rank=0, lora_targets=())
 
 
 def compile_for(config: ml_collections.ConfigDict, slice_name: str, preset: str | None) -> None:

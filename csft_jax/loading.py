@@ -23,6 +23,7 @@ from csft_jax import checkpointing, sharding
 from csft_jax.convert.hf import load_hf, read_hf_config
 from csft_jax.data.templates import TEMPLATE_NAMES, ChatTemplate, load_chat_template
 from csft_jax.data.tokenizer import load_tokenizer
+from csft_jax.model_source import adapter_fields, check_vocab, is_hf_dir, resolve
 from csft_jax.models import Decoder, lora
 from csft_jax.workdir import RunDir
 
@@ -54,11 +55,6 @@ class ChatModelFiles:
   run_dir: RunDir | None
 
 
-def is_hf_dir(path: str) -> bool:
-  return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and any(
-      name.endswith(".safetensors") for name in os.listdir(path))
-
-
 def load_model(path: str, *, dtype: str = "float32", mesh: Mesh | None = None, adapter: str = "",
                **overrides: Any) -> tuple[Decoder, str]:
   """`(model, kind)` from an HF directory or an Orbax checkpoint (see the module docstring).
@@ -82,20 +78,9 @@ def with_adapter(base: Decoder, adapter: str, mesh: Mesh | None = None) -> Decod
   if base.config.lora_rank:
     raise LoadError(f"the model already has LoRA adapters; drop config.adapter={adapter!r}.")
   try:
-    if lora.is_peft_dir(adapter):
-      fields = lora.read_peft_config(adapter, base.config.arch)
-      arrays = lora.load_peft(adapter, base.config.replace(**fields))
-    else:
-      step_dir = checkpointing.resolve_step_dir(adapter)
-      stored = checkpointing.read_model_config(step_dir)
-      if not stored.lora_rank:
-        raise LoadError(f"config.adapter={adapter!r} is a full checkpoint, not a LoRA run or a PEFT directory.")
-      fields = {k: getattr(stored, k) for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_rslora",
-                                                "lora_targets")}
-      arrays = None
-  except (ValueError, checkpointing.CheckpointError) as e:
-    if isinstance(e, LoadError):
-      raise
+    fields = adapter_fields(adapter, base.config.arch)
+    arrays = lora.load_peft(adapter, base.config.replace(**fields)) if lora.is_peft_dir(adapter) else None
+  except ValueError as e:
     raise LoadError(f"config.adapter={adapter!r}: {e}") from None
   config = base.config.replace(**fields)
   graphdef, abstract, _ = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))), nnx.LoRAParam,
@@ -104,7 +89,7 @@ def with_adapter(base: Decoder, adapter: str, mesh: Mesh | None = None) -> Decod
     shardings = sharding.state_shardings(abstract, mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   if arrays is None:
-    adapters = checkpointing.restore_params(step_dir, abstract)
+    adapters = checkpointing.restore_params(checkpointing.resolve_step_dir(adapter), abstract)
   else:
     try:
       adapters = lora.fill(abstract, arrays, adapter)
@@ -163,12 +148,12 @@ def load_chat_model(path: str, *, dtype: str = "float32", mesh: Mesh | None = No
                     f"{'|'.join(TEMPLATE_NAMES)}.")
   loaded_tokenizer = load_tokenizer(tokenizer_dir)
   template = load_chat_template(template_name, loaded_tokenizer)
-  vocab_size = (read_hf_config(path) if hf else
-                checkpointing.read_model_config(checkpointing.resolve_step_dir(path))).vocab_size
-  if len(loaded_tokenizer) > vocab_size:  # checked before any parameter is read
-    raise LoadError(
-        f"Tokenizer {tokenizer_dir} has {len(loaded_tokenizer)} tokens but the model's vocab_size is "
-        f"{vocab_size}: they do not belong together; pass the model's own tokenizer with --config.tokenizer=DIR.")
+  try:
+    model_config = resolve(path, adapter=adapter).model_config
+  except (ValueError, checkpointing.CheckpointError) as e:
+    raise LoadError(str(e)) from None
+  # Checked before any parameter is read.
+  check_vocab(len(loaded_tokenizer), model_config, tokenizer_dir, path, error=LoadError, fix="--config.tokenizer=DIR")
   model, kind = load_model(path, dtype=dtype, mesh=mesh, adapter=adapter, **overrides)
   # An HF directory is self-contained (also an export inside a run): it is its own home.
   return ChatModelFiles(model, loaded_tokenizer, template, kind, path, None if hf else run_dir)

@@ -31,13 +31,13 @@ from absl import app, flags
 from flax import nnx
 from jax.sharding import Mesh
 
-from csft_jax import checkpointing, configuration, distributed, files, workdir as workdir_lib
+from csft_jax import checkpointing, configuration, distributed, files, model_source, workdir as workdir_lib
 from csft_jax.console import run_cli
-from csft_jax.convert import read_hf_config, save_hf
+from csft_jax.convert import save_hf
 from csft_jax.convert.hf import copy_tokenizer_files, load_hf
 from csft_jax.data.pipeline import DataPipeline
 from csft_jax.data.tokenizer import is_sentencepiece_only, save_converted_tokenizer
-from csft_jax.loading import is_hf_dir
+from csft_jax.model_source import check_vocab, is_hf_dir
 from csft_jax.models import ModelConfig, lora, model_config_from
 from csft_jax.models.attention import check_backend
 from csft_jax.models.config import ARCHITECTURE_FIELDS, RUNTIME_FIELDS
@@ -164,10 +164,7 @@ def _check_fixed_fields(model_config: ModelConfig, model: ml_collections.ConfigD
 
 
 def _check_vocab(tokenizer_size: int, model_config: ModelConfig, tokenizer: str, source: str) -> None:
-  if tokenizer_size > model_config.vocab_size:
-    raise InitError(f"tokenizer {tokenizer} has {tokenizer_size} tokens but the model from {source} has "
-                    f"vocab_size {model_config.vocab_size}: they do not belong together. Use the model's own "
-                    "tokenizer (config.data.tokenizer).")
+  check_vocab(tokenizer_size, model_config, tokenizer, source, error=InitError)
 
 
 def _resume(config, tokenizer_size: int, optimizer, mesh: Mesh, checkpointer: checkpointing.Checkpointer,
@@ -215,13 +212,13 @@ def _init_source_config(config, runtime: dict[str, Any]) -> tuple[ModelConfig, s
               else "")
       raise InitError(f"config.init.from_hf={init.from_hf!r} is not an HF model directory (config.json + "
                       f"*.safetensors).{hint}")
-    return (_adapter_settings(config, read_hf_config(init.from_hf, **runtime)),
+    return (_adapter_settings(config, model_source.resolve(init.from_hf, **runtime).model_config),
             f"config.init.from_hf={init.from_hf}")
   try:
     step_dir = checkpointing.resolve_step_dir(init.from_checkpoint)
   except checkpointing.CheckpointError as e:
     raise InitError(f"config.init.from_checkpoint: {e}") from None
-  stored = checkpointing.read_model_config(step_dir, **runtime)
+  stored = model_source.resolve(step_dir, **runtime).model_config
   if stored.lora_rank:
     raise InitError(f"config.init.from_checkpoint={step_dir} is a step of a LoRA run (adapters only); start from "
                     "its merged export (config.train.export_hf), or from its base with config.init.from_peft.")
@@ -294,7 +291,7 @@ def _adapter_settings(config, model_config: ModelConfig) -> ModelConfig:
     raise InitError(f"config.init.from_peft={config.init.from_peft!r} is not a PEFT adapter directory "
                     f"({lora.ADAPTER_CONFIG} + {lora.ADAPTER_WEIGHTS}).")
   try:
-    fields = lora.read_peft_config(config.init.from_peft, model_config.arch)
+    fields = model_source.adapter_fields(config.init.from_peft, model_config.arch)
   except ValueError as e:
     raise InitError(f"config.init.from_peft: {e}") from None
   if config.lora.rank and config.lora.rank != fields["lora_rank"]:

@@ -83,6 +83,28 @@ def test_eval_generate_program_compiles_for_a_slice():
   assert "opt_state_gib" not in fields
 
 
+@pytest.mark.parametrize("eval_config,expected", [
+    ("configs/eval/cmb.py", dict(min_new_tokens=1, repetition_penalty=1.0)),
+    ("configs/eval/cmb_clin.py", dict(min_new_tokens=1, repetition_penalty=1.1))])
+def test_eval_compile_for_compiles_the_benchmarks_own_sampling(monkeypatch, eval_config, expected):
+  """CMB generates at least one token (min_new_tokens=1) and CMB-Clin with repetition_penalty=1.1, as the
+  official configs; the compiled program is the one their runs call, with that sampling."""
+  from csft_jax import evaluate  # pylint: disable=import-outside-toplevel
+  compiled = {}
+
+  def fake_compile(jitted, args, kwargs, mesh):
+    compiled.update(jitted=jitted, kwargs=kwargs)
+    return 0.0, 0.0, "", 0.0
+
+  monkeypatch.setattr(aot, "_compile", fake_compile)
+  config = configuration.load(eval_config)
+  config.update(max_new_tokens=16, batch_size=8)
+  aot.check_generate_fit(config, "v5e-8", evaluate.model_config_for_compile(config, "tiny"))
+  sampling = compiled["kwargs"]["sampling"]
+  assert (sampling.min_new_tokens, sampling.repetition_penalty) == (expected["min_new_tokens"],
+                                                                    expected["repetition_penalty"])
+
+
 def test_eval_compile_for_exits_1_when_it_does_not_fit(capsys):
   from csft_jax import evaluate  # pylint: disable=import-outside-toplevel
   # 8,192 rows of 496 prompt tokens per 16 GiB chip: the prefill's attention scores alone are 31 GiB.

@@ -19,11 +19,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import demo
-from csft_jax import checkpointing, configuration
-from csft_jax.convert import save_hf
-from csft_jax.data.config import DEMO_TOKENIZER
-from csft_jax.models import Decoder, model_config_from
+from csft_jax import checkpointing
+from csft_jax.models import Decoder
 from tests import REPO_ROOT
 
 # The demo config at test size; the model shape is what the HF stand-in below has.
@@ -43,19 +40,6 @@ def error_line(done: subprocess.CompletedProcess) -> str:
   lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
   assert len(lines) == 1, done.stderr[-3000:]
   return lines[0]
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> str:
-  """A demo-shaped model (2 layers) as an HF directory with the demo tokenizer, in 4+ shards."""
-  config = configuration.load("configs/demo.py", {"model.hidden_size": 64, "model.intermediate_size": 128,
-                                                  "model.num_layers": 2})
-  tokenizer_dir = configuration.resolve_path(DEMO_TOKENIZER)
-  model = Decoder(model_config_from(config.model, 3000), rngs=nnx.Rngs(7))
-  path = str(tmp_path_factory.mktemp("pretrained") / "hf")
-  save_hf(model, path, max_shard_bytes=200_000, tokenizer_dir=tokenizer_dir)
-  assert len(glob.glob(os.path.join(path, "model-*.safetensors"))) >= 4
-  return path
 
 
 def _first_loss(workdir) -> float:

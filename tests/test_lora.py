@@ -32,7 +32,7 @@ from csft_jax.training import programs
 from csft_jax.training.optimizer import make_optimizer
 from tests import REPO_ROOT
 from tests.hf_models import TINY, make_hf_model, padded_batch
-from tests.test_faults import SMALL, pretrained  # noqa: F401  (a module-scoped fixture)
+from tests.test_faults import SMALL
 from tests.test_models_hf_parity import _repack_as_internlm2
 from tests.train_fixtures import losses, small_config
 
@@ -197,7 +197,7 @@ def test_step_zero_is_the_base_model_and_training_changes_only_the_adapters(tmp_
   assert all(changed) and len(changed) == 2 * 7 * (1 if model_config.scan_layers else model_config.num_layers)
 
 
-def test_a_lora_run_keeps_its_base_once_and_steps_hold_the_adapters(pretrained, tmp_path):  # noqa: F811
+def test_a_lora_run_keeps_its_base_once_and_steps_hold_the_adapters(pretrained, tmp_path):
   config = small_config(num_steps=2)
   config.model.dtype = "float32"
   config.lora.update(rank=4, alpha=8.0)
@@ -265,7 +265,7 @@ def _train_until_sigterm(flags: list[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def lora_run(pretrained, tmp_path_factory):  # noqa: F811
+def lora_run(pretrained, tmp_path_factory):
   root = tmp_path_factory.mktemp("lora_cli")
   hf_dir = str(root / "pretrained")
   shutil.copytree(pretrained, hf_dir)
@@ -292,7 +292,7 @@ def test_lora_cli_resume_without_the_hf_directory_is_bitwise(lora_run):
     np.testing.assert_array_equal(value, reference[path], err_msg=str(path))
 
 
-def test_lora_cli_exports_load_in_peft_and_equal_merge_and_unload(lora_run, pretrained):  # noqa: F811
+def test_lora_cli_exports_load_in_peft_and_equal_merge_and_unload(lora_run, pretrained):
   whole, _ = lora_run
   ids = torch.tensor([[5, 17, 230, 9, 1200, 44, 7]])
   mask = torch.ones_like(ids)
@@ -308,7 +308,7 @@ def test_lora_cli_exports_load_in_peft_and_equal_merge_and_unload(lora_run, pret
     np.testing.assert_allclose(merged_by_us[name].numpy(), value.numpy(), atol=1e-6, rtol=1e-6, err_msg=name)
 
 
-def test_evaluate_base_plus_adapter_answers_as_the_merged_export(lora_run, pretrained, tmp_path):  # noqa: F811
+def test_evaluate_base_plus_adapter_answers_as_the_merged_export(lora_run, pretrained, tmp_path):
   whole, _ = lora_run
   flags = ["--config=configs/eval/cmb.py", "--config.max_new_tokens=4", "--config.batch_size=8", "--config.limit=8"]
   outputs = {}
@@ -325,7 +325,7 @@ def test_evaluate_base_plus_adapter_answers_as_the_merged_export(lora_run, pretr
   assert len(outputs["merged"]["generations.json"]) == 8
 
 
-def test_init_from_peft_continues_from_the_exported_adapters(lora_run, pretrained, tmp_path):  # noqa: F811
+def test_init_from_peft_continues_from_the_exported_adapters(lora_run, pretrained, tmp_path):
   """`init.from_peft`: a new run on the base starts from the PEFT export; with lr 0 its one step changes
   nothing, so its merged export is the first run's."""
   whole, _ = lora_run

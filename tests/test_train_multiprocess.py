@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 from csft_jax import train
 from csft_jax.sharding import make_mesh
@@ -20,9 +21,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_four_devices(tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
+def test_two_processes_match_one_process_with_four_devices(tmp_path, lora_rank):
   reference = str(tmp_path / "one_process")
-  train.run(small_config(), reference, mesh=make_mesh(4, 1, 1, devices=jax.devices()[:4]))
+  config = small_config()
+  config.lora.rank = lora_rank
+  train.run(config, reference, mesh=make_mesh(4, 1, 1, devices=jax.devices()[:4]))
 
   workdir = str(tmp_path / "two_processes")
   address = f"127.0.0.1:{_free_port()}"
@@ -31,7 +35,9 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
   overrides = ["--config.model.hidden_size=64", "--config.model.intermediate_size=128", "--config.model.num_layers=2",
                "--config.data.seq_len=128", "--config.train.num_steps=3", "--config.train.log_every=1",
                "--config.train.eval_every=0", "--config.checkpoint.every_steps=1000",
-               "--config.train.export_hf="]
+               "--config.train.export_hf=", f"--config.lora.rank={lora_rank}"]
+  if lora_rank:  # the base is saved once and the adapters exported, by every process together
+    overrides.append("--config.train.export_peft=peft")
   processes = [
       subprocess.Popen([sys.executable, "-m", "csft_jax.train", f"--config={REPO}/configs/demo.py", f"--workdir={workdir}",
                         f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}", *overrides],
@@ -45,3 +51,6 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
   assert sorted(multi) == [1, 2, 3]
   for step in (1, 2, 3):
     assert abs(single[step] - multi[step]) < 1e-5, (step, single[step], multi[step])
+  if lora_rank:
+    assert os.path.isdir(os.path.join(workdir, "base", "0", "state"))
+    assert sorted(os.listdir(os.path.join(workdir, "peft"))) == ["adapter_config.json", "adapter_model.safetensors"]

@@ -505,9 +505,7 @@ def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str,
   else:
     conversations = [build_messages(item, mode=config.mode, shots=s, system_prompt=system)
                      for item, s in zip(items, shots)]
-    sampling = engine.Sampling(temperature=config.temperature, top_p=config.top_p,
-                               min_new_tokens=config.min_new_tokens)
-    texts, counts = chat.generate(conversations, max_new_tokens=config.max_new_tokens, sampling=sampling,
+    texts, counts = chat.generate(conversations, max_new_tokens=config.max_new_tokens, sampling=sampling(config),
                                   num_samples=config.num_samples, seed=config.seed, desc=f"CMB {config.mode}")
     submission, extraction_counts = build_submission(items, texts)
     counts.update(extraction_counts)
@@ -545,11 +543,17 @@ def _validate(config) -> None:
     raise runner.EvalConfigError(f"config.mode={config.mode!r}; choose answer, cot or loglik.")
 
 
+def sampling(config: ml_collections.ConfigDict) -> engine.Sampling:
+  """The official configs' decoding: greedy (or `temperature`/`top_p` for majority vote), at least
+  `min_new_tokens` new tokens."""
+  return engine.Sampling(temperature=config.temperature, top_p=config.top_p, min_new_tokens=config.min_new_tokens)
+
+
 BENCHMARK = runner.Benchmark(
     name="cmb",
     inputs=(("exam", lambda c: True), ("val", lambda c: c.shots > 0), ("answer_key", lambda c: bool(c.answer_key))),
     result_name=lambda config: f"cmb-{config.mode}",
-    run=run, report_cells=_report_cells, validate=_validate, load=load_inputs)
+    run=run, report_cells=_report_cells, validate=_validate, load=load_inputs, sampling=sampling)
 
 def score_command(submission: str, answer_key: str, out: str, markdown: str | None = None, *,
                   strict: bool = False) -> int:

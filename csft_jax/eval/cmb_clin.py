@@ -244,4 +244,4 @@ def _sampling(config: ml_collections.ConfigDict) -> engine.Sampling:
 
 BENCHMARK = runner.Benchmark(
     name="cmb_clin", inputs=(("clin", lambda c: True),), result_name=lambda config: "cmb_clin",
-    run=run, report_cells=_report_cells, validate=_sampling, load=load_inputs)
+    run=run, report_cells=_report_cells, validate=_sampling, load=load_inputs, sampling=_sampling)

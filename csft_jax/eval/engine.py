@@ -455,6 +455,52 @@ _generate_batch_jit = jax.jit(_generate_batch, static_argnames=_STATIC)
 _generate_shared_batch_jit = jax.jit(_generate_shared_batch, static_argnames=_STATIC)
 
 
+@dataclasses.dataclass(frozen=True)
+class GenerateProgram:
+  """The engine's generate program for one batch shape, abstract: what `--compile_for` compiles.
+
+  `jitted(*args, **kwargs)` is the very call `generate` makes for its largest batch (`rows` left-padded
+  prompts of `prompt_len` tokens, `max_new_tokens` decoded on the KV cache); `args` are
+  `ShapeDtypeStruct`s with their shardings, so `jitted.lower(*args, **kwargs)` allocates nothing.
+  """
+
+  jitted: Callable
+  args: tuple
+  kwargs: dict
+  rows: int
+  params: nnx.State  # the abstract model state, with its shardings
+  cache_bytes_per_device: int  # the KV cache (keys and values), one of the program's temporaries
+
+
+def generate_program(model_config, mesh: Mesh, *, batch_size: int, prompt_len: int, max_new_tokens: int,
+                     sampling: Sampling = None) -> GenerateProgram:
+  """The abstract generate program of `model_config` on `mesh` (see `GenerateProgram`)."""
+  from jax.sharding import PartitionSpec  # pylint: disable=import-outside-toplevel
+  rows = _batch_size(batch_size, mesh)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
+  shardings = sharding.state_shardings(abstract, mesh)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+  def by_rows(shape, dtype) -> jax.ShapeDtypeStruct:
+    names = ("batch",) + (None,) * (len(shape) - 1)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, sharding.logical_to_spec(names, shape, mesh)))
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
+  stop_ids = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=replicated)  # end of turn, end of sequence
+  args = (graphdef, state, by_rows((rows, prompt_len), jnp.int32), by_rows((rows, prompt_len), jnp.int32),
+          by_rows((rows, prompt_len), jnp.int32), by_rows((rows,), jnp.bool_), stop_ids,
+          jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=replicated))
+  cache_shape = (model_config.num_layers, rows, prompt_len + max_new_tokens, model_config.num_kv_heads,
+                 model_config.head_dim)
+  cache_spec = sharding.logical_to_spec(_CACHE_AXES, cache_shape, mesh)
+  cache_bytes = 2 * int(np.prod(NamedSharding(mesh, cache_spec).shard_shape(cache_shape))) * jnp.dtype(
+      model_config.dtype).itemsize
+  return GenerateProgram(_generate_batch_jit, args, dict(mesh=mesh, max_new_tokens=max_new_tokens,
+                                                         sampling=sampling or GREEDY),
+                         rows, state, cache_bytes)
+
+
 def _row_keys(seed: int, prompt_ids: np.ndarray, sample_ids: np.ndarray) -> jax.Array:
   base = jax.random.key(seed)
   per_prompt = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.asarray(prompt_ids))

@@ -166,6 +166,8 @@ class Benchmark:
     validate: raises `EvalConfigError` for a config it cannot run (before the model loads).
     load: reads and checks the benchmark's input files (before the model loads: a bad item is
       reported in seconds, not after minutes of loading weights); its value is `run`'s `inputs`.
+    sampling: the decoding rule its generations use (greedy by default): `run` generates with it
+      and `evaluate --compile_for` compiles it, so both are the same program.
   """
 
   name: str
@@ -175,6 +177,7 @@ class Benchmark:
   report_cells: Callable[[Results], dict[str, float]]
   validate: Callable[[ml_collections.ConfigDict], None] = lambda config: None
   load: Callable[[ml_collections.ConfigDict], Any] = lambda config: None
+  sampling: Callable[[ml_collections.ConfigDict], engine.Sampling] = lambda config: engine.GREEDY
 
 
 def benchmark_names() -> list[str]:
@@ -323,10 +326,6 @@ def _report(total: int, truncated: int, empty: int) -> None:
   if empty:
     logging.warning("%d generations were empty and are scored as wrong (counted in results: "
                     "empty_generations).", empty)
-
-
-def sampling(config: ml_collections.ConfigDict) -> engine.Sampling:
-  return engine.Sampling(temperature=config.temperature, top_p=config.top_p)
 
 
 def settings(config: ml_collections.ConfigDict, names: Sequence[str]) -> dict[str, Any]:

@@ -18,8 +18,8 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from csft_jax.convert import read_hf_config
-from csft_jax.loading import is_hf_dir
+from csft_jax import model_source
+from csft_jax.model_source import is_hf_dir
 from csft_jax.models import Decoder, ModelConfig, lora, model_config_from
 from csft_jax.models.config import RUNTIME_FIELDS
 from csft_jax.sharding import in_memory, logical_to_spec, state_shardings
@@ -126,7 +126,7 @@ def model_config_for_plan(config: ml_collections.ConfigDict, vocab_size: int = 0
   """The model a run of `config` would train, without devices: `init.from_hf`'s config.json when
   that directory is here, else the config's preset and fields."""
   if config.init.from_hf and is_hf_dir(config.init.from_hf):
-    return with_lora(read_hf_config(config.init.from_hf, **runtime_fields(config)), config)
+    return with_lora(model_source.resolve(config.init.from_hf, **runtime_fields(config)).model_config, config)
   return with_lora(model_config_from(config.model, vocab_size), config)
 
 
