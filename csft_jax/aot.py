@@ -233,8 +233,8 @@ def check_generate_fit(config: ml_collections.ConfigDict, slice_name: str, model
   sampling = runner.get_benchmark(config.benchmark).sampling(config)  # what the benchmark's run generates with
   # The engine's own jitted program: what an evaluation compiles for its largest batch.
   program = engine.generate_program(model_config, mesh, batch_size=config.batch_size, prompt_len=prompt_len,
-                                    max_new_tokens=config.max_new_tokens, sampling=sampling)
-  rows = program.rows
+                                    max_new_tokens=config.max_new_tokens, sampling=sampling,
+                                    batching=config.get("batching", "static"))
   temp, total, refusal, _ = _compile(program.jitted, program.args, program.kwargs, mesh)
   params_gib = _per_device_bytes(program.params, jax.tree.map(lambda a: a.sharding, program.params)) / GIB
   if refusal:
@@ -243,8 +243,7 @@ def check_generate_fit(config: ml_collections.ConfigDict, slice_name: str, model
   return FitReport(slice=slice_name, devices=len(devices), mesh=dict(mesh.shape), params_gib=params_gib,
                    opt_state_gib=None, temp_gib=temp, total_gib=total, hbm_per_device_gib=spec.hbm_gib,
                    compiler_message=refusal, kv_cache_gib=cache_bytes / GIB,
-                   program=(f"generate {rows} rows x {prompt_len} prompt tokens + {config.max_new_tokens} new, "
-                            f"{model_config.dtype}"))
+                   program=f"{program.description}, {model_config.dtype}")
 
 
 def _tokenizer_size(config: ml_collections.ConfigDict) -> int:

@@ -113,7 +113,8 @@ def run(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | None | Inte
                                      primary=jax.process_index() == 0)
   stop = StopRequest()
   chat = runner.ChatModel(loaded.model, loaded.tokenizer, loaded.template, mesh=mesh, batch_size=config.batch_size,
-                          max_prompt_len=config.max_prompt_len or None, journal=journal, should_stop=stop.requested)
+                          max_prompt_len=config.max_prompt_len or None, journal=journal, should_stop=stop.requested,
+                          batching=config.get("batching", "static"))
   try:
     results, summary = benchmark.run(chat, config, out_dir, inputs)
   except runner.EvaluationInterrupted as e:

@@ -83,6 +83,20 @@ def test_eval_generate_program_compiles_for_a_slice():
   assert "opt_state_gib" not in fields
 
 
+def test_eval_compile_for_continuous_batching_compiles_the_slots_prefill():
+  """With continuous batching the largest program is the prefill of every slot into the slots' cache,
+  which holds the longest prompt, max_new_tokens and room for the calls between moves."""
+  from csft_jax import evaluate  # pylint: disable=import-outside-toplevel
+  config = _eval_config(batch_size=16, max_prompt_len=256, batching="continuous")
+  model_config = evaluate.model_config_for_compile(config, "tiny")
+  report = aot.check_generate_fit(config, "v5e-8", model_config)
+  length = 256 + 16 + 64
+  assert report.program == f"continuous batching: 16 slots, a {length}-token cache each; prefill of 16 x 256 prompt " \
+                           "tokens, float32"
+  cache = 2 * model_config.num_layers * 2 * length * model_config.num_kv_heads * model_config.head_dim * 4
+  assert report.kv_cache_gib == pytest.approx(cache / aot.GIB) and report.fits
+
+
 @pytest.mark.parametrize("eval_config,expected", [
     ("configs/eval/cmb.py", dict(min_new_tokens=1, repetition_penalty=1.0)),
     ("configs/eval/cmb_clin.py", dict(min_new_tokens=1, repetition_penalty=1.1))])

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -136,11 +137,11 @@ def test_plan_batches_sorts_by_length_and_buckets():
 
 def test_compilations_are_one_per_bucket_and_reused(tiny_model):
   lengths = [3, 5, 17, 20, 33, 2, 8, 40, 16, 1]
-  first = engine.generate(tiny_model, _prompts(101, lengths), 5, None, batch_size=4)
+  first = engine.generate(tiny_model, _prompts(101, lengths), 5, None, batch_size=4, batching="static")
   assert first.num_compilations == 3  # (4 x 40), (4 x 16), (2 x 16)
   # Other prompts whose batches fall in the same buckets reuse the compiled programs.
   again = engine.generate(tiny_model, _prompts(101, [2, 4, 16, 21, 34, 3, 9, 39, 12, 2], seed=5), 5, None,
-                          batch_size=4)
+                          batch_size=4, batching="static")
   assert again.num_compilations == 0
   assert [len(t[0]) for t in again.tokens] == [5] * len(lengths)
 
@@ -280,16 +281,55 @@ def test_plan_generation_shares_only_prefixes_that_save_prefill():
 def test_shared_prefix_generation_equals_whole_prompts_and_hf(tiny_dir, tiny_model):
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="eager").eval()
   prompts = _shared_prefix_prompts()
-  whole = engine.generate(tiny_model, prompts, 8, None, batch_size=4, share_prefixes=False)
-  shared = engine.generate(tiny_model, prompts, 8, None, batch_size=4)
+  whole = engine.generate(tiny_model, prompts, 8, None, batch_size=4, share_prefixes=False, batching="static")
+  shared = engine.generate(tiny_model, prompts, 8, None, batch_size=4, batching="static")
   assert shared.tokens == whole.tokens
+  # Continuous batching prefills whole prompts (sharing is a static-batching plan): the same tokens.
+  assert engine.generate(tiny_model, prompts, 8, None, batch_size=4, batching="continuous").tokens == whole.tokens
   assert shared.prefill_slots < whole.prefill_slots
   assert [samples[0] for samples in shared.tokens] == _hf_generate_one_by_one(hf_model, prompts, 8, None)
   # Sampling keeps its seeding rule, the repetition penalty sees the prefix, meshes agree.
   for sampling, num_samples in ((engine.Sampling(temperature=1.0, top_p=0.9), 2),
                                 (engine.Sampling(repetition_penalty=1.3), 1)):
-    options = dict(sampling=sampling, num_samples=num_samples, batch_size=4)
+    options = dict(sampling=sampling, num_samples=num_samples, batch_size=4, batching="static")
     assert (engine.generate(tiny_model, prompts, 8, None, **options).tokens
             == engine.generate(tiny_model, prompts, 8, None, share_prefixes=False, **options).tokens)
   mesh = make_mesh(data=2, fsdp=2, tensor=2)
-  assert engine.generate(tiny_model, prompts, 8, None, batch_size=4, mesh=mesh).tokens == whole.tokens
+  assert engine.generate(tiny_model, prompts, 8, None, batch_size=4, mesh=mesh, batching="static").tokens == whole.tokens
+
+
+def test_continuous_batching_equals_static_batches_and_hf_with_early_stops(tiny_dir, tiny_model):
+  """More prompts than slots, mixed lengths, replies that stop early at different steps: a slot takes the
+  next prompt as its row stops, and every row's tokens are those of static batches and of HF."""
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+  rng = np.random.default_rng(3)
+  prompts = _prompts(101, rng.integers(2, 50, 21).tolist(), seed=7)
+  # Stop tokens the model says often: replies stop at very different lengths.
+  free = engine.generate(tiny_model, prompts, 24, None, batch_size=8, batching="static").tokens
+  counts = np.bincount([t for samples in free for t in samples[0]], minlength=101)
+  stops = np.argsort(-counts)[:2].tolist()
+  static = engine.generate(tiny_model, prompts, 24, stops, batch_size=4, batching="static")
+  continuous = engine.generate(tiny_model, prompts, 24, stops, batch_size=4, batching="continuous")
+  lengths = [len(samples[0]) for samples in continuous.tokens]
+  assert min(lengths) < 8 and max(lengths) == 24, lengths  # the case continuous batching is for
+  assert continuous.tokens == static.tokens
+  assert [samples[0] for samples in continuous.tokens] == _hf_generate_one_by_one(hf_model, prompts, 24, stops)
+  # Prefills per (bucket, refill rows padded to a power of two) and one decode program.
+  assert continuous.num_compilations <= 10
+  # Every sampling option keeps its rule: the same tokens at any slot count, and as static batches.
+  sampling = engine.Sampling(temperature=1.0, top_p=0.9, repetition_penalty=1.2, min_new_tokens=3)
+  options = dict(sampling=sampling, num_samples=2, seed=4)
+  by_slots = [engine.generate(tiny_model, prompts, 24, stops, batch_size=slots, batching="continuous", **options).tokens
+              for slots in (2, 8)]
+  assert by_slots[0] == by_slots[1] == engine.generate(tiny_model, prompts, 24, stops, batch_size=8,
+                                                       batching="static", **options).tokens
+  assert all(len(sample) >= 3 for samples in by_slots[0] for sample in samples)  # min_new_tokens
+  # Data parallel over 2 devices, and the early stop of an evaluation.
+  mesh = make_mesh(data=2, devices=jax.devices()[:2])
+  assert engine.generate(tiny_model, prompts, 24, stops, batch_size=4, mesh=mesh,
+                         batching="continuous").tokens == static.tokens
+  seen = []
+  stopped = engine.generate(tiny_model, prompts, 24, stops, batch_size=4, on_prompt_done=lambda i, t: seen.append(i),
+                            should_stop=lambda: len(seen) >= 5, batching="continuous")
+  assert stopped.stopped and len(seen) == 5
+  assert all(stopped.tokens[i] == static.tokens[i] for i in seen)

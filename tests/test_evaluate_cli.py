@@ -74,6 +74,21 @@ def test_cli_cmb_writes_results_and_prints_summary(model_dir):
   assert cmb.score_submission(submission, key)["overall"] == results["overall"]
 
 
+def test_greedy_answers_are_the_same_at_every_batch_size_and_batching(model_dir, tmp_path):
+  """Through the evaluate CLI: batch sizes 1, 5 and 16, static and continuous batching, one set of answers."""
+  generations = {}
+  for batch_size, batching in ((16, "static"), (5, "static"), (1, "static"), (5, "continuous"), (16, "continuous")):
+    out = tmp_path / f"{batching}_{batch_size}"
+    command = [sys.executable, "-m", "csft_jax.evaluate", "--config=configs/eval/cmb.py", f"--config.checkpoint={model_dir}",
+               "--config.max_new_tokens=12", f"--config.batch_size={batch_size}", f"--config.batching={batching}",
+               f"--config.out_dir={out}"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert done.returncode == 0, done.stderr[-3000:]
+    generations[(batch_size, batching)] = json.loads((out / "generations.json").read_text())
+  first = generations[(16, "static")]
+  assert len(first) == SAMPLE_ITEMS and all(g == first for g in generations.values())
+
+
 def test_cmb_majority_vote_over_samples(model_dir, tmp_path):
   config = _config(cmb_config, model_dir, tmp_path, shots=1, num_samples=3, temperature=1.0,
                    max_new_tokens=4, limit=4)

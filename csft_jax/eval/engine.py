@@ -334,18 +334,20 @@ def _penalize_repeats(logits: jax.Array, seen: jax.Array, penalty: float) -> jax
 
 def _next_token(logits: jax.Array, row_keys: jax.Array, step: jax.Array, sampling: Sampling,
                 seen: jax.Array | None, stop_ids: jax.Array) -> jax.Array:
-  """`[B, V]` float32 logits -> `[B]` token ids; `seen` marks the tokens to penalise."""
+  """`[B, V]` float32 logits -> `[B]` token ids; `seen` marks the tokens to penalise; `step` (scalar
+  or `[B]`) is the index among the new tokens of the token chosen."""
   if seen is not None:
     logits = _penalize_repeats(logits, seen, sampling.repetition_penalty)
+  step = jnp.broadcast_to(step, logits.shape[:1])  # each row's own token index (one for all, or per slot)
   if sampling.min_new_tokens:
     is_stop = jnp.zeros((logits.shape[-1],), bool).at[stop_ids].set(True)
-    logits = jnp.where(is_stop & (step < sampling.min_new_tokens), -jnp.inf, logits)
+    logits = jnp.where(is_stop[None, :] & (step < sampling.min_new_tokens)[:, None], -jnp.inf, logits)
   if sampling.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / sampling.temperature
   if sampling.top_p < 1:
     logits = _top_p_logits(logits, sampling.top_p)
-  keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+  keys = jax.vmap(jax.random.fold_in)(row_keys, step)
   return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
@@ -455,6 +457,206 @@ _generate_batch_jit = jax.jit(_generate_batch, static_argnames=_STATIC)
 _generate_shared_batch_jit = jax.jit(_generate_shared_batch, static_argnames=_STATIC)
 
 
+# ------------------------------------------------- continuous batching ----
+#
+# A fixed number of decode slots share one KV cache `[layers, slots, C, kv_heads, head_dim]` with one
+# write position `end`. A prompt joins a free slot by a prefill of its own (left-padded to a bucket `b`)
+# whose keys/values land in that slot's row at `[end - b, end)`, after the row's old contents are
+# masked out (segment 0); its decode then writes at `end` like every other slot's. Rows never attend
+# across slots, and within a row the real tokens are contiguous, so each row computes what a static
+# batch computes for it. When `end` would pass C, every row moves left by the same amount (the oldest
+# slot still live decides how far). Sampling keys and `min_new_tokens` use each row's own token index.
+
+
+def _new_slots_cache(config, slots: int, length: int, *, mesh: Mesh | None) -> KVCache:
+  with _activation_context(mesh):
+    cache = KVCache.empty(config, slots, length)
+    return KVCache(sharding.constrain(cache.k, _CACHE_AXES), sharding.constrain(cache.v, _CACHE_AXES),
+                   sharding.constrain(cache.segment_ids, ("batch", "length")), cache.end)
+
+
+def _prefill_slots(graphdef, state, cache: KVCache, seen, tokens, segment_ids, positions, slots, stop_ids, row_keys,
+                   *, mesh: Mesh | None, sampling: Sampling):
+  """Prefills `[R, b]` left-padded prompts into cache rows `slots` (index >= slots: a filler row, dropped)
+  at `[end - b, end)`; returns (cache, seen, first new token `[R]`)."""
+  _TRACES["prefill"] += 1
+  row_keys = jax.random.wrap_key_data(row_keys)
+  with _activation_context(mesh):
+    model = nnx.merge(graphdef, state)
+    rows, length = tokens.shape
+    logits, own = model(tokens, positions=positions, segment_ids=segment_ids,
+                        cache=_empty_cache(model, rows, length), last_logits_only=True)
+    new_seen = _seen_tokens(tokens, segment_ids, logits.shape[-1]) if seen is not None else None
+    first = _next_token(logits[:, -1], row_keys, jnp.int32(0), sampling, new_seen, stop_ids)
+    start = cache.end - length
+
+    def put(big, small, axis):
+      # The slots' rows, their [start, end) written with the prompts' own, scattered back.
+      rows_now = jnp.take(big, slots, axis=axis, mode="clip")
+      index = [0] * rows_now.ndim
+      index[axis + 1] = start
+      updated = jax.lax.dynamic_update_slice(rows_now, small.astype(big.dtype), tuple(index))
+      where = (slice(None),) * axis + (slots,)
+      return big.at[where].set(updated, mode="drop")
+
+    k = sharding.constrain(put(cache.k, own.k, 1), _CACHE_AXES)
+    v = sharding.constrain(put(cache.v, own.v, 1), _CACHE_AXES)
+    cleared = jnp.zeros((rows, cache.segment_ids.shape[1]), cache.segment_ids.dtype)
+    segments = cache.segment_ids.at[slots].set(
+        jax.lax.dynamic_update_slice(cleared, segment_ids.astype(cleared.dtype), (0, start)), mode="drop")
+    if seen is not None:
+      seen = seen.at[slots].set(_add_seen(new_seen, first), mode="drop")
+    return KVCache(k, v, segments, cache.end), seen, first
+
+
+def _decode_slots(graphdef, state, cache: KVCache, seen, token, position, count, done, stop_ids, row_keys, *,
+                  mesh: Mesh | None, steps: int, max_new_tokens: int, sampling: Sampling):
+  """Up to `steps` decode steps of every slot (fewer once all are done).
+
+  Returns (cache, seen, new tokens `[S, steps]` (-1 where a slot was done), steps run, and each slot's
+  last token, position, count of new tokens and done flag).
+  """
+  _TRACES["decode"] += 1
+  row_keys = jax.random.wrap_key_data(row_keys)
+  with _activation_context(mesh):
+    slots = token.shape[0]
+    ones = jnp.ones((slots, 1), jnp.int32)
+
+    def keep_going(carry):
+      return (carry[1] < steps) & ~jnp.all(carry[7])
+
+    def step_once(carry):
+      state, i, cache, seen, token, position, count, done, out = carry
+      logits, cache = nnx.merge(graphdef, state)(token[:, None], positions=position[:, None], segment_ids=ones,
+                                                 cache=cache)
+      new = _next_token(logits[:, 0], row_keys, count, sampling, seen, stop_ids)
+      new = jnp.where(done, token, new)
+      out = out.at[:, i].set(jnp.where(done, -1, new))
+      finished = done | _is_stop(new, stop_ids) | (count + 1 >= max_new_tokens)
+      count = jnp.where(done, count, count + 1)
+      return (state, i + 1, cache, _add_seen(seen, new), new, position + 1, count, finished, out)
+
+    out = jnp.full((slots, steps), -1, jnp.int32)
+    carry = (state, jnp.int32(0), cache, seen, token, position, count, done, out)
+    _, ran, cache, seen, token, position, count, done, out = jax.lax.while_loop(keep_going, step_once, carry)
+    return cache, seen, out, ran, token, position, count, done
+
+
+def _shift_slots(cache: KVCache, shift):
+  """Every row's cache moved `shift` slots left (what falls off the front is no longer live)."""
+  length = cache.segment_ids.shape[1]
+  live = jnp.arange(length) < length - shift
+  return KVCache(jnp.roll(cache.k, -shift, axis=2), jnp.roll(cache.v, -shift, axis=2),
+                 jnp.where(live[None, :], jnp.roll(cache.segment_ids, -shift, axis=1), 0), cache.end - shift)
+
+
+_prefill_slots_jit = jax.jit(_prefill_slots, static_argnames=("graphdef", "mesh", "sampling"), donate_argnums=(2, 3))
+_decode_slots_jit = jax.jit(_decode_slots, static_argnames=("graphdef", "mesh", "steps", "max_new_tokens", "sampling"),
+                            donate_argnums=(2, 3))
+_shift_slots_jit = jax.jit(_shift_slots, donate_argnums=0)
+_new_slots_cache_jit = jax.jit(_new_slots_cache, static_argnums=(0, 1, 2), static_argnames=("mesh",))
+# Decode steps per device call between refills: fewer calls vs. slots idle after their row stopped.
+DECODE_STEPS_PER_CALL = 16
+
+
+def _generate_continuous(model: Decoder, graphdef, state, row_prompts: list[list[int]], row_keys_host: np.ndarray,
+                         stop_ids: np.ndarray, *, slots: int, limit: int, max_new_tokens: int, sampling: Sampling,
+                         mesh: Mesh | None, on_row_done: Callable[[int, list[int]], bool]) -> tuple[int, bool]:
+  """Continuous batching over `row_prompts` (see above); calls `on_row_done(row, tokens)` as rows finish,
+  which returns True to stop. Returns (prefill slots computed, stopped)."""
+  order = collections.deque(sorted(range(len(row_prompts)), key=lambda i: (-len(row_prompts[i]), i)))
+  longest = bucket_length(len(row_prompts[order[0]]), limit)
+  steps = min(DECODE_STEPS_PER_CALL, max_new_tokens)
+  length = _slots_cache_length(longest, max_new_tokens)
+  cache = _new_slots_cache_jit(model.config, slots, length, mesh=mesh)
+  seen = (jnp.zeros((slots, model.config.vocab_size), bool) if sampling.repetition_penalty != 1 else None)
+  if seen is not None and mesh is not None:
+    seen = jax.device_put(seen, NamedSharding(mesh, sharding.logical_to_spec(("batch", "vocab"), seen.shape, mesh)))
+  stop_device = jnp.asarray(stop_ids)
+  dp = _data_parallel_size(mesh)
+  end = 0
+  row_of = [-1] * slots  # the row each slot decodes (-1: free)
+  start_of = [0] * slots  # the cache index where that row's prompt bucket begins
+  token = np.zeros(slots, np.int32)
+  position = np.zeros(slots, np.int32)
+  count = np.zeros(slots, np.int32)
+  done = np.ones(slots, bool)
+  keys = np.zeros((slots, *row_keys_host.shape[1:]), row_keys_host.dtype)
+  new_tokens: dict[int, list[int]] = {}
+  prefill_slots = 0
+
+  def make_room(needed_end: int) -> None:
+    """Moves every row left when a call from `needed_end` would pass the cache's end. Prompts come
+    longest first, so a live row spans at most the longest bucket + max_new_tokens: room is left."""
+    nonlocal cache, end
+    if needed_end + steps <= length:
+      return
+    live = [start_of[s] for s in range(slots) if row_of[s] >= 0]
+    shift = min(live) if live else end
+    if shift > 0:
+      cache = _shift_slots_jit(cache, jnp.int32(shift))
+      end -= shift
+      for s in range(slots):
+        start_of[s] -= shift
+
+  def finish(s: int) -> bool:
+    row = row_of[s]
+    row_of[s] = -1
+    done[s] = True
+    return on_row_done(row, _cut_at_stop(np.asarray(new_tokens.pop(row), np.int32), stop_ids))
+
+  while order or any(r >= 0 for r in row_of):
+    free = [s for s in range(slots) if row_of[s] < 0]
+    if free and order:
+      taken = [order.popleft() for _ in range(min(len(free), len(order)))]
+      bucket = bucket_length(max(len(row_prompts[r]) for r in taken), limit)
+      make_room(max(end, bucket))
+      end = max(end, bucket)
+      padded = _padded_rows(len(taken), slots, dp)
+      ids = np.zeros((padded, bucket), np.int32)
+      segment_ids = np.zeros((padded, bucket), np.int32)
+      positions = np.zeros((padded, bucket), np.int32)
+      target = np.full((padded,), slots, np.int32)  # filler rows: out of range, dropped
+      segment_ids[:, -1] = 1
+      row_keys = np.zeros((padded, *row_keys_host.shape[1:]), row_keys_host.dtype)
+      for r, (row, s) in enumerate(zip(taken, free)):
+        prompt = row_prompts[row]
+        ids[r, bucket - len(prompt):] = prompt
+        segment_ids[r, bucket - len(prompt):] = 1
+        positions[r, bucket - len(prompt):] = np.arange(len(prompt))
+        target[r], row_keys[r] = s, row_keys_host[row]
+      cache = KVCache(cache.k, cache.v, cache.segment_ids, jnp.int32(end))
+      cache, seen, first = _prefill_slots_jit(
+          graphdef, state, cache, seen, *_place_rows(mesh, ids, segment_ids, positions), jnp.asarray(target),
+          stop_device, jnp.asarray(row_keys), mesh=mesh, sampling=sampling)
+      prefill_slots += padded * bucket
+      first = _to_host(first)
+      for r, (row, s) in enumerate(zip(taken, free)):
+        row_of[s], start_of[s], keys[s] = row, end - bucket, row_keys_host[row]
+        token[s], position[s], count[s], done[s] = first[r], len(row_prompts[row]), 1, False
+        new_tokens[row] = [int(first[r])]
+        if first[r] in stop_ids or max_new_tokens == 1:
+          if finish(s):
+            return prefill_slots, True
+      continue  # fill every free slot before decoding
+    if not any(r >= 0 for r in row_of):
+      continue
+    make_room(end)
+    cache = KVCache(cache.k, cache.v, cache.segment_ids, jnp.int32(end))
+    cache, seen, out, ran, last, last_position, last_count, last_done = _decode_slots_jit(
+        graphdef, state, cache, seen, *_place_rows(mesh, token, position, count, done), stop_device,
+        jnp.asarray(keys), mesh=mesh, steps=steps, max_new_tokens=max_new_tokens, sampling=sampling)
+    end += int(_to_host(ran))
+    out, token, position, count, done = (_to_host(x).copy() for x in (out, last, last_position, last_count, last_done))
+    for s in range(slots):
+      if row_of[s] < 0:
+        continue
+      new_tokens[row_of[s]].extend(int(t) for t in out[s] if t >= 0)
+      if done[s] and finish(s):
+        return prefill_slots, True
+  return prefill_slots, False
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateProgram:
   """The engine's generate program for one batch shape, abstract: what `--compile_for` compiles.
@@ -470,11 +672,17 @@ class GenerateProgram:
   rows: int
   params: nnx.State  # the abstract model state, with its shardings
   cache_bytes_per_device: int  # the KV cache (keys and values), one of the program's temporaries
+  description: str = ""
 
 
 def generate_program(model_config, mesh: Mesh, *, batch_size: int, prompt_len: int, max_new_tokens: int,
-                     sampling: Sampling = None) -> GenerateProgram:
-  """The abstract generate program of `model_config` on `mesh` (see `GenerateProgram`)."""
+                     sampling: Sampling = None, batching: str = "static") -> GenerateProgram:
+  """The abstract generate program of `model_config` on `mesh` (see `GenerateProgram`).
+
+  With continuous batching that is the prefill of every slot at once into the slots' cache (its
+  largest program: the cache plus a full prefill's activations); with static batching, the
+  prefill + decode program of one batch.
+  """
   from jax.sharding import PartitionSpec  # pylint: disable=import-outside-toplevel
   rows = _batch_size(batch_size, mesh)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
@@ -491,14 +699,36 @@ def generate_program(model_config, mesh: Mesh, *, batch_size: int, prompt_len: i
   args = (graphdef, state, by_rows((rows, prompt_len), jnp.int32), by_rows((rows, prompt_len), jnp.int32),
           by_rows((rows, prompt_len), jnp.int32), by_rows((rows,), jnp.bool_), stop_ids,
           jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=replicated))
-  cache_shape = (model_config.num_layers, rows, prompt_len + max_new_tokens, model_config.num_kv_heads,
-                 model_config.head_dim)
+  sampling = sampling or GREEDY
+  continuous = batching == "continuous" and model_config.sliding_window is None
+  length = (_slots_cache_length(prompt_len, max_new_tokens) if continuous else prompt_len + max_new_tokens)
+  cache_shape = (model_config.num_layers, rows, length, model_config.num_kv_heads, model_config.head_dim)
   cache_spec = sharding.logical_to_spec(_CACHE_AXES, cache_shape, mesh)
   cache_bytes = 2 * int(np.prod(NamedSharding(mesh, cache_spec).shard_shape(cache_shape))) * jnp.dtype(
       model_config.dtype).itemsize
-  return GenerateProgram(_generate_batch_jit, args, dict(mesh=mesh, max_new_tokens=max_new_tokens,
-                                                         sampling=sampling or GREEDY),
-                         rows, state, cache_bytes)
+  if not continuous:
+    return GenerateProgram(_generate_batch_jit, args, dict(mesh=mesh, max_new_tokens=max_new_tokens,
+                                                           sampling=sampling), rows, state, cache_bytes,
+                           f"generate {rows} rows x {prompt_len} prompt tokens + {max_new_tokens} new")
+  cache = jax.eval_shape(lambda: KVCache.empty(model_config, rows, length))
+  cache_sharding = NamedSharding(mesh, cache_spec)
+  cache = KVCache(jax.ShapeDtypeStruct(cache.k.shape, cache.k.dtype, sharding=cache_sharding),
+                  jax.ShapeDtypeStruct(cache.v.shape, cache.v.dtype, sharding=cache_sharding),
+                  by_rows(cache.segment_ids.shape, cache.segment_ids.dtype),
+                  jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
+  seen = by_rows((rows, model_config.vocab_size), jnp.bool_) if sampling.repetition_penalty != 1 else None
+  key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.split(jax.random.key(0), rows)))
+  slot_args = (graphdef, state, cache, seen, *args[2:5], jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=replicated),
+               stop_ids, jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=replicated))
+  return GenerateProgram(_prefill_slots_jit, slot_args, dict(mesh=mesh, sampling=sampling), rows, state, cache_bytes,
+                         f"continuous batching: {rows} slots, a {length}-token cache each; prefill of {rows} x "
+                         f"{prompt_len} prompt tokens")
+
+
+def _slots_cache_length(longest_bucket: int, max_new_tokens: int) -> int:
+  """The slots' cache: the longest live row (prompt bucket + new tokens) and room for the calls between
+  moves left."""
+  return longest_bucket + max_new_tokens + max(2 * min(DECODE_STEPS_PER_CALL, max_new_tokens), 64)
 
 
 def _row_keys(seed: int, prompt_ids: np.ndarray, sample_ids: np.ndarray) -> jax.Array:
@@ -528,7 +758,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
              mesh: Mesh | None = None, progress: Progress | None = None,
              share_prefixes: bool = True, key_ids: Sequence[int] | None = None,
              on_prompt_done: Callable[[int, list[list[int]]], None] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> Generation:
+             should_stop: Callable[[], bool] | None = None, batching: str = "static") -> Generation:
   """Generates `num_samples` continuations of every prompt.
 
   Args:
@@ -551,6 +781,10 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
       an evaluation that resumes with the prompts still to do passes their original indices.
     on_prompt_done: called with (prompt index, its samples' tokens) once all its samples are done.
     should_stop: asked after each batch; True ends the call early (`Generation.stopped`).
+    batching: 'static' (default): each batch decodes until its last row stops, and prompts with a
+      common start share its prefill (`share_prefixes`); 'continuous': `batch_size` decode slots, a
+      slot takes the next prompt as soon as its row stops. The tokens are the same. A model with a
+      sliding window always runs 'static'.
 
   Returns:
     A `Generation`; `tokens[i][s]` holds the new tokens of prompt i, sample s, up to and including
@@ -586,6 +820,35 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
   share = share_prefixes and model.config.sliding_window is None
   dp = _data_parallel_size(mesh)
   prefill_slots, stopped = 0, False
+  if batching not in ("continuous", "static"):
+    raise ValueError(f"batching={batching!r}; choose 'continuous' or 'static'.")
+  if batching == "continuous" and model.config.sliding_window is None:
+    prompt_ids = np.asarray([p if key_ids is None else key_ids[p] for p, _ in sequences], np.int32)
+    keys = np.asarray(jax.random.key_data(_row_keys(seed, prompt_ids, np.asarray([s for _, s in sequences], np.int32))))
+
+    def on_row_done(row: int, row_tokens: list[int]) -> bool:
+      nonlocal done_prompts
+      p, s = sequences[row]
+      tokens[p][s] = row_tokens
+      remaining[p] -= 1
+      if remaining[p]:
+        return False
+      done_prompts += 1
+      if on_prompt_done is not None:
+        on_prompt_done(p, tokens[p])
+      if progress is not None:
+        progress(done_prompts)
+      return should_stop is not None and done_prompts < len(prompts) and should_stop()
+
+    before = (_TRACES["prefill"], _TRACES["decode"])
+    prefill_slots, stopped = _generate_continuous(
+        model, graphdef, state, row_prompts, keys, stop_ids, slots=_batch_size(batch_size, mesh), limit=limit,
+        max_new_tokens=max_new_tokens, sampling=sampling, mesh=mesh, on_row_done=on_row_done)
+    compiled = _TRACES["prefill"] - before[0] + _TRACES["decode"] - before[1]
+    if compiled:
+      logging.info("generate: compiled %d continuous-batching programs (%d prefill, %d decode so far).", compiled,
+                   _TRACES["prefill"], _TRACES["decode"])
+    return Generation(tokens, sum(cut for _, cut in truncated), compiled, prefill_slots, stopped)
   for plan in plan_generation(row_prompts, _batch_size(batch_size, mesh), limit, dp, share):
     rows, padded_rows, padded_len, prefix_len = plan.rows, plan.padded_rows, plan.padded_len, plan.prefix_len
     ids = np.zeros((padded_rows, padded_len), np.int32)

@@ -136,7 +136,10 @@ def default_eval_config(benchmark: str) -> ml_collections.ConfigDict:
       # on CPU; scanned ones keep compile time flat for deep models.
       scan_layers=False,
       mesh=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
-      batch_size=16,  # Sequences per compiled batch.
+      batch_size=16,  # Sequences per compiled batch (decode slots with continuous batching).
+      # static: a batch decodes until its longest reply stops, and shares common prompt starts'
+      # prefill; continuous: a slot takes the next prompt as soon as its reply stops. Same tokens.
+      batching="static",
       max_prompt_len=0,  # 0: the model's context minus max_new_tokens; longer prompts lose their start.
       max_new_tokens=32,
       seed=0,
@@ -226,15 +229,16 @@ class ChatModel:
 
   def __init__(self, model: Decoder, tokenizer, template, *, mesh: Mesh | None, batch_size: int,
                max_prompt_len: int | None, journal: GenerationJournal | None = None,
-               should_stop: Callable[[], bool] | None = None):
+               should_stop: Callable[[], bool] | None = None, batching: str = "static"):
     self.model, self.tokenizer, self.template = model, tokenizer, template
     self.mesh, self.batch_size, self.max_prompt_len = mesh, batch_size, max_prompt_len
-    self.journal, self.should_stop = journal, should_stop
+    self.journal, self.should_stop, self.batching = journal, should_stop, batching
 
   def with_template(self, template) -> "ChatModel":
     """The same model, journal and stop request with another chat template (e.g. one that truncates)."""
     return ChatModel(self.model, self.tokenizer, template, mesh=self.mesh, batch_size=self.batch_size,
-                     max_prompt_len=self.max_prompt_len, journal=self.journal, should_stop=self.should_stop)
+                     max_prompt_len=self.max_prompt_len, journal=self.journal, should_stop=self.should_stop,
+                     batching=self.batching)
 
   def generate(self, conversations: Sequence[Messages], *, max_new_tokens: int,
                sampling: engine.Sampling = engine.GREEDY, num_samples: int = 1, seed: int = 0,
@@ -265,7 +269,7 @@ class ChatModel:
             self.model, [prompts[i] for i in todo], max_new_tokens, self.template.stop_token_ids, sampling=sampling,
             num_samples=num_samples, seed=seed, batch_size=self.batch_size, max_prompt_len=self.max_prompt_len,
             mesh=self.mesh, progress=lambda done: advance(len(prompts) - len(todo) + done), key_ids=todo,
-            on_prompt_done=finished, should_stop=self.should_stop)
+            on_prompt_done=finished, should_stop=self.should_stop, batching=self.batching)
       compilations = result.num_compilations
       if result.stopped:
         raise EvaluationInterrupted(sum(t is not None for t in tokens), len(prompts),
@@ -340,6 +344,6 @@ def fingerprint(config: ml_collections.ConfigDict, weights: Sequence[str]) -> st
   (greedy answers do not depend on them; sampled ones are keyed by prompt and sample), and the
   size and modification time of the model's weight files `weights` (a model rewritten in place is
   a different model)."""
-  fields = {k: v for k, v in config.to_dict().items() if k not in ("batch_size", "mesh", "out_dir")}
+  fields = {k: v for k, v in config.to_dict().items() if k not in ("batch_size", "batching", "mesh", "out_dir")}
   stamps = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in sorted(weights)]
   return hashlib.sha1(json.dumps([fields, stamps], sort_keys=True, default=str).encode()).hexdigest()
