@@ -509,15 +509,21 @@ def _prefill_slots(graphdef, state, cache: KVCache, seen, tokens, segment_ids, p
     return KVCache(k, v, segments, cache.end), seen, first
 
 
-def _decode_slots(graphdef, state, cache: KVCache, seen, token, position, count, done, stop_ids, row_keys, *,
-                  mesh: Mesh | None, steps: int, max_new_tokens: int, sampling: Sampling):
-  """Up to `steps` decode steps of every slot (fewer once all are done).
+def _decode_slots(graphdef, state, cache: KVCache, seen, token, position, count, done, stop_ids, row_keys, low, *,
+                  mesh: Mesh | None, steps: int, window: int, max_new_tokens: int, sampling: Sampling):
+  """Up to `steps` decode steps of every slot (fewer once all are done), attending over the cache's
+  `[low, low + window)` only: every live slot's tokens and the steps' own (the rest is empty or dead).
 
   Returns (cache, seen, new tokens `[S, steps]` (-1 where a slot was done), steps run, and each slot's
   last token, position, count of new tokens and done flag).
   """
   _TRACES["decode"] += 1
   row_keys = jax.random.wrap_key_data(row_keys)
+  full = cache
+  layers, slots, _, kv_heads, head_dim = cache.k.shape
+  cache = KVCache(jax.lax.dynamic_slice(cache.k, (0, 0, low, 0, 0), (layers, slots, window, kv_heads, head_dim)),
+                  jax.lax.dynamic_slice(cache.v, (0, 0, low, 0, 0), (layers, slots, window, kv_heads, head_dim)),
+                  jax.lax.dynamic_slice(cache.segment_ids, (0, low), (slots, window)), cache.end - low)
   with _activation_context(mesh):
     slots = token.shape[0]
     ones = jnp.ones((slots, 1), jnp.int32)
@@ -539,6 +545,9 @@ def _decode_slots(graphdef, state, cache: KVCache, seen, token, position, count,
     out = jnp.full((slots, steps), -1, jnp.int32)
     carry = (state, jnp.int32(0), cache, seen, token, position, count, done, out)
     _, ran, cache, seen, token, position, count, done, out = jax.lax.while_loop(keep_going, step_once, carry)
+    cache = KVCache(sharding.constrain(jax.lax.dynamic_update_slice(full.k, cache.k, (0, 0, low, 0, 0)), _CACHE_AXES),
+                    sharding.constrain(jax.lax.dynamic_update_slice(full.v, cache.v, (0, 0, low, 0, 0)), _CACHE_AXES),
+                    jax.lax.dynamic_update_slice(full.segment_ids, cache.segment_ids, (0, low)), cache.end + low)
     return cache, seen, out, ran, token, position, count, done
 
 
@@ -551,8 +560,11 @@ def _shift_slots(cache: KVCache, shift):
 
 
 _prefill_slots_jit = jax.jit(_prefill_slots, static_argnames=("graphdef", "mesh", "sampling"), donate_argnums=(2, 3))
-_decode_slots_jit = jax.jit(_decode_slots, static_argnames=("graphdef", "mesh", "steps", "max_new_tokens", "sampling"),
+_decode_slots_jit = jax.jit(_decode_slots,
+                            static_argnames=("graphdef", "mesh", "steps", "window", "max_new_tokens", "sampling"),
                             donate_argnums=(2, 3))
+# Decode windows are multiples of this many cache slots: few programs, little attention to dead slots.
+WINDOW_GRID = 64
 _shift_slots_jit = jax.jit(_shift_slots, donate_argnums=0)
 _new_slots_cache_jit = jax.jit(_new_slots_cache, static_argnums=(0, 1, 2), static_argnames=("mesh",))
 # Decode steps per device call between refills: fewer calls vs. slots idle after their row stopped.
@@ -643,9 +655,13 @@ def _generate_continuous(model: Decoder, graphdef, state, row_prompts: list[list
       continue
     make_room(end)
     cache = KVCache(cache.k, cache.v, cache.segment_ids, jnp.int32(end))
+    live_low = min(start_of[s] for s in range(slots) if row_of[s] >= 0)
+    window = min(_round_up(end + steps - live_low, WINDOW_GRID), length)
+    low = min(live_low, length - window)
     cache, seen, out, ran, last, last_position, last_count, last_done = _decode_slots_jit(
         graphdef, state, cache, seen, *_place_rows(mesh, token, position, count, done), stop_device,
-        jnp.asarray(keys), mesh=mesh, steps=steps, max_new_tokens=max_new_tokens, sampling=sampling)
+        jnp.asarray(keys), jnp.int32(low), mesh=mesh, steps=steps, window=window, max_new_tokens=max_new_tokens,
+        sampling=sampling)
     end += int(_to_host(ran))
     out, token, position, count, done = (_to_host(x).copy() for x in (out, last, last_position, last_count, last_done))
     for s in range(slots):
