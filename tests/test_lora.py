@@ -347,3 +347,17 @@ def test_init_from_peft_continues_from_the_exported_adapters(lora_run, pretraine
                            timeout=600)
   assert refused.returncode != 0
   assert "config.lora.rank=8 but the adapter in config.init.from_peft" in refused.stderr and "rank 4" in refused.stderr
+
+
+def test_lora_rank_is_a_sweep_axis(tmp_path):
+  from csft_jax import sweep as sw  # pylint: disable=import-outside-toplevel
+  experiment_file = tmp_path / "lora_ranks.py"
+  experiment_file.write_text(
+      "import ml_collections\nfrom csft_jax.sweep import sweep\n\n"
+      "def get_experiment():\n  exp = ml_collections.ConfigDict()\n  exp.config = 'configs/demo.py'\n"
+      "  exp.evals = ('configs/eval/cmb.py',)\n  return exp\n\n"
+      "def get_sweep():\n  return sweep('lora.rank', [0, 8, 16])\n")
+  runs = sw.plan_runs(sw.load_experiment(str(experiment_file)), str(tmp_path / "w"))
+  sw.check_overrides(runs)  # lora.rank is a field of the config
+  assert [r.name for r in runs] == ["rank-0", "rank-8", "rank-16"]
+  assert runs[1].train[-1] == "--config.lora.rank=8"
