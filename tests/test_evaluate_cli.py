@@ -75,9 +75,9 @@ def test_cli_cmb_writes_results_and_prints_summary(model_dir):
 
 
 def test_greedy_answers_are_the_same_at_every_batch_size_and_batching(model_dir, tmp_path):
-  """Through the evaluate CLI: batch sizes 1, 5 and 16, static and continuous batching, one set of answers."""
+  """Through the evaluate CLI: batch sizes 16 and 5, static and continuous batching, one set of answers."""
   generations = {}
-  for batch_size, batching in ((16, "static"), (5, "static"), (1, "static"), (5, "continuous"), (16, "continuous")):
+  for batch_size, batching in ((16, "static"), (5, "static"), (5, "continuous")):
     out = tmp_path / f"{batching}_{batch_size}"
     command = [sys.executable, "-m", "csft_jax.evaluate", "--config=configs/eval/cmb.py", f"--config.checkpoint={model_dir}",
                "--config.max_new_tokens=12", f"--config.batch_size={batch_size}", f"--config.batching={batching}",

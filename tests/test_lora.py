@@ -54,8 +54,8 @@ def _logits(model, ids, mask) -> np.ndarray:
   return np.asarray(model(jnp.asarray(ids.numpy()), segment_ids=jnp.asarray(mask.numpy())))
 
 
-@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("arch,scan_layers", [("llama", True), ("llama", False), ("qwen2", False), ("qwen3", True),
+                                              ("mistral", False)])
 def test_adapters_equal_peft_both_ways(arch, scan_layers, tmp_path):
   base_dir, peft_dir, ours_dir = (str(tmp_path / n) for n in ("base", "peft", "ours"))
   make_hf_model(arch).save_pretrained(base_dir)
@@ -217,11 +217,10 @@ def test_a_lora_run_keeps_its_base_once_and_steps_hold_the_adapters(pretrained, 
     assert {p[-1] for p in stored} == {"lora_a", "lora_b"}  # a step holds the adapters only
 
 
-@pytest.mark.parametrize("dropout,scan_layers,remat,attention", [(0.0, True, "full", "blockwise"),
-                                                                (0.1, False, "none", "xla")],
-                         ids=["scanned-remat-blockwise", "unrolled-dropout"])
+@pytest.mark.parametrize("dropout,scan_layers,remat,attention", [(0.1, True, "full", "blockwise")],
+                         ids=["scanned-remat-blockwise-dropout"])
 def test_lora_losses_on_a_2x2x2_mesh_equal_one_device(tmp_path, dropout, scan_layers, remat, attention):
-  config = small_config(num_steps=3, grad_accum_steps=2)
+  config = small_config(num_steps=2, grad_accum_steps=2)
   config.model.update(scan_layers=scan_layers, remat_policy=remat, attention_impl=attention, attention_block_q=64,
                       attention_block_kv=64)
   config.lora.update(rank=4, alpha=8.0, dropout=dropout, targets="q_proj,v_proj,down_proj")
@@ -232,7 +231,7 @@ def test_lora_losses_on_a_2x2x2_mesh_equal_one_device(tmp_path, dropout, scan_la
     devices = jax.devices()[:int(np.prod(mesh_shape))]
     assert train.run(config, workdir, mesh=make_mesh(*mesh_shape, devices=devices))["status"] == "finished"
     results.append(losses(workdir))
-  assert len(results[0]) == 3
+  assert len(results[0]) == 2
   for step, loss in results[0].items():
     assert results[1][step] == pytest.approx(loss, rel=2e-5)
 
@@ -242,7 +241,7 @@ def test_lora_losses_on_a_2x2x2_mesh_equal_one_device(tmp_path, dropout, scan_la
 
 LORA = ["--config.model.dtype=float32", "--config.lora.rank=4", "--config.lora.alpha=8", "--config.lora.dropout=0.1",
         "--config.optim.lr=1e-2", "--config.checkpoint.every_steps=2", "--config.checkpoint.async_save=False",
-        "--config.train.num_steps=6", "--config.train.export_peft=peft", "--config.train.export_hf=merged"]
+        "--config.train.num_steps=4", "--config.train.export_peft=peft", "--config.train.export_hf=merged"]
 
 
 def _python(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -258,7 +257,7 @@ def _train_until_sigterm(flags: list[str]) -> str:
   lines = []
   for line in process.stdout:
     lines.append(line)
-    if line.startswith("step 3/6"):
+    if line.startswith("step 2/4"):
       process.send_signal(signal.SIGTERM)
   assert process.wait(timeout=900) == 0, "".join(lines)[-4000:]
   return "".join(lines)
@@ -282,7 +281,7 @@ def lora_run(pretrained, tmp_path_factory):
 
 def test_lora_cli_resume_without_the_hf_directory_is_bitwise(lora_run):
   whole, interrupted = lora_run
-  assert losses(interrupted) == losses(whole) and len(losses(whole)) == 6
+  assert losses(interrupted) == losses(whole) and len(losses(whole)) == 4
   ours = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(
       checkpointing.restore_model(interrupted), nnx.LoRAParam))}
   reference = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(
