@@ -197,6 +197,37 @@ def test_step_zero_is_the_base_model_and_training_changes_only_the_adapters(tmp_
   assert all(changed) and len(changed) == 2 * 7 * (1 if model_config.scan_layers else model_config.num_layers)
 
 
+def test_internlm2_trains_its_shared_wqkv_adapter():
+  """InternLM2's fused wqkv adapter (one A for q, k and v) takes gradients through all three B's."""
+  config = small_config(num_steps=2)
+  config.model.update(preset="tiny_internlm2", scan_layers=True)
+  config.lora.update(rank=4, targets="wqkv,w2")
+  config.optim.lr = 1e-2
+  model_config = programs.with_lora(model_config_from(config.model, 3000), config)
+  mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  optimizer, schedule = make_optimizer(config.optim, 2)
+  start = programs.random_init(model_config, optimizer, 0, mesh)
+  names = {tuple(str(k) for k in p)[-2:] for p, _ in nnx.to_flat_state(start.state.params)}
+  assert names == {("attn", "shared_qkv_a"), ("q_proj", "lora_b"), ("k_proj", "lora_b"), ("v_proj", "lora_b"),
+                   ("down_proj", "lora_a"), ("down_proj", "lora_b")}
+  before = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(start.state.params)}
+  frozen = jax.tree.map(np.asarray, start.state.frozen)
+  train_step, _, _ = programs.jit_steps(config, start, optimizer, schedule, mesh, num_sources=1)
+  rng = np.random.default_rng(1)
+  batch = {k: np.ones((8, 32), np.int32) for k in packing.ROW_KEYS}
+  batch.update(input_ids=rng.integers(0, 3000, (8, 32), dtype=np.int32),
+               target_ids=rng.integers(0, 3000, (8, 32), dtype=np.int32),
+               positions=np.tile(np.arange(32, dtype=np.int32), (8, 1)), source_ids=np.zeros((8, 32), np.int32))
+  state = start.state
+  for _ in range(2):
+    state, metrics = train_step(state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  for path, value in nnx.to_flat_state(state.params):
+    assert not np.array_equal(before[tuple(path)], np.asarray(value[...])), path
+  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(state.frozen)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
 def test_a_lora_run_keeps_its_base_once_and_steps_hold_the_adapters(pretrained, tmp_path):
   config = small_config(num_steps=2)
   config.model.dtype = "float32"
