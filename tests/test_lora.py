@@ -158,6 +158,32 @@ def test_targets_name_the_family_modules_or_a_regex():
     lora.resolve_targets("llama", "lm_.*")
 
 
+def _random_batch(seed: int, rows: int = 8, length: int = 32) -> dict[str, np.ndarray]:
+  """A packed-row batch of random tokens (one segment a row, every target a loss token)."""
+  rng = np.random.default_rng(seed)
+  batch = {k: np.ones((rows, length), np.int32) for k in packing.ROW_KEYS}
+  batch.update(input_ids=rng.integers(0, 3000, (rows, length), dtype=np.int32),
+               target_ids=rng.integers(0, 3000, (rows, length), dtype=np.int32),
+               positions=np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
+               source_ids=np.zeros((rows, length), np.int32))
+  return batch
+
+
+def _train_steps(config, model_config, *, steps: int, seed: int):
+  """`steps` train steps from a random init on one device: (adapters before {path: array}, frozen base
+  before (host copies), the state after, the last metrics)."""
+  mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  optimizer, schedule = make_optimizer(config.optim, steps)
+  start = programs.random_init(model_config, optimizer, 0, mesh)
+  adapters = {tuple(str(k) for k in p): np.asarray(v[...]) for p, v in nnx.to_flat_state(start.state.params)}
+  frozen = jax.tree.map(np.asarray, start.state.frozen)
+  train_step, _, _ = programs.jit_steps(config, start, optimizer, schedule, mesh, num_sources=1)
+  state, batch = start.state, _random_batch(seed)
+  for _ in range(steps):
+    state, metrics = train_step(state, batch)
+  return adapters, frozen, state, metrics
+
+
 def test_step_zero_is_the_base_model_and_training_changes_only_the_adapters(tmp_path):
   config = small_config(num_steps=3)
   config.model.dtype = "float32"
@@ -176,24 +202,11 @@ def test_step_zero_is_the_base_model_and_training_changes_only_the_adapters(tmp_
   np.testing.assert_array_equal(np.asarray(adapted(ids)), np.asarray(base(ids)))  # B = 0 at init
 
   # The train step: gradients and updates reach the adapters only; the frozen base passes through.
-  mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  optimizer, schedule = make_optimizer(config.optim, 3)
-  start = programs.random_init(model_config, optimizer, 0, mesh)
-  frozen_before = jax.tree.map(np.asarray, start.state.frozen)
-  adapters_before = jax.tree.map(np.asarray, start.state.params)
-  train_step, _, _ = programs.jit_steps(config, start, optimizer, schedule, mesh, num_sources=1)
-  rng = np.random.default_rng(0)
-  batch = {k: np.ones((8, 32), np.int32) for k in packing.ROW_KEYS}
-  batch.update(input_ids=rng.integers(0, 3000, (8, 32), dtype=np.int32),
-               target_ids=rng.integers(0, 3000, (8, 32), dtype=np.int32),
-               positions=np.tile(np.arange(32, dtype=np.int32), (8, 1)), source_ids=np.zeros((8, 32), np.int32))
-  state = start.state
-  for _ in range(3):
-    state, _ = train_step(state, batch)
+  adapters_before, frozen_before, state, _ = _train_steps(config, model_config, steps=3, seed=0)
   for before, after in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(state.frozen)):
     np.testing.assert_array_equal(before, np.asarray(after))
-  changed = [not np.array_equal(b, np.asarray(a)) for b, a in zip(jax.tree.leaves(adapters_before),
-                                                                   jax.tree.leaves(state.params))]
+  changed = [not np.array_equal(adapters_before[tuple(str(k) for k in p)], np.asarray(a[...]))
+             for p, a in nnx.to_flat_state(state.params)]
   assert all(changed) and len(changed) == 2 * 7 * (1 if model_config.scan_layers else model_config.num_layers)
 
 
@@ -204,26 +217,12 @@ def test_internlm2_trains_its_shared_wqkv_adapter():
   config.lora.update(rank=4, targets="wqkv,w2")
   config.optim.lr = 1e-2
   model_config = programs.with_lora(model_config_from(config.model, 3000), config)
-  mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  optimizer, schedule = make_optimizer(config.optim, 2)
-  start = programs.random_init(model_config, optimizer, 0, mesh)
-  names = {tuple(str(k) for k in p)[-2:] for p, _ in nnx.to_flat_state(start.state.params)}
-  assert names == {("attn", "shared_qkv_a"), ("q_proj", "lora_b"), ("k_proj", "lora_b"), ("v_proj", "lora_b"),
-                   ("down_proj", "lora_a"), ("down_proj", "lora_b")}
-  before = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(start.state.params)}
-  frozen = jax.tree.map(np.asarray, start.state.frozen)
-  train_step, _, _ = programs.jit_steps(config, start, optimizer, schedule, mesh, num_sources=1)
-  rng = np.random.default_rng(1)
-  batch = {k: np.ones((8, 32), np.int32) for k in packing.ROW_KEYS}
-  batch.update(input_ids=rng.integers(0, 3000, (8, 32), dtype=np.int32),
-               target_ids=rng.integers(0, 3000, (8, 32), dtype=np.int32),
-               positions=np.tile(np.arange(32, dtype=np.int32), (8, 1)), source_ids=np.zeros((8, 32), np.int32))
-  state = start.state
-  for _ in range(2):
-    state, metrics = train_step(state, batch)
+  before, frozen, state, metrics = _train_steps(config, model_config, steps=2, seed=1)
+  assert {p[-2:] for p in before} == {("attn", "shared_qkv_a"), ("q_proj", "lora_b"), ("k_proj", "lora_b"),
+                                      ("v_proj", "lora_b"), ("down_proj", "lora_a"), ("down_proj", "lora_b")}
   assert np.isfinite(float(metrics["loss"]))
   for path, value in nnx.to_flat_state(state.params):
-    assert not np.array_equal(before[tuple(path)], np.asarray(value[...])), path
+    assert not np.array_equal(before[tuple(str(k) for k in path)], np.asarray(value[...])), path
   for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(state.frozen)):
     np.testing.assert_array_equal(a, np.asarray(b))
 
