@@ -128,7 +128,12 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
   if stored is None:
     return
   shape = {f"model.{k}" for k in (*ARCHITECTURE_FIELDS, "vocab_size")}  # refused by _check_fixed_fields
-  changes = {k: v for k, v in config_changes(stored, current).items() if k not in shape}
+  # A field added to csft_jax after the run started is no change while it holds its default (the
+  # behaviour the run had): only a value set away from the default is.
+  added_defaults = _flatten(_field_defaults())
+  stored_fields = _flatten(stored)
+  changes = {k: v for k, v in config_changes(stored, current).items()
+             if k not in shape and not (k not in stored_fields and k in added_defaults and v[1] == added_defaults[k])}
   listed = {k: f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()}
   refused = [k for k in changes if not any(fnmatch.fnmatchcase(k, p) for p in CHANGEABLE_ON_RESUME)]
   if refused and not allow:
@@ -138,6 +143,12 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
   shown = [listed[k] for k in changes if k != "data.tokenizer"]
   if shown:
     say("note: config changed since this run started (resuming with the new values): " + "; ".join(shown))
+
+
+def _field_defaults() -> dict[str, Any]:
+  """Every config field's default (the base config of configs/base.py), as JSON values."""
+  from configs import base  # pylint: disable=import-outside-toplevel  (configs import this module)
+  return json.loads(json.dumps(base.get_config().to_dict(), default=str))
 
 
 def resolve_num_steps(train: ml_collections.ConfigDict, pipeline: DataPipeline) -> int:

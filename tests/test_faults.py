@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from csft_jax import checkpointing
+from csft_jax import checkpointing, configuration
 from csft_jax.models import Decoder
 from tests import REPO_ROOT
 
@@ -382,3 +382,18 @@ def test_optimizer_offload_from_the_command_line(tmp_path):
 def _steps_and_losses(workdir) -> dict[int, float]:
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_a_run_from_before_new_config_fields_resumes_while_they_hold_their_defaults():
+  """A workdir whose config.json predates a field (here lora.* and optim.moments_dtype) resumes: the field
+  at its default is the behaviour the run had; set away from it, it is refused like any change."""
+  from csft_jax import train  # pylint: disable=import-outside-toplevel
+  current = configuration.load("configs/demo.py").to_dict()
+  stored = json.loads(json.dumps(current, default=str))
+  del stored["lora"], stored["optim"]["moments_dtype"]
+  notes = []
+  train.check_resume_config(stored, current, allow=False, say=notes.append)
+  assert notes == []
+  current["lora"]["rank"] = 8
+  with pytest.raises(train.InitError, match=r"change 1 field\(s\) that decide what it trains: lora.rank: None -> 8"):
+    train.check_resume_config(stored, current, allow=False, say=notes.append)
