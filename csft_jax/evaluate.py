@@ -44,7 +44,7 @@ from csft_jax import checkpointing, configuration, distributed, files, model_sou
 from csft_jax.console import run_cli
 from csft_jax.loading import is_hf_dir, load_chat_model
 from csft_jax.eval import runner
-from csft_jax.models import PRESETS, ModelConfig, get_preset, lora
+from csft_jax.models import PRESETS, ModelConfig, generation_attention, get_preset, lora, with_runtime
 from csft_jax.stopping import StopRequest
 from csft_jax.workdir import RunDir, model_tag
 
@@ -107,12 +107,13 @@ def run(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | None | Inte
   loaded = load_chat_model(config.checkpoint, dtype=config.dtype, mesh=mesh, tokenizer=config.tokenizer,
                            chat_template=config.chat_template, adapter=config.adapter, scan_layers=config.scan_layers)
   logging.info("Loaded %s checkpoint %s in %.1fs.", loaded.kind, loaded.path, time.perf_counter() - start)
+  model = with_runtime(loaded.model, attention_impl=generation_attention(config.attention_impl, jax.default_backend()))
   journal = runner.GenerationJournal(os.path.join(out_dir, "progress.jsonl"),
                                      runner.fingerprint(config, weight_files(config.checkpoint)
                                                         + (weight_files(config.adapter) if config.adapter else [])),
                                      primary=jax.process_index() == 0)
   stop = StopRequest()
-  chat = runner.ChatModel(loaded.model, loaded.tokenizer, loaded.template, mesh=mesh, batch_size=config.batch_size,
+  chat = runner.ChatModel(model, loaded.tokenizer, loaded.template, mesh=mesh, batch_size=config.batch_size,
                           max_prompt_len=config.max_prompt_len or None, journal=journal, should_stop=stop.requested,
                           batching=config.get("batching", "static"))
   try:
@@ -132,7 +133,8 @@ def model_config_for_compile(config: ml_collections.ConfigDict, preset: str | No
   if preset:
     if preset not in PRESETS:
       raise ValueError(f"--compile_model={preset!r} is not a model preset; known presets: {', '.join(PRESETS)}.")
-    return get_preset(preset, dtype=config.dtype, param_dtype=config.dtype, scan_layers=config.scan_layers)
+    return get_preset(preset, dtype=config.dtype, param_dtype=config.dtype, scan_layers=config.scan_layers,
+                      attention_impl=generation_attention(config.attention_impl, "tpu"))
   if not config.checkpoint:
     raise ValueError("--compile_for needs the model's shape: pass --config.checkpoint=DIR or "
                      f"--compile_model=PRESET (one of {', '.join(PRESETS)}).")
@@ -140,7 +142,7 @@ def model_config_for_compile(config: ml_collections.ConfigDict, preset: str | No
   # are merged before generation, so the program is the base's.
   overrides = dict(param_dtype=config.dtype, scan_layers=config.scan_layers) if is_hf_dir(config.checkpoint) else {}
   return model_source.resolve(config.checkpoint, dtype=config.dtype, **overrides).model_config.replace(
-      lora_rank=0, lora_targets=())
+      lora_rank=0, lora_targets=(), attention_impl=generation_attention(config.attention_impl, "tpu"))
 
 
 def compile_for(config: ml_collections.ConfigDict, slice_name: str, preset: str | None) -> None:

@@ -12,6 +12,7 @@ from flax import nnx
 
 from csft_jax import loading
 from csft_jax.convert import load_hf
+from csft_jax.models import with_runtime
 from csft_jax.eval import engine
 from csft_jax.sharding import make_mesh
 from csft_jax.workdir import RunDir
@@ -333,3 +334,18 @@ def test_continuous_batching_equals_static_batches_and_hf_with_early_stops(tiny_
                             should_stop=lambda: len(seen) >= 5, batching="continuous")
   assert stopped.stopped and len(seen) == 5
   assert all(stopped.tokens[i] == static.tokens[i] for i in seen)
+
+
+def test_blockwise_prefill_and_growing_decode_windows_equal_hf(tiny_dir, tiny_model):
+  """Prefill through the blockwise kernel (several blocks per row) and decode windows that grow past
+  `WINDOW_GRID` steps: the tokens of the dense path and of HF, static (plain and shared prefix) and
+  continuous."""
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+  blockwise = with_runtime(tiny_model, attention_impl="blockwise", attention_block_q=16, attention_block_kv=16)
+  prompts = _shared_prefix_prompts()[:3] + _prompts(101, [5, 70, 33], seed=11)
+  new = engine.WINDOW_GRID + 20
+  dense = engine.generate(tiny_model, prompts, new, None, batch_size=4, batching="static", share_prefixes=False)
+  assert [samples[0] for samples in dense.tokens] == _hf_generate_one_by_one(hf_model, prompts, new, None)
+  for batching, share in (("static", False), ("static", True), ("continuous", False)):
+    assert engine.generate(blockwise, prompts, new, None, batch_size=4, batching=batching,
+                           share_prefixes=share).tokens == dense.tokens, (batching, share)

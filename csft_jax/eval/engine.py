@@ -48,7 +48,10 @@ MIN_BUCKET = 16
 BUCKETS_PER_OCTAVE = 4
 # A shared prefix shorter than this is prefilled per row: too little work saved to be worth a program.
 MIN_SHARED_PREFIX = 32
-_CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+# Decode attends over windows of the cache that grow by this many slots: few programs (or loops), and
+# little attention to slots not written yet or no longer live.
+WINDOW_GRID = 64
+_CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
 # Number of times each jitted program was traced (= compiled) in this process.
 _TRACES: collections.Counter = collections.Counter()
 
@@ -355,12 +358,31 @@ def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
   return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
 
 
+def _map_kv(fn, cache: KVCache, *others: KVCache, segment_ids=None, end=None) -> KVCache:
+  """`cache` with `fn(array, *others' arrays)` for each of its key and value arrays (one per layer,
+  or stacked: batch is axis -4 and length -2 in both forms), pinned like the activations (rows over
+  data, KV heads over tensor: the largest live buffer of the loop must not be replicated)."""
+
+  def pinned(*arrays):
+    out = fn(*arrays)
+    return sharding.constrain(out, _CACHE_AXES[-out.ndim:])
+
+  return KVCache(jax.tree.map(pinned, cache.k, *(o.k for o in others)),
+                 jax.tree.map(pinned, cache.v, *(o.v for o in others)),
+                 sharding.constrain(cache.segment_ids if segment_ids is None else segment_ids, ("batch", "length")),
+                 cache.end if end is None else end)
+
+
 def _empty_cache(model: Decoder, batch: int, length: int) -> KVCache:
-  cache = KVCache.empty(model.config, batch, length)
-  # Pin the cache like the activations (rows over data, KV heads over tensor): it is the largest
-  # live buffer of the loop and must not be replicated.
-  return KVCache(sharding.constrain(cache.k, _CACHE_AXES), sharding.constrain(cache.v, _CACHE_AXES),
-                 sharding.constrain(cache.segment_ids, ("batch", "length")), cache.end)
+  return _map_kv(lambda a: a, KVCache.empty(model.config, batch, length))
+
+
+def _grown(cache: KVCache, extra: int) -> KVCache:
+  """`cache` with `extra` empty slots after its last."""
+  def pad(a):
+    return jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, extra), (0, 0)])
+
+  return _map_kv(pad, cache, segment_ids=jnp.pad(cache.segment_ids, ((0, 0), (0, extra))))
 
 
 def _generate_batch(graphdef, state, tokens, segment_ids, positions, active, stop_ids, row_keys, *,
@@ -370,8 +392,8 @@ def _generate_batch(graphdef, state, tokens, segment_ids, positions, active, sto
   with _activation_context(mesh):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = tokens.shape
-    cache = _empty_cache(model, batch, prompt_len + max_new_tokens)
-    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache,
+    cache = _empty_cache(model, batch, prompt_len)  # the decode loop grows it window by window
+    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache, prefill=True,
                           last_logits_only=True)
     seen = (_seen_tokens(tokens, segment_ids, logits.shape[-1]) if sampling.repetition_penalty != 1
             else None)
@@ -397,15 +419,12 @@ def _generate_shared_batch(graphdef, state, prefix, tokens, segment_ids, positio
     prefix_segments = jnp.ones_like(prefix)
     prefix_positions = jnp.broadcast_to(jnp.arange(prefix_len, dtype=jnp.int32), prefix.shape)
     _, prefix_cache = model(prefix, positions=prefix_positions, segment_ids=prefix_segments,
-                            cache=_empty_cache(model, prefix_rows, prefix_len), last_logits_only=True)
-    cache = _empty_cache(model, batch, prefix_len + suffix_len + max_new_tokens)
+                            cache=_empty_cache(model, prefix_rows, prefix_len), prefill=True, last_logits_only=True)
+    # The suffixes attend over the prefix and themselves only; the new tokens' slots come after.
+    cache = _empty_cache(model, batch, prefix_len + suffix_len)
     copies = batch // prefix_rows  # row r of the batch takes prefix row r // copies (its shard's)
-    cache = KVCache(
-        sharding.constrain(cache.k.at[:, :, :prefix_len].set(jnp.repeat(prefix_cache.k, copies, axis=1)),
-                           _CACHE_AXES),
-        sharding.constrain(cache.v.at[:, :, :prefix_len].set(jnp.repeat(prefix_cache.v, copies, axis=1)),
-                           _CACHE_AXES),
-        cache.segment_ids.at[:, :prefix_len].set(1), jnp.int32(prefix_len))
+    cache = _map_kv(lambda a, p: a.at[..., :prefix_len, :].set(jnp.repeat(p, copies, axis=p.ndim - 4)), cache,
+                    prefix_cache, segment_ids=cache.segment_ids.at[:, :prefix_len].set(1), end=jnp.int32(prefix_len))
     logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache,
                           last_logits_only=True)
     seen = None
@@ -424,6 +443,11 @@ def _decode(graphdef, state, cache: KVCache, last_logits, first_position, active
   `last_logits` `[B, V]` are the prefill's logits at each row's last prompt token (left padding
   puts it in the last column) and `first_position` the position of the first new token. After a
   row stops it keeps decoding (its outputs are ignored): rows share the cache slot.
+
+  `cache` holds the prompt slots only. The loop runs in windows of `WINDOW_GRID` steps, and each
+  window's steps attend over the cache as long as it has grown so far (the prompt plus the
+  window's tokens), not over the whole budget: a step early in a 512-token budget reads ~1/4 of
+  the cache a whole-budget cache would. The windows are one loop each in the same program.
   """
   batch = last_logits.shape[0]
   token = _next_token(last_logits, row_keys, jnp.int32(0), sampling, seen, stop_ids)
@@ -431,10 +455,6 @@ def _decode(graphdef, state, cache: KVCache, last_logits, first_position, active
   out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
   done = ~active | _is_stop(token, stop_ids)
   ones = jnp.ones((batch, 1), jnp.int32)
-
-  def keep_going(carry):
-    _, step, _, _, done, _, _ = carry
-    return (step < max_new_tokens) & ~jnp.all(done)
 
   def decode_step(carry):
     # The weights ride in the carry (unchanged): NNX refuses to use arrays closed over from the
@@ -447,8 +467,18 @@ def _decode(graphdef, state, cache: KVCache, last_logits, first_position, active
     out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
     return state, step + 1, cache, new, done | _is_stop(new, stop_ids), out, _add_seen(seen, new)
 
-  carry = (state, jnp.int32(1), cache, token, done, out, seen)
-  _, _, _, _, _, out, _ = jax.lax.while_loop(keep_going, decode_step, carry)
+  prompt_slots = cache.length
+  step = jnp.int32(1)
+  # Step i writes slot prompt_slots + i - 1: the window of steps < `last` needs prompt_slots + last - 1.
+  for last in [*range(1 + WINDOW_GRID, max_new_tokens, WINDOW_GRID), max_new_tokens]:
+    cache = _grown(cache, prompt_slots + last - 1 - cache.length)
+
+    def keep_going(carry, last=last):
+      _, step, _, _, done, _, _ = carry
+      return (step < last) & ~jnp.all(done)
+
+    carry = (state, step, cache, token, done, out, seen)
+    _, step, cache, token, done, out, seen = jax.lax.while_loop(keep_going, decode_step, carry)
   return out
 
 
@@ -459,7 +489,7 @@ _generate_shared_batch_jit = jax.jit(_generate_shared_batch, static_argnames=_ST
 
 # ------------------------------------------------- continuous batching ----
 #
-# A fixed number of decode slots share one KV cache `[layers, slots, C, kv_heads, head_dim]` with one
+# A fixed number of decode slots share one KV cache `[layers, slots, kv_heads, C, head_dim]` with one
 # write position `end`. A prompt joins a free slot by a prefill of its own (left-padded to a bucket `b`)
 # whose keys/values land in that slot's row at `[end - b, end)`, after the row's old contents are
 # masked out (segment 0); its decode then writes at `end` like every other slot's. Rows never attend
@@ -470,9 +500,7 @@ _generate_shared_batch_jit = jax.jit(_generate_shared_batch, static_argnames=_ST
 
 def _new_slots_cache(config, slots: int, length: int, *, mesh: Mesh | None) -> KVCache:
   with _activation_context(mesh):
-    cache = KVCache.empty(config, slots, length)
-    return KVCache(sharding.constrain(cache.k, _CACHE_AXES), sharding.constrain(cache.v, _CACHE_AXES),
-                   sharding.constrain(cache.segment_ids, ("batch", "length")), cache.end)
+    return _map_kv(lambda a: a, KVCache.empty(config, slots, length))
 
 
 def _prefill_slots(graphdef, state, cache: KVCache, seen, tokens, segment_ids, positions, slots, stop_ids, row_keys,
@@ -485,28 +513,23 @@ def _prefill_slots(graphdef, state, cache: KVCache, seen, tokens, segment_ids, p
     model = nnx.merge(graphdef, state)
     rows, length = tokens.shape
     logits, own = model(tokens, positions=positions, segment_ids=segment_ids,
-                        cache=_empty_cache(model, rows, length), last_logits_only=True)
+                        cache=_empty_cache(model, rows, length), prefill=True, last_logits_only=True)
     new_seen = _seen_tokens(tokens, segment_ids, logits.shape[-1]) if seen is not None else None
     first = _next_token(logits[:, -1], row_keys, jnp.int32(0), sampling, new_seen, stop_ids)
     start = cache.end - length
 
-    def put(big, small, axis):
+    def put(big, small):
       # The slots' rows, their [start, end) written with the prompts' own, scattered back.
-      rows_now = jnp.take(big, slots, axis=axis, mode="clip")
-      index = [0] * rows_now.ndim
-      index[axis + 1] = start
-      updated = jax.lax.dynamic_update_slice(rows_now, small.astype(big.dtype), tuple(index))
-      where = (slice(None),) * axis + (slots,)
-      return big.at[where].set(updated, mode="drop")
+      rows_now = jnp.take(big, slots, axis=big.ndim - 4, mode="clip")
+      updated = jax.lax.dynamic_update_slice_in_dim(rows_now, small.astype(big.dtype), start, axis=big.ndim - 2)
+      return big.at[(slice(None),) * (big.ndim - 4) + (slots,)].set(updated, mode="drop")
 
-    k = sharding.constrain(put(cache.k, own.k, 1), _CACHE_AXES)
-    v = sharding.constrain(put(cache.v, own.v, 1), _CACHE_AXES)
     cleared = jnp.zeros((rows, cache.segment_ids.shape[1]), cache.segment_ids.dtype)
     segments = cache.segment_ids.at[slots].set(
         jax.lax.dynamic_update_slice(cleared, segment_ids.astype(cleared.dtype), (0, start)), mode="drop")
     if seen is not None:
       seen = seen.at[slots].set(_add_seen(new_seen, first), mode="drop")
-    return KVCache(k, v, segments, cache.end), seen, first
+    return _map_kv(put, cache, own, segment_ids=segments), seen, first
 
 
 def _decode_slots(graphdef, state, cache: KVCache, seen, token, position, count, done, stop_ids, row_keys, low, *,
@@ -520,10 +543,9 @@ def _decode_slots(graphdef, state, cache: KVCache, seen, token, position, count,
   _TRACES["decode"] += 1
   row_keys = jax.random.wrap_key_data(row_keys)
   full = cache
-  layers, slots, _, kv_heads, head_dim = cache.k.shape
-  cache = KVCache(jax.lax.dynamic_slice(cache.k, (0, 0, low, 0, 0), (layers, slots, window, kv_heads, head_dim)),
-                  jax.lax.dynamic_slice(cache.v, (0, 0, low, 0, 0), (layers, slots, window, kv_heads, head_dim)),
-                  jax.lax.dynamic_slice(cache.segment_ids, (0, low), (slots, window)), cache.end - low)
+  cache = KVCache(jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, low, window, axis=a.ndim - 2), cache.k),
+                  jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, low, window, axis=a.ndim - 2), cache.v),
+                  jax.lax.dynamic_slice_in_dim(cache.segment_ids, low, window, axis=1), cache.end - low)
   with _activation_context(mesh):
     slots = token.shape[0]
     ones = jnp.ones((slots, 1), jnp.int32)
@@ -545,9 +567,9 @@ def _decode_slots(graphdef, state, cache: KVCache, seen, token, position, count,
     out = jnp.full((slots, steps), -1, jnp.int32)
     carry = (state, jnp.int32(0), cache, seen, token, position, count, done, out)
     _, ran, cache, seen, token, position, count, done, out = jax.lax.while_loop(keep_going, step_once, carry)
-    cache = KVCache(sharding.constrain(jax.lax.dynamic_update_slice(full.k, cache.k, (0, 0, low, 0, 0)), _CACHE_AXES),
-                    sharding.constrain(jax.lax.dynamic_update_slice(full.v, cache.v, (0, 0, low, 0, 0)), _CACHE_AXES),
-                    jax.lax.dynamic_update_slice(full.segment_ids, cache.segment_ids, (0, low)), cache.end + low)
+    cache = _map_kv(lambda a, w: jax.lax.dynamic_update_slice_in_dim(a, w, low, axis=a.ndim - 2), full, cache,
+                    segment_ids=jax.lax.dynamic_update_slice(full.segment_ids, cache.segment_ids, (0, low)),
+                    end=cache.end + low)
     return cache, seen, out, ran, token, position, count, done
 
 
@@ -555,7 +577,8 @@ def _shift_slots(cache: KVCache, shift):
   """Every row's cache moved `shift` slots left (what falls off the front is no longer live)."""
   length = cache.segment_ids.shape[1]
   live = jnp.arange(length) < length - shift
-  return KVCache(jnp.roll(cache.k, -shift, axis=2), jnp.roll(cache.v, -shift, axis=2),
+  return KVCache(jax.tree.map(lambda a: jnp.roll(a, -shift, axis=a.ndim - 2), cache.k),
+                 jax.tree.map(lambda a: jnp.roll(a, -shift, axis=a.ndim - 2), cache.v),
                  jnp.where(live[None, :], jnp.roll(cache.segment_ids, -shift, axis=1), 0), cache.end - shift)
 
 
@@ -563,8 +586,6 @@ _prefill_slots_jit = jax.jit(_prefill_slots, static_argnames=("graphdef", "mesh"
 _decode_slots_jit = jax.jit(_decode_slots,
                             static_argnames=("graphdef", "mesh", "steps", "window", "max_new_tokens", "sampling"),
                             donate_argnums=(2, 3))
-# Decode windows are multiples of this many cache slots: few programs, little attention to dead slots.
-WINDOW_GRID = 64
 _shift_slots_jit = jax.jit(_shift_slots, donate_argnums=0)
 _new_slots_cache_jit = jax.jit(_new_slots_cache, static_argnums=(0, 1, 2), static_argnames=("mesh",))
 # Decode steps per device call between refills: fewer calls vs. slots idle after their row stopped.
@@ -718,7 +739,7 @@ def generate_program(model_config, mesh: Mesh, *, batch_size: int, prompt_len: i
   sampling = sampling or GREEDY
   continuous = batching == "continuous" and model_config.sliding_window is None
   length = (_slots_cache_length(prompt_len, max_new_tokens) if continuous else prompt_len + max_new_tokens)
-  cache_shape = (model_config.num_layers, rows, length, model_config.num_kv_heads, model_config.head_dim)
+  cache_shape = (model_config.num_layers, rows, model_config.num_kv_heads, length, model_config.head_dim)
   cache_spec = sharding.logical_to_spec(_CACHE_AXES, cache_shape, mesh)
   cache_bytes = 2 * int(np.prod(NamedSharding(mesh, cache_spec).shard_shape(cache_shape))) * jnp.dtype(
       model_config.dtype).itemsize
@@ -727,9 +748,12 @@ def generate_program(model_config, mesh: Mesh, *, batch_size: int, prompt_len: i
                                                            sampling=sampling), rows, state, cache_bytes,
                            f"generate {rows} rows x {prompt_len} prompt tokens + {max_new_tokens} new")
   cache = jax.eval_shape(lambda: KVCache.empty(model_config, rows, length))
-  cache_sharding = NamedSharding(mesh, cache_spec)
-  cache = KVCache(jax.ShapeDtypeStruct(cache.k.shape, cache.k.dtype, sharding=cache_sharding),
-                  jax.ShapeDtypeStruct(cache.v.shape, cache.v.dtype, sharding=cache_sharding),
+
+  def cache_array(a):
+    spec = sharding.logical_to_spec(_CACHE_AXES[-a.ndim:], a.shape, mesh)
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec))
+
+  cache = KVCache(jax.tree.map(cache_array, cache.k), jax.tree.map(cache_array, cache.v),
                   by_rows(cache.segment_ids.shape, cache.segment_ids.dtype),
                   jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
   seen = by_rows((rows, model_config.vocab_size), jnp.bool_) if sampling.repetition_penalty != 1 else None

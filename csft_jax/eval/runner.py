@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 from csft_jax import files
 from csft_jax.eval import engine
 from csft_jax.models import Decoder
+from csft_jax.models.config import ATTENTION_IMPLEMENTATIONS
 
 Messages = list[dict[str, str]]
 
@@ -135,6 +136,9 @@ def default_eval_config(benchmark: str) -> ml_collections.ConfigDict:
       # HF checkpoints only (Orbax ones keep their saved layout). Unrolled layers prefill ~2x faster
       # on CPU; scanned ones keep compile time flat for deep models.
       scan_layers=False,
+      # Prefill attention: auto = splash on TPU, blockwise elsewhere (only the causal blocks of each
+      # row are computed); or one of xla | cudnn | blockwise | splash. Decode steps attend densely.
+      attention_impl="auto",
       mesh=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
       batch_size=16,  # Sequences per compiled batch (decode slots with continuous batching).
       # static: a batch decodes until its longest reply stops, and shares common prompt starts'
@@ -217,6 +221,9 @@ def validate_config(config: ml_collections.ConfigDict) -> Benchmark:
   if not config.checkpoint:
     raise EvalConfigError("config.checkpoint is empty: pass --config.checkpoint=W (training workdir, "
                           "checkpoint step directory, or HF model directory).")
+  implementations = ("auto",) + ATTENTION_IMPLEMENTATIONS
+  if config.get("attention_impl", "auto") not in implementations:
+    raise EvalConfigError(f"config.attention_impl={config.attention_impl!r}; choose one of {implementations}.")
   benchmark.validate(config)
   for field, needed in benchmark.inputs:
     if needed(config) and not os.path.exists(config[field]):

