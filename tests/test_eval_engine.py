@@ -132,7 +132,7 @@ def test_plan_batches_sorts_by_length_and_buckets():
   assert plans == [([7, 4, 3, 2], 4, 40), ([8, 6, 1, 0], 4, 16), ([5, 9], 2, 16)]
   # A data-parallel size of 4 pads the short last batch to 4 rows; the cap bounds buckets.
   assert engine.plan_batches([2, 1], batch_size=8, cap=101, row_multiple=4) == [([0, 1], 4, 16)]
-  assert [engine.bucket_length(n, cap=512) for n in (1, 17, 33, 65, 129, 132, 257)] == [16, 24, 40, 80, 160, 160, 320]
+  assert [engine.bucket_length(n, cap=512) for n in (1, 17, 33, 65, 129, 132, 257)] == [16, 24, 40, 72, 144, 144, 288]
   assert engine.bucket_length(300, cap=300) == 300 and engine.bucket_length(40, cap=36) == 40
 
 

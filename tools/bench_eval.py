@@ -1,32 +1,49 @@
-"""Benchmarks the evaluation engine against transformers `generate` on CMB-format questions.
+"""Benchmarks the evaluation engine against transformers `generate`, case by case.
 
   python tools/bench_eval.py [--num_questions=48] [--batch_size=16] [--max_new_tokens=32] [--json]
 
 For each model (the demo model of configs/demo.py and the ~100M `llama_100m` preset), one random
-Llama is built in transformers (float32), saved, and loaded by `csft_jax.convert.load_hf`, so both
-engines run the same weights. The questions are the shipped CMB sample (answer-only prompt, chatml
-template, demo tokenizer), repeated to `num_questions`. Both engines decode greedily with the
-same stop tokens and `max_new_tokens`, in batches of `batch_size` prompts sorted by length (the
-same batches for both, left-padded). Times exclude compilation / warm-up (untimed passes; compile
-time is reported separately) and are the fastest of `--repeats` passes. Log-likelihood mode scores every option letter instead of
-generating. Tokens are checked identical between the engines.
+Llama is built in transformers (float32), saved, and loaded by `csft_jax.convert.load_hf` with the
+attention evaluation uses on CPU (blockwise prefill), so both engines run the same weights. Both
+engines decode greedily with the same stop tokens, the same batch size (`--batch_size` rows, or
+decode slots) and this process's CPU threads; tokens are checked identical between them. Times
+exclude compilation (untimed passes first; compile time is reported) and are the fastest of
+`--repeats` passes.
 
-MedS-Bench 3-shot case: MedS-format tasks of `--meds_instances` instances each, built from the
-shared huatuo_cmekg records (definitions from the shared RewriteDefinitions.json), prompted as the
-official protocol (three shots drawn per instance from the task's own Instances, then the
-definition, as the system turn), greedy, `--meds_max_new_tokens` on both sides. Our engine
-prefills a prefix common to a batch's prompts once (`engine.plan_generation`); HF runs the
-length-sorted batches. `shared_prefix` is the fraction of prompt tokens that sharing prefilled
-only once.
+Cases:
+- `cmb`: the shipped CMB sample (answer-only prompt, chatml template, demo tokenizer), repeated to
+  `num_questions`, `--max_new_tokens`; batches of prompts sorted by length, the same for both.
+  Log-likelihood mode scores every option letter instead of generating.
+- `meds_3shot`: MedS-format tasks of `--meds_instances` instances each, built from the shared
+  huatuo_cmekg records (definitions from the shared RewriteDefinitions.json), prompted as the
+  official protocol (three shots drawn per instance from the task's own instances, then the
+  definition, as the system turn), `--meds_max_new_tokens`. Our engine prefills a prefix common to
+  a batch's prompts once (`engine.plan_generation`); HF runs the length-sorted batches.
+- `varlen` (~100M model): the CMB questions with CMB's official 512-token budget and replies that
+  stop at very different lengths. A random model does not stop by itself, and a model small enough
+  to train here briefly does not either (a 1.5M model trained 500 steps on the shared collection
+  ran 19 of 24 replies to 512 tokens), so the stop token is one the model itself says: from an
+  untimed free run, the token whose first occurrence gives replies a median length nearest 48
+  with 1/16 to 1/4 of them running to the budget (the shape of a chat model's CMB answers: most
+  short, a few rambling). Ours runs continuous batching (`--batch_size` slots); HF and our static
+  batches run each batch to its longest reply. `ideal_speedup` is HF's time over HF's prefill plus
+  its decode shrunk by the steps the lengths need (their sum / slots against every batch's rows x
+  its longest reply).
 
-Every row also gives our FLOP/s as a fraction of this CPU's measured float32 matmul peak
-(`matmul_peak_gflops`, a jitted 2048 x 2048 matmul): the forward model FLOPs of the real prompt
-and new tokens (2 x matmul parameters per token, plus the attention over the row), per second.
+Figures per case: questions/s both sides and their ratio; prefill alone (a pass with one new
+token) and decode (the rest), ours as a fraction of this CPU's limits: prefill FLOPs (the real
+prompt tokens' matmuls and causal attention, and the LM head at each row's last token) over the
+measured float32 matmul peak (`matmul_peak_gflops`, a jitted 2048 x 2048 product); decode against
+the larger of its two bounds per step, the bytes it must read (every weight once, and each row's
+live keys and values) over the measured memory bandwidth (`memory_gbps`, a jitted product of one
+vector with a 512 MiB matrix) and its FLOPs over the peak.
 
 With --json the last line is one JSON object with `speedup_vs_hf_generate` (demo model),
-`speedup_vs_hf_generate_100m`, `meds_speedup_vs_hf_generate` and `meds_speedup_vs_hf_generate_100m`.
+`speedup_vs_hf_generate_100m`, `meds_speedup_vs_hf_generate`, `meds_speedup_vs_hf_generate_100m`
+and `varlen_speedup_vs_hf_generate`.
 """
 
+import collections
 import json
 import os
 import tempfile
@@ -44,8 +61,7 @@ from csft_jax.data.config import DEMO_TOKENIZER
 from csft_jax.data.templates import load_chat_template
 from csft_jax.data.tokenizer import load_tokenizer
 from csft_jax.eval import cmb, engine, meds_bench, reporting
-from csft_jax.models import ModelConfig, get_preset, model_config_from
-from csft_jax.training.metrics import training_flops_per_token
+from csft_jax.models import ModelConfig, get_preset, model_config_from, with_runtime
 
 FLAGS = flags.FLAGS
 SAMPLE_EXAM = "pkg://csft_jax/assets/eval/cmb_sample/test.json"
@@ -159,13 +175,52 @@ def _matmul_peak_flops() -> float:
   return 2 * n ** 3 / best
 
 
-def _forward_flops(config: ModelConfig, prompts: list[list[int]], outputs: list[list[int]]) -> float:
-  """Forward model FLOPs of every real prompt and new token (training FLOPs / 3)."""
-  total = 0.0
+def _memory_bandwidth() -> float:
+  """This host's read bandwidth as decode sees it, bytes/s: one vector times a 512 MiB float32 matrix."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  weights = jnp.ones((8192, 16384), jnp.float32)
+  vector = jnp.ones((1, 8192), jnp.float32)
+  product = jax.jit(lambda x, w: x @ w)
+  product(vector, weights).block_until_ready()
+  best = float("inf")
+  for _ in range(10):
+    start = time.perf_counter()
+    product(vector, weights).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return weights.size * 4 / best
+
+
+def _matmul_params(config: ModelConfig) -> tuple[int, int]:
+  """(matmul parameters of the layers, of the LM head)."""
+  d, h, k, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+  per_layer = d * (h + 2 * k) * hd + h * hd * d + 3 * d * config.intermediate_size
+  return config.num_layers * per_layer, d * config.vocab_size
+
+
+def _prefill_flops(config: ModelConfig, prompts: list[list[int]]) -> float:
+  """FLOPs a prefill must do: each real prompt token's layer matmuls and causal attention, and the LM
+  head at each row's last token (generation needs no other logits)."""
+  layers, head = _matmul_params(config)
+  attention_per_pair = 4 * config.num_layers * config.num_heads * config.head_dim  # QK^T and AV
+  return sum(2 * layers * len(p) + 2 * head + attention_per_pair * len(p) * (len(p) + 1) / 2 for p in prompts)
+
+
+def _decode_limit_s(config: ModelConfig, prompts, outputs, steps: int, peak: float, bandwidth: float) -> float:
+  """Seconds `steps` decode steps need at this CPU's limits for these replies: per step every weight is
+  read once; per new token after the first, its row's live keys and values are read, and its matmuls
+  and attention computed. The larger of the bytes over the bandwidth and the FLOPs over the peak."""
+  layers, head = _matmul_params(config)
+  itemsize = np.dtype(config.dtype).itemsize
+  kv_bytes_per_slot = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
+  attention_per_slot = 4 * config.num_layers * config.num_heads * config.head_dim
+  bytes_read = steps * (layers + head) * itemsize
+  flops = 0.0
   for prompt, output in zip(prompts, outputs):
-    length = len(prompt) + len(output)
-    total += length * training_flops_per_token(config, length) / 3
-  return total
+    live = len(prompt) + np.arange(1, len(output))  # the slots each decode step of this row attends over
+    bytes_read += kv_bytes_per_slot * live.sum()
+    flops += (len(output) - 1) * 2 * (layers + head) + attention_per_slot * live.sum()
+  return max(bytes_read / bandwidth, flops / peak)
 
 
 def _load_pair(hf_config: transformers.LlamaConfig):
@@ -174,72 +229,30 @@ def _load_pair(hf_config: transformers.LlamaConfig):
   with tempfile.TemporaryDirectory() as path:
     hf_model.save_pretrained(path)
     ours = load_hf(path, scan_layers=FLAGS.scan_layers)
-  return hf_model, ours
+  return hf_model, with_runtime(ours, attention_impl=FLAGS.attention)
 
 
-def bench_model(name: str, hf_model, ours, template, num_questions: int, peak: float) -> dict:
-  """Questions/s of our engine (generate, loglik) and of transformers generate for one model."""
-  prompts, contexts, letters = _questions(template, num_questions)
-  stop_ids = list(template.stop_token_ids)
+def _compare(name: str, case: str, hf_model, ours, prompts: list[list[int]], stop_ids: list[int], new: int,
+             peak: float, bandwidth: float, **options) -> tuple[dict, engine.Generation]:
+  """Ours (`engine.generate(**options)`) against HF `generate` on length-sorted batches, whole and prefill
+  alone; the figures every case reports."""
   batch = FLAGS.batch_size
   batches = engine.plan_batches([len(p) for p in prompts], batch, ours.config.max_position_embeddings)
 
-  def run_ours():
-    # The sample is repeated to `num_questions`: shared prefixes would prefill whole duplicate
-    # prompts once, which real CMB questions never allow, so this case shares nothing.
-    return engine.greedy_generate(ours, prompts, FLAGS.max_new_tokens, stop_ids, batch_size=batch,
-                                  share_prefixes=False)
+  def run_ours(max_new_tokens: int = new):
+    return engine.generate(ours, prompts, max_new_tokens, stop_ids, batch_size=batch, **options)
 
-  def run_loglik():
-    return engine.score_continuations(ours, contexts, letters, batch_size=batch)
-
-  compile_s = _first_call_overhead(run_ours) + _first_call_overhead(run_loglik)
-  ours_tokens, ours_s = _timed(run_ours)
-  _, loglik_s = _timed(run_loglik)
-  _hf_generate(hf_model, prompts, batches[:1], stop_ids, FLAGS.max_new_tokens)  # warm-up
-  hf_tokens, hf_s = _timed(lambda: _hf_generate(hf_model, prompts, batches, stop_ids, FLAGS.max_new_tokens))
-  identical = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
-  result = {
-      "model": name, "case": "cmb",
-      "params_m": round(sum(p.numel() for p in hf_model.parameters()) / 1e6, 1),
-      "questions": num_questions,
-      "mean_prompt_tokens": round(float(np.mean([len(p) for p in prompts])), 1),
-      "new_tokens": sum(map(len, ours_tokens)),
-      "ours_generate_qps": num_questions / ours_s,
-      "hf_generate_qps": num_questions / hf_s,
-      "ours_loglik_qps": num_questions / loglik_s,
-      "speedup": hf_s / ours_s,
-      "loglik_vs_generate": ours_s / loglik_s,
-      "compile_s": compile_s,
-      "peak_fraction": _forward_flops(ours.config, prompts, ours_tokens) / ours_s / peak,
-      "identical_answers": f"{identical}/{num_questions}",
-  }
-  logging.info("%s: %s", name, result)
-  return result
-
-
-def bench_meds(name: str, hf_model, ours, template, num_tasks: int, peak: float) -> dict:
-  """MedS-Bench 3-shot generation: our engine (shared prefixes) vs transformers generate."""
-  prompts = _meds_prompts(template, num_tasks, FLAGS.meds_instances)
-  stop_ids = list(template.stop_token_ids)
-  batch, new = FLAGS.batch_size, FLAGS.meds_max_new_tokens
-  batches = engine.plan_batches([len(p) for p in prompts], batch, ours.config.max_position_embeddings)
-
-  def run_ours():
-    return engine.generate(ours, prompts, new, stop_ids, batch_size=batch)
-
-  compile_s = _first_call_overhead(run_ours)
+  compile_s = _first_call_overhead(run_ours) + _first_call_overhead(lambda: run_ours(1))
   generation, ours_s = _timed(run_ours)
+  _, ours_prefill_s = _timed(lambda: run_ours(1))
   ours_tokens = [samples[0] for samples in generation.tokens]
-  unshared = engine.generate(ours, prompts, new, stop_ids, batch_size=batch, share_prefixes=False)
-  _hf_generate(hf_model, prompts, batches[:1], stop_ids, new)  # warm-up
+  _hf_generate(hf_model, prompts, batches[:1], stop_ids, min(new, 32))  # warm-up
   hf_tokens, hf_s = _timed(lambda: _hf_generate(hf_model, prompts, batches, stop_ids, new))
+  _, hf_prefill_s = _timed(lambda: _hf_generate(hf_model, prompts, batches, stop_ids, 1))
   identical = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
-  shared_once = sum(len(p) for p in prompts) - sum(
-      len(prompts[i]) - plan.prefix_len
-      for plan in engine.plan_generation(prompts, batch, ours.config.max_position_embeddings) for i in plan.rows)
+  decode_s = max(ours_s - ours_prefill_s, 1e-9)
   result = {
-      "model": name, "case": "meds_3shot",
+      "model": name, "case": case,
       "params_m": round(sum(p.numel() for p in hf_model.parameters()) / 1e6, 1),
       "questions": len(prompts),
       "mean_prompt_tokens": round(float(np.mean([len(p) for p in prompts])), 1),
@@ -247,15 +260,106 @@ def bench_meds(name: str, hf_model, ours, template, num_tasks: int, peak: float)
       "ours_generate_qps": len(prompts) / ours_s,
       "hf_generate_qps": len(prompts) / hf_s,
       "speedup": hf_s / ours_s,
+      "ours_prefill_s": ours_prefill_s, "hf_prefill_s": hf_prefill_s,
+      "ours_decode_s": decode_s, "hf_decode_s": max(hf_s - hf_prefill_s, 1e-9),
+      "prefill_speedup": hf_prefill_s / ours_prefill_s,
+      "decode_speedup": max(hf_s - hf_prefill_s, 1e-9) / decode_s,
+      "prefill_of_peak": _prefill_flops(ours.config, prompts) / ours_prefill_s / peak,
+      "decode_steps": generation.decode_steps,
+      "decode_of_limit": _decode_limit_s(ours.config, prompts, ours_tokens, generation.decode_steps, peak,
+                                         bandwidth) / decode_s,
       "compile_s": compile_s,
+      "identical_answers": f"{identical}/{len(prompts)}",
+  }
+  return result, generation
+
+
+def bench_model(name: str, hf_model, ours, template, num_questions: int, peak: float, bandwidth: float) -> dict:
+  """CMB answer-only: our engine (generate, loglik) against transformers generate."""
+  prompts, contexts, letters = _questions(template, num_questions)
+  # The sample is repeated to `num_questions`: shared prefixes would prefill whole duplicate
+  # prompts once, which real CMB questions never allow, so this case shares nothing.
+  result, _ = _compare(name, "cmb", hf_model, ours, prompts, list(template.stop_token_ids), FLAGS.max_new_tokens,
+                       peak, bandwidth, share_prefixes=False)
+
+  def run_loglik():
+    return engine.score_continuations(ours, contexts, letters, batch_size=FLAGS.batch_size)
+
+  result["compile_s"] += _first_call_overhead(run_loglik)
+  _, loglik_s = _timed(run_loglik)
+  result["ours_loglik_qps"] = num_questions / loglik_s
+  result["loglik_vs_generate"] = result["ours_loglik_qps"] / result["ours_generate_qps"]
+  logging.info("%s: %s", name, result)
+  return result
+
+
+def bench_meds(name: str, hf_model, ours, template, num_tasks: int, peak: float, bandwidth: float) -> dict:
+  """MedS-Bench 3-shot generation: our engine (shared prefixes) vs transformers generate."""
+  prompts = _meds_prompts(template, num_tasks, FLAGS.meds_instances)
+  stop_ids = list(template.stop_token_ids)
+  batch = FLAGS.batch_size
+  result, generation = _compare(name, "meds_3shot", hf_model, ours, prompts, stop_ids, FLAGS.meds_max_new_tokens,
+                                peak, bandwidth)
+  unshared = engine.generate(ours, prompts, FLAGS.meds_max_new_tokens, stop_ids, batch_size=batch,
+                             share_prefixes=False)
+  shared_once = sum(len(p) for p in prompts) - sum(
+      len(prompts[i]) - plan.prefix_len
+      for plan in engine.plan_generation(prompts, batch, ours.config.max_position_embeddings) for i in plan.rows)
+  result.update({
       "shared_prefix": shared_once / sum(len(p) for p in prompts),
       "prefill_slots": generation.prefill_slots,
       "prefill_slots_unshared": unshared.prefill_slots,
-      "peak_fraction": _forward_flops(ours.config, prompts, ours_tokens) / ours_s / peak,
-      "identical_answers": f"{identical}/{len(prompts)}",
-      "identical_to_unshared": f"{sum(a == b[0] for a, b in zip(ours_tokens, unshared.tokens))}/{len(prompts)}",
-  }
+      "identical_to_unshared": f"{sum(a[0] == b[0] for a, b in zip(generation.tokens, unshared.tokens))}/{len(prompts)}",
+  })
   logging.info("%s MedS: %s", name, result)
+  return result
+
+
+def _varlen_stop(replies: list[list[int]], budget: int) -> tuple[int, list[int]]:
+  """The stop token for the variable-length case and the reply lengths it gives (see the docstring)."""
+  counts = collections.Counter(t for reply in replies for t in reply)
+  best = None
+  for token, _ in counts.most_common(40):
+    lengths = [reply.index(token) + 1 if token in reply else budget for reply in replies]
+    capped = sum(n == budget for n in lengths) / len(lengths)
+    if 1 / 16 <= capped <= 1 / 4:
+      distance = abs(float(np.median(lengths)) - 48)
+      if best is None or distance < best[0]:
+        best = (distance, token, lengths)
+  if best is None:  # no token fits the shape: the most frequent one
+    token = counts.most_common(1)[0][0]
+    return token, [reply.index(token) + 1 if token in reply else budget for reply in replies]
+  return best[1], best[2]
+
+
+def bench_varlen(name: str, hf_model, ours, template, num_questions: int, peak: float, bandwidth: float) -> dict:
+  """CMB questions with a 512-token budget and replies of varied lengths: continuous batching vs HF."""
+  prompts, _, _ = _questions(template, num_questions)
+  budget = FLAGS.varlen_max_new_tokens
+  # A stop id no token has: the free run compiles the static programs the timed static run uses.
+  free = engine.generate(ours, prompts, budget, [-1], batch_size=FLAGS.batch_size, share_prefixes=False)
+  stop, lengths = _varlen_stop([samples[0] for samples in free.tokens], budget)
+  result, generation = _compare(name, "varlen", hf_model, ours, prompts, [stop], budget, peak, bandwidth,
+                                batching="continuous")
+  static, static_s = _timed(lambda: engine.generate(ours, prompts, budget, [stop], batch_size=FLAGS.batch_size,
+                                                    share_prefixes=False))
+  assert [len(s[0]) for s in generation.tokens] == lengths, "the stop token's lengths changed"
+  batches = engine.plan_batches([len(p) for p in prompts], FLAGS.batch_size, ours.config.max_position_embeddings)
+  batch_steps = sum(len(rows) * max(lengths[i] for i in rows) for rows, _, _ in batches)
+  ideal_decode = batch_steps / sum(lengths)
+  result.update({
+      "stop_token": stop,
+      "reply_lengths": {"min": min(lengths), "median": float(np.median(lengths)),
+                        "p90": float(np.percentile(lengths, 90)), "max": max(lengths),
+                        "at_budget": sum(n == budget for n in lengths)},
+      "ours_static_qps": len(prompts) / static_s,
+      "continuous_vs_static": static_s / (len(prompts) / result["ours_generate_qps"]),
+      "static_identical": f"{sum(a[0] == b[0] for a, b in zip(generation.tokens, static.tokens))}/{len(prompts)}",
+      "static_decode_steps": static.decode_steps,
+      "ideal_speedup": (result["hf_prefill_s"] + result["hf_decode_s"])
+                       / (result["hf_prefill_s"] + result["hf_decode_s"] / ideal_decode),
+  })
+  logging.info("%s varlen: %s", name, result)
   return result
 
 
@@ -264,37 +368,52 @@ def main(argv: list[str]) -> None:
   tokenizer = load_tokenizer(DEMO_TOKENIZER)
   template = load_chat_template("chatml", tokenizer)
   peak = _matmul_peak_flops()
+  bandwidth = _memory_bandwidth()
   results = []
   for name, config, questions, tasks in (
       ("demo", _demo_config(len(tokenizer)), FLAGS.num_questions, FLAGS.meds_tasks),
       ("llama_100m", get_preset("llama_100m"), FLAGS.num_questions_100m, FLAGS.meds_tasks_100m)):
     hf_model, ours = _load_pair(_hf_llama_config(config))
-    results.append(bench_model(name, hf_model, ours, template, questions, peak))
-    results.append(bench_meds(name, hf_model, ours, template, tasks, peak))
-  header = ["model", "case", "params (M)", "questions", "prompt tok", "ours gen q/s", "HF generate q/s",
-            "speedup", "shared prefix", "of CPU peak", "ours loglik q/s", "loglik / gen", "compile s",
-            "same tokens"]
+    results.append(bench_model(name, hf_model, ours, template, questions, peak, bandwidth))
+    results.append(bench_meds(name, hf_model, ours, template, tasks, peak, bandwidth))
+    if name == "llama_100m" and FLAGS.varlen_questions:
+      results.append(bench_varlen(name, hf_model, ours, template, FLAGS.varlen_questions, peak, bandwidth))
+  header = ["model", "case", "params (M)", "questions", "prompt tok", "ours q/s", "HF generate q/s", "speedup",
+            "prefill: ours / HF s", "prefill of peak", "decode: ours / HF s", "decode of limit", "shared prefix",
+            "ours loglik q/s", "compile s", "same tokens"]
   rows = [[r["model"], r["case"], r["params_m"], r["questions"], r["mean_prompt_tokens"], r["ours_generate_qps"],
-           r["hf_generate_qps"], r["speedup"], r.get("shared_prefix", ""), r["peak_fraction"],
-           r.get("ours_loglik_qps", ""), r.get("loglik_vs_generate", ""), r["compile_s"],
-           r["identical_answers"]] for r in results]
+           r["hf_generate_qps"], r["speedup"], f"{r['ours_prefill_s']:.2f} / {r['hf_prefill_s']:.2f}",
+           r["prefill_of_peak"], f"{r['ours_decode_s']:.2f} / {r['hf_decode_s']:.2f}", r["decode_of_limit"],
+           r.get("shared_prefix", ""), r.get("ours_loglik_qps", ""), r["compile_s"], r["identical_answers"]]
+          for r in results]
   print(f"greedy; CMB answer-only max_new_tokens={FLAGS.max_new_tokens}, MedS 3-shot "
-        f"max_new_tokens={FLAGS.meds_max_new_tokens}; batch_size={FLAGS.batch_size}, "
-        f"scan_layers={FLAGS.scan_layers}, CPU threads: torch {torch.get_num_threads()}, "
-        f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+        f"max_new_tokens={FLAGS.meds_max_new_tokens}, variable-length max_new_tokens={FLAGS.varlen_max_new_tokens}; "
+        f"batch_size={FLAGS.batch_size} both sides (decode slots in the varlen case), attention={FLAGS.attention}, "
+        f"scan_layers={FLAGS.scan_layers}, CPU threads: torch {torch.get_num_threads()}, XLA {os.cpu_count()}; "
+        f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s, memory {bandwidth / 1e9:.1f} GB/s")
   print(reporting.markdown_table(header, rows), end="")
+  varlen = next((r for r in results if r["case"] == "varlen"), None)
+  if varlen:
+    print(f"varlen: reply lengths {varlen['reply_lengths']} (stop token {varlen['stop_token']}); ideal speed-up "
+          f"{varlen['ideal_speedup']:.2f}x; ours continuous vs our static batches {varlen['continuous_vs_static']:.2f}x "
+          f"({varlen['static_identical']} identical)")
   if FLAGS.json:
-    demo, demo_meds, big, big_meds = results
+    demo, demo_meds, big, big_meds = results[:4]
     print(json.dumps({
         "speedup_vs_hf_generate": round(demo["speedup"], 2),
         "speedup_vs_hf_generate_100m": round(big["speedup"], 2),
         "meds_speedup_vs_hf_generate": round(demo_meds["speedup"], 2),
         "meds_speedup_vs_hf_generate_100m": round(big_meds["speedup"], 2),
+        "varlen_speedup_vs_hf_generate": round(varlen["speedup"], 2) if varlen else None,
         "loglik_vs_generate": round(demo["loglik_vs_generate"], 2),
         "loglik_vs_generate_100m": round(big["loglik_vs_generate"], 2),
+        "prefill_of_peak_100m": round(big["prefill_of_peak"], 2),
+        "decode_of_limit_100m": round(big["decode_of_limit"], 2),
         "matmul_peak_gflops": round(peak / 1e9, 1),
+        "memory_gbps": round(bandwidth / 1e9, 1),
         "max_new_tokens": FLAGS.max_new_tokens, "meds_max_new_tokens": FLAGS.meds_max_new_tokens,
-        "batch_size": FLAGS.batch_size, "scan_layers": FLAGS.scan_layers,
+        "varlen_max_new_tokens": FLAGS.varlen_max_new_tokens,
+        "batch_size": FLAGS.batch_size, "scan_layers": FLAGS.scan_layers, "attention": FLAGS.attention,
         "models": results,
     }))
 
@@ -311,6 +430,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("meds_max_new_tokens", 32, "New tokens per MedS answer, both engines.")
   flags.DEFINE_integer("repeats", 3, "Timed passes per engine and mode; the fastest counts.")
   flags.DEFINE_bool("scan_layers", False, "Load our model with scanned layers (eval default: unrolled).")
+  flags.DEFINE_string("attention", "blockwise", "Our prefill attention (evaluate's attention_impl=auto on CPU).")
+  flags.DEFINE_integer("varlen_questions", 48, "CMB questions of the variable-length case (0: skip it).")
+  flags.DEFINE_integer("varlen_max_new_tokens", 512, "The variable-length case's budget (CMB's official one).")
   flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
 
 
