@@ -285,18 +285,23 @@ def test_shared_prefix_generation_equals_whole_prompts_and_hf(tiny_dir, tiny_mod
   whole = engine.generate(tiny_model, prompts, 8, None, batch_size=4, share_prefixes=False, batching="static")
   shared = engine.generate(tiny_model, prompts, 8, None, batch_size=4, batching="static")
   assert shared.tokens == whole.tokens
-  # Continuous batching prefills whole prompts (sharing is a static-batching plan): the same tokens.
-  assert engine.generate(tiny_model, prompts, 8, None, batch_size=4, batching="continuous").tokens == whole.tokens
+  # Continuous batching prefills each group's prefix once too, for whichever slots its rows take.
+  continuous = engine.generate(tiny_model, prompts, 8, None, batch_size=2, batching="continuous")
+  assert continuous.tokens == whole.tokens
+  assert continuous.prefill_slots < engine.generate(tiny_model, prompts, 8, None, batch_size=2, batching="continuous",
+                                                    share_prefixes=False).prefill_slots
   assert shared.prefill_slots < whole.prefill_slots
   assert [samples[0] for samples in shared.tokens] == _hf_generate_one_by_one(hf_model, prompts, 8, None)
   # Sampling keeps its seeding rule, the repetition penalty sees the prefix, meshes agree.
   for sampling, num_samples in ((engine.Sampling(temperature=1.0, top_p=0.9), 2),
                                 (engine.Sampling(repetition_penalty=1.3), 1)):
-    options = dict(sampling=sampling, num_samples=num_samples, batch_size=4, batching="static")
-    assert (engine.generate(tiny_model, prompts, 8, None, **options).tokens
-            == engine.generate(tiny_model, prompts, 8, None, share_prefixes=False, **options).tokens)
+    options = dict(sampling=sampling, num_samples=num_samples, batch_size=4)
+    unshared = engine.generate(tiny_model, prompts, 8, None, share_prefixes=False, batching="static", **options)
+    for batching in ("static", "continuous"):
+      assert engine.generate(tiny_model, prompts, 8, None, batching=batching, **options).tokens == unshared.tokens
   mesh = make_mesh(data=2, fsdp=2, tensor=2)
-  assert engine.generate(tiny_model, prompts, 8, None, batch_size=4, mesh=mesh, batching="static").tokens == whole.tokens
+  for batching in ("static", "continuous"):
+    assert engine.generate(tiny_model, prompts, 8, None, batch_size=4, mesh=mesh, batching=batching).tokens == whole.tokens
 
 
 def test_continuous_batching_equals_static_batches_and_hf_with_early_stops(tiny_dir, tiny_model):
