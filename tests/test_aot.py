@@ -65,7 +65,7 @@ def _eval_config(**fields):
 
 def test_eval_generate_program_compiles_for_a_slice():
   from csft_jax import evaluate  # pylint: disable=import-outside-toplevel
-  config = _eval_config(batch_size=12)  # rounded up to 16 rows: two per device of v5e-8
+  config = _eval_config(batch_size=12, batching="static")  # rounded up to 16 rows: two per device of v5e-8
   model_config = evaluate.model_config_for_compile(config, "tiny")
   report = aot.check_generate_fit(config, "v5e-8", model_config)
   prompt_len = model_config.max_position_embeddings - 16  # max_prompt_len=0: the longest prompt it pads to

@@ -141,9 +141,11 @@ def default_eval_config(benchmark: str) -> ml_collections.ConfigDict:
       attention_impl="auto",
       mesh=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
       batch_size=16,  # Sequences per compiled batch (decode slots with continuous batching).
-      # static: a batch decodes until its longest reply stops, and shares common prompt starts'
-      # prefill; continuous: a slot takes the next prompt as soon as its reply stops. Same tokens.
-      batching="static",
+      # continuous: a decode slot takes the next prompt as soon as its reply stops (replies of very
+      # different lengths; see the README for measured speeds); static: a batch decodes until its longest reply
+      # stops (a few % faster when every reply runs to max_new_tokens). Both share common prompt
+      # starts' prefill, and give the same tokens.
+      batching="continuous",
       max_prompt_len=0,  # 0: the model's context minus max_new_tokens; longer prompts lose their start.
       max_new_tokens=32,
       seed=0,
