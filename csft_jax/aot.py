@@ -234,7 +234,7 @@ def check_generate_fit(config: ml_collections.ConfigDict, slice_name: str, model
   # The engine's own jitted program: what an evaluation compiles for its largest batch.
   program = engine.generate_program(model_config, mesh, batch_size=config.batch_size, prompt_len=prompt_len,
                                     max_new_tokens=config.max_new_tokens, sampling=sampling,
-                                    batching=config.get("batching", "continuous"))
+                                    batching=config.batching)
   temp, total, refusal, _ = _compile(program.jitted, program.args, program.kwargs, mesh)
   params_gib = _per_device_bytes(program.params, jax.tree.map(lambda a: a.sharding, program.params)) / GIB
   if refusal:

@@ -115,7 +115,7 @@ def run(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | None | Inte
   stop = StopRequest()
   chat = runner.ChatModel(model, loaded.tokenizer, loaded.template, mesh=mesh, batch_size=config.batch_size,
                           max_prompt_len=config.max_prompt_len or None, journal=journal, should_stop=stop.requested,
-                          batching=config.get("batching", "continuous"))
+                          batching=config.batching)
   try:
     results, summary = benchmark.run(chat, config, out_dir, inputs)
   except runner.EvaluationInterrupted as e:

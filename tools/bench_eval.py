@@ -62,6 +62,7 @@ from csft_jax.data.templates import load_chat_template
 from csft_jax.data.tokenizer import load_tokenizer
 from csft_jax.eval import cmb, engine, meds_bench, reporting
 from csft_jax.models import ModelConfig, get_preset, model_config_from, with_runtime
+from csft_jax.training.metrics import matmul_parameters
 
 FLAGS = flags.FLAGS
 SAMPLE_EXAM = "pkg://csft_jax/assets/eval/cmb_sample/test.json"
@@ -159,49 +160,38 @@ def _meds_prompts(template, num_tasks: int, instances: int) -> list[list[int]]:
   return prompts
 
 
+def _fastest_product(x, w, repeats: int) -> float:
+  """Seconds of the fastest of `repeats` jitted `x @ w` (after one untimed call)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  product = jax.jit(lambda a, b: a @ b)
+  product(x, w).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    product(x, w).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
 def _matmul_peak_flops() -> float:
   """This host's float32 matmul FLOP/s: the best of several jitted 2048 x 2048 products."""
-  import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   n = 2048
   a = jnp.ones((n, n), jnp.float32)
-  product = jax.jit(lambda x: x @ x)
-  product(a).block_until_ready()
-  best = float("inf")
-  for _ in range(5):
-    start = time.perf_counter()
-    product(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * n ** 3 / best
+  return 2 * n ** 3 / _fastest_product(a, a, 5)
 
 
 def _memory_bandwidth() -> float:
   """This host's read bandwidth as decode sees it, bytes/s: one vector times a 512 MiB float32 matrix."""
-  import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   weights = jnp.ones((8192, 16384), jnp.float32)
-  vector = jnp.ones((1, 8192), jnp.float32)
-  product = jax.jit(lambda x, w: x @ w)
-  product(vector, weights).block_until_ready()
-  best = float("inf")
-  for _ in range(10):
-    start = time.perf_counter()
-    product(vector, weights).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return weights.size * 4 / best
-
-
-def _matmul_params(config: ModelConfig) -> tuple[int, int]:
-  """(matmul parameters of the layers, of the LM head)."""
-  d, h, k, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-  per_layer = d * (h + 2 * k) * hd + h * hd * d + 3 * d * config.intermediate_size
-  return config.num_layers * per_layer, d * config.vocab_size
+  return weights.size * 4 / _fastest_product(jnp.ones((1, 8192), jnp.float32), weights, 10)
 
 
 def _prefill_flops(config: ModelConfig, prompts: list[list[int]]) -> float:
   """FLOPs a prefill must do: each real prompt token's layer matmuls and causal attention, and the LM
   head at each row's last token (generation needs no other logits)."""
-  layers, head = _matmul_params(config)
+  layers, head = matmul_parameters(config)
   attention_per_pair = 4 * config.num_layers * config.num_heads * config.head_dim  # QK^T and AV
   return sum(2 * layers * len(p) + 2 * head + attention_per_pair * len(p) * (len(p) + 1) / 2 for p in prompts)
 
@@ -210,7 +200,7 @@ def _decode_limit_s(config: ModelConfig, prompts, outputs, steps: int, peak: flo
   """Seconds `steps` decode steps need at this CPU's limits for these replies: per step every weight is
   read once; per new token after the first, its row's live keys and values are read, and its matmuls
   and attention computed. The larger of the bytes over the bandwidth and the FLOPs over the peak."""
-  layers, head = _matmul_params(config)
+  layers, head = matmul_parameters(config)
   itemsize = np.dtype(config.dtype).itemsize
   kv_bytes_per_slot = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
   attention_per_slot = 4 * config.num_layers * config.num_heads * config.head_dim

@@ -141,10 +141,10 @@ def default_eval_config(benchmark: str) -> ml_collections.ConfigDict:
       attention_impl="auto",
       mesh=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
       batch_size=16,  # Sequences per compiled batch (decode slots with continuous batching).
-      # continuous: a decode slot takes the next prompt as soon as its reply stops (replies of very
-      # different lengths; see the README for measured speeds); static: a batch decodes until its longest reply
-      # stops (a few % faster when every reply runs to max_new_tokens). Both share common prompt
-      # starts' prefill, and give the same tokens.
+      # continuous: a decode slot takes the next prompt as soon as its reply stops (for replies of
+      # very different lengths; the README has measured speeds); static: a batch decodes until its
+      # longest reply stops (a few % faster when every reply runs to max_new_tokens). Both share
+      # common prompt starts' prefill, and give the same tokens.
       batching="continuous",
       max_prompt_len=0,  # 0: the model's context minus max_new_tokens; longer prompts lose their start.
       max_new_tokens=32,
@@ -224,7 +224,7 @@ def validate_config(config: ml_collections.ConfigDict) -> Benchmark:
     raise EvalConfigError("config.checkpoint is empty: pass --config.checkpoint=W (training workdir, "
                           "checkpoint step directory, or HF model directory).")
   implementations = ("auto",) + ATTENTION_IMPLEMENTATIONS
-  if config.get("attention_impl", "auto") not in implementations:
+  if config.attention_impl not in implementations:
     raise EvalConfigError(f"config.attention_impl={config.attention_impl!r}; choose one of {implementations}.")
   benchmark.validate(config)
   for field, needed in benchmark.inputs:

@@ -452,9 +452,8 @@ def with_runtime(model: Decoder, **fields) -> Decoder:
     return model
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
   changed = nnx.merge(graphdef, nnx.state(model))
-  for name in ("hf_source_dir",):  # loaders' notes on where the weights came from
-    if hasattr(model, name):
-      setattr(changed, name, getattr(model, name))
+  if hasattr(model, "hf_source_dir"):  # the loader's note of where the weights came from
+    changed.hf_source_dir = model.hf_source_dir
   return changed
 
 

@@ -25,6 +25,13 @@ PEAK_BF16_FLOPS = {
 }
 
 
+def matmul_parameters(config: ModelConfig) -> tuple[int, int]:
+  """(matmul parameters of all layers' projections, of the LM head); the embedding lookup is free."""
+  d, h, k, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+  per_layer = d * (h + 2 * k) * hd + h * hd * d + 3 * d * config.intermediate_size
+  return config.num_layers * per_layer, d * config.vocab_size
+
+
 def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
   """Model FLOPs to train on one token (forward + backward = 3x forward), PaLM-style.
 
@@ -33,10 +40,8 @@ def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
   (QK^T and AV, 2 FLOPs per MAC, x3 for backward) over the full sequence length T, as computed
   by a dense masked kernel. Rematerialisation is not counted (it is overhead, not model FLOPs).
   """
-  d, h, k, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-  per_layer = d * (h + 2 * k) * hd + h * hd * d + 3 * d * config.intermediate_size
-  matmul_params = config.num_layers * per_layer + d * config.vocab_size
-  attention = 12 * config.num_layers * h * hd * seq_len
+  matmul_params = sum(matmul_parameters(config))
+  attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
   return 6 * matmul_params + attention
 
 

@@ -15,9 +15,9 @@ from jax.sharding import Mesh, NamedSharding
 from csft_jax import sharding
 from csft_jax.models import Decoder, KVCache
 
-from csft_jax.eval.engine.plans import (MIN_SHARED_PREFIX, _batch_size, _bucket_floor, _common_prefix,
-                                        _data_parallel_size, _padded_rows, _round_up, _truncate_left, bucket_length,
-                                        plan_batches, plan_generation, prompt_limit)
+from csft_jax.eval.engine.plans import (_batch_size, _data_parallel_size, _left_padded, _padded_rows, _round_up,
+                                        _truncate_left, bucket_length, plan_batches, plan_generation, prefix_groups,
+                                        prompt_limit)
 from csft_jax.eval.engine.programs import (_TRACES, DECODE_STEPS_PER_CALL, WINDOW_GRID, _decode_slots_jit,
                                            _generate_batch_jit, _generate_shared_batch_jit, _log_compiles,
                                            _new_slots_cache_jit, _place_rows, _place_state, _prefill_prefix_jit,
@@ -59,38 +59,23 @@ class Scores:
   num_compilations: int
 
 
-def _prefix_groups(prompts: Sequence[Sequence[int]]) -> list[tuple[list[int], int]]:
-  """Runs of prompts (in lexicographic order) that share a start worth prefilling once: `[(rows, prefix
-  length)]`, at least two rows each; the prefix is on the bucket grid and leaves each row a token."""
-  order = sorted(range(len(prompts)), key=lambda i: (tuple(prompts[i]), i))
-  groups, i = [], 0
-  while i < len(order):
-    common, j = len(prompts[order[i]]) - 1, i + 1
-    while j < len(order):
-      shared = min(common, _common_prefix(prompts[order[i]], prompts[order[j]]), len(prompts[order[j]]) - 1)
-      if _bucket_floor(shared) < MIN_SHARED_PREFIX:
-        break
-      common, j = shared, j + 1
-    if j - i >= 2:
-      groups.append((order[i:j], _bucket_floor(common)))
-    i = j
-  return groups
-
-
 def _generate_continuous(model: Decoder, graphdef, state, row_prompts: list[list[int]], row_keys_host: np.ndarray,
                          stop_ids: np.ndarray, *, slots: int, limit: int, max_new_tokens: int, sampling: Sampling,
                          mesh: Mesh | None, on_row_done: Callable[[int, list[int]], bool], share: bool
                          ) -> tuple[int, int, bool]:
   """Continuous batching over `row_prompts` (see above); calls `on_row_done(row, tokens)` as rows finish,
-  which returns True to stop. With `share`, rows that start alike (`_prefix_groups`) come one after the
+  which returns True to stop. With `share`, rows that start alike (`prefix_groups`) come one after the
   other, their prefix is prefilled once and its keys/values copied into each slot that takes one of them.
   Returns (prefill slots computed, decode steps run, stopped)."""
-  groups = _prefix_groups(row_prompts) if share else []
+  groups = prefix_groups(row_prompts) if share else []
   group_of = {row: g for g, (rows, _) in enumerate(groups) for row in rows}
-  prefix_len = [p for _, p in groups]
+  prefix_of = {None: 0, **{g: prefix for g, (_, prefix) in enumerate(groups)}}  # group (None: none) -> its prefix
   left_in_group = [len(rows) for rows, _ in groups]
   prefix_caches: dict[int, tuple[jax.Array, KVCache]] = {}
-  by_length = lambda rows: sorted(rows, key=lambda i: (-len(row_prompts[i]), i))  # noqa: E731
+
+  def by_length(rows: list[int]) -> list[int]:
+    return sorted(rows, key=lambda i: (-len(row_prompts[i]), i))
+
   order = collections.deque([row for rows, _ in groups for row in by_length(rows)]
                             + by_length([i for i in range(len(row_prompts)) if i not in group_of]))
 
@@ -98,7 +83,7 @@ def _generate_continuous(model: Decoder, graphdef, state, row_prompts: list[list
     """Cache slots the rows' prefill takes: the prefix, then the rest left-padded to a bucket."""
     return prefix + bucket_length(max(len(row_prompts[r]) for r in rows) - prefix, limit - prefix)
 
-  longest = max(region([i], prefix_len[group_of[i]] if i in group_of else 0) for i in range(len(row_prompts)))
+  longest = max(region([i], prefix_of[group_of.get(i)]) for i in range(len(row_prompts)))
   steps = min(DECODE_STEPS_PER_CALL, max_new_tokens)
   length = _slots_cache_length(longest, max_new_tokens)
   cache = _new_slots_cache_jit(model.config, slots, length, mesh=mesh)
@@ -145,25 +130,19 @@ def _generate_continuous(model: Decoder, graphdef, state, row_prompts: list[list
       parts = collections.defaultdict(list)  # one prefill per prefix group among the rows taken
       for row, s in zip(taken, free):
         parts[group_of.get(row)].append((row, s))
-      prefixes = {g: prefix_len[g] if g is not None else 0 for g in parts}
-      make_room(max(end, *(region([r for r, _ in part], prefixes[g]) for g, part in parts.items())))
-      end = max(end, *(region([r for r, _ in part], prefixes[g]) for g, part in parts.items()))
+      regions = {g: region([r for r, _ in part], prefix_of[g]) for g, part in parts.items()}
+      make_room(max(end, *regions.values()))
+      end = max(end, *regions.values())
       cache = KVCache(cache.k, cache.v, cache.segment_ids, jnp.int32(end))
       for g, part in parts.items():
-        prefix = prefixes[g]
-        bucket = region([r for r, _ in part], prefix) - prefix
+        prefix = prefix_of[g]
+        bucket = regions[g] - prefix
         padded = _padded_rows(len(part), slots, dp)
-        ids = np.zeros((padded, bucket), np.int32)
-        segment_ids = np.zeros((padded, bucket), np.int32)
-        positions = np.full((padded, bucket), prefix, np.int32)
+        ids, segment_ids, positions = _left_padded([row_prompts[row][prefix:] for row, _ in part], padded, bucket,
+                                                   prefix)
         target = np.full((padded,), slots, np.int32)  # filler rows: out of range, dropped
-        segment_ids[:, -1] = 1
         row_keys = np.zeros((padded, *row_keys_host.shape[1:]), row_keys_host.dtype)
         for r, (row, s) in enumerate(part):
-          own = row_prompts[row][prefix:]
-          ids[r, bucket - len(own):] = own
-          segment_ids[r, bucket - len(own):] = 1
-          positions[r, bucket - len(own):] = prefix + np.arange(len(own))
           target[r], row_keys[r] = s, row_keys_host[row]
         shared = {}
         if g is not None:
@@ -311,21 +290,13 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
     return Generation(tokens, sum(cut for _, cut in truncated), compiled, prefill_slots, stopped, decode_steps)
   for plan in plan_generation(row_prompts, _batch_size(batch_size, mesh), limit, dp, share):
     rows, padded_rows, padded_len, prefix_len = plan.rows, plan.padded_rows, plan.padded_len, plan.prefix_len
-    ids = np.zeros((padded_rows, padded_len), np.int32)
-    segment_ids = np.zeros((padded_rows, padded_len), np.int32)
-    positions = np.full((padded_rows, padded_len), prefix_len, np.int32)
-    active = np.zeros((padded_rows,), bool)
+    ids, segment_ids, positions = _left_padded([row_prompts[row][prefix_len:] for row in rows], padded_rows,
+                                               padded_len, prefix_len)
+    active = np.zeros((padded_rows,), bool)  # filler rows start finished
     prompt_ids = np.zeros((padded_rows,), np.int32)
     sample_ids = np.zeros((padded_rows,), np.int32)
-    # Filler rows hold one token so no row attends to nothing; they start finished.
-    segment_ids[:, -1] = 1
     for r, row in enumerate(rows):
       p, s = sequences[row]
-      own = row_prompts[row][prefix_len:]
-      ids[r, padded_len - len(own):] = own
-      segment_ids[r, padded_len - len(own):] = 1
-      # As HF does for left padding: real tokens count positions from 0 (the prefix's come first).
-      positions[r, padded_len - len(own):] = prefix_len + np.arange(len(own))
       active[r], prompt_ids[r], sample_ids[r] = True, p if key_ids is None else key_ids[p], s
     before = _TRACES["generate"]
     row_args = (*_place_rows(mesh, ids, segment_ids, positions, active), stop_ids_device,

@@ -107,6 +107,43 @@ def plan_generation(prompts: Sequence[Sequence[int]], batch_size: int, cap: int,
   return shared + plain
 
 
+def prefix_groups(prompts: Sequence[Sequence[int]]) -> list[tuple[list[int], int]]:
+  """For continuous batching: runs of prompts (in lexicographic order) that share a start worth
+  prefilling once, `[(rows, prefix length)]`, at least two rows each; the prefix is on the bucket grid
+  (`MIN_SHARED_PREFIX` or more) and leaves each row a token."""
+  order = sorted(range(len(prompts)), key=lambda i: (tuple(prompts[i]), i))
+  groups, i = [], 0
+  while i < len(order):
+    common, j = len(prompts[order[i]]) - 1, i + 1
+    while j < len(order):
+      shared = min(common, _common_prefix(prompts[order[i]], prompts[order[j]]), len(prompts[order[j]]) - 1)
+      if _bucket_floor(shared) < MIN_SHARED_PREFIX:
+        break
+      common, j = shared, j + 1
+    if j - i >= 2:
+      groups.append((order[i:j], _bucket_floor(common)))
+    i = j
+  return groups
+
+
+def _left_padded(rows: Sequence[Sequence[int]], padded_rows: int, length: int, first_position: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`(ids, segment_ids, positions)` `[padded_rows, length]` of `rows` left-padded to `length`.
+
+  As HF does for left padding, real tokens count positions from `first_position` (0, or the length
+  of a prefix prefilled apart). Filler rows past `rows` hold one token so no row attends to nothing.
+  """
+  ids = np.zeros((padded_rows, length), np.int32)
+  segment_ids = np.zeros((padded_rows, length), np.int32)
+  positions = np.full((padded_rows, length), first_position, np.int32)
+  segment_ids[:, -1] = 1
+  for r, row in enumerate(rows):
+    ids[r, length - len(row):] = row
+    segment_ids[r, length - len(row):] = 1
+    positions[r, length - len(row):] = first_position + np.arange(len(row))
+  return ids, segment_ids, positions
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
   n = min(len(a), len(b))
   differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))

@@ -115,6 +115,37 @@ def _generate_batch(graphdef, state, tokens, segment_ids, positions, active, sto
                    row_keys, max_new_tokens=max_new_tokens, sampling=sampling)
 
 
+def _prefix_cache(model: Decoder, prefix: jax.Array) -> KVCache:
+  """The keys/values of `prefix` `[R, P]` (R identical rows, one per data-parallel shard)."""
+  positions = jnp.broadcast_to(jnp.arange(prefix.shape[1], dtype=jnp.int32), prefix.shape)
+  _, cache = model(prefix, positions=positions, segment_ids=jnp.ones_like(prefix),
+                   cache=_empty_cache(model, *prefix.shape), prefill=True, last_logits_only=True)
+  return cache
+
+
+def _prefill_after_prefix(model: Decoder, prefix, prefix_cache: KVCache, tokens, segment_ids, positions, *,
+                          penalize: bool):
+  """Rows `tokens` `[B, S]` (left-padded, positions from P on) after `prefix` `[R, P]` with keys/values
+  `prefix_cache`: row r takes prefix row r // (B / R) (its shard's), and its tokens attend over the
+  prefix and themselves. Padding between the prefix and a row's tokens is segment 0, never attended,
+  so each row computes what it would on its whole prompt.
+
+  Returns (logits at the last position `[B, 1, V]`, the rows' cache `[B, P + S]`, and the tokens each
+  row holds for the repetition penalty when `penalize`, else None).
+  """
+  rows, prefix_len = tokens.shape[0], prefix.shape[1]
+  copies = rows // prefix.shape[0]
+  cache = _map_kv(lambda a: jnp.repeat(a, copies, axis=a.ndim - 4), prefix_cache,
+                  segment_ids=jnp.ones((rows, prefix_len), jnp.int32))
+  logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=_grown(cache, tokens.shape[1]),
+                        last_logits_only=True)
+  seen = None
+  if penalize:
+    whole = jnp.concatenate([jnp.repeat(prefix, copies, axis=0), tokens], axis=1)
+    seen = _seen_tokens(whole, cache.segment_ids, logits.shape[-1])
+  return logits, cache, seen
+
+
 def _generate_shared_batch(graphdef, state, prefix, tokens, segment_ids, positions, active, stop_ids, row_keys,
                            *, mesh: Mesh | None, max_new_tokens: int, sampling: Sampling):
   """`_generate_batch` for rows that all start with `prefix` `[R, P]` (R identical rows).
@@ -122,30 +153,13 @@ def _generate_shared_batch(graphdef, state, prefix, tokens, segment_ids, positio
   The prefix is prefilled once per data-parallel shard (R = that many rows, so each device
   computes its own copy and nothing is gathered) and its keys/values fill the first P slots of
   every row's cache; `tokens` `[B, S]` are the rows' own, left-padded suffixes, whose positions
-  continue from P. Padding between the prefix and a suffix is segment 0, never attended, so each
-  row computes what it would have computed on its whole prompt.
+  continue from P (`_prefill_after_prefix`).
   """
   _TRACES["generate"] += 1
   with _activation_context(mesh):
     model = nnx.merge(graphdef, state)
-    prefix_rows, prefix_len = prefix.shape
-    batch, suffix_len = tokens.shape
-    prefix_segments = jnp.ones_like(prefix)
-    prefix_positions = jnp.broadcast_to(jnp.arange(prefix_len, dtype=jnp.int32), prefix.shape)
-    _, prefix_cache = model(prefix, positions=prefix_positions, segment_ids=prefix_segments,
-                            cache=_empty_cache(model, prefix_rows, prefix_len), prefill=True, last_logits_only=True)
-    # The suffixes attend over the prefix and themselves only; the new tokens' slots come after.
-    cache = _empty_cache(model, batch, prefix_len + suffix_len)
-    copies = batch // prefix_rows  # row r of the batch takes prefix row r // copies (its shard's)
-    cache = _map_kv(lambda a, p: a.at[..., :prefix_len, :].set(jnp.repeat(p, copies, axis=p.ndim - 4)), cache,
-                    prefix_cache, segment_ids=cache.segment_ids.at[:, :prefix_len].set(1), end=jnp.int32(prefix_len))
-    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache,
-                          last_logits_only=True)
-    seen = None
-    if sampling.repetition_penalty != 1:
-      whole = jnp.concatenate([jnp.repeat(prefix, copies, axis=0), tokens], axis=1)
-      whole_segments = jnp.concatenate([jnp.repeat(prefix_segments, copies, axis=0), segment_ids], axis=1)
-      seen = _seen_tokens(whole, whole_segments, logits.shape[-1])
+    logits, cache, seen = _prefill_after_prefix(model, prefix, _prefix_cache(model, prefix), tokens, segment_ids,
+                                                positions, penalize=sampling.repetition_penalty != 1)
     return _decode(graphdef, state, cache, logits[:, -1], positions[:, -1] + 1, active, seen, stop_ids,
                    row_keys, max_new_tokens=max_new_tokens, sampling=sampling)
 
@@ -221,11 +235,7 @@ def _prefill_prefix(graphdef, state, prefix, *, mesh: Mesh | None) -> KVCache:
   """The keys/values of `prefix` `[R, P]` (R identical rows, one per data-parallel shard)."""
   _TRACES["prefix"] += 1
   with _activation_context(mesh):
-    model = nnx.merge(graphdef, state)
-    positions = jnp.broadcast_to(jnp.arange(prefix.shape[1], dtype=jnp.int32), prefix.shape)
-    _, cache = model(prefix, positions=positions, segment_ids=jnp.ones_like(prefix),
-                     cache=_empty_cache(model, *prefix.shape), prefill=True, last_logits_only=True)
-    return cache
+    return _prefix_cache(nnx.merge(graphdef, state), prefix)
 
 
 def _prefill_slots(graphdef, state, cache: KVCache, seen, tokens, segment_ids, positions, slots, stop_ids, row_keys,
@@ -245,16 +255,10 @@ def _prefill_slots(graphdef, state, cache: KVCache, seen, tokens, segment_ids, p
     if prefix_cache is None:
       logits, own = model(tokens, positions=positions, segment_ids=segment_ids,
                           cache=_empty_cache(model, rows, length), prefill=True, last_logits_only=True)
-      whole, whole_segments = tokens, segment_ids
+      new_seen = _seen_tokens(tokens, segment_ids, logits.shape[-1]) if seen is not None else None
     else:
-      copies, prefix_len = rows // prefix.shape[0], prefix.shape[1]
-      own = _map_kv(lambda a: jnp.repeat(a, copies, axis=a.ndim - 4), prefix_cache,
-                    segment_ids=jnp.ones((rows, prefix_len), jnp.int32))
-      logits, own = model(tokens, positions=positions, segment_ids=segment_ids, cache=_grown(own, length),
-                          last_logits_only=True)
-      whole = jnp.concatenate([jnp.repeat(prefix, copies, axis=0), tokens], axis=1)
-      whole_segments = own.segment_ids
-    new_seen = _seen_tokens(whole, whole_segments, logits.shape[-1]) if seen is not None else None
+      logits, own, new_seen = _prefill_after_prefix(model, prefix, prefix_cache, tokens, segment_ids, positions,
+                                                    penalize=seen is not None)
     first = _next_token(logits[:, -1], row_keys, jnp.int32(0), sampling, new_seen, stop_ids)
     segment_ids, length = own.segment_ids, own.length
     start = cache.end - length
