@@ -75,13 +75,14 @@ def test_cli_cmb_writes_results_and_prints_summary(model_dir):
 
 
 def test_greedy_answers_are_the_same_at_every_batch_size_and_batching(model_dir, tmp_path):
-  """Through the evaluate CLI: batch sizes 16 and 5, static and continuous batching, one set of answers."""
+  """Through the evaluate CLI: batch sizes 16 and 5, static and continuous batching, the default prefill
+  attention (blockwise on CPU) and dense `xla`: one set of answers."""
   generations = {}
-  for batch_size, batching in ((16, "static"), (5, "static"), (5, "continuous")):
+  for batch_size, batching, attention in ((16, "static", "auto"), (5, "static", "xla"), (5, "continuous", "auto")):
     out = tmp_path / f"{batching}_{batch_size}"
     command = [sys.executable, "-m", "csft_jax.evaluate", "--config=configs/eval/cmb.py", f"--config.checkpoint={model_dir}",
                "--config.max_new_tokens=12", f"--config.batch_size={batch_size}", f"--config.batching={batching}",
-               f"--config.out_dir={out}"]
+               f"--config.attention_impl={attention}", f"--config.out_dir={out}"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert done.returncode == 0, done.stderr[-3000:]
     generations[(batch_size, batching)] = json.loads((out / "generations.json").read_text())
@@ -156,6 +157,8 @@ def test_bad_configs_fail_with_a_message_and_write_nothing(model_dir, tmp_path):
     evaluate.run(_config(cmb_config, model_dir, tmp_path / "c", exam=str(tmp_path / "missing.json")))
   with pytest.raises(loading.LoadError, match="does not exist"):
     evaluate.run(_config(cmb_config, str(tmp_path / "nowhere"), tmp_path / "d"))
+  with pytest.raises(runner.EvalConfigError, match=r"config.attention_impl='flash'; choose one of \('auto', 'xla'"):
+    evaluate.run(_config(cmb_config, model_dir, tmp_path / "f", attention_impl="flash"))
   blocker = tmp_path / "blocker"
   blocker.write_text("a file where the output directory's parent should be")
   with pytest.raises(PermissionError, match=r"config.out_dir .*cannot write to .*blocker.* is not a directory"):
@@ -164,7 +167,7 @@ def test_bad_configs_fail_with_a_message_and_write_nothing(model_dir, tmp_path):
   not_a_list.write_text("{}")
   with pytest.raises(cmb.CMBInputError, match="expected a JSON list"):
     evaluate.run(_config(cmb_config, model_dir, tmp_path / "e", exam=str(not_a_list)))
-  assert not any((tmp_path / name).exists() for name in "abcde")
+  assert not any((tmp_path / name).exists() for name in "abcdef")
 
 
 def test_two_processes_generate_what_one_process_does(model_dir, tmp_path):
