@@ -5,12 +5,12 @@ v0.8.3): template intern2, cutoff 1024, max_samples 1000, val_size 0.1, lr 2e-5,
 schedule, warmup ratio 0.05, bf16, per-device batch 16 x gradient accumulation 2 on 8 GPUs, the 12
 sources concatenated (= proportional mixing), no packing. Two variants (`variant=`):
 
-  paper  what the yaml ran: the first 1000 records of each source, 10% of each held out (LLaMA-
-         Factory holds out 10% of the concatenation at random), one example per padded row and
-         256 examples per optimizer step (16 x 2 x 8 GPUs, whatever the mesh preset), each example
+  paper  what the yaml ran: the first 1000 records of each source; 10% of their concatenation
+         held out, the very examples LLaMA-Factory's split_dataset holds out (val_split=
+         concatenation, seed 42); one example per padded row and 256 examples per optimizer step (16 x 2 x 8 GPUs, whatever the mesh preset), each example
          rendered with LLaMA-Factory's intern2 template (chat_template=llamafactory_intern2:
          efficient_eos labels) and cut to 1024 tokens by its infer_seqlen (overlong=infer_seqlen).
-         12 x 900 training examples: about 42 steps an epoch.
+         10,800 training examples: about 42 steps an epoch.
   full   all records, 0.2% held out, packed rows of 1024 tokens, 64 rows per step: about the
          paper's 256 examples per step, as the collection packs about 4 examples into a row. The
          run's first log lines (mixture table, steps per epoch) give the real count; scale
@@ -131,6 +131,8 @@ def recipe(arg: str | None, *, model_preset: str, model_dir: str, chat_template:
   data.chat_template = chat_template
   data.packing = "padded" if paper else "packed"
   data.val_fraction = 0.1 if paper else 0.002
+  if paper:  # val_size 0.1 of the concatenation, as LLaMA-Factory's split_dataset with its seed
+    data.val_split, data.seed = "concatenation", 42
 
   rows = PAPER_EXAMPLES_PER_STEP if paper else FULL_ROWS_PER_STEP
   grad_accum_steps = max(1, grad_accum_steps * rows // PAPER_EXAMPLES_PER_STEP)

@@ -131,10 +131,20 @@ def test_parquet_reader_and_directory_path(tmp_path):
   assert stats.records == 2
 
 
-def test_max_samples_keeps_the_first_records():
+def test_max_samples_keeps_the_first_records(tmp_path):
   records, stats = _load(one_source_config(f"{COLLECTION}/huatuo_cmekg/llama_data.json", "alpaca", max_samples=5))
   assert len(records) == 5 and stats.records == 5
   assert [r.location.line for r in records] == [1, 2, 3, 4, 5]
+  # As LLaMA-Factory's `dataset.select(range(max_samples))` before its conversion: a record the
+  # conversion skips (here an empty ShareGPT conversation) still counts.
+  lines = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]} for i in range(4)]
+  lines[1]["conversations"] = []
+  (tmp_path / "s.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+  data = one_source_config(str(tmp_path / "s.jsonl"), "sharegpt", max_samples=3)
+  data.on_error = "skip"
+  records, stats = _load(data)
+  assert [r.conversation.turns[0][1] for r in records] == ["q0", "q2"]
+  assert (stats.records, stats.skipped + stats.left_out) == (3, 1)
 
 
 @pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "messages", "columns", "mcq"])

@@ -10,6 +10,7 @@ messages as cmb_to_sft.py, cmeddialogue_to_sft.py and `aligner.py` do, then
 import csv
 import functools
 import json
+from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -19,6 +20,7 @@ from configs import collection_shared
 from configs import collectivesft_internlm2_5_7b as recipe
 from configs import collectivesft_qwen2_5_0_5b as small_recipe
 from csft_jax.data.config import source_config
+from csft_jax.data.examples import held_out_indices
 from csft_jax.data.pipeline import DataPipeline
 from csft_jax.data.sources import load_conversations, parse_sources
 from tests.data_fixtures import COLLECTION
@@ -128,12 +130,37 @@ def test_paper_variant_trains_every_example_as_the_official_code(pipeline):
   for name, train, val in zip(pipeline.source_names, pipeline.train_sources, pipeline.val_sources):
     expected = sorted((np.asarray(ids).tobytes(), np.asarray(labels).tobytes())
                       for ids, labels in llamafactory_references(tok, official[name], 1024))
+    held = (val.token_ids, val.loss_masks) if val is not None else ([], [])
     ours = sorted((ids.astype(np.int64).tobytes(), np.asarray(as_labels(ids, mask), dtype=np.int64).tobytes())
-                  for ids, mask in zip(train.token_ids + val.token_ids, train.loss_masks + val.loss_masks))
-    assert len(val) == max(1, round(0.1 * len(expected))), name
+                  for ids, mask in zip(train.token_ids + held[0], train.loss_masks + held[1]))
     assert ours == expected, name
   truncated = {n: s.truncated for n, s in zip(pipeline.source_names, pipeline.stats)}
   assert truncated["medicalgpt_sft"] > 0  # some replies are longer than the cutoff: infer_seqlen cut them
+
+
+# Made by tools/llamafactory_split_fixture.py: the row positions LLaMA-Factory v0.8.3's split_dataset
+# (val_size 0.1, seed 42) holds out of a dataset of N rows.
+LLAMAFACTORY_SPLIT = json.loads((Path(__file__).parent / "fixtures" / "llamafactory_split.json").read_text())
+YAML_DATASETS = "cmb,cmeddialogue,cmedqa2,cmid,discmed,headqa,medicaldialogue,medmcqa,medqajin,mlecqa,nlpec,webmedqa"
+
+
+def test_paper_variant_holds_out_llamafactorys_examples(pipeline):
+  """The held-out examples are those LLaMA-Factory's split_dataset takes from the concatenation of
+  the sources, in the order collectivesft.yaml lists them (`dataset:`), which is the config's."""
+  assert LLAMAFACTORY_SPLIT["made_by"].startswith("llamafactory 0.8.3 split_dataset")
+  config = recipe.get_config("variant=paper")
+  assert ",".join(config.data.sources) == YAML_DATASETS
+  assert (config.data.val_split, config.data.seed, config.data.val_fraction) == ("concatenation", 42, 0.1)
+  lengths = [len(t) + (len(v) if v is not None else 0) for t, v in zip(pipeline.train_sources, pipeline.val_sources)]
+  starts = np.cumsum([0, *lengths])
+  ours = [int(start + i) for start, held in zip(starts, pipeline.held_out) for i in held]
+  assert ours == LLAMAFACTORY_SPLIT["held_out_positions"][str(sum(lengths))]
+  assert [len(v) if v is not None else 0 for v in pipeline.val_sources] == [len(h) for h in pipeline.held_out]
+  # The paper's own size: 12 sources of 1000 records.
+  held = held_out_indices([1000] * 12, 0.1, 42, "concatenation")
+  assert [int(1000 * k + i) for k, h in enumerate(held) for i in h] == LLAMAFACTORY_SPLIT["held_out_positions"]["12000"]
+  # The full variant keeps the per-source split.
+  assert recipe.get_config("variant=full").data.val_split == "per_source"
 
 
 def test_paper_variant_text_and_trained_spans(pipeline):

@@ -12,7 +12,7 @@ skipped, dropped, truncated) and a fingerprint of everything that changes the to
 (size and mtime), the format options, the tokenizer files (SHA-256), the chat template,
 seq_len, the over-long and bad-record policies, and the data code itself (its syntax trees: comments
 and docstrings do not count). Mixing, weights,
-seed and val_fraction are applied when the cache is read, so changing them needs no rebuild.
+seed, val_fraction and val_split are applied when the cache is read, so changing them needs no rebuild.
 
 Shard k of a source holds the examples of its conversations [k * SHARD_CONVERSATIONS,
 (k + 1) * SHARD_CONVERSATIONS) in source order, tokenized by `examples.tokenize_source`, so

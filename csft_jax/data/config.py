@@ -28,7 +28,10 @@ def default_config() -> ml_collections.ConfigDict:
       tokenizer="",  # Tokenizer directory; empty: the one of config.init.from_hf.
       chat_template="chatml",  # hf | chatml | internlm2 | llama3
       seed=0,
-      val_fraction=0.0,  # Held-out fraction of each source for eval loss.
+      val_fraction=0.0,  # Held-out fraction for eval loss.
+      # per_source: val_fraction of each source; concatenation: of all sources together, the examples
+      # LLaMA-Factory's split_dataset (val_size) holds out with seed `seed` (a source may give none).
+      val_split="per_source",
       cache="off",  # off (tokenize at every start) | auto (build the cache if absent or stale) | require
       cache_dir="",  # Tokenize-once cache (`python -m csft_jax.data.prepare`); see csft_jax/data/cache.py.
   ))

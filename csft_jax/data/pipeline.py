@@ -32,7 +32,7 @@ from absl import logging
 
 from csft_jax.data import cache
 from csft_jax.data.errors import DataError
-from csft_jax.data.examples import TokenizedSource, split_validation, tokenize_source
+from csft_jax.data.examples import TokenizedSource, held_out_indices, split_validation, tokenize_source
 from csft_jax.data.mixture import block_counts, mix_sources, mixture_weights
 from csft_jax.data.packing import PACKINGS, ROW_KEYS, TrainingExample, packed_rows, padded_rows, stack_rows
 from csft_jax.data.sources import SourceSpec, SourceStats, load_conversations, parse_sources
@@ -69,9 +69,13 @@ class DataPipeline:
     self.source_names: list[str] = [s.name for s in specs]
     self.train_sources: list[Source] = []
     self.val_sources: list[Source | None] = []
-    sources = self._tokenized_sources(specs) if mode == "off" else _cached_sources(data_config, specs)
-    for i, source in enumerate(sources):
-      train, val = split_validation(source, data_config.val_fraction, data_config.seed, i)
+    sources = list(self._tokenized_sources(specs) if mode == "off" else _cached_sources(data_config, specs))
+    # Held-out examples (indices into each source's examples), e.g. to see what eval loss is on.
+    self.held_out: list[np.ndarray] = held_out_indices(
+        [len(s) for s in sources], data_config.val_fraction, data_config.seed,
+        data_config.get("val_split", "per_source"), self.source_names)
+    for source, held_out in zip(sources, self.held_out):
+      train, val = split_validation(source, held_out)
       self.train_sources.append(train)
       self.val_sources.append(val)
     self.weights = mixture_weights(

@@ -95,7 +95,7 @@ def parse_sources(sources_config) -> list[SourceSpec]:
 
 
 def load_conversations(spec: SourceSpec, on_error: str) -> tuple[list[SourceRecord], SourceStats]:
-  """Reads and adapts a source's records, keeping the first `max_samples`.
+  """Reads and adapts a source's records: the first `max_samples` records read (bad or left out ones count).
 
   Args:
     spec: the source.
@@ -115,11 +115,13 @@ def iter_conversations(spec: SourceSpec, on_error: str, stats: SourceStats) -> I
     raise DataError(f"config.data.on_error={on_error!r} is not one of {ON_ERROR}")
   adapter = ADAPTERS[spec.format]
   kept = 0
+  # max_samples counts records read, as LLaMA-Factory's `dataset.select(range(max_samples))` before
+  # its conversion: a record that is left out or skipped still counts.
   for path in spec.paths:
-    if spec.max_samples is not None and kept >= spec.max_samples:
+    if spec.max_samples is not None and stats.records >= spec.max_samples:
       break
     for item in read_records(spec.name, path, spec.reader, spec.encoding):
-      if spec.max_samples is not None and kept >= spec.max_samples:
+      if spec.max_samples is not None and stats.records >= spec.max_samples:
         break
       stats.records += 1
       try:
