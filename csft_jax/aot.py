@@ -230,7 +230,7 @@ def check_generate_fit(config: ml_collections.ConfigDict, slice_name: str, model
   if prompt_len < 1:
     raise FitError(f"config.max_new_tokens={config.max_new_tokens} leaves no room for a prompt in the model's "
                    f"context of {model_config.max_position_embeddings} tokens; lower it.")
-  sampling = runner.get_benchmark(config.benchmark).sampling(config)  # what the benchmark's run generates with
+  sampling = runner.get_benchmark(config.benchmark).sampling(config)  # what the runner generates the benchmark's requests with
   # The engine's own jitted program: what an evaluation compiles for its largest batch.
   program = engine.generate_program(model_config, mesh, batch_size=config.batch_size, prompt_len=prompt_len,
                                     max_new_tokens=config.max_new_tokens, sampling=sampling,

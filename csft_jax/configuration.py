@@ -35,6 +35,7 @@ PATH_FIELDS = (
     "data.sources.*.rewrite_definitions",  # meds_ins sources
     # Evaluation configs.
     "checkpoint", "adapter", "tokenizer", "out_dir", "exam", "val", "answer_key", "task_dir", "clin",
+    "judge.model", "judge.tokenizer",
 )
 
 

@@ -42,8 +42,9 @@ from absl import app, flags, logging
 
 from csft_jax import checkpointing, configuration, distributed, files, model_source, sharding
 from csft_jax.console import run_cli
-from csft_jax.loading import is_hf_dir, load_chat_model
-from csft_jax.eval import runner
+from csft_jax.data.errors import DataError
+from csft_jax.loading import LoadError, is_hf_dir, load_chat_model
+from csft_jax.eval import judge, runner
 from csft_jax.models import PRESETS, ModelConfig, generation_attention, get_preset, lora, with_runtime
 from csft_jax.stopping import StopRequest
 from csft_jax.workdir import RunDir, model_tag
@@ -116,8 +117,25 @@ def run(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | None | Inte
   chat = runner.ChatModel(model, loaded.tokenizer, loaded.template, mesh=mesh, batch_size=config.batch_size,
                           max_prompt_len=config.max_prompt_len or None, journal=journal, should_stop=stop.requested,
                           batching=config.batching)
+
+  def local_judge() -> runner.ChatModel:
+    """The judge model named by `config.judge.model` (loaded only when an answer is left to judge)."""
+    try:
+      judged = load_chat_model(config.judge.model, dtype=config.judge.dtype, mesh=mesh,
+                               tokenizer=config.judge.tokenizer, chat_template=config.judge.chat_template,
+                               scan_layers=config.scan_layers)
+    except (LoadError, DataError) as error:  # its advice names the evaluated model's fields: name the judge's
+      message = str(error).replace("--config.", "--config.judge.")
+      if isinstance(error, DataError):  # the template or tokenizer
+        message += " (--config.judge.chat_template, --config.judge.tokenizer)"
+      raise judge.JudgeError(f"config.judge.model={config.judge.model!r}: {message}") from None
+    judge_model = with_runtime(judged.model,
+                               attention_impl=generation_attention(config.attention_impl, jax.default_backend()))
+    return runner.ChatModel(judge_model, judged.tokenizer, judged.template, mesh=mesh, batch_size=config.batch_size,
+                            max_prompt_len=None, should_stop=stop.requested, batching=config.batching)
+
   try:
-    results, summary = benchmark.run(chat, config, out_dir, inputs)
+    results, summary = runner.run(benchmark, chat, config, out_dir, inputs, local_judge=local_judge)
   except runner.EvaluationInterrupted as e:
     return Interrupted(stop.signal_name or "stop", e), (
         f"{stop.signal_name or 'stop'} received: {e}. Rerun the same command to continue.\n"), out_dir

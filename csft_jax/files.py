@@ -39,13 +39,18 @@ def _umask() -> int:
   return mask
 
 
+def json_text(payload: Any) -> str:
+  """`payload` as indented JSON text (Chinese kept readable; other objects as `str`)."""
+  return json.dumps(payload, ensure_ascii=False, indent=2, default=str) + "\n"
+
+
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
-  """Writes `payload` as indented UTF-8 JSON (Chinese kept readable; other objects as `str`)."""
-  return write_text_atomic(path, json.dumps(payload, ensure_ascii=False, indent=2, default=str) + "\n")
+  """Writes `payload` as indented UTF-8 JSON (`json_text`)."""
+  return write_text_atomic(path, json_text(payload))
 
 
-def write_csv_atomic(path: str | os.PathLike, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
-  """Writes a CSV with `header` then `rows` (quoted as the csv module does)."""
+def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A CSV with `header` then `rows` (quoted as the csv module does)."""
   buffer = io.StringIO()
   writer = csv.writer(buffer)
   writer.writerow(header)
@@ -53,7 +58,12 @@ def write_csv_atomic(path: str | os.PathLike, header: Sequence[str], rows: Seque
     if len(row) != len(header):
       raise ValueError(f"CSV row has {len(row)} fields, header {list(header)} has {len(header)}.")
     writer.writerow(row)
-  return write_text_atomic(path, buffer.getvalue())
+  return buffer.getvalue()
+
+
+def write_csv_atomic(path: str | os.PathLike, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+  """Writes `csv_text(header, rows)` atomically."""
+  return write_text_atomic(path, csv_text(header, rows))
 
 
 def read_json(path: str | os.PathLike, *, expect: type = dict, what: str = "fields",

@@ -347,8 +347,8 @@ def test_shared_key_scores():
 
 
 def _score_cli(*args: str) -> subprocess.CompletedProcess:
-  """`python -m csft_jax.eval.cmb score ...` as a user runs it, from the repository root."""
-  return subprocess.run([sys.executable, "-m", "csft_jax.eval.cmb", "score", *args], cwd=REPO,
+  """`python -m csft_jax.score cmb ...` as a user runs it, from the repository root."""
+  return subprocess.run([sys.executable, "-m", "csft_jax.score", "cmb", *args], cwd=REPO,
                         capture_output=True, text=True, timeout=300)
 
 

@@ -1,12 +1,13 @@
 """CMB-Clin: multi-turn prompts with gold history as the official workers, decoding, judge prompt, proxies."""
 
 import json
+import types
 from pathlib import Path
 
 import pytest
 
 from configs.eval import cmb_clin as cmb_clin_config
-from csft_jax.eval import cmb_clin, engine, text_metrics
+from csft_jax.eval import cmb_clin, engine, runner, text_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "csft_jax" / "assets" / "eval" / "cmb_sample" / "clin.json"
@@ -87,6 +88,7 @@ class _RecordingChat:
 
   def __init__(self):
     self.calls = []
+    self.template = types.SimpleNamespace(render_prompt=str)
 
   def generate(self, conversations, **options):
     self.calls.append((conversations, options))
@@ -98,7 +100,9 @@ def test_run_decodes_as_the_official_workers(tmp_path, cases):
   assert config.max_new_tokens == 512 and config.repetition_penalty == 1.1
   config.clin = str(SAMPLE)  # The evaluator resolves pkg:// paths when it loads a config file.
   chat = _RecordingChat()
-  summary, _ = cmb_clin.run(chat, config, str(tmp_path), cmb_clin.load_inputs(config))
+  results, _ = runner.run(cmb_clin.BENCHMARK, chat, config, str(tmp_path), cmb_clin.load_inputs(config))
+  summary = results["summary"]
+  assert json.loads((tmp_path / "results.json").read_text())["summary"] == summary
   ((conversations, options),) = chat.calls
   assert options["max_new_tokens"] == 512
   assert options["sampling"] == engine.Sampling(temperature=0.0, repetition_penalty=1.1, min_new_tokens=1)

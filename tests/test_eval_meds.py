@@ -3,6 +3,8 @@ the published prompts rebuilt, metrics on the shared CSV, each official script's
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jieba
@@ -10,7 +12,12 @@ import pytest
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge import Rouge
 
-from csft_jax.eval import meds_bench
+from configs.eval import meds_bench as meds_config
+from csft_jax.configuration import resolve_path
+from csft_jax.data.config import DEMO_TOKENIZER
+from csft_jax.data.templates import load_chat_template
+from csft_jax.data.tokenizer import load_tokenizer
+from csft_jax.eval import meds_bench, runner
 from tests.data_fixtures import template
 from tests.test_eval_metrics import nltk_word_tokenize  # noqa: F401  pylint: disable=unused-import
 
@@ -123,15 +130,15 @@ def test_select_shots_from_instances_seeded():
 
 
 def test_prompts_cut_at_model_max_length_on_the_right_as_eval_py():
+  config = meds_config.get_config()
+  assert (config.model_max_length, config.truncation_side) == (2048, "right")
+  config.task_dir = str(SAMPLE_DIR)
+  assert meds_bench.requests(config, meds_bench.load_task_dir(SAMPLE_DIR)).cut == (2048, "right")
   messages = [{"role": "system", "content": "s " * 40}, {"role": "user", "content": "Input:\nq\nOutput:\n"}]
   full = template("chatml").encode_prompt(messages)
-  right = meds_bench.TruncatedTemplate(template("chatml"), 16, "right")
-  left = meds_bench.TruncatedTemplate(template("chatml"), 16, "left")
   assert len(full) > 16
-  assert right.encode_prompt(messages) == full[:16] and left.encode_prompt(messages) == full[-16:]
-  assert right.num_cut == 1
-  assert meds_bench.TruncatedTemplate(template("chatml"), len(full), "right").encode_prompt(messages) == full
-  assert right.stop_token_ids == template("chatml").stop_token_ids
+  assert runner.cut_prompt(full, 16, "right") == full[:16] and runner.cut_prompt(full, 16, "left") == full[-16:]
+  assert runner.cut_prompt(full, len(full), "right") == full
 
 
 # ------------------------------------------------------- the official rules, by hand ----
@@ -362,11 +369,58 @@ def test_bad_task_file(tmp_path):
 def test_cli(tmp_path, capsys):
   results_csv = meds_bench.write_results_csv(sample_rows(lambda task_id, gold: gold), tmp_path / "r.csv")
   out = tmp_path / "res.json"
-  assert meds_bench.score_command(str(results_csv), str(out), str(SAMPLE_DIR)) == 0
+
+  def score_cli(*args):  # as the README says to run it
+    return subprocess.run([sys.executable, "-m", "csft_jax.score", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+  done = score_cli("meds_bench", f"--results={results_csv}", f"--out={out}", f"--task_dir={SAMPLE_DIR}")
+  assert done.returncode == 0, done.stderr
   assert json.loads(out.read_text(encoding="utf-8"))["tasks"]["task901"]["accuracy"] == 100.0
-  assert "| task901 | mcqa | ours | en | 6 | 0 | 100.00 |" in capsys.readouterr().out
+  assert "| task901 | mcqa | ours | en | 6 | 0 | 100.00 |" in done.stdout
+  unknown = score_cli("cmb_clinic", "--out=x.json")
+  assert unknown.returncode == 1 and "with BENCHMARK one of ['cmb', 'meds_bench'] (got 'cmb_clinic')" in unknown.stderr
   bad_out = tmp_path / "bad.json"
   assert meds_bench.score_command(str(results_csv), str(bad_out)) == 2
   assert "No metric category" in capsys.readouterr().err and not bad_out.exists()
   assert meds_bench.score_command(str(results_csv), str(bad_out), category=["task901=essay"]) == 2
   assert "expected TASK=CATEGORY" in capsys.readouterr().err
+
+
+def _llama3_style_tokenizer(directory):
+  """The demo tokenizer with Llama-3's post-processor: `tokenizer(text)` puts <|begin_of_text|> first."""
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  source = Path(resolve_path(DEMO_TOKENIZER))
+  directory.mkdir()
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    (directory / name).write_bytes((source / name).read_bytes())
+  backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+  bos = backend.token_to_id(meds_bench.LLAMA3_BOS)
+  backend.post_processor = tokenizers.processors.TemplateProcessing(
+      single=f"{meds_bench.LLAMA3_BOS} $A", special_tokens=[(meds_bench.LLAMA3_BOS, bos)])
+  backend.save(str(directory / "tokenizer.json"))
+  return load_tokenizer(str(directory)), bos
+
+
+def test_llama3_prompt_ids_are_eval_pys_two_bos(tmp_path):
+  """eval.py: `tokenizer(input_sentence, max_length=2048, truncation=True)` on a prompt whose text
+  begins with <|begin_of_text|>: two BOS tokens (the default); the switch gives the template's one."""
+  tokenizer, bos = _llama3_style_tokenizer(tmp_path / "tok")
+  config = meds_config.get_config()
+  config.task_dir = str(SAMPLE_DIR)
+  tasks = meds_bench.load_task_dir(SAMPLE_DIR)
+  asked = meds_bench.requests(config, tasks)
+  # A Llama-3 tokenizer with the llama3 template; a Qwen-style one (adds no BOS) with chatml.
+  for name, family_tokenizer in (("llama3", tokenizer), ("chatml", load_tokenizer(DEMO_TOKENIZER))):
+    chat = runner.ChatModel(None, family_tokenizer, load_chat_template(name, family_tokenizer), mesh=None,
+                            batch_size=1, max_prompt_len=None)
+    ids, _ = chat.prompt_ids(asked.conversations, official_ids=asked.official_ids, cut=asked.cut)
+    texts = [chat.template.render_prompt(m) for m in asked.conversations]
+    assert ids == [family_tokenizer(t, max_length=2048, truncation=True)["input_ids"] for t in texts]
+    assert [p[:2] == [bos, bos] for p in ids] == [name == "llama3"] * len(ids)
+  config.llama3_double_bos = False
+  single = meds_bench.requests(config, tasks)
+  chat = runner.ChatModel(None, tokenizer, load_chat_template("llama3", tokenizer), mesh=None, batch_size=1,
+                          max_prompt_len=None)
+  ids, _ = chat.prompt_ids(single.conversations, official_ids=single.official_ids, cut=single.cut)
+  assert all(p[0] == bos and p[1] != bos for p in ids)

@@ -138,9 +138,9 @@ def test_meds_bench_writes_csv_then_scores_it(model_dir, tmp_path):
 
 
 def test_cmb_clin_writes_judge_prompts(model_dir, tmp_path):
-  summary, text, _ = evaluate.run(_config(cmb_clin_config, model_dir, tmp_path, max_new_tokens=4))
+  results, text, _ = evaluate.run(_config(cmb_clin_config, model_dir, tmp_path, max_new_tokens=4))
   written = json.loads((tmp_path / "results.json").read_text())
-  assert summary["n"] == len(written["records"]) == 5
+  assert results == written and results["summary"]["n"] == len(written["records"]) == 5
   assert all("[ answer ]" in record["judge_prompt"] for record in written["records"])
   assert "ROUGE-L" in text
   assert (tmp_path / "results.md").read_text(encoding="utf-8") == text  # the table a person reads

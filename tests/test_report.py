@@ -67,8 +67,10 @@ def workdir(tmp_path):
           {"task_id": "task901", "input": "q2", "GT": "B", "output": "C"}]
   meds = meds_bench.score_rows(rows, task_categories={"task901": meds_bench.MCQA})
   _write(run / "eval" / "meds_bench" / "step_30" / "results.json", json.dumps(meds))
-  _write(run / "eval" / "cmb_clin" / "step_30" / "results.json", json.dumps({"summary": {"rougeL": 12.5, "bleu1": 25.0},
-                                                                "records": []}))
+  judgments = {"judge": "gpt-4 @ http://127.0.0.1:1/v1", "n_judged": 4, "n_unparsed": 1, "fluency": 4.5,
+               "relevance": 4.0, "completeness": 3.5, "proficiency": 3.0, "avg": 3.75}
+  _write(run / "eval" / "cmb_clin" / "step_30" / "results.json", json.dumps(
+      {"summary": {"rougeL": 12.5, "bleu1": 25.0, "judgments": judgments}, "records": []}))
 
   run = w / "mixing-uniform"
   _write(run / "metrics.jsonl", _jsonl(
@@ -92,10 +94,13 @@ def test_summary_csv_and_markdown_cell_by_cell(workdir):
       "run", "arg.sources", "data.mixing", "data.temperature", "status", "steps", "final_train_loss",
       "eval_loss", "eval_loss/cmb", "eval_loss/dialogue", "cmb-answer/step", "cmb-answer/micro", "cmb-answer/macro",
       "cmb-answer/医师考试", "cmb-answer/护理考试", "cmb_clin/step", "cmb_clin/rougeL", "cmb_clin/bleu1",
+      "cmb_clin/judge/fluency", "cmb_clin/judge/relevance", "cmb_clin/judge/completeness",
+      "cmb_clin/judge/proficiency", "cmb_clin/judge/avg", "cmb_clin/judge/n_unparsed",
       "meds_bench/step", f"meds_bench/{meds_bench.MCQA}/accuracy"]
   assert table[1] == ["sources-cmb_only", "cmb_only", "", "", "finished", "30", "2.875", "3.75", "3.5", "",
-                      "30", "75.0", "75.0", "50.0", "100.0", "30", "12.5", "25.0", "30", "50.0"]
-  empty = [""] * 10
+                      "30", "75.0", "75.0", "50.0", "100.0", "30", "12.5", "25.0", "4.5", "4.0", "3.5", "3.0", "3.75",
+                      "1", "30", "50.0"]
+  empty = [""] * 16
   assert table[2] == ["mixing-uniform", "", "uniform", "", "interrupted", "10", "6.0", "5.5", "5.25", "6.0", *empty]
   assert table[3] == ["mixing-temperature_temperature-2", "", "temperature", "2.0", "new", "", "", "", "",
                       "", *empty]
@@ -107,9 +112,10 @@ def test_summary_csv_and_markdown_cell_by_cell(workdir):
   assert markdown[0] == "# Sweep summary: mix"
   rows = [line for line in markdown if line.startswith("| ")]
   assert rows[1] == ("| sources-cmb_only | cmb_only |  |  | finished | 30 | 2.8750 | 3.7500 | 3.5000 |  | "
-                     "30 | 75.00 | 75.00 | 50.00 | 100.00 | 30 | 12.50 | 25.00 | 30 | 50.00 |")
+                     "30 | 75.00 | 75.00 | 50.00 | 100.00 | 30 | 12.50 | 25.00 | 4.50 | 4.00 | 3.50 | 3.00 | 3.75 | "
+                     "1 | 30 | 50.00 |")
   assert rows[3] == ("| mixing-temperature_temperature-2 |  | temperature | 2.0 | new |  |  |  |  |  |"
-                     + "  |" * 10)
+                     + "  |" * 16)
   assert ("Partial evaluations (config.limit: the first items only), not in the table: "
           "sources-cmb_only: cmb-answer/step_30-limit_2") in markdown
   assert "![loss_curves](loss_curves.png)" in markdown

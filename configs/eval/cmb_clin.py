@@ -6,11 +6,14 @@ Generation as the official CMB workers run CMB-Clin: greedy, 1 to 512 new tokens
 max_new_tokens of `configs/model_config.yaml`), repetition_penalty 1.1 (`workers/base.py`, Hugging Face
 semantics).
 Writes <workdir>/eval/cmb_clin/results.json: per question the answer, the ready-to-send judge
-prompt (the CMB README's) and local ROUGE-L / BLEU-1 proxies (CMB-Clin is scored by an LLM judge).
+prompt (the CMB README's) and local ROUGE-L / BLEU-1 proxies; with a judge (config.judge.model: a
+local checkpoint, or config.judge.endpoint: an OpenAI-compatible API), its reply and four 1-5
+ratings per answer (also in judge.jsonl, kept as they arrive) and their means.
 """
 
 import ml_collections
 
+from csft_jax.eval.judge import default_judge_config
 from csft_jax.eval.runner import default_eval_config
 
 
@@ -22,4 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.max_new_tokens = 512
   config.repetition_penalty = 1.1  # 1.0 turns it off.
   config.min_new_tokens = 1  # The first new token is never a stop token.
+  # The judge (off until one is named): --config.judge.model=JUDGE_DIR, or
+  # --config.judge.endpoint=https://api.openai.com/v1 with the key in $OPENAI_API_KEY (judge.api_key_env).
+  config.judge = default_judge_config()
   return config

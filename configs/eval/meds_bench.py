@@ -25,4 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # context minus max_new_tokens.
   config.model_max_length = meds_bench.MODEL_MAX_LENGTH
   config.truncation_side = "right"
+  # eval.py tokenizes with add_special_tokens=True: Llama-3 prompts, whose text begins with
+  # <|begin_of_text|>, get a second BOS. False: one BOS, as the chat template renders it.
+  config.llama3_double_bos = True
   return config

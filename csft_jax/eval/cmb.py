@@ -15,12 +15,11 @@ template and generates. Everything here is pure except the file readers and
 writers at the bottom.
 
 CLI:
-    python -m csft_jax.eval.cmb score --submission=S.json --answer_key=K.json --out=R.json [--strict]
+    python -m csft_jax.score cmb --submission=S.json --answer_key=K.json --out=R.json [--strict]
 """
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import sys
@@ -485,51 +484,58 @@ def load_inputs(config: ml_collections.ConfigDict) -> tuple[list[dict], list[dic
   return items, val, key
 
 
-def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str,
-        inputs: tuple[list[dict], list[dict], list[dict] | None]) -> tuple[dict | None, str]:
-  """CMB-Exam: answer / cot (generation + official extraction, majority vote) or loglik.
-
-  Writes `submission.json`, `generations.json` and, with an answer key, `results.json` +
-  `results.md` (`score_submission`). Returns `(results or None, summary text)`.
-  """
-  items, val, key = inputs
+def requests(config: ml_collections.ConfigDict,
+             inputs: tuple[list[dict], list[dict], list[dict] | None]) -> runner.Requests:
+  """CMB-Exam's prompts: answer / cot generation (`num_samples` each, majority vote), or the option
+  letters' log-likelihoods after the answer-only prompt (loglik)."""
+  items, val, _ = inputs
   system = config.system_prompt or None
   shots = [select_shots(val, item, config.shots, seed=config.seed) for item in items]
   if config.mode == "loglik":
-    requests = [loglik_request(item, shots=s, system_prompt=system) for item, s in zip(items, shots)]
-    scores, counts = chat.score_options([m for m, _ in requests], [letters for _, letters in requests],
-                                        desc="CMB loglik")
-    submission = [{"id": item["id"], "model_answer": loglik_answer(s)} for item, s in zip(items, scores)]
-    records = [{"id": item["id"], "option_scores": s} for item, s in zip(items, scores)]
+    asked = [loglik_request(item, shots=s, system_prompt=system) for item, s in zip(items, shots)]
+    return runner.Requests([m for m, _ in asked], "CMB loglik", options=[letters for _, letters in asked])
+  conversations = [build_messages(item, mode=config.mode, shots=s, system_prompt=system)
+                   for item, s in zip(items, shots)]
+  return runner.Requests(conversations, f"CMB {config.mode}", num_samples=config.num_samples)
+
+
+def score(config: ml_collections.ConfigDict, inputs: tuple[list[dict], list[dict], list[dict] | None],
+          answers: runner.Answers) -> runner.Scored:
+  """The submission (official extraction and majority vote, or the likeliest letter) and, with an
+  answer key, its score (`score_submission`).
+
+  Files: `generations.json`, `submission.json` and, with an answer key, `results.json` + `results.md`.
+  """
+  items, _, key = inputs
+  counts = dict(answers.counts)
+  if answers.option_scores is not None:
+    submission = [{"id": item["id"], "model_answer": loglik_answer(s)} for item, s in zip(items, answers.option_scores)]
+    records = [{"id": item["id"], "option_scores": s} for item, s in zip(items, answers.option_scores)]
     protocol = LOGLIK_PROTOCOL
   else:
-    conversations = [build_messages(item, mode=config.mode, shots=s, system_prompt=system)
-                     for item, s in zip(items, shots)]
-    texts, counts = chat.generate(conversations, max_new_tokens=config.max_new_tokens, sampling=sampling(config),
-                                  num_samples=config.num_samples, seed=config.seed, desc=f"CMB {config.mode}")
-    submission, extraction_counts = build_submission(items, texts)
+    submission, extraction_counts = build_submission(items, answers.texts)
     counts.update(extraction_counts)
     records = [{"id": item["id"], "samples": samples, "model_answer": entry["model_answer"]}
-               for item, samples, entry in zip(items, texts, submission)]
+               for item, samples, entry in zip(items, answers.texts, submission)]
     protocol = OFFICIAL_PROTOCOL
-  files.write_json_atomic(os.path.join(out_dir, "generations.json"), records)
-  write_submission(submission, os.path.join(out_dir, "submission.json"))
+  outputs = {"generations.json": files.json_text(records), "submission.json": files.json_text(submission)}
   if key is None:
-    return None, (f"No answer key: wrote {out_dir}/submission.json ({len(submission)} answers); score it with "
-                  "`python -m csft_jax.eval.cmb score`.\n")
+    return runner.Scored(None, f"No answer key: wrote submission.json ({len(submission)} answers); score it with "
+                         "`python -m csft_jax.score cmb`.\n", outputs)
   asked = {item["id"] for item in items}
   results = score_submission(submission, [e for e in key if e["id"] in asked], protocol=protocol,
-                                 generation_stats=counts)
+                             generation_stats=counts)
   results["settings"] = runner.settings(config, ("mode", "shots", "num_samples", "temperature", "top_p",
                                                  "max_new_tokens", "min_new_tokens", "exam"))
-  write_results(results, os.path.join(out_dir, "results.json"))
+  outputs.update({"results.md": markdown_report(results), "results.json": files.json_text(results)})
   counts_text = ", ".join(f"{k}={v}" for k, v in results["counts"].items())
   extracted = ""
   if config.mode != "loglik":
     answered = sum(bool(entry["model_answer"]) for entry in submission)
     extracted = (f"answers extracted: {answered} of {len(submission)} ({answered / len(submission):.0%}; the rest "
                  "had no letter A-G for the official extraction)\n")
-  return results, f"CMB-Exam ({results['protocol']})\n{_summary(results)}counts: {counts_text}\n{extracted}"
+  return runner.Scored(results, f"CMB-Exam ({results['protocol']})\n{_summary(results)}counts: {counts_text}\n"
+                       f"{extracted}", outputs)
 
 
 def _report_cells(results: Mapping[str, Any]) -> dict[str, float]:
@@ -548,12 +554,6 @@ def sampling(config: ml_collections.ConfigDict) -> engine.Sampling:
   `min_new_tokens` new tokens."""
   return engine.Sampling(temperature=config.temperature, top_p=config.top_p, min_new_tokens=config.min_new_tokens)
 
-
-BENCHMARK = runner.Benchmark(
-    name="cmb",
-    inputs=(("exam", lambda c: True), ("val", lambda c: c.shots > 0), ("answer_key", lambda c: bool(c.answer_key))),
-    result_name=lambda config: f"cmb-{config.mode}",
-    run=run, report_cells=_report_cells, validate=_validate, load=load_inputs, sampling=sampling)
 
 def score_command(submission: str, answer_key: str, out: str, markdown: str | None = None, *,
                   strict: bool = False) -> int:
@@ -574,7 +574,7 @@ def score_command(submission: str, answer_key: str, out: str, markdown: str | No
 
 
 def define_flags() -> None:
-  """Command-line flags, defined only when run as a program."""
+  """The flags of `python -m csft_jax.score cmb`, defined only when it runs."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string("submission", None, 'Submission JSON list [{"id", "model_answer"}].', required=True)
   flags.DEFINE_string("answer_key", None, "Answer key, e.g. ../shared/data/cmb/CMB-test-choice-answer.json.",
@@ -585,16 +585,15 @@ def define_flags() -> None:
                     "are not letters A-G (by default they are scored as the official score.py does, with a warning).")
 
 
-def main(argv: Sequence[str]) -> int:
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
-  if argv[1:] != ["score"]:
-    raise app.UsageError(f"usage: python -m csft_jax.eval.cmb score --submission=S --answer_key=K --out=R "
-                         f"[--strict] (got {argv[1:]})")
-  f = flags.FLAGS
+def score_main(flag_values) -> int:
+  """`python -m csft_jax.score cmb --submission=S --answer_key=K --out=R [--markdown=M] [--strict]`."""
+  f = flag_values
   return score_command(f.submission, f.answer_key, f.out, f.markdown, strict=f.strict)
 
 
-if __name__ == "__main__":
-  from csft_jax.console import run_cli  # pylint: disable=g-import-not-at-top
-  define_flags()
-  run_cli(main)
+BENCHMARK = runner.Benchmark(
+    name="cmb",
+    inputs=(("exam", lambda c: True), ("val", lambda c: c.shots > 0), ("answer_key", lambda c: bool(c.answer_key))),
+    result_name=lambda config: f"cmb-{config.mode}",
+    requests=requests, score=score, report_cells=_report_cells, validate=_validate, load=load_inputs,
+    sampling=sampling, score_flags=define_flags, score_main=score_main)

@@ -8,15 +8,23 @@ not the model's answers. Each (case, question) is one greedy generation (`do_sam
 1 to 512 new tokens (`min_new_tokens`, `max_new_tokens` in `configs/model_config.yaml`) with
 `repetition_penalty=1.1`, which `workers/base.py` sets for CMB-Clin (`use_qa`).
 
-Scoring is by an LLM judge. The CMB repository ships no code for it; the judge prompt is the README's
-"CMB-Clin GPT-4 evaluation Prompt" (`JUDGE_PROMPT`, verbatim, PDF spacing included). We save one
-ready-to-send judge prompt per answer and, as a local proxy only, ROUGE-L and BLEU-1 against the
+Scoring is by an LLM judge. The CMB repository ships no code for it, in any commit: only the
+README's "CMB-Clin GPT-4 evaluation Prompt" (`JUDGE_PROMPT`, verbatim, PDF spacing included), which
+rates fluency, relevance, completeness and proficiency in medicine on 1-5 scales and asks for
+"JSON format and ONLY the JSON" like `{ ‘ fluency ’: 3 , ‘ relevance ’: 3 , ...}`. With
+`config.judge.model` (a local checkpoint through our engine) or `config.judge.endpoint` (an
+OpenAI-compatible API, the README's GPT-4 protocol) each answer's prompt goes to the judge
+(`csft_jax.eval.judge`; records in `judge.jsonl`), `parse_judgment` reads the reply (a reply it
+cannot read is counted in `n_unparsed`, never guessed), and the summary holds each dimension's mean
+on the 1-5 scale over the readable replies and `avg`, the mean of the four (the repository has no
+results table to follow; its leaderboard is a web page). Without a judge, every record still holds
+its ready-to-send judge prompt. Always, as a local proxy only: ROUGE-L and BLEU-1 against the
 solution (jieba tokens); empty answers score 0 on the proxies and are counted (`n_empty`).
 """
 
 from __future__ import annotations
 
-import os
+import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -87,6 +95,10 @@ the following example :
 
 _JUDGE_SLOT = re.compile(r"\{ (description|history|question|solution|answer) \}")
 
+# The four ratings the judge prompt asks for, as its example names them.
+DIMENSIONS = ("fluency", "relevance", "completeness", "proficiency")
+_QUOTES = str.maketrans({"\u2018": '"', "\u2019": '"', "\u201c": '"', "\u201d": '"', "'": '"'})
+
 
 class ClinInputError(ValueError):
   """A CMB-Clin file or case that does not follow the format."""
@@ -141,6 +153,40 @@ def judge_prompt(case: Mapping[str, Any], turn: int, answer: str) -> str:
   }
   # One pass, so text inside an answer is never substituted again.
   return _JUDGE_SLOT.sub(lambda match: values[match.group(1)], JUDGE_PROMPT)
+
+
+def parse_judgment(reply: str) -> dict[str, int] | None:
+  """The four ratings in a judge's reply, or None when it cannot be read.
+
+  The prompt asks for ONLY a JSON object like its example `{ ‘ fluency ’: 3 , ...}`. A reply is read
+  when the `{...}` objects in it that parse as JSON (with curly or single quotes read as JSON's double
+  quotes, and keys stripped and lower-cased, as in the example) and have the four keys give one
+  rating set, each an integer 1-5. No object, a missing key, another value, or two objects that
+  disagree: None (counted, never guessed).
+  """
+  found = []
+  for block in re.findall(r"\{[^{}]*\}", reply):
+    try:
+      value = json.loads(block.translate(_QUOTES))
+    except json.JSONDecodeError:
+      continue
+    if not isinstance(value, dict):
+      continue
+    ratings = {str(k).strip().lower(): v for k, v in value.items()}
+    if not all(k in ratings for k in DIMENSIONS):
+      continue
+    if not all(type(ratings[k]) is int and 1 <= ratings[k] <= 5 for k in DIMENSIONS):  # pylint: disable=unidiomatic-typecheck
+      return None  # a rating off the scale is not read as some other rating
+    found.append({k: ratings[k] for k in DIMENSIONS})
+  return found[0] if found and all(f == found[0] for f in found) else None
+
+
+def summarize_judgments(judged: Sequence[Mapping[str, Any] | None], judge: str) -> dict[str, Any]:
+  """Each dimension's mean rating (1-5) over the readable replies and `avg`, their mean; counts."""
+  ratings = [j["scores"] for j in judged if j is not None and j["scores"] is not None]
+  means = {k: sum(r[k] for r in ratings) / len(ratings) if ratings else None for k in DIMENSIONS}
+  return {"judge": judge, "n_judged": len(judged), "n_unparsed": len(judged) - len(ratings), **means,
+          "avg": sum(means.values()) / len(DIMENSIONS) if ratings else None}
 
 
 def build_records(
@@ -202,37 +248,65 @@ def load_inputs(config: ml_collections.ConfigDict) -> list[dict]:
   return cases[:config.limit] if config.limit else cases
 
 
-def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str,
-        cases: list[dict]) -> tuple[dict, str]:
-  """CMB-Clin: one greedy reply per (case, question) with gold history; judge prompts + proxies.
-
-  Decoding uses `config.repetition_penalty` and `config.min_new_tokens` (official 1.1 and 1). Writes `results.json` (`{"summary", "records"}`, `write_outputs`). Returns
-  `(summary dict, summary text)`.
-  """
+def requests(config: ml_collections.ConfigDict, cases: list[dict]) -> runner.Requests:
+  """One reply per (case, question), with the case's gold history before it."""
   system = config.system_prompt or None
-  asks = [(c, t) for c, case in enumerate(cases) for t in range(len(case["QA_pairs"]))]
-  conversations = [build_messages(cases[c], t, system_prompt=system) for c, t in asks]
-  texts, counts = chat.generate(conversations, max_new_tokens=config.max_new_tokens, sampling=_sampling(config),
-                                desc="CMB-Clin")
-  answers: list[list[str]] = [[] for _ in cases]
-  for (c, _), samples in zip(asks, texts):
-    answers[c].append(samples[0])
-  records = build_records(cases, answers)
+  return runner.Requests([build_messages(case, turn, system_prompt=system)
+                          for case in cases for turn in range(len(case["QA_pairs"]))], "CMB-Clin")
+
+
+def _per_case(cases: list[dict], answers: runner.Answers) -> list[list[str]]:
+  replies = iter(samples[0] for samples in answers.texts)
+  return [[next(replies) for _ in case["QA_pairs"]] for case in cases]
+
+
+def judge_prompts(config: ml_collections.ConfigDict, cases: list[dict], answers: runner.Answers
+                  ) -> list[tuple[str, str]]:
+  """`(case id/turn, the README's judge prompt)` per answer."""
+  del config
+  return [(f"{case['id']}/{turn}", judge_prompt(case, turn, answer))
+          for case, case_answers in zip(cases, _per_case(cases, answers)) for turn, answer in enumerate(case_answers)]
+
+
+def score(config: ml_collections.ConfigDict, cases: list[dict], answers: runner.Answers) -> runner.Scored:
+  """Judge prompts and proxy scores per question (`build_records`), and with a judge its reply and
+  ratings per question and their means (`summarize_judgments`). Files: `answers.json` (per case)
+  and `results.json` (`{"summary", "records"}`) + `results.md`."""
+  per_case = _per_case(cases, answers)
+  records = build_records(cases, per_case)
   summary = summarize(records)
-  summary.update(counts=counts, settings=runner.settings(config, ("max_new_tokens", "min_new_tokens", "repetition_penalty", "clin")))
-  files.write_json_atomic(os.path.join(out_dir, "results.json"), {"summary": summary, "records": records})
-  files.write_json_atomic(os.path.join(out_dir, "answers.json"),
-                          [{"id": case["id"], "answers": case_answers} for case, case_answers in zip(cases, answers)])
-  rows = [["ROUGE-L", summary["rougeL"]], ["BLEU-1", summary["bleu1"]]]
-  counts_text = ", ".join(f"{k}={v}" for k, v in counts.items())
-  table = (f"CMB-Clin ({summary['protocol']})\n" + reporting.markdown_table(["metric", "%"], rows)
-           + f"questions={summary['n']}, {counts_text}\n")
-  files.write_text_atomic(os.path.join(out_dir, "results.md"), table)
-  return summary, table
+  if answers.judged is not None:
+    for record, judged in zip(records, answers.judged):
+      record["judge"] = {"reply": judged["reply"], "scores": judged["scores"]}
+    summary["judgments"] = summarize_judgments(answers.judged, answers.judged[0]["judge"] if answers.judged else "")
+    summary["protocol"] = ("LLM judge (the CMB README's GPT-4 prompt), mean rating 1-5 per dimension over readable "
+                           "replies; local proxies ROUGE-L / BLEU-1 vs solutions")
+  summary.update(counts=answers.counts,
+                 settings=runner.settings(config, ("max_new_tokens", "min_new_tokens", "repetition_penalty", "clin")))
+  rows = [["ROUGE-L (%)", summary["rougeL"]], ["BLEU-1 (%)", summary["bleu1"]]]
+  judged_text = ""
+  if "judgments" in summary:
+    judgments = summary["judgments"]
+    rows += [[f"judge {k} (1-5)", "-" if judgments[k] is None else judgments[k]] for k in (*DIMENSIONS, "avg")]
+    judged_text = (f"judge: {judgments['judge']}, {judgments['n_judged']} answers, "
+                   f"{judgments['n_unparsed']} replies unreadable (left out of the means; see judge.jsonl)\n")
+  counts_text = ", ".join(f"{k}={v}" for k, v in answers.counts.items())
+  table = (f"CMB-Clin ({summary['protocol']})\n" + reporting.markdown_table(["metric", "value"], rows)
+           + f"questions={summary['n']}, {counts_text}\n" + judged_text)
+  outputs = {"answers.json": files.json_text([{"id": case["id"], "answers": case_answers}
+                                              for case, case_answers in zip(cases, per_case)]),
+             "results.md": table, "results.json": files.json_text({"summary": summary, "records": records})}
+  return runner.Scored({"summary": summary, "records": records}, table, outputs)
 
 
 def _report_cells(results: Mapping[str, Any]) -> dict[str, float]:
-  return {"rougeL": results["summary"]["rougeL"], "bleu1": results["summary"]["bleu1"]}
+  summary = results["summary"]
+  cells = {"rougeL": summary["rougeL"], "bleu1": summary["bleu1"]}
+  judgments = summary.get("judgments")
+  if judgments is not None:  # ratings 1-5, not percent
+    cells.update({f"judge/{k}": judgments[k] for k in (*DIMENSIONS, "avg") if judgments[k] is not None})
+    cells["judge/n_unparsed"] = judgments["n_unparsed"]
+  return cells
 
 
 def _sampling(config: ml_collections.ConfigDict) -> engine.Sampling:
@@ -244,4 +318,5 @@ def _sampling(config: ml_collections.ConfigDict) -> engine.Sampling:
 
 BENCHMARK = runner.Benchmark(
     name="cmb_clin", inputs=(("clin", lambda c: True),), result_name=lambda config: "cmb_clin",
-    run=run, report_cells=_report_cells, validate=_sampling, load=load_inputs, sampling=_sampling)
+    requests=requests, score=score, report_cells=_report_cells, validate=_sampling, load=load_inputs,
+    sampling=_sampling, judge_prompts=judge_prompts, judge_parse=parse_judgment)

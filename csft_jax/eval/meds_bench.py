@@ -9,6 +9,11 @@ Follows MAGIC-AI4Med/MedS-Ins:
     them, the asked one included), not from `Positive Examples`; our draw is seeded. The
     per-model rules (Llama-3 strips every message, InternLM2 does not, Mistral folds the
     system turn into the user turn) live in the chat templates (`csft_jax.data.templates`).
+    Prompt ids: eval.py calls `tokenizer(prompt, ...)` with `add_special_tokens` at its default,
+    True. Its Llama-3 prompts already begin with `<|begin_of_text|>`, so a Llama-3 model sees two
+    BOS tokens (`eval_py_ids`; `config.llama3_double_bos=False` gives one); its InternLM2 and
+    default builders leave the BOS out of the text when the tokenizer adds one, so every other
+    family sees one BOS, as our templates render it.
   * scoring: each `Metrics/<Script>.py`. A results CSV is read as they read it (pandas
     defaults: `""`, `NA`, `N/A`, `None`, `null`, ... become NaN, which `str()` makes "nan");
     each task is scored by the rule of the script whose task list names it, and `official`
@@ -18,12 +23,12 @@ Follows MAGIC-AI4Med/MedS-Ins:
     below, and count such outputs in `n_empty`.
 
 CLI:
-    python -m csft_jax.eval.meds_bench score --results=R.csv --out=R.json [--task_dir=D] [--category=T=C]
+    python -m csft_jax.score meds_bench --results=R.csv --out=R.json [--task_dir=D] [--category=T=C]
 """
 
 from __future__ import annotations
 
-import os
+import io
 import random
 import sys
 from collections.abc import Mapping, Sequence
@@ -590,56 +595,47 @@ def _parse_category_flags(values: Sequence[str]) -> dict[str, str]:
 # -------------------------------------------------------------- the run ----
 
 
-class TruncatedTemplate:
-  """A chat template whose prompts are cut to `limit` tokens on one side.
-
-  eval.py tokenizes with `model_max_length=2048, truncation=True`: the tokenizer's default
-  side, right, so an overlong prompt loses its end (the query and the assistant header).
-  """
-
-  def __init__(self, template, limit: int, side: str):
-    self.template, self.limit, self.side, self.num_cut = template, limit, side, 0
-    self.stop_token_ids = template.stop_token_ids
-
-  def render_prompt(self, messages: Sequence[dict[str, str]]) -> str:
-    return self.template.render_prompt(messages)
-
-  def encode_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
-    ids = self.template.encode_prompt(messages)
-    if len(ids) <= self.limit:
-      return ids
-    self.num_cut += 1
-    return ids[:self.limit] if self.side == "right" else ids[len(ids) - self.limit:]
-
-
-def run(chat: runner.ChatModel, config: ml_collections.ConfigDict, out_dir: str,
-        tasks: dict[str, dict]) -> tuple[dict, str]:
-  """MedS-Bench: 3-shot greedy generation per instance, `results.csv`, then scoring it.
-
-  Writes `results.csv` (task_id,input,GT,output; `input` is the whole prompt, as eval.py
-  writes it), then reads it back as the official scripts do and writes `results.json`
-  (`score_rows` plus generation counts) and `results.md`. Returns `(results, summary text)`.
-  """
+def _pairs(config: ml_collections.ConfigDict, tasks: dict[str, dict]) -> list[tuple[dict, dict]]:
+  """(task, instance) of every instance asked: all, or the first `limit`."""
   pairs = [(task, instance) for task in tasks.values() for instance in task["Instances"]]
-  if config.limit:
-    pairs = pairs[:config.limit]
-  conversations = [build_messages(
-      task, instance, shots=select_shots(task, instance, config.shots, seed=config.seed))
-                   for task, instance in pairs]
-  template = TruncatedTemplate(chat.template, config.model_max_length, config.truncation_side)
-  texts, counts = chat.with_template(template).generate(conversations, max_new_tokens=config.max_new_tokens, desc="MedS-Bench")
-  counts["cut_at_model_max_length"] = template.num_cut
-  rows = [{"task_id": task["task_id"], "input": chat.template.render_prompt(messages),
-           "GT": gold_output(instance), "output": samples[0]}
-          for (task, instance), messages, samples in zip(pairs, conversations, texts)]
-  csv_path = write_results_csv(rows, os.path.join(out_dir, "results.csv"))
-  results = score_results(csv_path, tasks=tasks)
+  return pairs[:config.limit] if config.limit else pairs
+
+
+LLAMA3_BOS = "<|begin_of_text|>"
+
+
+def eval_py_ids(prompt: str, ids: list[int]) -> list[int]:
+  """The ids eval.py feeds for a rendered prompt: a Llama-3 prompt (text starting with
+  `<|begin_of_text|>`) gets the tokenizer's BOS once more in front, as `tokenizer(prompt)` adds it."""
+  return [ids[0], *ids] if prompt.startswith(LLAMA3_BOS) else ids
+
+
+def requests(config: ml_collections.ConfigDict, tasks: dict[str, dict]) -> runner.Requests:
+  """A 3-shot prompt per instance, cut to `model_max_length` tokens as eval.py's tokenizer does
+  (`model_max_length=2048, truncation=True`: the default side, right, so an overlong prompt loses
+  its end: the query and the assistant header)."""
+  conversations = [build_messages(task, instance, shots=select_shots(task, instance, config.shots, seed=config.seed))
+                   for task, instance in _pairs(config, tasks)]
+  return runner.Requests(conversations, "MedS-Bench", official_ids=eval_py_ids if config.llama3_double_bos else None,
+                         cut=(config.model_max_length, config.truncation_side))
+
+
+def score(config: ml_collections.ConfigDict, tasks: dict[str, dict], answers: runner.Answers) -> runner.Scored:
+  """`results.csv` (task_id,input,GT,output; `input` is the whole prompt, as eval.py writes it), read
+  back as the official scripts read it and scored (`score_rows` plus generation counts). Files:
+  `results.csv`, `results.md`, `results.json`."""
+  pairs = _pairs(config, tasks)
+  rows = [[task["task_id"], prompt, gold_output(instance), samples[0]]
+          for (task, instance), prompt, samples in zip(pairs, answers.prompts, answers.texts)]
+  csv_text = files.csv_text(RESULTS_HEADER, rows)
+  results = score_rows(read_results_csv(io.StringIO(csv_text)), tasks=tasks)
+  counts = dict(answers.counts)
+  counts["cut_at_model_max_length"] = counts.pop("cut_at_limit")
   results["counts"] = counts
   results["settings"] = runner.settings(
-      config, ("shots", "max_new_tokens", "model_max_length", "truncation_side", "task_dir"))
-  files.write_json_atomic(os.path.join(out_dir, "results.json"), results)
-  files.write_text_atomic(os.path.join(out_dir, "results.md"), summary_table(results))
-  return results, _meds_summary(results)
+      config, ("shots", "max_new_tokens", "model_max_length", "truncation_side", "llama3_double_bos", "task_dir"))
+  return runner.Scored(results, _meds_summary(results), {
+      "results.csv": csv_text, "results.md": summary_table(results), "results.json": files.json_text(results)})
 
 
 def _meds_summary(results: Mapping[str, Any]) -> str:
@@ -664,12 +660,6 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     raise runner.EvalConfigError(f"config.model_max_length={config.model_max_length} must be >= 1.")
 
 
-BENCHMARK = runner.Benchmark(
-    name="meds_bench", inputs=(("task_dir", lambda c: True),), result_name=lambda config: "meds_bench",
-    run=run, report_cells=_report_cells, validate=_validate,
-    load=lambda config: load_task_dir(config.task_dir))
-
-
 def score_command(results_csv: str, out: str, task_dir: str | None = None,
                   category: Sequence[str] = ()) -> int:
   """`score`: scores a results CSV, writes results JSON (+ markdown beside it); exit code."""
@@ -687,7 +677,7 @@ def score_command(results_csv: str, out: str, task_dir: str | None = None,
 
 
 def define_flags() -> None:
-  """Command-line flags, defined only when run as a program."""
+  """The flags of `python -m csft_jax.score meds_bench`, defined only when it runs."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string("results", None, "Results CSV (task_id,input,GT,output).", required=True)
   flags.DEFINE_string("out", None, "Results JSON path (markdown written beside it).", required=True)
@@ -695,16 +685,13 @@ def define_flags() -> None:
   flags.DEFINE_multi_string("category", [], "TASK=CATEGORY for a task outside the official lists, repeatable.")
 
 
-def main(argv: Sequence[str]) -> int:
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
-  if argv[1:] != ["score"]:
-    raise app.UsageError(f"usage: python -m csft_jax.eval.meds_bench score --results=R.csv --out=R.json "
-                         f"[--task_dir=D] (got {argv[1:]})")
-  f = flags.FLAGS
+def score_main(flag_values) -> int:
+  """`python -m csft_jax.score meds_bench --results=R.csv --out=R.json [--task_dir=D] [--category=T=C]`."""
+  f = flag_values
   return score_command(f.results, f.out, f.task_dir, f.category)
 
 
-if __name__ == "__main__":
-  from csft_jax.console import run_cli  # pylint: disable=g-import-not-at-top
-  define_flags()
-  run_cli(main)
+BENCHMARK = runner.Benchmark(
+    name="meds_bench", inputs=(("task_dir", lambda c: True),), result_name=lambda config: "meds_bench",
+    requests=requests, score=score, report_cells=_report_cells, validate=_validate,
+    load=lambda config: load_task_dir(config.task_dir), score_flags=define_flags, score_main=score_main)

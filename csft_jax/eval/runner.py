@@ -1,13 +1,16 @@
-"""What every benchmark shares: the `Benchmark` interface, the common eval config, `ChatModel`.
+"""What every benchmark shares: the `Benchmark` interface, the common eval config, the runner.
 
 A benchmark is one module `csft_jax.eval.<name>` that defines `BENCHMARK = Benchmark(...)`, plus
 one config file `configs/eval/<name>.py`; `get_benchmark(name)` finds it, so the entry point
-(`python -m csft_jax.evaluate`), sweeps and reports need no change to add one.
+(`python -m csft_jax.evaluate`), the `python -m csft_jax.score` CLI, sweeps and reports need no
+change to add one.
 
-`ChatModel` turns messages into text with the engine (prompt template in, stop tokens out). A
-benchmark's `load` reads and checks its inputs before the model loads; its `run` builds its
-prompts, generates, scores, and writes its files into `out_dir`, only after every generation is
-done and each atomically (`csft_jax.files`), so a failed run leaves no partial results.
+Roles. A benchmark says what to ask and how to score: its `requests` (conversations, with option
+texts for log-likelihood, samples per prompt, an official prompt cut), its `sampling` rule, and its
+`score` of the answers (results, summary, the files to write). The runner (`run`) owns the rest:
+`ChatModel` generates (prompt template in, stop tokens out, truncation, progress), and the result
+files are written only after every generation is done, each atomically (`csft_jax.files`), so a
+failed run leaves no partial results.
 
 Interruption: every finished prompt's generations go to `out_dir/progress.jsonl` as they finish
 (`GenerationJournal`). SIGINT/SIGTERM ends the batch in flight and raises `EvaluationInterrupted`;
@@ -34,7 +37,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from csft_jax import files
-from csft_jax.eval import engine
+from csft_jax.eval import engine, judge
 from csft_jax.models import Decoder
 from csft_jax.models.config import ATTENTION_IMPLEMENTATIONS
 
@@ -63,7 +66,7 @@ class GenerationJournal:
   """
 
   def __init__(self, path: str, fingerprint: str, *, primary: bool = True):
-    self.path = path
+    self.path, self.primary = path, primary
     lines, entries = _read_lines(path)
     if entries and entries[0].get("fingerprint") != fingerprint:
       logging.warning("%s was written with other settings; moved to %s.old and starting over.", path, path)
@@ -130,7 +133,7 @@ def default_eval_config(benchmark: str) -> ml_collections.ConfigDict:
       # Added to the weights in memory; nothing is merged on disk.
       adapter="",
       tokenizer="",  # Override the checkpoint's tokenizer directory.
-      chat_template="",  # Override the checkpoint's template: hf | chatml | internlm2 | llama3.
+      chat_template="",  # Override the checkpoint's template: a name in csft_jax.data.templates.TEMPLATES.
       system_prompt="",
       dtype="float32",  # 'bfloat16' on TPU/GPU for large models.
       # HF checkpoints only (Orbax ones keep their saved layout). Unrolled layers prefill ~2x faster
@@ -160,33 +163,125 @@ Results = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
+class Requests:
+  """What a benchmark asks the model, one entry per conversation.
+
+  Attributes:
+    conversations: the chat messages of each prompt.
+    desc: the progress bar's and the journal's name for these requests.
+    options: None to generate `num_samples` replies per conversation (with the benchmark's
+      `sampling`, `config.max_new_tokens`, `config.seed`); else the option texts of each
+      conversation, scored by their log-likelihood as the start of the reply.
+    official_ids: `official_ids(prompt text, ids) -> ids`: the token ids an official script feeds
+      for a rendered prompt, where they differ from the chat template's (e.g. a second BOS).
+    cut: `(limit, side)`: a prompt longer than `limit` tokens loses its 'right' or 'left' end, as an
+      official script's tokenizer truncation does (counted as `cut_at_limit`); None keeps prompts
+      whole (the engine's `max_prompt_len` still applies).
+  """
+
+  conversations: list[Messages]
+  desc: str
+  options: list[list[str]] | None = None
+  num_samples: int = 1
+  official_ids: Callable[[str, list[int]], list[int]] | None = None
+  cut: tuple[int, str] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Answers:
+  """The model's answers to `Requests`: `texts[conversation][sample]` for generation, or
+  `option_scores[conversation][option]` for log-likelihood; `prompts`, each conversation as the
+  chat template renders it (whole, before any cut); `counts` of prompts, truncations, empty replies
+  and compiled programs; with a judge, `judged`: its record of each of `judge_prompts`."""
+
+  prompts: list[str]
+  texts: list[list[str]] | None
+  option_scores: list[dict[str, float]] | None
+  counts: dict[str, int]
+  judged: list[dict[str, Any]] | None = None  # the judge's record of each judge prompt (`judge.judge_all`)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+  """A benchmark's score of its answers: `results` (None when unscored, e.g. no answer key), the
+  summary text to print, and `files` (name in the output directory -> text) for the runner to write,
+  in order (results.json last)."""
+
+  results: Results | None
+  summary: str
+  files: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
 class Benchmark:
-  """One benchmark, as the entry point, sweeps and reports see it.
+  """One benchmark, as the entry point, the score CLI, sweeps and reports see it.
 
   Attributes:
     name: the module name under `csft_jax.eval` and `config.benchmark`.
     inputs: `(config field, needed(config))` of the files it reads, checked before the model loads.
     result_name: the evaluation's name from its config (`W/eval/<result_name>/`); it carries the
       mode when a benchmark has several (`cmb-answer`, `cmb-cot`), so they never overwrite each other.
-    run: `run(chat, config, out_dir, inputs) -> (results or None when unscored, summary text)`;
-      writes `out_dir/results.json` when scored.
+    requests: `requests(config, inputs) -> Requests`: what to ask.
+    score: `score(config, inputs, answers) -> Scored`: how the answers score, and the files to write.
     report_cells: `results.json` contents -> `{column: value}` for `python -m csft_jax.report`
       (percent), columns without the evaluation's name (the report prefixes it).
     validate: raises `EvalConfigError` for a config it cannot run (before the model loads).
     load: reads and checks the benchmark's input files (before the model loads: a bad item is
-      reported in seconds, not after minutes of loading weights); its value is `run`'s `inputs`.
-    sampling: the decoding rule its generations use (greedy by default): `run` generates with it
-      and `evaluate --compile_for` compiles it, so both are the same program.
+      reported in seconds, not after minutes of loading weights); its value is the `inputs` above.
+    sampling: the decoding rule its generations use (greedy by default): the runner generates with
+      it and `evaluate --compile_for` compiles it, so both are the same program.
+    score_flags, score_main: `python -m csft_jax.score <name>` (scoring saved outputs without a
+      model): `score_flags()` defines its absl flags, `score_main(flags.FLAGS)` runs it and returns
+      the exit status. None: the benchmark has no offline scoring.
+    judge_prompts, judge_parse: a benchmark scored by an LLM judge (`csft_jax.eval.judge`, on when
+      `config.judge.model` or `.endpoint` is set): `judge_prompts(config, inputs, answers)` gives
+      `(key, prompt)` per answer, `judge_parse(reply)` the scores in a reply (None: unreadable);
+      `score` reads them in `answers.judged`.
   """
 
   name: str
   inputs: tuple[tuple[str, Callable[[ml_collections.ConfigDict], bool]], ...]
   result_name: Callable[[ml_collections.ConfigDict], str]
-  run: Callable[["ChatModel", ml_collections.ConfigDict, str, Any], tuple[Results | None, str]]
+  requests: Callable[[ml_collections.ConfigDict, Any], Requests]
+  score: Callable[[ml_collections.ConfigDict, Any, Answers], Scored]
   report_cells: Callable[[Results], dict[str, float]]
   validate: Callable[[ml_collections.ConfigDict], None] = lambda config: None
   load: Callable[[ml_collections.ConfigDict], Any] = lambda config: None
   sampling: Callable[[ml_collections.ConfigDict], engine.Sampling] = lambda config: engine.GREEDY
+  score_flags: Callable[[], None] | None = None
+  score_main: Callable[[Any], int] | None = None
+  judge_prompts: Callable[[ml_collections.ConfigDict, Any, Answers], list[tuple[str, str]]] | None = None
+  judge_parse: Callable[[str], dict[str, int] | None] | None = None
+
+
+def run(benchmark: Benchmark, chat: "ChatModel", config: ml_collections.ConfigDict, out_dir: str,
+        inputs: Any, *, local_judge: Callable[[], "ChatModel"] | None = None) -> tuple[Results | None, str]:
+  """Asks `benchmark`'s requests, has a judge read the answers when the benchmark is judged and
+  `config.judge` names one (`local_judge` builds a local judge's ChatModel), scores the answers, and
+  writes the files into `out_dir` (after every answer is in, each atomically).
+
+  Returns:
+    `(results or None, summary text)`.
+  """
+  requests = benchmark.requests(config, inputs)
+  prompts = [chat.template.render_prompt(messages) for messages in requests.conversations]
+  if requests.options is None:
+    texts, counts = chat.generate(requests.conversations, max_new_tokens=config.max_new_tokens,
+                                  sampling=benchmark.sampling(config), num_samples=requests.num_samples,
+                                  seed=config.seed, desc=requests.desc, cut=requests.cut)
+    answers = Answers(prompts, texts, None, counts)
+  else:
+    scores, counts = chat.score_options(requests.conversations, requests.options, desc=requests.desc)
+    answers = Answers(prompts, None, scores, counts)
+  if benchmark.judge_prompts is not None and judge.enabled(config):
+    judged = judge.judge_all(config, benchmark.judge_prompts(config, inputs, answers), benchmark.judge_parse,
+                             out_dir, local_chat=local_judge, should_stop=chat.should_stop,
+                             primary=chat.journal is None or chat.journal.primary)
+    answers = dataclasses.replace(answers, judged=judged)
+  scored = benchmark.score(config, inputs, answers)
+  for name, text in scored.files.items():
+    files.write_text_atomic(os.path.join(out_dir, name), text)
+  return scored.results, scored.summary
 
 
 def benchmark_names() -> list[str]:
@@ -227,6 +322,10 @@ def validate_config(config: ml_collections.ConfigDict) -> Benchmark:
   if config.attention_impl not in implementations:
     raise EvalConfigError(f"config.attention_impl={config.attention_impl!r}; choose one of {implementations}.")
   benchmark.validate(config)
+  if judge.enabled(config):
+    if benchmark.judge_prompts is None:
+      raise EvalConfigError(f"config.judge: benchmark {benchmark.name!r} is not scored by a judge.")
+    judge.validate(config)
   for field, needed in benchmark.inputs:
     if needed(config) and not os.path.exists(config[field]):
       raise EvalConfigError(f"config.{field}={config[field]!r} does not exist.")
@@ -243,22 +342,20 @@ class ChatModel:
     self.mesh, self.batch_size, self.max_prompt_len = mesh, batch_size, max_prompt_len
     self.journal, self.should_stop, self.batching = journal, should_stop, batching
 
-  def with_template(self, template) -> "ChatModel":
-    """The same model, journal and stop request with another chat template (e.g. one that truncates)."""
-    return ChatModel(self.model, self.tokenizer, template, mesh=self.mesh, batch_size=self.batch_size,
-                     max_prompt_len=self.max_prompt_len, journal=self.journal, should_stop=self.should_stop,
-                     batching=self.batching)
-
   def generate(self, conversations: Sequence[Messages], *, max_new_tokens: int,
                sampling: engine.Sampling = engine.GREEDY, num_samples: int = 1, seed: int = 0,
-               desc: str = "generate") -> tuple[list[list[str]], dict[str, int]]:
-    """Generates `num_samples` replies per conversation.
+               desc: str = "generate", official_ids: Callable[[str, list[int]], list[int]] | None = None,
+               cut: tuple[int, str] | None = None,
+               on_reply: Callable[[int, list[str]], None] | None = None) -> tuple[list[list[str]], dict[str, int]]:
+    """Generates `num_samples` replies per conversation, prompted with `prompt_ids`; `on_reply(i,
+    texts)` is called as conversation i's replies are done (not for those the journal had).
 
     Returns:
-      `(texts[conversation][sample], counts)`; counts has prompts, truncated_prompts,
-      empty_generations (blank replies, scored as wrong) and compilations.
+      `(texts[conversation][sample], counts)`; counts has prompts, truncated_prompts (by the
+      engine's `max_prompt_len`), cut_at_limit (with `cut`), empty_generations (blank replies,
+      scored as wrong) and compilations.
     """
-    prompts = [self.template.encode_prompt(messages) for messages in conversations]
+    prompts, num_cut = self.prompt_ids(conversations, official_ids=official_ids, cut=cut)
     limit = engine.prompt_limit(self.model, max_new_tokens, self.max_prompt_len)
     tokens = [self.journal.finished(desc, i, p) if self.journal else None for i, p in enumerate(prompts)]
     todo = [i for i, done in enumerate(tokens) if done is None]
@@ -270,10 +367,12 @@ class ChatModel:
       tokens[todo[j]] = samples
       if self.journal:
         self.journal.add(desc, todo[j], prompts[todo[j]], samples)
+      if on_reply is not None:
+        on_reply(todo[j], [self._decode(sample) for sample in samples])
 
     compilations = 0
     if todo:
-      with _progress_bar(len(prompts), desc, initial=len(prompts) - len(todo)) as advance:
+      with progress_bar(len(prompts), desc, initial=len(prompts) - len(todo)) as advance:
         result = engine.generate(
             self.model, [prompts[i] for i in todo], max_new_tokens, self.template.stop_token_ids, sampling=sampling,
             num_samples=num_samples, seed=seed, batch_size=self.batch_size, max_prompt_len=self.max_prompt_len,
@@ -287,8 +386,21 @@ class ChatModel:
     empty = sum(not text.strip() for samples in texts for text in samples)
     truncated = sum(len(prompt) > limit for prompt in prompts)
     _report(len(prompts), truncated, empty)
-    return texts, {"prompts": len(prompts), "truncated_prompts": truncated, "empty_generations": empty,
+    return texts, {"prompts": len(prompts), "truncated_prompts": truncated,
+                   **({"cut_at_limit": num_cut} if cut is not None else {}), "empty_generations": empty,
                    "compilations": compilations}
+
+  def prompt_ids(self, conversations: Sequence[Messages], *,
+                 official_ids: Callable[[str, list[int]], list[int]] | None = None,
+                 cut: tuple[int, str] | None = None) -> tuple[list[list[int]], int]:
+    """The token ids of each conversation's prompt (chat template, then `official_ids` of the rendered
+    text, then `cut=(limit, side)`: `cut_prompt`), and how many prompts were cut."""
+    prompts = [self.template.encode_prompt(messages) for messages in conversations]
+    if official_ids is not None:
+      prompts = [official_ids(self.template.render_prompt(messages), ids) for messages, ids in zip(conversations, prompts)]
+    if cut is None:
+      return prompts, 0
+    return [cut_prompt(prompt, *cut) for prompt in prompts], sum(len(prompt) > cut[0] for prompt in prompts)
 
   def score_options(self, conversations: Sequence[Messages], options: Sequence[Sequence[str]],
                     desc: str = "score") -> tuple[list[dict[str, float]], dict[str, int]]:
@@ -303,7 +415,7 @@ class ChatModel:
       for text in texts:
         contexts.append(context)
         continuations.append(self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids)
-    with _progress_bar(len(contexts), desc, unit="option") as advance:
+    with progress_bar(len(contexts), desc, unit="option") as advance:
       result = engine.score(self.model, contexts, continuations, batch_size=self.batch_size,
                             max_len=self.max_prompt_len, mesh=self.mesh, progress=advance,
                             should_stop=self.should_stop)
@@ -322,8 +434,18 @@ class ChatModel:
     return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
+def cut_prompt(tokens: Sequence[int], limit: int, side: str) -> list[int]:
+  """`tokens` cut to `limit`, losing the `side` ('right': the end, as HF tokenizers truncate by
+  default; 'left': the start)."""
+  if side not in ("right", "left"):
+    raise ValueError(f"cut side {side!r}; expected 'right' or 'left'.")
+  if len(tokens) <= limit:
+    return list(tokens)
+  return list(tokens[:limit]) if side == "right" else list(tokens[len(tokens) - limit:])
+
+
 @contextlib.contextmanager
-def _progress_bar(total: int, desc: str, unit: str = "prompt", initial: int = 0) -> Iterator[Callable[[int], None]]:
+def progress_bar(total: int, desc: str, unit: str = "prompt", initial: int = 0) -> Iterator[Callable[[int], None]]:
   """A tqdm bar on stderr (rate and ETA); yields a callback that sets the finished count."""
   bar = tqdm.tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, initial=initial)
   try:
@@ -349,10 +471,11 @@ def settings(config: ml_collections.ConfigDict, names: Sequence[str]) -> dict[st
 
 
 def fingerprint(config: ml_collections.ConfigDict, weights: Sequence[str]) -> str:
-  """What decides an evaluation's generations: the config less batching, mesh and output place
-  (greedy answers do not depend on them; sampled ones are keyed by prompt and sample), and the
+  """What decides an evaluation's generations: the config less batching, mesh, output place and
+  judge (greedy answers do not depend on them; sampled ones are keyed by prompt and sample), and the
   size and modification time of the model's weight files `weights` (a model rewritten in place is
   a different model)."""
-  fields = {k: v for k, v in config.to_dict().items() if k not in ("batch_size", "batching", "mesh", "out_dir")}
+  fields = {k: v for k, v in config.to_dict().items()
+            if k not in ("batch_size", "batching", "mesh", "out_dir", "judge")}
   stamps = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in sorted(weights)]
   return hashlib.sha1(json.dumps([fields, stamps], sort_keys=True, default=str).encode()).hexdigest()
