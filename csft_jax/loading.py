@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from csft_jax import checkpointing, sharding
 from csft_jax.convert.hf import load_hf, read_hf_config
-from csft_jax.data.templates import TEMPLATE_NAMES, ChatTemplate, load_chat_template
+from csft_jax.data.templates import ChatTemplate, load_chat_template, template_names
 from csft_jax.data.tokenizer import load_tokenizer
 from csft_jax.model_source import adapter_fields, check_vocab, is_hf_dir, resolve
 from csft_jax.models import Decoder, lora
@@ -145,7 +145,7 @@ def load_chat_model(path: str, *, dtype: str = "float32", mesh: Mesh | None = No
   template_name = chat_template or default_template
   if not template_name:
     raise LoadError(f"No chat template known for checkpoint {path}; pass --config.chat_template="
-                    f"{'|'.join(TEMPLATE_NAMES)}.")
+                    f"{'|'.join(template_names())}.")
   loaded_tokenizer = load_tokenizer(tokenizer_dir)
   template = load_chat_template(template_name, loaded_tokenizer)
   try:

@@ -9,7 +9,7 @@ import pytest
 
 from configs import demo
 from csft_jax import configuration
-from csft_jax.data.adapters import ADAPTERS
+from csft_jax.data.adapters import FORMATS
 from csft_jax.data.config import sample_collection_config
 from csft_jax.data.conversation import Conversation
 from csft_jax.data.sources import load_conversations, parse_sources
@@ -161,7 +161,7 @@ def test_the_demo_rehearses_cmb_questions_exactly_as_the_benchmark_asks_them():
   with open(spec.paths[0], encoding="utf-8") as f:
     items = json.load(f)
   for item in items:
-    conversation = ADAPTERS["mcq"](item, spec.options)
+    conversation = FORMATS["mcq"].adapt(item, spec.options)
     user, assistant = conversation.turns
     assert [{"role": "user", "content": user[1]}] == cmb.build_messages(item, mode="answer")
     assert assistant[1] == f"答案是{item['answer']}。"

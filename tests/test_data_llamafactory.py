@@ -2,12 +2,16 @@
 
 `llamafactory_reference` below is written from `template.py` (`Template._encode`, the intern2
 registration), `processors/supervised.py` (`_encode_supervised_example`) and
-`processors/processor_utils.py` (`infer_seqlen`) of that release: each piece of markup and text
-is encoded on its own (the tokenizer called on the piece, no special tokens added), labels are IGNORE on prompts, the eos id on
-the first token of every later prompt, and the final eos is appended outside the cutoff.
+of that release: each piece of markup and text is encoded on its own (the tokenizer called on the
+piece, no special tokens added), labels are IGNORE on prompts, the eos id on the first token of
+every later prompt, and the final eos is appended outside the cutoff. Each turn's budget comes from
+our `infer_seqlen`, which equals LLaMA-Factory's own function on the outputs pinned in
+tests/fixtures/llamafactory_infer_seqlen.json (made by running it: tools/llamafactory_fixtures.py).
 """
 
 import functools
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,17 +44,6 @@ def intern2_tokenizer():
 @functools.lru_cache(maxsize=None)
 def intern2():
   return load_chat_template("llamafactory_intern2", intern2_tokenizer())
-
-
-def reference_infer_seqlen(source_len, target_len, cutoff_len):
-  if target_len * 2 < cutoff_len:
-    max_target_len = cutoff_len
-  elif source_len * 2 < cutoff_len:
-    max_target_len = cutoff_len - source_len
-  else:
-    max_target_len = int(cutoff_len * (target_len / (source_len + target_len)))
-  new_target_len = min(max_target_len, target_len)
-  return min(max(cutoff_len - new_target_len, 0), source_len), new_target_len
 
 
 def _elements(system, turns):
@@ -86,7 +79,7 @@ def llamafactory_references(tokenizer, examples, cutoff_len):
     for turn_idx, (source_ids, target_ids) in enumerate(zip(encoded[::2], encoded[1::2])):
       if total_length >= cutoff_len:
         break
-      source_len, target_len = reference_infer_seqlen(len(source_ids), len(target_ids), cutoff_len - total_length)
+      source_len, target_len = infer_seqlen(len(source_ids), len(target_ids), cutoff_len - total_length)
       source_ids, target_ids = source_ids[:source_len], target_ids[:target_len]
       total_length += source_len + target_len
       source_label = [tokenizer.eos_token_id] + [IGNORE] * (source_len - 1) if turn_idx else [IGNORE] * source_len
@@ -125,7 +118,14 @@ def assert_trains_like_llamafactory(ids, mask, ref_ids, ref_labels):
     ((5, 3, 1), (1, 0)),
 ])
 def test_infer_seqlen_splits_the_cutoff_as_llamafactory(lengths, expected):
-  assert infer_seqlen(*lengths) == expected == reference_infer_seqlen(*lengths)
+  assert infer_seqlen(*lengths) == expected
+
+
+def test_infer_seqlen_equals_llamafactorys_own_function():
+  """Outputs of LLaMA-Factory v0.8.3's infer_seqlen, pinned by tools/llamafactory_fixtures.py."""
+  fixture = json.loads((Path(__file__).parent / "fixtures" / "llamafactory_infer_seqlen.json").read_text())
+  assert fixture["made_by"] == "llamafactory 0.8.3 infer_seqlen" and len(fixture["cases"]) > 2000
+  assert [[s, t, c, *infer_seqlen(s, t, c)] for s, t, c, _, _ in fixture["cases"]] == fixture["cases"]
 
 
 def test_single_turn_text_and_trained_span():

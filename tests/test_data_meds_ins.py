@@ -209,8 +209,9 @@ def test_bad_task_files_name_the_file_and_instance(tmp_path):
   path.write_text(json.dumps([task]), encoding="utf-8")
   with pytest.raises(DataError, match=r"task7_alpha_mcqa_en.json:1 expected a JSON object"):
     _load(directory)
-  sources = ml_collections.ConfigDict(dict(m=meds_ins.source_config(f"{directory}/task8*.json", reader="auto")))
-  with pytest.raises(DataError, match=r"whole task file\); set reader='meds_ins'"):
+  sources = ml_collections.ConfigDict(dict(m=meds_ins.source_config(f"{directory}/task8*.json", reader="json")))
+  with pytest.raises(DataError, match=r"source 'm': its format reads its files with its own reader; remove "
+                                      r"reader='json'"):
     load_conversations(parse_sources(sources)[0], "raise")
 
 

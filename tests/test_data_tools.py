@@ -26,6 +26,18 @@ def test_inspect_json_summary():
   assert "[[答案是" in stdout  # MCQ answers are shown as trained text.
 
 
+def test_no_module_shadows_the_standard_library():
+  """A script run from a package folder has that folder first on sys.path: no module there may be
+  named like a standard-library one (csft_jax/data/inspect.py once shadowed `inspect`)."""
+  names = [os.path.splitext(name)[0] for root, _, files in os.walk(os.path.join(REPO_ROOT, "csft_jax"))
+           for name in files if name.endswith(".py")]
+  assert not set(names) & sys.stdlib_module_names
+  folder = os.path.join(REPO_ROOT, "csft_jax", "data")
+  done = subprocess.run([sys.executable, "-c", "import inspect; print(inspect.__file__)"], cwd=folder,
+                        capture_output=True, text=True, timeout=60, check=True)
+  assert folder not in done.stdout
+
+
 def test_decontaminate_finds_a_leaked_question_and_writes_filtered_copies(tmp_path):
   with open(os.path.join(REPO_ROOT, "csft_jax/assets/sample_collection/cmb_style_mcq.json"), encoding="utf-8") as f:
     leaked = json.load(f)[3]

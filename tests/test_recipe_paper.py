@@ -138,7 +138,7 @@ def test_paper_variant_trains_every_example_as_the_official_code(pipeline):
   assert truncated["medicalgpt_sft"] > 0  # some replies are longer than the cutoff: infer_seqlen cut them
 
 
-# Made by tools/llamafactory_split_fixture.py: the row positions LLaMA-Factory v0.8.3's split_dataset
+# Made by tools/llamafactory_fixtures.py: the row positions LLaMA-Factory v0.8.3's split_dataset
 # (val_size 0.1, seed 42) holds out of a dataset of N rows.
 LLAMAFACTORY_SPLIT = json.loads((Path(__file__).parent / "fixtures" / "llamafactory_split.json").read_text())
 YAML_DATASETS = "cmb,cmeddialogue,cmedqa2,cmid,discmed,headqa,medicaldialogue,medmcqa,medqajin,mlecqa,nlpec,webmedqa"

@@ -77,14 +77,12 @@ _CHILD_CONFIG = "data_config.json"
 
 def synthesize_collection(num_examples: int, out_dir: str) -> ml_collections.ConfigDict:
   """Writes `num_examples` records of the shared collection as JSONL files; returns their data config."""
-  from csft_jax.data.readers import read_records  # pylint: disable=import-outside-toplevel
-  from csft_jax.data.sources import parse_sources  # pylint: disable=import-outside-toplevel
+  from csft_jax.data.sources import file_records, parse_sources  # pylint: disable=import-outside-toplevel
 
   data = configuration.load("configs/collection_shared.py").data
   originals = {}
   for spec in parse_sources(data.sources):
-    originals[spec.name] = [r[0] for p in spec.paths for r in read_records(spec.name, p, spec.reader, spec.encoding)
-                            if not isinstance(r, Exception)]
+    originals[spec.name] = [r[0] for p in spec.paths for r in file_records(spec, p) if not isinstance(r, Exception)]
   total = sum(len(r) for r in originals.values())
   for name, records in originals.items():
     count = max(1, round(num_examples * len(records) / total))

@@ -20,7 +20,7 @@ from absl import flags
 
 from csft_jax.console import run_cli
 from csft_jax.data.errors import DataError
-from csft_jax.data.templates import TEMPLATE_NAMES, load_chat_template
+from csft_jax.data.templates import load_chat_template, template_names
 from csft_jax.data.tokenizer import SENTENCEPIECE_FILE, save_converted_tokenizer, tokenizer_from_sentencepiece
 
 FLAGS = flags.FLAGS
@@ -45,7 +45,7 @@ def define_flags() -> None:
   flags.DEFINE_string("tokenizer_dir", None, "Directory with tokenizer.model (and tokenizer_config.json).",
                       required=True)
   flags.DEFINE_string("out", None, "Output directory for the fast tokenizer.", required=True)
-  flags.DEFINE_enum("chat_template", "internlm2", TEMPLATE_NAMES,
+  flags.DEFINE_enum("chat_template", "internlm2", template_names(),
                     "Chat template whose special tokens the tokenizer must have.")
 
 

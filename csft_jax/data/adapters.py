@@ -12,19 +12,24 @@ malformed field. Formats:
   inline_multiturn  earlier turns inlined as " <user>: .. <bot>: .."
   mcq               CMB exam items, rendered as CollectiveSFT's preprocess/cmb_to_sft.py does
   template          structured records through user/assistant templates
+  meds_ins          MedS-Ins task files (registered by csft_jax/data/meds_ins.py, with its own reader)
+
+`FORMATS` holds every format by name: its adapter and, for a format whose files are not one record
+per JSON item / line / row, its own file reader (`register_format`). A format defined elsewhere
+registers itself; the package imports such modules (csft_jax/data/__init__.py).
 
 The Alpaca join is LLaMA-Factory's (`aligner.py`): the non-empty ones of instruction and input,
 joined by "\n". CollectiveSFT's cmeddialogue source is `alpaca` with columns
 {"instruction": "title", "input": "ask", "output": "answer"}, as its cmeddialogue_to_sft.py maps them.
 """
 
+import dataclasses
 import json
 import re
 import string
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from csft_jax.data import meds_ins
 from csft_jax.data.cmb_exam import format_question
 from csft_jax.data.conversation import ASSISTANT, SYSTEM, USER, Conversation, from_messages
 from csft_jax.data.errors import RecordError
@@ -224,8 +229,30 @@ def _render_value(value: Any, separator: str) -> str:
   return str(value)
 
 
-ADAPTERS: dict[str, Adapter] = {
-    "alpaca": alpaca, "sharegpt": sharegpt, "messages": messages, "columns": columns,
-    "inline_multiturn": inline_multiturn, "mcq": mcq, "template": template,
-    "meds_ins": meds_ins.adapt,
-}
+# A format's own file reader: (source name, path, decoded text) -> its records, each with its location
+# (or a RecordError for a record that cannot be read on its own).
+Reader = Callable[[str, str, str], Iterator[Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+  """A source format: `adapt(record, options) -> Conversation`, and `read`, its own file reader, or
+  None to read files by the source's `reader` option (JSON, JSONL, CSV, Parquet by extension)."""
+
+  adapt: Adapter
+  read: Reader | None = None
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register_format(name: str, adapt: Adapter, *, read: Reader | None = None) -> None:
+  """Makes `format=name` available to every source config."""
+  if name in FORMATS:
+    raise ValueError(f"source format {name!r} is registered twice")
+  FORMATS[name] = Format(adapt, read)
+
+
+for _name, _adapt in (("alpaca", alpaca), ("sharegpt", sharegpt), ("messages", messages), ("columns", columns),
+                      ("inline_multiturn", inline_multiturn), ("mcq", mcq), ("template", template)):
+  register_format(_name, _adapt)

@@ -26,7 +26,7 @@ def default_config() -> ml_collections.ConfigDict:
       overlong="truncate",  # truncate | drop | infer_seqlen (LLaMA-Factory's per-turn budget)
       on_error="raise",  # raise | skip
       tokenizer="",  # Tokenizer directory; empty: the one of config.init.from_hf.
-      chat_template="chatml",  # hf | chatml | internlm2 | llama3
+      chat_template="chatml",  # A registered template (csft_jax.data.templates.TEMPLATES), e.g. hf, llama3.
       seed=0,
       val_fraction=0.0,  # Held-out fraction for eval loss.
       # per_source: val_fraction of each source; concatenation: of all sources together, the examples
@@ -42,7 +42,7 @@ def source_config(path: str, format: str, **options) -> ml_collections.ConfigDic
 
   Args:
     path: file, directory or glob (see `csft_jax.configuration` for the path rule).
-    format: adapter name (see `csft_jax.data.adapters.ADAPTERS`).
+    format: a registered source format (`csft_jax.data.adapters.FORMATS`).
     **options: enabled (False drops the source), weight (explicit mixing), max_samples (keep
       the first N), encoding, reader (auto|json|jsonl|csv|parquet), columns (logical -> record
       field names), system (default system prompt), user_template and assistant_template

@@ -3,6 +3,9 @@
   python -m csft_jax.data.inspect --config=configs/collection_shared.py --num_batches=20 [--json]
       [--config.data.cache=require --config.data.cache_dir=DIR]   # read the tokenize-once cache
 
+The module is `inspection`; `csft_jax.data.inspect` is its -m alias (`csft_jax/data/__init__.py`),
+so no file here shadows the standard library's `inspect`.
+
 Trained (loss) tokens of the rendered examples are shown between [[ ]]. With
 --json the last line is one JSON object:
   {"sources": {name: {"target_weight", "realized_fraction_examples",

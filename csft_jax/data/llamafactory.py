@@ -27,7 +27,7 @@ import numpy as np
 from csft_jax.data.conversation import ASSISTANT, SYSTEM, USER, Conversation
 from csft_jax.data.errors import DataError
 from csft_jax.data.packing import LAST_TOKEN_TARGET
-from csft_jax.data.templates import ChatTemplate, Spans
+from csft_jax.data.templates import ChatTemplate, Spans, register_template
 
 NAME = "llamafactory_intern2"
 _IM_START, _IM_END = "<|im_start|>", "<|im_end|>"
@@ -102,6 +102,7 @@ def truncate_turns(token_ids: np.ndarray, loss_mask: np.ndarray, cutoff_len: int
   return token_ids[index], loss_mask[index]
 
 
+@register_template("llamafactory_intern2")  # as CollectiveSFT trained
 class Intern2Template(ChatTemplate):
   """LLaMA-Factory's `intern2` template; see the module docstring.
 

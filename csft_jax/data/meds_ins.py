@@ -40,11 +40,11 @@ import ml_collections
 from csft_jax import files
 from csft_jax.configuration import resolve_path
 from csft_jax.data import config as data_config
+from csft_jax.data.adapters import register_format
 from csft_jax.data.conversation import ASSISTANT, USER, Conversation
 from csft_jax.data.errors import DataError, Location, RecordError, RecordLeftOut
 
 FORMAT = "meds_ins"
-READER = "meds_ins"
 SPLIT_TYPES = ("Train", "Test", "Train/Test")
 NUM_SHOTS = 3
 SHOT_TEMPLATE = "Input:\n{input}\n\nOutput:\n{output}\n"
@@ -115,8 +115,7 @@ def adapt(record: Mapping[str, Any], options: Mapping[str, Any]) -> Conversation
   task = record.get("task")
   if not isinstance(task, Task):
     hint = "this record is a whole task file" if "Instances" in record else f"record fields {sorted(record)}"
-    raise RecordError(f"format 'meds_ins' reads task files with reader='meds_ins' ({hint}); set reader='meds_ins' "
-                      f"on the source, as csft_jax.data.meds_ins.source_config does")
+    raise RecordError(f"format 'meds_ins' adapts the instances its reader yields, not {hint}")
   split_types = _split_types_option(options)
   if split_types and task.split_type not in split_types:
     raise RecordLeftOut(f"task {task.task_id!r} ({task.path}) has Split Type {task.split_type or '(none)'!r}, "
@@ -168,7 +167,7 @@ def source_config(path: str, **options: Any) -> ml_collections.ConfigDict:
       `data.get_ref("seed")`).
   """
   meds = {key: options.pop(key, default) for key, default in OPTION_DEFAULTS.items()}
-  entry = data_config.source_config(path, FORMAT, **{"reader": READER, **options})
+  entry = data_config.source_config(path, FORMAT, **options)
   for key, value in meds.items():
     setattr(entry, key, value)
   return entry
@@ -306,3 +305,6 @@ def _rewrite_definitions(path: str) -> dict[str, tuple[str, ...]]:
       raise DataError(f"{path}: entry {task_id!r} needs 'auto_rewrite_def': a list of strings; expected {what}")
     out[task_id] = tuple(rewrites)
   return out
+
+
+register_format(FORMAT, adapt, read=read_task_file)  # its own reader: a task file holds many instances

@@ -9,14 +9,13 @@ import glob
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from csft_jax.configuration import resolve_path
-from csft_jax.data import meds_ins
 from csft_jax.data.errors import DataError, Location, RecordError
 
-READERS = ("auto", "json", "jsonl", "csv", "parquet", "meds_ins")
+READERS = ("auto", "json", "jsonl", "csv", "parquet")
 _EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 # Tried in this order to suggest `encoding=` when a file does not decode.
 _ENCODING_CANDIDATES = ("utf-8", "gb18030", "utf-16", "big5")
@@ -60,7 +59,9 @@ def resolve_paths(source: str, path: str) -> list[str]:
   return [full]
 
 
-def read_records(source: str, path: str, reader: str, encoding: str) -> Iterator[Record | RecordError]:
+def read_records(source: str, path: str, reader: str, encoding: str,
+                 own: Callable[[str, str, str], Iterator[Record | RecordError]] | None = None
+                 ) -> Iterator[Record | RecordError]:
   """Yields the records of one file in file order.
 
   A record that cannot be parsed on its own (a malformed JSONL line) is
@@ -71,10 +72,16 @@ def read_records(source: str, path: str, reader: str, encoding: str) -> Iterator
     source: source name, for errors.
     path: the file.
     reader: one of READERS; "auto" picks by extension and, for .json, by
-      content (a file starting with '{' is read as JSON lines); "meds_ins"
-      expands a MedS-Ins task file into its instances (`csft_jax.data.meds_ins`).
+      content (a file starting with '{' is read as JSON lines).
     encoding: text encoding of JSON/JSONL/CSV files.
+    own: the source format's own reader of a decoded file (`adapters.Format.read`), which then
+      reads every file of the source; `reader` must be "auto".
   """
+  if own is not None:
+    if reader != "auto":
+      raise DataError(f"source {source!r}: its format reads its files with its own reader; remove reader={reader!r}")
+    yield from own(source, path, _decode(source, path, encoding))
+    return
   if reader not in READERS:
     raise DataError(f"source {source!r}: reader {reader!r} is not one of {READERS}")
   if reader == "auto":
@@ -90,9 +97,7 @@ def read_records(source: str, path: str, reader: str, encoding: str) -> Iterator
   text = _decode(source, path, encoding)
   if reader == "json" and text.lstrip()[:1] == "{":
     reader = "jsonl"  # Common in the wild: JSON lines in a file named .json.
-  if reader == "meds_ins":
-    yield from meds_ins.read_task_file(source, path, text)
-  elif reader == "json":
+  if reader == "json":
     yield from _read_json_list(source, path, text)
   elif reader == "jsonl":
     yield from _read_jsonl(path, text)

@@ -9,7 +9,7 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from csft_jax.data.adapters import ADAPTERS, DEFAULT_COLUMNS
+from csft_jax.data.adapters import DEFAULT_COLUMNS, FORMATS
 from csft_jax.data.conversation import Conversation
 from csft_jax.data.errors import DataError, Location, RecordError, RecordLeftOut
 from csft_jax.data.readers import read_records, resolve_paths
@@ -69,8 +69,8 @@ def parse_sources(sources_config) -> list[SourceSpec]:
     if not cfg.get("enabled", True):
       continue
     where = f"config.data.sources.{name}"
-    if cfg.get("format") not in ADAPTERS:
-      raise DataError(f"{where}.format={cfg.get('format')!r} is not one of {sorted(ADAPTERS)}")
+    if cfg.get("format") not in FORMATS:
+      raise DataError(f"{where}.format={cfg.get('format')!r} is not one of {sorted(FORMATS)}")
     if not cfg.get("path"):
       raise DataError(f"{where}.path is not set")
     weight = cfg.get("weight")
@@ -85,13 +85,21 @@ def parse_sources(sources_config) -> list[SourceSpec]:
     options = {k: v for k, v in cfg.items() if k not in ("path", "format", "weight", "max_samples",
                                                           "encoding", "reader", "columns", "enabled")}
     options["columns"] = columns
+    reader = cfg.get("reader") or "auto"
+    if FORMATS[cfg.format].read is not None and reader == cfg.format:
+      reader = "auto"  # configs written when reader='meds_ins' named the format's own reader
     specs.append(SourceSpec(
         name=name, paths=tuple(resolve_paths(name, cfg.path)), format=cfg.format,
         weight=None if weight is None else float(weight), max_samples=max_samples,
-        encoding=cfg.get("encoding") or "utf-8", reader=cfg.get("reader") or "auto", options=options))
+        encoding=cfg.get("encoding") or "utf-8", reader=reader, options=options))
   if not specs:
     raise DataError(f"config.data.sources: every source is disabled ({sorted(sources_config)}); enable one")
   return specs
+
+
+def file_records(spec: SourceSpec, path: str):
+  """The records of one of the source's files, read by its format's own reader or its `reader`."""
+  return read_records(spec.name, path, spec.reader, spec.encoding, own=FORMATS[spec.format].read)
 
 
 def load_conversations(spec: SourceSpec, on_error: str) -> tuple[list[SourceRecord], SourceStats]:
@@ -113,14 +121,14 @@ def iter_conversations(spec: SourceSpec, on_error: str, stats: SourceStats) -> I
   """`load_conversations` one record at a time (the cache streams sources); counts go to `stats`."""
   if on_error not in ON_ERROR:
     raise DataError(f"config.data.on_error={on_error!r} is not one of {ON_ERROR}")
-  adapter = ADAPTERS[spec.format]
+  adapter = FORMATS[spec.format].adapt
   kept = 0
   # max_samples counts records read, as LLaMA-Factory's `dataset.select(range(max_samples))` before
   # its conversion: a record that is left out or skipped still counts.
   for path in spec.paths:
     if spec.max_samples is not None and stats.records >= spec.max_samples:
       break
-    for item in read_records(spec.name, path, spec.reader, spec.encoding):
+    for item in file_records(spec, path):
       if spec.max_samples is not None and stats.records >= spec.max_samples:
         break
       stats.records += 1

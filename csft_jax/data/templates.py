@@ -2,6 +2,8 @@
 
 Public API:
   load_chat_template(name, tokenizer) -> ChatTemplate   (the only factory)
+  TEMPLATES: name -> factory(tokenizer); `register_template(name)` adds one (built-ins below,
+      `llamafactory_intern2` in csft_jax/data/llamafactory.py); `template_names()`
   ChatTemplate.encode(conversation) -> (token_ids, loss_mask)   for training
   ChatTemplate.encode_batch(conversations) -> [(token_ids, loss_mask), ...]
   ChatTemplate.encode_prompt(messages) -> list[int]   for generation; ends
@@ -26,15 +28,33 @@ MedS-Bench official prompt builder (`Evaluation/EvalDataset.py`) apply them:
 import abc
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from csft_jax.data.conversation import ASSISTANT, Conversation
 from csft_jax.data.errors import DataError
 
-TEMPLATE_NAMES = ("hf", "chatml", "internlm2", "llama3", "mistral")
 Spans = list[tuple[int, int]]
+
+# Every chat template by name: a factory of tokenizer -> ChatTemplate. The package imports the modules
+# that register more (csft_jax/data/__init__.py), so a name is known wherever csft_jax.data is.
+TEMPLATES: dict[str, Callable[..., "ChatTemplate"]] = {}
+
+
+def register_template(name: str):
+  """Decorator: registers `factory(tokenizer) -> ChatTemplate` (a class or function) as `name`."""
+  def register(factory):
+    if name in TEMPLATES:
+      raise ValueError(f"chat template {name!r} is registered twice")
+    TEMPLATES[name] = factory
+    return factory
+  return register
+
+
+def template_names() -> list[str]:
+  """The registered chat template names, sorted."""
+  return sorted(TEMPLATES)
 
 
 class ChatTemplate(abc.ABC):
@@ -162,6 +182,7 @@ class MarkupTemplate(ChatTemplate):
     return f"{s.bos}{body}{s.header.format(role=ASSISTANT)}"
 
 
+@register_template("hf")
 class HFTemplate(ChatTemplate):
   """The tokenizer's own Jinja `chat_template`.
 
@@ -211,6 +232,7 @@ class HFTemplate(ChatTemplate):
     return self._apply(messages, generation_prompt=True)
 
 
+@register_template("mistral")
 class SystemFoldedTemplate(HFTemplate):
   """The tokenizer's own template with the system turn folded into the first user turn.
 
@@ -236,14 +258,15 @@ def fold_system_turn(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]
 
 
 def load_chat_template(name: str, tokenizer) -> ChatTemplate:
-  """Returns the chat template `name` (one of TEMPLATE_NAMES) for `tokenizer`."""
-  if name == "hf":
-    return HFTemplate(tokenizer)
-  if name == "llamafactory_intern2":  # LLaMA-Factory's intern2, as CollectiveSFT trained (imports this module)
-    from csft_jax.data.llamafactory import Intern2Template  # pylint: disable=import-outside-toplevel
-    return Intern2Template(tokenizer)
-  if name == "mistral":
-    return SystemFoldedTemplate(tokenizer)
-  if name not in BUILTIN_TEMPLATES:
-    raise DataError(f"config.data.chat_template={name!r} is not one of {TEMPLATE_NAMES}")
-  return MarkupTemplate(name, tokenizer, BUILTIN_TEMPLATES[name])
+  """Returns the chat template `name` (a registered one, `TEMPLATES`) for `tokenizer`."""
+  if name not in TEMPLATES:
+    raise DataError(f"config.data.chat_template={name!r} is not one of {template_names()}")
+  return TEMPLATES[name](tokenizer)
+
+
+def _markup_template(name: str, spec: MarkupSpec) -> Callable[..., ChatTemplate]:
+  return lambda tokenizer: MarkupTemplate(name, tokenizer, spec)
+
+
+for _name, _spec in BUILTIN_TEMPLATES.items():
+  register_template(_name)(_markup_template(_name, _spec))
