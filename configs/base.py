@@ -53,8 +53,14 @@ def apply_method(config: ml_collections.ConfigDict, method: str) -> None:
     raise ValueError(f"method={method!r}; choose one of {METHODS}.")
 
 
-def parse_arg(arg: str | None, defaults: dict[str, str], *, where: str, bare: str | None = None,
-              choices: dict[str, tuple[str, ...]] | None = None) -> dict[str, str]:
+def parse_arg(
+  arg: str | None,
+  defaults: dict[str, str],
+  *,
+  where: str,
+  bare: str | None = None,
+  choices: dict[str, tuple[str, ...]] | None = None,
+) -> dict[str, str]:
   """`k=v,k2=v2` (a bare value means `bare=value`) over `defaults`; errors name the config file.
 
   Args:

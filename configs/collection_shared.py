@@ -15,20 +15,26 @@ COLLECTION = "../shared/data/collection"
 def get_data_config() -> ml_collections.ConfigDict:
   """Returns `config.data` mixing the shared collection by n_i ** (1/2)."""
   data = default_config()
-  data.sources = ml_collections.ConfigDict(dict(
+  data.sources = ml_collections.ConfigDict(
+    dict(
       # As CollectiveSFT's cmeddialogue_to_sft.py maps it: title + "\n" + ask -> answer.
       cmeddialogue=source_config(
-          f"{COLLECTION}/cmeddialogue/sample_IM_5000-6000.csv", "alpaca",
-          encoding="gb18030", columns={"instruction": "title", "input": "ask", "output": "answer"}),
+        f"{COLLECTION}/cmeddialogue/sample_IM_5000-6000.csv",
+        "alpaca",
+        encoding="gb18030",
+        columns={"instruction": "title", "input": "ask", "output": "answer"},
+      ),
       medicalgpt_sft=source_config(f"{COLLECTION}/medicalgpt_sft/medical_sft_1K_format.jsonl", "sharegpt"),
       huatuo_cmekg=source_config(f"{COLLECTION}/huatuo_cmekg/llama_data.json", "alpaca"),
-      huatuo_liver_cancer=source_config(
-          f"{COLLECTION}/huatuo_liver_cancer/liver_cancer.json", "inline_multiturn"),
+      huatuo_liver_cancer=source_config(f"{COLLECTION}/huatuo_liver_cancer/liver_cancer.json", "inline_multiturn"),
       cmekg_triples=source_config(
-          f"{COLLECTION}/cmekg_triples/train_example.json", "template",
-          user_template="请从下面的医学文本中抽取所有（主体，关系，客体）三元组，每行一个：\n{text}",
-          assistant_template="{spo_list}"),
-  ))
+        f"{COLLECTION}/cmekg_triples/train_example.json",
+        "template",
+        user_template="请从下面的医学文本中抽取所有（主体，关系，客体）三元组，每行一个：\n{text}",
+        assistant_template="{spo_list}",
+      ),
+    )
+  )
   data.mixing = "temperature"
   data.temperature = 2.0
   data.seq_len = 1024

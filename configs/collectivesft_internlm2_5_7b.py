@@ -59,14 +59,14 @@ from csft_jax.data.config import source_config
 # variant's 64 rows take a quarter of the accumulation (at least 1): no more rows per device.
 SPLASH_TILE = 512
 MESH_PRESETS = {
-    "v5p-8": (dict(data=1, fsdp=4, tensor=1), 16, "splash"),
-    "v4-16": (dict(data=1, fsdp=8, tensor=1), 16, "splash"),
-    "v5e-16": (dict(data=1, fsdp=16, tensor=1), 16, "splash"),
-    "v6e-8": (dict(data=1, fsdp=8, tensor=1), 16, "splash"),
-    "8xh100": (dict(data=1, fsdp=8, tensor=1), 2, "xla"),
-    # The slices a 7B full fine-tune does not fit (above): with method=lora (or offload, measured).
-    "v4-8": (dict(data=1, fsdp=4, tensor=1), 4, "splash"),
-    "v5e-8": (dict(data=1, fsdp=8, tensor=1), 4, "splash"),
+  "v5p-8": (dict(data=1, fsdp=4, tensor=1), 16, "splash"),
+  "v4-16": (dict(data=1, fsdp=8, tensor=1), 16, "splash"),
+  "v5e-16": (dict(data=1, fsdp=16, tensor=1), 16, "splash"),
+  "v6e-8": (dict(data=1, fsdp=8, tensor=1), 16, "splash"),
+  "8xh100": (dict(data=1, fsdp=8, tensor=1), 2, "xla"),
+  # The slices a 7B full fine-tune does not fit (above): with method=lora (or offload, measured).
+  "v4-8": (dict(data=1, fsdp=4, tensor=1), 4, "splash"),
+  "v5e-8": (dict(data=1, fsdp=8, tensor=1), 4, "splash"),
 }
 
 PAPER_EXAMPLES_PER_STEP = 256  # 16 per device x 2 accumulation x 8 GPUs
@@ -78,32 +78,47 @@ FULL_ROWS_PER_STEP = 64  # packed rows of ~4 examples: ~PAPER_EXAMPLES_PER_STEP 
 # (the original GB18030 CSVs, mapped as cmeddialogue_to_sft.py maps them).
 CMEDDIALOGUE_COLUMNS = {"instruction": "title", "input": "ask", "output": "answer"}
 SOURCES = {
-    "cmb": ("cmb/CMB-train-merge.json", "mcq", {}),
-    "cmeddialogue": ("cmeddialogue", "alpaca", dict(encoding="gb18030", columns=CMEDDIALOGUE_COLUMNS)),
-    "cmedqa2": ("cmedqa2.json", "alpaca", {}),
-    "cmid": ("cmid.json", "alpaca", {}),
-    "discmed": ("discmed.json", "alpaca", {}),
-    "headqa": ("headqa.json", "alpaca", {}),
-    "medicaldialogue": ("medicaldialogue.json", "alpaca", {}),
-    "medmcqa": ("medmcqa.json", "alpaca", {}),
-    "medqajin": ("medqa_jin.json", "alpaca", {}),
-    "mlecqa": ("mlecqa.json", "alpaca", {}),
-    "nlpec": ("nlpec.json", "alpaca", {}),
-    "webmedqa": ("webmedqa.json", "alpaca", {}),
+  "cmb": ("cmb/CMB-train-merge.json", "mcq", {}),
+  "cmeddialogue": ("cmeddialogue", "alpaca", dict(encoding="gb18030", columns=CMEDDIALOGUE_COLUMNS)),
+  "cmedqa2": ("cmedqa2.json", "alpaca", {}),
+  "cmid": ("cmid.json", "alpaca", {}),
+  "discmed": ("discmed.json", "alpaca", {}),
+  "headqa": ("headqa.json", "alpaca", {}),
+  "medicaldialogue": ("medicaldialogue.json", "alpaca", {}),
+  "medmcqa": ("medmcqa.json", "alpaca", {}),
+  "medqajin": ("medqa_jin.json", "alpaca", {}),
+  "mlecqa": ("mlecqa.json", "alpaca", {}),
+  "nlpec": ("nlpec.json", "alpaca", {}),
+  "webmedqa": ("webmedqa.json", "alpaca", {}),
 }
 
 
 def parse_arg(arg: str | None, *, model_dir: str) -> dict[str, str]:
   """`variant=full,mesh=v5p-8,sources=cmb_only,model_dir=M,data_dir=D` (a bare name is a mesh) -> options."""
-  return base.parse_arg(arg, {"variant": "paper", "mesh": "8xh100", "sources": "collection", "model_dir": model_dir,
-                              "data_dir": "data/collectivesft", "method": "full"},
-                        where="the CollectiveSFT recipe", bare="mesh",
-                        choices={"variant": ("paper", "full"), "mesh": tuple(MESH_PRESETS),
-                                 "sources": ("collection", "cmb_only"), "method": base.METHODS})
+  return base.parse_arg(
+    arg,
+    {
+      "variant": "paper",
+      "mesh": "8xh100",
+      "sources": "collection",
+      "model_dir": model_dir,
+      "data_dir": "data/collectivesft",
+      "method": "full",
+    },
+    where="the CollectiveSFT recipe",
+    bare="mesh",
+    choices={
+      "variant": ("paper", "full"),
+      "mesh": tuple(MESH_PRESETS),
+      "sources": ("collection", "cmb_only"),
+      "method": base.METHODS,
+    },
+  )
 
 
-def recipe(arg: str | None, *, model_preset: str, model_dir: str, chat_template: str,
-           vocab_size: int) -> ml_collections.ConfigDict:
+def recipe(
+  arg: str | None, *, model_preset: str, model_dir: str, chat_template: str, vocab_size: int
+) -> ml_collections.ConfigDict:
   """The CollectiveSFT recipe for one base model (shared by the configs of each model size)."""
   options = parse_arg(arg, model_dir=model_dir)
   paper = options["variant"] == "paper"
@@ -113,17 +128,25 @@ def recipe(arg: str | None, *, model_preset: str, model_dir: str, chat_template:
   # Architecture comes from the HF checkpoint in init.from_hf; these are runtime choices.
   # 'cudnn' (flash attention on NVIDIA GPUs) has not been validated against 'xla' yet; on H100s try
   # --config.model.attention_impl=cudnn after comparing a few losses.
-  config.model.update(preset=model_preset, vocab_size=vocab_size, dtype="bfloat16", param_dtype="float32",
-                      remat_policy="full", scan_layers=True, attention_impl=attention_impl,
-                      attention_block_q=SPLASH_TILE, attention_block_kv=SPLASH_TILE)
+  config.model.update(
+    preset=model_preset,
+    vocab_size=vocab_size,
+    dtype="bfloat16",
+    param_dtype="float32",
+    remat_policy="full",
+    scan_layers=True,
+    attention_impl=attention_impl,
+    attention_block_q=SPLASH_TILE,
+    attention_block_kv=SPLASH_TILE,
+  )
 
   data = config.data
   root = options["data_dir"]
   names = ["cmb"] if options["sources"] == "cmb_only" else list(SOURCES)
   cap = dict(max_samples=PAPER_MAX_SAMPLES) if paper else {}
   data.sources = ml_collections.ConfigDict(
-      {name: source_config(f"{root}/{SOURCES[name][0]}", SOURCES[name][1], **SOURCES[name][2], **cap)
-       for name in names})
+    {name: source_config(f"{root}/{SOURCES[name][0]}", SOURCES[name][1], **SOURCES[name][2], **cap) for name in names}
+  )
   data.mixing = "proportional"  # the paper concatenated the sources
   data.seq_len = 1024  # LLaMA-Factory cutoff_len
   data.overlong = "infer_seqlen"
@@ -138,8 +161,14 @@ def recipe(arg: str | None, *, model_preset: str, model_dir: str, chat_template:
   grad_accum_steps = max(1, grad_accum_steps * rows // PAPER_EXAMPLES_PER_STEP)
   config.mesh.update(mesh)
   config.optim.update(lr=2e-5, b2=0.999, weight_decay=0.0, warmup_fraction=0.05, min_lr_ratio=0.0)
-  config.train.update(num_epochs=3.0, global_batch_size=rows, grad_accum_steps=grad_accum_steps, log_every=10,
-                      eval_every=500, export_hf="hf_export")
+  config.train.update(
+    num_epochs=3.0,
+    global_batch_size=rows,
+    grad_accum_steps=grad_accum_steps,
+    log_every=10,
+    eval_every=500,
+    export_hf="hf_export",
+  )
   config.checkpoint.update(every_steps=500, keep=3)
   config.init.from_hf = options["model_dir"]
   base.apply_method(config, options["method"])
@@ -148,5 +177,10 @@ def recipe(arg: str | None, *, model_preset: str, model_dir: str, chat_template:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the recipe for InternLM2.5-7B; see the module docstring for `arg`."""
-  return recipe(arg, model_preset="internlm2_5_7b", model_dir="checkpoints/internlm2_5-7b",
-                chat_template="llamafactory_intern2", vocab_size=92544)
+  return recipe(
+    arg,
+    model_preset="internlm2_5_7b",
+    model_dir="checkpoints/internlm2_5-7b",
+    chat_template="llamafactory_intern2",
+    vocab_size=92544,
+  )

@@ -16,5 +16,6 @@ from configs import collectivesft_internlm2_5_7b
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the recipe for Qwen2.5-0.5B (tied embeddings, q/k/v bias)."""
-  return collectivesft_internlm2_5_7b.recipe(arg, model_preset="qwen2_5_0_5b", model_dir="checkpoints/Qwen2.5-0.5B",
-                                             chat_template="chatml", vocab_size=151936)
+  return collectivesft_internlm2_5_7b.recipe(
+    arg, model_preset="qwen2_5_0_5b", model_dir="checkpoints/Qwen2.5-0.5B", chat_template="chatml", vocab_size=151936
+  )

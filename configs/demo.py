@@ -23,12 +23,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = base.get_config()
   # The context holds MedS-Bench's 2,048-token prompts plus their 200 new tokens (RoPE: no
   # parameters), so evaluation cuts prompts where the official eval.py does, not earlier.
-  config.model.update(preset="tiny", hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
-                      num_kv_heads=2, max_position_embeddings=2560, dtype="float32", param_dtype="float32",
-                      # Four layers compile fast unrolled, and the step skips a layer scan's stacked
-                      # residual buffers (13% of the step on CPU at 8 x 1024, measured side by side);
-                      # deep models scan.
-                      scan_layers=False)
+  config.model.update(
+    preset="tiny",
+    hidden_size=128,
+    intermediate_size=384,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    max_position_embeddings=2560,
+    dtype="float32",
+    param_dtype="float32",
+    # Four layers compile fast unrolled, and the step skips a layer scan's stacked
+    # residual buffers (13% of the step on CPU at 8 x 1024, measured side by side);
+    # deep models scan.
+    scan_layers=False,
+  )
   config.data = sample_collection_config()
   # The collection's CMB-style items once more, asked as the CMB benchmark asks (answer-only, reply
   # '答案是X。'): a 1.5M model does not carry an answer format over from another prompt, so without

@@ -23,12 +23,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the MedS-Ins demo config (no argument)."""
   del arg
   config = base.get_config()
-  config.model.update(preset="tiny", hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
-                      num_kv_heads=2, max_position_embeddings=1024, dtype="float32", param_dtype="float32")
+  config.model.update(
+    preset="tiny",
+    hidden_size=128,
+    intermediate_size=384,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    max_position_embeddings=1024,
+    dtype="float32",
+    param_dtype="float32",
+  )
   data = config.data
-  data.sources = ml_collections.ConfigDict(dict(meds_ins=meds_ins.source_config(
-      TASK_FILES, split_types=("Train", "Train/Test"), rewrite_prob=0.5, few_shot_prob=0.5,
-      seed=data.get_ref("seed"))))
+  data.sources = ml_collections.ConfigDict(
+    dict(
+      meds_ins=meds_ins.source_config(
+        TASK_FILES, split_types=("Train", "Train/Test"), rewrite_prob=0.5, few_shot_prob=0.5, seed=data.get_ref("seed")
+      )
+    )
+  )
   data.mixing = "proportional"
   data.tokenizer = DEMO_TOKENIZER
   data.seq_len = 1024  # 3-shot prompts: ~300 demo-tokenizer tokens (Chinese task), ~820 (English).

@@ -45,14 +45,14 @@ from csft_jax.data import meds_ins
 #   v6e-8  8 devices x 32 GiB, accum 16: 3.74 / 7.48 / 28.50
 # 8xh100: 8 GPUs, per-device batch 4 x accum 4; not compiled here.
 MESH_PRESETS = {
-    "v5p-8": (dict(data=1, fsdp=4, tensor=1), 4),
-    "v4-16": (dict(data=1, fsdp=8, tensor=1), 16),
-    "v5e-32": (dict(data=1, fsdp=32, tensor=1), 4),
-    "v6e-8": (dict(data=1, fsdp=8, tensor=1), 16),
-    "8xh100": (dict(data=1, fsdp=8, tensor=1), 4),
-    # Too small for the full fine-tune; with method=lora.
-    "v4-8": (dict(data=1, fsdp=4, tensor=1), 8),
-    "v5e-8": (dict(data=1, fsdp=8, tensor=1), 8),
+  "v5p-8": (dict(data=1, fsdp=4, tensor=1), 4),
+  "v4-16": (dict(data=1, fsdp=8, tensor=1), 16),
+  "v5e-32": (dict(data=1, fsdp=32, tensor=1), 4),
+  "v6e-8": (dict(data=1, fsdp=8, tensor=1), 16),
+  "8xh100": (dict(data=1, fsdp=8, tensor=1), 4),
+  # Too small for the full fine-tune; with method=lora.
+  "v4-8": (dict(data=1, fsdp=4, tensor=1), 8),
+  "v5e-8": (dict(data=1, fsdp=8, tensor=1), 8),
 }
 # Llama-3-8B's vocabulary (128,000 tokens + 256 reserved specials).
 VOCAB_SIZE = 128256
@@ -60,24 +60,42 @@ VOCAB_SIZE = 128256
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the recipe; see the module docstring for `arg`."""
-  options = base.parse_arg(arg, {"mesh": "8xh100", "model_dir": "checkpoints/Meta-Llama-3-8B",
-                                 "data_dir": "data/meds_ins", "method": "full"},
-                           where="configs/meds_ins_llama3_8b.py", bare="mesh",
-                           choices={"mesh": tuple(MESH_PRESETS), "method": base.METHODS})
+  options = base.parse_arg(
+    arg,
+    {"mesh": "8xh100", "model_dir": "checkpoints/Meta-Llama-3-8B", "data_dir": "data/meds_ins", "method": "full"},
+    where="configs/meds_ins_llama3_8b.py",
+    bare="mesh",
+    choices={"mesh": tuple(MESH_PRESETS), "method": base.METHODS},
+  )
   config = base.get_config()
   # The architecture comes from the HF checkpoint in init.from_hf (Llama-3-8B: rope theta 5e5, no
   # rope scaling, 8k positions). Without one (--compile_for, --plan_only) the Llama-3.1-8B preset
   # stands in: the same shapes, so the same memory.
-  config.model.update(preset="llama3_1_8b", vocab_size=VOCAB_SIZE, max_position_embeddings=8192,
-                      dtype="bfloat16", param_dtype="float32", remat_policy="full", scan_layers=True,
-                      attention_impl="xla")
+  config.model.update(
+    preset="llama3_1_8b",
+    vocab_size=VOCAB_SIZE,
+    max_position_embeddings=8192,
+    dtype="bfloat16",
+    param_dtype="float32",
+    remat_policy="full",
+    scan_layers=True,
+    attention_impl="xla",
+  )
 
   data = config.data
   root = options["data_dir"]
-  data.sources = ml_collections.ConfigDict(dict(meds_ins=meds_ins.source_config(
-      f"{root}/task*.json", split_types=("Train", "Train/Test"),
-      rewrite_definitions=f"{root}/RewriteDefinitions.json", rewrite_prob=0.5, few_shot_prob=0.5,
-      seed=data.get_ref("seed"))))
+  data.sources = ml_collections.ConfigDict(
+    dict(
+      meds_ins=meds_ins.source_config(
+        f"{root}/task*.json",
+        split_types=("Train", "Train/Test"),
+        rewrite_definitions=f"{root}/RewriteDefinitions.json",
+        rewrite_prob=0.5,
+        few_shot_prob=0.5,
+        seed=data.get_ref("seed"),
+      )
+    )
+  )
   data.mixing = "proportional"  # one source: every instance once per epoch
   data.seq_len = 2048
   data.overlong = "truncate"
@@ -88,8 +106,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   mesh, grad_accum_steps = MESH_PRESETS[options["mesh"]]
   config.mesh.update(mesh)
   config.optim.update(lr=1e-5, b2=0.999, weight_decay=0.0, warmup_fraction=0.03, min_lr_ratio=0.0)
-  config.train.update(num_epochs=5.0, global_batch_size=128, grad_accum_steps=grad_accum_steps, log_every=10,
-                      eval_every=1000, export_hf="hf_export")
+  config.train.update(
+    num_epochs=5.0,
+    global_batch_size=128,
+    grad_accum_steps=grad_accum_steps,
+    log_every=10,
+    eval_every=1000,
+    export_hf="hf_export",
+  )
   config.checkpoint.update(every_steps=1000, keep=3)
   config.init.from_hf = options["model_dir"]
   base.apply_method(config, options["method"])

@@ -23,8 +23,9 @@ CMB_SOURCE = "cmb_style_mcq"
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the demo config training on the chosen sources for 80 steps."""
-  sources = base.parse_arg(arg, {"sources": "collection"}, where="configs/mixture_tiny.py",
-                           choices={"sources": SOURCES})["sources"]
+  sources = base.parse_arg(
+    arg, {"sources": "collection"}, where="configs/mixture_tiny.py", choices={"sources": SOURCES}
+  )["sources"]
   config = demo.get_config()
   cmb = sample_collection_config().sources[CMB_SOURCE]
   if sources == "cmb_only":

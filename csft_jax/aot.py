@@ -47,18 +47,18 @@ class Slice:
 # Accelerator-type names (as `gcloud` spells them) -> topology. v4/v5p count TensorCores (2 per
 # chip, one megacore device); v5e/v6e count chips.
 SLICES = {
-    "v4-8": Slice("v4:2x2x1", "megacore", (2, 2, 1), 32.0),
-    "v4-16": Slice("v4:2x2x2", "megacore", (2, 2, 1), 32.0),
-    "v4-32": Slice("v4:2x2x4", "megacore", (2, 2, 1), 32.0),
-    "v5p-8": Slice("v5p:2x2x1", "default", (2, 2, 1), 95.0),
-    "v5p-16": Slice("v5p:2x2x2", "default", (2, 2, 1), 95.0),
-    "v5p-32": Slice("v5p:2x2x4", "default", (2, 2, 1), 95.0),
-    "v5e-8": Slice("v5e:2x4", "default", (2, 4, 1), 16.0),
-    "v5e-16": Slice("v5e:4x4", "default", (2, 2, 1), 16.0),
-    "v5e-32": Slice("v5e:4x8", "default", (2, 2, 1), 16.0),
-    "v6e-8": Slice("v6e:2x4", "default", (2, 4, 1), 32.0),
-    "v6e-16": Slice("v6e:4x4", "default", (2, 2, 1), 32.0),
-    "v6e-32": Slice("v6e:4x8", "default", (2, 2, 1), 32.0),
+  "v4-8": Slice("v4:2x2x1", "megacore", (2, 2, 1), 32.0),
+  "v4-16": Slice("v4:2x2x2", "megacore", (2, 2, 1), 32.0),
+  "v4-32": Slice("v4:2x2x4", "megacore", (2, 2, 1), 32.0),
+  "v5p-8": Slice("v5p:2x2x1", "default", (2, 2, 1), 95.0),
+  "v5p-16": Slice("v5p:2x2x2", "default", (2, 2, 1), 95.0),
+  "v5p-32": Slice("v5p:2x2x4", "default", (2, 2, 1), 95.0),
+  "v5e-8": Slice("v5e:2x4", "default", (2, 4, 1), 16.0),
+  "v5e-16": Slice("v5e:4x4", "default", (2, 2, 1), 16.0),
+  "v5e-32": Slice("v5e:4x8", "default", (2, 2, 1), 16.0),
+  "v6e-8": Slice("v6e:2x4", "default", (2, 4, 1), 32.0),
+  "v6e-16": Slice("v6e:4x4", "default", (2, 2, 1), 32.0),
+  "v6e-32": Slice("v6e:4x8", "default", (2, 2, 1), 32.0),
 }
 
 
@@ -97,12 +97,20 @@ class FitReport:
   def table(self) -> str:
     opt_state = "opt_state (host)" if self.host_gib is not None else "opt_state"
     params = "params (trained)" if self.frozen_gib is not None else "params"
-    rows = [("frozen base", self.frozen_gib), (params, self.params_gib), (opt_state, self.opt_state_gib),
-            ("temporaries", self.temp_gib),
-            ("  of which KV cache", self.kv_cache_gib), ("total on device", self.total_gib),
-            ("host memory", self.host_gib), ("HBM of the chip", self.hbm_per_device_gib)]
-    lines = [f"{self.slice}: {self.devices} devices, mesh {self.mesh}, {self.program}",
-             f"{'per device':<18} {'GiB':>8}"]
+    rows = [
+      ("frozen base", self.frozen_gib),
+      (params, self.params_gib),
+      (opt_state, self.opt_state_gib),
+      ("temporaries", self.temp_gib),
+      ("  of which KV cache", self.kv_cache_gib),
+      ("total on device", self.total_gib),
+      ("host memory", self.host_gib),
+      ("HBM of the chip", self.hbm_per_device_gib),
+    ]
+    lines = [
+      f"{self.slice}: {self.devices} devices, mesh {self.mesh}, {self.program}",
+      f"{'per device':<18} {'GiB':>8}",
+    ]
     lines += [f"{name:<18} {value:>8.2f}" for name, value in rows if value is not None]
     verdict = "fits" if self.fits else "does NOT fit"
     if self.compiler_message:
@@ -119,15 +127,22 @@ def slice_devices(name: str) -> tuple[list[Any], Slice]:
   try:
     import libtpu  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
-    raise FitError("compiling for a TPU slice needs libtpu: install the `tpu` extra "
-                   "(pip install -e '.[tpu]'; `make test` installs it).") from None
+    raise FitError(
+      "compiling for a TPU slice needs libtpu: install the `tpu` extra "
+      "(pip install -e '.[tpu]'; `make test` installs it)."
+    ) from None
   # libtpu takes a machine-wide lockfile meant for processes that drive real TPUs; compiling drives
   # none, so two compiles (or a compile beside a test run) must not lock each other out.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  topology = topologies.get_topology_desc(platform="tpu", topology_name=spec.topology,
-                                          chip_config_name=spec.chip_config,
-                                          chips_per_host_bounds=spec.chips_per_host, num_slices=1)
+
+  topology = topologies.get_topology_desc(
+    platform="tpu",
+    topology_name=spec.topology,
+    chip_config_name=spec.chip_config,
+    chips_per_host_bounds=spec.chips_per_host,
+    num_slices=1,
+  )
   return list(topology.devices), spec
 
 
@@ -142,13 +157,15 @@ def _check_batch(config: ml_collections.ConfigDict, mesh) -> None:
   micro = config.train.global_batch_size // max(config.train.grad_accum_steps, 1)
   if config.train.global_batch_size % config.train.grad_accum_steps or micro % batch_devices:
     raise FitError(
-        f"config.train.global_batch_size={config.train.global_batch_size} / config.train.grad_accum_steps="
-        f"{config.train.grad_accum_steps} = {micro} rows per microbatch must divide over config.mesh "
-        f"data x fsdp = {batch_devices} devices.")
+      f"config.train.global_batch_size={config.train.global_batch_size} / config.train.grad_accum_steps="
+      f"{config.train.grad_accum_steps} = {micro} rows per microbatch must divide over config.mesh "
+      f"data x fsdp = {batch_devices} devices."
+    )
 
 
 def _slice_mesh(mesh_config: ml_collections.ConfigDict, slice_name: str, devices: list[Any]):
   from csft_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
+
   try:
     return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, devices=devices)
   except ValueError as e:
@@ -159,6 +176,7 @@ def _compile(jitted, args: tuple[Any, ...], kwargs: dict[str, Any], mesh) -> tup
   """(temporaries GiB, device total GiB or -1 when XLA refused, XLA's refusal, host-memory arguments
   GiB) of `jitted` compiled for `args`."""
   from csft_jax.sharding import activation_sharding  # pylint: disable=import-outside-toplevel
+
   try:
     with activation_sharding(mesh):
       compiled = jitted.lower(*args, **kwargs).compile()
@@ -170,8 +188,9 @@ def _compile(jitted, args: tuple[Any, ...], kwargs: dict[str, Any], mesh) -> tup
     return float(match.group(1)), -1.0, match.group(0), 0.0
   memory = compiled.memory_analysis()
   # Device memory only: arguments kept in host memory (optim.offload) are counted apart.
-  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-           - memory.alias_size_in_bytes)
+  total = (
+    memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes - memory.alias_size_in_bytes
+  )
   host = getattr(memory, "host_argument_size_in_bytes", 0)
   return memory.temp_size_in_bytes / GIB, total / GIB, "", host / GIB
 
@@ -195,16 +214,30 @@ def check_fit(config: ml_collections.ConfigDict, slice_name: str) -> FitReport:
   params_bytes = _per_device_bytes(abstract.params, shardings.params)
   opt_state_bytes = _per_device_bytes(abstract.opt_state, shardings.opt_state)
   frozen_bytes = _per_device_bytes(abstract.frozen, shardings.frozen) if abstract.frozen is not None else None
-  report = functools.partial(FitReport, slice=slice_name, devices=len(devices), mesh=dict(mesh.shape),
-                             params_gib=params_bytes / GIB, opt_state_gib=opt_state_bytes / GIB,
-                             hbm_per_device_gib=spec.hbm_gib,
-                             frozen_gib=None if frozen_bytes is None else frozen_bytes / GIB)
+  report = functools.partial(
+    FitReport,
+    slice=slice_name,
+    devices=len(devices),
+    mesh=dict(mesh.shape),
+    params_gib=params_bytes / GIB,
+    opt_state_gib=opt_state_bytes / GIB,
+    hbm_per_device_gib=spec.hbm_gib,
+    frozen_gib=None if frozen_bytes is None else frozen_bytes / GIB,
+  )
   temp, total, refusal, host = _compile(train_step, (abstract, batch), {}, mesh)
   if offloaded:
     report = functools.partial(report, host_gib=host if not refusal else opt_state_bytes / GIB)
   if refusal:
-    total = temp + (params_bytes + (frozen_bytes or 0) + (0 if offloaded else opt_state_bytes)
-                    + _per_device_bytes(batch, {k: batch_sharding for k in batch})) / GIB
+    total = (
+      temp
+      + (
+        params_bytes
+        + (frozen_bytes or 0)
+        + (0 if offloaded else opt_state_bytes)
+        + _per_device_bytes(batch, {k: batch_sharding for k in batch})
+      )
+      / GIB
+    )
   return report(temp_gib=temp, total_gib=total, compiler_message=refusal)
 
 
@@ -228,22 +261,41 @@ def check_generate_fit(config: ml_collections.ConfigDict, slice_name: str, model
   mesh = _slice_mesh(config.mesh, slice_name, devices)
   prompt_len = config.max_prompt_len or model_config.max_position_embeddings - config.max_new_tokens
   if prompt_len < 1:
-    raise FitError(f"config.max_new_tokens={config.max_new_tokens} leaves no room for a prompt in the model's "
-                   f"context of {model_config.max_position_embeddings} tokens; lower it.")
-  sampling = runner.get_benchmark(config.benchmark).sampling(config)  # what the runner generates the benchmark's requests with
+    raise FitError(
+      f"config.max_new_tokens={config.max_new_tokens} leaves no room for a prompt in the model's "
+      f"context of {model_config.max_position_embeddings} tokens; lower it."
+    )
+  sampling = runner.get_benchmark(config.benchmark).sampling(
+    config
+  )  # what the runner generates the benchmark's requests with
   # The engine's own jitted program: what an evaluation compiles for its largest batch.
-  program = engine.generate_program(model_config, mesh, batch_size=config.batch_size, prompt_len=prompt_len,
-                                    max_new_tokens=config.max_new_tokens, sampling=sampling,
-                                    batching=config.batching)
+  program = engine.generate_program(
+    model_config,
+    mesh,
+    batch_size=config.batch_size,
+    prompt_len=prompt_len,
+    max_new_tokens=config.max_new_tokens,
+    sampling=sampling,
+    batching=config.batching,
+  )
   temp, total, refusal, _ = _compile(program.jitted, program.args, program.kwargs, mesh)
   params_gib = _per_device_bytes(program.params, jax.tree.map(lambda a: a.sharding, program.params)) / GIB
   if refusal:
     total = temp + params_gib
   cache_bytes = program.cache_bytes_per_device
-  return FitReport(slice=slice_name, devices=len(devices), mesh=dict(mesh.shape), params_gib=params_gib,
-                   opt_state_gib=None, temp_gib=temp, total_gib=total, hbm_per_device_gib=spec.hbm_gib,
-                   compiler_message=refusal, kv_cache_gib=cache_bytes / GIB,
-                   program=f"{program.description}, {model_config.dtype}")
+  return FitReport(
+    slice=slice_name,
+    devices=len(devices),
+    mesh=dict(mesh.shape),
+    params_gib=params_gib,
+    opt_state_gib=None,
+    temp_gib=temp,
+    total_gib=total,
+    hbm_per_device_gib=spec.hbm_gib,
+    compiler_message=refusal,
+    kv_cache_gib=cache_bytes / GIB,
+    program=f"{program.description}, {model_config.dtype}",
+  )
 
 
 def _tokenizer_size(config: ml_collections.ConfigDict) -> int:
@@ -251,27 +303,33 @@ def _tokenizer_size(config: ml_collections.ConfigDict) -> int:
   if config.model.vocab_size > 0:
     return 0
   from csft_jax.data.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+
   return len(load_tokenizer(config.data.tokenizer or config.init.from_hf))
 
 
 def _per_device_bytes(tree: Any, shardings: Any) -> int:
   def one(leaf, sharding) -> int:
     return int(np.prod(sharding.shard_shape(leaf.shape))) * np.dtype(leaf.dtype).itemsize
+
   return sum(jax.tree.leaves(jax.tree.map(one, tree, shardings)))
 
 
 def generate_advice(config: ml_collections.ConfigDict) -> str:
   """What to change when an evaluation's generate program does not fit."""
-  return (f"To fit: lower config.batch_size (now {config.batch_size}) or config.max_prompt_len (now "
-          f"{config.max_prompt_len or 'the model context minus max_new_tokens'}; longer prompts lose their start), "
-          f"evaluate in config.dtype=bfloat16 (now {config.dtype}), or shard the weights and KV cache "
-          f"(config.mesh.fsdp, now {config.mesh.fsdp}; config.mesh.tensor, now {config.mesh.tensor}).")
+  return (
+    f"To fit: lower config.batch_size (now {config.batch_size}) or config.max_prompt_len (now "
+    f"{config.max_prompt_len or 'the model context minus max_new_tokens'}; longer prompts lose their start), "
+    f"evaluate in config.dtype=bfloat16 (now {config.dtype}), or shard the weights and KV cache "
+    f"(config.mesh.fsdp, now {config.mesh.fsdp}; config.mesh.tensor, now {config.mesh.tensor})."
+  )
 
 
 def advice(config: ml_collections.ConfigDict) -> str:
   """What to change when a run does not fit."""
-  return (f"To fit: lower the per-device batch by raising config.train.grad_accum_steps (now "
-          f"{config.train.grad_accum_steps}; the global batch stays {config.train.global_batch_size}), use "
-          f"config.model.remat_policy=full (now {config.model.remat_policy}), set config.train.loss_chunk_size "
-          f"> 0 to chunk the logits (now {config.train.loss_chunk_size}), or shard over more devices "
-          f"(config.mesh.fsdp, now {config.mesh.fsdp}, on a larger slice).")
+  return (
+    f"To fit: lower the per-device batch by raising config.train.grad_accum_steps (now "
+    f"{config.train.grad_accum_steps}; the global batch stays {config.train.global_batch_size}), use "
+    f"config.model.remat_policy=full (now {config.model.remat_policy}), set config.train.loss_chunk_size "
+    f"> 0 to chunk the logits (now {config.train.loss_chunk_size}), or shard over more devices "
+    f"(config.mesh.fsdp, now {config.mesh.fsdp}, on a larger slice)."
+  )

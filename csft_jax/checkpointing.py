@@ -45,8 +45,18 @@ class UnreadableCheckpointError(CheckpointError):
 
 # How TensorStore and Orbax report files that are cut short or damaged (as opposed to a target
 # that does not match a sound checkpoint, which must not cost the run its checkpoints).
-_UNREADABLE = ("OUT_OF_RANGE", "DATA_LOSS", "Requested byte range", "Error reading", "Unexpected end",
-               "corrupt", "truncated", "No such file", "not found", "Failed to decode")
+_UNREADABLE = (
+  "OUT_OF_RANGE",
+  "DATA_LOSS",
+  "Requested byte range",
+  "Error reading",
+  "Unexpected end",
+  "corrupt",
+  "truncated",
+  "No such file",
+  "not found",
+  "Failed to decode",
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -79,8 +89,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self.every_steps = every_steps
-    self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                                 create=True)
+    self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
   def steps(self) -> list[int]:
@@ -96,10 +105,16 @@ class Checkpointer:
   def save(self, state: Any, *, data_iter: Any, model_config: ModelConfig, config: dict[str, Any]) -> None:
     """Starts an async save of `state` at its step (returns once the arrays are copied off device)."""
     step = int(jax.device_get(state.step))
-    self.manager.save(step, args=ocp.args.Composite(
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.StandardSave(_as_dict(state)),
         model_config=ocp.args.JsonSave(model_config_to_json(model_config)),
-        config=ocp.args.JsonSave(config), data_iter=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+        config=ocp.args.JsonSave(config),
+        data_iter=grain.checkpoint.CheckpointSave(data_iter),
+      ),
+      force=True,
+    )
 
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -111,15 +126,20 @@ class Checkpointer:
       CheckpointError naming the step and, where the error says, the file that could not be read.
     """
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
+      restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
           state=ocp.args.StandardRestore(_as_dict(abstract_state)),
-          data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+          data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+        ),
+      )
     except Exception as e:  # pylint: disable=broad-except
       if any("tree structures do not match" in str(inner) for inner in _exception_chain(e)):
         raise CheckpointError(
-            f"step {step} cannot be restored into this config's state: the saved state has another structure "
-            "(a config.optim change such as grad_clip_norm builds a different optimizer state). Resume with the "
-            "config the run was started with, or start a new workdir.") from e
+          f"step {step} cannot be restored into this config's state: the saved state has another structure "
+          "(a config.optim change such as grad_clip_norm builds a different optimizer state). Resume with the "
+          "config the run was started with, or start a new workdir."
+        ) from e
       kind = UnreadableCheckpointError if _is_unreadable(e) else CheckpointError
       raise kind(f"step {step} cannot be restored: {_failing_file(e, self.step_dir(step))}") from e
     return restored.state
@@ -161,8 +181,10 @@ def _exception_chain(error: BaseException) -> list[BaseException]:
 
 def _is_unreadable(error: BaseException) -> bool:
   """Whether anything in `error`'s chain says a file is missing, cut short or corrupt."""
-  return any(isinstance(e, (OSError, EOFError, json.JSONDecodeError)) or any(m in str(e) for m in _UNREADABLE)
-             for e in _exception_chain(error))
+  return any(
+    isinstance(e, (OSError, EOFError, json.JSONDecodeError)) or any(m in str(e) for m in _UNREADABLE)
+    for e in _exception_chain(error)
+  )
 
 
 def _failing_file(error: Exception, step_dir: str) -> str:
@@ -189,10 +211,11 @@ def resolve_step_dir(path: str, step: int | None = None) -> str:
   root = checkpoints if os.path.isdir(checkpoints) else path
   steps = sorted(int(name) for name in (os.listdir(root) if os.path.isdir(root) else []) if name.isdigit())
   if not steps:
-    hint = (" It is an HF model directory: use it as config.init.from_hf." if _is_hf_dir(path) else "")
+    hint = " It is an HF model directory: use it as config.init.from_hf." if _is_hf_dir(path) else ""
     raise CheckpointError(
-        f"No checkpoint under {path}: expected a training workdir (with checkpoints/<step>/), a checkpoints "
-        f"directory, or a step directory containing state/.{hint}")
+      f"No checkpoint under {path}: expected a training workdir (with checkpoints/<step>/), a checkpoints "
+      f"directory, or a step directory containing state/.{hint}"
+    )
   if step is None:
     return os.path.join(root, str(steps[-1]))
   if step not in steps:
@@ -202,7 +225,8 @@ def resolve_step_dir(path: str, step: int | None = None) -> str:
 
 def _is_hf_dir(path: str) -> bool:
   return os.path.isfile(os.path.join(path, "config.json")) and any(
-      name.endswith(".safetensors") for name in os.listdir(path))
+    name.endswith(".safetensors") for name in os.listdir(path)
+  )
 
 
 def read_model_config(step_dir: str, **overrides: Any) -> ModelConfig:
@@ -259,8 +283,12 @@ def _relayout(tree: dict[str, Any], *, to_scanned: bool, num_layers: int, stack:
 def _restore_state_item(step_dir: str, target: Any) -> Any:
   try:
     with ocp.PyTreeCheckpointer() as checkpointer:
-      restored = checkpointer.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+      restored = checkpointer.restore(
+        os.path.join(step_dir, "state"),
+        args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+        ),
+      )
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f"parameters of {step_dir} cannot be restored: {_failing_file(e, step_dir)}") from e
   return restored["params"]
@@ -299,17 +327,24 @@ def restore_params(step_dir: str, abstract_params: Any) -> Any:
   # stack or split the layers and place each parameter on its target sharding.
   to_scanned = _is_scanned(wanted)
   # The model's layer count: the stack's leading axis, or the number of per-layer subtrees.
-  num_layers = (next(shape[0] for p, shape in wanted.items() if p[0] == "layers") if to_scanned
-                else max(int(p[1]) for p in wanted if p[0] == "layers") + 1)
+  num_layers = (
+    next(shape[0] for p, shape in wanted.items() if p[0] == "layers")
+    if to_scanned
+    else max(int(p[1]) for p in wanted if p[0] == "layers") + 1
+  )
   stored_layout = _relayout(
-      target, to_scanned=not to_scanned, num_layers=num_layers,
-      stack=lambda leaves: _with_spec(leaves[0], (len(leaves), *leaves[0].shape), (None, *_spec(leaves[0]))),
-      unstack=lambda leaf, i: _with_spec(leaf, leaf.shape[1:], _spec(leaf)[1:]))
+    target,
+    to_scanned=not to_scanned,
+    num_layers=num_layers,
+    stack=lambda leaves: _with_spec(leaves[0], (len(leaves), *leaves[0].shape), (None, *_spec(leaves[0]))),
+    unstack=lambda leaf, i: _with_spec(leaf, leaf.shape[1:], _spec(leaf)[1:]),
+  )
   _check_params_present(step_dir, stored, _param_paths(stored_layout))
   abstract_stored = nnx.State(jax.tree.map(nnx.Param, stored_layout))
   restored = nnx.to_pure_dict(_restore_state_item(step_dir, {"params": abstract_stored}))
-  converted = _relayout(restored, to_scanned=to_scanned, num_layers=num_layers,
-                        stack=jnp.stack, unstack=lambda leaf, i: leaf[i])
+  converted = _relayout(
+    restored, to_scanned=to_scanned, num_layers=num_layers, stack=jnp.stack, unstack=lambda leaf, i: leaf[i]
+  )
   placed = jax.tree.map(lambda value, leaf: jax.device_put(value.astype(leaf.dtype), leaf.sharding), converted, target)
   params = jax.tree.map(lambda leaf: leaf, abstract_params)
   nnx.replace_by_pure_dict(params, placed)
@@ -320,16 +355,17 @@ def _check_params_present(step_dir: str, stored: dict, wanted: dict) -> None:
   missing = sorted("/".join(p) for p in wanted if p not in stored)
   if missing:
     raise CheckpointError(
-        f"{step_dir} lacks {len(missing)} of the model's {len(wanted)} parameters, e.g. {missing[:6]}; it holds "
-        f"{len(stored)}. Is it a checkpoint of this model (config.model must match its model_config)?")
+      f"{step_dir} lacks {len(missing)} of the model's {len(wanted)} parameters, e.g. {missing[:6]}; it holds "
+      f"{len(stored)}. Is it a checkpoint of this model (config.model must match its model_config)?"
+    )
   mismatched = [f"{'/'.join(p)} {stored[p]} vs {shape}" for p, shape in wanted.items() if stored[p] != shape]
   if mismatched:
-    raise CheckpointError(f"{step_dir}: parameter shapes differ from the model's (stored vs wanted): "
-                          f"{mismatched[:6]}.")
+    raise CheckpointError(f"{step_dir}: parameter shapes differ from the model's (stored vs wanted): {mismatched[:6]}.")
 
 
-def restore_model(path: str, *, step: int | None = None, dtype: str | None = None, mesh: Mesh | None = None,
-                  **config_overrides: Any) -> Decoder:
+def restore_model(
+  path: str, *, step: int | None = None, dtype: str | None = None, mesh: Mesh | None = None, **config_overrides: Any
+) -> Decoder:
   """A `Decoder` from a workdir (latest step), a checkpoints dir, or a step dir.
 
   Args:
@@ -345,8 +381,10 @@ def restore_model(path: str, *, step: int | None = None, dtype: str | None = Non
     config_overrides["dtype"] = dtype
   config = read_model_config(step_dir, **config_overrides)
   # A LoRA step holds the adapters; the run keeps the frozen base once (`run_base_dir`).
-  graphdef, *abstract_parts = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))),
-                                        *((nnx.LoRAParam, nnx.Param) if config.lora_rank else (nnx.Param,)))
+  graphdef, *abstract_parts = nnx.split(
+    nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))),
+    *((nnx.LoRAParam, nnx.Param) if config.lora_rank else (nnx.Param,)),
+  )
   targets = []
   for abstract_params in abstract_parts:
     if mesh is None:
@@ -354,8 +392,9 @@ def restore_model(path: str, *, step: int | None = None, dtype: str | None = Non
       shardings = jax.tree.map(lambda _: device, abstract_params)
     else:
       shardings = state_shardings(abstract_params, mesh)
-    targets.append(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params,
-                                shardings))
+    targets.append(
+      jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
+    )
   parts = [restore_params(step_dir, targets[0])]
   if config.lora_rank:
     parts.append(restore_base(run_base_dir(step_dir), targets[1]))
@@ -364,21 +403,28 @@ def restore_model(path: str, *, step: int | None = None, dtype: str | None = Non
 
 def save_model(directory: str, model: Decoder, step: int = 0) -> str:
   """Writes `model` as a params-only checkpoint `<directory>/<step>/` (what the trainer can start from)."""
-  return save_params(directory, nnx.state(model, nnx.Param), model.config, step,
-                     extra={"step": jnp.asarray(step, jnp.int32)})
+  return save_params(
+    directory, nnx.state(model, nnx.Param), model.config, step, extra={"step": jnp.asarray(step, jnp.int32)}
+  )
 
 
-def save_params(directory: str, params: Any, model_config: ModelConfig, step: int = 0,
-                extra: dict[str, Any] | None = None) -> str:
+def save_params(
+  directory: str, params: Any, model_config: ModelConfig, step: int = 0, extra: dict[str, Any] | None = None
+) -> str:
   """Writes `params` (a model's nnx parameter state) as a params-only checkpoint `<directory>/<step>/`.
 
   Every process calls it (the arrays may be sharded over hosts). Orbax writes into a temporary
   directory and renames it when complete: an interrupted save leaves no `<step>/` behind.
   """
   manager = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=True))
-  manager.save(step, args=ocp.args.Composite(
+  manager.save(
+    step,
+    args=ocp.args.Composite(
       state=ocp.args.StandardSave({**(extra or {}), "params": params}),
-      model_config=ocp.args.JsonSave(model_config_to_json(model_config))), force=True)
+      model_config=ocp.args.JsonSave(model_config_to_json(model_config)),
+    ),
+    force=True,
+  )
   manager.wait_until_finished()
   manager.close()
   return os.path.join(os.path.abspath(directory), str(step))
@@ -396,6 +442,8 @@ def restore_base(base_dir: str, abstract_frozen: Any) -> Any:
     CheckpointError saying the base is missing or unreadable (a LoRA run cannot resume without it).
   """
   if not os.path.isdir(os.path.join(base_dir, "state")):
-    raise CheckpointError(f"{base_dir} is missing: a LoRA run's step checkpoints hold only the adapters, and the "
-                          "frozen base it was started from is kept there. Restore it, or start a new workdir.")
+    raise CheckpointError(
+      f"{base_dir} is missing: a LoRA run's step checkpoints hold only the adapters, and the "
+      "frozen base it was started from is kept there. Restore it, or start a new workdir."
+    )
   return restore_params(base_dir, abstract_frozen)

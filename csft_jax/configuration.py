@@ -31,11 +31,25 @@ PACKAGE_PREFIX = "pkg://"
 
 # Dotted config fields that hold paths ('*' matches one level, e.g. a source name).
 PATH_FIELDS = (
-    "data.tokenizer", "data.sources.*.path", "data.cache_dir", "init.from_hf", "init.from_checkpoint", "init.from_peft",
-    "data.sources.*.rewrite_definitions",  # meds_ins sources
-    # Evaluation configs.
-    "checkpoint", "adapter", "tokenizer", "out_dir", "exam", "val", "answer_key", "task_dir", "clin",
-    "judge.model", "judge.tokenizer",
+  "data.tokenizer",
+  "data.sources.*.path",
+  "data.cache_dir",
+  "init.from_hf",
+  "init.from_checkpoint",
+  "init.from_peft",
+  "data.sources.*.rewrite_definitions",  # meds_ins sources
+  # Evaluation configs.
+  "checkpoint",
+  "adapter",
+  "tokenizer",
+  "out_dir",
+  "exam",
+  "val",
+  "answer_key",
+  "task_dir",
+  "clin",
+  "judge.model",
+  "judge.tokenizer",
 )
 
 
@@ -48,7 +62,7 @@ def resolve_path(path: str) -> str:
   if not path:
     return path
   if path.startswith(PACKAGE_PREFIX):
-    package, _, inner = path[len(PACKAGE_PREFIX):].partition("/")
+    package, _, inner = path[len(PACKAGE_PREFIX) :].partition("/")
     try:
       root = importlib.resources.files(package)
     except ModuleNotFoundError:
@@ -85,8 +99,9 @@ def _make_configs_importable() -> None:
 def load_module(path: str):
   """The config file `path` as a module (for what it defines beside `get_config`, e.g. presets)."""
   if not os.path.isfile(path):
-    raise ConfigError(f"config file {path} does not exist (relative paths are relative to the current "
-                      f"directory, {os.getcwd()}).")
+    raise ConfigError(
+      f"config file {path} does not exist (relative paths are relative to the current directory, {os.getcwd()})."
+    )
   name = "_csft_config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
@@ -129,14 +144,16 @@ def define_config_flag(help_text: str) -> None:
 def from_flags() -> ml_collections.ConfigDict:
   """The `--config` flag's config, overrides applied, paths resolved."""
   from absl import flags  # pylint: disable=import-outside-toplevel
+
   config = flags.FLAGS.config
   if config is None:
     raise ConfigError("--config is required (a config file, e.g. configs/demo.py).")
   return resolve_paths(config)
 
 
-def training_data_config(config: ml_collections.ConfigDict, own_tokenizer: str | None = None
-                         ) -> ml_collections.ConfigDict:
+def training_data_config(
+  config: ml_collections.ConfigDict, own_tokenizer: str | None = None
+) -> ml_collections.ConfigDict:
   """`config.data` with the tokenizer a training run of `config` uses, by one rule for every command
   (train, prepare, inspect, the data benchmarks): `own_tokenizer` (a run's copy) when it exists, else
   `data.tokenizer`, else the tokenizer of `init.from_hf` (the model's own, as the recipes do).
@@ -150,7 +167,9 @@ def training_data_config(config: ml_collections.ConfigDict, own_tokenizer: str |
   elif not data.tokenizer:
     from_hf = config.get("init", {}).get("from_hf", "")
     if not from_hf:
-      raise ConfigError("config.data.tokenizer is empty and there is no config.init.from_hf to take one from; "
-                        "name a tokenizer directory (--config.data.tokenizer=DIR).")
+      raise ConfigError(
+        "config.data.tokenizer is empty and there is no config.init.from_hf to take one from; "
+        "name a tokenizer directory (--config.data.tokenizer=DIR)."
+      )
     data.tokenizer = from_hf
   return data

@@ -17,6 +17,7 @@ def quiet_library_info_logs() -> None:
 
   Entry points call this unless `--verbosity` was given, so `--verbosity=0` shows everything.
   """
+
   def keep(record: std_logging.LogRecord) -> bool:
     return record.levelno >= std_logging.WARNING or not any(p in record.pathname for p in _CHATTY_PACKAGES)
 
@@ -27,6 +28,7 @@ def quiet_library_info_logs() -> None:
 # Every such error in csft_jax subclasses ValueError (or is an OSError, or a CheckpointError).
 def _expected_errors() -> tuple[type[BaseException], ...]:
   from csft_jax.checkpointing import CheckpointError  # pylint: disable=import-outside-toplevel
+
   return (ValueError, OSError, CheckpointError)
 
 
@@ -69,6 +71,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def _unknown_override(argv: Sequence[str]) -> str | None:
   """Which `--config.a.b.c=...` of `argv` names a field the config file does not have, and what it has."""
   from csft_jax import configuration  # pylint: disable=import-outside-toplevel
+
   spec = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), None)
   if spec is None:
     return None
@@ -81,7 +84,7 @@ def _unknown_override(argv: Sequence[str]) -> str | None:
   for flag in argv:
     if not flag.startswith("--config."):
       continue
-    dotted = flag[len("--config."):].split("=", 1)[0]
+    dotted = flag[len("--config.") :].split("=", 1)[0]
     node, walked = config, "config"
     for part in dotted.split("."):
       if not hasattr(node, "keys"):
@@ -90,7 +93,9 @@ def _unknown_override(argv: Sequence[str]) -> str | None:
         fields = sorted(node.keys())
         close = difflib.get_close_matches(part, fields, n=1)
         hint = f" Did you mean {walked}.{close[0]}?" if close else ""
-        return (f"{flag.split('=', 1)[0]}: {walked} has no field {part!r}; its fields are "
-                f"{', '.join(fields) or '(none)'}.{hint}")
+        return (
+          f"{flag.split('=', 1)[0]}: {walked} has no field {part!r}; its fields are "
+          f"{', '.join(fields) or '(none)'}.{hint}"
+        )
       node, walked = node[part], f"{walked}.{part}"
   return None

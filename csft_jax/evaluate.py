@@ -84,6 +84,7 @@ def output_dir(config: ml_collections.ConfigDict, benchmark: runner.Benchmark) -
 
 class Interrupted(NamedTuple):
   """What an evaluation stopped by a signal leaves: its journal, to continue from."""
+
   signal_name: str
   error: runner.EvaluationInterrupted
 
@@ -105,40 +106,75 @@ def run(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | None | Inte
   inputs = benchmark.load(config)
   mesh = sharding.make_mesh(**config.mesh)
   start = time.perf_counter()
-  loaded = load_chat_model(config.checkpoint, dtype=config.dtype, mesh=mesh, tokenizer=config.tokenizer,
-                           chat_template=config.chat_template, adapter=config.adapter, scan_layers=config.scan_layers)
+  loaded = load_chat_model(
+    config.checkpoint,
+    dtype=config.dtype,
+    mesh=mesh,
+    tokenizer=config.tokenizer,
+    chat_template=config.chat_template,
+    adapter=config.adapter,
+    scan_layers=config.scan_layers,
+  )
   logging.info("Loaded %s checkpoint %s in %.1fs.", loaded.kind, loaded.path, time.perf_counter() - start)
   model = with_runtime(loaded.model, attention_impl=generation_attention(config.attention_impl, jax.default_backend()))
-  journal = runner.GenerationJournal(os.path.join(out_dir, "progress.jsonl"),
-                                     runner.fingerprint(config, weight_files(config.checkpoint)
-                                                        + (weight_files(config.adapter) if config.adapter else [])),
-                                     primary=jax.process_index() == 0)
+  journal = runner.GenerationJournal(
+    os.path.join(out_dir, "progress.jsonl"),
+    runner.fingerprint(
+      config, weight_files(config.checkpoint) + (weight_files(config.adapter) if config.adapter else [])
+    ),
+    primary=jax.process_index() == 0,
+  )
   stop = StopRequest()
-  chat = runner.ChatModel(model, loaded.tokenizer, loaded.template, mesh=mesh, batch_size=config.batch_size,
-                          max_prompt_len=config.max_prompt_len or None, journal=journal, should_stop=stop.requested,
-                          batching=config.batching)
+  chat = runner.ChatModel(
+    model,
+    loaded.tokenizer,
+    loaded.template,
+    mesh=mesh,
+    batch_size=config.batch_size,
+    max_prompt_len=config.max_prompt_len or None,
+    journal=journal,
+    should_stop=stop.requested,
+    batching=config.batching,
+  )
 
   def local_judge() -> runner.ChatModel:
     """The judge model named by `config.judge.model` (loaded only when an answer is left to judge)."""
     try:
-      judged = load_chat_model(config.judge.model, dtype=config.judge.dtype, mesh=mesh,
-                               tokenizer=config.judge.tokenizer, chat_template=config.judge.chat_template,
-                               scan_layers=config.scan_layers)
+      judged = load_chat_model(
+        config.judge.model,
+        dtype=config.judge.dtype,
+        mesh=mesh,
+        tokenizer=config.judge.tokenizer,
+        chat_template=config.judge.chat_template,
+        scan_layers=config.scan_layers,
+      )
     except (LoadError, DataError) as error:  # its advice names the evaluated model's fields: name the judge's
       message = str(error).replace("--config.", "--config.judge.")
       if isinstance(error, DataError):  # the template or tokenizer
         message += " (--config.judge.chat_template, --config.judge.tokenizer)"
       raise judge.JudgeError(f"config.judge.model={config.judge.model!r}: {message}") from None
-    judge_model = with_runtime(judged.model,
-                               attention_impl=generation_attention(config.attention_impl, jax.default_backend()))
-    return runner.ChatModel(judge_model, judged.tokenizer, judged.template, mesh=mesh, batch_size=config.batch_size,
-                            max_prompt_len=None, should_stop=stop.requested, batching=config.batching)
+    judge_model = with_runtime(
+      judged.model, attention_impl=generation_attention(config.attention_impl, jax.default_backend())
+    )
+    return runner.ChatModel(
+      judge_model,
+      judged.tokenizer,
+      judged.template,
+      mesh=mesh,
+      batch_size=config.batch_size,
+      max_prompt_len=None,
+      should_stop=stop.requested,
+      batching=config.batching,
+    )
 
   try:
     results, summary = runner.run(benchmark, chat, config, out_dir, inputs, local_judge=local_judge)
   except runner.EvaluationInterrupted as e:
-    return Interrupted(stop.signal_name or "stop", e), (
-        f"{stop.signal_name or 'stop'} received: {e}. Rerun the same command to continue.\n"), out_dir
+    return (
+      Interrupted(stop.signal_name or "stop", e),
+      (f"{stop.signal_name or 'stop'} received: {e}. Rerun the same command to continue.\n"),
+      out_dir,
+    )
   finally:
     stop.close()
     journal.close()
@@ -151,21 +187,30 @@ def model_config_for_compile(config: ml_collections.ConfigDict, preset: str | No
   if preset:
     if preset not in PRESETS:
       raise ValueError(f"--compile_model={preset!r} is not a model preset; known presets: {', '.join(PRESETS)}.")
-    return get_preset(preset, dtype=config.dtype, param_dtype=config.dtype, scan_layers=config.scan_layers,
-                      attention_impl=generation_attention(config.attention_impl, "tpu"))
+    return get_preset(
+      preset,
+      dtype=config.dtype,
+      param_dtype=config.dtype,
+      scan_layers=config.scan_layers,
+      attention_impl=generation_attention(config.attention_impl, "tpu"),
+    )
   if not config.checkpoint:
-    raise ValueError("--compile_for needs the model's shape: pass --config.checkpoint=DIR or "
-                     f"--compile_model=PRESET (one of {', '.join(PRESETS)}).")
+    raise ValueError(
+      "--compile_for needs the model's shape: pass --config.checkpoint=DIR or "
+      f"--compile_model=PRESET (one of {', '.join(PRESETS)})."
+    )
   # Loaded in config.dtype, as load_chat_model does (a checkpoint keeps its layer layout); adapters
   # are merged before generation, so the program is the base's.
   overrides = dict(param_dtype=config.dtype, scan_layers=config.scan_layers) if is_hf_dir(config.checkpoint) else {}
   return model_source.resolve(config.checkpoint, dtype=config.dtype, **overrides).model_config.replace(
-      lora_rank=0, lora_targets=(), attention_impl=generation_attention(config.attention_impl, "tpu"))
+    lora_rank=0, lora_targets=(), attention_impl=generation_attention(config.attention_impl, "tpu")
+  )
 
 
 def compile_for(config: ml_collections.ConfigDict, slice_name: str, preset: str | None) -> None:
   """`--compile_for`: prints the generate program's per-device memory on `slice_name`; exits 0 or 1."""
   from csft_jax import aot  # pylint: disable=import-outside-toplevel
+
   config = configuration.resolve_paths(config)
   report = aot.check_generate_fit(config, slice_name, model_config_for_compile(config, preset))
   print(report.table())
@@ -195,11 +240,18 @@ def define_flags() -> None:
   """Command-line flags, defined only when run as a program (so modules can import each other)."""
   configuration.define_config_flag("An eval config from configs/eval/.")
   distributed.define_flags()
-  flags.DEFINE_string("compile_for", None, "Will it fit? Compile the generate program for a TPU slice (v4-8, "
-                                           "v5p-8, v5e-16, v6e-8, ...) from this host and report per-device "
-                                           "memory; exit 0 if it fits, 1 if not. Needs the `tpu` extra.")
-  flags.DEFINE_string("compile_model", None, "With --compile_for and no checkpoint at hand: the model preset "
-                                             "(e.g. internlm2_5_7b) whose shape to compile.")
+  flags.DEFINE_string(
+    "compile_for",
+    None,
+    "Will it fit? Compile the generate program for a TPU slice (v4-8, "
+    "v5p-8, v5e-16, v6e-8, ...) from this host and report per-device "
+    "memory; exit 0 if it fits, 1 if not. Needs the `tpu` extra.",
+  )
+  flags.DEFINE_string(
+    "compile_model",
+    None,
+    "With --compile_for and no checkpoint at hand: the model preset (e.g. internlm2_5_7b) whose shape to compile.",
+  )
 
 
 if __name__ == "__main__":

@@ -66,8 +66,9 @@ def write_csv_atomic(path: str | os.PathLike, header: Sequence[str], rows: Seque
   return write_text_atomic(path, csv_text(header, rows))
 
 
-def read_json(path: str | os.PathLike, *, expect: type = dict, what: str = "fields",
-              error: type[Exception] = ValueError) -> Any:
+def read_json(
+  path: str | os.PathLike, *, expect: type = dict, what: str = "fields", error: type[Exception] = ValueError
+) -> Any:
   """Reads a JSON file that must hold a `expect` (list or dict) of `what`.
 
   Raises:
@@ -104,5 +105,4 @@ def check_writable(directory: str | os.PathLike, what: str) -> None:
     existing = existing.parent
   if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
     problem = "is not a directory" if not existing.is_dir() else "is not writable"
-    raise PermissionError(f"{what}: cannot write to {directory} ({existing} {problem}); choose a writable "
-                          "directory.")
+    raise PermissionError(f"{what}: cannot write to {directory} ({existing} {problem}); choose a writable directory.")

@@ -55,8 +55,9 @@ class ChatModelFiles:
   run_dir: RunDir | None
 
 
-def load_model(path: str, *, dtype: str = "float32", mesh: Mesh | None = None, adapter: str = "",
-               **overrides: Any) -> tuple[Decoder, str]:
+def load_model(
+  path: str, *, dtype: str = "float32", mesh: Mesh | None = None, adapter: str = "", **overrides: Any
+) -> tuple[Decoder, str]:
   """`(model, kind)` from an HF directory or an Orbax checkpoint (see the module docstring).
 
   `overrides` (`ModelConfig` fields such as `scan_layers`) apply to HF directories; an Orbax
@@ -83,8 +84,7 @@ def with_adapter(base: Decoder, adapter: str, mesh: Mesh | None = None) -> Decod
   except ValueError as e:
     raise LoadError(f"config.adapter={adapter!r}: {e}") from None
   config = base.config.replace(**fields)
-  graphdef, abstract, _ = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))), nnx.LoRAParam,
-                                    nnx.Param)
+  graphdef, abstract, _ = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))), nnx.LoRAParam, nnx.Param)
   if mesh is not None:
     shardings = sharding.state_shardings(abstract, mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
@@ -103,8 +103,10 @@ def with_adapter(base: Decoder, adapter: str, mesh: Mesh | None = None) -> Decod
 
 def _load_weights(path: str, *, dtype: str, mesh: Mesh | None, **overrides: Any) -> tuple[Decoder, str]:
   if not os.path.exists(path):
-    raise LoadError(f"checkpoint {path!r} does not exist: pass an HF model directory, a training workdir, "
-                    "or a checkpoint step directory.")
+    raise LoadError(
+      f"checkpoint {path!r} does not exist: pass an HF model directory, a training workdir, "
+      "or a checkpoint step directory."
+    )
   if is_hf_dir(path):
     shardings = None
     if mesh is not None:
@@ -118,8 +120,16 @@ def _load_weights(path: str, *, dtype: str, mesh: Mesh | None, **overrides: Any)
   return checkpointing.restore_model(path, dtype=dtype, mesh=mesh), "orbax"
 
 
-def load_chat_model(path: str, *, dtype: str = "float32", mesh: Mesh | None = None, tokenizer: str = "",
-                    chat_template: str = "", adapter: str = "", **overrides: Any) -> ChatModelFiles:
+def load_chat_model(
+  path: str,
+  *,
+  dtype: str = "float32",
+  mesh: Mesh | None = None,
+  tokenizer: str = "",
+  chat_template: str = "",
+  adapter: str = "",
+  **overrides: Any,
+) -> ChatModelFiles:
   """Model, tokenizer and template for `path`; `tokenizer`/`chat_template` override the defaults.
 
   Raises:
@@ -127,8 +137,10 @@ def load_chat_model(path: str, *, dtype: str = "float32", mesh: Mesh | None = No
   """
   path = os.path.abspath(path)
   if not os.path.exists(path):
-    raise LoadError(f"checkpoint {path!r} does not exist: pass an HF model directory, a training workdir, "
-                    "or a checkpoint step directory.")
+    raise LoadError(
+      f"checkpoint {path!r} does not exist: pass an HF model directory, a training workdir, "
+      "or a checkpoint step directory."
+    )
   run_dir = RunDir.containing(path)
   hf = is_hf_dir(path)
   if hf:
@@ -140,12 +152,15 @@ def load_chat_model(path: str, *, dtype: str = "float32", mesh: Mesh | None = No
     default_tokenizer = default_template = None
   tokenizer_dir = tokenizer or default_tokenizer
   if not tokenizer_dir:
-    raise LoadError(f"No tokenizer for checkpoint {path}: it has no tokenizer files and belongs to no training "
-                    "run; pass --config.tokenizer=DIR.")
+    raise LoadError(
+      f"No tokenizer for checkpoint {path}: it has no tokenizer files and belongs to no training "
+      "run; pass --config.tokenizer=DIR."
+    )
   template_name = chat_template or default_template
   if not template_name:
-    raise LoadError(f"No chat template known for checkpoint {path}; pass --config.chat_template="
-                    f"{'|'.join(template_names())}.")
+    raise LoadError(
+      f"No chat template known for checkpoint {path}; pass --config.chat_template={'|'.join(template_names())}."
+    )
   loaded_tokenizer = load_tokenizer(tokenizer_dir)
   template = load_chat_template(template_name, loaded_tokenizer)
   try:

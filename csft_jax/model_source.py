@@ -20,8 +20,11 @@ LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_rslora", "lora_t
 
 
 def is_hf_dir(path: str) -> bool:
-  return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and any(
-      name.endswith(".safetensors") for name in os.listdir(path))
+  return (
+    os.path.isdir(path)
+    and os.path.isfile(os.path.join(path, "config.json"))
+    and any(name.endswith(".safetensors") for name in os.listdir(path))
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +55,9 @@ def resolve(path: str, *, adapter: str = "", **overrides: Any) -> ModelSource:
   """
   path = os.path.abspath(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path!r} does not exist: pass an HF model directory, a training workdir, "
-                            "or a checkpoint step directory.")
+    raise FileNotFoundError(
+      f"{path!r} does not exist: pass an HF model directory, a training workdir, or a checkpoint step directory."
+    )
   if is_hf_dir(path):
     kind, step_dir, config = "hf", None, read_hf_config(path, **overrides)
   else:
@@ -75,21 +79,30 @@ def adapter_fields(adapter: str, arch: str) -> dict[str, Any]:
   try:
     stored = checkpointing.read_model_config(checkpointing.resolve_step_dir(adapter))
   except checkpointing.CheckpointError as e:
-    raise ValueError(f"{adapter} is neither a PEFT adapter directory ({lora.ADAPTER_CONFIG}) nor a LoRA run: "
-                     f"{e}") from None
+    raise ValueError(
+      f"{adapter} is neither a PEFT adapter directory ({lora.ADAPTER_CONFIG}) nor a LoRA run: {e}"
+    ) from None
   if not stored.lora_rank:
     raise ValueError(f"{adapter} is a full checkpoint, not a LoRA run or a PEFT adapter directory.")
   return {k: getattr(stored, k) for k in LORA_FIELDS}
 
 
-def check_vocab(tokenizer_size: int, model_config: ModelConfig, tokenizer: str, source: str,
-                error: type[Exception] = ValueError, fix: str = "config.data.tokenizer") -> None:
+def check_vocab(
+  tokenizer_size: int,
+  model_config: ModelConfig,
+  tokenizer: str,
+  source: str,
+  error: type[Exception] = ValueError,
+  fix: str = "config.data.tokenizer",
+) -> None:
   """Refuses a tokenizer with more tokens than the model has embeddings (they do not belong together).
 
   Raises:
     `error` naming both, the sizes, and the setting that picks the model's own tokenizer (`fix`).
   """
   if tokenizer_size > model_config.vocab_size:
-    raise error(f"tokenizer {tokenizer} has {tokenizer_size} tokens but the model from {source} has "
-                f"vocab_size {model_config.vocab_size}: they do not belong together. Use the model's own "
-                f"tokenizer ({fix}).")
+    raise error(
+      f"tokenizer {tokenizer} has {tokenizer_size} tokens but the model from {source} has "
+      f"vocab_size {model_config.vocab_size}: they do not belong together. Use the model's own "
+      f"tokenizer ({fix})."
+    )

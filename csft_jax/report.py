@@ -48,6 +48,7 @@ class ReportError(ValueError):
 @dataclasses.dataclass
 class RunRecord:
   """What the report knows about one run."""
+
   name: str
   overrides: dict[str, Any]
   status: str  # one of csft_jax.workdir.STATUSES
@@ -120,11 +121,17 @@ def load_run(run_dir: str, name: str, overrides: dict[str, Any]) -> RunRecord:
     steps = train_curve[-1][0] if train_curve else None
     final_loss = train_curve[-1][1] if train_curve else None
   return RunRecord(
-      name=name, overrides=overrides, status=status, steps=steps, final_train_loss=final_loss,
-      train_curve=train_curve, eval_curve=eval_curve,
-      eval_loss_per_source={k[len("eval_loss/"):]: float(v) for k, v in last_eval.items()
-                            if k.startswith("eval_loss/")},
-      evals=evals, partial_evals=partial)
+    name=name,
+    overrides=overrides,
+    status=status,
+    steps=steps,
+    final_train_loss=final_loss,
+    train_curve=train_curve,
+    eval_curve=eval_curve,
+    eval_loss_per_source={k[len("eval_loss/") :]: float(v) for k, v in last_eval.items() if k.startswith("eval_loss/")},
+    evals=evals,
+    partial_evals=partial,
+  )
 
 
 def find_runs(workdir: str) -> list[RunRecord]:
@@ -154,20 +161,28 @@ def summary_rows(runs: Sequence[RunRecord]) -> tuple[list[str], list[list[Any]]]
   """Header and rows of the summary (None where a run has no value)."""
   override_keys = _union([list(r.overrides) for r in runs])
   sources = sorted(_union([list(r.eval_loss_per_source) for r in runs]))
-  cells = [{
-      "status": r.status, "steps": r.steps, "final_train_loss": r.final_train_loss,
+  cells = [
+    {
+      "status": r.status,
+      "steps": r.steps,
+      "final_train_loss": r.final_train_loss,
       "eval_loss": r.eval_curve[-1][1] if r.eval_curve else None,
       **{f"eval_loss/{s}": v for s, v in r.eval_loss_per_source.items()},
       **{f"{name}/{column}": value for name, cells in r.evals.items() for column, value in cells.items()},
-  } for r in runs]
+    }
+    for r in runs
+  ]
   metric_keys = ["status", "steps", "final_train_loss"]
-  metric_keys += [k for k in ["eval_loss", *(f"eval_loss/{s}" for s in sources)]
-                  if any(c.get(k) is not None for c in cells)]
+  metric_keys += [
+    k for k in ["eval_loss", *(f"eval_loss/{s}" for s in sources)] if any(c.get(k) is not None for c in cells)
+  ]
   eval_columns = [f"{name}/{column}" for r in runs for name, cells in r.evals.items() for column in cells]
   metric_keys += list(dict.fromkeys(eval_columns))
   header = ["run", *override_keys, *metric_keys]
-  rows = [[r.name, *(_override_text(r.overrides.get(k)) for k in override_keys), *(c.get(k) for k in metric_keys)]
-          for r, c in zip(runs, cells)]
+  rows = [
+    [r.name, *(_override_text(r.overrides.get(k)) for k in override_keys), *(c.get(k) for k in metric_keys)]
+    for r, c in zip(runs, cells)
+  ]
   return header, rows
 
 
@@ -181,19 +196,28 @@ def _markdown_cell(column: str, value: Any) -> str:
   return str(value)
 
 
-def markdown_summary(workdir: str, header: Sequence[str], rows: Sequence[Sequence[Any]],
-                     plots: Sequence[str], runs: Sequence[RunRecord] = ()) -> str:
+def markdown_summary(
+  workdir: str,
+  header: Sequence[str],
+  rows: Sequence[Sequence[Any]],
+  plots: Sequence[str],
+  runs: Sequence[RunRecord] = (),
+) -> str:
   """`summary.md`: a short legend, the table, the partial evaluations of `runs`, and the plots."""
   table = markdown_table(header, [[_markdown_cell(h, v) for h, v in zip(header, row)] for row in rows])
-  lines = [f"# Sweep summary: {os.path.basename(os.path.abspath(workdir))}", "",
-           f"{len(rows)} runs. final_train_loss: last logged train loss; eval_loss: last evaluation over the "
-           "run's own held-out sources, eval_loss/<source> per source (same held-out items in every run). "
-           "Evaluation columns (<evaluation>/<column>) in percent, from the newest full evaluation of each run; "
-           "<evaluation>/step is the training step it evaluated.", "", table]
+  lines = [
+    f"# Sweep summary: {os.path.basename(os.path.abspath(workdir))}",
+    "",
+    f"{len(rows)} runs. final_train_loss: last logged train loss; eval_loss: last evaluation over the "
+    "run's own held-out sources, eval_loss/<source> per source (same held-out items in every run). "
+    "Evaluation columns (<evaluation>/<column>) in percent, from the newest full evaluation of each run; "
+    "<evaluation>/step is the training step it evaluated.",
+    "",
+    table,
+  ]
   partial = [f"{r.name}: {', '.join(r.partial_evals)}" for r in runs if r.partial_evals]
   if partial:
-    lines += ["Partial evaluations (config.limit: the first items only), not in the table: " + "; ".join(partial),
-              ""]
+    lines += ["Partial evaluations (config.limit: the first items only), not in the table: " + "; ".join(partial), ""]
   lines += [f"![{os.path.splitext(p)[0]}]({p})\n" for p in plots]
   return "\n".join(lines)
 
@@ -201,6 +225,7 @@ def markdown_summary(workdir: str, header: Sequence[str], rows: Sequence[Sequenc
 def plot_loss_curves(runs: Sequence[RunRecord], path: str) -> None:
   """Train loss and eval loss vs step, one line per run."""
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
 
@@ -224,6 +249,7 @@ def plot_loss_curves(runs: Sequence[RunRecord], path: str) -> None:
 def plot_eval_loss_per_source(runs: Sequence[RunRecord], path: str) -> None:
   """Final eval loss per source, one bar per run (runs are named by their mixing scheme)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
 
@@ -250,8 +276,10 @@ def write_report(workdir: str) -> list[str]:
     raise ReportError(f"--workdir={workdir} is not a directory.")
   runs = find_runs(workdir)
   if not runs:
-    raise ReportError(f"{workdir} has no sweep.json and no run directories (with a config.json, metrics.jsonl, "
-                      "run_summary.json or checkpoints/).")
+    raise ReportError(
+      f"{workdir} has no sweep.json and no run directories (with a config.json, metrics.jsonl, "
+      "run_summary.json or checkpoints/)."
+    )
   header, rows = summary_rows(runs)
   plots = []
   if any(r.train_curve or r.eval_curve for r in runs):
@@ -261,8 +289,10 @@ def write_report(workdir: str) -> list[str]:
     plot_eval_loss_per_source(runs, os.path.join(workdir, "eval_loss_per_source.png"))
     plots.append("eval_loss_per_source.png")
   csv_rows = [["" if v is None else v for v in row] for row in rows]
-  written = [str(write_csv_atomic(os.path.join(workdir, "summary.csv"), header, csv_rows)),
-             str(write_text_atomic(os.path.join(workdir, "summary.md"), markdown_summary(workdir, header, rows, plots, runs)))]
+  written = [
+    str(write_csv_atomic(os.path.join(workdir, "summary.csv"), header, csv_rows)),
+    str(write_text_atomic(os.path.join(workdir, "summary.md"), markdown_summary(workdir, header, rows, plots, runs))),
+  ]
   return written + [os.path.join(workdir, p) for p in plots]
 
 

@@ -26,8 +26,11 @@ def main() -> None:
   names = scorable()
   name = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else None
   if name not in names:
-    sys.exit(f"usage: python -m csft_jax.score BENCHMARK --flags... with BENCHMARK one of {names}"
-             + (f" (got {name!r})" if name else "") + "; `python -m csft_jax.score BENCHMARK --help` lists its flags.")
+    sys.exit(
+      f"usage: python -m csft_jax.score BENCHMARK --flags... with BENCHMARK one of {names}"
+      + (f" (got {name!r})" if name else "")
+      + "; `python -m csft_jax.score BENCHMARK --help` lists its flags."
+    )
   benchmark = runner.get_benchmark(name)
   benchmark.score_flags()
 

@@ -22,21 +22,22 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Parameters are FSDP-sharded on `embed` and tensor-parallel on heads/mlp/vocab; activations
 # are batch-sharded over data x fsdp (FSDP is data parallelism with sharded weights).
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("norm", None),
-    ("lora_rank", None),
-    ("layers", None),
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("norm", None),
+  ("lora_rank", None),
+  ("layers", None),
 )
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar(
-    "csft_jax_activation_sharding", default=None)
+  "csft_jax_activation_sharding", default=None
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -44,8 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds a `(data, fsdp, tensor)` mesh; one size may be -1 to take the remaining devices."""
   devices = list(devices if devices is not None else jax.devices())
   sizes = [data, fsdp, tensor]
@@ -58,8 +58,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(
-        f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {int(np.prod(sizes))} devices, "
-        f"but {len(devices)} are available; set config.mesh sizes (use -1 for one of them).")
+      f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {int(np.prod(sizes))} devices, "
+      f"but {len(devices)} are available; set config.mesh sizes (use -1 for one of them)."
+    )
   device_grid = np.asarray(devices).reshape(sizes)
   return Mesh(device_grid, MESH_AXES)
 
@@ -70,9 +71,12 @@ def abstract_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1) -> jax.sharding
   return jax.sharding.AbstractMesh(sizes, MESH_AXES)
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
-                    mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES
-                    ) -> PartitionSpec:
+def logical_to_spec(
+  logical_axes: Sequence[str | None],
+  shape: Sequence[int] | None = None,
+  mesh: Mesh | None = None,
+  rules: Sequence[tuple[str, Any]] = LOGICAL_RULES,
+) -> PartitionSpec:
   """Maps logical axis names to a `PartitionSpec`.
 
   A mesh axis is used at most once per tensor (the first logical axis that claims it wins), and,
@@ -102,8 +106,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | N
   return PartitionSpec(*spec)
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
   """`NamedSharding` for every leaf of an nnx state (abstract or concrete), from its logical names."""
   logical = nnx.get_partition_spec(abstract_state)
 
@@ -113,8 +116,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh,
       names = (None,) * len(leaf.shape)
     return NamedSharding(mesh, logical_to_spec(names, leaf.shape, mesh, rules))
 
-  return jax.tree.map(one, logical, abstract_state,
-                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return jax.tree.map(one, logical, abstract_state, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def in_memory(shardings: Any, kind: str) -> Any:
@@ -156,6 +158,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 
 def describe_plan(tree: Any, shardings: Any) -> str:
   """A table of bytes in total and per device for each top-level part of `tree` (abstract is fine)."""
+
   def per_device(leaf, sharding) -> int:
     nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
     shards = 1

@@ -36,5 +36,6 @@ class StopRequest:
     if jax.process_count() > 1:
       # Every process must stop at the same point, or the collectives would hang.
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
       flag = multihost_utils.process_allgather(flag).any()
     return bool(flag)

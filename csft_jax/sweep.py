@@ -147,7 +147,7 @@ def run_name(overrides: Mapping[str, Any]) -> str:
   if safe == readable and len(safe) <= MAX_NAME_LENGTH:
     return safe
   digest = hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:8]
-  return f"{safe[:MAX_NAME_LENGTH - 9]}-{digest}"
+  return f"{safe[: MAX_NAME_LENGTH - 9]}-{digest}"
 
 
 # The experiment file.
@@ -156,6 +156,7 @@ def run_name(overrides: Mapping[str, Any]) -> str:
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   """What `get_experiment()` and `get_sweep()` of an experiment file say."""
+
   path: str
   config: str
   evals: tuple[str, ...]
@@ -182,7 +183,9 @@ def _check_point(point: Any, index: int, where: str) -> None:
     if not isinstance(value, (str, int, float, bool, tuple, list)):
       raise SweepError(f"{where}: point {index} sets {key}={value!r}; values must be str, int, float, bool or tuple.")
     if key.startswith("arg.") and re.search(r"[,=:]", str(value)):
-      raise SweepError(f"{where}: point {index} sets {key}={value!r}; config arg values cannot contain ',', '=' or ':'.")
+      raise SweepError(
+        f"{where}: point {index} sets {key}={value!r}; config arg values cannot contain ',', '=' or ':'."
+      )
 
 
 def load_experiment(path: str) -> Experiment:
@@ -206,14 +209,19 @@ def load_experiment(path: str) -> Experiment:
   for i, point in enumerate(points):
     name = run_name(point)
     if name in names:
-      raise SweepError(f"{path}: points {names[name]} and {i} are both named {name!r} "
-                       f"({points[names[name]]} vs {point}); remove the duplicate.")
+      raise SweepError(
+        f"{path}: points {names[name]} and {i} are both named {name!r} "
+        f"({points[names[name]]} vs {point}); remove the duplicate."
+      )
     names[name] = i
   return Experiment(
-      path=path, config=exp.config, evals=tuple(exp.get("evals", ())),
-      train_command=tuple(shlex.split(exp.get("train_command", DEFAULT_TRAIN_COMMAND))),
-      eval_command=tuple(shlex.split(exp.get("eval_command", DEFAULT_EVAL_COMMAND))),
-      points=tuple(points))
+    path=path,
+    config=exp.config,
+    evals=tuple(exp.get("evals", ())),
+    train_command=tuple(shlex.split(exp.get("train_command", DEFAULT_TRAIN_COMMAND))),
+    eval_command=tuple(shlex.split(exp.get("eval_command", DEFAULT_EVAL_COMMAND))),
+    points=tuple(points),
+  )
 
 
 # Runs: commands and status.
@@ -222,6 +230,7 @@ def load_experiment(path: str) -> Experiment:
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One sweep point: its name, overrides, directory and commands (argv lists)."""
+
   name: str
   overrides: Overrides
   config: str  # file[:arg] as passed to --config
@@ -243,7 +252,7 @@ def _join(workdir: str, name: str) -> str:
 def config_with_arg(base: str, overrides: Mapping[str, Any]) -> str:
   """`config` file[:arg] of a point: its `config` override (or `base`) plus its `arg.*` parts."""
   config = str(overrides.get("config", base))
-  parts = [f"{k[len('arg.'):]}={v}" for k, v in overrides.items() if k.startswith("arg.")]
+  parts = [f"{k[len('arg.') :]}={v}" for k, v in overrides.items() if k.startswith("arg.")]
   if not parts:
     return config
   return f"{config},{','.join(parts)}" if ":" in config else f"{config}:{','.join(parts)}"
@@ -263,8 +272,12 @@ def plan_run(experiment: Experiment, overrides: Overrides, workdir: str) -> Run:
   name = run_name(overrides)
   run_dir = _join(workdir, name)
   config = config_with_arg(experiment.config, overrides)
-  train = (*experiment.train_command, f"--config={config}", f"--workdir={run_dir}",
-           *(f"--config.{k}={_flag_value(v)}" for k, v in config_overrides(overrides).items()))
+  train = (
+    *experiment.train_command,
+    f"--config={config}",
+    f"--workdir={run_dir}",
+    *(f"--config.{k}={_flag_value(v)}" for k, v in config_overrides(overrides).items()),
+  )
   evals, results = [], []
   for eval_config in experiment.evals:
     evals.append((*experiment.eval_command, f"--config={eval_config}", f"--config.checkpoint={run_dir}"))
@@ -275,6 +288,7 @@ def plan_run(experiment: Experiment, overrides: Overrides, workdir: str) -> Run:
 def eval_result_name(eval_config: str) -> str:
   """The name the evaluator writes results under for an eval config file[:arg] (e.g. `cmb-answer`)."""
   from csft_jax.eval import runner  # pylint: disable=import-outside-toplevel
+
   config = configuration.load(eval_config)
   return runner.get_benchmark(config.benchmark).result_name(config)
 
@@ -307,8 +321,10 @@ def check_overrides(runs: Sequence[Run], *, strict: bool = True) -> None:
       continue
     missing = [k for k in config_overrides(run.overrides) if not _field_exists(built[run.config], k)]
     if missing:
-      raise SweepError(f"run {run.name}: {run.config} has no field {missing}; "
-                       f"its top-level fields are {sorted(built[run.config].keys())}.")
+      raise SweepError(
+        f"run {run.name}: {run.config} has no field {missing}; "
+        f"its top-level fields are {sorted(built[run.config].keys())}."
+      )
 
 
 def _build_config(config: str, strict: bool) -> ml_collections.ConfigDict | None:
@@ -347,8 +363,10 @@ def _command_text(argv: Sequence[str]) -> str:
 def tpu_pod_command(argv: Sequence[str], *, tpu_name: str, zone: str, repo_dir: str) -> str:
   """The `gcloud ... tpu-vm ssh --worker=all` line that runs `argv` on every host of a TPU VM."""
   inner = f"cd {repo_dir} && {_command_text(argv)}"  # repo_dir unquoted: `~` expands on the host
-  return (f"gcloud compute tpus tpu-vm ssh {shlex.quote(tpu_name)} --zone={shlex.quote(zone)} --worker=all "
-          f"--command={shlex.quote(inner)}")
+  return (
+    f"gcloud compute tpus tpu-vm ssh {shlex.quote(tpu_name)} --zone={shlex.quote(zone)} --worker=all "
+    f"--command={shlex.quote(inner)}"
+  )
 
 
 def tpu_pod_script(runs: Sequence[Run], *, tpu_name: str, zone: str, repo_dir: str) -> str:
@@ -357,8 +375,9 @@ def tpu_pod_script(runs: Sequence[Run], *, tpu_name: str, zone: str, repo_dir: s
   for run in runs:
     lines.append(f"# {run.name}")
     lines.append(tpu_pod_command((*run.train, "--distributed"), tpu_name=tpu_name, zone=zone, repo_dir=repo_dir))
-    lines += [tpu_pod_command((*e, "--distributed"), tpu_name=tpu_name, zone=zone, repo_dir=repo_dir)
-              for e in run.evals]
+    lines += [
+      tpu_pod_command((*e, "--distributed"), tpu_name=tpu_name, zone=zone, repo_dir=repo_dir) for e in run.evals
+    ]
   return "\n".join(lines) + "\n"
 
 
@@ -367,8 +386,13 @@ def dry_run_script(runs: Sequence[Run]) -> str:
   lines = []
   for run in runs:
     state = run_state(run)
-    action = {workdir_lib.FINISHED: "skip", workdir_lib.DIVERGED: "skip", NEEDS_EVAL: "evals only",
-              workdir_lib.INTERRUPTED: "resume", workdir_lib.NEW: "train"}[state]
+    action = {
+      workdir_lib.FINISHED: "skip",
+      workdir_lib.DIVERGED: "skip",
+      NEEDS_EVAL: "evals only",
+      workdir_lib.INTERRUPTED: "resume",
+      workdir_lib.NEW: "train",
+    }[state]
     lines.append(f"# {run.name}: {state} -> {action}")
     if state in (workdir_lib.NEW, workdir_lib.INTERRUPTED):
       lines.append(_command_text(run.train))
@@ -389,8 +413,14 @@ def _execute(argv: Sequence[str], log_path: str) -> int:
   with open(log_path, "a", encoding="utf-8") as log:
     log.write(f"\n[{time.strftime('%Y-%m-%d %H:%M:%S')}] $ {_command_text(argv)}\n")
     log.flush()
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True, errors="replace")
+    process = subprocess.Popen(
+      argv,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      env={**os.environ, "PYTHONUNBUFFERED": "1"},
+      text=True,
+      errors="replace",
+    )
     try:
       _tee(process.stdout, log)
     except KeyboardInterrupt:
@@ -418,8 +448,10 @@ def execute_run(run: Run) -> tuple[str, str]:
     if summary.get("status") == workdir_lib.DIVERGED:
       return workdir_lib.DIVERGED, f"training diverged at step {summary.get('step')}"
     if summary.get("status") != workdir_lib.FINISHED:
-      return FAILED, (f"trainer exited with status {returncode} and run_summary.json status "
-                      f"{summary.get('status')!r}; see {log_path}, then rerun the sweep to resume")
+      return FAILED, (
+        f"trainer exited with status {returncode} and run_summary.json status "
+        f"{summary.get('status')!r}; see {log_path}, then rerun the sweep to resume"
+      )
   for argv, name in zip(run.evals, run.eval_names):
     results = run.eval_results(name)
     if os.path.isfile(results):
@@ -430,14 +462,23 @@ def execute_run(run: Run) -> tuple[str, str]:
   return workdir_lib.FINISHED, ""
 
 
-def _sweep_record(experiment: Experiment, workdir: str, runs: Sequence[Run],
-                  statuses: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
+def _sweep_record(
+  experiment: Experiment, workdir: str, runs: Sequence[Run], statuses: Mapping[str, tuple[str, str]]
+) -> dict[str, Any]:
   return {
-      "experiment": os.path.abspath(experiment.path),
-      "workdir": workdir,
-      "points": [{"name": r.name, "overrides": r.overrides, "run_dir": r.run_dir,
-                  "commands": [_command_text(r.train), *(_command_text(e) for e in r.evals)],
-                  "status": statuses[r.name][0], "error": statuses[r.name][1]} for r in runs],
+    "experiment": os.path.abspath(experiment.path),
+    "workdir": workdir,
+    "points": [
+      {
+        "name": r.name,
+        "overrides": r.overrides,
+        "run_dir": r.run_dir,
+        "commands": [_command_text(r.train), *(_command_text(e) for e in r.evals)],
+        "status": statuses[r.name][0],
+        "error": statuses[r.name][1],
+      }
+      for r in runs
+    ],
   }
 
 
@@ -474,8 +515,9 @@ def define_flags() -> None:
   flags.DEFINE_string("sweep", None, "Experiment file (get_experiment + get_sweep).")
   flags.DEFINE_string("workdir", None, "Parent of the run directories.")
   flags.DEFINE_bool("dry_run", False, "Print each run's state and commands; run nothing.")
-  flags.DEFINE_enum("launcher", "local", ["local", "tpu_pod"],
-                    "local: run here, in order. tpu_pod: print gcloud commands for a TPU VM.")
+  flags.DEFINE_enum(
+    "launcher", "local", ["local", "tpu_pod"], "local: run here, in order. tpu_pod: print gcloud commands for a TPU VM."
+  )
   flags.DEFINE_string("tpu_name", None, "TPU VM name (--launcher=tpu_pod).")
   flags.DEFINE_string("zone", None, "TPU VM zone (--launcher=tpu_pod).")
   flags.DEFINE_string("repo_dir", "~/csft_jax", "Repository checkout on the TPU hosts (--launcher=tpu_pod).")
@@ -490,8 +532,12 @@ def main(argv: Sequence[str]) -> int:
   if FLAGS.launcher == "tpu_pod":
     if not FLAGS.tpu_name or not FLAGS.zone:
       raise app.UsageError("--launcher=tpu_pod needs --tpu_name and --zone.")
-    print(tpu_pod_script(plan_runs(experiment, FLAGS.workdir), tpu_name=FLAGS.tpu_name, zone=FLAGS.zone,
-                         repo_dir=FLAGS.repo_dir), end="")
+    print(
+      tpu_pod_script(
+        plan_runs(experiment, FLAGS.workdir), tpu_name=FLAGS.tpu_name, zone=FLAGS.zone, repo_dir=FLAGS.repo_dir
+      ),
+      end="",
+    )
     return 0
   if "://" in FLAGS.workdir:
     raise SweepError(f"--workdir={FLAGS.workdir} is remote; the local launcher needs a local directory.")

@@ -45,9 +45,19 @@ from csft_jax.sharding import abstract_mesh, activation_sharding, describe_plan,
 from csft_jax.training.loss import LossSums
 from csft_jax.training.metrics import MetricsWriter, StepMeter, itstime, peak_flops, training_flops_per_token
 from csft_jax.training.optimizer import check_host_memory, make_optimizer, opt_state_memory
-from csft_jax.training.programs import (StartingState, abstract_state, base_config, graphdef_of, jit_steps,
-                                        model_config_for_plan, new_adapters, new_train_state, random_init,
-                                        runtime_fields, with_lora)
+from csft_jax.training.programs import (
+  StartingState,
+  abstract_state,
+  base_config,
+  graphdef_of,
+  jit_steps,
+  model_config_for_plan,
+  new_adapters,
+  new_train_state,
+  random_init,
+  runtime_fields,
+  with_lora,
+)
 from csft_jax.stopping import StopRequest
 from csft_jax.training.step import TrainState, merge_model
 from csft_jax.workdir import RunDir
@@ -55,7 +65,8 @@ from csft_jax.workdir import RunDir
 
 def default_train_config() -> ml_collections.ConfigDict:
   """`config.train`: run length, batch, logging/eval cadence, seed, export."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       num_steps=0,  # > 0 wins over num_epochs.
       num_epochs=0.0,
       global_batch_size=8,  # Rows per optimizer step, over all devices and accumulation steps.
@@ -69,18 +80,21 @@ def default_train_config() -> ml_collections.ConfigDict:
       peak_tflops=0.0,  # Per-device peak for MFU where the device kind is unknown.
       export_hf="",  # A directory name under the workdir (e.g. "hf_export"): the finished model in HF format.
       export_peft="",  # LoRA runs: a directory name under the workdir: the adapters as a PEFT directory.
-  ))
+    )
+  )
 
 
 def default_init_config() -> ml_collections.ConfigDict:
   """`config.init`: where a new run's weights come from (at most one; neither: random)."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       from_hf="",  # An HF model directory (config.json + *.safetensors).
       from_checkpoint="",  # A csft_jax checkpoint: workdir, checkpoints dir, step dir or convert_from_hf output.
       # A PEFT LoRA directory to continue training (with from_hf / from_checkpoint as its base); its
       # adapter_config.json sets config.lora.
       from_peft="",
-  ))
+    )
+  )
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,10 +109,25 @@ class InitError(ValueError):
 # computation is laid out in memory (mesh, accumulation, remat, attention kernel). Anything else
 # changes what the run trains and needs --allow_config_change. Model shape is refused regardless.
 CHANGEABLE_ON_RESUME = (
-    "train.num_steps", "train.num_epochs", "train.log_every", "train.eval_every", "train.export_hf", "train.export_peft",
-    "train.peak_tflops", "train.grad_accum_steps", "train.loss_chunk_size", "checkpoint.*", "mesh.*", "init.*",
-    "data.cache", "data.cache_dir", "data.tokenizer", "model.remat_policy", "model.attention_impl",
-    "model.attention_block_q", "model.attention_block_kv",
+  "train.num_steps",
+  "train.num_epochs",
+  "train.log_every",
+  "train.eval_every",
+  "train.export_hf",
+  "train.export_peft",
+  "train.peak_tflops",
+  "train.grad_accum_steps",
+  "train.loss_chunk_size",
+  "checkpoint.*",
+  "mesh.*",
+  "init.*",
+  "data.cache",
+  "data.cache_dir",
+  "data.tokenizer",
+  "model.remat_policy",
+  "model.attention_impl",
+  "model.attention_block_q",
+  "model.attention_block_kv",
 )
 
 
@@ -118,8 +147,9 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return flat
 
 
-def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], *, allow: bool,
-                        say: Callable[[str], None]) -> None:
+def check_resume_config(
+  stored: dict[str, Any] | None, current: dict[str, Any], *, allow: bool, say: Callable[[str], None]
+) -> None:
   """Refuses a resumed run whose config changes what it trains (unless `allow`); notes the rest.
 
   Raises:
@@ -132,14 +162,19 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
   # behaviour the run had): only a value set away from the default is.
   added_defaults = _flatten(_field_defaults())
   stored_fields = _flatten(stored)
-  changes = {k: v for k, v in config_changes(stored, current).items()
-             if k not in shape and not (k not in stored_fields and k in added_defaults and v[1] == added_defaults[k])}
+  changes = {
+    k: v
+    for k, v in config_changes(stored, current).items()
+    if k not in shape and not (k not in stored_fields and k in added_defaults and v[1] == added_defaults[k])
+  }
   listed = {k: f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()}
   refused = [k for k in changes if not any(fnmatch.fnmatchcase(k, p) for p in CHANGEABLE_ON_RESUME)]
   if refused and not allow:
-    raise InitError(f"this run was started with another config; resuming would change {len(refused)} field(s) "
-                    f"that decide what it trains: {'; '.join(listed[k] for k in refused)}. Rerun without those "
-                    "overrides, use a new --workdir, or pass --allow_config_change to continue with the new values.")
+    raise InitError(
+      f"this run was started with another config; resuming would change {len(refused)} field(s) "
+      f"that decide what it trains: {'; '.join(listed[k] for k in refused)}. Rerun without those "
+      "overrides, use a new --workdir, or pass --allow_config_change to continue with the new values."
+    )
   shown = [listed[k] for k in changes if k != "data.tokenizer"]
   if shown:
     say("note: config changed since this run started (resuming with the new values): " + "; ".join(shown))
@@ -148,6 +183,7 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
 def _field_defaults() -> dict[str, Any]:
   """Every config field's default (the base config of configs/base.py), as JSON values."""
   from configs import base  # pylint: disable=import-outside-toplevel  (configs import this module)
+
   return json.loads(json.dumps(base.get_config().to_dict(), default=str))
 
 
@@ -170,16 +206,26 @@ def _check_fixed_fields(model_config: ModelConfig, model: ml_collections.ConfigD
   conflicts = {k: (v, getattr(model_config, k)) for k, v in wanted.items() if v != getattr(model_config, k)}
   if conflicts:
     listed = ", ".join(f"config.model.{k}={v!r} but {source} has {has!r}" for k, (v, has) in conflicts.items())
-    raise InitError(f"model shape conflicts: {listed}. The shape of a loaded model cannot change; drop those "
-                    "overrides (or start a new workdir).")
+    raise InitError(
+      f"model shape conflicts: {listed}. The shape of a loaded model cannot change; drop those "
+      "overrides (or start a new workdir)."
+    )
 
 
 def _check_vocab(tokenizer_size: int, model_config: ModelConfig, tokenizer: str, source: str) -> None:
   check_vocab(tokenizer_size, model_config, tokenizer, source, error=InitError)
 
 
-def _resume(config, tokenizer_size: int, optimizer, mesh: Mesh, checkpointer: checkpointing.Checkpointer,
-            data_iter, run_dir: RunDir, say: Callable[[str], None]) -> StartingState | None:
+def _resume(
+  config,
+  tokenizer_size: int,
+  optimizer,
+  mesh: Mesh,
+  checkpointer: checkpointing.Checkpointer,
+  data_iter,
+  run_dir: RunDir,
+  say: Callable[[str], None],
+) -> StartingState | None:
   """The newest readable checkpoint of the run, restored straight into sharded targets (or None)."""
   # The checkpoint's own layer layout: scanned and unrolled layers are different trees.
   runtime = {k: config.model[k] for k in RUNTIME_FIELDS if k != "scan_layers"}
@@ -189,8 +235,9 @@ def _resume(config, tokenizer_size: int, optimizer, mesh: Mesh, checkpointer: ch
       model_config = checkpointing.read_model_config(checkpointer.step_dir(step), **runtime)
       _check_fixed_fields(model_config, config.model, f"the checkpoint of step {step}")
       _check_vocab(tokenizer_size, model_config, config.data.tokenizer, f"the checkpoint of step {step}")
-      abstract, shardings = abstract_state(model_config, optimizer, config.train.seed, mesh,
-                                           opt_state_memory(config.optim))
+      abstract, shardings = abstract_state(
+        model_config, optimizer, config.train.seed, mesh, opt_state_memory(config.optim)
+      )
       restored = checkpointer.restore(step, abstract, data_iter)
       if model_config.lora_rank:  # a LoRA step holds the adapters; the base was kept once
         restored["frozen"] = checkpointing.restore_base(os.path.join(run_dir.base, "0"), abstract.frozen)
@@ -205,8 +252,9 @@ def _resume(config, tokenizer_size: int, optimizer, mesh: Mesh, checkpointer: ch
     return StartingState(graphdef_of(model_config), TrainState(**restored), shardings, model_config, origin)
   if unreadable:
     raise checkpointing.CheckpointError(
-        f"no checkpoint of {run_dir.root} can be read (steps {unreadable}, moved to {run_dir.unreadable_checkpoints}); "
-        "not starting over. Move one back if it is intact, or use a new workdir.")
+      f"no checkpoint of {run_dir.root} can be read (steps {unreadable}, moved to {run_dir.unreadable_checkpoints}); "
+      "not starting over. Move one back if it is intact, or use a new workdir."
+    )
   return None
 
 
@@ -217,28 +265,43 @@ def _init_source_config(config, runtime: dict[str, Any]) -> tuple[ModelConfig, s
     if not os.path.isdir(init.from_hf):
       raise InitError(f"config.init.from_hf={init.from_hf!r}: no such directory.")
     if not is_hf_dir(init.from_hf):
-      hint = (" It is a csft_jax checkpoint: set config.init.from_checkpoint instead."
-              if os.path.isdir(os.path.join(init.from_hf, "checkpoints")) or os.path.isdir(
-                  os.path.join(init.from_hf, "model_config")) or any(n.isdigit() for n in os.listdir(init.from_hf))
-              else "")
-      raise InitError(f"config.init.from_hf={init.from_hf!r} is not an HF model directory (config.json + "
-                      f"*.safetensors).{hint}")
-    return (_adapter_settings(config, model_source.resolve(init.from_hf, **runtime).model_config),
-            f"config.init.from_hf={init.from_hf}")
+      hint = (
+        " It is a csft_jax checkpoint: set config.init.from_checkpoint instead."
+        if os.path.isdir(os.path.join(init.from_hf, "checkpoints"))
+        or os.path.isdir(os.path.join(init.from_hf, "model_config"))
+        or any(n.isdigit() for n in os.listdir(init.from_hf))
+        else ""
+      )
+      raise InitError(
+        f"config.init.from_hf={init.from_hf!r} is not an HF model directory (config.json + *.safetensors).{hint}"
+      )
+    return (
+      _adapter_settings(config, model_source.resolve(init.from_hf, **runtime).model_config),
+      f"config.init.from_hf={init.from_hf}",
+    )
   try:
     step_dir = checkpointing.resolve_step_dir(init.from_checkpoint)
   except checkpointing.CheckpointError as e:
     raise InitError(f"config.init.from_checkpoint: {e}") from None
   stored = model_source.resolve(step_dir, **runtime).model_config
   if stored.lora_rank:
-    raise InitError(f"config.init.from_checkpoint={step_dir} is a step of a LoRA run (adapters only); start from "
-                    "its merged export (config.train.export_hf), or from its base with config.init.from_peft.")
+    raise InitError(
+      f"config.init.from_checkpoint={step_dir} is a step of a LoRA run (adapters only); start from "
+      "its merged export (config.train.export_hf), or from its base with config.init.from_peft."
+    )
   return _adapter_settings(config, stored), f"config.init.from_checkpoint={step_dir}"
 
 
-def restore_or_init(config: ml_collections.ConfigDict, tokenizer_size: int, optimizer, mesh: Mesh,
-                    checkpointer: checkpointing.Checkpointer, data_iter, run_dir: RunDir,
-                    say: Callable[[str], None] = print) -> StartingState:
+def restore_or_init(
+  config: ml_collections.ConfigDict,
+  tokenizer_size: int,
+  optimizer,
+  mesh: Mesh,
+  checkpointer: checkpointing.Checkpointer,
+  data_iter,
+  run_dir: RunDir,
+  say: Callable[[str], None] = print,
+) -> StartingState:
   """The run's starting state, decided in this order:
 
   1. the workdir's newest readable checkpoint, restored straight into abstract sharded targets
@@ -264,15 +327,16 @@ def restore_or_init(config: ml_collections.ConfigDict, tokenizer_size: int, opti
   model_config, source = _init_source_config(config, runtime)
   _check_fixed_fields(model_config, config.model, source)
   _check_vocab(tokenizer_size, model_config, config.data.tokenizer, source)
-  abstract, shardings = abstract_state(model_config, optimizer, config.train.seed, mesh,
-                                       opt_state_memory(config.optim))
+  abstract, shardings = abstract_state(model_config, optimizer, config.train.seed, mesh, opt_state_memory(config.optim))
   base_runtime = {**runtime, "param_dtype": base_config(model_config).param_dtype}
   base_shardings = shardings.frozen if model_config.lora_rank else shardings.params
   if init.from_hf:
     base = nnx.state(load_hf(init.from_hf, shardings=nnx.as_pure(base_shardings), **base_runtime), nnx.Param)
   else:
-    base = checkpointing.restore_params(checkpointing.resolve_step_dir(init.from_checkpoint),
-                                        abstract.frozen if model_config.lora_rank else abstract.params)
+    base = checkpointing.restore_params(
+      checkpointing.resolve_step_dir(init.from_checkpoint),
+      abstract.frozen if model_config.lora_rank else abstract.params,
+    )
   frozen = None
   params = base
   if model_config.lora_rank:
@@ -299,15 +363,19 @@ def _adapter_settings(config, model_config: ModelConfig) -> ModelConfig:
   if not config.init.from_peft:
     return with_lora(model_config, config)
   if not os.path.isdir(config.init.from_peft) or not lora.is_peft_dir(config.init.from_peft):
-    raise InitError(f"config.init.from_peft={config.init.from_peft!r} is not a PEFT adapter directory "
-                    f"({lora.ADAPTER_CONFIG} + {lora.ADAPTER_WEIGHTS}).")
+    raise InitError(
+      f"config.init.from_peft={config.init.from_peft!r} is not a PEFT adapter directory "
+      f"({lora.ADAPTER_CONFIG} + {lora.ADAPTER_WEIGHTS})."
+    )
   try:
     fields = model_source.adapter_fields(config.init.from_peft, model_config.arch)
   except ValueError as e:
     raise InitError(f"config.init.from_peft: {e}") from None
   if config.lora.rank and config.lora.rank != fields["lora_rank"]:
-    raise InitError(f"config.lora.rank={config.lora.rank} but the adapter in config.init.from_peft="
-                    f"{config.init.from_peft} has rank {fields['lora_rank']}; drop config.lora.rank.")
+    raise InitError(
+      f"config.lora.rank={config.lora.rank} but the adapter in config.init.from_peft="
+      f"{config.init.from_peft} has rank {fields['lora_rank']}; drop config.lora.rank."
+    )
   return model_config.replace(**fields)
 
 
@@ -322,8 +390,13 @@ def _primary() -> bool:
   return jax.process_index() == 0
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None,
-        after_step: Callable[[int], None] | None = None, allow_config_change: bool = False) -> dict[str, Any]:
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  mesh: Mesh | None = None,
+  after_step: Callable[[int], None] | None = None,
+  allow_config_change: bool = False,
+) -> dict[str, Any]:
   """Trains as `config` says in `workdir` (resuming if it holds checkpoints); returns the summary.
 
   One trainer at a time holds the workdir (`workdir.RunLock`). A start that fails before the first
@@ -368,6 +441,7 @@ def _take_lock(lock: workdir_lib.RunLock, primary: bool, say: Callable[[str], No
       error = e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
     if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))) and error is None:
       raise workdir_lib.RunLockedError(f"process 0 could not lock {lock.path}; see its output.")
   if error is not None:
@@ -387,14 +461,22 @@ def _remove_created(root: str, existing: set[str] | None, keep: str) -> None:
       os.remove(path)
 
 
-def _run_locked(config: ml_collections.ConfigDict, run_dir: RunDir, mesh: Mesh | None,
-                after_step: Callable[[int], None] | None, allow_config_change: bool, say: Callable[[str], None],
-                looping: list[bool]) -> dict[str, Any]:
+def _run_locked(
+  config: ml_collections.ConfigDict,
+  run_dir: RunDir,
+  mesh: Mesh | None,
+  after_step: Callable[[int], None] | None,
+  allow_config_change: bool,
+  say: Callable[[str], None],
+  looping: list[bool],
+) -> dict[str, Any]:
   """The run itself, with the workdir locked (see `run`)."""
   primary = _primary()
   if config.train.export_peft and not (config.lora.rank or config.init.from_peft):
-    raise InitError("config.train.export_peft needs a LoRA run (config.lora.rank > 0); export a full fine-tune "
-                    "with config.train.export_hf.")
+    raise InitError(
+      "config.train.export_peft needs a LoRA run (config.lora.rank > 0); export a full fine-tune "
+      "with config.train.export_hf."
+    )
   resuming = os.path.isdir(run_dir.checkpoints) and any(n.isdigit() for n in os.listdir(run_dir.checkpoints))
   if resuming:
     check_resume_config(run_dir.read_config(), config.to_dict(), allow=allow_config_change, say=say)
@@ -416,18 +498,23 @@ def _run_locked(config: ml_collections.ConfigDict, run_dir: RunDir, mesh: Mesh |
   val_batches = pipeline.val_batches(config.train.global_batch_size, **per_process)
   if not resuming and (config.init.from_hf or config.init.from_checkpoint):
     _check_vocab(len(pipeline.tokenizer), init_model_config, data_config.tokenizer, init_source)
-  checkpointer = checkpointing.Checkpointer(run_dir.checkpoints, every_steps=config.checkpoint.every_steps,
-                                            keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  checkpointer = checkpointing.Checkpointer(
+    run_dir.checkpoints,
+    every_steps=config.checkpoint.every_steps,
+    keep=config.checkpoint.keep,
+    async_save=config.checkpoint.async_save,
+  )
   try:
-    start = restore_or_init(config, len(pipeline.tokenizer), optimizer, mesh, checkpointer, train_iter, run_dir,
-                            say)
+    start = restore_or_init(config, len(pipeline.tokenizer), optimizer, mesh, checkpointer, train_iter, run_dir, say)
   except BaseException:
     checkpointer.close()
     raise
   graphdef, state, shardings, model_config = start.graphdef, start.state, start.shardings, start.model_config
   first_step = int(jax.device_get(state.step))
-  say(f"model {model_config.arch}: {model_config.num_params() / 1e6:.2f}M parameters, {start.origin}\n"
-      + describe_plan(state, shardings))
+  say(
+    f"model {model_config.arch}: {model_config.num_params() / 1e6:.2f}M parameters, {start.origin}\n"
+    + describe_plan(state, shardings)
+  )
   config_json = config.to_dict()
   config_json["data"]["tokenizer"] = data_config.tokenizer
   if primary:
@@ -442,8 +529,10 @@ def _run_locked(config: ml_collections.ConfigDict, run_dir: RunDir, mesh: Mesh |
     if primary and os.path.isdir(run_dir.base):
       shutil.rmtree(run_dir.base)
     checkpointing.save_params(run_dir.base, state.frozen, base_config(model_config))
-    say(f"LoRA rank {model_config.lora_rank} on {', '.join(lora.hf_target_names(model_config))}: "
-        f"{_count(state.params) / 1e6:.3f}M trained parameters; frozen base kept in {run_dir.base}")
+    say(
+      f"LoRA rank {model_config.lora_rank} on {', '.join(lora.hf_target_names(model_config))}: "
+      f"{_count(state.params) / 1e6:.3f}M trained parameters; frozen base kept in {run_dir.base}"
+    )
 
   num_sources = len(pipeline.source_names)
   train_step, eval_step, batch_sharding = jit_steps(config, start, optimizer, schedule, mesh, num_sources)
@@ -464,9 +553,12 @@ def _run_locked(config: ml_collections.ConfigDict, run_dir: RunDir, mesh: Mesh |
     writer.write(step, scalars)
     writer.console(step, f"eval_loss {scalars['eval_loss']:.4f}")
 
-  meter = StepMeter(flops_per_token=training_flops_per_token(model_config, config.data.seq_len),
-                    device_peak=peak_flops(jax.devices()[0], config.train.peak_tflops), num_devices=mesh.size,
-                    process_count=jax.process_count())
+  meter = StepMeter(
+    flops_per_token=training_flops_per_token(model_config, config.data.seq_len),
+    device_peak=peak_flops(jax.devices()[0], config.train.peak_tflops),
+    num_devices=mesh.size,
+    process_count=jax.process_count(),
+  )
   writer = MetricsWriter(run_dir, total_steps=num_steps, start_step=first_step, primary=primary)
   stop = StopRequest()
   status, last_loss, step = workdir_lib.FINISHED, float("nan"), first_step
@@ -494,8 +586,10 @@ def _run_locked(config: ml_collections.ConfigDict, run_dir: RunDir, mesh: Mesh |
         evaluate(step)
       if stopping:
         status = workdir_lib.INTERRUPTED
-        say(f"{stop.signal_name or 'stop'} received: saved step {step} in {checkpointer.directory}; "
-            f"rerun the same command to resume.")
+        say(
+          f"{stop.signal_name or 'stop'} received: saved step {step} in {checkpointer.directory}; "
+          f"rerun the same command to resume."
+        )
         break
   except TrainingDiverged as e:
     status = workdir_lib.DIVERGED
@@ -507,29 +601,50 @@ def _run_locked(config: ml_collections.ConfigDict, run_dir: RunDir, mesh: Mesh |
 
   if step == first_step and first_step > 0:
     last_loss = (run_dir.read_summary() or {}).get("final_loss", float("nan"))  # finished before: keep its loss
-  summary = {"status": status, "step": step, "num_steps": num_steps, "final_loss": last_loss,
-             "workdir": run_dir.root, "checkpoint": checkpointer.step_dir(checkpointer.latest_step() or 0)}
+  summary = {
+    "status": status,
+    "step": step,
+    "num_steps": num_steps,
+    "final_loss": last_loss,
+    "workdir": run_dir.root,
+    "checkpoint": checkpointer.step_dir(checkpointer.latest_step() or 0),
+  }
   if status == workdir_lib.FINISHED and config.train.export_peft:
     summary["peft_export"] = run_dir.hf_export(config.train.export_peft)
-    lora.save_peft(merge_model(graphdef, state.params, state.frozen), summary["peft_export"],
-                   base_model=config.init.from_hf)
+    lora.save_peft(
+      merge_model(graphdef, state.params, state.frozen), summary["peft_export"], base_model=config.init.from_hf
+    )
   if status == workdir_lib.FINISHED and config.train.export_hf:
     export_dir = run_dir.hf_export(config.train.export_hf)
     template = pipeline.template
     model = merge_model(graphdef, state.params, state.frozen)
-    save_hf(lora.merged(model) if model_config.lora_rank else model, export_dir, tokenizer_dir=data_config.tokenizer,
-            stop_token_ids=template.stop_token_ids,
-            chat_template=template.jinja() if hasattr(template, "jinja") else None)
+    save_hf(
+      lora.merged(model) if model_config.lora_rank else model,
+      export_dir,
+      tokenizer_dir=data_config.tokenizer,
+      stop_token_ids=template.stop_token_ids,
+      chat_template=template.jinja() if hasattr(template, "jinja") else None,
+    )
     summary["hf_export"] = export_dir
   if primary:
     run_dir.write_summary(summary)
   return summary
 
 
-def _log(writer: MetricsWriter, step: int, metrics: dict, meter: dict[str, float], source_names: list[str],
-         config: ml_collections.ConfigDict) -> None:
-  scalars = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]), "lr": float(metrics["lr"]),
-             **meter}
+def _log(
+  writer: MetricsWriter,
+  step: int,
+  metrics: dict,
+  meter: dict[str, float],
+  source_names: list[str],
+  config: ml_collections.ConfigDict,
+) -> None:
+  scalars = {
+    "loss": float(metrics["loss"]),
+    "grad_norm": float(metrics["grad_norm"]),
+    "lr": float(metrics["lr"]),
+    **meter,
+  }
   if config.optim.z_loss > 0:
     scalars["z_loss"] = float(metrics["z_loss"])
   for name, total, tokens in zip(source_names, metrics["source_loss"], metrics["source_tokens"]):
@@ -537,15 +652,19 @@ def _log(writer: MetricsWriter, step: int, metrics: dict, meter: dict[str, float
       scalars[f"loss/{name}"] = float(total / tokens)
   writer.write(step, scalars)
   mfu = f" | MFU {scalars['mfu']:.1%}" if "mfu" in scalars else ""
-  writer.console(step, f"loss {scalars['loss']:.4f} | grad_norm {scalars['grad_norm']:.3f} | lr {scalars['lr']:.2e} | "
-                       f"{scalars['tokens_per_s']:,.0f} tok/s | {scalars['step_time_s']:.3f} s/step{mfu}")
+  writer.console(
+    step,
+    f"loss {scalars['loss']:.4f} | grad_norm {scalars['grad_norm']:.3f} | lr {scalars['lr']:.2e} | "
+    f"{scalars['tokens_per_s']:,.0f} tok/s | {scalars['step_time_s']:.3f} s/step{mfu}",
+  )
 
 
 def _ensure_finite(loss: float, step: int, checkpointer: checkpointing.Checkpointer) -> float:
   if not np.isfinite(loss):
     raise TrainingDiverged(
-        f"loss is {loss} at step {step}; stopped without saving it. The last good checkpoint is step "
-        f"{checkpointer.latest_step()} in {checkpointer.directory}. Lower config.optim.lr or check the data.")
+      f"loss is {loss} at step {step}; stopped without saving it. The last good checkpoint is step "
+      f"{checkpointer.latest_step()} in {checkpointer.directory}. Lower config.optim.lr or check the data."
+    )
   return loss
 
 
@@ -564,8 +683,10 @@ def plan(config: ml_collections.ConfigDict, vocab_size: int = 0) -> str:
   model_config = model_config_for_plan(config, vocab_size)
   optimizer, _ = make_optimizer(config.optim, max(config.train.num_steps, 1))
   abstract = jax.eval_shape(functools.partial(new_train_state, model_config, optimizer, 0))
-  return (f"model {model_config.arch}: {model_config.num_params() / 1e9:.3f}B parameters; mesh {dict(mesh.shape)}\n"
-          + describe_plan(abstract, state_shardings(abstract, mesh)))
+  return (
+    f"model {model_config.arch}: {model_config.num_params() / 1e9:.3f}B parameters; mesh {dict(mesh.shape)}\n"
+    + describe_plan(abstract, state_shardings(abstract, mesh))
+  )
 
 
 def define_flags() -> None:
@@ -573,13 +694,24 @@ def define_flags() -> None:
   configuration.define_config_flag("Training config file (configs/*.py).")
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, summary (csft_jax.workdir).")
   distributed.define_flags()
-  flags.DEFINE_bool("allow_config_change", False, "Resume even though the config changes fields that decide what "
-                    "the run trains (learning rate, data, ...); by default such a resume is refused.")
-  flags.DEFINE_bool("plan_only", False, "Quick estimate: the bytes per device of parameters and optimizer state; "
-                                        "needs no devices and allocates nothing.")
-  flags.DEFINE_string("compile_for", None, "Will it fit? Compile the train step for a TPU slice (v4-8, v5p-8, "
-                                           "v5e-16, v6e-8, ...) from this host and report per-device memory; "
-                                           "exit 0 if it fits, 1 if not. Needs the `tpu` extra.")
+  flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Resume even though the config changes fields that decide what "
+    "the run trains (learning rate, data, ...); by default such a resume is refused.",
+  )
+  flags.DEFINE_bool(
+    "plan_only",
+    False,
+    "Quick estimate: the bytes per device of parameters and optimizer state; needs no devices and allocates nothing.",
+  )
+  flags.DEFINE_string(
+    "compile_for",
+    None,
+    "Will it fit? Compile the train step for a TPU slice (v4-8, v5p-8, "
+    "v5e-16, v6e-8, ...) from this host and report per-device memory; "
+    "exit 0 if it fits, 1 if not. Needs the `tpu` extra.",
+  )
 
 
 def main(argv: list[str]) -> None:
@@ -591,6 +723,7 @@ def main(argv: list[str]) -> None:
     return
   if flags.FLAGS.compile_for:
     from csft_jax import aot  # pylint: disable=import-outside-toplevel
+
     report = aot.check_fit(config, flags.FLAGS.compile_for)
     print(report.table())
     if not report.fits:
@@ -601,10 +734,13 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--workdir is required.")
   distributed.initialize_from_flags()
   summary = run(config, flags.FLAGS.workdir, allow_config_change=flags.FLAGS.allow_config_change)
-  _print(_primary(), f"{summary['status']}: step {summary['step']}/{summary['num_steps']}, "
-         f"final loss {summary['final_loss']:.4f}. Results in {summary['workdir']} "
-         f"(metrics.jsonl, tensorboard/, checkpoints/, run_summary.json"
-         f"{''.join(', ' + os.path.basename(summary[k]) + '/' for k in ('hf_export', 'peft_export') if k in summary)}).")
+  _print(
+    _primary(),
+    f"{summary['status']}: step {summary['step']}/{summary['num_steps']}, "
+    f"final loss {summary['final_loss']:.4f}. Results in {summary['workdir']} "
+    f"(metrics.jsonl, tensorboard/, checkpoints/, run_summary.json"
+    f"{''.join(', ' + os.path.basename(summary[k]) + '/' for k in ('hf_export', 'peft_export') if k in summary)}).",
+  )
   if summary["status"] == workdir_lib.DIVERGED:
     sys.exit(1)
 

@@ -177,8 +177,9 @@ class RunDir:
     candidate = os.path.abspath(os.fspath(path))
     for _ in range(3):
       if os.path.isfile(os.path.join(candidate, "config.json")) and (
-          os.path.isdir(os.path.join(candidate, "checkpoints"))
-          or os.path.isfile(os.path.join(candidate, "run_summary.json"))):
+        os.path.isdir(os.path.join(candidate, "checkpoints"))
+        or os.path.isfile(os.path.join(candidate, "run_summary.json"))
+      ):
         return cls(candidate)
       candidate = os.path.dirname(candidate)
     return None
@@ -214,11 +215,18 @@ class RunLock:
           _remove(self.path)
           continue
         raise RunLockedError(
-            f"{os.path.dirname(self.path)} is in use by {self._describe(owner)}: one trainer per workdir. Wait for "
-            f"it to finish or stop it; if it is gone (another host crashed), delete {self.path}.") from None
+          f"{os.path.dirname(self.path)} is in use by {self._describe(owner)}: one trainer per workdir. Wait for "
+          f"it to finish or stop it; if it is gone (another host crashed), delete {self.path}."
+        ) from None
       with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                   "started": datetime.datetime.now().isoformat(timespec="seconds")}, handle)
+        json.dump(
+          {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().isoformat(timespec="seconds"),
+          },
+          handle,
+        )
       self.held = True
       return
     raise RunLockedError(f"{self.path}: could not take the lock (another trainer is starting); try again.")

@@ -30,12 +30,12 @@ def get_experiment() -> ml_collections.ConfigDict:
 
 def get_sweep() -> list[dict]:
   mixing = chain(
-      sweep("data.mixing", ["proportional"]),
-      product([sweep("data.mixing", ["temperature"]), sweep("data.temperature", [2.0, 5.0])]),
-      sweep("data.mixing", ["uniform"]),
+    sweep("data.mixing", ["proportional"]),
+    product([sweep("data.mixing", ["temperature"]), sweep("data.temperature", [2.0, 5.0])]),
+    sweep("data.mixing", ["uniform"]),
   )
   arms = chain(
-      sweep("arg.sources", ["cmb_only"]),
-      product([sweep("arg.sources", ["collection"]), mixing]),
+    sweep("arg.sources", ["cmb_only"]),
+    product([sweep("arg.sources", ["collection"]), mixing]),
   )
   return product([sweep("config", list(MODEL_CONFIGS)), arms])

@@ -23,13 +23,15 @@ def get_experiment() -> ml_collections.ConfigDict:
 
 def get_sweep() -> list[dict]:
   return chain(
-      sweep("arg.sources", ["cmb_only"]),
-      product([
-          sweep("arg.sources", ["collection"]),
-          chain(
-              sweep("data.mixing", ["proportional"]),
-              product([sweep("data.mixing", ["temperature"]), sweep("data.temperature", [2.0, 5.0])]),
-              sweep("data.mixing", ["uniform"]),
-          ),
-      ]),
+    sweep("arg.sources", ["cmb_only"]),
+    product(
+      [
+        sweep("arg.sources", ["collection"]),
+        chain(
+          sweep("data.mixing", ["proportional"]),
+          product([sweep("data.mixing", ["temperature"]), sweep("data.temperature", [2.0, 5.0])]),
+          sweep("data.mixing", ["uniform"]),
+        ),
+      ]
+    ),
   )

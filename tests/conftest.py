@@ -24,8 +24,10 @@ def pretrained(tmp_path_factory) -> str:
   from csft_jax.convert import save_hf  # pylint: disable=import-outside-toplevel
   from csft_jax.data.config import DEMO_TOKENIZER  # pylint: disable=import-outside-toplevel
   from csft_jax.models import Decoder, model_config_from  # pylint: disable=import-outside-toplevel
-  config = configuration.load("configs/demo.py", {"model.hidden_size": 64, "model.intermediate_size": 128,
-                                                  "model.num_layers": 2})
+
+  config = configuration.load(
+    "configs/demo.py", {"model.hidden_size": 64, "model.intermediate_size": 128, "model.num_layers": 2}
+  )
   tokenizer_dir = configuration.resolve_path(DEMO_TOKENIZER)
   model = Decoder(model_config_from(config.model, 3000), rngs=nnx.Rngs(7))
   path = str(tmp_path_factory.mktemp("pretrained") / "hf")

@@ -5,17 +5,32 @@ from __future__ import annotations
 import torch
 import transformers
 
-TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256)
+TINY = dict(
+  vocab_size=101,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=256,
+)
 
 CONFIGS = {
-    "llama": lambda: transformers.LlamaConfig(
-        **TINY, rope_theta=500000.0, rms_norm_eps=1e-5,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 16}),
-    "qwen2": lambda: transformers.Qwen2Config(**TINY, tie_word_embeddings=True, rope_theta=10000.0),
-    "qwen3": lambda: transformers.Qwen3Config(**TINY, head_dim=16, rope_theta=10000.0, tie_word_embeddings=False),
-    "mistral": lambda: transformers.MistralConfig(**TINY, sliding_window=5, head_dim=8),
+  "llama": lambda: transformers.LlamaConfig(
+    **TINY,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    rope_scaling={
+      "rope_type": "llama3",
+      "factor": 8.0,
+      "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 16,
+    },
+  ),
+  "qwen2": lambda: transformers.Qwen2Config(**TINY, tie_word_embeddings=True, rope_theta=10000.0),
+  "qwen3": lambda: transformers.Qwen3Config(**TINY, head_dim=16, rope_theta=10000.0, tie_word_embeddings=False),
+  "mistral": lambda: transformers.MistralConfig(**TINY, sliding_window=5, head_dim=8),
 }
 
 

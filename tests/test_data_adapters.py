@@ -28,10 +28,17 @@ def _first(path, fmt, max_samples=3, **options):
 
 
 def test_columns_adapter_reads_gb18030_cmeddialogue_csv():
-  records = _first(f"{COLLECTION}/cmeddialogue/sample_IM_5000-6000.csv", "columns", encoding="gb18030",
-                   columns={"user": "ask", "assistant": "answer"})
+  records = _first(
+    f"{COLLECTION}/cmeddialogue/sample_IM_5000-6000.csv",
+    "columns",
+    encoding="gb18030",
+    columns={"user": "ask", "assistant": "answer"},
+  )
   first = records[0]
-  assert first.conversation.turns[0] == ("user", "我有高血压这两天女婿来的时候给我拿了些党参泡水喝，您好高血压可以吃党参吗？")
+  assert first.conversation.turns[0] == (
+    "user",
+    "我有高血压这两天女婿来的时候给我拿了些党参泡水喝，您好高血压可以吃党参吗？",
+  )
   assert first.conversation.turns[1][1].startswith("高血压病人可以口服党参的。")
   assert first.record["department"] == "心血管科"
   assert first.location.line == 2 and records[1].location.line == 3
@@ -39,19 +46,29 @@ def test_columns_adapter_reads_gb18030_cmeddialogue_csv():
 
 def test_cmeddialogue_as_collectivesft_maps_it_title_then_ask():
   """cmeddialogue_to_sft.py: instruction=title, input=ask, output=answer; LLaMA-Factory joins with a newline."""
-  (first,) = _first(f"{COLLECTION}/cmeddialogue/sample_IM_5000-6000.csv", "alpaca", max_samples=1,
-                    encoding="gb18030", columns={"instruction": "title", "input": "ask", "output": "answer"})
+  (first,) = _first(
+    f"{COLLECTION}/cmeddialogue/sample_IM_5000-6000.csv",
+    "alpaca",
+    max_samples=1,
+    encoding="gb18030",
+    columns={"instruction": "title", "input": "ask", "output": "answer"},
+  )
   assert first.conversation.turns[0] == (
-      "user", "高血压患者能吃党参吗？\n我有高血压这两天女婿来的时候给我拿了些党参泡水喝，您好高血压可以吃党参吗？")
+    "user",
+    "高血压患者能吃党参吗？\n我有高血压这两天女婿来的时候给我拿了些党参泡水喝，您好高血压可以吃党参吗？",
+  )
 
 
-@pytest.mark.parametrize("instruction, extra, user", [
+@pytest.mark.parametrize(
+  "instruction, extra, user",
+  [
     ("请回答。", "头痛怎么办？", "请回答。\n头痛怎么办？"),
     ("", "头痛怎么办？", "头痛怎么办？"),  # aligner.py skips an empty instruction: no leading newline
     ("头痛怎么办？", "", "头痛怎么办？"),
     ("头痛怎么办？", None, "头痛怎么办？"),
     ("a\n", "\nb", "a\n\n\nb"),  # nothing is stripped
-])
+  ],
+)
 def test_alpaca_joins_non_empty_instruction_and_input_like_llamafactory(tmp_path, instruction, extra, user):
   record = {"instruction": instruction, "output": "注意休息。", **({} if extra is None else {"input": extra})}
   path = tmp_path / "a.jsonl"
@@ -69,7 +86,10 @@ def test_sharegpt_adapter_on_medicalgpt():
 
 def test_alpaca_adapter_reads_jsonl_named_json():
   records = _first(f"{COLLECTION}/huatuo_cmekg/llama_data.json", "alpaca")
-  assert records[0].conversation.turns[0][1] == "一名年龄在70岁的女性，出现了晕厥、不自主颤抖、情绪不稳等症状，请详细说明其手术治疗和术前准备。"
+  assert (
+    records[0].conversation.turns[0][1]
+    == "一名年龄在70岁的女性，出现了晕厥、不自主颤抖、情绪不稳等症状，请详细说明其手术治疗和术前准备。"
+  )
   assert [r.location.line for r in records] == [1, 2, 3]
 
 
@@ -84,8 +104,13 @@ def test_inline_multiturn_adapter_splits_liver_cancer_turns():
 
 
 def test_template_adapter_renders_cmekg_triples():
-  (first,) = _first(f"{COLLECTION}/cmekg_triples/train_example.json", "template", max_samples=1,
-                    user_template="抽取三元组：{text}", assistant_template="{spo_list}")
+  (first,) = _first(
+    f"{COLLECTION}/cmekg_triples/train_example.json",
+    "template",
+    max_samples=1,
+    user_template="抽取三元组：{text}",
+    assistant_template="{spo_list}",
+  )
   user, answer = first.conversation.turns[0][1], first.conversation.turns[1][1]
   assert user.startswith("抽取三元组：12小时尿沉渣计数的相关疾病")
   assert answer.splitlines()[0] == "12小时尿沉渣计数，相关疾病，单纯型尿路感染"
@@ -95,15 +120,25 @@ def test_template_adapter_renders_cmekg_triples():
 def test_mcq_adapter_renders_cmb_items_as_cmb_to_sft(tmp_path):
   """cmb_to_sft.py: instruction ends '。\\n\\n', input = question + one 'X: text\\n' per sorted option
   (empty ones kept), output '答案是X。'; LLaMA-Factory joins instruction and input with '\\n'."""
-  item = {"exam_type": "医师考试", "exam_class": "规培结业", "exam_subject": "临床病理科",
-          "question": "下列哪项是癌前病变？", "option": {"B": "炎性息肉", "A": "肠化生", "D": "增生", "C": ""},
-          "answer": "A", "explanation": "肠化生可进展为癌。"}
+  item = {
+    "exam_type": "医师考试",
+    "exam_class": "规培结业",
+    "exam_subject": "临床病理科",
+    "question": "下列哪项是癌前病变？",
+    "option": {"B": "炎性息肉", "A": "肠化生", "D": "增生", "C": ""},
+    "answer": "A",
+    "explanation": "肠化生可进展为癌。",
+  }
   path = tmp_path / "cmb.json"
   path.write_text(json.dumps([item], ensure_ascii=False), encoding="utf-8")
   (plain,) = _first(str(path), "mcq")
   assert plain.conversation.turns == (
-      ("user", "该问题源自医师考试，面向规培结业中的临床病理科。\n\n\n下列哪项是癌前病变？\nA: 肠化生\nB: 炎性息肉\nC: \nD: 增生\n"),
-      ("assistant", "答案是A。"))
+    (
+      "user",
+      "该问题源自医师考试，面向规培结业中的临床病理科。\n\n\n下列哪项是癌前病变？\nA: 肠化生\nB: 炎性息肉\nC: \nD: 增生\n",
+    ),
+    ("assistant", "答案是A。"),
+  )
   (explained,) = _first(str(path), "mcq", with_explanation=True)
   assert explained.conversation.turns[1][1] == "肠化生可进展为癌。所以答案是A。"
 
@@ -117,8 +152,8 @@ def test_alpaca_history_system_and_messages_in_sample_collection():
   assert alpaca[0].conversation.system == alpaca[0].record["system"]
   chats, _ = load_conversations(specs["messages_chat"], "raise")
   assert chats[1].conversation == Conversation(
-      chats[1].record["messages"][0]["content"],
-      tuple((m["role"], m["content"]) for m in chats[1].record["messages"][1:]))
+    chats[1].record["messages"][0]["content"], tuple((m["role"], m["content"]) for m in chats[1].record["messages"][1:])
+  )
 
 
 def test_parquet_reader_and_directory_path(tmp_path):
@@ -137,7 +172,9 @@ def test_max_samples_keeps_the_first_records(tmp_path):
   assert [r.location.line for r in records] == [1, 2, 3, 4, 5]
   # As LLaMA-Factory's `dataset.select(range(max_samples))` before its conversion: a record the
   # conversion skips (here an empty ShareGPT conversation) still counts.
-  lines = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]} for i in range(4)]
+  lines = [
+    {"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]} for i in range(4)
+  ]
   lines[1]["conversations"] = []
   (tmp_path / "s.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
   data = one_source_config(str(tmp_path / "s.jsonl"), "sharegpt", max_samples=3)

@@ -50,8 +50,11 @@ def test_manifest_counts_and_shards(cache_dir):
   for name, stats in zip(reference.source_names, reference.stats):
     entry = manifest["sources"][name]
     assert entry["examples"] == stats.examples and entry["tokens"] == stats.tokens
-    assert (entry["loss_tokens"], entry["truncated"], entry["records"]) == (stats.loss_tokens, stats.truncated,
-                                                                            stats.records)
+    assert (entry["loss_tokens"], entry["truncated"], entry["records"]) == (
+      stats.loss_tokens,
+      stats.truncated,
+      stats.records,
+    )
     assert len(entry["shards"]) == -(-stats.records // SHARD)
   assert manifest["fingerprint"]["seq_len"] == 128
 
@@ -109,25 +112,43 @@ def test_prepare_and_inspect_clis_use_worker_processes_and_the_cache(tmp_path):
   cache_dir = str(tmp_path / "cache")
 
   def run(*args):
-    done = subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+    done = subprocess.run(
+      [sys.executable, "-m", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
-  out = run("csft_jax.data.prepare", "--config=configs/sample_collection.py", f"--config.data.cache_dir={cache_dir}",
-            "--config.data.seq_len=128", "--config.data.num_packing_bins=4", "--num_workers=2", "--json")
+  out = run(
+    "csft_jax.data.prepare",
+    "--config=configs/sample_collection.py",
+    f"--config.data.cache_dir={cache_dir}",
+    "--config.data.seq_len=128",
+    "--config.data.num_packing_bins=4",
+    "--num_workers=2",
+    "--json",
+  )
   summary = json.loads(out.stdout.strip().splitlines()[-1])
   reference = sample_pipeline()
   assert {n: s["examples"] for n, s in summary["sources"].items()} == {
-      n: s.examples for n, s in zip(reference.source_names, reference.stats)}
+    n: s.examples for n, s in zip(reference.source_names, reference.stats)
+  }
   assert "ETA" in out.stderr and "prepared 330 examples" in out.stderr and "sharegpt_dialogues" in out.stderr
-  out = run("csft_jax.data.inspect", "--config=configs/sample_collection.py", f"--config.data.cache_dir={cache_dir}",
-            "--config.data.cache=require", "--config.data.seq_len=128", "--config.data.num_packing_bins=4",
-            "--num_batches=4", "--batch_size=8", "--json")
+  out = run(
+    "csft_jax.data.inspect",
+    "--config=configs/sample_collection.py",
+    f"--config.data.cache_dir={cache_dir}",
+    "--config.data.cache=require",
+    "--config.data.seq_len=128",
+    "--config.data.num_packing_bins=4",
+    "--num_batches=4",
+    "--batch_size=8",
+    "--json",
+  )
   report = json.loads(out.stdout.strip().splitlines()[-1])
   assert report["packing_efficiency"] == packing_efficiency(_take(iter(reference.train_dataset(8)), 4))
   assert {n: r["tokens"] for n, r in report["sources"].items()} == {
-      r["source"]: r["tokens"] for r in reference.mixture_rows()}
+    r["source"]: r["tokens"] for r in reference.mixture_rows()
+  }
   assert "[[答案是" in out.stdout
 
 
@@ -188,16 +209,20 @@ def test_an_interrupted_prepare_leaves_no_manifest_says_so_and_resumes(tmp_path,
   with pytest.raises(_Killed):
     _prepare(data)
   assert cache.read_manifest(data.cache_dir) is None
-  with pytest.raises(cache.CacheError, match=r"has shards \(build-\w+\) but no manifest.json: a prepare was"
-                                            r" interrupted"):
+  with pytest.raises(
+    cache.CacheError,
+    match=r"has shards \(build-\w+\) but no manifest.json: a prepare was"
+    r" interrupted",
+  ):
     DataPipeline(sample_config(cache_dir=data.cache_dir, cache="require"))
   calls.clear()
   resumed = True
   _prepare(data)  # The 4 finished shards are kept; the rest are made now.
   assert len(calls) == sum(-(-s.records // SHARD) for s in sample_pipeline().stats) - 4
   reference = sample_pipeline()
-  np.testing.assert_equal(_take(iter(_cached(data.cache_dir).train_dataset(4)), 3),
-                          _take(iter(reference.train_dataset(4)), 3))
+  np.testing.assert_equal(
+    _take(iter(_cached(data.cache_dir).train_dataset(4)), 3), _take(iter(reference.train_dataset(4)), 3)
+  )
 
 
 def test_bad_cache_settings_and_all_dropped_sources(tmp_path):
@@ -221,10 +246,14 @@ def test_bad_cache_settings_and_all_dropped_sources(tmp_path):
 def test_a_file_named_by_a_source_option_is_fingerprinted(tmp_path):
   from csft_jax.data import meds_ins  # pylint: disable=import-outside-toplevel
   from csft_jax.data.sources import parse_sources  # pylint: disable=import-outside-toplevel
+
   rewrites = tmp_path / "RewriteDefinitions.json"
   rewrites.write_text(json.dumps({"task1001": {"auto_rewrite_def": ["分诊。"]}}, ensure_ascii=False))
-  sources = {"meds": meds_ins.source_config(resolve_path("pkg://csft_jax/assets/meds_ins"),
-                                            rewrite_definitions=str(rewrites), rewrite_prob=0.5)}
+  sources = {
+    "meds": meds_ins.source_config(
+      resolve_path("pkg://csft_jax/assets/meds_ins"), rewrite_definitions=str(rewrites), rewrite_prob=0.5
+    )
+  }
   before = cache.source_fingerprint(parse_sources(sources)[0])
   rewrites.write_text(json.dumps({"task1001": {"auto_rewrite_def": ["请分诊。"]}}, ensure_ascii=False))
   after = cache.source_fingerprint(parse_sources(sources)[0])

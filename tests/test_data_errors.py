@@ -20,7 +20,7 @@ GOOD = json.dumps({"instruction": "头痛怎么办？", "input": "", "output": "
 
 
 def test_malformed_json_line_names_source_file_and_line(tmp_path):
-  path = _write(tmp_path, "a.jsonl", f"{GOOD}\n{{\"instruction\": \"x\",\n{GOOD}\n")
+  path = _write(tmp_path, "a.jsonl", f'{GOOD}\n{{"instruction": "x",\n{GOOD}\n')
   with pytest.raises(DataError, match=rf"source 's', {path}:2: malformed JSON line"):
     DataPipeline(one_source_config(path, "alpaca"))
 
@@ -73,8 +73,13 @@ def test_glob_matching_nothing_is_an_error(tmp_path):
 
 
 def test_conversation_ending_on_user_turn_is_an_error(tmp_path):
-  messages = {"messages": [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多久了？"},
-                           {"role": "user", "content": "三天"}]}
+  messages = {
+    "messages": [
+      {"role": "user", "content": "头痛"},
+      {"role": "assistant", "content": "多久了？"},
+      {"role": "user", "content": "三天"},
+    ]
+  }
   path = _write(tmp_path, "m.json", json.dumps([messages, messages], ensure_ascii=False, indent=1))
   with pytest.raises(DataError, match=rf"{path}:2 \(item 1\): conversation ends on a user turn"):
     DataPipeline(one_source_config(path, "messages"))
@@ -82,7 +87,9 @@ def test_conversation_ending_on_user_turn_is_an_error(tmp_path):
 
 def test_absent_template_field_is_an_error():
   path = f"{COLLECTION}/cmekg_triples/train_example.json"
-  with pytest.raises(DataError, match=r"train_example.json:2 \(item 1\): assistant_template field \{triples\} is absent"):
+  with pytest.raises(
+    DataError, match=r"train_example.json:2 \(item 1\): assistant_template field \{triples\} is absent"
+  ):
     DataPipeline(one_source_config(path, "template", user_template="{text}", assistant_template="{triples}"))
 
 

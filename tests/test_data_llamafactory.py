@@ -30,9 +30,14 @@ from csft_jax.data.templates import load_chat_template
 
 IGNORE = -100
 CONVERSATION = Conversation(
-    "你是医生助手。",
-    (("user", "我头痛三天了。"), ("assistant", "有没有发热？"),
-     ("user", "没有，只是晚上睡不好。"), ("assistant", "建议规律作息，必要时到神经内科就诊。")))
+  "你是医生助手。",
+  (
+    ("user", "我头痛三天了。"),
+    ("assistant", "有没有发热？"),
+    ("user", "没有，只是晚上睡不好。"),
+    ("assistant", "建议规律作息，必要时到神经内科就诊。"),
+  ),
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,8 +77,10 @@ def llamafactory_references(tokenizer, examples, cutoff_len):
   ids_of = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
   out = []
   for messages in laid_out:
-    encoded = [[t for e in message for t in ([tokenizer.bos_token_id] if isinstance(e, set) else ids_of.get(e, []))]
-               for message in messages]
+    encoded = [
+      [t for e in message for t in ([tokenizer.bos_token_id] if isinstance(e, set) else ids_of.get(e, []))]
+      for message in messages
+    ]
     input_ids, labels = [], []
     total_length = 1
     for turn_idx, (source_ids, target_ids) in enumerate(zip(encoded[::2], encoded[1::2])):
@@ -109,14 +116,17 @@ def assert_trains_like_llamafactory(ids, mask, ref_ids, ref_labels):
   np.testing.assert_array_equal(row["target_ids"][shifted != IGNORE], shifted[shifted != IGNORE])
 
 
-@pytest.mark.parametrize("lengths, expected", [
+@pytest.mark.parametrize(
+  "lengths, expected",
+  [
     ((900, 400, 1023), (623, 400)),  # short reply: kept whole, the prompt takes the rest
     ((100, 2000, 1023), (100, 923)),  # short prompt: kept whole
     ((800, 700, 1023), (546, 477)),  # both long: int(1023 * 700 / 1500) = 477 for the reply
     ((10, 10, 1023), (10, 10)),
     ((512, 512, 1024), (512, 512)),  # fits exactly
     ((5, 3, 1), (1, 0)),
-])
+  ],
+)
 def test_infer_seqlen_splits_the_cutoff_as_llamafactory(lengths, expected):
   assert infer_seqlen(*lengths) == expected
 
@@ -136,9 +146,11 @@ def test_single_turn_text_and_trained_span():
 
 def test_multi_turn_text_spans_ids_and_labels():
   text, spans = intern2().render(CONVERSATION)
-  assert text == ("<s><|im_start|>system\n你是医生助手。<|im_end|>\n<|im_start|>user\n我头痛三天了。<|im_end|>\n"
-                  "<|im_start|>assistant\n有没有发热？<|im_end|>\n<|im_start|>user\n没有，只是晚上睡不好。<|im_end|>\n"
-                  "<|im_start|>assistant\n建议规律作息，必要时到神经内科就诊。</s>")
+  assert text == (
+    "<s><|im_start|>system\n你是医生助手。<|im_end|>\n<|im_start|>user\n我头痛三天了。<|im_end|>\n"
+    "<|im_start|>assistant\n有没有发热？<|im_end|>\n<|im_start|>user\n没有，只是晚上睡不好。<|im_end|>\n"
+    "<|im_start|>assistant\n建议规律作息，必要时到神经内科就诊。</s>"
+  )
   assert [text[a:b] for a, b in spans] == ["有没有发热？<|im_end|>", "建议规律作息，必要时到神经内科就诊。</s>"]
   ids, mask = intern2().encode(CONVERSATION)
   tok = intern2_tokenizer()
@@ -186,21 +198,29 @@ def test_split_turns_reads_prompts_and_replies_off_the_mask():
 
 
 def test_prompt_ids_and_exported_jinja_match_the_rendered_prompt():
-  messages = [{"role": "system", "content": "你是医生助手。"}, {"role": "user", "content": "我头痛三天了。"},
-              {"role": "assistant", "content": "有没有发热？"}, {"role": "user", "content": "没有。"}]
+  messages = [
+    {"role": "system", "content": "你是医生助手。"},
+    {"role": "user", "content": "我头痛三天了。"},
+    {"role": "assistant", "content": "有没有发热？"},
+    {"role": "user", "content": "没有。"},
+  ]
   template, tok = intern2(), intern2_tokenizer()
   prompt = template.render_prompt(messages)
-  assert prompt == ("<s><|im_start|>system\n你是医生助手。<|im_end|>\n<|im_start|>user\n我头痛三天了。<|im_end|>\n"
-                    "<|im_start|>assistant\n有没有发热？<|im_end|>\n<|im_start|>user\n没有。<|im_end|>\n<|im_start|>assistant\n")
+  assert prompt == (
+    "<s><|im_start|>system\n你是医生助手。<|im_end|>\n<|im_start|>user\n我头痛三天了。<|im_end|>\n"
+    "<|im_start|>assistant\n有没有发热？<|im_end|>\n<|im_start|>user\n没有。<|im_end|>\n<|im_start|>assistant\n"
+  )
   assert tok.apply_chat_template(messages, tokenize=False, chat_template=template.jinja()) == prompt
-  ref_ids, _ = llamafactory_reference(tok, "你是医生助手。", [(m["role"], m["content"]) for m in messages[1:]]
-                                      + [("assistant", "")], cutoff_len=10_000)
+  ref_ids, _ = llamafactory_reference(
+    tok, "你是医生助手。", [(m["role"], m["content"]) for m in messages[1:]] + [("assistant", "")], cutoff_len=10_000
+  )
   assert template.encode_prompt(messages) == ref_ids[:-1]  # encode_oneturn's prompt: all but the empty reply
   assert template.stop_token_ids == (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id)
 
 
 def test_a_tokenizer_without_the_markup_tokens_is_refused():
   bare = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "</s>": 1}, unk_token="a")), eos_token="</s>")
+    tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "</s>": 1}, unk_token="a")), eos_token="</s>"
+  )
   with pytest.raises(DataError, match=r"needs special tokens \['<\|im_start\|>', '<\|im_end\|>'\]"):
     load_chat_template("llamafactory_intern2", bare)

@@ -25,29 +25,50 @@ FEW_SHOT_SENTENCE = "Please learn from the few-shot cases to see what content yo
 # table (draws from its own Definition list); two instances only (fewer than 3 shots), an empty
 # rewrite list (keeps Definition[0]).
 TASKS = {
-    "task7_alpha_mcqa_en.json": dict(
-        definition=["Pick the right option and answer with its letter."], split="Train", pretty=True,
-        instances=[(f"Question {i}: which organ makes insulin?\nA. liver\nB. pancreas", ["B"]) for i in range(5)]),
-    "task8_beta_explain_zh.json": dict(
-        definition=["用一句话解释下面的医学名词。", "请简要解释这个医学术语。"], split="Train/Test", pretty=False,
-        instances=[(f"名词{i}：心律失常", [f"心跳的节律或频率异常{i}。", "另一个答案"]) for i in range(4)]),
-    "task9_gamma_ner_en.json": dict(
-        definition=["List the disease names in the sentence, separated by commas."], split="Test", pretty=True,
-        instances=[("The patient has asthma and diabetes.", ["asthma, diabetes"]),
-                   ("No history of hypertension.", ["hypertension"])]),
+  "task7_alpha_mcqa_en.json": dict(
+    definition=["Pick the right option and answer with its letter."],
+    split="Train",
+    pretty=True,
+    instances=[(f"Question {i}: which organ makes insulin?\nA. liver\nB. pancreas", ["B"]) for i in range(5)],
+  ),
+  "task8_beta_explain_zh.json": dict(
+    definition=["用一句话解释下面的医学名词。", "请简要解释这个医学术语。"],
+    split="Train/Test",
+    pretty=False,
+    instances=[(f"名词{i}：心律失常", [f"心跳的节律或频率异常{i}。", "另一个答案"]) for i in range(4)],
+  ),
+  "task9_gamma_ner_en.json": dict(
+    definition=["List the disease names in the sentence, separated by commas."],
+    split="Test",
+    pretty=True,
+    instances=[
+      ("The patient has asthma and diabetes.", ["asthma, diabetes"]),
+      ("No history of hypertension.", ["hypertension"]),
+    ],
+  ),
 }
 REWRITES = {
-    "task7": {"original_def": ["(ignored: the task file's Definition wins)"],
-              "auto_rewrite_def": ["Choose the correct option; reply with the letter.",
-                                   "Answer with the letter of the best option.", "Which option is right? Give its letter."]},
-    "task9": {"original_def": ["x"], "auto_rewrite_def": []},
+  "task7": {
+    "original_def": ["(ignored: the task file's Definition wins)"],
+    "auto_rewrite_def": [
+      "Choose the correct option; reply with the letter.",
+      "Answer with the letter of the best option.",
+      "Which option is right? Give its letter.",
+    ],
+  },
+  "task9": {"original_def": ["x"], "auto_rewrite_def": []},
 }
 
 
 def _task_object(spec: dict, task_id: str) -> dict:
-  return {"Contributors": ["test"], "Categories": ["Test category"], "Definition": spec["definition"],
-          "Input_language": ["English"], "Split Type": spec["split"],
-          "Instances": [{"id": f"{task_id}-{i}", "input": x, "output": y} for i, (x, y) in enumerate(spec["instances"])]}
+  return {
+    "Contributors": ["test"],
+    "Categories": ["Test category"],
+    "Definition": spec["definition"],
+    "Input_language": ["English"],
+    "Split Type": spec["split"],
+    "Instances": [{"id": f"{task_id}-{i}", "input": x, "output": y} for i, (x, y) in enumerate(spec["instances"])],
+  }
 
 
 def _write_tasks(directory, tasks=TASKS, rewrites=REWRITES) -> str:
@@ -76,8 +97,10 @@ def _official_insdataset(directory, rewrites, original_ins_possibility, no_conte
     task_id = name.split("_")[0]
     with open(os.path.join(directory, name), encoding="utf-8") as f:
       data = json.load(f)
-    definition = {"original_def": data["Definition"],
-                  "auto_rewrite_def": rewrites[task_id]["auto_rewrite_def"] if task_id in rewrites else data["Definition"]}
+    definition = {
+      "original_def": data["Definition"],
+      "auto_rewrite_def": rewrites[task_id]["auto_rewrite_def"] if task_id in rewrites else data["Definition"],
+    }
     pool = data["Instances"]
     for index, case in enumerate(pool):
       rng = random.Random(f"{seed}|{task_id}|{index}")
@@ -125,12 +148,15 @@ def test_zero_shot_and_three_shot_conversations_by_hand(tmp_path):
   directory = _write_tasks(tmp_path)
   zero = {r.record["id"]: r.conversation for r in _load(directory)[0]}
   assert zero["task7-1"] == Conversation(
-      "Pick the right option and answer with its letter.",
-      (("user", "Question 1: which organ makes insulin?\nA. liver\nB. pancreas"), ("assistant", "B")))
+    "Pick the right option and answer with its letter.",
+    (("user", "Question 1: which organ makes insulin?\nA. liver\nB. pancreas"), ("assistant", "B")),
+  )
   assert zero["task8-2"].turns[1] == ("assistant", "心跳的节律或频率异常2。")  # output[0]
   shot = {r.record["id"]: r.conversation for r in _load(directory, few_shot_prob=1.0)[0]}["task9-1"]
-  cases = ["Input:\nThe patient has asthma and diabetes.\n\nOutput:\nasthma, diabetes\n",
-           "Input:\nNo history of hypertension.\n\nOutput:\nhypertension\n"]
+  cases = [
+    "Input:\nThe patient has asthma and diabetes.\n\nOutput:\nasthma, diabetes\n",
+    "Input:\nNo history of hypertension.\n\nOutput:\nhypertension\n",
+  ]
   tail = "\n\nList the disease names in the sentence, separated by commas." + FEW_SHOT_SENTENCE
   assert shot.system in {"\n\n".join(cases) + tail, "\n\n".join(cases[::-1]) + tail}  # 2 instances: 2 shots
   assert shot.turns == (("user", "Input:\nNo history of hypertension.\nOutput:\n"), ("assistant", "hypertension"))
@@ -141,8 +167,13 @@ def test_records_carry_task_fields_and_lines(tmp_path):
   records, _ = _load(directory)
   first = records[0].record
   assert {k: first[k] for k in ("task_id", "id", "definition", "categories", "split_type", "instance_index")} == dict(
-      task_id="task7", id="task7-0", definition="Pick the right option and answer with its letter.",
-      categories=("Test category",), split_type="Train", instance_index=0)
+    task_id="task7",
+    id="task7-0",
+    definition="Pick the right option and answer with its letter.",
+    categories=("Test category",),
+    split_type="Train",
+    instance_index=0,
+  )
   pretty = (tmp_path / "task7_alpha_mcqa_en.json").read_text(encoding="utf-8").splitlines()
   for r in records[:5]:  # Each instance's '{' line of the pretty-printed file.
     id_line = pretty.index(f'      "id": "{r.record["id"]}",') + 1
@@ -182,8 +213,11 @@ def test_split_types_keep_some_tasks_and_an_empty_result_is_an_error(tmp_path):
   assert [r.record["task_id"] for r in records] == ["task7"] * 5 + ["task8"] * 4
   assert (stats.records, stats.left_out) == (11, 2)
   no_test = _write_tasks(tmp_path / "no_test", tasks={k: v for k, v in TASKS.items() if v["split"] != "Test"})
-  with pytest.raises(DataError, match=r"leave out 9 of its 9 records.*task 'task7'.*Split Type 'Train', not one of "
-                                      r"split_types=\['Test'\]"):
+  with pytest.raises(
+    DataError,
+    match=r"leave out 9 of its 9 records.*task 'task7'.*Split Type 'Train', not one of "
+    r"split_types=\['Test'\]",
+  ):
     _load(no_test, split_types=("Test",))
   with pytest.raises(DataError, match=r"split_types=\['train'\]: \['train'\] not among the Split Types"):
     _load(directory, split_types=("train",))
@@ -196,8 +230,11 @@ def test_bad_task_files_name_the_file_and_instance(tmp_path):
   del task["Instances"][2]["output"]
   path.write_text(json.dumps(task, indent=2), encoding="utf-8")
   line = path.read_text(encoding="utf-8").splitlines().index('      "id": "task7-2",')  # 1-based '{' line
-  with pytest.raises(DataError, match=rf"task7_alpha_mcqa_en.json:{line} \(item 3\): task 'task7' instance 'task7-2': "
-                                      r"has no 'output'"):
+  with pytest.raises(
+    DataError,
+    match=rf"task7_alpha_mcqa_en.json:{line} \(item 3\): task 'task7' instance 'task7-2': "
+    r"has no 'output'",
+  ):
     _load(directory)
   records, stats = _load(directory, on_error="skip", few_shot_prob=1.0)
   assert stats.skipped == 1 and len(records) == 10
@@ -210,8 +247,11 @@ def test_bad_task_files_name_the_file_and_instance(tmp_path):
   with pytest.raises(DataError, match=r"task7_alpha_mcqa_en.json:1 expected a JSON object"):
     _load(directory)
   sources = ml_collections.ConfigDict(dict(m=meds_ins.source_config(f"{directory}/task8*.json", reader="json")))
-  with pytest.raises(DataError, match=r"source 'm': its format reads its files with its own reader; remove "
-                                      r"reader='json'"):
+  with pytest.raises(
+    DataError,
+    match=r"source 'm': its format reads its files with its own reader; remove "
+    r"reader='json'",
+  ):
     load_conversations(parse_sources(sources)[0], "raise")
 
 
@@ -230,8 +270,16 @@ def test_recipe_config_and_its_data_section(tmp_path):
   directory = _write_tasks(tmp_path)
   config = meds_ins_llama3_8b.get_config(f"mesh=v5p-8,model_dir=/models/llama3,data_dir={directory}")
   assert (config.data.seq_len, config.train.global_batch_size, config.optim.lr, config.train.num_epochs) == (
-      2048, 128, 1e-5, 5.0)
-  assert (config.data.chat_template, config.init.from_hf, config.model.vocab_size) == ("llama3", "/models/llama3", 128256)
+    2048,
+    128,
+    1e-5,
+    5.0,
+  )
+  assert (config.data.chat_template, config.init.from_hf, config.model.vocab_size) == (
+    "llama3",
+    "/models/llama3",
+    128256,
+  )
   for preset, (mesh, accum) in meds_ins_llama3_8b.MESH_PRESETS.items():
     devices = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
     assert 128 % accum == 0 and (128 // accum) % devices == 0, preset
@@ -244,13 +292,15 @@ def test_recipe_config_and_its_data_section(tmp_path):
 
 def _run(*args: str) -> str:
   env = {**os.environ, "PYTHONPATH": REPO_ROOT}
-  return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                        timeout=300, check=True).stdout
+  return subprocess.run(
+    [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=True
+  ).stdout
 
 
 def test_inspect_the_demo_config():
-  stdout = _run("-m", "csft_jax.data.inspect", "--config=configs/meds_ins_demo.py", "--num_batches=2",
-                "--num_examples=4", "--json")
+  stdout = _run(
+    "-m", "csft_jax.data.inspect", "--config=configs/meds_ins_demo.py", "--num_batches=2", "--num_examples=4", "--json"
+  )
   summary = json.loads(stdout.strip().splitlines()[-1])
   assert list(summary["sources"]) == ["meds_ins"] and summary["sources"]["meds_ins"]["examples"] == 36  # 40 - 4 val
   assert summary["seq_len"] == 1024 and summary["sources"]["meds_ins"]["dropped"] == 0
@@ -268,12 +318,20 @@ def test_decontaminate_against_medsbench_task_files(tmp_path):
   task = {"Definition": ["Answer briefly."], "Instances": [{"id": "b0", "input": leaked, "output": ["-"]}]}
   (bench / "task1_bench_en.json").write_text(json.dumps(task, indent=2), encoding="utf-8")
   out = tmp_path / "filtered"
-  stdout = _run("tools/decontaminate.py", "--config=configs/meds_ins_demo.py", f"--benchmark=meds:{bench}",
-                f"--write_filtered={out}", "--json")
+  stdout = _run(
+    "tools/decontaminate.py",
+    "--config=configs/meds_ins_demo.py",
+    f"--benchmark=meds:{bench}",
+    f"--write_filtered={out}",
+    "--json",
+  )
   report = json.loads(stdout.strip().splitlines()[-1])["sources"]["meds_ins"]
   # Only the instance itself, not the instances whose 3-shot prompts borrow it.
   assert (report["examples"], report["contaminated"]) == (40, 1)
   assert report["first"][0]["location"].endswith("task1002_sample_medication_qa_en.json:1 (item 9)")
   records, _ = _load(out / "meds_ins", rewrite_definitions="")
   assert len(records) == 39 and leaked not in {r.record["input"] for r in records}
-  assert sorted(os.listdir(out / "meds_ins")) == ["task1001_sample_triage_zh.json", "task1002_sample_medication_qa_en.json"]
+  assert sorted(os.listdir(out / "meds_ins")) == [
+    "task1001_sample_triage_zh.json",
+    "task1002_sample_medication_qa_en.json",
+  ]

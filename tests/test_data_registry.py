@@ -29,8 +29,11 @@ def test_a_format_and_a_template_defined_in_test_code_run_through_the_pipeline(t
       question, answer = line.split("\t")
       yield {"q": question, "a": answer}, Location(path, line_number)
 
-  register_format("tab_qa", lambda record, options: Conversation(None, (("user", record["q"]), ("assistant", record["a"]))),
-                  read=read_tab_lines)
+  register_format(
+    "tab_qa",
+    lambda record, options: Conversation(None, (("user", record["q"]), ("assistant", record["a"]))),
+    read=read_tab_lines,
+  )
   spec = MarkupSpec("", "<|im_start|>[{role}]\n", "<|im_end|>", "\n", "<|endoftext|>", ("<|im_start|>", "<|im_end|>"))
   register_template("bracketed")(lambda tokenizer: MarkupTemplate("bracketed", tokenizer, spec))
   assert "bracketed" in template_names()

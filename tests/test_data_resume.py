@@ -69,8 +69,10 @@ np.savez(out, **{f"{i}_{k}": v for i, b in enumerate(batches) for k, v in b.item
 
 def test_two_processes_read_their_rows_of_the_global_batch(tmp_path):
   env = {**os.environ, "PYTHONPATH": REPO_ROOT}
-  workers = [subprocess.Popen([sys.executable, "-c", _WORKER, str(p), str(tmp_path / f"p{p}.npz")],
-                              cwd=REPO_ROOT, env=env) for p in range(2)]
+  workers = [
+    subprocess.Popen([sys.executable, "-c", _WORKER, str(p), str(tmp_path / f"p{p}.npz")], cwd=REPO_ROOT, env=env)
+    for p in range(2)
+  ]
   assert [w.wait(timeout=120) for w in workers] == [0, 0]
   single = _take(iter(sample_pipeline().train_dataset(8)), 3)
   parts = [np.load(tmp_path / f"p{p}.npz") for p in range(2)]
@@ -92,5 +94,6 @@ def test_val_split_is_fixed_disjoint_and_batched():
   num_val = sum(len(v) for v in pipeline.val_sources)
   assert sum(int(b["segment_ids"].max(axis=1).sum()) for b in batches) == num_val
   halves = [pipeline.val_batches(8, p, 2) for p in range(2)]
-  np.testing.assert_array_equal(np.concatenate([halves[0][0]["input_ids"], halves[1][0]["input_ids"]]),
-                                batches[0]["input_ids"])
+  np.testing.assert_array_equal(
+    np.concatenate([halves[0][0]["input_ids"], halves[1][0]["input_ids"]]), batches[0]["input_ids"]
+  )

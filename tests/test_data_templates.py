@@ -9,9 +9,14 @@ from csft_jax.data.templates import load_chat_template
 from tests.data_fixtures import demo_tokenizer, template
 
 CONVERSATION = Conversation(
-    "你是医生助手。",
-    (("user", "我头痛三天了。"), ("assistant", "有没有发热？"),
-     ("user", "没有，只是晚上睡不好。"), ("assistant", "建议规律作息，必要时到神经内科就诊。")))
+  "你是医生助手。",
+  (
+    ("user", "我头痛三天了。"),
+    ("assistant", "有没有发热？"),
+    ("user", "没有，只是晚上睡不好。"),
+    ("assistant", "建议规律作息，必要时到神经内科就诊。"),
+  ),
+)
 END_OF_TURN = {"chatml": "<|im_end|>", "internlm2": "<|im_end|>", "llama3": "<|eot_id|>", "hf": "<|im_end|>"}
 
 
@@ -50,7 +55,8 @@ def test_encode_prompt_ends_with_assistant_prefix(name):
   messages = [{"role": "system", "content": "你是医生助手。"}, {"role": "user", "content": "头痛怎么办？"}]
   ids = t.encode_prompt(messages)
   assert demo_tokenizer().decode(ids) == (
-      "<|im_start|>system\n你是医生助手。<|im_end|>\n<|im_start|>user\n头痛怎么办？<|im_end|>\n<|im_start|>assistant\n")
+    "<|im_start|>system\n你是医生助手。<|im_end|>\n<|im_start|>user\n头痛怎么办？<|im_end|>\n<|im_start|>assistant\n"
+  )
 
 
 def test_stop_token_ids_are_end_of_turn_then_eos():
@@ -78,18 +84,22 @@ PADDED = [{"role": "system", "content": "\n 3 cases...\n\n"}, {"role": "user", "
 def test_llama3_strips_every_message_content():
   t = template("llama3")
   assert t.render_prompt(PADDED) == (
-      "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n3 cases...<|eot_id|>"
-      "<|start_header_id|>user<|end_header_id|>\n\nInput:\nq\nOutput:<|eot_id|>"
-      "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n3 cases...<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\nInput:\nq\nOutput:<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+  )
   text, spans = t.render(Conversation(" sys ", (("user", " q\n"), ("assistant", "\n a \n"))))
-  assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nsys<|eot_id|>"
-                  "<|start_header_id|>user<|end_header_id|>\n\nq<|eot_id|>"
-                  "<|start_header_id|>assistant<|end_header_id|>\n\na<|eot_id|>")
+  assert text == (
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nsys<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\nq<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\na<|eot_id|>"
+  )
   assert [text[s:e] for s, e in spans] == ["a<|eot_id|>"]
 
 
 def test_llama3_jinja_export_trims_as_the_template_does():
   import jinja2  # pylint: disable=import-outside-toplevel
+
   t = template("llama3")
   rendered = jinja2.Template(t.jinja()).render(messages=PADDED, add_generation_prompt=True)
   assert rendered == t.render_prompt(PADDED)
@@ -98,18 +108,21 @@ def test_llama3_jinja_export_trims_as_the_template_does():
 def test_internlm2_keeps_contents_as_given():
   # EvalDataset.build_inputs_for_internlm: no strip; BOS as text when the tokenizer adds none.
   assert template("internlm2").render_prompt(PADDED) == (
-      "<s><|im_start|>system\n\n 3 cases...\n\n<|im_end|>\n<|im_start|>user\nInput:\nq\nOutput:\n<|im_end|>\n"
-      "<|im_start|>assistant\n")
+    "<s><|im_start|>system\n\n 3 cases...\n\n<|im_end|>\n<|im_start|>user\nInput:\nq\nOutput:\n<|im_end|>\n"
+    "<|im_start|>assistant\n"
+  )
 
 
 MISTRAL_JINJA = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-    "{{ message['content'] + eos_token }}{% else %}{{ raise_exception('no system role') }}{% endif %}{% endfor %}")
+  "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+  "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+  "{{ message['content'] + eos_token }}{% else %}{{ raise_exception('no system role') }}{% endif %}{% endfor %}"
+)
 
 
 def test_mistral_folds_the_system_turn_into_the_user_turn():
   import copy  # pylint: disable=import-outside-toplevel
+
   tokenizer = copy.deepcopy(demo_tokenizer())
   tokenizer.chat_template = MISTRAL_JINJA
   tokenizer.bos_token, tokenizer.eos_token = "<s>", "</s>"

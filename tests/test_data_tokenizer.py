@@ -25,16 +25,31 @@ from csft_jax.data.tokenizer import load_tokenizer
 from tests import REPO_ROOT
 from tests.data_fixtures import COLLECTION
 
-INTERNLM2_TOKENS = ("<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>",
-                    "<|im_start|>")
+INTERNLM2_TOKENS = ("<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>")
 PLACEHOLDERS = tuple(f"[UNUSED_TOKEN_{141 + i}]" for i in range(len(INTERNLM2_TOKENS)))
 INTERNLM2_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+  "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+  " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 EDGE_CASES = (
-    "", " ", "  ", "\n", "\n\n首行空行", "  两个前导空格", "末尾空格  ", "a  b   c\t\td", "剂量 0.25 mg, 1,000 IU, 2024年3月",
-    "<|im_start|>", "<|im_start|><|im_end|>", "x<|im_end|>y", " <|im_start|> user \n", "<s>你好</s>", "<unk>",
-    "emoji 😀 and rare 龘 ᚠ", "<|action_start|><|interpreter|>\nprint(1)\n<|action_end|>", "<|plugin|>{\"a\": 1}",
+  "",
+  " ",
+  "  ",
+  "\n",
+  "\n\n首行空行",
+  "  两个前导空格",
+  "末尾空格  ",
+  "a  b   c\t\td",
+  "剂量 0.25 mg, 1,000 IU, 2024年3月",
+  "<|im_start|>",
+  "<|im_start|><|im_end|>",
+  "x<|im_end|>y",
+  " <|im_start|> user \n",
+  "<s>你好</s>",
+  "<unk>",
+  "emoji 😀 and rare 龘 ᚠ",
+  "<|action_start|><|interpreter|>\nprint(1)\n<|action_end|>",
+  '<|plugin|>{"a": 1}',
 )
 
 
@@ -62,27 +77,57 @@ def _chat(question: str, answer: str) -> str:
 def _write_internlm2_dir(path, texts: list[str], placeholders=PLACEHOLDERS, names=INTERNLM2_TOKENS) -> None:
   model = io.BytesIO()
   sentencepiece.SentencePieceTrainer.train(
-      sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=3000, byte_fallback=True,
-      normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-      split_digits=True, allow_whitespace_only_pieces=True, character_coverage=0.99,
-      user_defined_symbols=list(placeholders), unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
-      minloglevel=2)
+    sentence_iterator=iter(texts),
+    model_writer=model,
+    model_type="bpe",
+    vocab_size=3000,
+    byte_fallback=True,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=True,
+    split_digits=True,
+    allow_whitespace_only_pieces=True,
+    character_coverage=0.99,
+    user_defined_symbols=list(placeholders),
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    num_threads=1,
+    minloglevel=2,
+  )
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "tokenizer.model"), "wb") as f:
     f.write(model.getvalue())
   processor = sentencepiece.SentencePieceProcessor(model_file=os.path.join(path, "tokenizer.model"))
   renamed = {"<unk>": "<unk>", "<s>": "<s>", "</s>": "</s>", **dict(zip(placeholders, names))}
   config = {
-      "added_tokens_decoder": {
-          str(processor.piece_to_id(piece)): {"content": name, "lstrip": False, "normalized": False,
-                                              "rstrip": False, "single_word": False, "special": True}
-          for piece, name in renamed.items()},
-      "additional_special_tokens": list(names),
-      "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer",
-                                     "tokenization_internlm2_fast.InternLM2TokenizerFast"]},
-      "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>",
-      "chat_template": INTERNLM2_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
-      "model_max_length": 1000000000000000019884624838656, "tokenizer_class": "InternLM2Tokenizer",
+    "added_tokens_decoder": {
+      str(processor.piece_to_id(piece)): {
+        "content": name,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+        "special": True,
+      }
+      for piece, name in renamed.items()
+    },
+    "additional_special_tokens": list(names),
+    "auto_map": {
+      "AutoTokenizer": [
+        "tokenization_internlm2.InternLM2Tokenizer",
+        "tokenization_internlm2_fast.InternLM2TokenizerFast",
+      ]
+    },
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "pad_token": "</s>",
+    "unk_token": "<unk>",
+    "chat_template": INTERNLM2_CHAT_TEMPLATE,
+    "clean_up_tokenization_spaces": False,
+    "model_max_length": 1000000000000000019884624838656,
+    "tokenizer_class": "InternLM2Tokenizer",
   }
   with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
     json.dump(config, f, ensure_ascii=False)
@@ -141,15 +186,25 @@ def test_converted_tokenizer_encodes_the_collection_as_sentencepiece(internlm2_d
     assert tokenizer.decode(reference.encode(text)) == reference.processor.decode(reference.encode(text))
   template = load_chat_template("internlm2", tokenizer)
   assert template.stop_token_ids == (reference.added["<|im_end|>"], reference.added["</s>"])
-  assert tokenizer.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False,
-                                       add_generation_prompt=True) == "<s><|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
+  assert (
+    tokenizer.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False, add_generation_prompt=True)
+    == "<s><|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
+  )
 
 
 def test_cli_writes_a_fast_tokenizer_that_loads_without_remote_code(internlm2_dir, texts, tmp_path):
   out = tmp_path / "fast"
-  result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "convert_tokenizer.py"),
-                           f"--tokenizer_dir={internlm2_dir}", f"--out={out}"],
-                          cwd=REPO_ROOT, capture_output=True, text=True)
+  result = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(REPO_ROOT, "tools", "convert_tokenizer.py"),
+      f"--tokenizer_dir={internlm2_dir}",
+      f"--out={out}",
+    ],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "<|im_start|>=" in result.stderr
   assert {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"} <= set(os.listdir(out))

@@ -30,26 +30,26 @@ def official_reference(text: str, question_type: str) -> str:
 
 
 PHRASINGS = [
-    # (text, expected single-choice answer, expected multi-choice answer)
-    ("答案是A。", "A", "A"),
-    ("正确选项为：B、D", "B", "BD"),
-    ("A项错误，因为该药无此作用；B项正确，符合指南。所以答案是B。", "B", "B"),
-    ("选项D描述错误，答案为A。", "A", "A"),
-    ("正确答案是ACD。", "A", "ACD"),
-    ("答案应该是E", "E", "E"),
-    ("答案应该为C和D。其余错误。", "C", "CD"),
-    ("答案是 B. 因为其余选项与题干不符", "B", "B"),
-    ("答案：A", "A", "A"),
-    ("答案是：B", "B", "B"),
-    ("分析：\nA. 正确\nB. 错误\nC. 正确\n正确选项是：A、C、E\n", "A", "ACE"),
-    ("The answer is C.", "C", "C"),
-    ("Answer: B", "A", "AB"),  # no Chinese cue: every A-G capital counts, 'A' of 'Answer' first
-    ("Option A is wrong. Therefore, the correct option is D.", "A", "AD"),
-    ("答案:A", "A", "A"),  # half-width colon is not a cue; the fallback still finds A
-    ("答案是。", "", ""),  # a cue with nothing after it gives no answer (no fallback)
-    ("我不确定这道题。", "", ""),
-    ("", "", ""),
-    ("答案是EB。", "E", "EB"),  # letters are kept in written order, never sorted
+  # (text, expected single-choice answer, expected multi-choice answer)
+  ("答案是A。", "A", "A"),
+  ("正确选项为：B、D", "B", "BD"),
+  ("A项错误，因为该药无此作用；B项正确，符合指南。所以答案是B。", "B", "B"),
+  ("选项D描述错误，答案为A。", "A", "A"),
+  ("正确答案是ACD。", "A", "ACD"),
+  ("答案应该是E", "E", "E"),
+  ("答案应该为C和D。其余错误。", "C", "CD"),
+  ("答案是 B. 因为其余选项与题干不符", "B", "B"),
+  ("答案：A", "A", "A"),
+  ("答案是：B", "B", "B"),
+  ("分析：\nA. 正确\nB. 错误\nC. 正确\n正确选项是：A、C、E\n", "A", "ACE"),
+  ("The answer is C.", "C", "C"),
+  ("Answer: B", "A", "AB"),  # no Chinese cue: every A-G capital counts, 'A' of 'Answer' first
+  ("Option A is wrong. Therefore, the correct option is D.", "A", "AD"),
+  ("答案:A", "A", "A"),  # half-width colon is not a cue; the fallback still finds A
+  ("答案是。", "", ""),  # a cue with nothing after it gives no answer (no fallback)
+  ("我不确定这道题。", "", ""),
+  ("", "", ""),
+  ("答案是EB。", "E", "EB"),  # letters are kept in written order, never sorted
 ]
 
 
@@ -59,9 +59,16 @@ def test_extract_answer_literal_expectations(text, single, multi):
   assert cmb.extract_answer(text, M) == multi
 
 
-@pytest.mark.parametrize("text", [p[0] for p in PHRASINGS] + [
-    "综上，答案是B，但也可能是C。", "根据题意，正确选项应该是AB.其余不对", "Ans: G F", "答案为F\n解析略",
-])
+@pytest.mark.parametrize(
+  "text",
+  [p[0] for p in PHRASINGS]
+  + [
+    "综上，答案是B，但也可能是C。",
+    "根据题意，正确选项应该是AB.其余不对",
+    "Ans: G F",
+    "答案为F\n解析略",
+  ],
+)
 def test_extract_answer_matches_official_reference(text):
   for question_type in (S, M):
     assert cmb.extract_answer(text, question_type) == official_reference(text, question_type)
@@ -72,7 +79,9 @@ def test_extract_answer_rejects_unknown_question_type():
     cmb.extract_answer("答案是A", "判断题")
 
 
-@pytest.mark.parametrize("answers,expected", [
+@pytest.mark.parametrize(
+  "answers,expected",
+  [
     (["A", "B", "A"], "A"),
     (["", "", "C"], "C"),
     (["B", "A"], "B"),  # tie: first seen wins, as the official stable sort
@@ -80,7 +89,8 @@ def test_extract_answer_rejects_unknown_question_type():
     (["AB", "AB", "A"], "AB"),
     (["", ""], ""),
     ([], ""),
-])
+  ],
+)
 def test_majority_vote(answers, expected):
   assert cmb.majority_vote(answers) == expected
 
@@ -92,23 +102,23 @@ def test_predict_extracts_then_votes():
 
 
 ITEM = {
-    "id": 7,
-    "exam_type": "医师考试",
-    "exam_class": "执业医师",
-    "exam_subject": "临床执业医师",
-    "question": "诊断糖尿病的空腹血糖标准是",
-    "question_type": S,
-    "option": {"A": "≥5.6mmol/L", "B": "≥6.1mmol/L", "C": "≥7.0mmol/L", "D": "是"},
+  "id": 7,
+  "exam_type": "医师考试",
+  "exam_class": "执业医师",
+  "exam_subject": "临床执业医师",
+  "question": "诊断糖尿病的空腹血糖标准是",
+  "question_type": S,
+  "option": {"A": "≥5.6mmol/L", "B": "≥6.1mmol/L", "C": "≥7.0mmol/L", "D": "是"},
 }
 
 
 def test_format_question_is_the_official_prompt():
   assert cmb.format_question(ITEM, "answer") == (
-      "以下是中国医师考试中执业医师考试的一道单项选择题，不需要做任何分析和解释，直接输出答案选项。\n"
-      "诊断糖尿病的空腹血糖标准是\nA. ≥5.6mmol/L\nB. ≥6.1mmol/L\nC. ≥7.0mmol/L"
+    "以下是中国医师考试中执业医师考试的一道单项选择题，不需要做任何分析和解释，直接输出答案选项。\n"
+    "诊断糖尿病的空腹血糖标准是\nA. ≥5.6mmol/L\nB. ≥6.1mmol/L\nC. ≥7.0mmol/L"
   )  # option D ("是", one character) is dropped by the official len(v) > 1 filter
   assert cmb.format_question(ITEM, "cot").startswith(
-      "以下是中国医师考试中执业医师考试的一道单项选择题，请分析每个选项，并最后给出答案。\n"
+    "以下是中国医师考试中执业医师考试的一道单项选择题，请分析每个选项，并最后给出答案。\n"
   )
   with pytest.raises(ValueError, match="Unknown CMB prompt mode"):
     cmb.format_question(ITEM, "fewshot")
@@ -145,13 +155,16 @@ def test_select_shots_same_type_and_class_deterministic():
     cmb.select_shots(val, test[0], 4)
 
 
-@pytest.mark.parametrize("change,message", [
+@pytest.mark.parametrize(
+  "change,message",
+  [
     (lambda item: item.pop("question"), "missing field"),
     (lambda item: item.update(question_type="判断题"), "unknown question_type"),
     (lambda item: item["option"].update(H="选项H"), r"option key\(s\) \['H'\]"),
     (lambda item: item.update(answer="E"), "names an option not in"),
     (lambda item: item.update(answer="AB"), "has several letters"),
-])
+  ],
+)
 def test_load_exam_bad_items(tmp_path, change, message):
   item = json.loads(json.dumps(ITEM))
   change(item)
@@ -188,13 +201,13 @@ def test_loglik_request_and_answer():
 
 
 TINY_KEY = [
-    {"id": 1, "exam_type": "T1", "exam_class": "c1", "question_type": S, "answer": "A"},
-    {"id": 2, "exam_type": "T1", "exam_class": "c1", "question_type": S, "answer": "B"},
-    {"id": 3, "exam_type": "T1", "exam_class": "c2", "question_type": S, "answer": "C"},
-    {"id": 4, "exam_type": "T1", "exam_class": "c2", "question_type": S, "answer": "D"},
-    {"id": 5, "exam_type": "T1", "exam_class": "c2", "question_type": M, "answer": "AB"},
-    {"id": 6, "exam_type": "T1", "exam_class": "c2", "question_type": M, "answer": "CE"},
-    {"id": 7, "exam_type": "T2", "exam_class": "c3", "question_type": S, "answer": "E"},
+  {"id": 1, "exam_type": "T1", "exam_class": "c1", "question_type": S, "answer": "A"},
+  {"id": 2, "exam_type": "T1", "exam_class": "c1", "question_type": S, "answer": "B"},
+  {"id": 3, "exam_type": "T1", "exam_class": "c2", "question_type": S, "answer": "C"},
+  {"id": 4, "exam_type": "T1", "exam_class": "c2", "question_type": S, "answer": "D"},
+  {"id": 5, "exam_type": "T1", "exam_class": "c2", "question_type": M, "answer": "AB"},
+  {"id": 6, "exam_type": "T1", "exam_class": "c2", "question_type": M, "answer": "CE"},
+  {"id": 7, "exam_type": "T2", "exam_class": "c3", "question_type": S, "answer": "E"},
 ]
 
 
@@ -237,13 +250,13 @@ def official_score(answer_key: list[dict], submission: list[dict]) -> dict:
 
 # What the official scorer accepts but the strict validator does not.
 MESSY = [
-    {"id": 1, "model_answer": "a"},  # lower case: wrong under exact match
-    {"id": 3, "model_answer": "C"},
-    {"id": 3, "model_answer": "A"},  # a repeated id: the last answer counts (wrong)
-    {"id": 4.0, "model_answer": "D"},  # the same dict key as 4: right
-    {"id": "5", "model_answer": "AB"},  # not id 5: 5 is missing, "5" is unknown
-    {"id": 6, "model_answer": ["C", "E"]},  # not a string: wrong
-    {"id": 99, "model_answer": "A"},  # not in the key: ignored
+  {"id": 1, "model_answer": "a"},  # lower case: wrong under exact match
+  {"id": 3, "model_answer": "C"},
+  {"id": 3, "model_answer": "A"},  # a repeated id: the last answer counts (wrong)
+  {"id": 4.0, "model_answer": "D"},  # the same dict key as 4: right
+  {"id": "5", "model_answer": "AB"},  # not id 5: 5 is missing, "5" is unknown
+  {"id": 6, "model_answer": ["C", "E"]},  # not a string: wrong
+  {"id": 99, "model_answer": "A"},  # not in the key: ignored
 ]  # ids 2, 5 and 7 are missing: empty answers, wrong
 
 
@@ -256,21 +269,32 @@ def test_score_follows_official_score_py_with_warnings(caplog):
   assert official["accuracy_per_subcategory"] == {"T1": {"c1": 0.0, "c2": 0.25}, "T2": {"c3": 0.0}}
   assert results["counts"] == {"items": 7, "correct": 1, "empty_answers": 3}
   assert results["submission_warnings"] == [
-      "1 duplicate id(s), e.g. [3]: the last entry of each counts",
-      "3 answer-key id(s) missing, e.g. [2, 5, 7]: scored as empty answers (wrong)",
-      "2 id(s) not in the answer key, e.g. ['5', 99]: ignored",
-      "2 model_answer(s) not letters A-G, e.g. id 1: 'a', id 6: ['C', 'E']: compared as written (exact match)",
+    "1 duplicate id(s), e.g. [3]: the last entry of each counts",
+    "3 answer-key id(s) missing, e.g. [2, 5, 7]: scored as empty answers (wrong)",
+    "2 id(s) not in the answer key, e.g. ['5', 99]: ignored",
+    "2 model_answer(s) not letters A-G, e.g. id 1: 'a', id 6: ['C', 'E']: compared as written (exact match)",
   ]
   assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
-      f"CMB submission: {w}, as the official score.py does (--strict refuses it)." for w in results["submission_warnings"]]
+    f"CMB submission: {w}, as the official score.py does (--strict refuses it)." for w in results["submission_warnings"]
+  ]
   assert "Warning: 3 answer-key id(s) missing" in cmb.markdown_report(results)
   with pytest.raises(cmb.CMBInputError, match="Submission does not match the answer key: 1 duplicate id"):
     cmb.score_submission(MESSY, TINY_KEY, strict=True)
 
 
-@pytest.mark.parametrize("changes", [
-    {}, {0: "B"}, {0: None}, {1: ""}, {4: "BA"}, {4: "ABC"}, {6: "e"}, {6: 5},
-])
+@pytest.mark.parametrize(
+  "changes",
+  [
+    {},
+    {0: "B"},
+    {0: None},
+    {1: ""},
+    {4: "BA"},
+    {4: "ABC"},
+    {6: "e"},
+    {6: 5},
+  ],
+)
 def test_score_equals_official_transcription(changes):
   submission = [{"id": e["id"], "model_answer": changes.get(i, e["answer"])} for i, e in enumerate(TINY_KEY)]
   for strict in (False, True):
@@ -282,13 +306,19 @@ def test_score_equals_official_transcription(changes):
     assert results["accuracy_per_category"] == official["accuracy_per_category"]
 
 
-@pytest.mark.parametrize("mutate,message", [
+@pytest.mark.parametrize(
+  "mutate,message",
+  [
     (lambda s: s.pop(), r"1 answer-key id\(s\) missing, e.g. \[7\]"),
     (lambda s: s.append({"id": 3, "model_answer": "C"}), r"1 duplicate id\(s\), e.g. \[3\]"),
     (lambda s: s.append({"id": 99, "model_answer": "A"}), r"1 id\(s\) not in the answer key, e.g. \[99\]"),
-    (lambda s: s.__setitem__(0, {"id": "1", "model_answer": "A"}), r"missing, e.g. \[1\].*not in the answer key, e.g. \['1'\]"),
+    (
+      lambda s: s.__setitem__(0, {"id": "1", "model_answer": "A"}),
+      r"missing, e.g. \[1\].*not in the answer key, e.g. \['1'\]",
+    ),
     (lambda s: s.__setitem__(0, {"id": 1, "model_answer": "H"}), r"not letters A-G, e.g. id 1: 'H'"),
-])
+  ],
+)
 def test_strict_validator_refuses_what_official_scores(mutate, message):
   submission = [{"id": e["id"], "model_answer": e["answer"]} for e in TINY_KEY]
   mutate(submission)
@@ -301,12 +331,15 @@ def test_strict_validator_refuses_what_official_scores(mutate, message):
   assert len(results["submission_warnings"]) >= 1
 
 
-@pytest.mark.parametrize("entry,message", [
+@pytest.mark.parametrize(
+  "entry,message",
+  [
     ({"id": 1}, r"submission entry 0: expected \{\"id\": ..., \"model_answer\": ...\}"),
     ({"model_answer": "A"}, "submission entry 0: expected"),
     ("A", "submission entry 0: expected"),
     ({"id": [1], "model_answer": "A"}, r"submission entry 0: id \[1\] must be a number or a string"),
-])
+  ],
+)
 def test_entries_the_official_scorer_cannot_read_are_errors(entry, message):
   submission = [entry] + [{"id": e["id"], "model_answer": e["answer"]} for e in TINY_KEY[1:]]
   with pytest.raises(cmb.CMBInputError, match=message):
@@ -348,8 +381,9 @@ def test_shared_key_scores():
 
 def _score_cli(*args: str) -> subprocess.CompletedProcess:
   """`python -m csft_jax.score cmb ...` as a user runs it, from the repository root."""
-  return subprocess.run([sys.executable, "-m", "csft_jax.score", "cmb", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "csft_jax.score", "cmb", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+  )
 
 
 @needs_shared_key
@@ -374,15 +408,18 @@ def test_cli_scores_shared_key_as_official_score_py(tmp_path):
   assert results["accuracy_per_category"] == official["accuracy_per_category"]
   assert results["counts"]["correct"] == 11200 - 300 - 200 - 50 == 10650
   assert results["counts"]["empty_answers"] == 300
-  for warning in ("200 duplicate id(s)", "300 answer-key id(s) missing", "1 id(s) not in the answer key",
-                  "50 model_answer(s) not letters A-G"):
+  for warning in (
+    "200 duplicate id(s)",
+    "300 answer-key id(s) missing",
+    "1 id(s) not in the answer key",
+    "50 model_answer(s) not letters A-G",
+  ):
     assert warning in done.stderr
   assert f"| overall micro | {100 * 10650 / 11200:.2f} |" in done.stdout
   assert "Warning: 300 answer-key id(s) missing" in out.with_suffix(".md").read_text(encoding="utf-8")
 
   strict_out = tmp_path / "strict" / "results.json"
-  refused = _score_cli(f"--submission={submission}", f"--answer_key={SHARED_KEY}", f"--out={strict_out}",
-                       "--strict")
+  refused = _score_cli(f"--submission={submission}", f"--answer_key={SHARED_KEY}", f"--out={strict_out}", "--strict")
   assert refused.returncode == 2
   assert "error: Submission does not match the answer key: 200 duplicate id(s)" in refused.stderr
   assert not strict_out.parent.exists()
@@ -415,8 +452,13 @@ def test_sample_end_to_end(tmp_path):
   path = cmb.write_submission(submission, tmp_path / "submission.json", key)
   assert json.loads(path.read_text(encoding="utf-8")) == submission
   results = cmb.score_submission(submission, key, generation_stats=stats)
-  assert results["counts"] == {"items": 24, "correct": 16, "empty_answers": 8,
-                               "empty_generations": 0, "no_answer_extracted": 8}
+  assert results["counts"] == {
+    "items": 24,
+    "correct": 16,
+    "empty_answers": 8,
+    "empty_generations": 0,
+    "no_answer_extracted": 8,
+  }
   cmb.write_results(results, tmp_path / "results.json")
   assert json.loads((tmp_path / "results.json").read_text(encoding="utf-8")) == results
   assert (tmp_path / "results.md").read_text(encoding="utf-8").startswith("Protocol: generation")

@@ -40,8 +40,8 @@ def test_judge_prompt_is_official_text_filled_once(cases):
   prompt = cmb_clin.judge_prompt(case, 1, answer)
   assert prompt.startswith("You are an AI evaluator specializing in assessing the quality of answers\n")
   assert prompt.endswith(
-      "{ \u2018 fluency \u2019: 3 , \u2018 relevance \u2019: 3 , "
-      "\u2018 completeness \u2019: 3 , \u2018 proficiency \u2019: 3}"
+    "{ \u2018 fluency \u2019: 3 , \u2018 relevance \u2019: 3 , "
+    "\u2018 completeness \u2019: 3 , \u2018 proficiency \u2019: 3}"
   )
   assert f"[ description ]\n{case['description']}\n[ end of description ]" in prompt
   history = f"问：{case['QA_pairs'][0]['question']}\n答：{case['QA_pairs'][0]['solution']}\n"
@@ -106,7 +106,9 @@ def test_run_decodes_as_the_official_workers(tmp_path, cases):
   ((conversations, options),) = chat.calls
   assert options["max_new_tokens"] == 512
   assert options["sampling"] == engine.Sampling(temperature=0.0, repetition_penalty=1.1, min_new_tokens=1)
-  assert conversations[0] == [{"role": "user", "content": cases[0]["description"] + cases[0]["QA_pairs"][0]["question"]}]
+  assert conversations[0] == [
+    {"role": "user", "content": cases[0]["description"] + cases[0]["QA_pairs"][0]["question"]}
+  ]
   assert len(conversations) == summary["n"] == sum(len(c["QA_pairs"]) for c in cases)
   assert summary["settings"]["repetition_penalty"] == 1.1
   config.repetition_penalty = 0.0

@@ -68,11 +68,17 @@ def _hf_greedy(hf_model, prompts: list[list[int]], max_new_tokens: int, eos) -> 
   ids = torch.zeros((len(prompts), width), dtype=torch.long)
   mask = torch.zeros_like(ids)
   for row, prompt in enumerate(prompts):
-    ids[row, width - len(prompt):] = torch.tensor(prompt)
-    mask[row, width - len(prompt):] = 1
+    ids[row, width - len(prompt) :] = torch.tensor(prompt)
+    mask[row, width - len(prompt) :] = 1
   with torch.no_grad():
-    out = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                            eos_token_id=eos, pad_token_id=0)
+    out = hf_model.generate(
+      input_ids=ids,
+      attention_mask=mask,
+      max_new_tokens=max_new_tokens,
+      do_sample=False,
+      eos_token_id=eos,
+      pad_token_id=0,
+    )
   stops = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
   rows = []
   for row in out[:, width:].tolist():
@@ -122,8 +128,10 @@ def test_sharded_mesh_matches_single_device(tiny_model, mesh_shape):
   assert sharded == single
   contexts, continuations = prompts[:4], _prompts(101, [1, 2, 1, 3], seed=3)
   np.testing.assert_allclose(
-      engine.score_continuations(tiny_model, contexts, continuations, batch_size=8, mesh=mesh),
-      engine.score_continuations(tiny_model, contexts, continuations, batch_size=8), atol=1e-5)
+    engine.score_continuations(tiny_model, contexts, continuations, batch_size=8, mesh=mesh),
+    engine.score_continuations(tiny_model, contexts, continuations, batch_size=8),
+    atol=1e-5,
+  )
 
 
 def test_plan_batches_sorts_by_length_and_buckets():
@@ -141,8 +149,9 @@ def test_compilations_are_one_per_bucket_and_reused(tiny_model):
   first = engine.generate(tiny_model, _prompts(101, lengths), 5, None, batch_size=4, batching="static")
   assert first.num_compilations == 3  # (4 x 40), (4 x 16), (2 x 16)
   # Other prompts whose batches fall in the same buckets reuse the compiled programs.
-  again = engine.generate(tiny_model, _prompts(101, [2, 4, 16, 21, 34, 3, 9, 39, 12, 2], seed=5), 5, None,
-                          batch_size=4, batching="static")
+  again = engine.generate(
+    tiny_model, _prompts(101, [2, 4, 16, 21, 34, 3, 9, 39, 12, 2], seed=5), 5, None, batch_size=4, batching="static"
+  )
   assert again.num_compilations == 0
   assert [len(t[0]) for t in again.tokens] == [5] * len(lengths)
 
@@ -167,8 +176,9 @@ def test_sampling_is_seeded_and_independent_of_batching(tiny_model):
   assert other_seed != small
   assert any(len({tuple(s) for s in samples}) > 1 for samples in small), "samples of a prompt all equal"
   # A vanishing nucleus keeps only the most likely token: sampling becomes greedy.
-  nucleus = engine.generate(tiny_model, prompts, 6, 7, batch_size=8, num_samples=2,
-                            sampling=engine.Sampling(temperature=1.0, top_p=1e-6)).tokens
+  nucleus = engine.generate(
+    tiny_model, prompts, 6, 7, batch_size=8, num_samples=2, sampling=engine.Sampling(temperature=1.0, top_p=1e-6)
+  ).tokens
   greedy = engine.greedy_generate(tiny_model, prompts, 6, 7, batch_size=8)
   assert [samples[0] for samples in nucleus] == [samples[1] for samples in nucleus] == greedy
 
@@ -178,10 +188,16 @@ def _hf_generate_one_by_one(hf_model, prompts, max_new_tokens: int, eos, **optio
   rows = []
   for prompt in prompts:
     with torch.no_grad():
-      out = hf_model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                              max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0,
-                              **options)
-    row = out[0, len(prompt):].tolist()
+      out = hf_model.generate(
+        input_ids=torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+        **options,
+      )
+    row = out[0, len(prompt) :].tolist()
     end = next((i + 1 for i, t in enumerate(row) if eos is not None and t in eos), len(row))
     rows.append(row[:end])
   return rows
@@ -236,8 +252,9 @@ def test_load_model_from_training_workdir(tiny_model, tmp_path):
 
   workdir = tmp_path / "run"
   save_model(str(workdir / "checkpoints"), tiny_model, step=7)
-  (workdir / "config.json").write_text(json.dumps({"data": {"tokenizer": "csft_jax/assets/demo_tokenizer",
-                                                             "chat_template": "chatml"}}))
+  (workdir / "config.json").write_text(
+    json.dumps({"data": {"tokenizer": "csft_jax/assets/demo_tokenizer", "chat_template": "chatml"}})
+  )
   for path in (workdir, workdir / "checkpoints", workdir / "checkpoints" / "7"):
     model, kind = loading.load_model(str(path), dtype="float32")
     run_dir = RunDir.containing(str(path))
@@ -272,11 +289,13 @@ def test_plan_generation_shares_only_prefixes_that_save_prefill():
   assert shared[0].padded_len == 16  # suffixes of 1..9 tokens
   # The 35-token pair shares its batch with two unrelated prompts: nothing in common there. In
   # batches of two it keeps 32 tokens (the bucket grid below 35).
-  assert [(sorted(plan.rows), plan.prefix_len) for plan in engine.plan_generation(prompts, 2, 200)
-          if plan.prefix_len] == [([4, 5], 32), ([0, 2], 40), ([1, 3], 40)]
+  assert [
+    (sorted(plan.rows), plan.prefix_len) for plan in engine.plan_generation(prompts, 2, 200) if plan.prefix_len
+  ] == [([4, 5], 32), ([0, 2], 40), ([1, 3], 40)]
   assert engine.plan_generation(prompts, batch_size=4, cap=200, share_prefixes=False) == [
-      engine.BatchPlan(rows, padded_rows, 0, padded_len)
-      for rows, padded_rows, padded_len in engine.plan_batches([len(p) for p in prompts], 4, 200)]
+    engine.BatchPlan(rows, padded_rows, 0, padded_len)
+    for rows, padded_rows, padded_len in engine.plan_batches([len(p) for p in prompts], 4, 200)
+  ]
 
 
 def test_shared_prefix_generation_equals_whole_prompts_and_hf(tiny_dir, tiny_model):
@@ -288,20 +307,28 @@ def test_shared_prefix_generation_equals_whole_prompts_and_hf(tiny_dir, tiny_mod
   # Continuous batching prefills each group's prefix once too, for whichever slots its rows take.
   continuous = engine.generate(tiny_model, prompts, 8, None, batch_size=2, batching="continuous")
   assert continuous.tokens == whole.tokens
-  assert continuous.prefill_slots < engine.generate(tiny_model, prompts, 8, None, batch_size=2, batching="continuous",
-                                                    share_prefixes=False).prefill_slots
+  assert (
+    continuous.prefill_slots
+    < engine.generate(
+      tiny_model, prompts, 8, None, batch_size=2, batching="continuous", share_prefixes=False
+    ).prefill_slots
+  )
   assert shared.prefill_slots < whole.prefill_slots
   assert [samples[0] for samples in shared.tokens] == _hf_generate_one_by_one(hf_model, prompts, 8, None)
   # Sampling keeps its seeding rule, the repetition penalty sees the prefix, meshes agree.
-  for sampling, num_samples in ((engine.Sampling(temperature=1.0, top_p=0.9), 2),
-                                (engine.Sampling(repetition_penalty=1.3), 1)):
+  for sampling, num_samples in (
+    (engine.Sampling(temperature=1.0, top_p=0.9), 2),
+    (engine.Sampling(repetition_penalty=1.3), 1),
+  ):
     options = dict(sampling=sampling, num_samples=num_samples, batch_size=4)
     unshared = engine.generate(tiny_model, prompts, 8, None, share_prefixes=False, batching="static", **options)
     for batching in ("static", "continuous"):
       assert engine.generate(tiny_model, prompts, 8, None, batching=batching, **options).tokens == unshared.tokens
   mesh = make_mesh(data=2, fsdp=2, tensor=2)
   for batching in ("static", "continuous"):
-    assert engine.generate(tiny_model, prompts, 8, None, batch_size=4, mesh=mesh, batching=batching).tokens == whole.tokens
+    assert (
+      engine.generate(tiny_model, prompts, 8, None, batch_size=4, mesh=mesh, batching=batching).tokens == whole.tokens
+    )
 
 
 def test_continuous_batching_equals_static_batches_and_hf_with_early_stops(tiny_dir, tiny_model):
@@ -325,18 +352,33 @@ def test_continuous_batching_equals_static_batches_and_hf_with_early_stops(tiny_
   # Every sampling option keeps its rule: the same tokens at any slot count, and as static batches.
   sampling = engine.Sampling(temperature=1.0, top_p=0.9, repetition_penalty=1.2, min_new_tokens=3)
   options = dict(sampling=sampling, num_samples=2, seed=4)
-  by_slots = [engine.generate(tiny_model, prompts, 24, stops, batch_size=slots, batching="continuous", **options).tokens
-              for slots in (2, 8)]
-  assert by_slots[0] == by_slots[1] == engine.generate(tiny_model, prompts, 24, stops, batch_size=8,
-                                                       batching="static", **options).tokens
+  by_slots = [
+    engine.generate(tiny_model, prompts, 24, stops, batch_size=slots, batching="continuous", **options).tokens
+    for slots in (2, 8)
+  ]
+  assert (
+    by_slots[0]
+    == by_slots[1]
+    == engine.generate(tiny_model, prompts, 24, stops, batch_size=8, batching="static", **options).tokens
+  )
   assert all(len(sample) >= 3 for samples in by_slots[0] for sample in samples)  # min_new_tokens
   # Data parallel over 2 devices, and the early stop of an evaluation.
   mesh = make_mesh(data=2, devices=jax.devices()[:2])
-  assert engine.generate(tiny_model, prompts, 24, stops, batch_size=4, mesh=mesh,
-                         batching="continuous").tokens == static.tokens
+  assert (
+    engine.generate(tiny_model, prompts, 24, stops, batch_size=4, mesh=mesh, batching="continuous").tokens
+    == static.tokens
+  )
   seen = []
-  stopped = engine.generate(tiny_model, prompts, 24, stops, batch_size=4, on_prompt_done=lambda i, t: seen.append(i),
-                            should_stop=lambda: len(seen) >= 5, batching="continuous")
+  stopped = engine.generate(
+    tiny_model,
+    prompts,
+    24,
+    stops,
+    batch_size=4,
+    on_prompt_done=lambda i, t: seen.append(i),
+    should_stop=lambda: len(seen) >= 5,
+    batching="continuous",
+  )
   assert stopped.stopped and len(seen) == 5
   assert all(stopped.tokens[i] == static.tokens[i] for i in seen)
 
@@ -352,5 +394,7 @@ def test_blockwise_prefill_and_growing_decode_windows_equal_hf(tiny_dir, tiny_mo
   dense = engine.generate(tiny_model, prompts, new, None, batch_size=4, batching="static", share_prefixes=False)
   assert [samples[0] for samples in dense.tokens] == _hf_generate_one_by_one(hf_model, prompts, new, None)
   for batching, share in (("static", False), ("static", True), ("continuous", False)):
-    assert engine.generate(blockwise, prompts, new, None, batch_size=4, batching=batching,
-                           share_prefixes=share).tokens == dense.tokens, (batching, share)
+    assert (
+      engine.generate(blockwise, prompts, new, None, batch_size=4, batching=batching, share_prefixes=share).tokens
+      == dense.tokens
+    ), (batching, share)

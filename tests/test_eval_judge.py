@@ -20,24 +20,33 @@ from tests.test_evaluate_cli import REPO, _config, model_dir  # noqa: F401  pyli
 OFFICIAL_EXAMPLE = "{ \u2018 fluency \u2019: 3 , \u2018 relevance \u2019: 3 , \u2018 completeness \u2019: 3 , \u2018 proficiency \u2019: 3}"
 
 
-@pytest.mark.parametrize("reply, ratings", [
+@pytest.mark.parametrize(
+  "reply, ratings",
+  [
     (OFFICIAL_EXAMPLE, (3, 3, 3, 3)),  # the prompt's own example: curly quotes, spaces inside
     ('{"fluency": 5, "relevance": 4, "completeness": 3, "proficiency": 2}', (5, 4, 3, 2)),
     ("{'fluency': 4, 'relevance': 4, 'completeness': 4, 'proficiency': 5}", (4, 4, 4, 5)),
     ('Evaluation:\n```json\n{"Fluency": 5, "Relevance": 5, "Completeness": 4, "Proficiency": 4}\n```', (5, 5, 4, 4)),
-    ('{"fluency": 5, "relevance": 4, "completeness": 3, "proficiency": 2} again '
-     '{"fluency": 5, "relevance": 4, "completeness": 3, "proficiency": 2}', (5, 4, 3, 2)),
+    (
+      '{"fluency": 5, "relevance": 4, "completeness": 3, "proficiency": 2} again '
+      '{"fluency": 5, "relevance": 4, "completeness": 3, "proficiency": 2}',
+      (5, 4, 3, 2),
+    ),
     # Malformed: never guessed.
     ('{"fluency": 6, "relevance": 4, "completeness": 3, "proficiency": 2}', None),  # off the scale
     ('{"fluency": "5", "relevance": 4, "completeness": 3, "proficiency": 2}', None),  # not an integer
     ('{"fluency": 4.5, "relevance": 4, "completeness": 3, "proficiency": 2}', None),
     ('{"fluency": 5, "relevance": 4, "completeness": 3}', None),  # a dimension missing
-    ('{"fluency": 5, "relevance": 4, "completeness": 3, "proficiency": 2} or '
-     '{"fluency": 1, "relevance": 4, "completeness": 3, "proficiency": 2}', None),  # two that disagree
+    (
+      '{"fluency": 5, "relevance": 4, "completeness": 3, "proficiency": 2} or '
+      '{"fluency": 1, "relevance": 4, "completeness": 3, "proficiency": 2}',
+      None,
+    ),  # two that disagree
     ("fluency: 5, relevance: 4, completeness: 3, proficiency: 2", None),  # no object
     ('{"fluency": 5, "relevance": 4,', None),  # cut off
     ("", None),
-])
+  ],
+)
 def test_parse_judgment(reply, ratings):
   expected = None if ratings is None else dict(zip(cmb_clin.DIMENSIONS, ratings))
   assert cmb_clin.parse_judgment(reply) == expected
@@ -46,8 +55,16 @@ def test_parse_judgment(reply, ratings):
 def test_summary_means_leave_unreadable_replies_out():
   judged = [{"scores": dict(zip(cmb_clin.DIMENSIONS, r))} for r in ((5, 4, 3, 2), (3, 4, 5, 2))] + [{"scores": None}]
   summary = cmb_clin.summarize_judgments(judged, "j")
-  assert summary == {"judge": "j", "n_judged": 3, "n_unparsed": 1, "fluency": 4.0, "relevance": 4.0,
-                     "completeness": 4.0, "proficiency": 2.0, "avg": 3.5}
+  assert summary == {
+    "judge": "j",
+    "n_judged": 3,
+    "n_unparsed": 1,
+    "fluency": 4.0,
+    "relevance": 4.0,
+    "completeness": 4.0,
+    "proficiency": 2.0,
+    "avg": 3.5,
+  }
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -66,7 +83,6 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-
   def do_POST(self):  # pylint: disable=invalid-name
     body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
     with self.server.lock:
@@ -78,8 +94,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     if isinstance(action, tuple):
       payload, code = {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}, action[1]
     else:
-      payload, code = {"id": "x", "object": "chat.completion", "choices": [
-          {"index": 0, "message": {"role": "assistant", "content": action}, "finish_reason": "stop"}]}, 200
+      payload, code = (
+        {
+          "id": "x",
+          "object": "chat.completion",
+          "choices": [{"index": 0, "message": {"role": "assistant", "content": action}, "finish_reason": "stop"}],
+        },
+        200,
+      )
     data = json.dumps(payload).encode()
     try:
       self.send_response(code)
@@ -110,9 +132,13 @@ def serve():
     server.server_close()
 
 
-REPLIES = ['{"fluency": 5, "relevance": 4, "completeness": 3, "proficiency": 2}', OFFICIAL_EXAMPLE,
-           "The answer is fine.", '{"fluency": 4, "relevance": 4, "completeness": 4, "proficiency": 4}',
-           '{"fluency": 5, "relevance": 5, "completeness": 5, "proficiency": 5}']
+REPLIES = [
+  '{"fluency": 5, "relevance": 4, "completeness": 3, "proficiency": 2}',
+  OFFICIAL_EXAMPLE,
+  "The answer is fine.",
+  '{"fluency": 4, "relevance": 4, "completeness": 4, "proficiency": 4}',
+  '{"fluency": 5, "relevance": 5, "completeness": 5, "proficiency": 5}',
+]
 
 
 def _judged_config(model, out_dir, url, **judge_fields):
@@ -139,7 +165,8 @@ def test_endpoint_judges_each_answer_once_across_an_interruption(model_dir, tmp_
   # Each request is the README's prompt filled for that answer, sent as one user message.
   case_of = {case["id"]: case for case in cmb_clin.load_clin(resolve_path(config.clin))}
   assert [r["messages"] for r in requests] == [
-      [{"role": "user", "content": cmb_clin.judge_prompt(case_of[r["id"]], r["turn"], r["answer"])}] for r in records]
+    [{"role": "user", "content": cmb_clin.judge_prompt(case_of[r["id"]], r["turn"], r["answer"])}] for r in records
+  ]
   assert {(r["model"], r["temperature"]) for r in requests} == {("gpt-4", 0.0)}
   assert {seen["path"] for seen in failing.seen} == {"/v1/chat/completions"}
   assert {seen["auth"] for seen in failing.seen} == {"Bearer sk-test"}
@@ -183,9 +210,18 @@ def test_cli_judged_by_a_local_model_resumes_and_refuses_a_judge_without_templat
   out = tmp_path / "clin"
 
   def evaluate_cli(judge_model):
-    command = [sys.executable, "-m", "csft_jax.evaluate", "--config=configs/eval/cmb_clin.py",
-               f"--config.checkpoint={model_dir}", f"--config.judge.model={judge_model}", "--config.max_new_tokens=4",
-               "--config.judge.max_new_tokens=8", "--config.batch_size=8", f"--config.out_dir={out}"]
+    command = [
+      sys.executable,
+      "-m",
+      "csft_jax.evaluate",
+      "--config=configs/eval/cmb_clin.py",
+      f"--config.checkpoint={model_dir}",
+      f"--config.judge.model={judge_model}",
+      "--config.max_new_tokens=4",
+      "--config.judge.max_new_tokens=8",
+      "--config.batch_size=8",
+      f"--config.out_dir={out}",
+    ]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
 
   done = evaluate_cli(model_dir)

@@ -30,9 +30,11 @@ needs_shared = pytest.mark.skipif(not SHARED_CSV.exists(), reason="../shared Med
 # The published results predate EvalDataset.py's "ouput" -> "output" fix; our prompt says "output".
 PUBLISHED_SUFFIX = meds_bench.SHOT_INSTRUCTION_SUFFIX.replace("to output.", "to ouput.")
 LLAMA3_PROMPT = re.compile(
-    r"<\|begin_of_text\|><\|start_header_id\|>system<\|end_header_id\|>\n\n(.*)<\|eot_id\|>"
-    r"<\|start_header_id\|>user<\|end_header_id\|>\n\nInput:\n(.*)\nOutput:<\|eot_id\|>"
-    r"<\|start_header_id\|>assistant<\|end_header_id\|>\n\n", re.S)
+  r"<\|begin_of_text\|><\|start_header_id\|>system<\|end_header_id\|>\n\n(.*)<\|eot_id\|>"
+  r"<\|start_header_id\|>user<\|end_header_id\|>\n\nInput:\n(.*)\nOutput:<\|eot_id\|>"
+  r"<\|start_header_id\|>assistant<\|end_header_id\|>\n\n",
+  re.S,
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +61,11 @@ def test_published_prompts_rebuilt_from_their_parts(shared_rows):
   for row in shared_rows:
     definition = definitions[row["task_id"]]["original_def"]
     shots, query = prompt_parts(row["input"], definition)
-    task = {"task_id": row["task_id"], "Definition": [definition],
-            "Instances": [{"input": s["input"], "output": [s["output"]]} for s in shots]}
+    task = {
+      "task_id": row["task_id"],
+      "Definition": [definition],
+      "Instances": [{"input": s["input"], "output": [s["output"]]} for s in shots],
+    }
     messages = meds_bench.build_messages(task, {"input": query, "output": [row["GT"]]}, shots=task["Instances"])
     assert messages[1]["content"].endswith("\nOutput:\n")  # stripped only by the Llama-3 template
     prompt = llama3.render_prompt(messages)
@@ -76,8 +81,12 @@ def shared_results():
 
 # Percent, with the real English punkt model; `python -m csft_jax.eval.meds_bench score` prints them.
 SHARED_NUMBERS = {
-    "task51": (51.50, 35.35), "task52": (48.63, 38.22), "task53": (47.69, 39.24),
-    "task54": (53.31, 36.83), "task55": (34.91, 23.71), "task56": (47.14, 36.42),
+  "task51": (51.50, 35.35),
+  "task52": (48.63, 38.22),
+  "task53": (47.69, 39.24),
+  "task54": (53.31, 36.83),
+  "task55": (34.91, 23.71),
+  "task56": (47.14, 36.42),
 }
 
 
@@ -105,8 +114,11 @@ def test_shared_csv_english_and_chinese_equal_a_direct_computation(shared_result
     bleu, rouge_l = [], []
     for row in (r for r in shared_rows if r["task_id"] == task_id):
       out, gt = row["output"].strip(), row["GT"].strip()
-      bleu.append(sentence_bleu([tokenize(gt)], tokenize(out), smoothing_function=SmoothingFunction().method1,
-                                weights=(1, 0, 0, 0)))
+      bleu.append(
+        sentence_bleu(
+          [tokenize(gt)], tokenize(out), smoothing_function=SmoothingFunction().method1, weights=(1, 0, 0, 0)
+        )
+      )
       if task_id == "task51":
         out, gt = " ".join(jieba.cut(out)), " ".join(jieba.cut(gt))
       rouge_l.append(Rouge().get_scores(out, gt)[0]["rouge-l"]["f"])
@@ -125,8 +137,9 @@ def test_select_shots_from_instances_seeded():
   assert draws[0] != draws[1]  # the seed changes the draw
   system = meds_bench.build_messages(task, instance, shots=shots)[0]["content"]
   assert system.startswith("Input:\nQuestion: ")
-  assert system.endswith(task["Definition"][0] + "Please learn from the few-shot cases to see what content you have "
-                         "to output.")
+  assert system.endswith(
+    task["Definition"][0] + "Please learn from the few-shot cases to see what content you have to output."
+  )
 
 
 def test_prompts_cut_at_model_max_length_on_the_right_as_eval_py():
@@ -146,10 +159,13 @@ def test_prompts_cut_at_model_max_length_on_the_right_as_eval_py():
 
 def write_csv(path, rows):
   """rows: (task_id, GT, output) as raw CSV text cells (an empty cell is written as nothing)."""
+
   def cell(text):
     return '"' + text.replace('"', '""') + '"' if text else ""
-  path.write_text("task_id,input,GT,output\n" + "".join(
-      f"{t},q,{cell(g)},{cell(o)}\n" for t, g, o in rows), encoding="utf-8")
+
+  path.write_text(
+    "task_id,input,GT,output\n" + "".join(f"{t},q,{cell(g)},{cell(o)}\n" for t, g, o in rows), encoding="utf-8"
+  )
   return path
 
 
@@ -161,12 +177,19 @@ def test_cells_read_with_pandas_defaults(tmp_path):
 
 def test_nan_becomes_the_string_nan_where_a_script_calls_str(tmp_path):
   # MCQA.py: str(NaN) = "nan", whose first letter is "n": a "no" for the yes/no task123.
-  path = write_csv(tmp_path / "r.csv", [
-      ("task123", "no", "None"), ("task123", "no", ""), ("task123", "yes", "N/A"), ("task123", "yes", "Yes."),
+  path = write_csv(
+    tmp_path / "r.csv",
+    [
+      ("task123", "no", "None"),
+      ("task123", "no", ""),
+      ("task123", "yes", "N/A"),
+      ("task123", "yes", "Yes."),
       ("task4", "The right answer is A", " "),  # blank: MCQA.py crashes on pred[0]; wrong here
       ("task4", "The right answer is A", "a"),
       ("task41", "nan", "NA"),  # NatureLanguageInference.py: "nan" in "nan"
-      ("task1", "5 mg", "NULL")])
+      ("task1", "5 mg", "NULL"),
+    ],
+  )
   results = meds_bench.score_results(path)
   tasks = results["tasks"]
   assert tasks["task123"]["accuracy"] == 75.0 and tasks["task123"]["n_empty"] == 3
@@ -183,20 +206,35 @@ EXACT, OTHER = "chest pain radiating to the left arm", "alpha beta gamma"
 
 
 def test_strip_and_skip_rules_per_script(tmp_path):
-  path = write_csv(tmp_path / "r.csv", [
+  path = write_csv(
+    tmp_path / "r.csv",
+    [
       # Rationale.py strips both sides and skips what is then empty; NaN crashes it: skipped.
-      ("task52", EXACT, f"\n  {EXACT}  \n"), ("task52", EXACT, "   "), ("task52", EXACT, ""),
+      ("task52", EXACT, f"\n  {EXACT}  \n"),
+      ("task52", EXACT, "   "),
+      ("task52", EXACT, ""),
       # ConceptExplanation.py: no strip; NaN skipped; a blank output counts (scores 0).
-      ("task18", EXACT, EXACT), ("task18", EXACT, "   "), ("task18", EXACT, ""),
+      ("task18", EXACT, EXACT),
+      ("task18", EXACT, "   "),
+      ("task18", EXACT, ""),
       # TextSummarization.py: every row counts; NaN crashes word_tokenize: 0 here.
-      ("task78", EXACT, EXACT), ("task78", EXACT, ""),
+      ("task78", EXACT, EXACT),
+      ("task78", EXACT, ""),
       # evaluate_nli_gen: as summarization.
       ("task42", EXACT, OTHER),
       # FactVerification.py BLEU task: lower-cased, '.' dropped from GT, empty output counts 0.
-      ("task100", "Supported.", "SUPPORTED"), ("task100", "Supported.", "  ")])
+      ("task100", "Supported.", "SUPPORTED"),
+      ("task100", "Supported.", "  "),
+    ],
+  )
   tasks = meds_bench.score_results(path)["tasks"]
-  expected = {"task52": (1, 100.0, 2), "task18": (2, 50.0, 2), "task78": (2, 50.0, 1), "task42": (1, 0.0, 0),
-              "task100": (2, 50.0, 1)}
+  expected = {
+    "task52": (1, 100.0, 2),
+    "task18": (2, 50.0, 2),
+    "task78": (2, 50.0, 1),
+    "task42": (1, 0.0, 0),
+    "task100": (2, 50.0, 1),
+  }
   for task_id, (n, bleu1, n_empty) in expected.items():
     assert (tasks[task_id]["n"], tasks[task_id]["n_empty"]) == (n, n_empty), task_id
     assert tasks[task_id]["bleu1"] == pytest.approx(bleu1), task_id
@@ -204,23 +242,37 @@ def test_strip_and_skip_rules_per_script(tmp_path):
 
 
 def test_ner_skips_rows_whose_output_is_not_a_string(tmp_path):
-  path = write_csv(tmp_path / "r.csv", [
+  path = write_csv(
+    tmp_path / "r.csv",
+    [
       ("task125", "hypertension, sepsis.", "hypertension, sepsis."),
       ("task125", "asthma.", ""),  # NaN output: skipped, its gold entity is not a false negative
       ("task126", "asthma.", "N/A"),  # also NaN
-      ("task126", "asthma.", "x.")])  # a string: one false positive, one false negative
+      ("task126", "asthma.", "x."),
+    ],
+  )  # a string: one false positive, one false negative
   results = meds_bench.score_results(path)
   assert results["tasks"]["task125"]["f1"] == 100.0 and results["tasks"]["task125"]["n"] == 1
   assert results["tasks"]["task126"]["f1"] == 0.0 and results["tasks"]["task126"]["n"] == 1
   assert results["official"]["NamedEntityRecognition.py"] == {
-      "task125": 100.0, "task126": 0.0, "task127": 0.0, "task128": 0.0, "Avg.": 25.0}
+    "task125": 100.0,
+    "task126": 0.0,
+    "task127": 0.0,
+    "task128": 0.0,
+    "Avg.": 25.0,
+  }
 
 
 def test_diagnosis_pools_every_row(tmp_path):
-  path = write_csv(tmp_path / "r.csv", [
+  path = write_csv(
+    tmp_path / "r.csv",
+    [
       ("task901", "The diagnosis result is pneumonia.", "Pneumonia"),
-      ("task902", "The diagnosis result is asthma.", "asthma"), ("task902", "gout.", "no idea"),
-      ("task902", "gout.", "")])  # NaN: Diagnosis.py's .lower() crashes; wrong here
+      ("task902", "The diagnosis result is asthma.", "asthma"),
+      ("task902", "gout.", "no idea"),
+      ("task902", "gout.", ""),
+    ],
+  )  # NaN: Diagnosis.py's .lower() crashes; wrong here
   results = meds_bench.score_results(path, task_categories={"task901": "diagnosis", "task902": "diagnosis"})
   assert results["tasks"]["task901"]["accuracy"] == 100.0
   assert results["tasks"]["task902"]["accuracy"] == pytest.approx(100 / 3)
@@ -230,10 +282,16 @@ def test_diagnosis_pools_every_row(tmp_path):
 
 
 def test_text_summarization_ct_mri_pools_and_average(tmp_path):
-  path = write_csv(tmp_path / "r.csv", [
-      ("task78", EXACT, EXACT), ("task78", EXACT, OTHER),
-      ("task83", EXACT, EXACT), *[("task84", EXACT, OTHER)] * 3,
-      ("task89", EXACT, EXACT)])
+  path = write_csv(
+    tmp_path / "r.csv",
+    [
+      ("task78", EXACT, EXACT),
+      ("task78", EXACT, OTHER),
+      ("task83", EXACT, EXACT),
+      *[("task84", EXACT, OTHER)] * 3,
+      ("task89", EXACT, EXACT),
+    ],
+  )
   results = meds_bench.score_results(path)
   table = results["official"]["TextSummarization.py"]
   assert list(table) == ["task78", "task114", "task112", "task110", "CT", "MRI", "Avg."]
@@ -247,18 +305,29 @@ def test_text_summarization_ct_mri_pools_and_average(tmp_path):
 
 # The default task lists of the official Metrics/*.py, typed from those scripts.
 OFFICIAL_LISTS = {
-    "mcqa": "4 5 6 8 9 57 58 59 60 61 122 123 129", "rationale": "51 52 53 54 55 56",
-    "concept_explanation": "18 46 50", "text_summarization": "78 114 112 110 " + " ".join(map(str, range(83, 95))),
-    "nli": "41", "nli_generation": "42", "ner": "125 126 127 128", "text_classification": "106",
-    "information_extraction": "1 2 3 29 74", "treatment_planning": "131", "clinical_outcome": "117 118 119",
-    "fact_verification": "12 16", "fact_verification_generation": "100",
+  "mcqa": "4 5 6 8 9 57 58 59 60 61 122 123 129",
+  "rationale": "51 52 53 54 55 56",
+  "concept_explanation": "18 46 50",
+  "text_summarization": "78 114 112 110 " + " ".join(map(str, range(83, 95))),
+  "nli": "41",
+  "nli_generation": "42",
+  "ner": "125 126 127 128",
+  "text_classification": "106",
+  "information_extraction": "1 2 3 29 74",
+  "treatment_planning": "131",
+  "clinical_outcome": "117 118 119",
+  "fact_verification": "12 16",
+  "fact_verification_generation": "100",
 }
 
 
 def test_category_inferred_from_the_official_task_lists(tmp_path):
   expected = {f"task{n}": family for family, numbers in OFFICIAL_LISTS.items() for n in numbers.split()}
   assert meds_bench.OFFICIAL_TASK_CATEGORIES == expected
-  assert meds_bench.resolve_categories(["task52", "task131"]) == {"task52": "rationale", "task131": "treatment_planning"}
+  assert meds_bench.resolve_categories(["task52", "task131"]) == {
+    "task52": "rationale",
+    "task131": "treatment_planning",
+  }
   with pytest.raises(meds_bench.MedSInputError, match=r"task52 is in the task list of the official Rationale.py"):
     meds_bench.resolve_categories(["task52"], task_categories={"task52": "mcqa"})
   with pytest.raises(meds_bench.MedSInputError, match=r"No metric category for \['task999'\]"):
@@ -268,20 +337,34 @@ def test_category_inferred_from_the_official_task_lists(tmp_path):
 
 
 def test_results_json_has_tasks_and_official_per_script(tmp_path, capsys):
-  path = write_csv(tmp_path / "r.csv", [
-      ("task12", "Supported.", "supported\nbecause"), ("task16", "refuted", "Supported"),
-      ("task100", "Supported.", "supported"), ("task106", "inducing angiogenesis", "Inducing angiogenesis."),
-      ("task117", "true", "True"), ("task131", "The treatment planning is: metformin.", "metformin daily")])
+  path = write_csv(
+    tmp_path / "r.csv",
+    [
+      ("task12", "Supported.", "supported\nbecause"),
+      ("task16", "refuted", "Supported"),
+      ("task100", "Supported.", "supported"),
+      ("task106", "inducing angiogenesis", "Inducing angiogenesis."),
+      ("task117", "true", "True"),
+      ("task131", "The treatment planning is: metformin.", "metformin daily"),
+    ],
+  )
   out = tmp_path / "res.json"
   assert meds_bench.score_command(str(path), str(out)) == 0
   results = json.loads(out.read_text(encoding="utf-8"))
   assert set(results) == {"tasks", "official", "categories", "n_rows"}
   official = results["official"]
-  assert official["FactVerification.py"] == {"task12": 100.0, "task16": 0.0,
-                                             "task100": {"bleu1": pytest.approx(100), "rougeL": pytest.approx(100)}}
+  assert official["FactVerification.py"] == {
+    "task12": 100.0,
+    "task16": 0.0,
+    "task100": {"bleu1": pytest.approx(100), "rougeL": pytest.approx(100)},
+  }
   assert official["TextClassification.py"] == {"precision": 10.0, "recall": 10.0, "f1_score": 10.0}
-  assert official["ClinicalOutcomePrediction.py"] == {"task117": 100.0, "task118": 0, "task119": 0,
-                                                      "Avg.": pytest.approx(100 / 3)}
+  assert official["ClinicalOutcomePrediction.py"] == {
+    "task117": 100.0,
+    "task118": 0,
+    "task119": 0,
+    "Avg.": pytest.approx(100 / 3),
+  }
   assert official["TreatmentPlanning.py"] == {"task131": 100.0, "Avg.": 100.0}
   printed = capsys.readouterr().out
   assert "| FactVerification.py | task100 | 100.00/100.00 |" in printed
@@ -293,8 +376,14 @@ def sample_rows(output_for):
   for task in meds_bench.load_task_dir(SAMPLE_DIR).values():
     for instance in task["Instances"]:
       gold = meds_bench.gold_output(instance)
-      rows.append({"task_id": task["task_id"], "input": instance["input"], "GT": gold,
-                   "output": output_for(task["task_id"], gold)})
+      rows.append(
+        {
+          "task_id": task["task_id"],
+          "input": instance["input"],
+          "GT": gold,
+          "output": output_for(task["task_id"], gold),
+        }
+      )
   return rows
 
 
@@ -371,8 +460,9 @@ def test_cli(tmp_path, capsys):
   out = tmp_path / "res.json"
 
   def score_cli(*args):  # as the README says to run it
-    return subprocess.run([sys.executable, "-m", "csft_jax.score", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+      [sys.executable, "-m", "csft_jax.score", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
   done = score_cli("meds_bench", f"--results={results_csv}", f"--out={out}", f"--task_dir={SAMPLE_DIR}")
   assert done.returncode == 0, done.stderr
@@ -390,6 +480,7 @@ def test_cli(tmp_path, capsys):
 def _llama3_style_tokenizer(directory):
   """The demo tokenizer with Llama-3's post-processor: `tokenizer(text)` puts <|begin_of_text|> first."""
   import tokenizers  # pylint: disable=import-outside-toplevel
+
   source = Path(resolve_path(DEMO_TOKENIZER))
   directory.mkdir()
   for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -397,7 +488,8 @@ def _llama3_style_tokenizer(directory):
   backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
   bos = backend.token_to_id(meds_bench.LLAMA3_BOS)
   backend.post_processor = tokenizers.processors.TemplateProcessing(
-      single=f"{meds_bench.LLAMA3_BOS} $A", special_tokens=[(meds_bench.LLAMA3_BOS, bos)])
+    single=f"{meds_bench.LLAMA3_BOS} $A", special_tokens=[(meds_bench.LLAMA3_BOS, bos)]
+  )
   backend.save(str(directory / "tokenizer.json"))
   return load_tokenizer(str(directory)), bos
 
@@ -412,15 +504,17 @@ def test_llama3_prompt_ids_are_eval_pys_two_bos(tmp_path):
   asked = meds_bench.requests(config, tasks)
   # A Llama-3 tokenizer with the llama3 template; a Qwen-style one (adds no BOS) with chatml.
   for name, family_tokenizer in (("llama3", tokenizer), ("chatml", load_tokenizer(DEMO_TOKENIZER))):
-    chat = runner.ChatModel(None, family_tokenizer, load_chat_template(name, family_tokenizer), mesh=None,
-                            batch_size=1, max_prompt_len=None)
+    chat = runner.ChatModel(
+      None, family_tokenizer, load_chat_template(name, family_tokenizer), mesh=None, batch_size=1, max_prompt_len=None
+    )
     ids, _ = chat.prompt_ids(asked.conversations, official_ids=asked.official_ids, cut=asked.cut)
     texts = [chat.template.render_prompt(m) for m in asked.conversations]
     assert ids == [family_tokenizer(t, max_length=2048, truncation=True)["input_ids"] for t in texts]
     assert [p[:2] == [bos, bos] for p in ids] == [name == "llama3"] * len(ids)
   config.llama3_double_bos = False
   single = meds_bench.requests(config, tasks)
-  chat = runner.ChatModel(None, tokenizer, load_chat_template("llama3", tokenizer), mesh=None, batch_size=1,
-                          max_prompt_len=None)
+  chat = runner.ChatModel(
+    None, tokenizer, load_chat_template("llama3", tokenizer), mesh=None, batch_size=1, max_prompt_len=None
+  )
   ids, _ = chat.prompt_ids(single.conversations, official_ids=single.official_ids, cut=single.cut)
   assert all(p[0] == bos and p[1] != bos for p in ids)

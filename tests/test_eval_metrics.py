@@ -10,7 +10,13 @@ from csft_jax.eval import text_metrics as tm
 
 def test_normalize_language():
   assert [tm.normalize_language(x) for x in ("Chinese", "jp", "spa", "fra", "EN", "ru")] == [
-      "zh", "ja", "es", "fr", "en", "ru"]
+    "zh",
+    "ja",
+    "es",
+    "fr",
+    "en",
+    "ru",
+  ]
   with pytest.raises(ValueError, match="Unknown language 'klingon'"):
     tm.normalize_language("klingon")
 
@@ -27,13 +33,15 @@ def test_tokenize_per_language():
 def install_punkt_tab(root):
   """Writes NLTK's English `punkt_tab` model files (from the package's literals) under root."""
   from punkt.data import english  # pylint: disable=import-outside-toplevel
+
   model = root / "tokenizers" / "punkt_tab" / "english"
   model.mkdir(parents=True)
   (model / "abbrev_types.txt").write_text("".join(f"{t}\n" for t in sorted(english.ABBREV_TYPES)), "utf-8")
   (model / "sent_starters.txt").write_text("".join(f"{t}\n" for t in sorted(english.SENT_STARTERS)), "utf-8")
   (model / "collocations.tab").write_text("".join(f"{a}\t{b}\n" for a, b in sorted(english.COLLOCATIONS)), "utf-8")
   (model / "ortho_context.tab").write_text(
-      "".join(f"{k}\t{v}\n" for k, v in sorted(english.ORTHO_CONTEXT.items())), "utf-8")
+    "".join(f"{k}\t{v}\n" for k, v in sorted(english.ORTHO_CONTEXT.items())), "utf-8"
+  )
   return root
 
 
@@ -41,6 +49,7 @@ def install_punkt_tab(root):
 def nltk_word_tokenize(tmp_path, monkeypatch):
   """`nltk.word_tokenize` itself, loading the English model through NLTK's own punkt_tab loader."""
   import nltk  # pylint: disable=import-outside-toplevel
+
   monkeypatch.setattr(nltk.data, "path", [str(install_punkt_tab(tmp_path))])
   nltk.tokenize._get_punkt_tokenizer.cache_clear()  # pylint: disable=protected-access
   yield nltk.word_tokenize
@@ -48,25 +57,45 @@ def nltk_word_tokenize(tmp_path, monkeypatch):
 
 
 ABBREVIATION_SENTENCES = {
-    # The trained model knows "dr" and "mg" (no sentence break after them) but not "e.g":
-    # there Punkt ends a sentence and the treebank tokenizer splits the final period.
-    "Dr. Smith gave 5 mg. of morphine, e.g. for pain. It hurts.": [
-        "Dr.", "Smith", "gave", "5", "mg.", "of", "morphine", ",", "e.g", ".", "for", "pain", ".", "It", "hurts", "."],
-    "Take 5 mg. Then rest.": ["Take", "5", "mg.", "Then", "rest", "."],
-    "See Dr. Brown, e.g. tomorrow.": ["See", "Dr.", "Brown", ",", "e.g", ".", "tomorrow", "."],
+  # The trained model knows "dr" and "mg" (no sentence break after them) but not "e.g":
+  # there Punkt ends a sentence and the treebank tokenizer splits the final period.
+  "Dr. Smith gave 5 mg. of morphine, e.g. for pain. It hurts.": [
+    "Dr.",
+    "Smith",
+    "gave",
+    "5",
+    "mg.",
+    "of",
+    "morphine",
+    ",",
+    "e.g",
+    ".",
+    "for",
+    "pain",
+    ".",
+    "It",
+    "hurts",
+    ".",
+  ],
+  "Take 5 mg. Then rest.": ["Take", "5", "mg.", "Then", "rest", "."],
+  "See Dr. Brown, e.g. tomorrow.": ["See", "Dr.", "Brown", ",", "e.g", ".", "tomorrow", "."],
 }
 
 
 def test_english_tokens_are_nltk_word_tokenize_with_the_trained_punkt_model(nltk_word_tokenize):
   from nltk.tokenize.punkt import PunktSentenceTokenizer  # pylint: disable=import-outside-toplevel
+
   for text, expected in ABBREVIATION_SENTENCES.items():
     assert tm.tokenize(text, "en") == expected
     assert nltk_word_tokenize(text) == expected
     for language in ("fr", "ru", "es"):  # the official call passes no language: English punkt
       assert tm.tokenize(text, language) == expected
   # An untrained splitter breaks after "Dr." and "mg." and so detaches their periods.
-  untrained = [t for s in PunktSentenceTokenizer().tokenize("Take 5 mg. Then see Dr. Smith.")
-               for t in NLTKWordTokenizer().tokenize(s)]
+  untrained = [
+    t
+    for s in PunktSentenceTokenizer().tokenize("Take 5 mg. Then see Dr. Smith.")
+    for t in NLTKWordTokenizer().tokenize(s)
+  ]
   assert untrained[:4] == ["Take", "5", "mg", "."]
   assert tm.tokenize("Take 5 mg. Then see Dr. Smith.", "en")[:4] == ["Take", "5", "mg.", "Then"]
   params = tm.english_punkt_parameters()
@@ -75,8 +104,9 @@ def test_english_tokens_are_nltk_word_tokenize_with_the_trained_punkt_model(nltk
 
 def test_bleu1_matches_nltk_directly():
   ref, hyp = "the patient has a fever and a cough .", "the patient has a cough"
-  expected = sentence_bleu([ref.split()], hyp.split(), weights=(1, 0, 0, 0),
-                           smoothing_function=SmoothingFunction().method1)
+  expected = sentence_bleu(
+    [ref.split()], hyp.split(), weights=(1, 0, 0, 0), smoothing_function=SmoothingFunction().method1
+  )
   assert tm.bleu1("the patient has a cough", "the patient has a fever and a cough.", "en") == pytest.approx(expected)
   # Hand value: 5 of 5 unigrams match, brevity penalty exp(1 - 9/5).
   assert expected == pytest.approx(2.718281828 ** (1 - 9 / 5))
@@ -98,12 +128,14 @@ def test_rouge_l_matches_rouge_package():
 
 
 def test_rouge_l_handles_long_texts():
-    # The package's LCS reconstruction recurses about len(hyp) + len(ref) deep.
+  # The package's LCS reconstruction recurses about len(hyp) + len(ref) deep.
   long_text = " ".join(f"w{i % 50}" for i in range(700))
   assert tm.rouge_l(long_text, long_text, "en") == pytest.approx(1.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("output,gold,yes_no,expected", [
+@pytest.mark.parametrize(
+  "output,gold,yes_no,expected",
+  [
     ("The right answer is B: Pancreas.", "The right answer is B: Pancreas.", False, True),
     ("b", "The right answer is B: Pancreas.", False, True),
     ("The right answer is C: Kidney.", "The right answer is B: Pancreas.", False, False),
@@ -111,7 +143,8 @@ def test_rouge_l_handles_long_texts():
     ("", "The right answer is A", False, False),
     ("Yes, it is.", "yes", True, True),
     ("No.", "yes", True, False),
-])
+  ],
+)
 def test_mcqa_correct(output, gold, yes_no, expected):
   assert tm.mcqa_correct(output, gold, yes_no=yes_no) is expected
 
@@ -135,9 +168,10 @@ def test_macro_prf1_hand_computed():
   assert p == pytest.approx(0.5)
   assert r == pytest.approx(1 / 3)
   assert f1 == pytest.approx((0.5 + 2 / 3) / 3)
-  assert tm.labels_in_text("Resisting Cell Death and inducing angiogenesis",
-                           ["resisting cell death", "inducing angiogenesis", "cellular energetics"]) == {
-      "resisting cell death", "inducing angiogenesis"}
+  assert tm.labels_in_text(
+    "Resisting Cell Death and inducing angiogenesis",
+    ["resisting cell death", "inducing angiogenesis", "cellular energetics"],
+  ) == {"resisting cell death", "inducing angiogenesis"}
   with pytest.raises(ValueError, match="2 gold label sets but 1"):
     tm.macro_prf1([set(), set()], [set()], classes)
 

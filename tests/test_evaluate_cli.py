@@ -27,9 +27,15 @@ def _tiny_llama_dir(path: Path, *, silent: bool = False) -> str:
   """A random Llama sized for the demo tokenizer, saved with that tokenizer (template 'hf')."""
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(DEMO_TOKENIZER))
   torch.manual_seed(0)
-  config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                    max_position_embeddings=1024)
+  config = transformers.LlamaConfig(
+    vocab_size=len(tokenizer),
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+  )
   model = transformers.AutoModelForCausalLM.from_config(config)
   if silent:
     # All-zero logits: argmax is token 0 = <|endoftext|>, a stop token, so every reply is empty.
@@ -53,8 +59,15 @@ def _config(module, checkpoint: str, out_dir: Path, **fields):
 
 
 def test_cli_cmb_writes_results_and_prints_summary(model_dir):
-  command = [sys.executable, "-m", "csft_jax.evaluate", "--config=configs/eval/cmb.py",
-             f"--config.checkpoint={model_dir}", "--config.max_new_tokens=4", "--config.batch_size=8"]
+  command = [
+    sys.executable,
+    "-m",
+    "csft_jax.evaluate",
+    "--config=configs/eval/cmb.py",
+    f"--config.checkpoint={model_dir}",
+    "--config.max_new_tokens=4",
+    "--config.batch_size=8",
+  ]
   done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ.copy())
   assert done.returncode == 0, done.stderr[-3000:]
   assert "overall micro" in done.stdout and f"items={SAMPLE_ITEMS}" in done.stdout
@@ -80,9 +93,18 @@ def test_greedy_answers_are_the_same_at_every_batch_size_and_batching(model_dir,
   generations = {}
   for batch_size, batching, attention in ((16, "static", "auto"), (5, "static", "xla"), (5, "continuous", "auto")):
     out = tmp_path / f"{batching}_{batch_size}"
-    command = [sys.executable, "-m", "csft_jax.evaluate", "--config=configs/eval/cmb.py", f"--config.checkpoint={model_dir}",
-               "--config.max_new_tokens=12", f"--config.batch_size={batch_size}", f"--config.batching={batching}",
-               f"--config.attention_impl={attention}", f"--config.out_dir={out}"]
+    command = [
+      sys.executable,
+      "-m",
+      "csft_jax.evaluate",
+      "--config=configs/eval/cmb.py",
+      f"--config.checkpoint={model_dir}",
+      "--config.max_new_tokens=12",
+      f"--config.batch_size={batch_size}",
+      f"--config.batching={batching}",
+      f"--config.attention_impl={attention}",
+      f"--config.out_dir={out}",
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert done.returncode == 0, done.stderr[-3000:]
     generations[(batch_size, batching)] = json.loads((out / "generations.json").read_text())
@@ -91,8 +113,7 @@ def test_greedy_answers_are_the_same_at_every_batch_size_and_batching(model_dir,
 
 
 def test_cmb_majority_vote_over_samples(model_dir, tmp_path):
-  config = _config(cmb_config, model_dir, tmp_path, shots=1, num_samples=3, temperature=1.0,
-                   max_new_tokens=4, limit=4)
+  config = _config(cmb_config, model_dir, tmp_path, shots=1, num_samples=3, temperature=1.0, max_new_tokens=4, limit=4)
   results, _, _ = evaluate.run(config)
   records = json.loads((tmp_path / "generations.json").read_text())
   assert len(records) == 4 and all(len(r["samples"]) == 3 for r in records)
@@ -115,8 +136,9 @@ def test_cmb_loglik_mode_scores_every_option(model_dir, tmp_path):
 
 def test_empty_generations_and_overlong_prompts_are_counted(tmp_path):
   silent_dir = _tiny_llama_dir(tmp_path / "silent", silent=True)
-  results, summary, _ = evaluate.run(_config(cmb_config, silent_dir, tmp_path / "out", max_prompt_len=32,
-                                             max_new_tokens=4))
+  results, summary, _ = evaluate.run(
+    _config(cmb_config, silent_dir, tmp_path / "out", max_prompt_len=32, max_new_tokens=4)
+  )
   counts = results["counts"]
   assert counts["empty_generations"] == SAMPLE_ITEMS and counts["correct"] == 0
   assert counts["truncated_prompts"] == SAMPLE_ITEMS  # every sample prompt is longer than 32 tokens
@@ -173,20 +195,46 @@ def test_bad_configs_fail_with_a_message_and_write_nothing(model_dir, tmp_path):
 def test_two_processes_generate_what_one_process_does(model_dir, tmp_path):
   """2 local processes x 2 devices (gloo) shard the batch rows and gather the same answers."""
   import socket
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     address = f"127.0.0.1:{s.getsockname()[1]}"
-  common = ["--config=configs/eval/cmb.py", f"--config.checkpoint={model_dir}", "--config.max_new_tokens=4",
-            "--config.batch_size=8"]
-  single = subprocess.run([sys.executable, "-m", "csft_jax.evaluate", *common, f"--config.out_dir={tmp_path / 'one'}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+  common = [
+    "--config=configs/eval/cmb.py",
+    f"--config.checkpoint={model_dir}",
+    "--config.max_new_tokens=4",
+    "--config.batch_size=8",
+  ]
+  single = subprocess.run(
+    [sys.executable, "-m", "csft_jax.evaluate", *common, f"--config.out_dir={tmp_path / 'one'}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+  )
   assert single.returncode == 0, single.stderr[-3000:]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  processes = [subprocess.Popen(
-      [sys.executable, "-m", "csft_jax.evaluate", *common, f"--config.out_dir={tmp_path / 'two'}",
-       f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  processes = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "csft_jax.evaluate",
+        *common,
+        f"--config.out_dir={tmp_path / 'two'}",
+        f"--coordinator_address={address}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=300)[0] for p in processes]
   for p, out in zip(processes, outputs):
     assert p.returncode == 0, out[-3000:]

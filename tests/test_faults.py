@@ -25,14 +25,27 @@ from csft_jax.models import Decoder
 from tests import REPO_ROOT
 
 # The demo config at test size; the model shape is what the HF stand-in below has.
-SMALL = ["--config=configs/demo.py", "--config.model.hidden_size=64", "--config.model.intermediate_size=128",
-         "--config.model.num_layers=2", "--config.data.seq_len=128", "--config.train.log_every=1",
-         "--config.train.eval_every=0", "--config.train.export_hf="]
+SMALL = [
+  "--config=configs/demo.py",
+  "--config.model.hidden_size=64",
+  "--config.model.intermediate_size=128",
+  "--config.model.num_layers=2",
+  "--config.data.seq_len=128",
+  "--config.train.log_every=1",
+  "--config.train.eval_every=0",
+  "--config.train.export_hf=",
+]
 
 
 def python(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
-                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+  return subprocess.run(
+    [sys.executable, *args],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+  )
 
 
 def error_line(done: subprocess.CompletedProcess) -> str:
@@ -54,11 +67,24 @@ def test_converted_checkpoint_trains_from_either_layer_layout(pretrained, tmp_pa
   converted = tmp_path / "orbax"
   done = python("tools/convert_from_hf.py", f"--hf_dir={pretrained}", f"--out={converted}")
   assert done.returncode == 0, done.stderr[-3000:]
-  from_hf = python("-m", "csft_jax.train", *SMALL, "--config.train.num_steps=1", f"--workdir={tmp_path / 'a'}",
-                   f"--config.init.from_hf={pretrained}")
+  from_hf = python(
+    "-m",
+    "csft_jax.train",
+    *SMALL,
+    "--config.train.num_steps=1",
+    f"--workdir={tmp_path / 'a'}",
+    f"--config.init.from_hf={pretrained}",
+  )
   assert from_hf.returncode == 0, from_hf.stderr[-3000:]
-  from_orbax = python("-m", "csft_jax.train", *SMALL, "--config.train.num_steps=1", f"--workdir={tmp_path / 'b'}",
-                      f"--config.init.from_checkpoint={converted}", f"--config.data.tokenizer={converted}/tokenizer")
+  from_orbax = python(
+    "-m",
+    "csft_jax.train",
+    *SMALL,
+    "--config.train.num_steps=1",
+    f"--workdir={tmp_path / 'b'}",
+    f"--config.init.from_checkpoint={converted}",
+    f"--config.data.tokenizer={converted}/tokenizer",
+  )
   assert from_orbax.returncode == 0, from_orbax.stderr[-3000:]
   assert "started from config.init.from_checkpoint" in from_orbax.stderr
   assert _first_loss(tmp_path / "b") == _first_loss(tmp_path / "a")
@@ -74,6 +100,7 @@ def test_converted_checkpoint_trains_from_either_layer_layout(pretrained, tmp_pa
 
 def jax_leaves(tree):
   import jax  # pylint: disable=import-outside-toplevel
+
   return jax.tree.leaves(tree)
 
 
@@ -81,9 +108,16 @@ def test_a_checkpoint_missing_parameters_is_refused_naming_them(pretrained, tmp_
   """Item 2: a partial restore never half-fills the model."""
   converted = tmp_path / "orbax"
   assert python("tools/convert_from_hf.py", f"--hf_dir={pretrained}", f"--out={converted}").returncode == 0
-  done = python("-m", "csft_jax.train", *SMALL, "--config.model.num_layers=3", "--config.train.num_steps=1",
-                f"--workdir={tmp_path / 'w'}", f"--config.init.from_checkpoint={converted}",
-                f"--config.data.tokenizer={converted}/tokenizer")
+  done = python(
+    "-m",
+    "csft_jax.train",
+    *SMALL,
+    "--config.model.num_layers=3",
+    "--config.train.num_steps=1",
+    f"--workdir={tmp_path / 'w'}",
+    f"--config.init.from_checkpoint={converted}",
+    f"--config.data.tokenizer={converted}/tokenizer",
+  )
   message = error_line(done)
   assert "config.model.num_layers=3 but config.init.from_checkpoint" in message
 
@@ -99,11 +133,22 @@ def test_a_truncated_safetensors_shard_is_named_by_every_cli(pretrained, tmp_pat
   with open(shard, "r+b") as f:
     f.truncate(os.path.getsize(shard) - 1000)
   runs = {
-      "train": python("-m", "csft_jax.train", *SMALL, "--config.train.num_steps=1", f"--workdir={tmp_path / 'w'}",
-                      f"--config.init.from_hf={broken}"),
-      "evaluate": python("-m", "csft_jax.evaluate", "--config=configs/eval/cmb.py", f"--config.checkpoint={broken}",
-                         f"--config.out_dir={tmp_path / 'eval'}"),
-      "convert": python("tools/convert_from_hf.py", f"--hf_dir={broken}", f"--out={tmp_path / 'orbax'}"),
+    "train": python(
+      "-m",
+      "csft_jax.train",
+      *SMALL,
+      "--config.train.num_steps=1",
+      f"--workdir={tmp_path / 'w'}",
+      f"--config.init.from_hf={broken}",
+    ),
+    "evaluate": python(
+      "-m",
+      "csft_jax.evaluate",
+      "--config=configs/eval/cmb.py",
+      f"--config.checkpoint={broken}",
+      f"--config.out_dir={tmp_path / 'eval'}",
+    ),
+    "convert": python("tools/convert_from_hf.py", f"--hf_dir={broken}", f"--out={tmp_path / 'orbax'}"),
   }
   for name, done in runs.items():
     message = error_line(done)
@@ -120,11 +165,21 @@ def test_one_trainer_per_workdir_and_kill_9_leaves_metrics_that_resume_cleanly(t
   """Items 5 and 6: a second trainer on a busy workdir stops at once and touches nothing; after kill -9 the
   stale lock is broken, the run resumes from its last checkpoint, and metrics.jsonl holds every step once."""
   workdir = tmp_path / "w"
-  flags = [*SMALL, f"--workdir={workdir}", "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=5",
-           "--config.checkpoint.async_save=False"]
-  first = subprocess.Popen([sys.executable, "-m", "csft_jax.train", *flags, "--config.train.num_steps=100000"],
-                           cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+  flags = [
+    *SMALL,
+    f"--workdir={workdir}",
+    "--config.checkpoint.every_steps=2",
+    "--config.checkpoint.keep=5",
+    "--config.checkpoint.async_save=False",
+  ]
+  first = subprocess.Popen(
+    [sys.executable, "-m", "csft_jax.train", *flags, "--config.train.num_steps=100000"],
+    cwd=REPO_ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+  )
   try:
     for line in first.stdout:
       if re.match(r"step +7/", line):
@@ -163,8 +218,14 @@ def test_resume_with_a_changed_config_is_refused_unless_allowed(tmp_path):
   with open(workdir / "config.json", encoding="utf-8") as f:
     stored = f.read()
 
-  refused = python("-m", "csft_jax.train", *flags, "--config.train.num_steps=3", "--config.optim.lr=0.01",
-                   "--config.data.sources.messages_chat.enabled=False")
+  refused = python(
+    "-m",
+    "csft_jax.train",
+    *flags,
+    "--config.train.num_steps=3",
+    "--config.optim.lr=0.01",
+    "--config.data.sources.messages_chat.enabled=False",
+  )
   message = error_line(refused)
   assert "resuming would change 2 field(s)" in message
   assert "data.sources.messages_chat.enabled: True -> False" in message and "optim.lr: 0.001 -> 0.01" in message
@@ -177,16 +238,25 @@ def test_resume_with_a_changed_config_is_refused_unless_allowed(tmp_path):
   assert longer.returncode == 0, longer.stderr[-3000:]
   assert "note: config changed since this run started" in longer.stderr and "train.num_steps: 2 -> 3" in longer.stderr
 
-  allowed = python("-m", "csft_jax.train", *flags, "--config.train.num_steps=4", "--config.optim.lr=0.01",
-                   "--allow_config_change")
+  allowed = python(
+    "-m", "csft_jax.train", *flags, "--config.train.num_steps=4", "--config.optim.lr=0.01", "--allow_config_change"
+  )
   assert allowed.returncode == 0, allowed.stderr[-3000:]
   assert "optim.lr: 0.001 -> 0.01" in allowed.stderr and "resumed from step 3" in allowed.stderr
   with open(workdir / "config.json", encoding="utf-8") as f:
     assert json.load(f)["optim"]["lr"] == 0.01
 
   # An allowed change the saved state cannot take is refused by name, and costs no checkpoint.
-  other_state = error_line(python("-m", "csft_jax.train", *flags, "--config.train.num_steps=5",
-                                  "--config.optim.grad_clip_norm=0.0", "--allow_config_change"))
+  other_state = error_line(
+    python(
+      "-m",
+      "csft_jax.train",
+      *flags,
+      "--config.train.num_steps=5",
+      "--config.optim.grad_clip_norm=0.0",
+      "--allow_config_change",
+    )
+  )
   assert "step 4 cannot be restored into this config's state" in other_state and "grad_clip_norm" in other_state
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "4"] and not (workdir / "checkpoints_unreadable").exists()
 
@@ -198,32 +268,59 @@ def test_overrides_that_name_nothing_or_do_nothing_say_so_in_one_line(tmp_path):
   typo = error_line(python("-m", "csft_jax.train", *SMALL, f"--workdir={workdir}", "--config.train.num_stepz=4"))
   assert "--config.train.num_stepz: config.train has no field 'num_stepz'" in typo
   assert "Did you mean config.train.num_steps?" in typo
-  source = error_line(python("-m", "csft_jax.train", *SMALL, f"--workdir={workdir}",
-                             "--config.data.sources.cmb.weight=2.0"))
-  assert "config.data.sources has no field 'cmb'" in source and "alpaca_qa, cmb_exam, cmb_style_mcq, doctor_qa" in source
-  kernel = error_line(python("-m", "csft_jax.train", *SMALL, f"--workdir={workdir}", "--config.train.num_steps=1",
-                             "--config.model.attention_impl=cudnn"))
+  source = error_line(
+    python("-m", "csft_jax.train", *SMALL, f"--workdir={workdir}", "--config.data.sources.cmb.weight=2.0")
+  )
+  assert (
+    "config.data.sources has no field 'cmb'" in source and "alpaca_qa, cmb_exam, cmb_style_mcq, doctor_qa" in source
+  )
+  kernel = error_line(
+    python(
+      "-m",
+      "csft_jax.train",
+      *SMALL,
+      f"--workdir={workdir}",
+      "--config.train.num_steps=1",
+      "--config.model.attention_impl=cudnn",
+    )
+  )
   assert "attention_impl='cudnn' needs an NVIDIA GPU" in kernel and "'cpu'" in kernel
   assert not workdir.exists()
-  verbose = python("-m", "csft_jax.train", *SMALL, f"--workdir={workdir}", "--config.train.num_stepz=4",
-                   "--verbosity=0")
+  verbose = python(
+    "-m", "csft_jax.train", *SMALL, f"--workdir={workdir}", "--config.train.num_stepz=4", "--verbosity=0"
+  )
   assert verbose.returncode != 0 and "Traceback" in verbose.stderr
 
-  weighted = python("-m", "csft_jax.data.inspect", *SMALL[:1], "--config.data.sources.alpaca_qa.weight=5.0",
-                    "--num_batches=1", "--num_examples=0")
+  weighted = python(
+    "-m",
+    "csft_jax.data.inspect",
+    *SMALL[:1],
+    "--config.data.sources.alpaca_qa.weight=5.0",
+    "--num_batches=1",
+    "--num_examples=0",
+  )
   assert weighted.returncode == 0, weighted.stderr[-3000:]
-  assert ("note: config.data.sources.<name>.weight is set for ['alpaca_qa'] but mixing is 'temperature'"
-          in weighted.stdout)
+  assert (
+    "note: config.data.sources.<name>.weight is set for ['alpaca_qa'] but mixing is 'temperature'" in weighted.stdout
+  )
 
 
 def test_inspect_takes_the_tokenizer_of_init_from_hf_as_training_does(pretrained):
   """Item 11: with data.tokenizer empty, inspect (like train and prepare) uses the init model's tokenizer."""
-  done = python("-m", "csft_jax.data.inspect", "--config=configs/demo.py", "--config.data.tokenizer=",
-                f"--config.init.from_hf={pretrained}", "--num_batches=1", "--num_examples=1")
+  done = python(
+    "-m",
+    "csft_jax.data.inspect",
+    "--config=configs/demo.py",
+    "--config.data.tokenizer=",
+    f"--config.init.from_hf={pretrained}",
+    "--num_batches=1",
+    "--num_examples=1",
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert "--- alpaca_qa example 0" in done.stdout
-  empty = error_line(python("-m", "csft_jax.data.inspect", "--config=configs/demo.py", "--config.data.tokenizer=",
-                            "--num_batches=1"))
+  empty = error_line(
+    python("-m", "csft_jax.data.inspect", "--config=configs/demo.py", "--config.data.tokenizer=", "--num_batches=1")
+  )
   assert "config.data.tokenizer is empty and there is no config.init.from_hf" in empty
 
 
@@ -231,15 +328,28 @@ def test_inspect_takes_the_tokenizer_of_init_from_hf_as_training_does(pretrained
 def run_workdir(tmp_path_factory) -> str:
   """A finished 4-step run with checkpoints at steps 2 and 4 and an HF export."""
   workdir = str(tmp_path_factory.mktemp("run") / "sft")
-  done = python("-m", "csft_jax.train", *SMALL, "--config.train.num_steps=4", "--config.checkpoint.every_steps=2",
-                "--config.train.export_hf=hf_export", f"--workdir={workdir}")
+  done = python(
+    "-m",
+    "csft_jax.train",
+    *SMALL,
+    "--config.train.num_steps=4",
+    "--config.checkpoint.every_steps=2",
+    "--config.train.export_hf=hf_export",
+    f"--workdir={workdir}",
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   return workdir
 
 
 def _evaluate(*args: str) -> subprocess.CompletedProcess:
-  return python("-m", "csft_jax.evaluate", "--config=configs/eval/cmb.py", "--config.max_new_tokens=4",
-                "--config.batch_size=8", *args)
+  return python(
+    "-m",
+    "csft_jax.evaluate",
+    "--config=configs/eval/cmb.py",
+    "--config.max_new_tokens=4",
+    "--config.batch_size=8",
+    *args,
+  )
 
 
 def _read(path) -> Any:
@@ -270,22 +380,33 @@ def test_evaluations_are_kept_per_step_and_partial_ones_apart(run_workdir):
     header, row = list(csv.reader(f))[:2]
   assert row[header.index("cmb-answer/step")] == "4"
   assert float(row[header.index("cmb-answer/micro")]) == pytest.approx(100 * final["overall"]["micro"])
-  assert "Partial evaluations (config.limit: the first items only), not in the table: sft: cmb-answer/step_4-limit_3" \
-      in report.stdout
+  assert (
+    "Partial evaluations (config.limit: the first items only), not in the table: sft: cmb-answer/step_4-limit_3"
+    in report.stdout
+  )
 
 
 def test_ctrl_c_during_evaluation_keeps_finished_generations_and_the_rerun_completes_them(run_workdir, tmp_path):
   """Item 4: SIGINT finishes the batch in flight, keeps its generations and exits 0; the rerun generates
   only the rest, and its results equal an uninterrupted run's."""
-  flags = ["--config=configs/eval/cmb.py", f"--config.checkpoint={run_workdir}", "--config.batch_size=2",
-           "--config.max_new_tokens=256"]
+  flags = [
+    "--config=configs/eval/cmb.py",
+    f"--config.checkpoint={run_workdir}",
+    "--config.batch_size=2",
+    "--config.max_new_tokens=256",
+  ]
   reference = python("-m", "csft_jax.evaluate", *flags, f"--config.out_dir={tmp_path / 'straight'}")
   assert reference.returncode == 0, reference.stderr[-3000:]
   out = tmp_path / "interrupted"
   journal = out / "progress.jsonl"
-  process = subprocess.Popen([sys.executable, "-m", "csft_jax.evaluate", *flags, f"--config.out_dir={out}"],
-                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+  process = subprocess.Popen(
+    [sys.executable, "-m", "csft_jax.evaluate", *flags, f"--config.out_dir={out}"],
+    cwd=REPO_ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+  )
   deadline = time.time() + 300
   while time.time() < deadline and process.poll() is None:
     if journal.exists() and len(journal.read_text(encoding="utf-8").splitlines()) >= 3:  # header + 2 prompts
@@ -322,6 +443,7 @@ def test_a_bad_item_is_reported_before_the_model_loads(run_workdir, tmp_path):
 def test_the_generation_journal_survives_a_cut_line_and_refuses_other_settings(tmp_path):
   """Item 4: what the rerun trusts: whole lines only, the same prompt tokens, the same settings."""
   from csft_jax.eval import runner  # pylint: disable=import-outside-toplevel
+
   path = str(tmp_path / "progress.jsonl")
   journal = runner.GenerationJournal(path, "settings-1")
   journal.add("CMB answer", 0, [1, 2, 3], [[7, 8]])
@@ -346,24 +468,24 @@ def test_a_partial_restore_is_refused_naming_the_missing_parameters(tmp_path):
   """Item 2: a checkpoint that lacks parameters the model has (here a third layer) never half-fills it."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   from csft_jax.models import get_preset  # pylint: disable=import-outside-toplevel
+
   for scan_layers in (False, True):
     model = Decoder(dataclasses.replace(get_preset("tiny"), num_layers=2, scan_layers=scan_layers), rngs=nnx.Rngs(0))
     step_dir = checkpointing.save_model(str(tmp_path / f"scan{scan_layers}"), model)
     for target_scan in (False, True):
-      expected = (r"lacks 9 of the model's 30 parameters, e.g. \['layers/2/attn/k_proj/kernel'"
-                  if not scan_layers else
-                  r"parameter shapes differ from the model's \(stored vs wanted\): "
-                  r"\['layers/attn/k_proj/kernel \(2, 64, 2, 16\) vs \(3, 64, 2, 16\)'")
+      expected = (
+        r"lacks 9 of the model's 30 parameters, e.g. \['layers/2/attn/k_proj/kernel'"
+        if not scan_layers
+        else r"parameter shapes differ from the model's \(stored vs wanted\): "
+        r"\['layers/attn/k_proj/kernel \(2, 64, 2, 16\) vs \(3, 64, 2, 16\)'"
+      )
       with pytest.raises(checkpointing.CheckpointError, match=expected):
         checkpointing.restore_model(step_dir, num_layers=3, scan_layers=target_scan)
 
 
 def test_ctrl_c_outside_a_clean_stopping_point_is_one_line_and_exit_130():
   """Ctrl-C while, say, a model loads (or a second Ctrl-C): no traceback."""
-  program = ("from csft_jax.console import run_cli\n"
-             "def main(argv):\n"
-             "  raise KeyboardInterrupt\n"
-             "run_cli(main)\n")
+  program = "from csft_jax.console import run_cli\ndef main(argv):\n  raise KeyboardInterrupt\nrun_cli(main)\n"
   done = python("-c", program)
   assert done.returncode == 130 and done.stderr.strip() == "interrupted" and "Traceback" not in done.stderr
 
@@ -372,8 +494,14 @@ def test_optimizer_offload_from_the_command_line(tmp_path):
   """`--config.optim.offload=host` as the README gives it: the same losses as on the device."""
   runs = {}
   for offload in ("none", "host"):
-    done = python("-m", "csft_jax.train", *SMALL, "--config.train.num_steps=3", f"--workdir={tmp_path / offload}",
-                  f"--config.optim.offload={offload}")
+    done = python(
+      "-m",
+      "csft_jax.train",
+      *SMALL,
+      "--config.train.num_steps=3",
+      f"--workdir={tmp_path / offload}",
+      f"--config.optim.offload={offload}",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     runs[offload] = _steps_and_losses(tmp_path / offload)
   assert runs["host"] == runs["none"] and len(runs["host"]) == 3
@@ -388,6 +516,7 @@ def test_a_run_from_before_new_config_fields_resumes_while_they_hold_their_defau
   """A workdir whose config.json predates a field (here lora.* and optim.moments_dtype) resumes: the field
   at its default is the behaviour the run had; set away from it, it is refused like any change."""
   from csft_jax import train  # pylint: disable=import-outside-toplevel
+
   current = configuration.load("configs/demo.py").to_dict()
   stored = json.loads(json.dumps(current, default=str))
   del stored["lora"], stored["optim"]["moments_dtype"]

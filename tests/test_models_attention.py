@@ -21,7 +21,7 @@ def _packed_rows(length: int, segments_per_row: list[int], padding: int, seed: i
   rows = np.zeros((len(segments_per_row), length), np.int32)
   for row, count in enumerate(segments_per_row):
     cuts = np.sort(rng.choice(np.arange(1, length - padding), count - 1, replace=False))
-    rows[row, :length - padding] = 1 + np.searchsorted(cuts, np.arange(length - padding), side="right")
+    rows[row, : length - padding] = 1 + np.searchsorted(cuts, np.arange(length - padding), side="right")
   return rows
 
 
@@ -79,8 +79,9 @@ def test_blockwise_equals_xla_against_a_kv_cache():
   kv_segments = np.zeros((2, 64), np.int32)
   kv_segments[0, :28] = 1
   kv_segments[1, 5:28] = 1
-  mask = AttentionMask(jnp.ones((2, 8), jnp.int32), jnp.asarray(kv_segments), 20 + jnp.arange(8), jnp.arange(64),
-                       sliding_window=6)
+  mask = AttentionMask(
+    jnp.ones((2, 8), jnp.int32), jnp.asarray(kv_segments), 20 + jnp.arange(8), jnp.arange(64), sliding_window=6
+  )
   _assert_same("blockwise", q, k, v, mask, block_q=4, block_kv=16)
 
 
@@ -101,8 +102,9 @@ def test_blockwise_per_shard_equals_unsharded():
   want, want_grads = _values_and_grads("blockwise", q, k, v, mask, block_q=16, block_kv=16)
   with activation_sharding(make_mesh(2, 2, 2, devices=jax.devices()[:8])):
     # A fresh trace (not the cached unsharded one), made under the mesh.
-    got, got_grads = jax.jit(lambda q, k, v: _values_and_grads.__wrapped__("blockwise", q, k, v, mask, block_q=16,
-                                                                           block_kv=16))(q, k, v)
+    got, got_grads = jax.jit(
+      lambda q, k, v: _values_and_grads.__wrapped__("blockwise", q, k, v, mask, block_q=16, block_kv=16)
+    )(q, k, v)
   np.testing.assert_allclose(got, want, atol=1e-6)
   for g, w in zip(got_grads, want_grads):
     np.testing.assert_allclose(g, w, atol=1e-6)
@@ -116,14 +118,15 @@ def test_decoder_blockwise_prefill_and_decode_equal_xla():
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 8)))
   segments = jnp.asarray([[1] * 6, [0, 0, 0, 1, 1, 1]])  # row 1 left-padded
   positions = jnp.asarray([list(range(6)), [0, 0, 0, 0, 1, 2]])
-  run = nnx.jit(lambda model, ids, positions, segments, cache: model(ids, positions=positions, segment_ids=segments,
-                                                                     cache=cache))
+  run = nnx.jit(
+    lambda model, ids, positions, segments, cache: model(ids, positions=positions, segment_ids=segments, cache=cache)
+  )
   outputs = []
   for model in (xla, blockwise):
     logits, cache = run(model, ids[:, :6], positions, segments, KVCache.empty(config, 2, 12))
     steps = [logits[:, 3:]]
     for t in range(6, 8):
-      step, cache = run(model, ids[:, t:t + 1], positions[:, -1:] + (t - 5), jnp.ones((2, 1), jnp.int32), cache)
+      step, cache = run(model, ids[:, t : t + 1], positions[:, -1:] + (t - 5), jnp.ones((2, 1), jnp.int32), cache)
       steps.append(step)
     outputs.append(jnp.concatenate(steps, axis=1))
   np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-5)

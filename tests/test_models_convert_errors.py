@@ -35,7 +35,9 @@ def test_unknown_architecture_lists_supported(llama_dir, tmp_path):
   config = json.loads((dst / "config.json").read_text())
   config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
   (dst / "config.json").write_text(json.dumps(config))
-  with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*Supported architectures: .*InternLM2ForCausalLM.*LlamaForCausalLM"):
+  with pytest.raises(
+    ValueError, match=r"GPT2LMHeadModel.*Supported architectures: .*InternLM2ForCausalLM.*LlamaForCausalLM"
+  ):
     load_hf(str(dst))
 
 
@@ -48,6 +50,7 @@ def test_missing_tensor_is_named(llama_dir, tmp_path):
 def test_unexpected_tensor_is_named(llama_dir, tmp_path):
   def add(t):
     t["model.layers.0.self_attn.extra.weight"] = np.zeros((2, 2), np.float32)
+
   _rewrite(llama_dir, tmp_path / "u", add)
   with pytest.raises(ValueError, match=r"Unexpected \(1\): \['model.layers.0.self_attn.extra.weight'\]"):
     load_hf(str(tmp_path / "u"))
@@ -56,8 +59,11 @@ def test_unexpected_tensor_is_named(llama_dir, tmp_path):
 def test_shape_mismatch_names_tensor_and_both_shapes(llama_dir, tmp_path):
   def shrink(t):
     t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:8]
+
   _rewrite(llama_dir, tmp_path / "s", shrink)
-  with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_proj.weight has shape \(8, 32\), expected \(16, 32\)"):
+  with pytest.raises(
+    ValueError, match=r"model.layers.0.self_attn.k_proj.weight has shape \(8, 32\), expected \(16, 32\)"
+  ):
     load_hf(str(tmp_path / "s"))
 
 

@@ -51,12 +51,12 @@ def test_kv_cache_prefill_and_decode_match_full_forward(scan_layers):
   # Row 1 is left-padded by 3 slots: its positions start at 0 on its first real token.
   segments = jnp.asarray([[1] * 6, [0, 0, 0, 1, 1, 1]])
   positions = jnp.asarray([list(range(6)), [0, 0, 0, 0, 1, 2]])
-  logits, cache = model(ids[:, :6], positions=positions, segment_ids=segments,
-                        cache=KVCache.empty(config, 2, 12))
+  logits, cache = model(ids[:, :6], positions=positions, segment_ids=segments, cache=KVCache.empty(config, 2, 12))
   steps = []
   for t in range(6, 9):
-    step_logits, cache = model(ids[:, t:t + 1], positions=positions[:, -1:] + (t - 5),
-                               segment_ids=jnp.ones((2, 1), jnp.int32), cache=cache)
+    step_logits, cache = model(
+      ids[:, t : t + 1], positions=positions[:, -1:] + (t - 5), segment_ids=jnp.ones((2, 1), jnp.int32), cache=cache
+    )
     steps.append(step_logits[:, 0])
   full_row0 = model(ids[:1])
   full_row1 = model(ids[1:, 3:])

@@ -49,8 +49,9 @@ def test_export_loads_in_transformers_with_same_logits(hf_checkpoint, tmp_path):
   arch, hf_model, path = hf_checkpoint
   save_hf(load_hf(path), str(tmp_path), max_shard_bytes=40_000)
   assert os.path.exists(tmp_path / "model.safetensors.index.json")  # sharded on purpose
-  reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), output_loading_info=True,
-                                                                    attn_implementation="eager")
+  reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+    str(tmp_path), output_loading_info=True, attn_implementation="eager"
+  )
   assert info["missing_keys"] == set() or not info["missing_keys"]
   assert not info["unexpected_keys"] and not info["mismatched_keys"]
   assert type(reloaded).__name__ == type(hf_model).__name__
@@ -78,24 +79,33 @@ def test_packed_row_equals_each_sequence_alone(hf_checkpoint):
   packed_ids = np.concatenate(sequences + [np.zeros(3, np.int64)])[None]
   segment_ids = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(3, np.int64)])[None]
   positions = np.concatenate([np.arange(n) for n in lengths] + [np.zeros(3, np.int64)])[None]
-  packed = np.asarray(ours(jnp.asarray(packed_ids), positions=jnp.asarray(positions),
-                           segment_ids=jnp.asarray(segment_ids)))
+  packed = np.asarray(
+    ours(jnp.asarray(packed_ids), positions=jnp.asarray(positions), segment_ids=jnp.asarray(segment_ids))
+  )
   start = 0
   for seq in sequences:
     alone = np.asarray(ours(jnp.asarray(seq[None])))[0]
-    np.testing.assert_allclose(packed[0, start:start + len(seq)], alone, atol=1e-5)
+    np.testing.assert_allclose(packed[0, start : start + len(seq)], alone, atol=1e-5)
     start += len(seq)
 
 
 # ---- InternLM2: not in transformers; a Llama checkpoint repacked into its layout is the reference.
 
+
 def _repack_as_internlm2(state: dict, config) -> dict:
   """InternLM2's layout, from its modeling code: wqkv rows are `(kv_heads, q_per_kv + 2, head_dim)`."""
-  kv, heads, hd, d = (config.num_key_value_heads, config.num_attention_heads,
-                      config.hidden_size // config.num_attention_heads, config.hidden_size)
+  kv, heads, hd, d = (
+    config.num_key_value_heads,
+    config.num_attention_heads,
+    config.hidden_size // config.num_attention_heads,
+    config.hidden_size,
+  )
   groups = heads // kv
-  out = {"model.tok_embeddings.weight": state["model.embed_tokens.weight"],
-         "model.norm.weight": state["model.norm.weight"], "output.weight": state["lm_head.weight"]}
+  out = {
+    "model.tok_embeddings.weight": state["model.embed_tokens.weight"],
+    "model.norm.weight": state["model.norm.weight"],
+    "output.weight": state["lm_head.weight"],
+  }
   for i in range(config.num_hidden_layers):
     p = f"model.layers.{i}."
     q = state[p + "self_attn.q_proj.weight"].reshape(kv, groups, hd, d)
@@ -123,13 +133,23 @@ def internlm2_checkpoint(tmp_path_factory):
   path = tmp_path_factory.mktemp("internlm2")
   tensors = _repack_as_internlm2(dict(llama.state_dict()), config)
   safetensors.torch.save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-  hf_config = {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "bias": False,
-               "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-               "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
-               "num_attention_heads": config.num_attention_heads,
-               "num_key_value_heads": config.num_key_value_heads, "hidden_act": "silu",
-               "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 1_000_000,
-               "rope_scaling": {"type": "dynamic", "factor": 2.0}, "tie_word_embeddings": False}
+  hf_config = {
+    "architectures": ["InternLM2ForCausalLM"],
+    "model_type": "internlm2",
+    "bias": False,
+    "vocab_size": config.vocab_size,
+    "hidden_size": config.hidden_size,
+    "intermediate_size": config.intermediate_size,
+    "num_hidden_layers": config.num_hidden_layers,
+    "num_attention_heads": config.num_attention_heads,
+    "num_key_value_heads": config.num_key_value_heads,
+    "hidden_act": "silu",
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1_000_000,
+    "rope_scaling": {"type": "dynamic", "factor": 2.0},
+    "tie_word_embeddings": False,
+  }
   (path / "config.json").write_text(json.dumps(hf_config))
   (path / "tokenizer_config.json").write_text("{}")
   return llama, tensors, str(path)
@@ -160,8 +180,9 @@ def test_internlm2_exports_own_layout_bitwise_and_llama_layout(internlm2_checkpo
 
   as_llama = tmp_path / "llama"
   save_hf(model, str(as_llama), layout="llama")
-  reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(str(as_llama), output_loading_info=True,
-                                                                   attn_implementation="eager")
+  reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+    str(as_llama), output_loading_info=True, attn_implementation="eager"
+  )
   assert not info["missing_keys"] and not info["unexpected_keys"]
   ids, mask = padded_batch(llama.config.vocab_size, [9, 9])
   np.testing.assert_array_equal(_hf_logits(reloaded.eval(), ids, mask), _hf_logits(llama, ids, mask))

@@ -21,10 +21,30 @@ print(len(meds_bench.load_task_dir(configuration.resolve_path("pkg://csft_jax/as
 
 def test_installed_copy_reads_its_assets_through_importlib_resources(tmp_path):
   target = tmp_path / "site"
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                  "--target", str(target), REPO_ROOT], check=True, capture_output=True, timeout=300)
-  done = subprocess.run([sys.executable, "-c", f"REPO = {REPO_ROOT!r}\n" + PROBE], cwd=tmp_path,
-                        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
-                        capture_output=True, text=True, timeout=300)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "install",
+      "-q",
+      "--no-deps",
+      "--no-build-isolation",
+      "--target",
+      str(target),
+      REPO_ROOT,
+    ],
+    check=True,
+    capture_output=True,
+    timeout=300,
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", f"REPO = {REPO_ROOT!r}\n" + PROBE],
+    cwd=tmp_path,
+    env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert done.stdout.split() == ["3000", "5", "3"]  # demo tokenizer, sample sources, MedS sample tasks

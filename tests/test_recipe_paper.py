@@ -27,13 +27,24 @@ from tests.data_fixtures import COLLECTION
 from tests.test_data_llamafactory import as_labels, intern2_tokenizer, llamafactory_references
 
 CMB_ITEMS = [
-    {"exam_type": "医师考试", "exam_class": "执业医师", "exam_subject": "口腔执业医师",
-     "question": "患者，男性，11岁。近2个月来时有低热（37～38℃）。此男孩可能患", "answer": "D",
-     "question_type": "单项选择题",
-     "option": {"A": "小叶型肺炎", "B": "浸润性肺结核", "C": "继发性肺结核", "D": "原发性肺结核", "E": "粟粒型肺结核"}},
-    {"exam_type": "护理考试", "exam_class": "护士执业资格", "exam_subject": "护理学",
-     "question": "下列属于癌前病变的是", "answer": "AC", "question_type": "多项选择题",
-     "option": {"D": "增生", "C": "黏膜白斑", "B": "", "A": "肠上皮化生"}},
+  {
+    "exam_type": "医师考试",
+    "exam_class": "执业医师",
+    "exam_subject": "口腔执业医师",
+    "question": "患者，男性，11岁。近2个月来时有低热（37～38℃）。此男孩可能患",
+    "answer": "D",
+    "question_type": "单项选择题",
+    "option": {"A": "小叶型肺炎", "B": "浸润性肺结核", "C": "继发性肺结核", "D": "原发性肺结核", "E": "粟粒型肺结核"},
+  },
+  {
+    "exam_type": "护理考试",
+    "exam_class": "护士执业资格",
+    "exam_subject": "护理学",
+    "question": "下列属于癌前病变的是",
+    "answer": "AC",
+    "question_type": "多项选择题",
+    "option": {"D": "增生", "C": "黏膜白斑", "B": "", "A": "肠上皮化生"},
+  },
 ] * 5  # 10 items: one held out at val_size 0.1
 # The paper variant caps every source at 1000 records (checked below); these tests keep the first
 # 200 of each, to stay fast: the same rule (the first N records) on fewer records.
@@ -45,8 +56,11 @@ def cmb_to_sft(item):
   question = f"{item['question']}\n"
   for option in sorted(item["option"]):
     question += f"{option}: {item['option'][option]}\n"
-  return (f"该问题源自{item['exam_type']}，面向{item['exam_class']}中的{item['exam_subject']}。\n\n",
-          question, f"答案是{item['answer']}。")
+  return (
+    f"该问题源自{item['exam_type']}，面向{item['exam_class']}中的{item['exam_subject']}。\n\n",
+    question,
+    f"答案是{item['answer']}。",
+  )
 
 
 def alpaca_turns(instruction, query, response):
@@ -65,10 +79,10 @@ def official_turns():
     sharegpt = [json.loads(line)["conversations"] for line in f][:CAP]
   roles = {"human": "user", "gpt": "assistant"}
   out = {
-      "cmeddialogue": [(None, alpaca_turns(r["title"], r["ask"], r["answer"])) for r in rows],
-      "huatuo_cmekg": [(None, alpaca_turns(r["instruction"], r["input"], r["output"])) for r in cmekg],
-      "medicalgpt_sft": [(None, tuple((roles[t["from"]], t["value"]) for t in c)) for c in sharegpt],
-      "cmb": [(None, alpaca_turns(*cmb_to_sft(item))) for item in CMB_ITEMS],
+    "cmeddialogue": [(None, alpaca_turns(r["title"], r["ask"], r["answer"])) for r in rows],
+    "huatuo_cmekg": [(None, alpaca_turns(r["instruction"], r["input"], r["output"])) for r in cmekg],
+    "medicalgpt_sft": [(None, tuple((roles[t["from"]], t["value"]) for t in c)) for c in sharegpt],
+    "cmb": [(None, alpaca_turns(*cmb_to_sft(item))) for item in CMB_ITEMS],
   }
   # No official preprocessing exists for these two: our adapters' conversations (tested in
   # test_data_adapters.py) go through LLaMA-Factory's template and cutoff.
@@ -117,22 +131,32 @@ def test_paper_variant_is_the_yaml_and_full_keeps_examples_per_step():
     assert rows.grad_accum_steps == max(1, accum // 4)
     assert rows.global_batch_size // rows.grad_accum_steps <= 256 // accum
   assert recipe.SOURCES["cmeddialogue"][1:] == (
-      "alpaca", {"encoding": "gb18030", "columns": {"instruction": "title", "input": "ask", "output": "answer"}})
+    "alpaca",
+    {"encoding": "gb18030", "columns": {"instruction": "title", "input": "ask", "output": "answer"}},
+  )
   shared = collection_shared.get_data_config().sources.cmeddialogue
   assert (shared.format, shared.columns.to_dict()) == ("alpaca", recipe.SOURCES["cmeddialogue"][2]["columns"])
   small = small_recipe.get_config("variant=full")
-  assert (small.data.chat_template, small.data.overlong, small.train.global_batch_size) == ("chatml", "infer_seqlen", 64)
+  assert (small.data.chat_template, small.data.overlong, small.train.global_batch_size) == (
+    "chatml",
+    "infer_seqlen",
+    64,
+  )
 
 
 def test_paper_variant_trains_every_example_as_the_official_code(pipeline):
   tok = intern2_tokenizer()
   official = official_turns()
   for name, train, val in zip(pipeline.source_names, pipeline.train_sources, pipeline.val_sources):
-    expected = sorted((np.asarray(ids).tobytes(), np.asarray(labels).tobytes())
-                      for ids, labels in llamafactory_references(tok, official[name], 1024))
+    expected = sorted(
+      (np.asarray(ids).tobytes(), np.asarray(labels).tobytes())
+      for ids, labels in llamafactory_references(tok, official[name], 1024)
+    )
     held = (val.token_ids, val.loss_masks) if val is not None else ([], [])
-    ours = sorted((ids.astype(np.int64).tobytes(), np.asarray(as_labels(ids, mask), dtype=np.int64).tobytes())
-                  for ids, mask in zip(train.token_ids + held[0], train.loss_masks + held[1]))
+    ours = sorted(
+      (ids.astype(np.int64).tobytes(), np.asarray(as_labels(ids, mask), dtype=np.int64).tobytes())
+      for ids, mask in zip(train.token_ids + held[0], train.loss_masks + held[1])
+    )
     assert ours == expected, name
   truncated = {n: s.truncated for n, s in zip(pipeline.source_names, pipeline.stats)}
   assert truncated["medicalgpt_sft"] > 0  # some replies are longer than the cutoff: infer_seqlen cut them
@@ -166,14 +190,18 @@ def test_paper_variant_holds_out_llamafactorys_examples(pipeline):
 def test_paper_variant_text_and_trained_spans(pipeline):
   template = pipeline.template
   text, spans = template.render(load_first(pipeline, "cmb"))
-  assert text == ("<s><|im_start|>user\n该问题源自医师考试，面向执业医师中的口腔执业医师。\n\n\n"
-                  "患者，男性，11岁。近2个月来时有低热（37～38℃）。此男孩可能患\n"
-                  "A: 小叶型肺炎\nB: 浸润性肺结核\nC: 继发性肺结核\nD: 原发性肺结核\nE: 粟粒型肺结核\n"
-                  "<|im_end|>\n<|im_start|>assistant\n答案是D。</s>")
+  assert text == (
+    "<s><|im_start|>user\n该问题源自医师考试，面向执业医师中的口腔执业医师。\n\n\n"
+    "患者，男性，11岁。近2个月来时有低热（37～38℃）。此男孩可能患\n"
+    "A: 小叶型肺炎\nB: 浸润性肺结核\nC: 继发性肺结核\nD: 原发性肺结核\nE: 粟粒型肺结核\n"
+    "<|im_end|>\n<|im_start|>assistant\n答案是D。</s>"
+  )
   assert [text[a:b] for a, b in spans] == ["答案是D。</s>"]
   text, spans = template.render(load_first(pipeline, "cmeddialogue"))
-  assert text.startswith("<s><|im_start|>user\n高血压患者能吃党参吗？\n我有高血压这两天女婿来的时候给我拿了些党参泡水喝")
-  assert [text[a:b] for a, b in spans] == [text[text.index("高血压病人可以口服党参的。"):]]
+  assert text.startswith(
+    "<s><|im_start|>user\n高血压患者能吃党参吗？\n我有高血压这两天女婿来的时候给我拿了些党参泡水喝"
+  )
+  assert [text[a:b] for a, b in spans] == [text[text.index("高血压病人可以口服党参的。") :]]
   text, spans = template.render(load_first(pipeline, "huatuo_liver_cancer"))
   trained = [text[a:b] for a, b in spans]
   assert trained[0].endswith("<|im_end|>") and trained[1].endswith("</s>") and len(trained) == 2

@@ -13,8 +13,9 @@ from tests.data_fixtures import template
 SHARED_DATA = os.path.join(REPO_ROOT, "..", "shared", "data")
 
 pytestmark = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(SHARED_DATA, "meds_bench", "RewriteDefinitions.json")),
-    reason="needs ../shared/data/meds_bench")
+  not os.path.isfile(os.path.join(SHARED_DATA, "meds_bench", "RewriteDefinitions.json")),
+  reason="needs ../shared/data/meds_bench",
+)
 
 
 def _bench_eval():

@@ -14,8 +14,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tool(name, *args):
-  result = subprocess.run([sys.executable, os.path.join(REPO, "tools", name), *args], cwd=REPO,
-                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  result = subprocess.run(
+    [sys.executable, os.path.join(REPO, "tools", name), *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 
@@ -40,9 +45,11 @@ def test_training_workdir_exports_to_transformers(tmp_path):
   from tests.train_fixtures import small_config
   import jax
   from csft_jax.sharding import make_mesh
+
   workdir = str(tmp_path / "run")
-  summary = train.run(small_config(num_steps=2, export_hf="hf_export"), workdir,
-                      mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  summary = train.run(
+    small_config(num_steps=2, export_hf="hf_export"), workdir, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  )
   _tool("convert_to_hf.py", f"--checkpoint={workdir}", f"--out={tmp_path / 'hf'}")
   model, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"]

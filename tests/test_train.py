@@ -16,7 +16,7 @@ from tests.train_fixtures import losses, sigterm_at, small_config
 
 
 def _run(tmp_path, name, config, mesh_shape=(1, 1, 1), after_step=None):
-  devices = jax.devices()[:int(np.prod(mesh_shape))]
+  devices = jax.devices()[: int(np.prod(mesh_shape))]
   workdir = str(tmp_path / name)
   summary = train.run(config, workdir, mesh=make_mesh(*mesh_shape, devices=devices), after_step=after_step)
   return workdir, summary
@@ -29,7 +29,9 @@ def single_device_losses(tmp_path_factory):
   return losses(workdir)
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)], ids=["data8", "data2_fsdp4", "data2_fsdp2_tp2"])
+@pytest.mark.parametrize(
+  "mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)], ids=["data8", "data2_fsdp4", "data2_fsdp2_tp2"]
+)
 def test_first_losses_match_single_device_on_meshes(tmp_path, single_device_losses, mesh_shape):
   workdir, _ = _run(tmp_path, "run", small_config(), mesh_shape)
   sharded = losses(workdir)
@@ -47,8 +49,10 @@ def test_grad_accumulation_equals_full_batch(tmp_path, single_device_losses):
 
 def _params(workdir):
   model = checkpointing.restore_model(workdir)
-  return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in
-          __import__("flax").nnx.to_flat_state(__import__("flax").nnx.state(model))}
+  return {
+    "/".join(map(str, p)): np.asarray(v[...])
+    for p, v in __import__("flax").nnx.to_flat_state(__import__("flax").nnx.state(model))
+  }
 
 
 def test_sigterm_then_resume_is_bitwise_identical_to_straight_run(tmp_path):
@@ -95,6 +99,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_7b_plan_is_computed_without_allocating():
   from configs import collectivesft_internlm2_5_7b as recipe
+
   config = recipe.get_config("v6e-8")
   text = train.plan(config)
   params_line = next(line for line in text.splitlines() if line.startswith("params"))
@@ -110,6 +115,7 @@ def config_params_bytes(config) -> int:
 
 def test_num_epochs_sets_the_run_length_from_the_mixture():
   from csft_jax.data.pipeline import DataPipeline
+
   config = small_config(num_steps=0, num_epochs=2.0)
   pipeline = DataPipeline(config.data)
   per_epoch = pipeline.estimate_steps_per_epoch(config.train.global_batch_size)
@@ -144,8 +150,9 @@ def test_optimizer_state_offloaded_to_host_memory_trains_identically(tmp_path):
     assert losses(host) == losses(on_device) and len(losses(host)) == 5
 
   optimizer, _ = make_optimizer(config.optim, 5)
-  start = programs.random_init(model_config_from(config.model, 3000), optimizer, 0,
-                            make_mesh(1, 1, 1, devices=jax.devices()[:1]), "pinned_host")
+  start = programs.random_init(
+    model_config_from(config.model, 3000), optimizer, 0, make_mesh(1, 1, 1, devices=jax.devices()[:1]), "pinned_host"
+  )
   assert {leaf.sharding.memory_kind for leaf in jax.tree.leaves(start.state.opt_state)} == {"pinned_host"}
   assert {leaf.sharding.memory_kind for leaf in jax.tree.leaves(start.state.params)} == {"device"}
 
@@ -162,10 +169,14 @@ def test_moments_in_bfloat16_halve_the_optimizer_state_and_train_alike(tmp_path)
   for step, loss in losses(full).items():
     assert losses(half)[step] == pytest.approx(loss, rel=1e-3)
   optimizer, _ = make_optimizer(config.optim, 4)
-  start = programs.random_init(model_config_from(config.model, 3000), optimizer, 0,
-                               make_mesh(1, 1, 1, devices=jax.devices()[:1]))
-  floats = {leaf.dtype.name for leaf in jax.tree.leaves(start.state.opt_state)
-            if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)}
+  start = programs.random_init(
+    model_config_from(config.model, 3000), optimizer, 0, make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  )
+  floats = {
+    leaf.dtype.name
+    for leaf in jax.tree.leaves(start.state.opt_state)
+    if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
+  }
   assert floats == {"bfloat16"}
   with pytest.raises(ValueError, match="config.optim.moments_dtype='float16'; choose one of"):
     make_optimizer(ml_collections.ConfigDict({**config.optim.to_dict(), "moments_dtype": "float16"}), 4)
@@ -183,8 +194,11 @@ def test_offload_on_a_backend_without_host_memory_is_one_clear_error():
     def addressable_memories(self):
       return [DeviceMemory()]
 
-  with pytest.raises(ValueError, match=r"config.optim.offload='host' needs 'pinned_host' memory, which gpu device 0 "
-                                       r"lacks \(it has \['device'\]\); set config.optim.offload=none"):
+  with pytest.raises(
+    ValueError,
+    match=r"config.optim.offload='host' needs 'pinned_host' memory, which gpu device 0 "
+    r"lacks \(it has \['device'\]\); set config.optim.offload=none",
+  ):
     optimizer.check_host_memory(DeviceWithoutHostMemory())
   optimizer.check_host_memory(jax.devices()[0])  # the CPU backend has it
   with pytest.raises(ValueError, match="config.optim.offload='disk'; choose one of"):

@@ -51,8 +51,11 @@ def test_a_tokenizer_larger_than_the_model_is_refused_before_allocation(tmp_path
     _run(config, tmp_path / "run")  # the demo's shape is not this model's
   for field in ARCHITECTURE_FIELDS:
     config.model[field] = None  # the architecture comes from the HF config
-  with pytest.raises(train.InitError, match=r"has 3000 tokens but the model from config.init.from_hf=.* has "
-                                            r"vocab_size 101"):
+  with pytest.raises(
+    train.InitError,
+    match=r"has 3000 tokens but the model from config.init.from_hf=.* has "
+    r"vocab_size 101",
+  ):
     _run(config, tmp_path / "run")
 
 
@@ -61,8 +64,11 @@ def test_resume_refuses_a_changed_model_shape_naming_the_fields(tmp_path):
   _run(small_config(num_steps=2), workdir)
   config = small_config(num_steps=4)
   config.model.update(hidden_size=96, num_layers=3)
-  with pytest.raises(train.InitError, match=r"config.model.hidden_size=96 but the checkpoint of step 2 has 64, "
-                                            r"config.model.num_layers=3 but the checkpoint of step 2 has 2"):
+  with pytest.raises(
+    train.InitError,
+    match=r"config.model.hidden_size=96 but the checkpoint of step 2 has 64, "
+    r"config.model.num_layers=3 but the checkpoint of step 2 has 2",
+  ):
     _run(config, workdir)
 
 
@@ -76,8 +82,9 @@ def _first_large_state_file(step_dir: str) -> str:
 
 
 @pytest.mark.parametrize("broken", [_largest_tensor_file, _first_large_state_file])
-def test_an_unreadable_latest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_one_before(tmp_path, capsys,
-                                                                                              broken):
+def test_an_unreadable_latest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_one_before(
+  tmp_path, capsys, broken
+):
   workdir = tmp_path / "run"
   config = small_config(num_steps=8)
   config.checkpoint.update(every_steps=2, keep=5)
@@ -108,25 +115,36 @@ def test_every_unreadable_checkpoint_stops_the_run_instead_of_starting_over(tmp_
     if os.path.getsize(path) > 1000:
       with open(path, "r+b") as f:
         f.truncate(10)
-  with pytest.raises(checkpointing.CheckpointError, match=r"no checkpoint of .* can be read \(steps \[2\].*not starting over"):
+  with pytest.raises(
+    checkpointing.CheckpointError, match=r"no checkpoint of .* can be read \(steps \[2\].*not starting over"
+  ):
     _run(config, workdir)
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "csft_jax.train", *args], cwd=REPO_ROOT, capture_output=True,
-                        text=True, timeout=600)
+  return subprocess.run(
+    [sys.executable, "-m", "csft_jax.train", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+  )
 
 
 def test_cli_sets_optional_source_fields_and_drops_sources(tmp_path):
   """Typed placeholders: weight/max_samples accept values from the command line; enabled=False drops a source."""
-  done = _cli("--config=configs/demo.py", f"--workdir={tmp_path / 'w'}", "--plan_only",
-              "--config.data.mixing=explicit", "--config.data.sources.alpaca_qa.weight=2.0",
-              "--config.data.sources.doctor_qa.max_samples=5", "--config.data.sources.messages_chat.enabled=False")
+  done = _cli(
+    "--config=configs/demo.py",
+    f"--workdir={tmp_path / 'w'}",
+    "--plan_only",
+    "--config.data.mixing=explicit",
+    "--config.data.sources.alpaca_qa.weight=2.0",
+    "--config.data.sources.doctor_qa.max_samples=5",
+    "--config.data.sources.messages_chat.enabled=False",
+  )
   assert done.returncode == 0, done.stderr[-2000:]
   from csft_jax import configuration
   from csft_jax.data.pipeline import DataPipeline
-  config = configuration.load("configs/demo.py", {"data.sources.alpaca_qa.weight": 2.0,
-                                                  "data.sources.messages_chat.enabled": False})
+
+  config = configuration.load(
+    "configs/demo.py", {"data.sources.alpaca_qa.weight": 2.0, "data.sources.messages_chat.enabled": False}
+  )
   assert config.data.sources.alpaca_qa.weight == 2.0
   pipeline = DataPipeline(config.data)
   assert "messages_chat" not in pipeline.source_names and len(pipeline.source_names) == 5
@@ -148,8 +166,14 @@ def test_cli_errors_are_one_line_and_leave_no_workdir(tmp_path):
 def test_plan_only_needs_no_devices():
   """The 7B recipe's v5p-8 preset (fsdp=4) planned on a host with one CPU device."""
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  done = subprocess.run([sys.executable, "-m", "csft_jax.train", "--config=configs/collectivesft_internlm2_5_7b.py:v5p-8",
-                         "--plan_only"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+  done = subprocess.run(
+    [sys.executable, "-m", "csft_jax.train", "--config=configs/collectivesft_internlm2_5_7b.py:v5p-8", "--plan_only"],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+  )
   assert done.returncode == 0, done.stderr[-2000:]
   assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in done.stdout
   params = next(line for line in done.stdout.splitlines() if line.startswith("params"))

@@ -30,19 +30,42 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path, lora_rank):
 
   workdir = str(tmp_path / "two_processes")
   address = f"127.0.0.1:{_free_port()}"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             PYTHONPATH=REPO)
-  overrides = ["--config.model.hidden_size=64", "--config.model.intermediate_size=128", "--config.model.num_layers=2",
-               "--config.data.seq_len=128", "--config.train.num_steps=3", "--config.train.log_every=1",
-               "--config.train.eval_every=0", "--config.checkpoint.every_steps=1000",
-               "--config.train.export_hf=", f"--config.lora.rank={lora_rank}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=REPO)
+  overrides = [
+    "--config.model.hidden_size=64",
+    "--config.model.intermediate_size=128",
+    "--config.model.num_layers=2",
+    "--config.data.seq_len=128",
+    "--config.train.num_steps=3",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=0",
+    "--config.checkpoint.every_steps=1000",
+    "--config.train.export_hf=",
+    f"--config.lora.rank={lora_rank}",
+  ]
   if lora_rank:  # the base is saved once and the adapters exported, by every process together
     overrides.append("--config.train.export_peft=peft")
   processes = [
-      subprocess.Popen([sys.executable, "-m", "csft_jax.train", f"--config={REPO}/configs/demo.py", f"--workdir={workdir}",
-                        f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}", *overrides],
-                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "csft_jax.train",
+        f"--config={REPO}/configs/demo.py",
+        f"--workdir={workdir}",
+        f"--coordinator_address={address}",
+        "--num_processes=2",
+        f"--process_id={i}",
+        *overrides,
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=600)[0] for p in processes]
   for p, out in zip(processes, outputs):
     assert p.returncode == 0, out[-3000:]

@@ -37,13 +37,15 @@ def test_chunked_equals_dense_values_and_gradients(chunk_size, layout):
     return loss_sums(jnp.einsum(equation, hidden, head), targets, mask, sources, NUM_SOURCES)
 
   def chunked(hidden, head):
-    return chunked_loss_sums(hidden, head, targets, mask, sources, NUM_SOURCES, chunk_size=chunk_size,
-                             head_layout=layout)
+    return chunked_loss_sums(
+      hidden, head, targets, mask, sources, NUM_SOURCES, chunk_size=chunk_size, head_layout=layout
+    )
 
   want, got = dense(hidden, head), jax.jit(chunked)(hidden, head)
   for name in ("loss", "z_loss", "tokens", "source_loss", "source_tokens"):
-    np.testing.assert_allclose(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), rtol=1e-5,
-                               atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(
+      np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), rtol=1e-5, atol=1e-5, err_msg=name
+    )
   assert float(got.tokens) == float(mask.sum())  # padding of the last chunk adds no loss token
 
   grad_dense = jax.grad(lambda h, w: _objective(dense(h, w)), argnums=(0, 1))(hidden, head)
@@ -62,6 +64,7 @@ def test_chunked_loss_never_materializes_full_logits():
       if chunk_size:
         return _objective(chunked_loss_sums(h, w, targets, mask, sources, NUM_SOURCES, chunk_size=chunk_size))
       return _objective(loss_sums(jnp.einsum("btd,dv->btv", h, w), targets, mask, sources, NUM_SOURCES))
+
     compiled = jax.jit(jax.grad(f, argnums=(0, 1))).lower(hidden, head).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 

@@ -24,7 +24,7 @@ def test_loss_sums_match_numpy_per_source():
   log_z = np.log(np.exp(logits).sum(-1))
   token_loss = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
   np.testing.assert_allclose(sums.loss, (token_loss * mask).sum(), rtol=1e-6)
-  np.testing.assert_allclose(sums.z_loss, (log_z ** 2 * mask).sum(), rtol=1e-6)
+  np.testing.assert_allclose(sums.z_loss, (log_z**2 * mask).sum(), rtol=1e-6)
   assert float(sums.tokens) == 5
   for s in range(3):
     np.testing.assert_allclose(sums.source_loss[s], (token_loss * mask * (sources == s)).sum(), rtol=1e-6, atol=1e-7)
@@ -59,9 +59,16 @@ def test_no_weight_decay_on_norms_and_biases():
     flags["/".join(n for n in names if n != "value")] = bool(decays)
   assert len(flags) == 17
   assert sorted(k for k, v in flags.items() if v) == [
-      "embed/embedding", "layers/attn/k_proj/kernel", "layers/attn/o_proj/kernel", "layers/attn/q_proj/kernel",
-      "layers/attn/v_proj/kernel", "layers/mlp/down_proj/kernel", "layers/mlp/gate_proj/kernel",
-      "layers/mlp/up_proj/kernel", "lm_head/kernel"]
+    "embed/embedding",
+    "layers/attn/k_proj/kernel",
+    "layers/attn/o_proj/kernel",
+    "layers/attn/q_proj/kernel",
+    "layers/attn/v_proj/kernel",
+    "layers/mlp/down_proj/kernel",
+    "layers/mlp/gate_proj/kernel",
+    "layers/mlp/up_proj/kernel",
+    "lm_head/kernel",
+  ]
 
 
 def test_training_flops_formula():

@@ -27,10 +27,19 @@ from tests import REPO_ROOT
 
 QWEN_TOKENIZER = os.path.join(REPO_ROOT, "..", "shared", "tokenizers", "qwen")
 NUM_STEPS = 12
-TRAIN_FLAGS = ["--config=configs/collection_shared.py", "--config.data.tokenizer=", "--config.data.seq_len=96",
-               "--config.data.val_fraction=0.0", "--config.model.dtype=float32", "--config.train.num_steps=12",
-               "--config.train.global_batch_size=8", "--config.train.log_every=1", "--config.train.export_hf=hf_export",
-               "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=3"]
+TRAIN_FLAGS = [
+  "--config=configs/collection_shared.py",
+  "--config.data.tokenizer=",
+  "--config.data.seq_len=96",
+  "--config.data.val_fraction=0.0",
+  "--config.model.dtype=float32",
+  "--config.train.num_steps=12",
+  "--config.train.global_batch_size=8",
+  "--config.train.log_every=1",
+  "--config.train.export_hf=hf_export",
+  "--config.checkpoint.every_steps=2",
+  "--config.checkpoint.keep=3",
+]
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(QWEN_TOKENIZER), reason="needs ../shared/tokenizers/qwen")
 
@@ -40,8 +49,7 @@ def _env() -> dict[str, str]:
 
 
 def _python(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-  done = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
-                        timeout=900)
+  done = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=900)
   if check:
     assert done.returncode == 0, (args, done.stdout[-2000:], done.stderr[-4000:])
   return done
@@ -50,9 +58,17 @@ def _python(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def _pretrained_qwen2(path) -> transformers.PreTrainedModel:
   """The "downloaded" checkpoint: a tiny random Qwen2 whose vocabulary fits the real Qwen tokenizer."""
   torch.manual_seed(0)
-  config = transformers.Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                    tie_word_embeddings=True, rope_theta=10000.0)
+  config = transformers.Qwen2Config(
+    vocab_size=151936,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+    rope_theta=10000.0,
+  )
   model = transformers.AutoModelForCausalLM.from_config(config).eval()
   model.save_pretrained(path)
   transformers.AutoTokenizer.from_pretrained(QWEN_TOKENIZER).save_pretrained(path)
@@ -62,8 +78,13 @@ def _pretrained_qwen2(path) -> transformers.PreTrainedModel:
 def _train_until_sigterm(workdir: str, hf_dir: str) -> str:
   """Starts the trainer, sends SIGTERM once step 2 is logged, returns its output."""
   process = subprocess.Popen(
-      [sys.executable, "-m", "csft_jax.train", *TRAIN_FLAGS, f"--config.init.from_hf={hf_dir}", f"--workdir={workdir}"],
-      cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    [sys.executable, "-m", "csft_jax.train", *TRAIN_FLAGS, f"--config.init.from_hf={hf_dir}", f"--workdir={workdir}"],
+    cwd=REPO_ROOT,
+    env=_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   lines = []
   for line in process.stdout:
     lines.append(line)
@@ -98,7 +119,7 @@ def test_resume_continues_the_interrupted_run(trained):
   with open(RunDir(workdir).metrics, encoding="utf-8") as f:
     steps = [json.loads(line)["step"] for line in f if '"loss"' in line]
   # Steps after the interruption were logged once each, right after the saved step.
-  assert steps[-(NUM_STEPS - stopped_at):] == list(range(stopped_at + 1, NUM_STEPS + 1))
+  assert steps[-(NUM_STEPS - stopped_at) :] == list(range(stopped_at + 1, NUM_STEPS + 1))
   assert os.path.isfile(os.path.join(RunDir(workdir).tokenizer, "tokenizer.json"))  # the run's own copy
 
 
@@ -116,8 +137,9 @@ def test_export_loads_in_transformers_with_the_checkpoints_logits_and_stops_at_e
   tokenizer = transformers.AutoTokenizer.from_pretrained(export)
   im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
   assert model.generation_config.eos_token_id == [im_end, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-  prompt = tokenizer.apply_chat_template([{"role": "user", "content": "头痛怎么办？"}], add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True)["input_ids"]
+  prompt = tokenizer.apply_chat_template(
+    [{"role": "user", "content": "头痛怎么办？"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+  )["input_ids"]
   # The export's template is the one it trained with (chatml, no default system prompt).
   assert tokenizer.decode(prompt[0]) == "<|im_start|>user\n头痛怎么办？<|im_end|>\n<|im_start|>assistant\n"
 
@@ -130,14 +152,25 @@ def test_export_loads_in_transformers_with_the_checkpoints_logits_and_stops_at_e
         scores[:, im_end] = 0.0
       return scores
 
-  out = model.generate(prompt, max_new_tokens=20, do_sample=False,
-                       logits_processor=transformers.LogitsProcessorList([EndTurnAtThirdToken()]))
+  out = model.generate(
+    prompt,
+    max_new_tokens=20,
+    do_sample=False,
+    logits_processor=transformers.LogitsProcessorList([EndTurnAtThirdToken()]),
+  )
   assert out.shape[1] == prompt.shape[1] + 3 and int(out[0, -1]) == im_end
 
 
 def _evaluate(eval_config: str, checkpoint: str, *extra: str) -> None:
-  _python("-m", "csft_jax.evaluate", f"--config={eval_config}", f"--config.checkpoint={checkpoint}",
-          "--config.max_new_tokens=8", "--config.batch_size=8", *extra)
+  _python(
+    "-m",
+    "csft_jax.evaluate",
+    f"--config={eval_config}",
+    f"--config.checkpoint={checkpoint}",
+    "--config.max_new_tokens=8",
+    "--config.batch_size=8",
+    *extra,
+  )
 
 
 def test_evaluate_from_workdir_and_export_agree_and_report_shows_both(trained):
@@ -145,15 +178,25 @@ def test_evaluate_from_workdir_and_export_agree_and_report_shows_both(trained):
   run_dir = RunDir(workdir)
   export_out = str(root / "export_eval")
   _evaluate("configs/eval/cmb.py", workdir)
-  _evaluate("configs/eval/cmb.py", run_dir.hf_export(), f"--config.out_dir={export_out}/cmb", "--config.scan_layers=True")
-  from_run = json.loads(open(os.path.join(run_dir.eval_dir("cmb-answer", f"step_{NUM_STEPS}"), "generations.json"), encoding="utf-8").read())
+  _evaluate(
+    "configs/eval/cmb.py", run_dir.hf_export(), f"--config.out_dir={export_out}/cmb", "--config.scan_layers=True"
+  )
+  from_run = json.loads(
+    open(os.path.join(run_dir.eval_dir("cmb-answer", f"step_{NUM_STEPS}"), "generations.json"), encoding="utf-8").read()
+  )
   from_export = json.loads(open(os.path.join(export_out, "cmb", "generations.json"), encoding="utf-8").read())
   assert len(from_run) == 24 and from_run == from_export
 
   _evaluate("configs/eval/meds_bench.py", workdir)
-  _evaluate("configs/eval/meds_bench.py", run_dir.hf_export(), f"--config.out_dir={export_out}/meds",
-            "--config.scan_layers=True")
-  with open(os.path.join(run_dir.eval_dir("meds_bench", f"step_{NUM_STEPS}"), "results.csv"), encoding="utf-8", newline="") as f:
+  _evaluate(
+    "configs/eval/meds_bench.py",
+    run_dir.hf_export(),
+    f"--config.out_dir={export_out}/meds",
+    "--config.scan_layers=True",
+  )
+  with open(
+    os.path.join(run_dir.eval_dir("meds_bench", f"step_{NUM_STEPS}"), "results.csv"), encoding="utf-8", newline=""
+  ) as f:
     rows_run = list(csv.DictReader(f))
   with open(os.path.join(export_out, "meds", "results.csv"), encoding="utf-8", newline="") as f:
     rows_export = list(csv.DictReader(f))
@@ -164,6 +207,8 @@ def test_evaluate_from_workdir_and_export_agree_and_report_shows_both(trained):
     header, row = list(csv.reader(f))[:2]
   assert row[0] == "sft" and row[header.index("status")] == "finished"
   cmb_micro = float(row[header.index("cmb-answer/micro")])
-  assert cmb_micro == pytest.approx(100 * json.load(open(run_dir.eval_results("cmb-answer", f"step_{NUM_STEPS}")))["overall"]["micro"])
+  assert cmb_micro == pytest.approx(
+    100 * json.load(open(run_dir.eval_results("cmb-answer", f"step_{NUM_STEPS}")))["overall"]["micro"]
+  )
   assert any(h.startswith("meds_bench/") for h in header)
   assert "cmb-answer/micro" in report.stdout

@@ -23,9 +23,11 @@ def small_config(**train_overrides) -> ml_collections.ConfigDict:
 
 def sigterm_at(step: int):
   """An `after_step` hook for `train.run` that sends this process SIGTERM after `step` (the real preemption path)."""
+
   def after_step(current: int) -> None:
     if current == step:
       os.kill(os.getpid(), signal.SIGTERM)
+
   return after_step
 
 

@@ -57,7 +57,8 @@ def demo_step_seconds(batch: dict[str, np.ndarray], vocab_size: int, num_sources
 
   config = configuration.load("configs/demo.py")
   model_config = model_config_from(config.model, vocab_size).replace(
-      max_position_embeddings=max(config.model.max_position_embeddings, batch["input_ids"].shape[1]))
+    max_position_embeddings=max(config.model.max_position_embeddings, batch["input_ids"].shape[1])
+  )
   optimizer, schedule = make_optimizer(config.optim, 100)
   mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
   start = programs.random_init(model_config, optimizer, 0, mesh)
@@ -105,26 +106,44 @@ def _child(mode: str, scale_dir: str) -> dict:
   if mode == "prepare":
     manifest = prepare.prepare(data, num_workers=FLAGS.num_workers, force=True)
     usage, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return dict(examples=sum(e["examples"] for e in manifest["sources"].values()),
-                tokens=sum(e["tokens"] for e in manifest["sources"].values()),
-                num_workers=manifest["num_workers"], reading_cpu_s=usage.ru_utime + usage.ru_stime,
-                tokenizing_cpu_s=workers.ru_utime + workers.ru_stime)
+    return dict(
+      examples=sum(e["examples"] for e in manifest["sources"].values()),
+      tokens=sum(e["tokens"] for e in manifest["sources"].values()),
+      num_workers=manifest["num_workers"],
+      reading_cpu_s=usage.ru_utime + usage.ru_stime,
+      tokenizing_cpu_s=workers.ru_utime + workers.ru_stime,
+    )
   data.cache = "require" if mode == "cached" else "off"
   start = time.perf_counter()
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel,unused-import
+
   imports_s = time.perf_counter() - start  # transformers (and torch, when installed): the same with or without cache
   start = time.perf_counter()
   batch = next(iter(DataPipeline(data).train_dataset(FLAGS.batch_size)))
   digest = hashlib.sha256(b"".join(batch[k].tobytes() for k in sorted(batch))).hexdigest()
-  return dict(pipeline_s=time.perf_counter() - start, imports_s=imports_s, batch_sha256=digest,
-              peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+  return dict(
+    pipeline_s=time.perf_counter() - start,
+    imports_s=imports_s,
+    batch_sha256=digest,
+    peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+  )
 
 
 def _run_child(mode: str, scale_dir: str) -> tuple[dict, float]:
   start = time.perf_counter()
-  done = subprocess.run([sys.executable, os.path.abspath(__file__), f"--scale_child={mode}", f"--scale_dir={scale_dir}",
-                         f"--batch_size={FLAGS.batch_size}", f"--num_workers={FLAGS.num_workers}"],
-                        stdout=subprocess.PIPE, text=True, check=False)
+  done = subprocess.run(
+    [
+      sys.executable,
+      os.path.abspath(__file__),
+      f"--scale_child={mode}",
+      f"--scale_dir={scale_dir}",
+      f"--batch_size={FLAGS.batch_size}",
+      f"--num_workers={FLAGS.num_workers}",
+    ],
+    stdout=subprocess.PIPE,
+    text=True,
+    check=False,
+  )
   if done.returncode:
     raise RuntimeError(f"bench_data: the {mode} subprocess failed (exit {done.returncode}); see its error above")
   return json.loads(done.stdout.strip().splitlines()[-1]), time.perf_counter() - start
@@ -150,22 +169,33 @@ def scale_main() -> None:
     per_example = dict(reading=per_example["reading"], tokenizing=per_example["reading"])
   extrapolated_s = MEDS_INS_EXAMPLES * max(per_example["reading"], per_example["tokenizing"] / 16)
   result = dict(
-      scale=FLAGS.scale, examples=n, tokens=prepared["tokens"], prepare_s=round(prepare_s, 2),
-      prepare_examples_per_s=round(n / prepare_s, 1), prepare_workers=prepared["num_workers"],
-      prepare_reading_cpu_s=round(prepared["reading_cpu_s"], 2),
-      prepare_tokenizing_cpu_s=round(prepared["tokenizing_cpu_s"], 2),
-      prepare_13_5m_16_cores_s_extrapolated=round(extrapolated_s, 1),
-      startup_s=round(startup_s, 2), startup_pipeline_s=round(cached["pipeline_s"], 2),
-      startup_transformers_import_s=round(cached["imports_s"], 2),
-      startup_peak_rss_gb=round(cached["peak_rss_gb"], 3),
-      uncached_startup_s=round(uncached_startup_s, 2), uncached_pipeline_s=round(uncached["pipeline_s"], 2),
-      uncached_peak_rss_gb=round(uncached["peak_rss_gb"], 3),
-      batches_identical=cached["batch_sha256"] == uncached["batch_sha256"])
-  print(f"prepare: {n:,} examples in {prepare_s:.1f} s ({result['prepare_examples_per_s']:,.0f}/s,"
-        f" {prepared['num_workers']} workers); 13.5M examples on 16 cores: ~{extrapolated_s / 60:.0f} min")
-  print(f"start-up from the cache: {startup_s:.1f} s, peak RSS {cached['peak_rss_gb']:.2f} GB;"
-        f" without it: {uncached_startup_s:.1f} s, {uncached['peak_rss_gb']:.2f} GB;"
-        f" first batches identical: {result['batches_identical']}")
+    scale=FLAGS.scale,
+    examples=n,
+    tokens=prepared["tokens"],
+    prepare_s=round(prepare_s, 2),
+    prepare_examples_per_s=round(n / prepare_s, 1),
+    prepare_workers=prepared["num_workers"],
+    prepare_reading_cpu_s=round(prepared["reading_cpu_s"], 2),
+    prepare_tokenizing_cpu_s=round(prepared["tokenizing_cpu_s"], 2),
+    prepare_13_5m_16_cores_s_extrapolated=round(extrapolated_s, 1),
+    startup_s=round(startup_s, 2),
+    startup_pipeline_s=round(cached["pipeline_s"], 2),
+    startup_transformers_import_s=round(cached["imports_s"], 2),
+    startup_peak_rss_gb=round(cached["peak_rss_gb"], 3),
+    uncached_startup_s=round(uncached_startup_s, 2),
+    uncached_pipeline_s=round(uncached["pipeline_s"], 2),
+    uncached_peak_rss_gb=round(uncached["peak_rss_gb"], 3),
+    batches_identical=cached["batch_sha256"] == uncached["batch_sha256"],
+  )
+  print(
+    f"prepare: {n:,} examples in {prepare_s:.1f} s ({result['prepare_examples_per_s']:,.0f}/s,"
+    f" {prepared['num_workers']} workers); 13.5M examples on 16 cores: ~{extrapolated_s / 60:.0f} min"
+  )
+  print(
+    f"start-up from the cache: {startup_s:.1f} s, peak RSS {cached['peak_rss_gb']:.2f} GB;"
+    f" without it: {uncached_startup_s:.1f} s, {uncached['peak_rss_gb']:.2f} GB;"
+    f" first batches identical: {result['batches_identical']}"
+  )
   if FLAGS.json:
     print(json.dumps(result))
 
@@ -201,27 +231,37 @@ def main(argv: list[str]) -> None:
     lengths.append(len(e["input_ids"]))
     loss_tokens.append(int(e["loss_mask"].sum()))
   result = dict(
-      packing=pipeline.config.packing, batch_size=batch_size, seq_len=seq_len,
-      num_batches=FLAGS.num_batches, load_s=round(load_s, 3),
-      seconds_per_batch=elapsed / FLAGS.num_batches,
-      tokens_per_s=slots / elapsed, nonpad_tokens_per_s=nonpad / elapsed,
-      examples_per_batch=examples / FLAGS.num_batches,
-      packing_efficiency=packing_efficiency(batches),
-      padded_efficiency=padded_to_longest_efficiency(loss_tokens, lengths, batch_size),
-      padded_fixed_efficiency=float(np.sum(loss_tokens) / (len(lengths) * seq_len)),
+    packing=pipeline.config.packing,
+    batch_size=batch_size,
+    seq_len=seq_len,
+    num_batches=FLAGS.num_batches,
+    load_s=round(load_s, 3),
+    seconds_per_batch=elapsed / FLAGS.num_batches,
+    tokens_per_s=slots / elapsed,
+    nonpad_tokens_per_s=nonpad / elapsed,
+    examples_per_batch=examples / FLAGS.num_batches,
+    packing_efficiency=packing_efficiency(batches),
+    padded_efficiency=padded_to_longest_efficiency(loss_tokens, lengths, batch_size),
+    padded_fixed_efficiency=float(np.sum(loss_tokens) / (len(lengths) * seq_len)),
   )
   if FLAGS.time_step:
     result["step_s"] = demo_step_seconds(batches[0], len(pipeline.tokenizer), len(pipeline.source_names))
     result["feed_ratio"] = result["step_s"] / result["seconds_per_batch"]
-  print(f"load+tokenize {load_s:.1f}s; {result['seconds_per_batch'] * 1e3:.1f} ms/batch of"
-        f" {batch_size}x{seq_len}: {result['tokens_per_s']:,.0f} token slots/s,"
-        f" {result['nonpad_tokens_per_s']:,.0f} real tokens/s")
-  print(f"efficiency (loss tokens / slots): packed {result['packing_efficiency']:.3f},"
-        f" padded-to-longest {result['padded_efficiency']:.3f},"
-        f" padded-to-seq_len {result['padded_fixed_efficiency']:.3f}")
+  print(
+    f"load+tokenize {load_s:.1f}s; {result['seconds_per_batch'] * 1e3:.1f} ms/batch of"
+    f" {batch_size}x{seq_len}: {result['tokens_per_s']:,.0f} token slots/s,"
+    f" {result['nonpad_tokens_per_s']:,.0f} real tokens/s"
+  )
+  print(
+    f"efficiency (loss tokens / slots): packed {result['packing_efficiency']:.3f},"
+    f" padded-to-longest {result['padded_efficiency']:.3f},"
+    f" padded-to-seq_len {result['padded_fixed_efficiency']:.3f}"
+  )
   if FLAGS.time_step:
-    print(f"demo model train step on one such batch: {result['step_s']:.3f} s -> the pipeline feeds it "
-          f"{result['feed_ratio']:.0f}x faster than it trains")
+    print(
+      f"demo model train step on one such batch: {result['step_s']:.3f} s -> the pipeline feeds it "
+      f"{result['feed_ratio']:.0f}x faster than it trains"
+    )
   if FLAGS.json:
     print(json.dumps(result))
 

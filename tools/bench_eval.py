@@ -80,10 +80,16 @@ def _demo_config(vocab_size: int) -> ModelConfig:
 
 
 def _hf_llama_config(p: ModelConfig) -> transformers.LlamaConfig:
-  return transformers.LlamaConfig(vocab_size=p.vocab_size, hidden_size=p.hidden_size,
-                                  intermediate_size=p.intermediate_size, num_hidden_layers=p.num_layers,
-                                  num_attention_heads=p.num_heads, num_key_value_heads=p.num_kv_heads,
-                                  max_position_embeddings=p.max_position_embeddings, rms_norm_eps=p.rms_norm_eps)
+  return transformers.LlamaConfig(
+    vocab_size=p.vocab_size,
+    hidden_size=p.hidden_size,
+    intermediate_size=p.intermediate_size,
+    num_hidden_layers=p.num_layers,
+    num_attention_heads=p.num_heads,
+    num_key_value_heads=p.num_kv_heads,
+    max_position_embeddings=p.max_position_embeddings,
+    rms_norm_eps=p.rms_norm_eps,
+  )
 
 
 def _questions(template, count: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
@@ -101,19 +107,24 @@ def _questions(template, count: int) -> tuple[list[list[int]], list[list[int]], 
   return prompts, contexts, letters
 
 
-def _hf_generate(model, prompts: list[list[int]], batches, stop_ids: list[int], max_new_tokens: int
-                 ) -> list[list[int]]:
+def _hf_generate(model, prompts: list[list[int]], batches, stop_ids: list[int], max_new_tokens: int) -> list[list[int]]:
   outputs: list[list[int]] = [[] for _ in prompts]
   for rows, _, _ in batches:
     width = max(len(prompts[i]) for i in rows)
     ids = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, i in enumerate(rows):
-      ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-      mask[r, width - len(prompts[i]):] = 1
+      ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+      mask[r, width - len(prompts[i]) :] = 1
     with torch.no_grad():
-      out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                           do_sample=False, eos_token_id=stop_ids, pad_token_id=stop_ids[-1])
+      out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=stop_ids,
+        pad_token_id=stop_ids[-1],
+      )
     for r, i in enumerate(rows):
       row = out[r, width:].tolist()
       end = next((k + 1 for k, t in enumerate(row) if t in stop_ids), len(row))
@@ -151,9 +162,14 @@ def _meds_prompts(template, num_tasks: int, instances: int) -> list[list[int]]:
   # The file's task ids are not contiguous (task1-3, then task11, ...): the first `num_tasks` in order.
   task_ids = sorted(definitions, key=lambda name: int(name.removeprefix("task")))[:num_tasks]
   for t, task_id in enumerate(task_ids):
-    task = {"task_id": task_id, "Definition": [definitions[task_id]["original_def"]],
-            "Instances": [{"id": f"{task_id}-{i}", "input": r["instruction"], "output": [r["output"]]}
-                          for i, r in enumerate(records[t * instances:(t + 1) * instances])]}
+    task = {
+      "task_id": task_id,
+      "Definition": [definitions[task_id]["original_def"]],
+      "Instances": [
+        {"id": f"{task_id}-{i}", "input": r["instruction"], "output": [r["output"]]}
+        for i, r in enumerate(records[t * instances : (t + 1) * instances])
+      ],
+    }
     for instance in task["Instances"]:
       shots = meds_bench.select_shots(task, instance, meds_bench.NUM_SHOTS)
       prompts.append(template.encode_prompt(meds_bench.build_messages(task, instance, shots=shots)))
@@ -163,6 +179,7 @@ def _meds_prompts(template, num_tasks: int, instances: int) -> list[list[int]]:
 def _fastest_product(x, w, repeats: int) -> float:
   """Seconds of the fastest of `repeats` jitted `x @ w` (after one untimed call)."""
   import jax  # pylint: disable=import-outside-toplevel
+
   product = jax.jit(lambda a, b: a @ b)
   product(x, w).block_until_ready()
   best = float("inf")
@@ -176,14 +193,16 @@ def _fastest_product(x, w, repeats: int) -> float:
 def _matmul_peak_flops() -> float:
   """This host's float32 matmul FLOP/s: the best of several jitted 2048 x 2048 products."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   n = 2048
   a = jnp.ones((n, n), jnp.float32)
-  return 2 * n ** 3 / _fastest_product(a, a, 5)
+  return 2 * n**3 / _fastest_product(a, a, 5)
 
 
 def _memory_bandwidth() -> float:
   """This host's read bandwidth as decode sees it, bytes/s: one vector times a 512 MiB float32 matrix."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   weights = jnp.ones((8192, 16384), jnp.float32)
   return weights.size * 4 / _fastest_product(jnp.ones((1, 8192), jnp.float32), weights, 10)
 
@@ -222,8 +241,18 @@ def _load_pair(hf_config: transformers.LlamaConfig):
   return hf_model, with_runtime(ours, attention_impl=FLAGS.attention)
 
 
-def _compare(name: str, case: str, hf_model, ours, prompts: list[list[int]], stop_ids: list[int], new: int,
-             peak: float, bandwidth: float, **options) -> tuple[dict, engine.Generation]:
+def _compare(
+  name: str,
+  case: str,
+  hf_model,
+  ours,
+  prompts: list[list[int]],
+  stop_ids: list[int],
+  new: int,
+  peak: float,
+  bandwidth: float,
+  **options,
+) -> tuple[dict, engine.Generation]:
   """Ours (`engine.generate(**options)`) against HF `generate` on length-sorted batches, whole and prefill
   alone; the figures every case reports."""
   batch = FLAGS.batch_size
@@ -242,24 +271,27 @@ def _compare(name: str, case: str, hf_model, ours, prompts: list[list[int]], sto
   identical = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
   decode_s = max(ours_s - ours_prefill_s, 1e-9)
   result = {
-      "model": name, "case": case,
-      "params_m": round(sum(p.numel() for p in hf_model.parameters()) / 1e6, 1),
-      "questions": len(prompts),
-      "mean_prompt_tokens": round(float(np.mean([len(p) for p in prompts])), 1),
-      "new_tokens": sum(map(len, ours_tokens)),
-      "ours_generate_qps": len(prompts) / ours_s,
-      "hf_generate_qps": len(prompts) / hf_s,
-      "speedup": hf_s / ours_s,
-      "ours_prefill_s": ours_prefill_s, "hf_prefill_s": hf_prefill_s,
-      "ours_decode_s": decode_s, "hf_decode_s": max(hf_s - hf_prefill_s, 1e-9),
-      "prefill_speedup": hf_prefill_s / ours_prefill_s,
-      "decode_speedup": max(hf_s - hf_prefill_s, 1e-9) / decode_s,
-      "prefill_of_peak": _prefill_flops(ours.config, prompts) / ours_prefill_s / peak,
-      "decode_steps": generation.decode_steps,
-      "decode_of_limit": _decode_limit_s(ours.config, prompts, ours_tokens, generation.decode_steps, peak,
-                                         bandwidth) / decode_s,
-      "compile_s": compile_s,
-      "identical_answers": f"{identical}/{len(prompts)}",
+    "model": name,
+    "case": case,
+    "params_m": round(sum(p.numel() for p in hf_model.parameters()) / 1e6, 1),
+    "questions": len(prompts),
+    "mean_prompt_tokens": round(float(np.mean([len(p) for p in prompts])), 1),
+    "new_tokens": sum(map(len, ours_tokens)),
+    "ours_generate_qps": len(prompts) / ours_s,
+    "hf_generate_qps": len(prompts) / hf_s,
+    "speedup": hf_s / ours_s,
+    "ours_prefill_s": ours_prefill_s,
+    "hf_prefill_s": hf_prefill_s,
+    "ours_decode_s": decode_s,
+    "hf_decode_s": max(hf_s - hf_prefill_s, 1e-9),
+    "prefill_speedup": hf_prefill_s / ours_prefill_s,
+    "decode_speedup": max(hf_s - hf_prefill_s, 1e-9) / decode_s,
+    "prefill_of_peak": _prefill_flops(ours.config, prompts) / ours_prefill_s / peak,
+    "decode_steps": generation.decode_steps,
+    "decode_of_limit": _decode_limit_s(ours.config, prompts, ours_tokens, generation.decode_steps, peak, bandwidth)
+    / decode_s,
+    "compile_s": compile_s,
+    "identical_answers": f"{identical}/{len(prompts)}",
   }
   return result, generation
 
@@ -269,8 +301,18 @@ def bench_model(name: str, hf_model, ours, template, num_questions: int, peak: f
   prompts, contexts, letters = _questions(template, num_questions)
   # The sample is repeated to `num_questions`: shared prefixes would prefill whole duplicate
   # prompts once, which real CMB questions never allow, so this case shares nothing.
-  result, _ = _compare(name, "cmb", hf_model, ours, prompts, list(template.stop_token_ids), FLAGS.max_new_tokens,
-                       peak, bandwidth, share_prefixes=False)
+  result, _ = _compare(
+    name,
+    "cmb",
+    hf_model,
+    ours,
+    prompts,
+    list(template.stop_token_ids),
+    FLAGS.max_new_tokens,
+    peak,
+    bandwidth,
+    share_prefixes=False,
+  )
 
   def run_loglik():
     return engine.score_continuations(ours, contexts, letters, batch_size=FLAGS.batch_size)
@@ -288,19 +330,23 @@ def bench_meds(name: str, hf_model, ours, template, num_tasks: int, peak: float,
   prompts = _meds_prompts(template, num_tasks, FLAGS.meds_instances)
   stop_ids = list(template.stop_token_ids)
   batch = FLAGS.batch_size
-  result, generation = _compare(name, "meds_3shot", hf_model, ours, prompts, stop_ids, FLAGS.meds_max_new_tokens,
-                                peak, bandwidth)
-  unshared = engine.generate(ours, prompts, FLAGS.meds_max_new_tokens, stop_ids, batch_size=batch,
-                             share_prefixes=False)
+  result, generation = _compare(
+    name, "meds_3shot", hf_model, ours, prompts, stop_ids, FLAGS.meds_max_new_tokens, peak, bandwidth
+  )
+  unshared = engine.generate(ours, prompts, FLAGS.meds_max_new_tokens, stop_ids, batch_size=batch, share_prefixes=False)
   shared_once = sum(len(p) for p in prompts) - sum(
-      len(prompts[i]) - plan.prefix_len
-      for plan in engine.plan_generation(prompts, batch, ours.config.max_position_embeddings) for i in plan.rows)
-  result.update({
+    len(prompts[i]) - plan.prefix_len
+    for plan in engine.plan_generation(prompts, batch, ours.config.max_position_embeddings)
+    for i in plan.rows
+  )
+  result.update(
+    {
       "shared_prefix": shared_once / sum(len(p) for p in prompts),
       "prefill_slots": generation.prefill_slots,
       "prefill_slots_unshared": unshared.prefill_slots,
       "identical_to_unshared": f"{sum(a[0] == b[0] for a, b in zip(generation.tokens, unshared.tokens))}/{len(prompts)}",
-  })
+    }
+  )
   logging.info("%s MedS: %s", name, result)
   return result
 
@@ -333,27 +379,35 @@ def bench_varlen(name: str, hf_model, ours, template, num_questions: int, peak: 
   budget = FLAGS.varlen_max_new_tokens
   free = engine.generate(ours, prompts, budget, None, batch_size=FLAGS.batch_size, share_prefixes=False)
   stops, lengths = _varlen_stop([samples[0] for samples in free.tokens], budget)
-  result, generation = _compare(name, "varlen", hf_model, ours, prompts, stops, budget, peak, bandwidth,
-                                batching="continuous")
+  result, generation = _compare(
+    name, "varlen", hf_model, ours, prompts, stops, budget, peak, bandwidth, batching="continuous"
+  )
   engine.generate(ours, prompts, budget, stops, batch_size=FLAGS.batch_size, share_prefixes=False)  # compiles
-  static, static_s = _timed(lambda: engine.generate(ours, prompts, budget, stops, batch_size=FLAGS.batch_size,
-                                                    share_prefixes=False))
+  static, static_s = _timed(
+    lambda: engine.generate(ours, prompts, budget, stops, batch_size=FLAGS.batch_size, share_prefixes=False)
+  )
   assert [len(s[0]) for s in generation.tokens] == lengths, "the stop token's lengths changed"
   batches = engine.plan_batches([len(p) for p in prompts], FLAGS.batch_size, ours.config.max_position_embeddings)
   batch_steps = sum(len(rows) * max(lengths[i] for i in rows) for rows, _, _ in batches)
   ideal_decode = batch_steps / sum(lengths)
-  result.update({
+  result.update(
+    {
       "stop_tokens": stops,
-      "reply_lengths": {"min": min(lengths), "median": float(np.median(lengths)),
-                        "p90": float(np.percentile(lengths, 90)), "max": max(lengths),
-                        "at_budget": sum(n == budget for n in lengths)},
+      "reply_lengths": {
+        "min": min(lengths),
+        "median": float(np.median(lengths)),
+        "p90": float(np.percentile(lengths, 90)),
+        "max": max(lengths),
+        "at_budget": sum(n == budget for n in lengths),
+      },
       "ours_static_qps": len(prompts) / static_s,
       "continuous_vs_static": static_s / (len(prompts) / result["ours_generate_qps"]),
       "static_identical": f"{sum(a[0] == b[0] for a, b in zip(generation.tokens, static.tokens))}/{len(prompts)}",
       "static_decode_steps": static.decode_steps,
       "ideal_speedup": (result["hf_prefill_s"] + result["hf_decode_s"])
-                       / (result["hf_prefill_s"] + result["hf_decode_s"] / ideal_decode),
-  })
+      / (result["hf_prefill_s"] + result["hf_decode_s"] / ideal_decode),
+    }
+  )
   logging.info("%s varlen: %s", name, result)
   return result
 
@@ -366,8 +420,9 @@ def main(argv: list[str]) -> None:
   bandwidth = _memory_bandwidth()
   results = []
   for name, config, questions, tasks in (
-      ("demo", _demo_config(len(tokenizer)), FLAGS.num_questions, FLAGS.meds_tasks),
-      ("llama_100m", get_preset("llama_100m"), FLAGS.num_questions_100m, FLAGS.meds_tasks_100m)):
+    ("demo", _demo_config(len(tokenizer)), FLAGS.num_questions, FLAGS.meds_tasks),
+    ("llama_100m", get_preset("llama_100m"), FLAGS.num_questions_100m, FLAGS.meds_tasks_100m),
+  ):
     if name not in FLAGS.models:
       continue
     hf_model, ours = _load_pair(_hf_llama_config(config))
@@ -375,48 +430,90 @@ def main(argv: list[str]) -> None:
     results.append(bench_meds(name, hf_model, ours, template, tasks, peak, bandwidth))
     if name == "llama_100m" and FLAGS.varlen_questions:
       results.append(bench_varlen(name, hf_model, ours, template, FLAGS.varlen_questions, peak, bandwidth))
-  header = ["model", "case", "params (M)", "questions", "prompt tok", "ours q/s", "HF generate q/s", "speedup",
-            "prefill: ours / HF s", "prefill of peak", "decode: ours / HF s", "decode of limit", "shared prefix",
-            "ours loglik q/s", "compile s", "same tokens"]
-  rows = [[r["model"], r["case"], r["params_m"], r["questions"], r["mean_prompt_tokens"], r["ours_generate_qps"],
-           r["hf_generate_qps"], r["speedup"], f"{r['ours_prefill_s']:.2f} / {r['hf_prefill_s']:.2f}",
-           r["prefill_of_peak"], f"{r['ours_decode_s']:.2f} / {r['hf_decode_s']:.2f}", r["decode_of_limit"],
-           r.get("shared_prefix", ""), r.get("ours_loglik_qps", ""), r["compile_s"], r["identical_answers"]]
-          for r in results]
-  print(f"greedy; CMB answer-only max_new_tokens={FLAGS.max_new_tokens}, MedS 3-shot "
-        f"max_new_tokens={FLAGS.meds_max_new_tokens}, variable-length max_new_tokens={FLAGS.varlen_max_new_tokens}; "
-        f"batch_size={FLAGS.batch_size} both sides (decode slots in the varlen case), attention={FLAGS.attention}, "
-        f"scan_layers={FLAGS.scan_layers}, CPU threads: torch {torch.get_num_threads()}, XLA {os.cpu_count()}; "
-        f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s, memory {bandwidth / 1e9:.1f} GB/s")
+  header = [
+    "model",
+    "case",
+    "params (M)",
+    "questions",
+    "prompt tok",
+    "ours q/s",
+    "HF generate q/s",
+    "speedup",
+    "prefill: ours / HF s",
+    "prefill of peak",
+    "decode: ours / HF s",
+    "decode of limit",
+    "shared prefix",
+    "ours loglik q/s",
+    "compile s",
+    "same tokens",
+  ]
+  rows = [
+    [
+      r["model"],
+      r["case"],
+      r["params_m"],
+      r["questions"],
+      r["mean_prompt_tokens"],
+      r["ours_generate_qps"],
+      r["hf_generate_qps"],
+      r["speedup"],
+      f"{r['ours_prefill_s']:.2f} / {r['hf_prefill_s']:.2f}",
+      r["prefill_of_peak"],
+      f"{r['ours_decode_s']:.2f} / {r['hf_decode_s']:.2f}",
+      r["decode_of_limit"],
+      r.get("shared_prefix", ""),
+      r.get("ours_loglik_qps", ""),
+      r["compile_s"],
+      r["identical_answers"],
+    ]
+    for r in results
+  ]
+  print(
+    f"greedy; CMB answer-only max_new_tokens={FLAGS.max_new_tokens}, MedS 3-shot "
+    f"max_new_tokens={FLAGS.meds_max_new_tokens}, variable-length max_new_tokens={FLAGS.varlen_max_new_tokens}; "
+    f"batch_size={FLAGS.batch_size} both sides (decode slots in the varlen case), attention={FLAGS.attention}, "
+    f"scan_layers={FLAGS.scan_layers}, CPU threads: torch {torch.get_num_threads()}, XLA {os.cpu_count()}; "
+    f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s, memory {bandwidth / 1e9:.1f} GB/s"
+  )
   print(reporting.markdown_table(header, rows), end="")
   varlen = next((r for r in results if r["case"] == "varlen"), None)
   if varlen:
-    print(f"varlen: reply lengths {varlen['reply_lengths']} (stop tokens {varlen['stop_tokens']}); ideal speed-up "
-          f"{varlen['ideal_speedup']:.2f}x; ours continuous vs our static batches {varlen['continuous_vs_static']:.2f}x "
-          f"({varlen['static_identical']} identical)")
+    print(
+      f"varlen: reply lengths {varlen['reply_lengths']} (stop tokens {varlen['stop_tokens']}); ideal speed-up "
+      f"{varlen['ideal_speedup']:.2f}x; ours continuous vs our static batches {varlen['continuous_vs_static']:.2f}x "
+      f"({varlen['static_identical']} identical)"
+    )
   if FLAGS.json:
     case = {(r["model"], r["case"]): r for r in results}
 
     def figure(model: str, name: str, key: str):
       return round(case[(model, name)][key], 2) if (model, name) in case else None
 
-    print(json.dumps({
-        "speedup_vs_hf_generate": figure("demo", "cmb", "speedup"),
-        "speedup_vs_hf_generate_100m": figure("llama_100m", "cmb", "speedup"),
-        "meds_speedup_vs_hf_generate": figure("demo", "meds_3shot", "speedup"),
-        "meds_speedup_vs_hf_generate_100m": figure("llama_100m", "meds_3shot", "speedup"),
-        "varlen_speedup_vs_hf_generate": figure("llama_100m", "varlen", "speedup"),
-        "loglik_vs_generate": figure("demo", "cmb", "loglik_vs_generate"),
-        "loglik_vs_generate_100m": figure("llama_100m", "cmb", "loglik_vs_generate"),
-        "prefill_of_peak_100m": figure("llama_100m", "cmb", "prefill_of_peak"),
-        "decode_of_limit_100m": figure("llama_100m", "cmb", "decode_of_limit"),
-        "matmul_peak_gflops": round(peak / 1e9, 1),
-        "memory_gbps": round(bandwidth / 1e9, 1),
-        "max_new_tokens": FLAGS.max_new_tokens, "meds_max_new_tokens": FLAGS.meds_max_new_tokens,
-        "varlen_max_new_tokens": FLAGS.varlen_max_new_tokens,
-        "batch_size": FLAGS.batch_size, "scan_layers": FLAGS.scan_layers, "attention": FLAGS.attention,
-        "models": results,
-    }))
+    print(
+      json.dumps(
+        {
+          "speedup_vs_hf_generate": figure("demo", "cmb", "speedup"),
+          "speedup_vs_hf_generate_100m": figure("llama_100m", "cmb", "speedup"),
+          "meds_speedup_vs_hf_generate": figure("demo", "meds_3shot", "speedup"),
+          "meds_speedup_vs_hf_generate_100m": figure("llama_100m", "meds_3shot", "speedup"),
+          "varlen_speedup_vs_hf_generate": figure("llama_100m", "varlen", "speedup"),
+          "loglik_vs_generate": figure("demo", "cmb", "loglik_vs_generate"),
+          "loglik_vs_generate_100m": figure("llama_100m", "cmb", "loglik_vs_generate"),
+          "prefill_of_peak_100m": figure("llama_100m", "cmb", "prefill_of_peak"),
+          "decode_of_limit_100m": figure("llama_100m", "cmb", "decode_of_limit"),
+          "matmul_peak_gflops": round(peak / 1e9, 1),
+          "memory_gbps": round(bandwidth / 1e9, 1),
+          "max_new_tokens": FLAGS.max_new_tokens,
+          "meds_max_new_tokens": FLAGS.meds_max_new_tokens,
+          "varlen_max_new_tokens": FLAGS.varlen_max_new_tokens,
+          "batch_size": FLAGS.batch_size,
+          "scan_layers": FLAGS.scan_layers,
+          "attention": FLAGS.attention,
+          "models": results,
+        }
+      )
+    )
 
 
 def define_flags() -> None:

@@ -33,25 +33,33 @@ def main(argv: list[str]) -> None:
       continue  # GPU presets (e.g. 8xh100) are not TPU slices
     for method in FLAGS.methods:
       reports = {}
-      for chunk in ((0, FLAGS.chunk) if method == "full" else (0,)):
+      for chunk in (0, FLAGS.chunk) if method == "full" else (0,):
         config = configuration.load(f"{path}:mesh={preset},method={method}", {"train.loss_chunk_size": chunk})
         start = time.perf_counter()
         reports[chunk] = aot.check_fit(config, preset)
         rows.append((preset, method, chunk, reports[chunk], time.perf_counter() - start))
       last = reports[max(reports)]
-      results[f"{preset}/{method}"] = {"total_gib": round(last.total_gib, 2), "hbm_per_device_gib":
-                                       last.hbm_per_device_gib, "fits": last.fits,
-                                       "dense_total_gib": round(reports[0].total_gib, 2)}
-  print(f"{'preset':<8} {'method':<8} {'loss':<10} {'mesh':<34} {'frozen':>7} {'params':>7} {'opt':>7} "
-        f"{'temp':>7} {'total':>7} {'HBM':>5} {'fits':>5} {'compile s':>9}")
+      results[f"{preset}/{method}"] = {
+        "total_gib": round(last.total_gib, 2),
+        "hbm_per_device_gib": last.hbm_per_device_gib,
+        "fits": last.fits,
+        "dense_total_gib": round(reports[0].total_gib, 2),
+      }
+  print(
+    f"{'preset':<8} {'method':<8} {'loss':<10} {'mesh':<34} {'frozen':>7} {'params':>7} {'opt':>7} "
+    f"{'temp':>7} {'total':>7} {'HBM':>5} {'fits':>5} {'compile s':>9}"
+  )
   for preset, method, chunk, r, seconds in rows:
     loss = "dense" if chunk == 0 else f"chunk {chunk}"
     frozen = f"{r.frozen_gib:>7.2f}" if r.frozen_gib is not None else f"{'-':>7}"
     opt = f"{r.opt_state_gib:>6.2f}{'h' if r.host_gib is not None else ' '}"
-    print(f"{preset:<8} {method:<8} {loss:<10} {str(r.mesh):<34} {frozen} {r.params_gib:>7.2f} {opt} "
-          f"{r.temp_gib:>7.2f} {r.total_gib:>7.2f} {r.hbm_per_device_gib:>5.0f} {str(r.fits):>5} {seconds:>9.0f}")
-  print("frozen: LoRA's base (bf16); params and opt: what trains (h: in host memory, outside the total). GiB "
-        "per device.")
+    print(
+      f"{preset:<8} {method:<8} {loss:<10} {str(r.mesh):<34} {frozen} {r.params_gib:>7.2f} {opt} "
+      f"{r.temp_gib:>7.2f} {r.total_gib:>7.2f} {r.hbm_per_device_gib:>5.0f} {str(r.fits):>5} {seconds:>9.0f}"
+    )
+  print(
+    "frozen: LoRA's base (bf16); params and opt: what trains (h: in host memory, outside the total). GiB per device."
+  )
   if FLAGS.json:
     print(json.dumps(results))
 

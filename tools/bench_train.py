@@ -37,6 +37,7 @@ FLAGS = flags.FLAGS
 
 def _batches(packing: str, count: int):
   from csft_jax.data.pipeline import DataPipeline  # pylint: disable=import-outside-toplevel
+
   data = configuration.load("configs/collection_shared.py").data
   data.seq_len = FLAGS.seq_len
   data.packing = packing
@@ -76,9 +77,9 @@ def torch_stepper(hf_dir):
   """One transformers + PyTorch AdamW step per batch (SDPA attention, as LLaMA-Factory runs it)."""
   import torch
   import transformers
+
   torch.set_num_threads(FLAGS.threads)
-  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa",
-                                                            dtype=torch.float32)
+  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa", dtype=torch.float32)
   model.train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
 
@@ -117,12 +118,13 @@ def interleaved_seconds(runs: dict[str, tuple]) -> dict[str, float]:
 def _model_config(config, tokenizer_size: int):
   """The benchmarked model: the demo config's, or the `llama_100m` preset (float32 both)."""
   from csft_jax.models import model_config_from  # pylint: disable=import-outside-toplevel
+
   if FLAGS.model == "llama_100m":
-    config.model.update(preset="llama_100m", hidden_size=None, intermediate_size=None, num_layers=None,
-                        num_heads=None, num_kv_heads=None)
+    config.model.update(
+      preset="llama_100m", hidden_size=None, intermediate_size=None, num_layers=None, num_heads=None, num_kv_heads=None
+    )
   config.model.update(dtype="float32", param_dtype="float32")
-  return model_config_from(config.model, tokenizer_size).replace(
-      max_position_embeddings=max(1024, FLAGS.seq_len))
+  return model_config_from(config.model, tokenizer_size).replace(max_position_embeddings=max(1024, FLAGS.seq_len))
 
 
 def main(argv):
@@ -158,8 +160,12 @@ def main(argv):
     if tile:
       impl_config = impl_config.replace(attention_block_q=int(tile), attention_block_kv=int(tile))
     # A fresh copy of the state for each run: the step donates it.
-    with_impl = dataclasses.replace(start, graphdef=programs.graphdef_of(impl_config), model_config=impl_config,
-                                    state=jax.tree.map(jnp.copy, start.state))
+    with_impl = dataclasses.replace(
+      start,
+      graphdef=programs.graphdef_of(impl_config),
+      model_config=impl_config,
+      state=jax.tree.map(jnp.copy, start.state),
+    )
     runs[implementation] = (jax_stepper(config, with_impl, len(pipeline.source_names)), packed)
   runs["torch"] = (torch_stepper(hf_dir), packed)
   runs["torch_padded"] = (torch_stepper(hf_dir), padded)
@@ -173,30 +179,42 @@ def main(argv):
   padded_slots = sum(b["input_ids"].size for b in padded[1:])
   torch_padded_loss_tokens_per_s = padded_loss_tokens / torch_padded_seconds
   by_attention = {
-      implementation: {
-          "jax_tokens_per_s": slots / seconds,
-          "same_batch_ratio": torch_seconds / seconds,
-          "jax_packed_loss_tokens_per_s": packed_loss_tokens / seconds,
-          "effective_speedup_vs_padded_torch": packed_loss_tokens / seconds / torch_padded_loss_tokens_per_s,
-      } for implementation, seconds in jax_seconds.items()}
-  result = {
-      "model": FLAGS.model, "model_params_m": round(model_config.num_params() / 1e6, 2),
-      "batch": FLAGS.batch, "seq_len": FLAGS.seq_len, "steps": FLAGS.steps,
-      "attention": FLAGS.attention[0], **by_attention[FLAGS.attention[0]],
-      "torch_tokens_per_s": slots / torch_seconds,
-      "torch_padded_loss_tokens_per_s": torch_padded_loss_tokens_per_s,
-      "torch_padded_mean_row_len": padded_slots / (FLAGS.batch * FLAGS.steps),
-      "by_attention": by_attention,
+    implementation: {
+      "jax_tokens_per_s": slots / seconds,
+      "same_batch_ratio": torch_seconds / seconds,
+      "jax_packed_loss_tokens_per_s": packed_loss_tokens / seconds,
+      "effective_speedup_vs_padded_torch": packed_loss_tokens / seconds / torch_padded_loss_tokens_per_s,
+    }
+    for implementation, seconds in jax_seconds.items()
   }
-  print(f"model {FLAGS.model} ({result['model_params_m']}M params), batch {FLAGS.batch} x {FLAGS.seq_len}, "
-        f"{FLAGS.steps} timed steps (torch padded rows average {result['torch_padded_mean_row_len']:.0f} tokens)")
+  result = {
+    "model": FLAGS.model,
+    "model_params_m": round(model_config.num_params() / 1e6, 2),
+    "batch": FLAGS.batch,
+    "seq_len": FLAGS.seq_len,
+    "steps": FLAGS.steps,
+    "attention": FLAGS.attention[0],
+    **by_attention[FLAGS.attention[0]],
+    "torch_tokens_per_s": slots / torch_seconds,
+    "torch_padded_loss_tokens_per_s": torch_padded_loss_tokens_per_s,
+    "torch_padded_mean_row_len": padded_slots / (FLAGS.batch * FLAGS.steps),
+    "by_attention": by_attention,
+  }
+  print(
+    f"model {FLAGS.model} ({result['model_params_m']}M params), batch {FLAGS.batch} x {FLAGS.seq_len}, "
+    f"{FLAGS.steps} timed steps (torch padded rows average {result['torch_padded_mean_row_len']:.0f} tokens)"
+  )
   print(f"{'measure':<58} {'jax':>10} {'torch':>10} {'ratio':>8}")
   for implementation, row in by_attention.items():
-    print(f"{'same packed batches, token slots/s (' + implementation + ')':<58} {row['jax_tokens_per_s']:>10,.0f} "
-          f"{result['torch_tokens_per_s']:>10,.0f} {row['same_batch_ratio']:>7.2f}x")
-    print(f"{'loss tokens/s: packed (ours, ' + implementation + ') vs padded (torch)':<58} "
-          f"{row['jax_packed_loss_tokens_per_s']:>10,.0f} {torch_padded_loss_tokens_per_s:>10,.0f} "
-          f"{row['effective_speedup_vs_padded_torch']:>7.2f}x")
+    print(
+      f"{'same packed batches, token slots/s (' + implementation + ')':<58} {row['jax_tokens_per_s']:>10,.0f} "
+      f"{result['torch_tokens_per_s']:>10,.0f} {row['same_batch_ratio']:>7.2f}x"
+    )
+    print(
+      f"{'loss tokens/s: packed (ours, ' + implementation + ') vs padded (torch)':<58} "
+      f"{row['jax_packed_loss_tokens_per_s']:>10,.0f} {torch_padded_loss_tokens_per_s:>10,.0f} "
+      f"{row['effective_speedup_vs_padded_torch']:>7.2f}x"
+    )
   if FLAGS.json:
     print(json.dumps(result))
 
@@ -204,8 +222,11 @@ def main(argv):
 def define_flags() -> None:
   """Command-line flags, defined only when run as a program."""
   flags.DEFINE_enum("model", "demo", ["demo", "llama_100m"], "The demo model or the ~100M preset.")
-  flags.DEFINE_list("attention", ["blockwise:64", "blockwise", "xla"],
-                    "Our step's attention, each `model.attention_impl` or `impl:tile` (tile sizes, default 128).")
+  flags.DEFINE_list(
+    "attention",
+    ["blockwise:64", "blockwise", "xla"],
+    "Our step's attention, each `model.attention_impl` or `impl:tile` (tile sizes, default 128).",
+  )
   flags.DEFINE_integer("steps", 6, "Timed steps per measurement (after one warm-up step).")
   flags.DEFINE_integer("batch", 8, "Sequences per batch.")
   flags.DEFINE_integer("seq_len", 1024, "Packed row length (collection_shared.py's cutoff is 1024).")

@@ -29,8 +29,11 @@ def main(argv: list[str]) -> None:
   step_dir = checkpointing.save_model(FLAGS.out, model)
   copied = copy_tokenizer_files(FLAGS.hf_dir, os.path.join(FLAGS.out, "tokenizer"))
   config = model.config
-  print(f"{config.arch}: {config.num_params() / 1e6:.1f}M parameters -> {step_dir} "
-        f"({time.time() - start:.1f}s); tokenizer files: {copied or 'none'}", file=sys.stderr)
+  print(
+    f"{config.arch}: {config.num_params() / 1e6:.1f}M parameters -> {step_dir} "
+    f"({time.time() - start:.1f}s); tokenizer files: {copied or 'none'}",
+    file=sys.stderr,
+  )
 
 
 def define_flags() -> None:

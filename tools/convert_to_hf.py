@@ -45,8 +45,16 @@ def main(argv: list[str]) -> None:
   if tokenizer_dir and template_name:
     template = load_chat_template(template_name, load_tokenizer(tokenizer_dir))
     stops, jinja = template.stop_token_ids, getattr(template, "jinja", lambda: None)()
-  save_hf(model, FLAGS.out, layout=FLAGS.layout, dtype=FLAGS.dtype, max_shard_bytes=FLAGS.max_shard_mb * 2**20,
-          tokenizer_dir=tokenizer_dir, stop_token_ids=stops, chat_template=jinja)
+  save_hf(
+    model,
+    FLAGS.out,
+    layout=FLAGS.layout,
+    dtype=FLAGS.dtype,
+    max_shard_bytes=FLAGS.max_shard_mb * 2**20,
+    tokenizer_dir=tokenizer_dir,
+    stop_token_ids=stops,
+    chat_template=jinja,
+  )
   print(f"{step_dir} -> {FLAGS.out} ({time.time() - start:.1f}s)", file=sys.stderr)
 
 

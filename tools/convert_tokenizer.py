@@ -30,23 +30,30 @@ def main(argv: list[str]) -> None:
   del argv
   source = os.path.abspath(FLAGS.tokenizer_dir)
   if not os.path.isfile(os.path.join(source, SENTENCEPIECE_FILE)):
-    raise DataError(f"--tokenizer_dir={FLAGS.tokenizer_dir}: no {SENTENCEPIECE_FILE} in {source}; pass the "
-                    "directory of a sentencepiece tokenizer.")
+    raise DataError(
+      f"--tokenizer_dir={FLAGS.tokenizer_dir}: no {SENTENCEPIECE_FILE} in {source}; pass the "
+      "directory of a sentencepiece tokenizer."
+    )
   tokenizer = tokenizer_from_sentencepiece(source)
   template = load_chat_template(FLAGS.chat_template, tokenizer)  # names the special tokens it lacks
   save_converted_tokenizer(tokenizer, source, FLAGS.out)
   specials = ", ".join(f"{token}={tokenizer.convert_tokens_to_ids(token)}" for token in tokenizer.all_special_tokens)
-  print(f"{source} -> {FLAGS.out}: {len(tokenizer)} tokens; special tokens {specials}; chat template "
-        f"{template.name!r} stops at {list(template.stop_token_ids)}", file=sys.stderr)
+  print(
+    f"{source} -> {FLAGS.out}: {len(tokenizer)} tokens; special tokens {specials}; chat template "
+    f"{template.name!r} stops at {list(template.stop_token_ids)}",
+    file=sys.stderr,
+  )
 
 
 def define_flags() -> None:
   """Command-line flags, defined only when run as a program."""
-  flags.DEFINE_string("tokenizer_dir", None, "Directory with tokenizer.model (and tokenizer_config.json).",
-                      required=True)
+  flags.DEFINE_string(
+    "tokenizer_dir", None, "Directory with tokenizer.model (and tokenizer_config.json).", required=True
+  )
   flags.DEFINE_string("out", None, "Output directory for the fast tokenizer.", required=True)
-  flags.DEFINE_enum("chat_template", "internlm2", template_names(),
-                    "Chat template whose special tokens the tokenizer must have.")
+  flags.DEFINE_enum(
+    "chat_template", "internlm2", template_names(), "Chat template whose special tokens the tokenizer must have."
+  )
 
 
 if __name__ == "__main__":

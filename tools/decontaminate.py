@@ -58,7 +58,9 @@ def benchmark_questions(kind: str, path: str) -> list[str]:
     questions = []
     for i, item in enumerate(items):
       if "question" not in item:
-        raise DataError(f"benchmark cmb: {full} item {i} has no 'question' field (is it an answer key?); pass a file with question texts")
+        raise DataError(
+          f"benchmark cmb: {full} item {i} has no 'question' field (is it an answer key?); pass a file with question texts"
+        )
       options = "".join(str(v) for v in (item.get("option") or {}).values())
       questions.append(item["question"] + options)
     return questions
@@ -132,8 +134,11 @@ def main(argv: list[str]) -> None:
         kept[spec.name].append(r)
       else:
         hits.append((str(r.location), gram))
-    report[spec.name] = {"examples": len(records), "contaminated": len(hits),
-                         "first": [{"location": loc, "ngram": g} for loc, g in hits[:_SHOW]]}
+    report[spec.name] = {
+      "examples": len(records),
+      "contaminated": len(hits),
+      "first": [{"location": loc, "ngram": g} for loc, g in hits[:_SHOW]],
+    }
     print(f"{spec.name}: {len(hits)} of {len(records)} examples share a {FLAGS.ngram}-gram with the benchmarks")
     for loc, g in hits[:_SHOW]:
       print(f"  {loc}: {g}")
@@ -151,8 +156,9 @@ def main(argv: list[str]) -> None:
     os.replace(staging, out)
     print(f"wrote filtered copies to {out}")
   if FLAGS.json:
-    print(json.dumps({"ngram": FLAGS.ngram, "benchmark_questions": len(questions), "sources": report},
-                     ensure_ascii=False))
+    print(
+      json.dumps({"ngram": FLAGS.ngram, "benchmark_questions": len(questions), "sources": report}, ensure_ascii=False)
+    )
 
 
 def define_flags() -> None:

@@ -43,28 +43,40 @@ def split_fixture() -> dict:
     rows = datasets.Dataset.from_dict({"position": list(range(size))})
     split = split_dataset(rows, data_args, seed=SEED)
     held_out[str(size)] = sorted(split["validation"]["position"])
-  return {"made_by": f"llamafactory {llamafactory.__version__} split_dataset, datasets {datasets.__version__}",
-          "val_size": VAL_SIZE, "seed": SEED, "held_out_positions": held_out}
+  return {
+    "made_by": f"llamafactory {llamafactory.__version__} split_dataset, datasets {datasets.__version__}",
+    "val_size": VAL_SIZE,
+    "seed": SEED,
+    "held_out_positions": held_out,
+  }
 
 
 def infer_seqlen_fixture() -> dict:
   import llamafactory  # pylint: disable=import-outside-toplevel
   from llamafactory.data.processors.processor_utils import infer_seqlen  # pylint: disable=import-outside-toplevel
 
-  edges = [(s, t, c) for s in (0, 1, 2, 5, 511, 512, 513, 1024, 3000) for t in (0, 1, 2, 5, 511, 512, 513, 1024, 3000)
-           for c in (1, 2, 3, 1023, 1024, 1025)]
+  edges = [
+    (s, t, c)
+    for s in (0, 1, 2, 5, 511, 512, 513, 1024, 3000)
+    for t in (0, 1, 2, 5, 511, 512, 513, 1024, 3000)
+    for c in (1, 2, 3, 1023, 1024, 1025)
+  ]
   draw = random.Random(0)
   grid = [(draw.randint(0, 2048), draw.randint(0, 2048), draw.randint(1, 2048)) for _ in range(2000)]
-  return {"made_by": f"llamafactory {llamafactory.__version__} infer_seqlen",
-          "cases": [[s, t, c, *infer_seqlen(s, t, c)] for s, t, c in edges + grid]}
+  return {
+    "made_by": f"llamafactory {llamafactory.__version__} infer_seqlen",
+    "cases": [[s, t, c, *infer_seqlen(s, t, c)] for s, t, c in edges + grid],
+  }
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out_dir", required=True)
   args = parser.parse_args()
-  for name, fixture in (("llamafactory_split.json", split_fixture()),
-                        ("llamafactory_infer_seqlen.json", infer_seqlen_fixture())):
+  for name, fixture in (
+    ("llamafactory_split.json", split_fixture()),
+    ("llamafactory_infer_seqlen.json", infer_seqlen_fixture()),
+  ):
     with open(os.path.join(args.out_dir, name), "w", encoding="utf-8") as f:
       json.dump(fixture, f)
       f.write("\n")

@@ -20,9 +20,17 @@ from csft_jax.models.config import ModelConfig
 from csft_jax.models.decoder import Decoder
 
 # Files copied next to exported weights when they exist in the source directory.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "tokenizer.model",
+  "vocab.json",
+  "merges.txt",
+  "added_tokens.json",
+  "chat_template.jinja",
+  "generation_config.json",
+)
 
 
 def read_hf_config(hf_dir: str, **overrides: Any) -> ModelConfig:
@@ -58,8 +66,9 @@ def _state_key(config: ModelConfig, path: str, layer: int | None) -> tuple:
   return ("layers",) + parts if config.scan_layers else ("layers", layer) + parts
 
 
-def load_hf(path: str, dtype: str = "float32", *, shardings: Any = None, param_dtype: str | None = None,
-            **config_overrides: Any) -> Decoder:
+def load_hf(
+  path: str, dtype: str = "float32", *, shardings: Any = None, param_dtype: str | None = None, **config_overrides: Any
+) -> Decoder:
   """Imports an HF checkpoint directory (safetensors, sharded or not) into a `Decoder`.
 
   Tensors are read one at a time from memory-mapped files; parameters of scanned layers fill a
@@ -89,7 +98,7 @@ def load_hf(path: str, dtype: str = "float32", *, shardings: Any = None, param_d
   abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   targets = {tuple(p): v for p, v in nnx.to_flat_state(abstract_state)}
-  flat_shardings = ({tuple(p): s for p, s in nnx.to_flat_state(shardings)} if shardings is not None else {})
+  flat_shardings = {tuple(p): s for p, s in nnx.to_flat_state(shardings)} if shardings is not None else {}
   np_dtype = np.dtype(jnp.dtype(param_dtype))
   values: dict[tuple, jax.Array] = {}
   stacked: dict[tuple, list] = {}  # key -> [buffer, layers filled]
@@ -108,8 +117,10 @@ def load_hf(path: str, dtype: str = "float32", *, shardings: Any = None, param_d
     name = _hf_name(rule, layer)
     hf_array = reader.get(name)
     if tuple(hf_array.shape) != rule.hf_shape:
-      raise ValueError(f"{path}: tensor {name} has shape {tuple(hf_array.shape)}, expected {rule.hf_shape} "
-                       f"from config.json ({config.arch}).")
+      raise ValueError(
+        f"{path}: tensor {name} has shape {tuple(hf_array.shape)}, expected {rule.hf_shape} "
+        f"from config.json ({config.arch})."
+      )
     for our_path, array in zip(rule.ours, rule.to_ours(hf_array)):
       key = _state_key(config, our_path, layer)
       target_shape = targets[key].shape
@@ -145,9 +156,10 @@ def _check_tensor_names(reader: SafetensorsReader, config: ModelConfig, layout: 
   unexpected = sorted(present - expected)
   if missing or unexpected:
     raise ValueError(
-        f"{path}: checkpoint tensors do not match config.json ({config.arch}, {config.num_layers} layers). "
-        f"Missing ({len(missing)}): {missing[:10]}{' ...' if len(missing) > 10 else ''}. "
-        f"Unexpected ({len(unexpected)}): {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}.")
+      f"{path}: checkpoint tensors do not match config.json ({config.arch}, {config.num_layers} layers). "
+      f"Missing ({len(missing)}): {missing[:10]}{' ...' if len(missing) > 10 else ''}. "
+      f"Unexpected ({len(unexpected)}): {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}."
+    )
 
 
 def _host_array(value: jax.Array, index: int | None) -> np.ndarray:
@@ -158,9 +170,17 @@ def _host_array(value: jax.Array, index: int | None) -> np.ndarray:
   return np.asarray(jax.device_get(value))
 
 
-def save_hf(model: Decoder, path: str, *, layout: str | None = None, dtype: str | None = None,
-            max_shard_bytes: int = 5 * 2**30, tokenizer_dir: str | None = None,
-            stop_token_ids: Sequence[int] | None = None, chat_template: str | None = None) -> None:
+def save_hf(
+  model: Decoder,
+  path: str,
+  *,
+  layout: str | None = None,
+  dtype: str | None = None,
+  max_shard_bytes: int = 5 * 2**30,
+  tokenizer_dir: str | None = None,
+  stop_token_ids: Sequence[int] | None = None,
+  chat_template: str | None = None,
+) -> None:
   """Writes `model` as an HF directory: config.json, (sharded) safetensors, tokenizer files.
 
   Args:
@@ -208,11 +228,11 @@ def save_hf(model: Decoder, path: str, *, layout: str | None = None, dtype: str 
     write_sharded(path, tensors, produce, max_shard_bytes)
     hf_config = layouts.hf_config_from_model(config, layout, torch_dtype)
     files.write_json_atomic(os.path.join(path, "config.json"), hf_config)
-    copy_tokenizer_files(tokenizer_dir or getattr(model, "hf_source_dir", None), path,
-                         copy_code=layout == "internlm2")
+    copy_tokenizer_files(tokenizer_dir or getattr(model, "hf_source_dir", None), path, copy_code=layout == "internlm2")
     generation = {"bos_token_id": hf_config.get("bos_token_id"), "eos_token_id": hf_config.get("eos_token_id")}
-    files.write_json_atomic(os.path.join(path, "generation_config.json"),
-                            {k: v for k, v in generation.items() if v is not None})
+    files.write_json_atomic(
+      os.path.join(path, "generation_config.json"), {k: v for k, v in generation.items() if v is not None}
+    )
     if chat_template is not None:
       files.write_text_atomic(os.path.join(path, "chat_template.jinja"), chat_template)
       _drop_inline_chat_template(path)

@@ -16,11 +16,13 @@ from csft_jax.models.config import ModelConfig
 
 # HF `architectures[0]` / `model_type` -> our arch name.
 ARCHITECTURE_NAMES = {
-    "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3", "InternLM2ForCausalLM": "internlm2",
+  "LlamaForCausalLM": "llama",
+  "MistralForCausalLM": "mistral",
+  "Qwen2ForCausalLM": "qwen2",
+  "Qwen3ForCausalLM": "qwen3",
+  "InternLM2ForCausalLM": "internlm2",
 }
-MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-               "internlm2": "internlm2"}
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "internlm2": "internlm2"}
 _HF_CLASS = {v: k for k, v in ARCHITECTURE_NAMES.items()}
 
 # Buffers some checkpoints carry that are not weights.
@@ -35,9 +37,10 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "config.json", **over
   arch = arch or MODEL_TYPES.get(hf.get("model_type", ""))
   if arch is None:
     raise ValueError(
-        f"{source}: unsupported model (architectures={hf.get('architectures')}, "
-        f"model_type={hf.get('model_type')!r}). Supported architectures: {sorted(ARCHITECTURE_NAMES)}; "
-        f"model types: {sorted(MODEL_TYPES)}.")
+      f"{source}: unsupported model (architectures={hf.get('architectures')}, "
+      f"model_type={hf.get('model_type')!r}). Supported architectures: {sorted(ARCHITECTURE_NAMES)}; "
+      f"model types: {sorted(MODEL_TYPES)}."
+    )
   if hf.get("hidden_act", "silu") not in ("silu", "swish"):
     raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) is supported.")
   rope = dict(hf.get("rope_parameters") or {})
@@ -49,14 +52,24 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "config.json", **over
   attention_bias = bool(hf.get("attention_bias", False))
   heads = hf["num_attention_heads"]
   fields = dict(
-      arch=arch, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-      intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"], num_heads=heads,
-      num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim"),
-      rope_theta=float(rope_theta), rope_scaling=scaling, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-      max_position_embeddings=hf.get("max_position_embeddings", 4096),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)), bos_token_id=hf.get("bos_token_id"),
-      eos_token_id=hf.get("eos_token_id"), initializer_range=hf.get("initializer_range", 0.02),
-      mlp_bias=bool(hf.get("mlp_bias", False)))
+    arch=arch,
+    vocab_size=hf["vocab_size"],
+    hidden_size=hf["hidden_size"],
+    intermediate_size=hf["intermediate_size"],
+    num_layers=hf["num_hidden_layers"],
+    num_heads=heads,
+    num_kv_heads=hf.get("num_key_value_heads") or heads,
+    head_dim=hf.get("head_dim"),
+    rope_theta=float(rope_theta),
+    rope_scaling=scaling,
+    rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+    max_position_embeddings=hf.get("max_position_embeddings", 4096),
+    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    bos_token_id=hf.get("bos_token_id"),
+    eos_token_id=hf.get("eos_token_id"),
+    initializer_range=hf.get("initializer_range", 0.02),
+    mlp_bias=bool(hf.get("mlp_bias", False)),
+  )
   if arch == "qwen2":
     fields.update(qkv_bias=True)
   elif arch == "internlm2":
@@ -76,35 +89,53 @@ def hf_config_from_model(config: ModelConfig, layout: str, torch_dtype: str) -> 
   arch = "llama" if layout == "llama" and config.arch == "internlm2" else config.arch
   rope_scaling = dict(config.rope_scaling_dict) or None
   hf: dict[str, Any] = {
-      "architectures": [_HF_CLASS[arch]], "model_type": arch, "vocab_size": config.vocab_size,
-      "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-      "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
-      "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim, "hidden_act": "silu",
-      "max_position_embeddings": config.max_position_embeddings, "rms_norm_eps": config.rms_norm_eps,
-      "rope_theta": config.rope_theta, "rope_scaling": rope_scaling,
-      "tie_word_embeddings": config.tie_embeddings, "initializer_range": config.initializer_range,
-      "bos_token_id": config.bos_token_id,
-      "eos_token_id": list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id,
-      "torch_dtype": torch_dtype, "use_cache": True,
+    "architectures": [_HF_CLASS[arch]],
+    "model_type": arch,
+    "vocab_size": config.vocab_size,
+    "hidden_size": config.hidden_size,
+    "intermediate_size": config.intermediate_size,
+    "num_hidden_layers": config.num_layers,
+    "num_attention_heads": config.num_heads,
+    "num_key_value_heads": config.num_kv_heads,
+    "head_dim": config.head_dim,
+    "hidden_act": "silu",
+    "max_position_embeddings": config.max_position_embeddings,
+    "rms_norm_eps": config.rms_norm_eps,
+    "rope_theta": config.rope_theta,
+    "rope_scaling": rope_scaling,
+    "tie_word_embeddings": config.tie_embeddings,
+    "initializer_range": config.initializer_range,
+    "bos_token_id": config.bos_token_id,
+    "eos_token_id": list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id,
+    "torch_dtype": torch_dtype,
+    "use_cache": True,
   }
   if arch == "internlm2":
     if config.qkv_bias != config.out_bias:
       raise ValueError("InternLM2 has one `bias` switch for wqkv and wo; this model differs.")
-    hf.update(bias=config.qkv_bias, attn_implementation="eager",
-              auto_map={"AutoConfig": "configuration_internlm2.InternLM2Config",
-                        "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
-                        "AutoModel": "modeling_internlm2.InternLM2ForCausalLM"})
+    hf.update(
+      bias=config.qkv_bias,
+      attn_implementation="eager",
+      auto_map={
+        "AutoConfig": "configuration_internlm2.InternLM2Config",
+        "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+        "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+      },
+    )
     if rope_scaling:
       # InternLM2's own config class reads the legacy `type` key.
       hf["rope_scaling"] = {"type" if k == "rope_type" else k: v for k, v in rope_scaling.items()}
     return hf
   if arch == "qwen2":
     if not config.qkv_bias or config.out_bias:
-      raise ValueError(f"Qwen2 layout needs q/k/v bias and no o bias; got qkv_bias={config.qkv_bias}, "
-                       f"out_bias={config.out_bias}.")
+      raise ValueError(
+        f"Qwen2 layout needs q/k/v bias and no o bias; got qkv_bias={config.qkv_bias}, out_bias={config.out_bias}."
+      )
   elif config.qkv_bias != config.out_bias:
-    raise ValueError(f"{arch}: HF `attention_bias` covers q/k/v/o together; got qkv_bias={config.qkv_bias}, "
-                     f"out_bias={config.out_bias}. Export with a layout that has this bias pattern.")
+    raise ValueError(
+      f"{arch}: HF `attention_bias` covers q/k/v/o together; got qkv_bias={config.qkv_bias}, "
+      f"out_bias={config.out_bias}. Export with a layout that has this bias pattern."
+    )
   else:
     hf["attention_bias"] = config.qkv_bias
   if arch in ("llama", "mistral"):
@@ -141,33 +172,43 @@ def _transpose_rule(hf: str, hf_shape, ours: str, our_shape) -> TensorRule:
   # HF stores Linear weights as [out, in]; ours are [in, ...out] so x @ kernel needs no transpose.
   # to_ours returns views where numpy can, so the loader copies each tensor exactly once.
   in_dim = hf_shape[1]
-  return TensorRule(hf, hf_shape, (ours,),
-                    lambda w: (w.T.reshape(our_shape),),
-                    lambda a: np.ascontiguousarray(a[0].reshape(in_dim, -1).T))
+  return TensorRule(
+    hf,
+    hf_shape,
+    (ours,),
+    lambda w: (w.T.reshape(our_shape),),
+    lambda a: np.ascontiguousarray(a[0].reshape(in_dim, -1).T),
+  )
 
 
 def _out_in_rule(hf: str, hf_shape, ours: str, our_shape) -> TensorRule:
   # o_proj / down_proj: ours [..in, out] flattened on the leading axes.
   out_dim = hf_shape[0]
-  return TensorRule(hf, hf_shape, (ours,),
-                    lambda w: (w.T.reshape(our_shape),),
-                    lambda a: np.ascontiguousarray(a[0].reshape(-1, out_dim).T))
+  return TensorRule(
+    hf,
+    hf_shape,
+    (ours,),
+    lambda w: (w.T.reshape(our_shape),),
+    lambda a: np.ascontiguousarray(a[0].reshape(-1, out_dim).T),
+  )
 
 
 def _same_rule(hf: str, shape, ours: str, our_shape=None) -> TensorRule:
   our_shape = our_shape or shape
-  return TensorRule(hf, tuple(shape), (ours,), lambda w: (np.asarray(w).reshape(our_shape),),
-                    lambda a: np.asarray(a[0]).reshape(shape))
+  return TensorRule(
+    hf, tuple(shape), (ours,), lambda w: (np.asarray(w).reshape(our_shape),), lambda a: np.asarray(a[0]).reshape(shape)
+  )
 
 
 def global_rules(config: ModelConfig, layout: str) -> list[TensorRule]:
   """Rules for the embedding, final norm and LM head."""
   v, d = config.vocab_size, config.hidden_size
-  names = ({"embed": "model.tok_embeddings.weight", "norm": "model.norm.weight", "head": "output.weight"}
-           if layout == "internlm2" else
-           {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "head": "lm_head.weight"})
-  rules = [_same_rule(names["embed"], (v, d), "embed.embedding"),
-           _same_rule(names["norm"], (d,), "final_norm.scale")]
+  names = (
+    {"embed": "model.tok_embeddings.weight", "norm": "model.norm.weight", "head": "output.weight"}
+    if layout == "internlm2"
+    else {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "head": "lm_head.weight"}
+  )
+  rules = [_same_rule(names["embed"], (v, d), "embed.embedding"), _same_rule(names["norm"], (d,), "final_norm.scale")]
   if not config.tie_embeddings:
     rules.append(_transpose_rule(names["head"], (v, d), "lm_head.kernel", (d, v)))
   return rules
@@ -175,45 +216,60 @@ def global_rules(config: ModelConfig, layout: str) -> list[TensorRule]:
 
 def layer_rules(config: ModelConfig, layout: str) -> list[TensorRule]:
   """Rules for one decoder layer; HF names contain `{i}` for the layer index."""
-  d, h, k, hd, m = (config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
-                    config.intermediate_size)
+  d, h, k, hd, m = (
+    config.hidden_size,
+    config.num_heads,
+    config.num_kv_heads,
+    config.head_dim,
+    config.intermediate_size,
+  )
   if layout == "internlm2":
     p = "model.layers.{i}."
-    rules = [_wqkv_rule(p + "attention.wqkv.weight", config),
-             _out_in_rule(p + "attention.wo.weight", (d, h * hd), "attn.o_proj.kernel", (h, hd, d)),
-             _transpose_rule(p + "feed_forward.w1.weight", (m, d), "mlp.gate_proj.kernel", (d, m)),
-             _transpose_rule(p + "feed_forward.w3.weight", (m, d), "mlp.up_proj.kernel", (d, m)),
-             _out_in_rule(p + "feed_forward.w2.weight", (d, m), "mlp.down_proj.kernel", (m, d)),
-             _same_rule(p + "attention_norm.weight", (d,), "attn_norm.scale"),
-             _same_rule(p + "ffn_norm.weight", (d,), "mlp_norm.scale")]
+    rules = [
+      _wqkv_rule(p + "attention.wqkv.weight", config),
+      _out_in_rule(p + "attention.wo.weight", (d, h * hd), "attn.o_proj.kernel", (h, hd, d)),
+      _transpose_rule(p + "feed_forward.w1.weight", (m, d), "mlp.gate_proj.kernel", (d, m)),
+      _transpose_rule(p + "feed_forward.w3.weight", (m, d), "mlp.up_proj.kernel", (d, m)),
+      _out_in_rule(p + "feed_forward.w2.weight", (d, m), "mlp.down_proj.kernel", (m, d)),
+      _same_rule(p + "attention_norm.weight", (d,), "attn_norm.scale"),
+      _same_rule(p + "ffn_norm.weight", (d,), "mlp_norm.scale"),
+    ]
     if config.qkv_bias:
       rules.append(_wqkv_bias_rule(p + "attention.wqkv.bias", config))
     if config.out_bias:
       rules.append(_same_rule(p + "attention.wo.bias", (d,), "attn.o_proj.bias"))
     return rules
   p = "model.layers.{i}."
-  rules = [_transpose_rule(p + "self_attn.q_proj.weight", (h * hd, d), "attn.q_proj.kernel", (d, h, hd)),
-           _transpose_rule(p + "self_attn.k_proj.weight", (k * hd, d), "attn.k_proj.kernel", (d, k, hd)),
-           _transpose_rule(p + "self_attn.v_proj.weight", (k * hd, d), "attn.v_proj.kernel", (d, k, hd)),
-           _out_in_rule(p + "self_attn.o_proj.weight", (d, h * hd), "attn.o_proj.kernel", (h, hd, d)),
-           _transpose_rule(p + "mlp.gate_proj.weight", (m, d), "mlp.gate_proj.kernel", (d, m)),
-           _transpose_rule(p + "mlp.up_proj.weight", (m, d), "mlp.up_proj.kernel", (d, m)),
-           _out_in_rule(p + "mlp.down_proj.weight", (d, m), "mlp.down_proj.kernel", (m, d)),
-           _same_rule(p + "input_layernorm.weight", (d,), "attn_norm.scale"),
-           _same_rule(p + "post_attention_layernorm.weight", (d,), "mlp_norm.scale")]
+  rules = [
+    _transpose_rule(p + "self_attn.q_proj.weight", (h * hd, d), "attn.q_proj.kernel", (d, h, hd)),
+    _transpose_rule(p + "self_attn.k_proj.weight", (k * hd, d), "attn.k_proj.kernel", (d, k, hd)),
+    _transpose_rule(p + "self_attn.v_proj.weight", (k * hd, d), "attn.v_proj.kernel", (d, k, hd)),
+    _out_in_rule(p + "self_attn.o_proj.weight", (d, h * hd), "attn.o_proj.kernel", (h, hd, d)),
+    _transpose_rule(p + "mlp.gate_proj.weight", (m, d), "mlp.gate_proj.kernel", (d, m)),
+    _transpose_rule(p + "mlp.up_proj.weight", (m, d), "mlp.up_proj.kernel", (d, m)),
+    _out_in_rule(p + "mlp.down_proj.weight", (d, m), "mlp.down_proj.kernel", (m, d)),
+    _same_rule(p + "input_layernorm.weight", (d,), "attn_norm.scale"),
+    _same_rule(p + "post_attention_layernorm.weight", (d,), "mlp_norm.scale"),
+  ]
   if config.qkv_bias:
-    rules += [_same_rule(p + "self_attn.q_proj.bias", (h * hd,), "attn.q_proj.bias", (h, hd)),
-              _same_rule(p + "self_attn.k_proj.bias", (k * hd,), "attn.k_proj.bias", (k, hd)),
-              _same_rule(p + "self_attn.v_proj.bias", (k * hd,), "attn.v_proj.bias", (k, hd))]
+    rules += [
+      _same_rule(p + "self_attn.q_proj.bias", (h * hd,), "attn.q_proj.bias", (h, hd)),
+      _same_rule(p + "self_attn.k_proj.bias", (k * hd,), "attn.k_proj.bias", (k, hd)),
+      _same_rule(p + "self_attn.v_proj.bias", (k * hd,), "attn.v_proj.bias", (k, hd)),
+    ]
   if config.out_bias:
     rules.append(_same_rule(p + "self_attn.o_proj.bias", (d,), "attn.o_proj.bias"))
   if config.qk_norm:
-    rules += [_same_rule(p + "self_attn.q_norm.weight", (hd,), "attn.q_norm.scale"),
-              _same_rule(p + "self_attn.k_norm.weight", (hd,), "attn.k_norm.scale")]
+    rules += [
+      _same_rule(p + "self_attn.q_norm.weight", (hd,), "attn.q_norm.scale"),
+      _same_rule(p + "self_attn.k_norm.weight", (hd,), "attn.k_norm.scale"),
+    ]
   if config.mlp_bias:
-    rules += [_same_rule(p + "mlp.gate_proj.bias", (m,), "mlp.gate_proj.bias"),
-              _same_rule(p + "mlp.up_proj.bias", (m,), "mlp.up_proj.bias"),
-              _same_rule(p + "mlp.down_proj.bias", (d,), "mlp.down_proj.bias")]
+    rules += [
+      _same_rule(p + "mlp.gate_proj.bias", (m,), "mlp.gate_proj.bias"),
+      _same_rule(p + "mlp.up_proj.bias", (m,), "mlp.up_proj.bias"),
+      _same_rule(p + "mlp.down_proj.bias", (d,), "mlp.down_proj.bias"),
+    ]
   return rules
 
 
@@ -229,12 +285,15 @@ def _wqkv_rule(name: str, config: ModelConfig) -> TensorRule:
 
   def to_hf(arrays):
     q, kk, vv = arrays
-    grouped = np.concatenate([q.transpose(1, 2, 0).reshape(k, g, hd, d), kk.transpose(1, 2, 0)[:, None],
-                              vv.transpose(1, 2, 0)[:, None]], axis=1)
+    grouped = np.concatenate(
+      [q.transpose(1, 2, 0).reshape(k, g, hd, d), kk.transpose(1, 2, 0)[:, None], vv.transpose(1, 2, 0)[:, None]],
+      axis=1,
+    )
     return np.ascontiguousarray(grouped.reshape(k * (g + 2) * hd, d))
 
-  return TensorRule(name, (k * (g + 2) * hd, d), ("attn.q_proj.kernel", "attn.k_proj.kernel", "attn.v_proj.kernel"),
-                    to_ours, to_hf)
+  return TensorRule(
+    name, (k * (g + 2) * hd, d), ("attn.q_proj.kernel", "attn.k_proj.kernel", "attn.v_proj.kernel"), to_ours, to_hf
+  )
 
 
 def _wqkv_bias_rule(name: str, config: ModelConfig) -> TensorRule:
@@ -249,8 +308,9 @@ def _wqkv_bias_rule(name: str, config: ModelConfig) -> TensorRule:
     q, kk, vv = arrays
     return np.concatenate([q.reshape(k, g, hd), kk[:, None], vv[:, None]], axis=1).reshape(-1)
 
-  return TensorRule(name, (k * (g + 2) * hd,), ("attn.q_proj.bias", "attn.k_proj.bias", "attn.v_proj.bias"),
-                    to_ours, to_hf)
+  return TensorRule(
+    name, (k * (g + 2) * hd,), ("attn.q_proj.bias", "attn.k_proj.bias", "attn.v_proj.bias"), to_ours, to_hf
+  )
 
 
 def default_layout(config: ModelConfig) -> str:

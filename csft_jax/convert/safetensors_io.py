@@ -22,9 +22,16 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 _DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+  "F64": np.dtype(np.float64),
+  "F32": np.dtype(np.float32),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "I64": np.dtype(np.int64),
+  "I32": np.dtype(np.int32),
+  "I16": np.dtype(np.int16),
+  "I8": np.dtype(np.int8),
+  "U8": np.dtype(np.uint8),
+  "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
@@ -40,8 +47,9 @@ class SafetensorsReader:
     self.directory = directory
     index_path = os.path.join(directory, INDEX_NAME)
     if os.path.exists(index_path):
-      weight_map = files_lib.read_json(index_path, what="safetensors index (weight_map)",
-                                       error=SafetensorsFileError).get("weight_map")
+      weight_map = files_lib.read_json(
+        index_path, what="safetensors index (weight_map)", error=SafetensorsFileError
+      ).get("weight_map")
       if not isinstance(weight_map, dict):
         raise SafetensorsFileError(f"{index_path}: no 'weight_map' object; re-download or re-export the model.")
       files = sorted(set(weight_map.values()))
@@ -51,8 +59,9 @@ class SafetensorsReader:
       found = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
       if not found:
         raise FileNotFoundError(
-            f"No safetensors weights in {directory}: expected {SINGLE_NAME} or {INDEX_NAME} "
-            f"(PyTorch .bin checkpoints are not supported; re-save with safe_serialization=True).")
+          f"No safetensors weights in {directory}: expected {SINGLE_NAME} or {INDEX_NAME} "
+          f"(PyTorch .bin checkpoints are not supported; re-save with safe_serialization=True)."
+        )
       files = found
     self._entries: dict[str, tuple[str, dict, int]] = {}
     for file_name in files:
@@ -95,8 +104,10 @@ def _read_header(path: str) -> tuple[dict, int]:
         raise SafetensorsFileError(f"{path}: {size} bytes, too short for a safetensors header; {redo}.")
       (length,) = struct.unpack("<Q", prefix)
       if 8 + length > size:
-        raise SafetensorsFileError(f"{path}: header of {length} bytes but the file has {size}; it is cut short or "
-                                   f"not a safetensors file; {redo}.")
+        raise SafetensorsFileError(
+          f"{path}: header of {length} bytes but the file has {size}; it is cut short or "
+          f"not a safetensors file; {redo}."
+        )
       header = json.loads(f.read(length))
   except FileNotFoundError:
     raise SafetensorsFileError(f"{path}: the shard is missing (the index names it); {redo}.") from None
@@ -105,13 +116,15 @@ def _read_header(path: str) -> tuple[dict, int]:
   data_start = 8 + length
   end = max((info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"), default=0)
   if data_start + end > size:
-    raise SafetensorsFileError(f"{path}: {size:,} bytes but its header needs {data_start + end:,}; the file is cut "
-                               f"short; {redo}.")
+    raise SafetensorsFileError(
+      f"{path}: {size:,} bytes but its header needs {data_start + end:,}; the file is cut short; {redo}."
+    )
   return header, data_start
 
 
-def plan_shards(tensors: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int
-                ) -> list[list[tuple[str, tuple[int, ...], np.dtype]]]:
+def plan_shards(
+  tensors: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int
+) -> list[list[tuple[str, tuple[int, ...], np.dtype]]]:
   """Groups tensors, in order, into shards of at most `max_shard_bytes` (a bigger tensor goes alone)."""
   shards: list[list] = [[]]
   size = 0
@@ -125,9 +138,13 @@ def plan_shards(tensors: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_
   return shards
 
 
-def write_sharded(directory: str, tensors: list[tuple[str, tuple[int, ...], np.dtype]],
-                  produce: Callable[[str], np.ndarray], max_shard_bytes: int = 5 * 2**30,
-                  metadata: dict[str, str] | None = None) -> list[str]:
+def write_sharded(
+  directory: str,
+  tensors: list[tuple[str, tuple[int, ...], np.dtype]],
+  produce: Callable[[str], np.ndarray],
+  max_shard_bytes: int = 5 * 2**30,
+  metadata: dict[str, str] | None = None,
+) -> list[str]:
   """Writes `model-0000k-of-0000n.safetensors` + index (or one `model.safetensors`).
 
   Args:
@@ -144,21 +161,29 @@ def write_sharded(directory: str, tensors: list[tuple[str, tuple[int, ...], np.d
   os.makedirs(directory, exist_ok=True)
   shards = plan_shards(tensors, max_shard_bytes)
   metadata = {"format": "pt", **(metadata or {})}
-  names = ([SINGLE_NAME] if len(shards) == 1 else
-           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  names = (
+    [SINGLE_NAME]
+    if len(shards) == 1
+    else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  )
   weight_map = {}
   for file_name, shard in zip(names, shards):
     _write_file(os.path.join(directory, file_name), shard, produce, metadata)
     weight_map.update({name: file_name for name, _, _ in shard})
   if len(shards) > 1:
     total = sum(int(np.prod(s)) * np.dtype(d).itemsize for _, s, d in tensors)
-    files_lib.write_json_atomic(os.path.join(directory, INDEX_NAME),
-                       {"metadata": {"total_size": total}, "weight_map": weight_map})
+    files_lib.write_json_atomic(
+      os.path.join(directory, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map}
+    )
   return names
 
 
-def _write_file(path: str, shard: Iterable[tuple[str, tuple[int, ...], np.dtype]],
-                produce: Callable[[str], np.ndarray], metadata: dict[str, str]) -> None:
+def _write_file(
+  path: str,
+  shard: Iterable[tuple[str, tuple[int, ...], np.dtype]],
+  produce: Callable[[str], np.ndarray],
+  metadata: dict[str, str],
+) -> None:
   header: dict = {"__metadata__": metadata}
   offset = 0
   shard = list(shard)

@@ -14,5 +14,11 @@ from csft_jax.data import meds_ins  # noqa: F401  (registers the meds_ins format
 # here would shadow the standard library's `inspect` for any script run from this folder. runpy finds
 # the alias below after importing this package and reports that as a RuntimeWarning, expected here.
 warnings.filterwarnings("ignore", message=r"'csft_jax\.data\.inspect' found in sys\.modules", category=RuntimeWarning)
-sys.modules.setdefault(__name__ + ".inspect", importlib.util.module_from_spec(importlib.util.spec_from_file_location(
-    __name__ + ".inspect", os.path.join(os.path.dirname(__file__), "inspection.py"))))
+sys.modules.setdefault(
+  __name__ + ".inspect",
+  importlib.util.module_from_spec(
+    importlib.util.spec_from_file_location(
+      __name__ + ".inspect", os.path.join(os.path.dirname(__file__), "inspection.py")
+    )
+  ),
+)

@@ -36,19 +36,37 @@ from csft_jax.data.errors import RecordError
 
 # Default logical-field -> record-field mapping of each format.
 DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
-    "alpaca": {"instruction": "instruction", "input": "input", "output": "output",
-               "system": "system", "history": "history"},
-    "sharegpt": {"conversations": "conversations", "role": "from", "content": "value"},
-    "messages": {"messages": "messages", "role": "role", "content": "content"},
-    "columns": {"user": "question", "assistant": "answer", "system": "system"},
-    "inline_multiturn": {"instruction": "instruction", "input": "input", "output": "output"},
-    "mcq": {"question": "question", "option": "option", "answer": "answer", "question_type": "question_type",
-            "exam_type": "exam_type", "exam_class": "exam_class",
-            "exam_subject": "exam_subject", "explanation": "explanation"},
-    "template": {},
+  "alpaca": {
+    "instruction": "instruction",
+    "input": "input",
+    "output": "output",
+    "system": "system",
+    "history": "history",
+  },
+  "sharegpt": {"conversations": "conversations", "role": "from", "content": "value"},
+  "messages": {"messages": "messages", "role": "role", "content": "content"},
+  "columns": {"user": "question", "assistant": "answer", "system": "system"},
+  "inline_multiturn": {"instruction": "instruction", "input": "input", "output": "output"},
+  "mcq": {
+    "question": "question",
+    "option": "option",
+    "answer": "answer",
+    "question_type": "question_type",
+    "exam_type": "exam_type",
+    "exam_class": "exam_class",
+    "exam_subject": "exam_subject",
+    "explanation": "explanation",
+  },
+  "template": {},
 }
-_SHAREGPT_ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT,
-                   "bot": ASSISTANT, "system": SYSTEM}
+_SHAREGPT_ROLES = {
+  "human": USER,
+  "user": USER,
+  "gpt": ASSISTANT,
+  "assistant": ASSISTANT,
+  "bot": ASSISTANT,
+  "system": SYSTEM,
+}
 _INLINE_TURN = re.compile(r"\s*<(user|bot)>:\s*")
 MCQ_INSTRUCTION = "该问题源自{exam_type}，面向{exam_class}中的{exam_subject}。\n\n"
 
@@ -62,9 +80,9 @@ def _field(record: Mapping[str, Any], columns: Mapping[str, str], name: str, fmt
   if value is None:
     mapped = f" (mapped from {name!r})" if key != name else ""
     raise RecordError(
-        f"missing field {key!r}{mapped} that format {fmt!r} needs; the record"
-        f" has fields {sorted(record)}; map the right one with"
-        f" columns={{{name!r}: ...}}"
+      f"missing field {key!r}{mapped} that format {fmt!r} needs; the record"
+      f" has fields {sorted(record)}; map the right one with"
+      f" columns={{{name!r}: ...}}"
     )
   return value
 
@@ -154,7 +172,9 @@ def inline_multiturn(record: Mapping[str, Any], options: Mapping[str, Any]) -> C
   if extra and turns and turns[-1][0] == USER:
     turns[-1] = (USER, f"{turns[-1][1]}\n{_text(extra, cols['input'])}")
   if not turns or turns[-1][0] != USER:
-    raise RecordError(f"inline turns in {cols['instruction']!r} must end with a '<user>:' turn that {cols['output']!r} answers")
+    raise RecordError(
+      f"inline turns in {cols['instruction']!r} must end with a '<user>:' turn that {cols['output']!r} answers"
+    )
   return Conversation(options.get("system"), tuple(turns) + ((ASSISTANT, output),))
 
 
@@ -168,8 +188,9 @@ def mcq(record: Mapping[str, Any], options: Mapping[str, Any]) -> Conversation:
   (`csft_jax.data.cmb_exam`) and the reply '答案是X。': the format the benchmark's extraction reads.
   """
   cols = options["columns"]
-  instruction = MCQ_INSTRUCTION.format(**{k: _text(_field(record, cols, k, "mcq"), cols[k])
-                                          for k in ("exam_type", "exam_class", "exam_subject")})
+  instruction = MCQ_INSTRUCTION.format(
+    **{k: _text(_field(record, cols, k, "mcq"), cols[k]) for k in ("exam_type", "exam_class", "exam_subject")}
+  )
   question = _text(_field(record, cols, "question", "mcq"), cols["question"])
   choices = _field(record, cols, "option", "mcq")
   if not isinstance(choices, Mapping) or not choices:
@@ -184,13 +205,16 @@ def mcq(record: Mapping[str, Any], options: Mapping[str, Any]) -> Conversation:
     user = format_question({**item, "question": question, "option": choices}, "answer")
     return Conversation(options.get("system"), ((USER, user), (ASSISTANT, f"答案是{answer}。")))
   if prompt != "cmb_to_sft":
-    raise RecordError(f"mcq prompt={prompt!r}; choose 'cmb_to_sft' (CollectiveSFT's rendering) or 'cmb_exam' "
-                      "(the CMB benchmark's answer-only question)")
+    raise RecordError(
+      f"mcq prompt={prompt!r}; choose 'cmb_to_sft' (CollectiveSFT's rendering) or 'cmb_exam' "
+      "(the CMB benchmark's answer-only question)"
+    )
   explanation = _optional(record, cols, "explanation") if options.get("with_explanation") else None
   reply = f"{explanation}所以答案是{answer}。" if explanation else f"答案是{answer}。"
   lines = "".join(f"{letter}: {choices[letter]}\n" for letter in sorted(choices))
-  return Conversation(options.get("system"), ((USER, _alpaca_user(instruction, f"{question}\n{lines}")),
-                                              (ASSISTANT, reply)))
+  return Conversation(
+    options.get("system"), ((USER, _alpaca_user(instruction, f"{question}\n{lines}")), (ASSISTANT, reply))
+  )
 
 
 def template(record: Mapping[str, Any], options: Mapping[str, Any]) -> Conversation:
@@ -222,8 +246,7 @@ def _render_template(fmt: str, key: str, record: Mapping[str, Any], separator: s
 
 def _render_value(value: Any, separator: str) -> str:
   if isinstance(value, list):
-    return "\n".join(separator.join(map(str, v)) if isinstance(v, list) else _render_value(v, separator)
-                     for v in value)
+    return "\n".join(separator.join(map(str, v)) if isinstance(v, list) else _render_value(v, separator) for v in value)
   if isinstance(value, Mapping):
     return json.dumps(value, ensure_ascii=False)
   return str(value)
@@ -253,6 +276,13 @@ def register_format(name: str, adapt: Adapter, *, read: Reader | None = None) ->
   FORMATS[name] = Format(adapt, read)
 
 
-for _name, _adapt in (("alpaca", alpaca), ("sharegpt", sharegpt), ("messages", messages), ("columns", columns),
-                      ("inline_multiturn", inline_multiturn), ("mcq", mcq), ("template", template)):
+for _name, _adapt in (
+  ("alpaca", alpaca),
+  ("sharegpt", sharegpt),
+  ("messages", messages),
+  ("columns", columns),
+  ("inline_multiturn", inline_multiturn),
+  ("mcq", mcq),
+  ("template", template),
+):
   register_format(_name, _adapt)

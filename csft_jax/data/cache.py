@@ -51,8 +51,16 @@ _WRITER_OPTIONS = "group_size:1"
 _NOT_TOKEN_CODE = ("__init__", "cache", "config", "errors", "inspect", "mixture", "pipeline", "prepare")
 # Files of a tokenizer directory that change token ids or the template; an HF model directory's
 # weights beside them are not read.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+_TOKENIZER_FILES = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "tokenizer.model",
+  "vocab.json",
+  "merges.txt",
+  "added_tokens.json",
+  "chat_template.jinja",
+)
 
 
 class CacheError(DataError):
@@ -94,9 +102,13 @@ def _code_hash() -> str:
       tree = ast.parse(f.read())
     for node in ast.walk(tree):
       body = getattr(node, "body", None)
-      if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
-          and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-          and isinstance(body[0].value.value, str)):
+      if (
+        isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)
+      ):
         node.body = body[1:] or [ast.Pass()]
     digest.update(name.encode() + ast.dump(tree).encode())
   return digest.hexdigest()
@@ -124,24 +136,34 @@ def source_fingerprint(spec: SourceSpec) -> dict[str, Any]:
     if isinstance(value, str) and os.path.isfile(value):
       st = os.stat(value)
       option_files[key] = {"path": value, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-  return {"files": stats, "format": spec.format, "max_samples": spec.max_samples, "encoding": spec.encoding,
-          "reader": spec.reader, "options": _jsonable(spec.options), "option_files": option_files}
+  return {
+    "files": stats,
+    "format": spec.format,
+    "max_samples": spec.max_samples,
+    "encoding": spec.encoding,
+    "reader": spec.reader,
+    "options": _jsonable(spec.options),
+    "option_files": option_files,
+  }
 
 
 def fingerprint(data_config: ml_collections.ConfigDict, specs: Sequence[SourceSpec]) -> dict[str, Any]:
   """Everything that changes the cached tokens (see the module docstring)."""
   tokenizer_dir = resolve_path(data_config.tokenizer)
-  tokenizer_files = [os.path.join(tokenizer_dir, name) for name in sorted(_TOKENIZER_FILES)
-                     if os.path.isfile(os.path.join(tokenizer_dir, name))]
+  tokenizer_files = [
+    os.path.join(tokenizer_dir, name)
+    for name in sorted(_TOKENIZER_FILES)
+    if os.path.isfile(os.path.join(tokenizer_dir, name))
+  ]
   return {
-      "version": CACHE_VERSION,
-      "code": _code_hash(),
-      "tokenizer": _sha256_files(tokenizer_files),
-      "chat_template": data_config.chat_template,
-      "seq_len": data_config.seq_len,
-      "overlong": data_config.overlong,
-      "on_error": data_config.on_error,
-      "sources": {spec.name: source_fingerprint(spec) for spec in specs},
+    "version": CACHE_VERSION,
+    "code": _code_hash(),
+    "tokenizer": _sha256_files(tokenizer_files),
+    "chat_template": data_config.chat_template,
+    "seq_len": data_config.seq_len,
+    "overlong": data_config.overlong,
+    "on_error": data_config.on_error,
+    "sources": {spec.name: source_fingerprint(spec) for spec in specs},
   }
 
 
@@ -169,9 +191,9 @@ def fingerprint_difference(cached: Any, current: Any, field: str = "") -> tuple[
 
 
 _WHY = {
-    "code": "the data code (csft_jax/data readers, adapters, templates) changed since it was built",
-    "version": "it was written by another cache version",
-    "tokenizer": "the tokenizer files (config.data.tokenizer) changed",
+  "code": "the data code (csft_jax/data readers, adapters, templates) changed since it was built",
+  "version": "it was written by another cache version",
+  "tokenizer": "the tokenizer files (config.data.tokenizer) changed",
 }
 
 
@@ -180,8 +202,9 @@ def read_manifest(cache_dir: str) -> dict[str, Any] | None:
   return files.read_json_if_exists(os.path.join(cache_dir, MANIFEST), error=CacheError)
 
 
-def open_cache(data_config: ml_collections.ConfigDict, specs: Sequence[SourceSpec],
-               fp: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def open_cache(
+  data_config: ml_collections.ConfigDict, specs: Sequence[SourceSpec], fp: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
   """The manifest of the cache in `config.data.cache_dir`, checked against the config.
 
   Raises:
@@ -195,10 +218,13 @@ def open_cache(data_config: ml_collections.ConfigDict, specs: Sequence[SourceSpe
     unfinished = sorted(glob.glob(os.path.join(cache_dir, "build-*")))
     if unfinished:
       raise CacheError(
-          f"config.data.cache_dir={cache_dir} has shards ({os.path.basename(unfinished[-1])}) but no {MANIFEST}:"
-          f" a prepare was interrupted (or is still running); {prepare} again")
-    raise CacheError(f"config.data.cache_dir={cache_dir} holds no cache ({MANIFEST} not found); {prepare}"
-                     " first, or set config.data.cache='auto' to build it on start")
+        f"config.data.cache_dir={cache_dir} has shards ({os.path.basename(unfinished[-1])}) but no {MANIFEST}:"
+        f" a prepare was interrupted (or is still running); {prepare} again"
+      )
+    raise CacheError(
+      f"config.data.cache_dir={cache_dir} holds no cache ({MANIFEST} not found); {prepare}"
+      " first, or set config.data.cache='auto' to build it on start"
+    )
   fp = fp or fingerprint(data_config, specs)
   difference = fingerprint_difference(manifest.get("fingerprint", {}), fp)
   if difference:
@@ -210,8 +236,10 @@ def open_cache(data_config: ml_collections.ConfigDict, specs: Sequence[SourceSpe
       what = f"source file {path} changed ({key.lstrip('.') or 'listed'}: {was!r} -> {now!r})"
     elif field.startswith("sources.") and was == "absent":
       what = f"source {field.split('.')[1]!r} is not in the cache (it holds {sorted(manifest['sources'])})"
-    raise CacheError(f"cache {cache_dir} does not match the config: {what} (field {field}); {prepare} to"
-                     " rebuild it, or set config.data.cache='auto'")
+    raise CacheError(
+      f"cache {cache_dir} does not match the config: {what} (field {field}); {prepare} to"
+      " rebuild it, or set config.data.cache='auto'"
+    )
   return manifest
 
 
@@ -223,8 +251,14 @@ class CachedSource:
   subset keeps one int64 index array, lengths are a memory-mapped file.
   """
 
-  def __init__(self, name: str, records: grain.sources.ArrayRecordDataSource, lengths: np.ndarray,
-               stats: SourceStats, indices: np.ndarray | None = None):
+  def __init__(
+    self,
+    name: str,
+    records: grain.sources.ArrayRecordDataSource,
+    lengths: np.ndarray,
+    stats: SourceStats,
+    indices: np.ndarray | None = None,
+  ):
     self.name = name
     self.stats = stats
     self._records = records
@@ -262,8 +296,12 @@ def cached_source(cache_dir: str, manifest: Mapping[str, Any], name: str) -> Cac
   paths = [f"{os.path.join(build, s['file'])}[0:{s['examples']}]" for s in entry["shards"] if s["examples"]]
   records = grain.sources.ArrayRecordDataSource(paths)
   lengths = np.load(os.path.join(build, entry["lengths"]), mmap_mode="r")
-  stats = SourceStats(**{k: entry[k] for k in ("records", "skipped", "dropped", "truncated", "examples", "tokens",
-                                               "loss_tokens", "first_skip")})
+  stats = SourceStats(
+    **{
+      k: entry[k]
+      for k in ("records", "skipped", "dropped", "truncated", "examples", "tokens", "loss_tokens", "first_skip")
+    }
+  )
   return CachedSource(name, records, lengths, stats)
 
 
@@ -271,8 +309,9 @@ def shard_stem(build_dir: str, source: str, shard: int) -> str:
   return os.path.join(build_dir, source, f"shard-{shard:05d}")
 
 
-def write_shard(stem: str, name: str, conversations: Sequence[Conversation], template: ChatTemplate,
-                seq_len: int, overlong: str) -> dict[str, int]:
+def write_shard(
+  stem: str, name: str, conversations: Sequence[Conversation], template: ChatTemplate, seq_len: int, overlong: str
+) -> dict[str, int]:
   """Tokenizes one shard's conversations as the uncached pipeline does and writes its files.
 
   The shard's `.json` (its counts) is written last, so a shard is done exactly when it exists.
@@ -299,7 +338,13 @@ def write_shard(stem: str, name: str, conversations: Sequence[Conversation], tem
   with open(f"{stem}.lengths.npy.tmp", "wb") as f:
     np.save(f, lengths)
   os.replace(f"{stem}.lengths.npy.tmp", f"{stem}.lengths.npy")
-  counts = {"conversations": len(records), "examples": stats.examples, "tokens": stats.tokens,
-            "loss_tokens": stats.loss_tokens, "dropped": stats.dropped, "truncated": stats.truncated}
+  counts = {
+    "conversations": len(records),
+    "examples": stats.examples,
+    "tokens": stats.tokens,
+    "loss_tokens": stats.loss_tokens,
+    "dropped": stats.dropped,
+    "truncated": stats.truncated,
+  }
   files.write_json_atomic(f"{stem}.json", counts)
   return counts

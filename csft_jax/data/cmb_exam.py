@@ -14,12 +14,12 @@ MODES = ("answer", "cot")
 
 # The official prompts (workers/base.py: query_prompt_2 and query_prompt_1).
 ANSWER_ONLY_PROMPT = (
-    "以下是中国{exam_type}中{exam_class}考试的一道{question_type}，"
-    "不需要做任何分析和解释，直接输出答案选项。\n{question}\n{option_str}"
+  "以下是中国{exam_type}中{exam_class}考试的一道{question_type}，"
+  "不需要做任何分析和解释，直接输出答案选项。\n{question}\n{option_str}"
 )
 COT_PROMPT = (
-    "以下是中国{exam_type}中{exam_class}考试的一道{question_type}，"
-    "请分析每个选项，并最后给出答案。\n{question}\n{option_str}"
+  "以下是中国{exam_type}中{exam_class}考试的一道{question_type}，"
+  "请分析每个选项，并最后给出答案。\n{question}\n{option_str}"
 )
 
 
@@ -38,9 +38,9 @@ def format_question(item: Mapping[str, Any], mode: str = "answer") -> str:
     raise ValueError(f"Unknown CMB prompt mode {mode!r}; expected one of {MODES}.")
   template = ANSWER_ONLY_PROMPT if mode == "answer" else COT_PROMPT
   return template.format(
-      exam_type=item["exam_type"],
-      exam_class=item["exam_class"],
-      question_type=item["question_type"],
-      question=item["question"],
-      option_str=option_str(item["option"]),
+    exam_type=item["exam_type"],
+    exam_class=item["exam_class"],
+    question_type=item["question_type"],
+    question=item["question"],
+    option_str=option_str(item["option"]),
   )

@@ -15,7 +15,8 @@ DEMO_TOKENIZER = "pkg://csft_jax/assets/demo_tokenizer"
 
 def default_config() -> ml_collections.ConfigDict:
   """Returns `config.data` with every field the pipeline reads, and no sources."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       sources=ml_collections.ConfigDict(),
       mixing="temperature",  # explicit | proportional | temperature | uniform
       temperature=2.0,  # For mixing="temperature": p_i ~ n_i ** (1 / T).
@@ -34,7 +35,8 @@ def default_config() -> ml_collections.ConfigDict:
       val_split="per_source",
       cache="off",  # off (tokenize at every start) | auto (build the cache if absent or stale) | require
       cache_dir="",  # Tokenize-once cache (`python -m csft_jax.data.prepare`); see csft_jax/data/cache.py.
-  ))
+    )
+  )
 
 
 def source_config(path: str, format: str, **options) -> ml_collections.ConfigDict:  # pylint: disable=redefined-builtin
@@ -49,11 +51,22 @@ def source_config(path: str, format: str, **options) -> ml_collections.ConfigDic
       (format "template"), item_separator, with_explanation and prompt (format "mcq": "cmb_to_sft", the
       default, or "cmb_exam", the CMB benchmark's own question).
   """
-  entry = dict(path=path, format=format, enabled=True, weight=config_dict.placeholder(float),
-               max_samples=config_dict.placeholder(int), encoding="utf-8", reader="auto", columns={},
-               system=config_dict.placeholder(str), user_template=config_dict.placeholder(str),
-               assistant_template=config_dict.placeholder(str), item_separator="，", with_explanation=False,
-               prompt=config_dict.placeholder(str))
+  entry = dict(
+    path=path,
+    format=format,
+    enabled=True,
+    weight=config_dict.placeholder(float),
+    max_samples=config_dict.placeholder(int),
+    encoding="utf-8",
+    reader="auto",
+    columns={},
+    system=config_dict.placeholder(str),
+    user_template=config_dict.placeholder(str),
+    assistant_template=config_dict.placeholder(str),
+    item_separator="，",
+    with_explanation=False,
+    prompt=config_dict.placeholder(str),
+  )
   unknown = set(options) - set(entry)
   if unknown:
     raise ValueError(f"source_config: unknown options {sorted(unknown)}; known: {sorted(entry)}")
@@ -65,14 +78,17 @@ def sample_collection_config() -> ml_collections.ConfigDict:
   """`config.data` for the project's own small sample collection (demo, tests)."""
   data = default_config()
   root = SAMPLE_COLLECTION
-  data.sources = ml_collections.ConfigDict(dict(
+  data.sources = ml_collections.ConfigDict(
+    dict(
       alpaca_qa=source_config(f"{root}/alpaca_qa.jsonl", "alpaca"),
       sharegpt_dialogues=source_config(f"{root}/sharegpt_dialogues.json", "sharegpt"),
-      doctor_qa=source_config(f"{root}/doctor_qa_gb18030.csv", "columns", encoding="gb18030",
-                              columns={"user": "ask", "assistant": "answer"}),
+      doctor_qa=source_config(
+        f"{root}/doctor_qa_gb18030.csv", "columns", encoding="gb18030", columns={"user": "ask", "assistant": "answer"}
+      ),
       cmb_style_mcq=source_config(f"{root}/cmb_style_mcq.json", "mcq", with_explanation=True),
       messages_chat=source_config(f"{root}/messages_chat.jsonl", "messages"),
-  ))
+    )
+  )
   data.tokenizer = DEMO_TOKENIZER
   data.seq_len = 256
   data.val_fraction = 0.1

@@ -27,17 +27,17 @@ class Conversation:
       expected = USER if i % 2 == 0 else ASSISTANT
       if role != expected:
         raise RecordError(
-            f"turn {i} has role {role!r} but turns must alternate"
-            f" user/assistant starting with user; got roles"
-            f" {[r for r, _ in self.turns]}"
+          f"turn {i} has role {role!r} but turns must alternate"
+          f" user/assistant starting with user; got roles"
+          f" {[r for r, _ in self.turns]}"
         )
       if not isinstance(text, str):
         raise RecordError(f"turn {i} ({role}) is {type(text).__name__}, not text")
     if self.turns[-1][0] != ASSISTANT:
       raise RecordError(
-          f"conversation ends on a user turn (turn {len(self.turns) - 1}):"
-          " there is no assistant answer to train on; drop the trailing user"
-          " message or add its answer"
+        f"conversation ends on a user turn (turn {len(self.turns) - 1}):"
+        " there is no assistant answer to train on; drop the trailing user"
+        " message or add its answer"
       )
 
   def messages(self) -> list[dict[str, str]]:

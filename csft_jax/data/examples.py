@@ -33,12 +33,14 @@ class TokenizedSource:
     return int(sum(len(t) for t in self.token_ids))
 
   def subset(self, indices: Sequence[int]) -> "TokenizedSource":
-    return TokenizedSource(self.name, [self.token_ids[i] for i in indices],
-                           [self.loss_masks[i] for i in indices], self.stats)
+    return TokenizedSource(
+      self.name, [self.token_ids[i] for i in indices], [self.loss_masks[i] for i in indices], self.stats
+    )
 
 
-def tokenize_source(name: str, records: Sequence[SourceRecord], stats: SourceStats,
-                    template: ChatTemplate, seq_len: int, overlong: str) -> TokenizedSource:
+def tokenize_source(
+  name: str, records: Sequence[SourceRecord], stats: SourceStats, template: ChatTemplate, seq_len: int, overlong: str
+) -> TokenizedSource:
   """Encodes a source's conversations and applies the over-long policy.
 
   An example of n tokens gives n - 1 (input, target) pairs, so it fits a row
@@ -76,8 +78,9 @@ def tokenize_source(name: str, records: Sequence[SourceRecord], stats: SourceSta
       loss_masks.append(mask)
   if not token_ids:
     raise DataError(
-        f"source {name!r}: all {len(records)} examples are longer than"
-        f" seq_len={seq_len} and were dropped; raise config.data.seq_len or set overlong='truncate'")
+      f"source {name!r}: all {len(records)} examples are longer than"
+      f" seq_len={seq_len} and were dropped; raise config.data.seq_len or set overlong='truncate'"
+    )
   stats.examples = len(token_ids)
   stats.tokens = int(sum(len(t) for t in token_ids))
   stats.loss_tokens = int(sum(np.count_nonzero(m[1:]) for m in loss_masks))
@@ -87,8 +90,9 @@ def tokenize_source(name: str, records: Sequence[SourceRecord], stats: SourceSta
 VAL_SPLITS = ("per_source", "concatenation")
 
 
-def held_out_indices(lengths: Sequence[int], val_fraction: float, seed: int, how: str = "per_source",
-                     names: Sequence[str] | None = None) -> list[np.ndarray]:
+def held_out_indices(
+  lengths: Sequence[int], val_fraction: float, seed: int, how: str = "per_source", names: Sequence[str] | None = None
+) -> list[np.ndarray]:
   """Which examples of each source are held out (sorted indices per source); fixed across runs.
 
   Args:
@@ -118,13 +122,15 @@ def held_out_indices(lengths: Sequence[int], val_fraction: float, seed: int, how
       held.append(np.sort(np.random.default_rng([seed, i, 0x5A1]).permutation(n)[:num_val]))
     return held
   total = int(sum(lengths))
-  chosen = np.random.default_rng(seed).permutation(total)[:math.ceil(val_fraction * total)]
+  chosen = np.random.default_rng(seed).permutation(total)[: math.ceil(val_fraction * total)]
   starts = np.cumsum([0, *lengths])
   held = [np.sort(chosen[(chosen >= lo) & (chosen < hi)] - lo) for lo, hi in zip(starts[:-1], starts[1:])]
   for name, n, h in zip(names, lengths, held):
     if len(h) == n:
-      raise DataError(f"source {name!r}: val_fraction={val_fraction} with val_split='concatenation' holds out "
-                      f"all {n} of its examples; lower val_fraction or use val_split='per_source'")
+      raise DataError(
+        f"source {name!r}: val_fraction={val_fraction} with val_split='concatenation' holds out "
+        f"all {n} of its examples; lower val_fraction or use val_split='per_source'"
+      )
   return held
 
 

@@ -42,8 +42,9 @@ def length_histogram(lengths: np.ndarray, seq_len: int, num_bins: int = 8, width
   edges = np.linspace(0, seq_len + 1, num_bins + 1).round().astype(int)
   counts, _ = np.histogram(lengths, bins=edges)
   top = max(counts.max(), 1)
-  return "\n".join(f"{lo:>6}-{hi:<6} {c:>7} {'#' * round(width * c / top)}"
-                   for lo, hi, c in zip(edges[:-1], edges[1:], counts))
+  return "\n".join(
+    f"{lo:>6}-{hi:<6} {c:>7} {'#' * round(width * c / top)}" for lo, hi, c in zip(edges[:-1], edges[1:], counts)
+  )
 
 
 def main(argv: list[str]) -> None:
@@ -66,18 +67,36 @@ def main(argv: list[str]) -> None:
   batches = [next(it) for _ in range(FLAGS.num_batches)]
   efficiency = packing_efficiency(batches)
   examples, tokens = source_fractions(batches, len(pipeline.source_names))
-  print(f"\npacking ({pipeline.config.packing}) efficiency over {len(batches)} batches"
-        f" of {FLAGS.batch_size}x{pipeline.config.seq_len}: {efficiency:.3f} (loss tokens / token slots)")
+  print(
+    f"\npacking ({pipeline.config.packing}) efficiency over {len(batches)} batches"
+    f" of {FLAGS.batch_size}x{pipeline.config.seq_len}: {efficiency:.3f} (loss tokens / token slots)"
+  )
   if FLAGS.json:
     sources = {}
     for row, fe, ft in zip(pipeline.mixture_rows(), examples, tokens):
       sources[row["source"]] = dict(
-          target_weight=row["target_weight"], realized_fraction_examples=float(fe),
-          realized_fraction_tokens=float(ft), examples=row["examples"], tokens=row["tokens"],
-          skipped=row["skipped"], dropped=row["dropped"], truncated=row["truncated"])
-    print(json.dumps(dict(sources=sources, packing_efficiency=efficiency, num_batches=len(batches),
-                          batch_size=FLAGS.batch_size, seq_len=pipeline.config.seq_len,
-                          packing=pipeline.config.packing), ensure_ascii=False))
+        target_weight=row["target_weight"],
+        realized_fraction_examples=float(fe),
+        realized_fraction_tokens=float(ft),
+        examples=row["examples"],
+        tokens=row["tokens"],
+        skipped=row["skipped"],
+        dropped=row["dropped"],
+        truncated=row["truncated"],
+      )
+    print(
+      json.dumps(
+        dict(
+          sources=sources,
+          packing_efficiency=efficiency,
+          num_batches=len(batches),
+          batch_size=FLAGS.batch_size,
+          seq_len=pipeline.config.seq_len,
+          packing=pipeline.config.packing,
+        ),
+        ensure_ascii=False,
+      )
+    )
 
 
 def define_flags() -> None:

@@ -76,8 +76,9 @@ def split_turns(loss_mask: np.ndarray) -> list[tuple[int, int, int]]:
   return turns
 
 
-def truncate_turns(token_ids: np.ndarray, loss_mask: np.ndarray, cutoff_len: int,
-                   efficient_eos: bool) -> tuple[np.ndarray, np.ndarray]:
+def truncate_turns(
+  token_ids: np.ndarray, loss_mask: np.ndarray, cutoff_len: int, efficient_eos: bool
+) -> tuple[np.ndarray, np.ndarray]:
   """Cuts an example to `cutoff_len` tokens turn by turn, as `_encode_supervised_example` does.
 
   Each turn gets `infer_seqlen` of the budget left by the turns before it; turns after the
@@ -120,8 +121,9 @@ class Intern2Template(ChatTemplate):
     if missing or tokenizer.eos_token_id is None:
       lacks = f"special tokens {missing}" if missing else "an eos token"
       raise DataError(
-          f"chat_template {NAME!r} needs {lacks}, which the tokenizer {tokenizer.name_or_path} lacks;"
-          " use InternLM2's tokenizer (or chat_template='hf')")
+        f"chat_template {NAME!r} needs {lacks}, which the tokenizer {tokenizer.name_or_path} lacks;"
+        " use InternLM2's tokenizer (or chat_template='hf')"
+      )
     super().__init__(NAME, tokenizer, [vocab[_IM_END], tokenizer.eos_token_id])
     self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
@@ -199,7 +201,9 @@ class Intern2Template(ChatTemplate):
     bos = json.dumps(self.tokenizer.bos_token if self.bos else "")
     user_head, user_tail = (json.dumps(s) for s in _user("\0").split("\0"))
     system_head, system_tail = (json.dumps(s) for s in _system("\0").split("\0"))
-    return (f"{{{{ {bos} }}}}{{% if messages[0]['role'] == 'system' %}}{{{{ {system_head} + messages[0]['content']"
-            f" + {system_tail} }}}}{{% endif %}}{{% for message in messages %}}{{% if message['role'] == 'user' %}}"
-            f"{{{{ {user_head} + message['content'] + {user_tail} }}}}{{% elif message['role'] == 'assistant' %}}"
-            f"{{{{ message['content'] + {json.dumps(SEPARATOR)} }}}}{{% endif %}}{{% endfor %}}")
+    return (
+      f"{{{{ {bos} }}}}{{% if messages[0]['role'] == 'system' %}}{{{{ {system_head} + messages[0]['content']"
+      f" + {system_tail} }}}}{{% endif %}}{{% for message in messages %}}{{% if message['role'] == 'user' %}}"
+      f"{{{{ {user_head} + message['content'] + {user_tail} }}}}{{% elif message['role'] == 'assistant' %}}"
+      f"{{{{ message['content'] + {json.dumps(SEPARATOR)} }}}}{{% endif %}}{{% endfor %}}"
+    )

@@ -93,17 +93,31 @@ def read_task_file(source: str, path: str, text: str) -> Iterator[tuple[dict[str
     raise DataError(f"{where}: 'Definition' must be a non-empty list of strings, found {definitions!r:.80}")
   task_id = task_id_from_path(path)
   checked = [(i, instance, line, _instance_problem(instance)) for i, (instance, line) in enumerate(instances)]
-  task = Task(task_id=task_id, path=path, definitions=tuple(definitions),
-              categories=tuple(_strings(fields.get("Categories"))), split_type=_split_type(fields.get("Split Type")),
-              instances=tuple(instance for _, instance, _, problem in checked if problem is None), fields=fields)
+  task = Task(
+    task_id=task_id,
+    path=path,
+    definitions=tuple(definitions),
+    categories=tuple(_strings(fields.get("Categories"))),
+    split_type=_split_type(fields.get("Split Type")),
+    instances=tuple(instance for _, instance, _, problem in checked if problem is None),
+    fields=fields,
+  )
   for i, instance, line, problem in checked:
     location = Location(path, line, i + 1)
     if problem is not None:
       yield RecordError(f"task {task_id!r} instance {_instance_id(instance, i)!r}: {problem}", location)
       continue
-    record = dict(id=instance.get("id"), input=instance["input"], output=instance["output"], instance_index=i,
-                  task_id=task_id, definition=definitions[0], categories=task.categories,
-                  split_type=task.split_type, task=task)
+    record = dict(
+      id=instance.get("id"),
+      input=instance["input"],
+      output=instance["output"],
+      instance_index=i,
+      task_id=task_id,
+      definition=definitions[0],
+      categories=task.categories,
+      split_type=task.split_type,
+      task=task,
+    )
     yield record, location
 
 
@@ -118,8 +132,10 @@ def adapt(record: Mapping[str, Any], options: Mapping[str, Any]) -> Conversation
     raise RecordError(f"format 'meds_ins' adapts the instances its reader yields, not {hint}")
   split_types = _split_types_option(options)
   if split_types and task.split_type not in split_types:
-    raise RecordLeftOut(f"task {task.task_id!r} ({task.path}) has Split Type {task.split_type or '(none)'!r}, "
-                        f"not one of split_types={list(split_types)}")
+    raise RecordLeftOut(
+      f"task {task.task_id!r} ({task.path}) has Split Type {task.split_type or '(none)'!r}, "
+      f"not one of split_types={list(split_types)}"
+    )
   rewrite_prob = _probability(options, "rewrite_prob")
   few_shot_prob = _probability(options, "few_shot_prob")
   rng = random.Random(f"{options.get('seed', 0)}|{task.task_id}|{record['instance_index']}")
@@ -200,7 +216,7 @@ def _parse_task_object(source: str, path: str, text: str) -> tuple[dict[str, Any
     key, pos = decode(pos)
     pos = _skip_space(text, pos)
     if not isinstance(key, str) or text[pos : pos + 1] != ":":
-      raise fail(pos, "malformed JSON object: expected a \"key\": value")
+      raise fail(pos, 'malformed JSON object: expected a "key": value')
     pos = _skip_space(text, pos + 1)
     if key == "Instances" and text[pos : pos + 1] == "[":
       instances, pos = [], _skip_space(text, pos + 1)
@@ -273,8 +289,9 @@ def _split_types_option(options: Mapping[str, Any]) -> tuple[str, ...]:
   value = (value,) if isinstance(value, str) else tuple(value)
   unknown = [v for v in value if v not in SPLIT_TYPES]
   if unknown:
-    raise DataError(f"meds_ins option split_types={list(value)}: {unknown} not among the Split Types "
-                    f"{list(SPLIT_TYPES)}")
+    raise DataError(
+      f"meds_ins option split_types={list(value)}: {unknown} not among the Split Types {list(SPLIT_TYPES)}"
+    )
   return value
 
 

@@ -23,8 +23,9 @@ from csft_jax.data.errors import DataError
 MIXINGS = ("explicit", "proportional", "temperature", "uniform")
 
 
-def mixture_weights(mixing: str, names: Sequence[str], sizes: Sequence[int],
-                    explicit: Sequence[float | None], temperature: float) -> np.ndarray:
+def mixture_weights(
+  mixing: str, names: Sequence[str], sizes: Sequence[int], explicit: Sequence[float | None], temperature: float
+) -> np.ndarray:
   """Returns normalized target weights (fractions of examples) per source.
 
   Args:
@@ -39,7 +40,9 @@ def mixture_weights(mixing: str, names: Sequence[str], sizes: Sequence[int],
   if mixing == "explicit":
     unset = [n for n, w in zip(names, explicit) if w is None]
     if unset:
-      raise DataError(f"config.data.mixing='explicit' but sources {unset} have no weight; set config.data.sources.<name>.weight")
+      raise DataError(
+        f"config.data.mixing='explicit' but sources {unset} have no weight; set config.data.sources.<name>.weight"
+      )
     raw = np.asarray(explicit, dtype=np.float64)
   elif mixing == "proportional":
     raw = np.asarray(sizes, dtype=np.float64)
@@ -64,8 +67,9 @@ def block_counts(weights: np.ndarray, block_size: int, names: Sequence[str]) -> 
   starved = [n for n, c in zip(names, counts) if c == 0]
   if starved:
     raise DataError(
-        f"sources {starved} get no draw in a mixture block of {block_size};"
-        " raise config.data.mixture_block or their weight")
+      f"sources {starved} get no draw in a mixture block of {block_size};"
+      " raise config.data.mixture_block or their weight"
+    )
   return counts
 
 

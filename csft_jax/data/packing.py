@@ -34,11 +34,11 @@ class TrainingExample:
     token_ids, loss_mask = example
     n = len(token_ids) - 1
     return {
-        "input_ids": token_ids[:-1],
-        "target_ids": np.where(loss_mask[1:] == LAST_TOKEN_TARGET, token_ids[-1], token_ids[1:]),
-        # The mask is on tokens; a target is trained iff its token is.
-        "loss_mask": (loss_mask[1:] > 0).astype(ROW_DTYPE),
-        "source_ids": np.full(n, self.source_index, dtype=ROW_DTYPE),
+      "input_ids": token_ids[:-1],
+      "target_ids": np.where(loss_mask[1:] == LAST_TOKEN_TARGET, token_ids[-1], token_ids[1:]),
+      # The mask is on tokens; a target is trained iff its token is.
+      "loss_mask": (loss_mask[1:] > 0).astype(ROW_DTYPE),
+      "source_ids": np.full(n, self.source_index, dtype=ROW_DTYPE),
     }
 
 
@@ -59,8 +59,8 @@ def packed_rows(examples: grain.MapDataset, seq_len: int, num_bins: int) -> grai
   """
   stream = examples.to_iter_dataset(_READ_OPTIONS)
   packed = grain.experimental.FirstFitPackIterDataset(
-      stream, length_struct={k: seq_len for k in _SEQUENCE_KEYS},
-      num_packing_bins=num_bins, shuffle_bins=False)
+    stream, length_struct={k: seq_len for k in _SEQUENCE_KEYS}, num_packing_bins=num_bins, shuffle_bins=False
+  )
   return packed.map(_rename_packed)
 
 
@@ -84,7 +84,8 @@ def stack_rows(rows: Sequence[grain.IterDataset]) -> grain.IterDataset:
   if len(rows) == 1:
     return rows[0].map(lambda row: {k: v[None] for k, v in row.items()})
   return grain.experimental.ZipIterDataset(list(rows)).map(
-      lambda rs: {k: np.stack([r[k] for r in rs]) for k in ROW_KEYS})
+    lambda rs: {k: np.stack([r[k] for r in rs]) for k in ROW_KEYS}
+  )
 
 
 def packing_efficiency(batches: Sequence[dict[str, np.ndarray]]) -> float:

@@ -58,8 +58,10 @@ class DataPipeline:
     if data_config.seq_len < 2:
       raise DataError(f"config.data.seq_len={data_config.seq_len} must be at least 2")
     if not data_config.tokenizer:
-      raise DataError("config.data.tokenizer is not set: name a tokenizer directory (the trainer takes "
-                      "config.init.from_hf's when it is empty)")
+      raise DataError(
+        "config.data.tokenizer is not set: name a tokenizer directory (the trainer takes "
+        "config.init.from_hf's when it is empty)"
+      )
     mode = data_config.get("cache", "off")  # Configs stored before the cache existed have no field.
     if mode not in cache.CACHE_MODES:
       raise DataError(f"config.data.cache={mode!r} is not one of {cache.CACHE_MODES}")
@@ -72,15 +74,23 @@ class DataPipeline:
     sources = list(self._tokenized_sources(specs) if mode == "off" else _cached_sources(data_config, specs))
     # Held-out examples (indices into each source's examples), e.g. to see what eval loss is on.
     self.held_out: list[np.ndarray] = held_out_indices(
-        [len(s) for s in sources], data_config.val_fraction, data_config.seed,
-        data_config.get("val_split", "per_source"), self.source_names)
+      [len(s) for s in sources],
+      data_config.val_fraction,
+      data_config.seed,
+      data_config.get("val_split", "per_source"),
+      self.source_names,
+    )
     for source, held_out in zip(sources, self.held_out):
       train, val = split_validation(source, held_out)
       self.train_sources.append(train)
       self.val_sources.append(val)
     self.weights = mixture_weights(
-        data_config.mixing, self.source_names, [len(s) for s in self.train_sources],
-        [s.weight for s in specs], data_config.temperature)
+      data_config.mixing,
+      self.source_names,
+      [len(s) for s in self.train_sources],
+      [s.weight for s in specs],
+      data_config.temperature,
+    )
     self.block_counts = block_counts(self.weights, data_config.mixture_block, self.source_names)
     weighted = [s.name for s in specs if s.weight is not None]
     # A weight is read by explicit mixing only: say so rather than let an override do nothing.
@@ -125,8 +135,7 @@ class DataPipeline:
       return np.asarray(source.lengths)
     return np.fromiter((len(t) for t in source.token_ids), dtype=np.int64, count=len(source))
 
-  def train_dataset(self, global_batch_size: int, process_index: int = 0,
-                    process_count: int = 1) -> grain.IterDataset:
+  def train_dataset(self, global_batch_size: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Infinite batches for this process: dicts of int32 [global_batch_size // process_count, seq_len].
 
     Keys: input_ids, target_ids, loss_mask, segment_ids, positions, source_ids.
@@ -141,8 +150,9 @@ class DataPipeline:
       return packed_rows(examples, self.config.seq_len, self.config.num_packing_bins)
     return padded_rows(examples, self.config.seq_len)
 
-  def val_batches(self, global_batch_size: int, process_index: int = 0,
-                  process_count: int = 1) -> list[dict[str, np.ndarray]]:
+  def val_batches(
+    self, global_batch_size: int, process_index: int = 0, process_count: int = 1
+  ) -> list[dict[str, np.ndarray]]:
     """Fixed held-out batches (every val example once), same keys and shapes as train.
 
     Rows are packed (or padded) from the val examples of all sources in source
@@ -155,8 +165,10 @@ class DataPipeline:
     rows = list(self._rows(grain.MapDataset.concatenate(sources)))
     empty = {k: np.zeros(self.config.seq_len, dtype=np.int32) for k in ROW_KEYS}
     rows += [empty] * (-len(rows) % global_batch_size)
-    return [{k: np.stack([rows[start + r][k] for r in rows_of_process]) for k in ROW_KEYS}
-            for start in range(0, len(rows), global_batch_size)]
+    return [
+      {k: np.stack([rows[start + r][k] for r in rows_of_process]) for k in ROW_KEYS}
+      for start in range(0, len(rows), global_batch_size)
+    ]
 
   def estimate_steps_per_epoch(self, global_batch_size: int, num_batches: int = 4) -> int:
     """Steps for one mixture epoch (num_examples draws), from examples per batch in the first batches."""
@@ -169,11 +181,18 @@ class DataPipeline:
     out = []
     for source, weight in zip(self.train_sources, self.weights):
       s = source.stats
-      out.append(dict(
-          source=source.name, examples=len(source), tokens=source.num_tokens,
+      out.append(
+        dict(
+          source=source.name,
+          examples=len(source),
+          tokens=source.num_tokens,
           target_weight=float(weight),
           expected_epochs=float(weight * self.num_examples * num_epochs / len(source)),
-          skipped=s.skipped, dropped=s.dropped, truncated=s.truncated))
+          skipped=s.skipped,
+          dropped=s.dropped,
+          truncated=s.truncated,
+        )
+      )
     return out
 
   def mixture_table(self, num_epochs: float = 1.0) -> str:
@@ -181,17 +200,35 @@ class DataPipeline:
     header = ("source", "examples", "tokens", "weight", "epochs", "skipped", "dropped", "truncated")
     lines = [header]
     for r in self.mixture_rows(num_epochs):
-      lines.append((r["source"], str(r["examples"]), str(r["tokens"]), f"{r['target_weight']:.4f}",
-                    f"{r['expected_epochs']:.2f}", str(r["skipped"]), str(r["dropped"]), str(r["truncated"])))
+      lines.append(
+        (
+          r["source"],
+          str(r["examples"]),
+          str(r["tokens"]),
+          f"{r['target_weight']:.4f}",
+          f"{r['expected_epochs']:.2f}",
+          str(r["skipped"]),
+          str(r["dropped"]),
+          str(r["truncated"]),
+        )
+      )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    title = (f"mixture: {self.config.mixing}"
-             + (f" (T={self.config.temperature})" if self.config.mixing == "temperature" else "")
-             + f", {self.num_examples} examples/epoch, epochs over {num_epochs:g} mixture epoch(s)")
-    rows = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-            for line in lines]
-    notes = ([f"note: config.data.sources.<name>.weight is set for {self.ignored_weights} but mixing is "
-              f"{self.config.mixing!r}; weights are read only with config.data.mixing=explicit."]
-             if self.ignored_weights else [])
+    title = (
+      f"mixture: {self.config.mixing}"
+      + (f" (T={self.config.temperature})" if self.config.mixing == "temperature" else "")
+      + f", {self.num_examples} examples/epoch, epochs over {num_epochs:g} mixture epoch(s)"
+    )
+    rows = [
+      "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines
+    ]
+    notes = (
+      [
+        f"note: config.data.sources.<name>.weight is set for {self.ignored_weights} but mixing is "
+        f"{self.config.mixing!r}; weights are read only with config.data.mixing=explicit."
+      ]
+      if self.ignored_weights
+      else []
+    )
     return "\n".join([title] + rows + notes)
 
 
@@ -207,8 +244,10 @@ def _source_dataset(source: Source, source_index: int) -> grain.MapDataset:
 def _cached_sources(data_config: ml_collections.ConfigDict, specs: Sequence[SourceSpec]) -> list[cache.CachedSource]:
   """The sources from the cache; under cache="auto" an absent or stale cache is built first."""
   if not data_config.cache_dir:
-    raise DataError(f"config.data.cache={data_config.cache!r} needs config.data.cache_dir: name the directory"
-                    " of the tokenized cache (or set config.data.cache='off')")
+    raise DataError(
+      f"config.data.cache={data_config.cache!r} needs config.data.cache_dir: name the directory"
+      " of the tokenized cache (or set config.data.cache='off')"
+    )
   try:
     manifest = cache.open_cache(data_config, specs)
   except cache.CacheError as e:
@@ -216,9 +255,11 @@ def _cached_sources(data_config: ml_collections.ConfigDict, specs: Sequence[Sour
       raise
     import jax  # pylint: disable=import-outside-toplevel
     from csft_jax.data import prepare  # pylint: disable=import-outside-toplevel
+
     logging.warning("building the data cache (config.data.cache='auto'): %s", e)
-    manifest = prepare.prepare(data_config, process_index=jax.process_index(), process_count=jax.process_count(),
-                               wait=True)
+    manifest = prepare.prepare(
+      data_config, process_index=jax.process_index(), process_count=jax.process_count(), wait=True
+    )
   return [cache.cached_source(data_config.cache_dir, manifest, spec.name) for spec in specs]
 
 
@@ -236,9 +277,14 @@ def _count_segments(segment_ids: np.ndarray) -> int:
   return int(segment_ids.max(axis=-1).sum())
 
 
-def make_train_dataset(data_config: ml_collections.ConfigDict, *, global_batch_size: int,
-                       process_index: int = 0, process_count: int = 1,
-                       num_epochs: float = 1.0) -> tuple[grain.IterDataset, DataPipeline]:
+def make_train_dataset(
+  data_config: ml_collections.ConfigDict,
+  *,
+  global_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_epochs: float = 1.0,
+) -> tuple[grain.IterDataset, DataPipeline]:
   """Builds the pipeline, logs its mixture table and returns (train dataset, pipeline).
 
   Args:

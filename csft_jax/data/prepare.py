@@ -96,8 +96,10 @@ class _Progress:
     self.last = now
     elapsed, f = now - self.start, self.fraction()
     eta = _format_duration(elapsed * (1 - f) / f) if f > 0 else "?"
-    line = (f"prepare {100 * f:5.1f}% | reading {source} | {self.conversations:,} examples tokenized"
-            f" ({self.conversations / max(elapsed, 1e-9):,.0f}/s) | {_format_duration(elapsed)} | ETA {eta}")
+    line = (
+      f"prepare {100 * f:5.1f}% | reading {source} | {self.conversations:,} examples tokenized"
+      f" ({self.conversations / max(elapsed, 1e-9):,.0f}/s) | {_format_duration(elapsed)} | ETA {eta}"
+    )
     self.out.write(("\r" + line + "  ") if self.tty else line + "\n")
     self.out.flush()
 
@@ -123,9 +125,16 @@ class _SourcePlan:
   num_shards: int = 0
 
 
-def prepare(data_config: ml_collections.ConfigDict, *, num_workers: int = 0, process_index: int = 0,
-            process_count: int = 1, force: bool = False, wait: bool = False,
-            out: TextIO | None = sys.stderr) -> dict[str, Any] | None:
+def prepare(
+  data_config: ml_collections.ConfigDict,
+  *,
+  num_workers: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  force: bool = False,
+  wait: bool = False,
+  out: TextIO | None = sys.stderr,
+) -> dict[str, Any] | None:
   """Builds the cache of `data_config` unless an up-to-date one exists; returns its manifest.
 
   Args:
@@ -163,13 +172,13 @@ def prepare(data_config: ml_collections.ConfigDict, *, num_workers: int = 0, pro
   progress = _Progress(specs, out)
   if not num_workers:  # Starting worker processes only pays off for a large collection.
     num_workers = 1 if progress.total < _POOL_MIN_BYTES else os.cpu_count() or 1
-  plans = _tokenize_shards(data_config, specs, build_dir, num_workers, process_index, process_count, progress,
-                           force)
+  plans = _tokenize_shards(data_config, specs, build_dir, num_workers, process_index, process_count, progress, force)
   progress.close()
   if process_index != 0:
     return _wait_for_manifest(data_config, specs, fp, out) if wait else None
-  manifest = _write_manifest(data_config, fp, build, plans, time.perf_counter() - start, num_workers,
-                             process_count, out)
+  manifest = _write_manifest(
+    data_config, fp, build, plans, time.perf_counter() - start, num_workers, process_count, out
+  )
   for stale in glob.glob(os.path.join(cache_dir, "build-*")):
     if os.path.basename(stale) != build:
       shutil.rmtree(stale, ignore_errors=True)
@@ -178,17 +187,27 @@ def prepare(data_config: ml_collections.ConfigDict, *, num_workers: int = 0, pro
   return manifest
 
 
-def _tokenize_shards(data_config: ml_collections.ConfigDict, specs: Sequence[SourceSpec], build_dir: str,
-                     num_workers: int, process_index: int, process_count: int,
-                     progress: _Progress, force: bool = False) -> list[_SourcePlan]:
+def _tokenize_shards(
+  data_config: ml_collections.ConfigDict,
+  specs: Sequence[SourceSpec],
+  build_dir: str,
+  num_workers: int,
+  process_index: int,
+  process_count: int,
+  progress: _Progress,
+  force: bool = False,
+) -> list[_SourcePlan]:
   """Reads every source and tokenizes this process's shards (those not already done, or all with `force`)."""
   seq_len, overlong = data_config.seq_len, data_config.overlong
   plans, shard_counter = [], 0
   pending: collections.deque = collections.deque()
   if num_workers > 1:
     pool = concurrent.futures.ProcessPoolExecutor(
-        num_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-        initargs=(data_config.tokenizer, data_config.chat_template))
+      num_workers,
+      mp_context=multiprocessing.get_context("spawn"),
+      initializer=_init_worker,
+      initargs=(data_config.tokenizer, data_config.chat_template),
+    )
     template = None
   else:
     pool = None
@@ -245,16 +264,19 @@ def _wait_for_shards(stems: Sequence[str], out: TextIO | None) -> None:
     if not missing:
       return
     if time.monotonic() > deadline:
-      raise DataError(f"waited {_WAIT_S / 3600:g} h for {len(missing)} shards of other processes (first:"
-                      f" {missing[0]}.json); check that every process runs prepare with the same config")
+      raise DataError(
+        f"waited {_WAIT_S / 3600:g} h for {len(missing)} shards of other processes (first:"
+        f" {missing[0]}.json); check that every process runs prepare with the same config"
+      )
     if not said and out is not None:
       out.write(f"waiting for {len(missing)} shards of other processes\n")
       said = True
     time.sleep(_POLL_S)
 
 
-def _wait_for_manifest(data_config: ml_collections.ConfigDict, specs: Sequence[SourceSpec], fp: dict,
-                       out: TextIO | None) -> dict[str, Any]:
+def _wait_for_manifest(
+  data_config: ml_collections.ConfigDict, specs: Sequence[SourceSpec], fp: dict, out: TextIO | None
+) -> dict[str, Any]:
   """The other processes wait until process 0 has written the manifest of this build."""
   deadline = time.monotonic() + _WAIT_S
   if out is not None:
@@ -268,8 +290,16 @@ def _wait_for_manifest(data_config: ml_collections.ConfigDict, specs: Sequence[S
     time.sleep(_POLL_S)
 
 
-def _write_manifest(data_config: ml_collections.ConfigDict, fp: dict, build: str, plans: Sequence[_SourcePlan],
-                    seconds: float, num_workers: int, process_count: int, out: TextIO | None) -> dict[str, Any]:
+def _write_manifest(
+  data_config: ml_collections.ConfigDict,
+  fp: dict,
+  build: str,
+  plans: Sequence[_SourcePlan],
+  seconds: float,
+  num_workers: int,
+  process_count: int,
+  out: TextIO | None,
+) -> dict[str, Any]:
   """Sums the shards per source, writes each source's lengths.npy, then the manifest (last)."""
   build_dir = os.path.join(data_config.cache_dir, build)
   _wait_for_shards([cache.shard_stem(build_dir, p.spec.name, k) for p in plans for k in range(p.num_shards)], out)
@@ -281,20 +311,34 @@ def _write_manifest(data_config: ml_collections.ConfigDict, fp: dict, build: str
     entry = {k: sum(s[k] for s in shards) for k in ("examples", "tokens", "loss_tokens", "dropped", "truncated")}
     if not entry["examples"]:
       raise DataError(
-          f"source {name!r}: all {stats.records - stats.skipped} examples are longer than"
-          f" seq_len={data_config.seq_len} and were dropped; raise config.data.seq_len or set overlong='truncate'")
+        f"source {name!r}: all {stats.records - stats.skipped} examples are longer than"
+        f" seq_len={data_config.seq_len} and were dropped; raise config.data.seq_len or set overlong='truncate'"
+      )
     lengths = np.concatenate([np.load(f"{stem}.lengths.npy") for stem in stems])
     with open(os.path.join(build_dir, name, "lengths.npy.tmp"), "wb") as f:
       np.save(f, lengths)
     os.replace(os.path.join(build_dir, name, "lengths.npy.tmp"), os.path.join(build_dir, name, "lengths.npy"))
-    entry.update(records=stats.records, skipped=stats.skipped, first_skip=stats.first_skip,
-                 lengths=f"{name}/lengths.npy",
-                 shards=[{"file": os.path.relpath(f"{stem}.array_record", build_dir), "examples": s["examples"]}
-                         for stem, s in zip(stems, shards)])
+    entry.update(
+      records=stats.records,
+      skipped=stats.skipped,
+      first_skip=stats.first_skip,
+      lengths=f"{name}/lengths.npy",
+      shards=[
+        {"file": os.path.relpath(f"{stem}.array_record", build_dir), "examples": s["examples"]}
+        for stem, s in zip(stems, shards)
+      ],
+    )
     sources[name] = entry
-  manifest = {"version": cache.CACHE_VERSION, "build": build, "fingerprint": fp, "sources": sources,
-              "prepare_s": round(seconds, 3), "num_workers": num_workers, "num_processes": process_count,
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+  manifest = {
+    "version": cache.CACHE_VERSION,
+    "build": build,
+    "fingerprint": fp,
+    "sources": sources,
+    "prepare_s": round(seconds, 3),
+    "num_workers": num_workers,
+    "num_processes": process_count,
+    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+  }
   files.write_json_atomic(os.path.join(data_config.cache_dir, cache.MANIFEST), manifest)
   return manifest
 
@@ -306,12 +350,15 @@ def summary_table(manifest: dict[str, Any]) -> str:
   for name, e in manifest["sources"].items():
     lines.append((name, *(f"{e[k]:,}" for k in header[1:-1]), str(len(e["shards"]))))
   widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-  rows = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-          for line in lines]
+  rows = [
+    "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines
+  ]
   examples = sum(e["examples"] for e in manifest["sources"].values())
-  title = (f"prepared {examples:,} examples in {manifest['prepare_s']:.1f} s"
-           f" ({examples / max(manifest['prepare_s'], 1e-9):,.0f} examples/s, {manifest['num_workers']} workers"
-           f" x {manifest['num_processes']} processes)")
+  title = (
+    f"prepared {examples:,} examples in {manifest['prepare_s']:.1f} s"
+    f" ({examples / max(manifest['prepare_s'], 1e-9):,.0f} examples/s, {manifest['num_workers']} workers"
+    f" x {manifest['num_processes']} processes)"
+  )
   return "\n".join([title] + rows)
 
 
@@ -325,14 +372,27 @@ def main(argv: list[str]) -> None:
   distributed.initialize_from_flags()
   config = configuration.from_flags()
   data = configuration.training_data_config(config)
-  manifest = prepare(data, num_workers=f.num_workers, process_index=jax.process_index(),
-                     process_count=jax.process_count(), force=f.force)
+  manifest = prepare(
+    data, num_workers=f.num_workers, process_index=jax.process_index(), process_count=jax.process_count(), force=f.force
+  )
   if f.json and manifest is not None:
-    sources = {n: {k: e[k] for k in ("records", "examples", "tokens", "loss_tokens", "skipped", "dropped",
-                                     "truncated")} | {"shards": len(e["shards"])}
-               for n, e in manifest["sources"].items()}
-    print(json.dumps(dict(cache_dir=data.cache_dir, build=manifest["build"], prepare_s=manifest["prepare_s"],
-                          num_workers=manifest["num_workers"], sources=sources), ensure_ascii=False))
+    sources = {
+      n: {k: e[k] for k in ("records", "examples", "tokens", "loss_tokens", "skipped", "dropped", "truncated")}
+      | {"shards": len(e["shards"])}
+      for n, e in manifest["sources"].items()
+    }
+    print(
+      json.dumps(
+        dict(
+          cache_dir=data.cache_dir,
+          build=manifest["build"],
+          prepare_s=manifest["prepare_s"],
+          num_workers=manifest["num_workers"],
+          sources=sources,
+        ),
+        ensure_ascii=False,
+      )
+    )
 
 
 def define_flags() -> None:

@@ -41,27 +41,24 @@ def resolve_paths(source: str, path: str) -> list[str]:
       raise DataError(f"source {source!r}: glob {path!r} (tried {full}) matches no files")
     return files
   if os.path.isdir(full):
-    files = sorted(
-        os.path.join(full, f) for f in os.listdir(full)
-        if os.path.splitext(f)[1] in _EXTENSIONS
-    )
+    files = sorted(os.path.join(full, f) for f in os.listdir(full) if os.path.splitext(f)[1] in _EXTENSIONS)
     if not files:
-      raise DataError(
-          f"source {source!r}: directory {full} holds no"
-          f" {'/'.join(_EXTENSIONS)} files"
-      )
+      raise DataError(f"source {source!r}: directory {full} holds no {'/'.join(_EXTENSIONS)} files")
     return files
   if not os.path.isfile(full):
     raise DataError(
-        f"source {source!r}: path {path!r} not found (tried {full}); relative"
-        f" paths are relative to the current directory"
+      f"source {source!r}: path {path!r} not found (tried {full}); relative paths are relative to the current directory"
     )
   return [full]
 
 
-def read_records(source: str, path: str, reader: str, encoding: str,
-                 own: Callable[[str, str, str], Iterator[Record | RecordError]] | None = None
-                 ) -> Iterator[Record | RecordError]:
+def read_records(
+  source: str,
+  path: str,
+  reader: str,
+  encoding: str,
+  own: Callable[[str, str, str], Iterator[Record | RecordError]] | None = None,
+) -> Iterator[Record | RecordError]:
   """Yields the records of one file in file order.
 
   A record that cannot be parsed on its own (a malformed JSONL line) is
@@ -88,8 +85,7 @@ def read_records(source: str, path: str, reader: str, encoding: str,
     reader = _EXTENSIONS.get(os.path.splitext(path)[1].lower())
     if reader is None:
       raise DataError(
-          f"source {source!r}: cannot tell the format of {path} from its"
-          f" extension; set reader= to one of {READERS[1:]}"
+        f"source {source!r}: cannot tell the format of {path} from its extension; set reader= to one of {READERS[1:]}"
       )
   if reader == "parquet":
     yield from _read_parquet(path)
@@ -115,8 +111,8 @@ def _decode(source: str, path: str, encoding: str) -> str:
     fits = [c for c in _ENCODING_CANDIDATES if c != encoding and _decodes(raw, c)]
     hint = f"set encoding={fits[0]!r} on this source" if fits else "set encoding= to the file's encoding"
     raise DataError(
-        f"source {source!r}: {path}:{line} is not valid {encoding}"
-        f" (byte 0x{raw[e.start]:02x} at offset {e.start}); {hint}"
+      f"source {source!r}: {path}:{line} is not valid {encoding}"
+      f" (byte 0x{raw[e.start]:02x} at offset {e.start}); {hint}"
     ) from None
   return text.removeprefix("\ufeff")
 
@@ -160,8 +156,8 @@ def _read_json_list(source: str, path: str, text: str) -> Iterator[Record | Reco
       record, end = decoder.raw_decode(text, pos)
     except json.JSONDecodeError as e:
       raise DataError(
-          f"source {source!r}: {path}:{e.lineno}:{e.colno} malformed JSON"
-          f" ({e.msg}); the list cannot be read past this point, fix the file"
+        f"source {source!r}: {path}:{e.lineno}:{e.colno} malformed JSON"
+        f" ({e.msg}); the list cannot be read past this point, fix the file"
       ) from None
     if isinstance(record, dict):
       yield record, Location(path, line, item)
@@ -191,8 +187,8 @@ def _read_csv(source: str, path: str, text: str) -> Iterator[Record | RecordErro
     extra = row.pop(None, None)
     if extra:
       yield RecordError(
-          f"row has {len(extra)} more cells than the header"
-          f" {reader.fieldnames}; check the quoting", Location(path, line))
+        f"row has {len(extra)} more cells than the header {reader.fieldnames}; check the quoting", Location(path, line)
+      )
     else:
       yield row, Location(path, line)
     line = reader.line_num + 1
@@ -203,4 +199,3 @@ def _read_parquet(path: str) -> Iterator[Record]:
 
   for i, record in enumerate(pq.read_table(path).to_pylist(), start=1):
     yield record, Location(path, item=i)
-

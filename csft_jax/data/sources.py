@@ -82,16 +82,27 @@ def parse_sources(sources_config) -> list[SourceSpec]:
     columns = dict(DEFAULT_COLUMNS.get(cfg.format, {}))
     user_columns = cfg.get("columns") or {}
     columns.update(user_columns.to_dict() if hasattr(user_columns, "to_dict") else user_columns)
-    options = {k: v for k, v in cfg.items() if k not in ("path", "format", "weight", "max_samples",
-                                                          "encoding", "reader", "columns", "enabled")}
+    options = {
+      k: v
+      for k, v in cfg.items()
+      if k not in ("path", "format", "weight", "max_samples", "encoding", "reader", "columns", "enabled")
+    }
     options["columns"] = columns
     reader = cfg.get("reader") or "auto"
     if FORMATS[cfg.format].read is not None and reader == cfg.format:
       reader = "auto"  # configs written when reader='meds_ins' named the format's own reader
-    specs.append(SourceSpec(
-        name=name, paths=tuple(resolve_paths(name, cfg.path)), format=cfg.format,
-        weight=None if weight is None else float(weight), max_samples=max_samples,
-        encoding=cfg.get("encoding") or "utf-8", reader=reader, options=options))
+    specs.append(
+      SourceSpec(
+        name=name,
+        paths=tuple(resolve_paths(name, cfg.path)),
+        format=cfg.format,
+        weight=None if weight is None else float(weight),
+        max_samples=max_samples,
+        encoding=cfg.get("encoding") or "utf-8",
+        reader=reader,
+        options=options,
+      )
+    )
   if not specs:
     raise DataError(f"config.data.sources: every source is disabled ({sorted(sources_config)}); enable one")
   return specs
@@ -157,6 +168,8 @@ def iter_conversations(spec: SourceSpec, on_error: str, stats: SourceStats) -> I
   if not kept:
     why = f"all {stats.records} records were bad; first: {stats.first_skip}" if stats.records else "no records"
     if stats.left_out:
-      why = (f"the source's options leave out {stats.left_out} of its {stats.records} records and"
-             f" {stats.skipped} were bad; first left out: {stats.first_left_out}")
+      why = (
+        f"the source's options leave out {stats.left_out} of its {stats.records} records and"
+        f" {stats.skipped} were bad; first left out: {stats.first_left_out}"
+      )
     raise DataError(f"source {spec.name!r}: {why} in {list(spec.paths)}")

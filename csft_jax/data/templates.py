@@ -44,11 +44,13 @@ TEMPLATES: dict[str, Callable[..., "ChatTemplate"]] = {}
 
 def register_template(name: str):
   """Decorator: registers `factory(tokenizer) -> ChatTemplate` (a class or function) as `name`."""
+
   def register(factory):
     if name in TEMPLATES:
       raise ValueError(f"chat template {name!r} is registered twice")
     TEMPLATES[name] = factory
     return factory
+
   return register
 
 
@@ -84,8 +86,7 @@ class ChatTemplate(abc.ABC):
   def encode_batch(self, conversations: Sequence[Conversation]) -> list[tuple[np.ndarray, np.ndarray]]:
     """`encode` for many conversations at once (the tokenizer runs in parallel)."""
     rendered = [self.render(c) for c in conversations]
-    encodings = self.tokenizer.backend_tokenizer.encode_batch(
-        [text for text, _ in rendered], add_special_tokens=False)
+    encodings = self.tokenizer.backend_tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
     out = []
     for (_, spans), encoding in zip(rendered, encodings):
       ids = np.asarray(encoding.ids, dtype=np.int32)
@@ -116,14 +117,19 @@ class MarkupSpec:
 
 
 BUILTIN_TEMPLATES = {
-    "chatml": MarkupSpec("", "<|im_start|>{role}\n", "<|im_end|>", "\n", "<|endoftext|>",
-                         ("<|im_start|>", "<|im_end|>")),
-    "internlm2": MarkupSpec("<s>", "<|im_start|>{role}\n", "<|im_end|>", "\n", "</s>",
-                            ("<s>", "<|im_start|>", "<|im_end|>")),
-    "llama3": MarkupSpec("<|begin_of_text|>", "<|start_header_id|>{role}<|end_header_id|>\n\n",
-                         "<|eot_id|>", "", "<|end_of_text|>",
-                         ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-                         strip_content=True),
+  "chatml": MarkupSpec("", "<|im_start|>{role}\n", "<|im_end|>", "\n", "<|endoftext|>", ("<|im_start|>", "<|im_end|>")),
+  "internlm2": MarkupSpec(
+    "<s>", "<|im_start|>{role}\n", "<|im_end|>", "\n", "</s>", ("<s>", "<|im_start|>", "<|im_end|>")
+  ),
+  "llama3": MarkupSpec(
+    "<|begin_of_text|>",
+    "<|start_header_id|>{role}<|end_header_id|>\n\n",
+    "<|eot_id|>",
+    "",
+    "<|end_of_text|>",
+    ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    strip_content=True,
+  ),
 }
 
 
@@ -135,9 +141,9 @@ class MarkupTemplate(ChatTemplate):
     missing = [t for t in spec.special_tokens if t not in vocab]
     if missing:
       raise DataError(
-          f"chat_template {name!r} needs special tokens {missing} that the"
-          f" tokenizer {tokenizer.name_or_path} lacks; use chat_template='hf'"
-          " or a tokenizer of that model family"
+        f"chat_template {name!r} needs special tokens {missing} that the"
+        f" tokenizer {tokenizer.name_or_path} lacks; use chat_template='hf'"
+        " or a tokenizer of that model family"
       )
     eos = vocab.get(spec.eos, tokenizer.eos_token_id)
     stops = [vocab[spec.end_of_turn]] + ([eos] if eos is not None else [])
@@ -171,14 +177,17 @@ class MarkupTemplate(ChatTemplate):
     before, after = (json.dumps(part) for part in s.header.split("{role}"))
     end = json.dumps(s.end_of_turn + s.separator)
     content = "(message['content'] | trim)" if s.strip_content else "message['content']"
-    return (f"{{{{ {json.dumps(s.bos)} }}}}{{% for message in messages %}}{{{{ {before} + message['role'] + {after} + "
-            f"{content} + {end} }}}}{{% endfor %}}{{% if add_generation_prompt %}}"
-            f"{{{{ {before} + 'assistant' + {after} }}}}{{% endif %}}")
+    return (
+      f"{{{{ {json.dumps(s.bos)} }}}}{{% for message in messages %}}{{{{ {before} + message['role'] + {after} + "
+      f"{content} + {end} }}}}{{% endfor %}}{{% if add_generation_prompt %}}"
+      f"{{{{ {before} + 'assistant' + {after} }}}}{{% endif %}}"
+    )
 
   def render_prompt(self, messages: Sequence[dict[str, str]]) -> str:
     s = self.spec
-    body = "".join(f"{s.header.format(role=m['role'])}{self._content(m['content'])}{s.end_of_turn}{s.separator}"
-                   for m in messages)
+    body = "".join(
+      f"{s.header.format(role=m['role'])}{self._content(m['content'])}{s.end_of_turn}{s.separator}" for m in messages
+    )
     return f"{s.bos}{body}{s.header.format(role=ASSISTANT)}"
 
 
@@ -194,8 +203,8 @@ class HFTemplate(ChatTemplate):
   def __init__(self, tokenizer):
     if not getattr(tokenizer, "chat_template", None):
       raise DataError(
-          f"chat_template='hf' but tokenizer {tokenizer.name_or_path} has no"
-          " chat_template; pick a built-in one: chatml, internlm2, llama3"
+        f"chat_template='hf' but tokenizer {tokenizer.name_or_path} has no"
+        " chat_template; pick a built-in one: chatml, internlm2, llama3"
       )
     self.tokenizer = tokenizer
     probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
@@ -206,8 +215,7 @@ class HFTemplate(ChatTemplate):
     super().__init__("hf", tokenizer, end_of_turn + eos)
 
   def _apply(self, messages, generation_prompt: bool) -> str:
-    return self.tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+    return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
 
   def render(self, conversation: Conversation) -> tuple[str, Spans]:
     messages = conversation.messages()
@@ -220,9 +228,9 @@ class HFTemplate(ChatTemplate):
       upto = self._apply(messages[: i + 1], generation_prompt=False)
       if not text.startswith(upto) or len(upto) < start:
         raise DataError(
-            f"the chat_template of {self.tokenizer.name_or_path} does not render"
-            " a conversation prefix as a text prefix, so assistant tokens cannot"
-            " be located; use a built-in chat_template instead"
+          f"the chat_template of {self.tokenizer.name_or_path} does not render"
+          " a conversation prefix as a text prefix, so assistant tokens cannot"
+          " be located; use a built-in chat_template instead"
         )
       # Trailing newlines after the end-of-turn token are not trained.
       spans.append((start, len(upto.rstrip("\n"))))

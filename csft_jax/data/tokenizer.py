@@ -26,32 +26,39 @@ _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # Texts a conversion must encode exactly as sentencepiece does: Chinese, runs of spaces at the
 # start, middle and end, newlines, tabs, digits, and bytes outside any vocabulary (byte fallback).
 _PROBE_TEXTS = (
-    "患者，男，45岁。主诉：反复胸痛3天，加重1小时。",
-    "  two  spaces\n\nthen\ttabs and trailing  ",
-    "\n开头换行 1234567890 ５ ",
-    "emoji 😀, ü, ᚠ",
-    " ",
+  "患者，男，45岁。主诉：反复胸痛3天，加重1小时。",
+  "  two  spaces\n\nthen\ttabs and trailing  ",
+  "\n开头换行 1234567890 ５ ",
+  "emoji 😀, ü, ᚠ",
+  " ",
 )
 
 # Special tokens of the demo tokenizer: enough for every built-in chat template.
 DEMO_SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>",  # chatml / Qwen, internlm2
-    "<s>", "</s>",  # internlm2 BOS/EOS
-    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-    "<|end_header_id|>", "<|eot_id|>",  # llama3
+  "<|endoftext|>",
+  "<|im_start|>",
+  "<|im_end|>",  # chatml / Qwen, internlm2
+  "<s>",
+  "</s>",  # internlm2 BOS/EOS
+  "<|begin_of_text|>",
+  "<|end_of_text|>",
+  "<|start_header_id|>",
+  "<|end_header_id|>",
+  "<|eot_id|>",  # llama3
 )
 DEMO_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+  "{% for message in messages %}"
+  "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+  "{% endfor %}"
+  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
 def is_sentencepiece_only(path: str) -> bool:
   """True for a directory with a sentencepiece `tokenizer.model` and no `tokenizer.json`."""
-  return (os.path.isfile(os.path.join(path, SENTENCEPIECE_FILE))
-          and not os.path.isfile(os.path.join(path, FAST_TOKENIZER_FILE)))
+  return os.path.isfile(os.path.join(path, SENTENCEPIECE_FILE)) and not os.path.isfile(
+    os.path.join(path, FAST_TOKENIZER_FILE)
+  )
 
 
 def load_tokenizer(path: str):
@@ -104,35 +111,52 @@ def tokenizer_from_sentencepiece(path: str):
 
   model_file = os.path.join(path, SENTENCEPIECE_FILE)
   config_file = os.path.join(path, TOKENIZER_CONFIG_FILE)
-  config = (files.read_json(config_file, what="tokenizer settings", error=DataError)
-            if os.path.isfile(config_file) else {})
+  config = (
+    files.read_json(config_file, what="tokenizer settings", error=DataError) if os.path.isfile(config_file) else {}
+  )
   proto = _read_sentencepiece_proto(model_file)
   if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
-    raise DataError(f"{model_file}: a {proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type)} "
-                    "sentencepiece model; only BPE models (InternLM2, Llama-2 style) are converted here. "
-                    f"Add the model's {FAST_TOKENIZER_FILE} instead.")
+    raise DataError(
+      f"{model_file}: a {proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type)} "
+      "sentencepiece model; only BPE models (InternLM2, Llama-2 style) are converted here. "
+      f"Add the model's {FAST_TOKENIZER_FILE} instead."
+    )
   added = _added_tokens(config, config_file)
   pieces = [piece.piece for piece in proto.pieces]
   vocab = {}
   for i, piece in enumerate(pieces):
     name = added[i]["content"] if i in added else piece
     if name in vocab:
-      raise DataError(f"{config_file}: added_tokens_decoder names id {i} {name!r}, which {model_file} already "
-                      f"has as id {vocab[name]}; give each token one id.")
+      raise DataError(
+        f"{config_file}: added_tokens_decoder names id {i} {name!r}, which {model_file} already "
+        f"has as id {vocab[name]}; give each token one id."
+      )
     vocab[name] = i
   extra_ids = sorted(i for i in added if i >= len(pieces))
   if extra_ids != list(range(len(pieces), len(pieces) + len(extra_ids))):
-    raise DataError(f"{config_file}: added_tokens_decoder ids {extra_ids} beyond the {len(pieces)} pieces of "
-                    f"{model_file} must continue them without gaps (from {len(pieces)}).")
+    raise DataError(
+      f"{config_file}: added_tokens_decoder ids {extra_ids} beyond the {len(pieces)} pieces of "
+      f"{model_file} must continue them without gaps (from {len(pieces)})."
+    )
 
   # legacy (the default, as InternLM2's tokenizer): each piece between added tokens gets a dummy prefix.
   legacy = {} if config.get("legacy", True) else {"legacy": False}
   backend = SpmConverter.build_tokenizer_from_spm_proto(proto=proto, vocab=vocab, **legacy)
   # Matched in the raw text (not normalized), so each piece between them gets its own dummy
   # prefix, as the slow tokenizer's sentencepiece calls do.
-  backend.add_tokens([AddedToken(t["content"], special=t.get("special", True), normalized=False,
-                                 lstrip=t.get("lstrip", False), rstrip=t.get("rstrip", False),
-                                 single_word=t.get("single_word", False)) for _, t in sorted(added.items())])
+  backend.add_tokens(
+    [
+      AddedToken(
+        t["content"],
+        special=t.get("special", True),
+        normalized=False,
+        lstrip=t.get("lstrip", False),
+        rstrip=t.get("rstrip", False),
+        single_word=t.get("single_word", False),
+      )
+      for _, t in sorted(added.items())
+    ]
+  )
   moved = {t["content"]: i for i, t in added.items() if backend.token_to_id(t["content"]) != i}
   if moved:
     raise DataError(f"{config_file}: added tokens {moved} did not get their ids in the converted tokenizer.")
@@ -144,18 +168,26 @@ def tokenizer_from_sentencepiece(path: str):
   if any(t not in vocab for t in extra):
     missing["additional_special_tokens"] = [t for t in extra if t not in vocab]
   if missing:
-    raise DataError(f"{config_file}: {missing} are neither pieces of {model_file} nor in added_tokens_decoder; "
-                    "fix the token names or add them there with their ids.")
+    raise DataError(
+      f"{config_file}: {missing} are neither pieces of {model_file} nor in added_tokens_decoder; "
+      "fix the token names or add them there with their ids."
+    )
   template_file = os.path.join(path, "chat_template.jinja")
   chat_template = config.get("chat_template")
   if chat_template is None and os.path.isfile(template_file):
     with open(template_file, encoding="utf-8") as f:
       chat_template = f.read()
   tokenizer = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=backend, name_or_path=path, chat_template=chat_template,
-      add_bos_token=config.get("add_bos_token", True), add_eos_token=config.get("add_eos_token", False),
-      clean_up_tokenization_spaces=False, model_max_length=config.get("model_max_length", int(1e30)),
-      additional_special_tokens=extra, **named)
+    tokenizer_object=backend,
+    name_or_path=path,
+    chat_template=chat_template,
+    add_bos_token=config.get("add_bos_token", True),
+    add_eos_token=config.get("add_eos_token", False),
+    clean_up_tokenization_spaces=False,
+    model_max_length=config.get("model_max_length", int(1e30)),
+    additional_special_tokens=extra,
+    **named,
+  )
   _check_against_sentencepiece(tokenizer, model_file, {t["content"]: {**t, "id": i} for i, t in added.items()})
   return tokenizer
 
@@ -183,8 +215,10 @@ def _read_sentencepiece_proto(model_file: str):
   try:
     from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise DataError(f"{model_file}: converting a sentencepiece tokenizer needs the sentencepiece and protobuf "
-                    "packages (pip install sentencepiece protobuf; both are dependencies of csft_jax).") from e
+    raise DataError(
+      f"{model_file}: converting a sentencepiece tokenizer needs the sentencepiece and protobuf "
+      "packages (pip install sentencepiece protobuf; both are dependencies of csft_jax)."
+    ) from e
   proto = sentencepiece_model_pb2.ModelProto()
   with open(model_file, "rb") as f:
     data = f.read()
@@ -203,8 +237,10 @@ def _added_tokens(config: dict[str, Any], config_file: str) -> dict[int, dict[st
   for key, token in (config.get("added_tokens_decoder") or {}).items():
     token = {"content": token} if isinstance(token, str) else token
     if not (str(key).isdigit() and isinstance(token, dict) and isinstance(token.get("content"), str)):
-      raise DataError(f"{config_file}: added_tokens_decoder entry {key!r}: {token!r} is not an id -> "
-                      "{\"content\": ..., \"special\": ...} entry.")
+      raise DataError(
+        f"{config_file}: added_tokens_decoder entry {key!r}: {token!r} is not an id -> "
+        '{"content": ..., "special": ...} entry.'
+      )
     out[int(key)] = token
   return out
 
@@ -215,8 +251,12 @@ def _special_token(config: dict[str, Any], key: str, proto) -> str | None:
     value = config[key]
     return value.get("content") if isinstance(value, dict) else value
   spec = proto.trainer_spec
-  own = {"bos_token": (spec.bos_id, spec.bos_piece), "eos_token": (spec.eos_id, spec.eos_piece),
-         "unk_token": (spec.unk_id, spec.unk_piece), "pad_token": (spec.pad_id, spec.pad_piece)}[key]
+  own = {
+    "bos_token": (spec.bos_id, spec.bos_piece),
+    "eos_token": (spec.eos_id, spec.eos_piece),
+    "unk_token": (spec.unk_id, spec.unk_piece),
+    "pad_token": (spec.pad_id, spec.pad_piece),
+  }[key]
   return own[1] if own[0] >= 0 else None
 
 
@@ -252,9 +292,10 @@ def _check_against_sentencepiece(tokenizer, model_file: str, added: dict[str, di
     slow = _sentencepiece_ids(processor, text, added)
     if fast != slow:
       raise DataError(
-          f"{model_file}: converted with transformers {transformers.__version__}, {text!r} encodes as {fast} "
-          f"but sentencepiece gives {slow}; use a transformers version whose converter follows the "
-          f"sentencepiece model, or add the model's {FAST_TOKENIZER_FILE}.")
+        f"{model_file}: converted with transformers {transformers.__version__}, {text!r} encodes as {fast} "
+        f"but sentencepiece gives {slow}; use a transformers version whose converter follows the "
+        f"sentencepiece model, or add the model's {FAST_TOKENIZER_FILE}."
+      )
 
 
 def build_demo_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 3000) -> None:
@@ -276,20 +317,22 @@ def build_demo_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 3
   # Untrimmed offsets: the loss mask maps character spans to tokens by offset.
   tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
   trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size, min_frequency=2, show_progress=False,
-      special_tokens=list(DEMO_SPECIAL_TOKENS),
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    vocab_size=vocab_size,
+    min_frequency=2,
+    show_progress=False,
+    special_tokens=list(DEMO_SPECIAL_TOKENS),
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
   )
   tokenizer.train_from_iterator(texts, trainer)
   os.makedirs(out_dir, exist_ok=True)
   tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
   config = {
-      "tokenizer_class": "PreTrainedTokenizerFast",
-      "eos_token": "<|endoftext|>",
-      "pad_token": "<|endoftext|>",
-      "bos_token": None,
-      "model_max_length": 32768,
-      "chat_template": DEMO_CHAT_TEMPLATE,
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "eos_token": "<|endoftext|>",
+    "pad_token": "<|endoftext|>",
+    "bos_token": None,
+    "model_max_length": 32768,
+    "chat_template": DEMO_CHAT_TEMPLATE,
   }
   with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
     json.dump(config, f, ensure_ascii=False, indent=2)

@@ -42,8 +42,8 @@ OPTION_LETTERS = "ABCDEFG"
 
 OFFICIAL_PROTOCOL = "generation + official answer extraction (CMB protocol)"
 LOGLIK_PROTOCOL = (
-    "log-likelihood of each option letter (fast proxy, NOT the official CMB protocol; "
-    "multi-choice items get a single letter, so they count as correct only when the key is one letter)"
+  "log-likelihood of each option letter (fast proxy, NOT the official CMB protocol; "
+  "multi-choice items get a single letter, so they count as correct only when the key is one letter)"
 )
 
 _ANSWER_PATTERN = re.compile(r"(答案|正确选项)(?:是|：|为|应该是|应该为)(.*?)(。|\.|$)", re.S)
@@ -67,8 +67,8 @@ def validate_item(item: Mapping[str, Any], where: str, *, require_answer: bool =
     missing.append("answer")
   if missing:
     raise CMBInputError(
-        f"{where}: missing field(s) {missing}; a CMB-Exam item needs "
-        f"{list(_REQUIRED_ITEM_FIELDS)} (+ 'answer' for val/train)."
+      f"{where}: missing field(s) {missing}; a CMB-Exam item needs "
+      f"{list(_REQUIRED_ITEM_FIELDS)} (+ 'answer' for val/train)."
     )
   _check_question_type(item["question_type"], where)
   options = item["option"]
@@ -77,8 +77,7 @@ def validate_item(item: Mapping[str, Any], where: str, *, require_answer: bool =
   bad = [k for k in options if k not in OPTION_LETTERS or not isinstance(options[k], str)]
   if bad:
     raise CMBInputError(
-        f"{where}: option key(s) {bad} are not letters A-G with text values; "
-        "CMB options are labelled A to G."
+      f"{where}: option key(s) {bad} are not letters A-G with text values; CMB options are labelled A to G."
     )
   if "answer" in item:
     _check_answer(item["answer"], item["question_type"], where, options=options)
@@ -86,14 +85,10 @@ def validate_item(item: Mapping[str, Any], where: str, *, require_answer: bool =
 
 def _check_question_type(question_type: Any, where: str) -> None:
   if question_type not in QUESTION_TYPES:
-    raise CMBInputError(
-        f"{where}: unknown question_type {question_type!r}; expected one of {QUESTION_TYPES}."
-    )
+    raise CMBInputError(f"{where}: unknown question_type {question_type!r}; expected one of {QUESTION_TYPES}.")
 
 
-def _check_answer(
-    answer: Any, question_type: str, where: str, options: Mapping[str, str] | None = None
-) -> None:
+def _check_answer(answer: Any, question_type: str, where: str, options: Mapping[str, str] | None = None) -> None:
   if not isinstance(answer, str) or not answer or any(c not in OPTION_LETTERS for c in answer):
     raise CMBInputError(f"{where}: answer {answer!r} must be one or more letters A-G.")
   if question_type == SINGLE_CHOICE and len(answer) != 1:
@@ -130,14 +125,14 @@ def demo_answer(item: Mapping[str, Any], mode: str = "answer") -> str:
     return f"答案是{item['answer']}。"
   if "explanation" not in item:
     raise CMBInputError(
-        f"Chain-of-thought demo {item.get('question', '')[:30]!r}... has no 'explanation'; "
-        "CoT few-shot needs val items with explanations."
+      f"Chain-of-thought demo {item.get('question', '')[:30]!r}... has no 'explanation'; "
+      "CoT few-shot needs val items with explanations."
     )
   return f"{item['explanation']}所以答案是{item['answer']}。"
 
 
 def select_shots(
-    val_items: Sequence[Mapping[str, Any]], item: Mapping[str, Any], k: int, *, seed: int = 0
+  val_items: Sequence[Mapping[str, Any]], item: Mapping[str, Any], k: int, *, seed: int = 0
 ) -> list[Mapping[str, Any]]:
   """k val demos with the same exam_type and exam_class, sampled as the official script does.
 
@@ -147,27 +142,27 @@ def select_shots(
   if k == 0:
     return []
   pool = [
-      demo
-      for demo in val_items
-      if demo["exam_type"] == item["exam_type"]
-      and demo["exam_class"] == item["exam_class"]
-      and demo["question"] != item["question"]
+    demo
+    for demo in val_items
+    if demo["exam_type"] == item["exam_type"]
+    and demo["exam_class"] == item["exam_class"]
+    and demo["question"] != item["question"]
   ]
   if len(pool) < k:
     raise CMBInputError(
-        f"Only {len(pool)} val item(s) for exam_type={item['exam_type']!r}, "
-        f"exam_class={item['exam_class']!r}; cannot draw {k} shots. Use fewer shots."
+      f"Only {len(pool)} val item(s) for exam_type={item['exam_type']!r}, "
+      f"exam_class={item['exam_class']!r}; cannot draw {k} shots. Use fewer shots."
     )
   rng = random.Random(f"{seed}|{item.get('id', '')}|{item['question']}")
   return rng.sample(pool, k)
 
 
 def build_messages(
-    item: Mapping[str, Any],
-    *,
-    mode: str = "answer",
-    shots: Sequence[Mapping[str, Any]] = (),
-    system_prompt: str | None = None,
+  item: Mapping[str, Any],
+  *,
+  mode: str = "answer",
+  shots: Sequence[Mapping[str, Any]] = (),
+  system_prompt: str | None = None,
 ) -> list[dict[str, str]]:
   """Chat messages for one item: optional system turn, demo user/assistant pairs, the question."""
   messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -215,7 +210,7 @@ def predict(generations: Sequence[str], question_type: str) -> str:
 
 
 def build_submission(
-    items: Sequence[Mapping[str, Any]], generations: Sequence[Sequence[str]]
+  items: Sequence[Mapping[str, Any]], generations: Sequence[Sequence[str]]
 ) -> tuple[list[dict], dict[str, int]]:
   """Submission `[{"id", "model_answer"}]` from per-item generations, plus counts.
 
@@ -241,7 +236,7 @@ def build_submission(
 
 
 def loglik_request(
-    item: Mapping[str, Any], *, shots: Sequence[Mapping[str, Any]] = (), system_prompt: str | None = None
+  item: Mapping[str, Any], *, shots: Sequence[Mapping[str, Any]] = (), system_prompt: str | None = None
 ) -> tuple[list[dict[str, str]], list[str]]:
   """Context messages (answer-only prompt) and the option letters to score after it.
 
@@ -301,15 +296,13 @@ def _check_entries(submission: Sequence[Any]) -> None:
   for index, entry in enumerate(submission):
     if not isinstance(entry, Mapping) or "id" not in entry or "model_answer" not in entry:
       raise CMBInputError(
-          f"submission entry {index}: expected {{\"id\": ..., \"model_answer\": ...}}, found {entry!r:.80}."
+        f'submission entry {index}: expected {{"id": ..., "model_answer": ...}}, found {entry!r:.80}.'
       )
     if not isinstance(entry["id"], Hashable):
       raise CMBInputError(f"submission entry {index}: id {entry['id']!r:.40} must be a number or a string.")
 
 
-def submission_problems(
-    submission: Sequence[Mapping[str, Any]], answer_key: Sequence[Mapping[str, Any]]
-) -> list[str]:
+def submission_problems(submission: Sequence[Mapping[str, Any]], answer_key: Sequence[Mapping[str, Any]]) -> list[str]:
   """What the strict validator finds wrong in a submission, each with how `score.py` scores it.
 
   Duplicate ids (the last entry counts), answer-key ids missing (scored as empty answers, wrong),
@@ -322,9 +315,11 @@ def submission_problems(
   key_ids = {entry["id"] for entry in answer_key}
   missing = [entry["id"] for entry in answer_key if entry["id"] not in id_counts]
   extra = [i for i in id_counts if i not in key_ids]
-  not_letters = [(entry["id"], entry["model_answer"]) for entry in submission
-                 if not isinstance(entry["model_answer"], str)
-                 or any(c not in OPTION_LETTERS for c in entry["model_answer"])]
+  not_letters = [
+    (entry["id"], entry["model_answer"])
+    for entry in submission
+    if not isinstance(entry["model_answer"], str) or any(c not in OPTION_LETTERS for c in entry["model_answer"])
+  ]
   problems = []
   if duplicates:
     problems.append(f"{len(duplicates)} duplicate id(s), e.g. {duplicates[:5]}: the last entry of each counts")
@@ -334,14 +329,13 @@ def submission_problems(
     problems.append(f"{len(extra)} id(s) not in the answer key, e.g. {extra[:5]}: ignored")
   if not_letters:
     example = ", ".join(f"id {i!r}: {a!r:.20}" for i, a in not_letters[:3])
-    problems.append(f"{len(not_letters)} model_answer(s) not letters A-G, e.g. {example}: "
-                    "compared as written (exact match)")
+    problems.append(
+      f"{len(not_letters)} model_answer(s) not letters A-G, e.g. {example}: compared as written (exact match)"
+    )
   return problems
 
 
-def validate_submission(
-    submission: Sequence[Mapping[str, Any]], answer_key: Sequence[Mapping[str, Any]]
-) -> None:
+def validate_submission(submission: Sequence[Mapping[str, Any]], answer_key: Sequence[Mapping[str, Any]]) -> None:
   """The strict validator: every key id exactly once, nothing else, answers letters A-G or ''.
 
   Raises CMBInputError listing `submission_problems`; `score_submission(strict=False)` scores
@@ -354,18 +348,21 @@ def validate_submission(
 
 
 def _strict_error(problems: Sequence[str]) -> str:
-  return ("Submission does not match the answer key: " + "; ".join(problems)
-          + ". Submit exactly one entry per answer-key id, each model_answer letters A-G or '' "
-          "(ids compare as values: 1 and \"1\" differ).")
+  return (
+    "Submission does not match the answer key: "
+    + "; ".join(problems)
+    + ". Submit exactly one entry per answer-key id, each model_answer letters A-G or '' "
+    '(ids compare as values: 1 and "1" differ).'
+  )
 
 
 def score_submission(
-    submission: Sequence[Mapping[str, Any]],
-    answer_key: Sequence[Mapping[str, Any]],
-    *,
-    protocol: str = OFFICIAL_PROTOCOL,
-    generation_stats: Mapping[str, int] | None = None,
-    strict: bool = False,
+  submission: Sequence[Mapping[str, Any]],
+  answer_key: Sequence[Mapping[str, Any]],
+  *,
+  protocol: str = OFFICIAL_PROTOCOL,
+  generation_stats: Mapping[str, int] | None = None,
+  strict: bool = False,
 ) -> dict[str, Any]:
   """CMB scoring as the official score.py, plus overall numbers; accuracies are fractions in [0, 1].
 
@@ -404,20 +401,19 @@ def score_submission(
     correct_total += correct
     empty += int(answer == "")
   subcategory = {
-      exam_type: {exam_class: c / n for exam_class, (c, n) in classes.items()}
-      for exam_type, classes in per_class.items()
+    exam_type: {exam_class: c / n for exam_class, (c, n) in classes.items()} for exam_type, classes in per_class.items()
   }
   category = {t: sum(classes.values()) / len(classes) for t, classes in subcategory.items()}
   results = {
-      "protocol": protocol,
-      "accuracy_per_category": category,
-      "accuracy_per_subcategory": subcategory,
-      "overall": {
-          "micro": correct_total / len(answer_key),
-          "macro": sum(category.values()) / len(category),
-      },
-      "accuracy_per_question_type": {q: c / n for q, (c, n) in per_qtype.items()},
-      "counts": {"items": len(answer_key), "correct": correct_total, "empty_answers": empty},
+    "protocol": protocol,
+    "accuracy_per_category": category,
+    "accuracy_per_subcategory": subcategory,
+    "overall": {
+      "micro": correct_total / len(answer_key),
+      "macro": sum(category.values()) / len(category),
+    },
+    "accuracy_per_question_type": {q: c / n for q, (c, n) in per_qtype.items()},
+    "counts": {"items": len(answer_key), "correct": correct_total, "empty_answers": empty},
   }
   if generation_stats:
     results["counts"].update(generation_stats)
@@ -438,16 +434,17 @@ def markdown_report(results: Mapping[str, Any]) -> str:
   counts = ", ".join(f"{k}={v}" for k, v in results["counts"].items())
   warnings = "".join(f"Warning: {problem}.\n" for problem in results.get("submission_warnings", ()))
   return (
-      f"Protocol: {results['protocol']}\n\n"
-      + reporting.markdown_table(["exam_type", "exam_class", "accuracy (%)"], rows)
-      + f"\nCounts: {counts}\n" + warnings
+    f"Protocol: {results['protocol']}\n\n"
+    + reporting.markdown_table(["exam_type", "exam_class", "accuracy (%)"], rows)
+    + f"\nCounts: {counts}\n"
+    + warnings
   )
 
 
 def write_submission(
-    submission: Sequence[Mapping[str, Any]],
-    path: str | Path,
-    answer_key: Sequence[Mapping[str, Any]] | None = None,
+  submission: Sequence[Mapping[str, Any]],
+  path: str | Path,
+  answer_key: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
   """Writes `[{"id", "model_answer"}]` atomically, validated against `answer_key` if given."""
   if answer_key is not None:
@@ -456,9 +453,7 @@ def write_submission(
   return files.write_json_atomic(path, payload)
 
 
-def write_results(
-    results: Mapping[str, Any], json_path: str | Path, markdown_path: str | Path | None = None
-) -> None:
+def write_results(results: Mapping[str, Any], json_path: str | Path, markdown_path: str | Path | None = None) -> None:
   """Writes the results JSON and (default: same name, .md) the markdown table, atomically."""
   files.write_json_atomic(json_path, results)
   files.write_text_atomic(markdown_path or Path(json_path).with_suffix(".md"), markdown_report(results))
@@ -471,21 +466,22 @@ def _summary(results: Mapping[str, Any]) -> str:
   return reporting.markdown_table(["exam_type", "accuracy (%)"], rows)
 
 
-
 # -------------------------------------------------------------- the run ----
+
 
 def load_inputs(config: ml_collections.ConfigDict) -> tuple[list[dict], list[dict], list[dict] | None]:
   """The items to ask (the first `limit`), the few-shot pool and the answer key, all validated."""
   items = load_exam(config.exam)
   if config.limit:
-    items = items[:config.limit]
+    items = items[: config.limit]
   val = load_exam(config.val, require_answer=True) if config.shots else []
   key = load_answer_key(config.answer_key) if config.answer_key else None
   return items, val, key
 
 
-def requests(config: ml_collections.ConfigDict,
-             inputs: tuple[list[dict], list[dict], list[dict] | None]) -> runner.Requests:
+def requests(
+  config: ml_collections.ConfigDict, inputs: tuple[list[dict], list[dict], list[dict] | None]
+) -> runner.Requests:
   """CMB-Exam's prompts: answer / cot generation (`num_samples` each, majority vote), or the option
   letters' log-likelihoods after the answer-only prompt (loglik)."""
   items, val, _ = inputs
@@ -494,13 +490,15 @@ def requests(config: ml_collections.ConfigDict,
   if config.mode == "loglik":
     asked = [loglik_request(item, shots=s, system_prompt=system) for item, s in zip(items, shots)]
     return runner.Requests([m for m, _ in asked], "CMB loglik", options=[letters for _, letters in asked])
-  conversations = [build_messages(item, mode=config.mode, shots=s, system_prompt=system)
-                   for item, s in zip(items, shots)]
+  conversations = [
+    build_messages(item, mode=config.mode, shots=s, system_prompt=system) for item, s in zip(items, shots)
+  ]
   return runner.Requests(conversations, f"CMB {config.mode}", num_samples=config.num_samples)
 
 
-def score(config: ml_collections.ConfigDict, inputs: tuple[list[dict], list[dict], list[dict] | None],
-          answers: runner.Answers) -> runner.Scored:
+def score(
+  config: ml_collections.ConfigDict, inputs: tuple[list[dict], list[dict], list[dict] | None], answers: runner.Answers
+) -> runner.Scored:
   """The submission (official extraction and majority vote, or the likeliest letter) and, with an
   answer key, its score (`score_submission`).
 
@@ -515,27 +513,38 @@ def score(config: ml_collections.ConfigDict, inputs: tuple[list[dict], list[dict
   else:
     submission, extraction_counts = build_submission(items, answers.texts)
     counts.update(extraction_counts)
-    records = [{"id": item["id"], "samples": samples, "model_answer": entry["model_answer"]}
-               for item, samples, entry in zip(items, answers.texts, submission)]
+    records = [
+      {"id": item["id"], "samples": samples, "model_answer": entry["model_answer"]}
+      for item, samples, entry in zip(items, answers.texts, submission)
+    ]
     protocol = OFFICIAL_PROTOCOL
   outputs = {"generations.json": files.json_text(records), "submission.json": files.json_text(submission)}
   if key is None:
-    return runner.Scored(None, f"No answer key: wrote submission.json ({len(submission)} answers); score it with "
-                         "`python -m csft_jax.score cmb`.\n", outputs)
+    return runner.Scored(
+      None,
+      f"No answer key: wrote submission.json ({len(submission)} answers); score it with "
+      "`python -m csft_jax.score cmb`.\n",
+      outputs,
+    )
   asked = {item["id"] for item in items}
-  results = score_submission(submission, [e for e in key if e["id"] in asked], protocol=protocol,
-                             generation_stats=counts)
-  results["settings"] = runner.settings(config, ("mode", "shots", "num_samples", "temperature", "top_p",
-                                                 "max_new_tokens", "min_new_tokens", "exam"))
+  results = score_submission(
+    submission, [e for e in key if e["id"] in asked], protocol=protocol, generation_stats=counts
+  )
+  results["settings"] = runner.settings(
+    config, ("mode", "shots", "num_samples", "temperature", "top_p", "max_new_tokens", "min_new_tokens", "exam")
+  )
   outputs.update({"results.md": markdown_report(results), "results.json": files.json_text(results)})
   counts_text = ", ".join(f"{k}={v}" for k, v in results["counts"].items())
   extracted = ""
   if config.mode != "loglik":
     answered = sum(bool(entry["model_answer"]) for entry in submission)
-    extracted = (f"answers extracted: {answered} of {len(submission)} ({answered / len(submission):.0%}; the rest "
-                 "had no letter A-G for the official extraction)\n")
-  return runner.Scored(results, f"CMB-Exam ({results['protocol']})\n{_summary(results)}counts: {counts_text}\n"
-                       f"{extracted}", outputs)
+    extracted = (
+      f"answers extracted: {answered} of {len(submission)} ({answered / len(submission):.0%}; the rest "
+      "had no letter A-G for the official extraction)\n"
+    )
+  return runner.Scored(
+    results, f"CMB-Exam ({results['protocol']})\n{_summary(results)}counts: {counts_text}\n{extracted}", outputs
+  )
 
 
 def _report_cells(results: Mapping[str, Any]) -> dict[str, float]:
@@ -555,8 +564,9 @@ def sampling(config: ml_collections.ConfigDict) -> engine.Sampling:
   return engine.Sampling(temperature=config.temperature, top_p=config.top_p, min_new_tokens=config.min_new_tokens)
 
 
-def score_command(submission: str, answer_key: str, out: str, markdown: str | None = None, *,
-                  strict: bool = False) -> int:
+def score_command(
+  submission: str, answer_key: str, out: str, markdown: str | None = None, *, strict: bool = False
+) -> int:
   """`score`: scores a submission as the official score.py, writes results JSON + markdown; exit code.
 
   Problems the official scorer tolerates (missing, repeated or unknown ids, answers that are not
@@ -576,13 +586,19 @@ def score_command(submission: str, answer_key: str, out: str, markdown: str | No
 def define_flags() -> None:
   """The flags of `python -m csft_jax.score cmb`, defined only when it runs."""
   from absl import flags  # pylint: disable=import-outside-toplevel
+
   flags.DEFINE_string("submission", None, 'Submission JSON list [{"id", "model_answer"}].', required=True)
-  flags.DEFINE_string("answer_key", None, "Answer key, e.g. ../shared/data/cmb/CMB-test-choice-answer.json.",
-                      required=True)
+  flags.DEFINE_string(
+    "answer_key", None, "Answer key, e.g. ../shared/data/cmb/CMB-test-choice-answer.json.", required=True
+  )
   flags.DEFINE_string("out", None, "Results JSON path.", required=True)
   flags.DEFINE_string("markdown", None, "Markdown path (default: --out with .md).")
-  flags.DEFINE_bool("strict", False, "Refuse a submission with missing, repeated or unknown ids or answers that "
-                    "are not letters A-G (by default they are scored as the official score.py does, with a warning).")
+  flags.DEFINE_bool(
+    "strict",
+    False,
+    "Refuse a submission with missing, repeated or unknown ids or answers that "
+    "are not letters A-G (by default they are scored as the official score.py does, with a warning).",
+  )
 
 
 def score_main(flag_values) -> int:
@@ -592,8 +608,15 @@ def score_main(flag_values) -> int:
 
 
 BENCHMARK = runner.Benchmark(
-    name="cmb",
-    inputs=(("exam", lambda c: True), ("val", lambda c: c.shots > 0), ("answer_key", lambda c: bool(c.answer_key))),
-    result_name=lambda config: f"cmb-{config.mode}",
-    requests=requests, score=score, report_cells=_report_cells, validate=_validate, load=load_inputs,
-    sampling=sampling, score_flags=define_flags, score_main=score_main)
+  name="cmb",
+  inputs=(("exam", lambda c: True), ("val", lambda c: c.shots > 0), ("answer_key", lambda c: bool(c.answer_key))),
+  result_name=lambda config: f"cmb-{config.mode}",
+  requests=requests,
+  score=score,
+  report_cells=_report_cells,
+  validate=_validate,
+  load=load_inputs,
+  sampling=sampling,
+  score_flags=define_flags,
+  score_main=score_main,
+)

@@ -116,15 +116,11 @@ def load_clin(path: str | Path) -> list[dict]:
       raise ClinInputError(f"{where} (id={case['id']!r}): 'QA_pairs' must be a non-empty list.")
     for turn, pair in enumerate(case["QA_pairs"]):
       if not isinstance(pair, Mapping) or "question" not in pair or "solution" not in pair:
-        raise ClinInputError(
-            f"{where} (id={case['id']!r}): QA_pairs[{turn}] needs 'question' and 'solution'."
-        )
+        raise ClinInputError(f"{where} (id={case['id']!r}): QA_pairs[{turn}] needs 'question' and 'solution'.")
   return cases
 
 
-def build_messages(
-    case: Mapping[str, Any], turn: int, *, system_prompt: str | None = None
-) -> list[dict[str, str]]:
+def build_messages(case: Mapping[str, Any], turn: int, *, system_prompt: str | None = None) -> list[dict[str, str]]:
   """Messages asking question `turn` of `case`, earlier turns answered with the gold solutions."""
   pairs = case["QA_pairs"]
   if not 0 <= turn < len(pairs):
@@ -145,11 +141,11 @@ def judge_prompt(case: Mapping[str, Any], turn: int, answer: str) -> str:
   pairs = case["QA_pairs"]
   history = "".join(HISTORY_TURN.format(**pair) for pair in pairs[:turn])
   values = {
-      "description": case["description"],
-      "history": history,
-      "question": pairs[turn]["question"],
-      "solution": pairs[turn]["solution"],
-      "answer": answer,
+    "description": case["description"],
+    "history": history,
+    "question": pairs[turn]["question"],
+    "solution": pairs[turn]["solution"],
+    "answer": answer,
   }
   # One pass, so text inside an answer is never substituted again.
   return _JUDGE_SLOT.sub(lambda match: values[match.group(1)], JUDGE_PROMPT)
@@ -185,25 +181,27 @@ def summarize_judgments(judged: Sequence[Mapping[str, Any] | None], judge: str) 
   """Each dimension's mean rating (1-5) over the readable replies and `avg`, their mean; counts."""
   ratings = [j["scores"] for j in judged if j is not None and j["scores"] is not None]
   means = {k: sum(r[k] for r in ratings) / len(ratings) if ratings else None for k in DIMENSIONS}
-  return {"judge": judge, "n_judged": len(judged), "n_unparsed": len(judged) - len(ratings), **means,
-          "avg": sum(means.values()) / len(DIMENSIONS) if ratings else None}
+  return {
+    "judge": judge,
+    "n_judged": len(judged),
+    "n_unparsed": len(judged) - len(ratings),
+    **means,
+    "avg": sum(means.values()) / len(DIMENSIONS) if ratings else None,
+  }
 
 
-def build_records(
-    cases: Sequence[Mapping[str, Any]], answers: Sequence[Sequence[str]]
-) -> list[dict[str, Any]]:
+def build_records(cases: Sequence[Mapping[str, Any]], answers: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
   """One record per (case, question): answer, judge prompt and proxy scores (fractions)."""
   if len(cases) != len(answers):
     raise ClinInputError(f"{len(cases)} cases but {len(answers)} answer lists.")
   records = []
   for case, case_answers in zip(cases, answers):
     if len(case_answers) != len(case["QA_pairs"]):
-      raise ClinInputError(
-          f"case {case['id']!r}: {len(case['QA_pairs'])} questions but {len(case_answers)} answers."
-      )
+      raise ClinInputError(f"case {case['id']!r}: {len(case['QA_pairs'])} questions but {len(case_answers)} answers.")
     for turn, (pair, answer) in enumerate(zip(case["QA_pairs"], case_answers)):
       empty = not answer.strip()
-      records.append({
+      records.append(
+        {
           "id": case["id"],
           "title": case["title"],
           "turn": turn,
@@ -214,7 +212,8 @@ def build_records(
           "judge_prompt": judge_prompt(case, turn, answer),
           "rougeL": 0.0 if empty else text_metrics.rouge_l(answer, pair["solution"], "zh"),
           "bleu1": 0.0 if empty else text_metrics.bleu1(answer, pair["solution"], "zh"),
-      })
+        }
+      )
   return records
 
 
@@ -224,12 +223,12 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   if n == 0:
     raise ClinInputError("No CMB-Clin records to summarise.")
   return {
-      "protocol": "local proxy (ROUGE-L / BLEU-1 vs solutions); CMB-Clin's score is an LLM judge's "
-                  "(one judge_prompt per record)",
-      "rougeL": 100 * sum(r["rougeL"] for r in records) / n,
-      "bleu1": 100 * sum(r["bleu1"] for r in records) / n,
-      "n": n,
-      "n_empty": sum(r["empty"] for r in records),
+    "protocol": "local proxy (ROUGE-L / BLEU-1 vs solutions); CMB-Clin's score is an LLM judge's "
+    "(one judge_prompt per record)",
+    "rougeL": 100 * sum(r["rougeL"] for r in records) / n,
+    "bleu1": 100 * sum(r["bleu1"] for r in records) / n,
+    "n": n,
+    "n_empty": sum(r["empty"] for r in records),
   }
 
 
@@ -242,17 +241,20 @@ def write_outputs(records: Sequence[Mapping[str, Any]], path: str | Path) -> dic
 
 # -------------------------------------------------------------- the run ----
 
+
 def load_inputs(config: ml_collections.ConfigDict) -> list[dict]:
   """The cases to ask (the first `limit`), validated."""
   cases = load_clin(config.clin)
-  return cases[:config.limit] if config.limit else cases
+  return cases[: config.limit] if config.limit else cases
 
 
 def requests(config: ml_collections.ConfigDict, cases: list[dict]) -> runner.Requests:
   """One reply per (case, question), with the case's gold history before it."""
   system = config.system_prompt or None
-  return runner.Requests([build_messages(case, turn, system_prompt=system)
-                          for case in cases for turn in range(len(case["QA_pairs"]))], "CMB-Clin")
+  return runner.Requests(
+    [build_messages(case, turn, system_prompt=system) for case in cases for turn in range(len(case["QA_pairs"]))],
+    "CMB-Clin",
+  )
 
 
 def _per_case(cases: list[dict], answers: runner.Answers) -> list[list[str]]:
@@ -260,12 +262,16 @@ def _per_case(cases: list[dict], answers: runner.Answers) -> list[list[str]]:
   return [[next(replies) for _ in case["QA_pairs"]] for case in cases]
 
 
-def judge_prompts(config: ml_collections.ConfigDict, cases: list[dict], answers: runner.Answers
-                  ) -> list[tuple[str, str]]:
+def judge_prompts(
+  config: ml_collections.ConfigDict, cases: list[dict], answers: runner.Answers
+) -> list[tuple[str, str]]:
   """`(case id/turn, the README's judge prompt)` per answer."""
   del config
-  return [(f"{case['id']}/{turn}", judge_prompt(case, turn, answer))
-          for case, case_answers in zip(cases, _per_case(cases, answers)) for turn, answer in enumerate(case_answers)]
+  return [
+    (f"{case['id']}/{turn}", judge_prompt(case, turn, answer))
+    for case, case_answers in zip(cases, _per_case(cases, answers))
+    for turn, answer in enumerate(case_answers)
+  ]
 
 
 def score(config: ml_collections.ConfigDict, cases: list[dict], answers: runner.Answers) -> runner.Scored:
@@ -279,23 +285,37 @@ def score(config: ml_collections.ConfigDict, cases: list[dict], answers: runner.
     for record, judged in zip(records, answers.judged):
       record["judge"] = {"reply": judged["reply"], "scores": judged["scores"]}
     summary["judgments"] = summarize_judgments(answers.judged, answers.judged[0]["judge"] if answers.judged else "")
-    summary["protocol"] = ("LLM judge (the CMB README's GPT-4 prompt), mean rating 1-5 per dimension over readable "
-                           "replies; local proxies ROUGE-L / BLEU-1 vs solutions")
-  summary.update(counts=answers.counts,
-                 settings=runner.settings(config, ("max_new_tokens", "min_new_tokens", "repetition_penalty", "clin")))
+    summary["protocol"] = (
+      "LLM judge (the CMB README's GPT-4 prompt), mean rating 1-5 per dimension over readable "
+      "replies; local proxies ROUGE-L / BLEU-1 vs solutions"
+    )
+  summary.update(
+    counts=answers.counts,
+    settings=runner.settings(config, ("max_new_tokens", "min_new_tokens", "repetition_penalty", "clin")),
+  )
   rows = [["ROUGE-L (%)", summary["rougeL"]], ["BLEU-1 (%)", summary["bleu1"]]]
   judged_text = ""
   if "judgments" in summary:
     judgments = summary["judgments"]
     rows += [[f"judge {k} (1-5)", "-" if judgments[k] is None else judgments[k]] for k in (*DIMENSIONS, "avg")]
-    judged_text = (f"judge: {judgments['judge']}, {judgments['n_judged']} answers, "
-                   f"{judgments['n_unparsed']} replies unreadable (left out of the means; see judge.jsonl)\n")
+    judged_text = (
+      f"judge: {judgments['judge']}, {judgments['n_judged']} answers, "
+      f"{judgments['n_unparsed']} replies unreadable (left out of the means; see judge.jsonl)\n"
+    )
   counts_text = ", ".join(f"{k}={v}" for k, v in answers.counts.items())
-  table = (f"CMB-Clin ({summary['protocol']})\n" + reporting.markdown_table(["metric", "value"], rows)
-           + f"questions={summary['n']}, {counts_text}\n" + judged_text)
-  outputs = {"answers.json": files.json_text([{"id": case["id"], "answers": case_answers}
-                                              for case, case_answers in zip(cases, per_case)]),
-             "results.md": table, "results.json": files.json_text({"summary": summary, "records": records})}
+  table = (
+    f"CMB-Clin ({summary['protocol']})\n"
+    + reporting.markdown_table(["metric", "value"], rows)
+    + f"questions={summary['n']}, {counts_text}\n"
+    + judged_text
+  )
+  outputs = {
+    "answers.json": files.json_text(
+      [{"id": case["id"], "answers": case_answers} for case, case_answers in zip(cases, per_case)]
+    ),
+    "results.md": table,
+    "results.json": files.json_text({"summary": summary, "records": records}),
+  }
   return runner.Scored({"summary": summary, "records": records}, table, outputs)
 
 
@@ -317,6 +337,15 @@ def _sampling(config: ml_collections.ConfigDict) -> engine.Sampling:
 
 
 BENCHMARK = runner.Benchmark(
-    name="cmb_clin", inputs=(("clin", lambda c: True),), result_name=lambda config: "cmb_clin",
-    requests=requests, score=score, report_cells=_report_cells, validate=_sampling, load=load_inputs,
-    sampling=_sampling, judge_prompts=judge_prompts, judge_parse=parse_judgment)
+  name="cmb_clin",
+  inputs=(("clin", lambda c: True),),
+  result_name=lambda config: "cmb_clin",
+  requests=requests,
+  score=score,
+  report_cells=_report_cells,
+  validate=_sampling,
+  load=load_inputs,
+  sampling=_sampling,
+  judge_prompts=judge_prompts,
+  judge_parse=parse_judgment,
+)

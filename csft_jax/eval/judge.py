@@ -43,7 +43,8 @@ class JudgeError(ValueError):
 
 def default_judge_config() -> ml_collections.ConfigDict:
   """`config.judge` of a judged benchmark: off until `model` or `endpoint` is set."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       model="",  # A local judge: HF directory, training workdir or step directory, run through our engine.
       tokenizer="",  # Override the judge model's tokenizer directory.
       chat_template="",  # Override the judge model's template: a name in csft_jax.data.templates.TEMPLATES.
@@ -55,7 +56,8 @@ def default_judge_config() -> ml_collections.ConfigDict:
       max_new_tokens=128,  # A reply is a short JSON object.
       timeout_s=120.0,  # Per request to an endpoint.
       retries=3,  # More tries on a timeout, HTTP 429 or 5xx, with 2, 4, 8... s between them.
-  ))
+    )
+  )
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
@@ -68,19 +70,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises `JudgeError` (before any model loads) for judge settings that cannot work."""
   judge = config.judge
   if judge.model and judge.endpoint:
-    raise JudgeError(f"config.judge.model={judge.model!r} and config.judge.endpoint={judge.endpoint!r}: "
-                     "choose one judge.")
+    raise JudgeError(
+      f"config.judge.model={judge.model!r} and config.judge.endpoint={judge.endpoint!r}: choose one judge."
+    )
   if judge.model and not os.path.exists(judge.model):
-    raise JudgeError(f"config.judge.model={judge.model!r} does not exist: pass a judge checkpoint "
-                     "(HF directory, training workdir or step directory).")
+    raise JudgeError(
+      f"config.judge.model={judge.model!r} does not exist: pass a judge checkpoint "
+      "(HF directory, training workdir or step directory)."
+    )
   if judge.endpoint:
     if not judge.endpoint.startswith(("http://", "https://")):
-      raise JudgeError(f"config.judge.endpoint={judge.endpoint!r}: expected an http(s) URL such as "
-                       "https://api.openai.com/v1.")
+      raise JudgeError(
+        f"config.judge.endpoint={judge.endpoint!r}: expected an http(s) URL such as https://api.openai.com/v1."
+      )
     if judge.api_key_env and not os.environ.get(judge.api_key_env):
-      raise JudgeError(f"config.judge.api_key_env={judge.api_key_env!r}: that environment variable is not set; "
-                       "export the endpoint's key in it (or set config.judge.api_key_env='' for an endpoint "
-                       "that needs none).")
+      raise JudgeError(
+        f"config.judge.api_key_env={judge.api_key_env!r}: that environment variable is not set; "
+        "export the endpoint's key in it (or set config.judge.api_key_env='' for an endpoint "
+        "that needs none)."
+      )
   if judge.max_new_tokens < 1:
     raise JudgeError(f"config.judge.max_new_tokens={judge.max_new_tokens} must be >= 1.")
 
@@ -95,8 +103,19 @@ def fingerprint(config: ml_collections.ConfigDict, weights: Sequence[str] = ()) 
   """What decides a judge's replies: its model (and weight files' size and time) or endpoint and
   request model, template and decoding; not its timeout, retries or key."""
   judge = config.judge
-  fields = {k: judge[k] for k in ("model", "tokenizer", "chat_template", "dtype", "endpoint", "endpoint_model",
-                                  "temperature", "max_new_tokens")}
+  fields = {
+    k: judge[k]
+    for k in (
+      "model",
+      "tokenizer",
+      "chat_template",
+      "dtype",
+      "endpoint",
+      "endpoint_model",
+      "temperature",
+      "max_new_tokens",
+    )
+  }
   stamps = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in sorted(weights)]
   return hashlib.sha1(json.dumps([fields, stamps], sort_keys=True).encode()).hexdigest()
 
@@ -184,9 +203,18 @@ class Endpoint:
   def reply(self, prompt: str) -> str:
     """The endpoint's reply to `prompt`; raises `JudgeError` naming the URL on a refusal, a
     malformed response, or when every try timed out or failed."""
-    body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                       "temperature": self.temperature, "max_tokens": self.max_tokens}).encode()
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})}
+    body = json.dumps(
+      {
+        "model": self.model,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": self.temperature,
+        "max_tokens": self.max_tokens,
+      }
+    ).encode()
+    headers = {
+      "Content-Type": "application/json",
+      **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}),
+    }
     for attempt in range(self.retries + 1):
       why = None
       try:
@@ -197,8 +225,10 @@ class Endpoint:
       except urllib.error.HTTPError as error:
         detail = _error_detail(error)
         if error.code != 429 and error.code < 500:
-          raise JudgeError(f"judge endpoint {self.url} refused the request: HTTP {error.code} {error.reason}"
-                           f"{': ' + detail if detail else ''}.") from None
+          raise JudgeError(
+            f"judge endpoint {self.url} refused the request: HTTP {error.code} {error.reason}"
+            f"{': ' + detail if detail else ''}."
+          ) from None
         why = f"HTTP {error.code}{': ' + detail if detail else ''}"
       except (TimeoutError, socket.timeout):
         why = f"no reply within {self.timeout_s:g}s (config.judge.timeout_s)"
@@ -212,16 +242,18 @@ class Endpoint:
       if attempt < self.retries:
         logging.warning("judge endpoint %s: %s; trying again in %ds.", self.url, why, 2 ** (attempt + 1))
         time.sleep(2 ** (attempt + 1))
-    raise JudgeError(f"judge endpoint {self.url}: {why}, {self.retries + 1} tries; judged answers are kept, "
-                     "rerun to go on.")
+    raise JudgeError(
+      f"judge endpoint {self.url}: {why}, {self.retries + 1} tries; judged answers are kept, rerun to go on."
+    )
 
 
 def _first_choice(payload: Any, url: str) -> str:
   try:
     content = payload["choices"][0]["message"]["content"]
   except (KeyError, IndexError, TypeError):
-    raise JudgeError(f"judge endpoint {url} answered without choices[0].message.content: "
-                     f"{json.dumps(payload)[:200]}") from None
+    raise JudgeError(
+      f"judge endpoint {url} answered without choices[0].message.content: {json.dumps(payload)[:200]}"
+    ) from None
   return content if isinstance(content, str) else ""
 
 
@@ -233,9 +265,16 @@ def _error_detail(error: urllib.error.HTTPError) -> str:
     return ""
 
 
-def judge_all(config: ml_collections.ConfigDict, prompts: Sequence[tuple[str, str]], parse: Parse, out_dir: str, *,
-              local_chat: Callable[[], Any] | None = None, should_stop: Callable[[], bool] | None = None,
-              primary: bool = True) -> list[dict[str, Any]]:
+def judge_all(
+  config: ml_collections.ConfigDict,
+  prompts: Sequence[tuple[str, str]],
+  parse: Parse,
+  out_dir: str,
+  *,
+  local_chat: Callable[[], Any] | None = None,
+  should_stop: Callable[[], bool] | None = None,
+  primary: bool = True,
+) -> list[dict[str, Any]]:
   """Judges `(key, prompt)` pairs not judged before; returns every pair's record, in order.
 
   Args:
@@ -252,13 +291,19 @@ def judge_all(config: ml_collections.ConfigDict, prompts: Sequence[tuple[str, st
   weights = []
   if config.judge.model:
     from csft_jax.evaluate import weight_files  # pylint: disable=import-outside-toplevel
+
     weights = weight_files(config.judge.model)
   journal = JudgeJournal(os.path.join(out_dir, "judge.jsonl"), fingerprint(config, weights), primary=primary)
   try:
     todo = [(key, prompt) for key, prompt in prompts if journal.record(key, prompt) is None]
     if len(todo) < len(prompts):
-      logging.info("judge: %d of %d answers were judged before (%s); judging the other %d.",
-                   len(prompts) - len(todo), len(prompts), journal.path, len(todo))
+      logging.info(
+        "judge: %d of %d answers were judged before (%s); judging the other %d.",
+        len(prompts) - len(todo),
+        len(prompts),
+        journal.path,
+        len(todo),
+      )
     if todo and config.judge.endpoint:
       endpoint = Endpoint.from_config(config)
       with runner.progress_bar(len(prompts), "judge", unit="answer", initial=len(prompts) - len(todo)) as advance:
@@ -272,9 +317,13 @@ def judge_all(config: ml_collections.ConfigDict, prompts: Sequence[tuple[str, st
       chat = local_chat()
       sampling = engine.Sampling(temperature=config.judge.temperature)
       try:
-        chat.generate([[{"role": "user", "content": p}] for _, p in todo], max_new_tokens=config.judge.max_new_tokens,
-                      sampling=sampling, desc="judge",
-                      on_reply=lambda i, texts: journal.add(todo[i][0], todo[i][1], name, texts[0], parse(texts[0])))
+        chat.generate(
+          [[{"role": "user", "content": p}] for _, p in todo],
+          max_new_tokens=config.judge.max_new_tokens,
+          sampling=sampling,
+          desc="judge",
+          on_reply=lambda i, texts: journal.add(todo[i][0], todo[i][1], name, texts[0], parse(texts[0])),
+        )
       except runner.EvaluationInterrupted:
         done = sum(journal.record(key, prompt) is not None for key, prompt in prompts)
         raise runner.EvaluationInterrupted(done, len(prompts), f"judged answers kept in {journal.path}") from None

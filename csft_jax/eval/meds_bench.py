@@ -70,13 +70,25 @@ FACT_VERIFICATION_GENERATION = "fact_verification_generation"  # FactVerificatio
 # task file's `Categories` or --category), scored with ConceptExplanation.py's rule.
 TEXT_GENERATION = "text_generation"
 CATEGORIES = (
-    MCQA, RATIONALE, CONCEPT_EXPLANATION, TEXT_SUMMARIZATION, NLI, NLI_GENERATION, NER,
-    TEXT_CLASSIFICATION, INFORMATION_EXTRACTION, DIAGNOSIS, TREATMENT_PLANNING, CLINICAL_OUTCOME,
-    FACT_VERIFICATION, FACT_VERIFICATION_GENERATION, TEXT_GENERATION,
+  MCQA,
+  RATIONALE,
+  CONCEPT_EXPLANATION,
+  TEXT_SUMMARIZATION,
+  NLI,
+  NLI_GENERATION,
+  NER,
+  TEXT_CLASSIFICATION,
+  INFORMATION_EXTRACTION,
+  DIAGNOSIS,
+  TREATMENT_PLANNING,
+  CLINICAL_OUTCOME,
+  FACT_VERIFICATION,
+  FACT_VERIFICATION_GENERATION,
+  TEXT_GENERATION,
 )
-GENERATION_CATEGORIES = frozenset({
-    RATIONALE, CONCEPT_EXPLANATION, TEXT_SUMMARIZATION, NLI_GENERATION, FACT_VERIFICATION_GENERATION,
-    TEXT_GENERATION})
+GENERATION_CATEGORIES = frozenset(
+  {RATIONALE, CONCEPT_EXPLANATION, TEXT_SUMMARIZATION, NLI_GENERATION, FACT_VERIFICATION_GENERATION, TEXT_GENERATION}
+)
 
 
 def _tasks(*numbers: int) -> tuple[str, ...]:
@@ -86,21 +98,22 @@ def _tasks(*numbers: int) -> tuple[str, ...]:
 # The default task lists of the official scripts, in their order: script -> family -> tasks.
 # Diagnosis.py has no list (it pools every row of its file).
 OFFICIAL_SCRIPTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "MCQA.py": {MCQA: _tasks(4, 5, 6, 8, 9, 57, 58, 59, 60, 61, 122, 123, 129)},
-    "Rationale.py": {RATIONALE: _tasks(51, 52, 53, 54, 55, 56)},
-    "ConceptExplanation.py": {CONCEPT_EXPLANATION: _tasks(18, 46, 50)},
-    "TextSummarization.py": {TEXT_SUMMARIZATION: _tasks(78, 114, 112, 110, *range(83, 95))},
-    "NatureLanguageInference.py": {NLI: _tasks(41), NLI_GENERATION: _tasks(42)},
-    "NamedEntityRecognition.py": {NER: _tasks(125, 126, 127, 128)},
-    "TextClassification.py": {TEXT_CLASSIFICATION: _tasks(106)},
-    "InformationExtraction.py": {INFORMATION_EXTRACTION: _tasks(1, 2, 3, 29, 74)},
-    "Diagnosis.py": {DIAGNOSIS: ()},
-    "TreatmentPlanning.py": {TREATMENT_PLANNING: _tasks(131)},
-    "ClinicalOutcomePrediction.py": {CLINICAL_OUTCOME: _tasks(117, 118, 119)},
-    "FactVerification.py": {FACT_VERIFICATION: _tasks(12, 16), FACT_VERIFICATION_GENERATION: _tasks(100)},
+  "MCQA.py": {MCQA: _tasks(4, 5, 6, 8, 9, 57, 58, 59, 60, 61, 122, 123, 129)},
+  "Rationale.py": {RATIONALE: _tasks(51, 52, 53, 54, 55, 56)},
+  "ConceptExplanation.py": {CONCEPT_EXPLANATION: _tasks(18, 46, 50)},
+  "TextSummarization.py": {TEXT_SUMMARIZATION: _tasks(78, 114, 112, 110, *range(83, 95))},
+  "NatureLanguageInference.py": {NLI: _tasks(41), NLI_GENERATION: _tasks(42)},
+  "NamedEntityRecognition.py": {NER: _tasks(125, 126, 127, 128)},
+  "TextClassification.py": {TEXT_CLASSIFICATION: _tasks(106)},
+  "InformationExtraction.py": {INFORMATION_EXTRACTION: _tasks(1, 2, 3, 29, 74)},
+  "Diagnosis.py": {DIAGNOSIS: ()},
+  "TreatmentPlanning.py": {TREATMENT_PLANNING: _tasks(131)},
+  "ClinicalOutcomePrediction.py": {CLINICAL_OUTCOME: _tasks(117, 118, 119)},
+  "FactVerification.py": {FACT_VERIFICATION: _tasks(12, 16), FACT_VERIFICATION_GENERATION: _tasks(100)},
 }
 OFFICIAL_TASK_CATEGORIES: dict[str, str] = {
-    task: family for lists in OFFICIAL_SCRIPTS.values() for family, tasks in lists.items() for task in tasks}
+  task: family for lists in OFFICIAL_SCRIPTS.values() for family, tasks in lists.items() for task in tasks
+}
 FAMILY_SCRIPT = {family: script for script, lists in OFFICIAL_SCRIPTS.items() for family in lists}
 # TextSummarization.py: its own table lists these four and averages over them; the CT and MRI
 # report tasks are pooled row by row into one number each.
@@ -108,27 +121,47 @@ SUMMARIZATION_PRIMARY = _tasks(78, 114, 112, 110)
 SUMMARIZATION_POOLS = {"CT": _tasks(*range(83, 89)), "MRI": _tasks(*range(89, 95))}
 # Rationale.py's TASKID2LANG; every other official BLEU/ROUGE call passes lang='en'.
 OFFICIAL_TASK_LANGUAGES = {
-    "task51": "zh", "task52": "en", "task53": "fr", "task54": "ja", "task55": "ru", "task56": "es",
+  "task51": "zh",
+  "task52": "en",
+  "task53": "fr",
+  "task54": "ja",
+  "task55": "ru",
+  "task56": "es",
 }
 YES_NO_MCQA_TASKS = frozenset({"task123"})
 # TextClassification.py's label list for task106 (hallmarks of cancer).
 OFFICIAL_TASK_CLASSES = {
-    "task106": (
-        "sustaining proliferative signaling", "evading growth suppressors", "resisting cell death",
-        "enabling replicative immortality", "inducing angiogenesis",
-        "activating invasion and metastasis", "genomic instability and mutation",
-        "tumor promoting inflammation", "cellular energetics", "avoiding immune destruction",
-    ),
+  "task106": (
+    "sustaining proliferative signaling",
+    "evading growth suppressors",
+    "resisting cell death",
+    "enabling replicative immortality",
+    "inducing angiogenesis",
+    "activating invasion and metastasis",
+    "genomic instability and mutation",
+    "tumor promoting inflammation",
+    "cellular energetics",
+    "avoiding immune destruction",
+  ),
 }
 # Task-file `Categories` names (lower-cased) -> family, for tasks outside the official lists.
 CATEGORY_NAMES = {
-    "multiple choice question answering": MCQA, "multiple-choice question answering": MCQA, "mcqa": MCQA,
-    "rationale": RATIONALE, "explanation": CONCEPT_EXPLANATION, "concept explanation": CONCEPT_EXPLANATION,
-    "text summarization": TEXT_SUMMARIZATION, "text generation": TEXT_GENERATION,
-    "named entity recognition": NER, "text classification": TEXT_CLASSIFICATION,
-    "information extraction": INFORMATION_EXTRACTION, "diagnosis": DIAGNOSIS,
-    "treatment planning": TREATMENT_PLANNING, "natural language inference": NLI,
-    "clinical outcome prediction": CLINICAL_OUTCOME, "fact verification": FACT_VERIFICATION,
+  "multiple choice question answering": MCQA,
+  "multiple-choice question answering": MCQA,
+  "mcqa": MCQA,
+  "rationale": RATIONALE,
+  "explanation": CONCEPT_EXPLANATION,
+  "concept explanation": CONCEPT_EXPLANATION,
+  "text summarization": TEXT_SUMMARIZATION,
+  "text generation": TEXT_GENERATION,
+  "named entity recognition": NER,
+  "text classification": TEXT_CLASSIFICATION,
+  "information extraction": INFORMATION_EXTRACTION,
+  "diagnosis": DIAGNOSIS,
+  "treatment planning": TREATMENT_PLANNING,
+  "natural language inference": NLI,
+  "clinical outcome prediction": CLINICAL_OUTCOME,
+  "fact verification": FACT_VERIFICATION,
 }
 
 
@@ -177,7 +210,7 @@ def gold_output(instance: Mapping[str, Any]) -> str:
 
 
 def select_shots(
-    task: Mapping[str, Any], instance: Mapping[str, Any], k: int = NUM_SHOTS, *, seed: int = 0
+  task: Mapping[str, Any], instance: Mapping[str, Any], k: int = NUM_SHOTS, *, seed: int = 0
 ) -> list[Mapping[str, Any]]:
   """k cases sampled from the task's Instances (the official source), seeded per instance."""
   instances = task["Instances"]
@@ -186,7 +219,7 @@ def select_shots(
 
 
 def build_messages(
-    task: Mapping[str, Any], instance: Mapping[str, Any], *, shots: Sequence[Mapping[str, Any]]
+  task: Mapping[str, Any], instance: Mapping[str, Any], *, shots: Sequence[Mapping[str, Any]]
 ) -> list[dict[str, str]]:
   """[system: shots + definition, user: query] as in the official 3-shot prompt.
 
@@ -196,10 +229,9 @@ def build_messages(
   cases = [SHOT_TEMPLATE.format(input=s["input"], output=gold_output(s)) for s in shots]
   system = "\n\n".join(cases) + "\n\n" + task["Definition"][0] + SHOT_INSTRUCTION_SUFFIX
   return [
-      {"role": "system", "content": system},
-      {"role": "user", "content": QUERY_TEMPLATE.format(input=instance["input"])},
+    {"role": "system", "content": system},
+    {"role": "user", "content": QUERY_TEMPLATE.format(input=instance["input"])},
   ]
-
 
 
 # ------------------------------------------------------- results CSV ----
@@ -234,13 +266,17 @@ def read_results_csv(path: str | Path) -> list[dict[str, Cell]]:
   except FileNotFoundError:
     raise MedSInputError(f"{path}: results CSV not found.") from None
   except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-    raise MedSInputError(f"{path}: not a readable results CSV ({error}); expected the header "
-                         f"{','.join(RESULTS_HEADER)} and one row per instance.") from None
+    raise MedSInputError(
+      f"{path}: not a readable results CSV ({error}); expected the header "
+      f"{','.join(RESULTS_HEADER)} and one row per instance."
+    ) from None
   header = [str(c) for c in frame.columns]
   if header[:4] != list(RESULTS_HEADER):
     missing = [k for k in RESULTS_HEADER if k not in header]
-    raise MedSInputError(f"{path}:1: header {header} lacks {missing or 'nothing, but is out of order'}; "
-                         f"expected {','.join(RESULTS_HEADER)} as the first four columns.")
+    raise MedSInputError(
+      f"{path}:1: header {header} lacks {missing or 'nothing, but is out of order'}; "
+      f"expected {','.join(RESULTS_HEADER)} as the first four columns."
+    )
   if frame.empty:
     raise MedSInputError(f"{path}: no result rows.")
   columns = [[None if _is_nan(v) else v for v in frame[k].tolist()] for k in RESULTS_HEADER]
@@ -259,10 +295,10 @@ def _is_nan(value: Any) -> bool:
 
 
 def resolve_categories(
-    task_ids: Sequence[str],
-    *,
-    task_categories: Mapping[str, str] | None = None,
-    tasks: Mapping[str, Mapping[str, Any]] | None = None,
+  task_ids: Sequence[str],
+  *,
+  task_categories: Mapping[str, str] | None = None,
+  tasks: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, str]:
   """Family per task: the official scripts' task lists, else `task_categories`, else Categories."""
   resolved, unknown = {}, []
@@ -271,8 +307,9 @@ def resolve_categories(
     explicit = (task_categories or {}).get(task_id)
     if official and explicit and explicit != official:
       raise MedSInputError(
-          f"--category {task_id}={explicit}: {task_id} is in the task list of the official "
-          f"{FAMILY_SCRIPT[official]} ({official}); --category is only for tasks outside the official lists.")
+        f"--category {task_id}={explicit}: {task_id} is in the task list of the official "
+        f"{FAMILY_SCRIPT[official]} ({official}); --category is only for tasks outside the official lists."
+      )
     category = official or explicit
     if category is None and tasks and task_id in tasks:
       names = [str(c).strip().lower() for c in tasks[task_id].get("Categories", [])]
@@ -285,8 +322,9 @@ def resolve_categories(
       resolved[task_id] = category
   if unknown:
     raise MedSInputError(
-        f"No metric category for {unknown}: not in the official metric scripts' task lists and no task "
-        f"file with a known 'Categories' entry. Pass --task_dir or --category TASK={'|'.join(CATEGORIES)}.")
+      f"No metric category for {unknown}: not in the official metric scripts' task lists and no task "
+      f"file with a known 'Categories' entry. Pass --task_dir or --category TASK={'|'.join(CATEGORIES)}."
+    )
   return resolved
 
 
@@ -312,8 +350,7 @@ def _is_blank(value: Cell) -> bool:
   return value is None or (isinstance(value, str) and not value.strip())
 
 
-def generation_scores(category: str, language: str, rows: Sequence[Mapping[str, Cell]]
-                      ) -> list[tuple[float, float]]:
+def generation_scores(category: str, language: str, rows: Sequence[Mapping[str, Cell]]) -> list[tuple[float, float]]:
   """(BLEU-1, ROUGE-L) in [0, 1] of each row that enters the family's mean, by its script's rule."""
   scores = []
   for row in rows:
@@ -357,33 +394,33 @@ def accuracy_hits(task_id: str, category: str, rows: Sequence[Mapping[str, Cell]
   # Diagnosis.py, TreatmentPlanning.py, FactVerification.py call string methods on the raw
   # cells and crash on NaN: such a row is wrong here.
   match = _RAW_RULES[category]
-  return [r["output"] is not None and r["GT"] is not None and match(str(r["output"]), str(r["GT"]))
-          for r in rows]
+  return [r["output"] is not None and r["GT"] is not None and match(str(r["output"]), str(r["GT"])) for r in rows]
 
 
 _CAST_RULES = {
-    NLI: text_metrics.nli_match,
-    INFORMATION_EXTRACTION: text_metrics.information_extraction_match,
-    CLINICAL_OUTCOME: text_metrics.clinical_outcome_match,
+  NLI: text_metrics.nli_match,
+  INFORMATION_EXTRACTION: text_metrics.information_extraction_match,
+  CLINICAL_OUTCOME: text_metrics.clinical_outcome_match,
 }
 _RAW_RULES = {
-    DIAGNOSIS: text_metrics.diagnosis_match,
-    TREATMENT_PLANNING: text_metrics.treatment_planning_match,
-    FACT_VERIFICATION: text_metrics.fact_verification_match,
+  DIAGNOSIS: text_metrics.diagnosis_match,
+  TREATMENT_PLANNING: text_metrics.treatment_planning_match,
+  FACT_VERIFICATION: text_metrics.fact_verification_match,
 }
 
 
-def score_task(
-    task_id: str, category: str, language: str, rows: Sequence[Mapping[str, Cell]]
-) -> dict[str, Any]:
+def score_task(task_id: str, category: str, language: str, rows: Sequence[Mapping[str, Cell]]) -> dict[str, Any]:
   """Metrics of one task's rows by its family's script, in percent.
 
   `n`: rows in the mean; `n_empty`: outputs that are blank or NaN as read (empty
   generations), which the scripts skip, score as wrong, or crash on (see the rules above).
   """
   official = task_id in OFFICIAL_TASK_CATEGORIES or category == DIAGNOSIS  # Diagnosis.py lists no ids
-  result: dict[str, Any] = {"category": category, "language": language,
-                            "script": FAMILY_SCRIPT[category] if official else "ours"}
+  result: dict[str, Any] = {
+    "category": category,
+    "language": language,
+    "script": FAMILY_SCRIPT[category] if official else "ours",
+  }
   if category in GENERATION_CATEGORIES:
     scores = generation_scores(category, language, rows)
     n = len(scores)
@@ -428,8 +465,14 @@ def _pair(metrics: Mapping[str, Any] | None, missing: float) -> dict[str, float]
   return {"bleu1": metrics["bleu1"], "rougeL": metrics["rougeL"]}
 
 
-def _table(task_ids: Sequence[str], per_task: Mapping[str, Mapping[str, Any]], metric: str | None,
-           *, missing: float = 0.0, average: bool = True) -> dict[str, Any]:
+def _table(
+  task_ids: Sequence[str],
+  per_task: Mapping[str, Mapping[str, Any]],
+  metric: str | None,
+  *,
+  missing: float = 0.0,
+  average: bool = True,
+) -> dict[str, Any]:
   """A script's row: each listed task (its placeholder when absent) and its "Avg." over them."""
   if metric is None:  # a BLEU/ROUGE pair
     table: dict[str, Any] = {t: _pair(per_task.get(t), missing) for t in task_ids}
@@ -442,8 +485,9 @@ def _table(task_ids: Sequence[str], per_task: Mapping[str, Mapping[str, Any]], m
   return table
 
 
-def official_results(per_task: Mapping[str, Mapping[str, Any]],
-                     rows_by_task: Mapping[str, Sequence[Mapping[str, Cell]]]) -> dict[str, Any]:
+def official_results(
+  per_task: Mapping[str, Mapping[str, Any]], rows_by_task: Mapping[str, Sequence[Mapping[str, Cell]]]
+) -> dict[str, Any]:
   """Per official script whose tasks are in the file: the numbers it writes, under its keys (percent).
 
   Absent listed tasks get the script's placeholder (0; -1 in TextSummarization.py) and enter
@@ -466,20 +510,27 @@ def official_results(per_task: Mapping[str, Mapping[str, Any]],
     for pool, task_ids in SUMMARIZATION_POOLS.items():
       pooled = [row for t in task_ids for row in rows_by_task.get(t, ())]
       scores = generation_scores(TEXT_SUMMARIZATION, "en", pooled)
-      table[pool] = ({"bleu1": _mean_percent([b for b, _ in scores]), "rougeL": _mean_percent([r for _, r in scores])}
-                     if scores else _pair(None, -1.0))
+      table[pool] = (
+        {"bleu1": _mean_percent([b for b, _ in scores]), "rougeL": _mean_percent([r for _, r in scores])}
+        if scores
+        else _pair(None, -1.0)
+      )
     out["TextSummarization.py"] = {**table, "Avg.": average}
   if present & set(lists[NLI] + lists[NLI_GENERATION]):
-    out["NatureLanguageInference.py"] = {"NLI": _table(lists[NLI], per_task, "accuracy"),
-                                         "NLI_GEN": _table(lists[NLI_GENERATION], per_task, None)}
+    out["NatureLanguageInference.py"] = {
+      "NLI": _table(lists[NLI], per_task, "accuracy"),
+      "NLI_GEN": _table(lists[NLI_GENERATION], per_task, None),
+    }
   if present & set(lists[NER]):
     out["NamedEntityRecognition.py"] = _table(lists[NER], per_task, "f1")
   if "task106" in present:
     m = per_task["task106"]
     out["TextClassification.py"] = {"precision": m["precision"], "recall": m["recall"], "f1_score": m["f1"]}
-  for script, family in (("InformationExtraction.py", INFORMATION_EXTRACTION),
-                         ("TreatmentPlanning.py", TREATMENT_PLANNING),
-                         ("ClinicalOutcomePrediction.py", CLINICAL_OUTCOME)):
+  for script, family in (
+    ("InformationExtraction.py", INFORMATION_EXTRACTION),
+    ("TreatmentPlanning.py", TREATMENT_PLANNING),
+    ("ClinicalOutcomePrediction.py", CLINICAL_OUTCOME),
+  ):
     if present & set(lists[family]):
       out[script] = _table(lists[family], per_task, "accuracy")
   diagnosis = [t for t, m in per_task.items() if m["category"] == DIAGNOSIS]
@@ -487,16 +538,18 @@ def official_results(per_task: Mapping[str, Mapping[str, Any]],
     hits = [h for t in diagnosis for h in accuracy_hits(t, DIAGNOSIS, rows_by_task[t])]
     out["Diagnosis.py"] = {"Accuracy": _mean_percent([float(h) for h in hits])}
   if present & set(lists[FACT_VERIFICATION] + lists[FACT_VERIFICATION_GENERATION]):
-    out["FactVerification.py"] = {**_table(lists[FACT_VERIFICATION], per_task, "accuracy", average=False),
-                                  **_table(lists[FACT_VERIFICATION_GENERATION], per_task, None, average=False)}
+    out["FactVerification.py"] = {
+      **_table(lists[FACT_VERIFICATION], per_task, "accuracy", average=False),
+      **_table(lists[FACT_VERIFICATION_GENERATION], per_task, None, average=False),
+    }
   return out
 
 
 def score_rows(
-    rows: Sequence[Mapping[str, Cell]],
-    *,
-    task_categories: Mapping[str, str] | None = None,
-    tasks: Mapping[str, Mapping[str, Any]] | None = None,
+  rows: Sequence[Mapping[str, Cell]],
+  *,
+  task_categories: Mapping[str, str] | None = None,
+  tasks: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
   """Scores result rows (cells as `read_results_csv` gives them).
 
@@ -509,8 +562,8 @@ def score_rows(
   task_ids = sorted(by_task, key=_task_number)
   categories = resolve_categories(task_ids, task_categories=task_categories, tasks=tasks)
   per_task = {
-      task_id: score_task(task_id, categories[task_id], task_language(task_id, tasks), by_task[task_id])
-      for task_id in task_ids
+    task_id: score_task(task_id, categories[task_id], task_language(task_id, tasks), by_task[task_id])
+    for task_id in task_ids
   }
   per_category: dict[str, dict[str, Any]] = {}
   for task_id, metrics in per_task.items():
@@ -522,16 +575,20 @@ def score_rows(
       if name in members[0]:
         entry[name] = sum(m[name] for m in members) / len(members)
     entry["n"] = sum(m["n"] for m in members)
-  return {"tasks": per_task, "official": official_results(per_task, by_task), "categories": per_category,
-          "n_rows": len(rows)}
+  return {
+    "tasks": per_task,
+    "official": official_results(per_task, by_task),
+    "categories": per_category,
+    "n_rows": len(rows),
+  }
 
 
 def score_results(
-    csv_path: str | Path,
-    *,
-    task_categories: Mapping[str, str] | None = None,
-    task_dir: str | Path | None = None,
-    tasks: Mapping[str, Mapping[str, Any]] | None = None,
+  csv_path: str | Path,
+  *,
+  task_categories: Mapping[str, str] | None = None,
+  task_dir: str | Path | None = None,
+  tasks: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
   """Reads a results CSV (pandas defaults) and scores it; a task folder (or loaded `tasks`)
   gives Categories and languages of tasks outside the official lists."""
@@ -550,16 +607,19 @@ def summary_table(results: Mapping[str, Any]) -> str:
     return [f"{metrics[m]:.2f}" if m in metrics else "" for m in METRIC_NAMES]
 
   rows = [
-      [task_id, m["category"], m["script"], m["language"], m["n"], m["n_empty"], *cells(m)]
-      for task_id, m in results["tasks"].items()
+    [task_id, m["category"], m["script"], m["language"], m["n"], m["n_empty"], *cells(m)]
+    for task_id, m in results["tasks"].items()
   ]
   rows += [
-      [f"**{category}**", f"{len(m['tasks'])} tasks", "ours: mean of tasks", "", m["n"], "", *cells(m)]
-      for category, m in results["categories"].items()
+    [f"**{category}**", f"{len(m['tasks'])} tasks", "ours: mean of tasks", "", m["n"], "", *cells(m)]
+    for category, m in results["categories"].items()
   ]
   text = reporting.markdown_table(["task", "category", "script", "lang", "n", "empty", *METRIC_NAMES], rows)
-  official = [[script, key, _official_cell(value)] for script, table in results["official"].items()
-              for key, value in _flatten(table)]
+  official = [
+    [script, key, _official_cell(value)]
+    for script, table in results["official"].items()
+    for key, value in _flatten(table)
+  ]
   if official:
     text += "\nAs the official scripts write them (BLEU/ROUGE as bleu1/rougeL):\n"
     text += reporting.markdown_table(["script", "key", "value"], official)
@@ -598,7 +658,7 @@ def _parse_category_flags(values: Sequence[str]) -> dict[str, str]:
 def _pairs(config: ml_collections.ConfigDict, tasks: dict[str, dict]) -> list[tuple[dict, dict]]:
   """(task, instance) of every instance asked: all, or the first `limit`."""
   pairs = [(task, instance) for task in tasks.values() for instance in task["Instances"]]
-  return pairs[:config.limit] if config.limit else pairs
+  return pairs[: config.limit] if config.limit else pairs
 
 
 LLAMA3_BOS = "<|begin_of_text|>"
@@ -614,10 +674,16 @@ def requests(config: ml_collections.ConfigDict, tasks: dict[str, dict]) -> runne
   """A 3-shot prompt per instance, cut to `model_max_length` tokens as eval.py's tokenizer does
   (`model_max_length=2048, truncation=True`: the default side, right, so an overlong prompt loses
   its end: the query and the assistant header)."""
-  conversations = [build_messages(task, instance, shots=select_shots(task, instance, config.shots, seed=config.seed))
-                   for task, instance in _pairs(config, tasks)]
-  return runner.Requests(conversations, "MedS-Bench", official_ids=eval_py_ids if config.llama3_double_bos else None,
-                         cut=(config.model_max_length, config.truncation_side))
+  conversations = [
+    build_messages(task, instance, shots=select_shots(task, instance, config.shots, seed=config.seed))
+    for task, instance in _pairs(config, tasks)
+  ]
+  return runner.Requests(
+    conversations,
+    "MedS-Bench",
+    official_ids=eval_py_ids if config.llama3_double_bos else None,
+    cut=(config.model_max_length, config.truncation_side),
+  )
 
 
 def score(config: ml_collections.ConfigDict, tasks: dict[str, dict], answers: runner.Answers) -> runner.Scored:
@@ -625,43 +691,58 @@ def score(config: ml_collections.ConfigDict, tasks: dict[str, dict], answers: ru
   back as the official scripts read it and scored (`score_rows` plus generation counts). Files:
   `results.csv`, `results.md`, `results.json`."""
   pairs = _pairs(config, tasks)
-  rows = [[task["task_id"], prompt, gold_output(instance), samples[0]]
-          for (task, instance), prompt, samples in zip(pairs, answers.prompts, answers.texts)]
+  rows = [
+    [task["task_id"], prompt, gold_output(instance), samples[0]]
+    for (task, instance), prompt, samples in zip(pairs, answers.prompts, answers.texts)
+  ]
   csv_text = files.csv_text(RESULTS_HEADER, rows)
   results = score_rows(read_results_csv(io.StringIO(csv_text)), tasks=tasks)
   counts = dict(answers.counts)
   counts["cut_at_model_max_length"] = counts.pop("cut_at_limit")
   results["counts"] = counts
   results["settings"] = runner.settings(
-      config, ("shots", "max_new_tokens", "model_max_length", "truncation_side", "llama3_double_bos", "task_dir"))
-  return runner.Scored(results, _meds_summary(results), {
-      "results.csv": csv_text, "results.md": summary_table(results), "results.json": files.json_text(results)})
+    config, ("shots", "max_new_tokens", "model_max_length", "truncation_side", "llama3_double_bos", "task_dir")
+  )
+  return runner.Scored(
+    results,
+    _meds_summary(results),
+    {"results.csv": csv_text, "results.md": summary_table(results), "results.json": files.json_text(results)},
+  )
 
 
 def _meds_summary(results: Mapping[str, Any]) -> str:
   metrics = ("accuracy", "bleu1", "rougeL", "f1")
-  rows = [[category, len(m["tasks"]), m["n"], *(f"{m[k]:.2f}" if k in m else "" for k in metrics)]
-          for category, m in results["categories"].items()]
+  rows = [
+    [category, len(m["tasks"]), m["n"], *(f"{m[k]:.2f}" if k in m else "" for k in metrics)]
+    for category, m in results["categories"].items()
+  ]
   counts = ", ".join(f"{k}={v}" for k, v in results["counts"].items())
-  return ("MedS-Bench (3-shot, greedy; per family, mean of its tasks)\n"
-          + reporting.markdown_table(["category", "tasks", "n", *metrics], rows) + f"counts: {counts}\n")
+  return (
+    "MedS-Bench (3-shot, greedy; per family, mean of its tasks)\n"
+    + reporting.markdown_table(["category", "tasks", "n", *metrics], rows)
+    + f"counts: {counts}\n"
+  )
 
 
 def _report_cells(results: Mapping[str, Any]) -> dict[str, float]:
-  return {f"{category}/{metric}": value for category, metrics in results["categories"].items()
-          for metric, value in metrics.items() if metric not in ("tasks", "n")}
+  return {
+    f"{category}/{metric}": value
+    for category, metrics in results["categories"].items()
+    for metric, value in metrics.items()
+    if metric not in ("tasks", "n")
+  }
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
   if config.truncation_side not in ("right", "left"):
-    raise runner.EvalConfigError(f"config.truncation_side={config.truncation_side!r}; expected 'right' "
-                                 "(eval.py's tokenizer default) or 'left'.")
+    raise runner.EvalConfigError(
+      f"config.truncation_side={config.truncation_side!r}; expected 'right' (eval.py's tokenizer default) or 'left'."
+    )
   if config.model_max_length < 1:
     raise runner.EvalConfigError(f"config.model_max_length={config.model_max_length} must be >= 1.")
 
 
-def score_command(results_csv: str, out: str, task_dir: str | None = None,
-                  category: Sequence[str] = ()) -> int:
+def score_command(results_csv: str, out: str, task_dir: str | None = None, category: Sequence[str] = ()) -> int:
   """`score`: scores a results CSV, writes results JSON (+ markdown beside it); exit code."""
   try:
     results = score_results(results_csv, task_categories=_parse_category_flags(category), task_dir=task_dir)
@@ -679,6 +760,7 @@ def score_command(results_csv: str, out: str, task_dir: str | None = None,
 def define_flags() -> None:
   """The flags of `python -m csft_jax.score meds_bench`, defined only when it runs."""
   from absl import flags  # pylint: disable=import-outside-toplevel
+
   flags.DEFINE_string("results", None, "Results CSV (task_id,input,GT,output).", required=True)
   flags.DEFINE_string("out", None, "Results JSON path (markdown written beside it).", required=True)
   flags.DEFINE_string("task_dir", None, "Folder of task*.json files (Categories, languages).")
@@ -692,6 +774,14 @@ def score_main(flag_values) -> int:
 
 
 BENCHMARK = runner.Benchmark(
-    name="meds_bench", inputs=(("task_dir", lambda c: True),), result_name=lambda config: "meds_bench",
-    requests=requests, score=score, report_cells=_report_cells, validate=_validate,
-    load=lambda config: load_task_dir(config.task_dir), score_flags=define_flags, score_main=score_main)
+  name="meds_bench",
+  inputs=(("task_dir", lambda c: True),),
+  result_name=lambda config: "meds_bench",
+  requests=requests,
+  score=score,
+  report_cells=_report_cells,
+  validate=_validate,
+  load=lambda config: load_task_dir(config.task_dir),
+  score_flags=define_flags,
+  score_main=score_main,
+)

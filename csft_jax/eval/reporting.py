@@ -14,8 +14,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
   lines = [
-      "| " + " | ".join(cell(h) for h in header) + " |",
-      "|" + "|".join("---" for _ in header) + "|",
+    "| " + " | ".join(cell(h) for h in header) + " |",
+    "|" + "|".join("---" for _ in header) + "|",
   ]
   lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
   return "\n".join(lines) + "\n"

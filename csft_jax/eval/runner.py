@@ -74,7 +74,8 @@ class GenerationJournal:
         os.replace(path, path + ".old")
       lines, entries = [], []
     self._done: dict[tuple[str, int], tuple[str, list[list[int]]]] = {
-        (entry["call"], entry["index"]): (entry["prompt_sha"], entry["samples"]) for entry in entries[1:]}
+      (entry["call"], entry["index"]): (entry["prompt_sha"], entry["samples"]) for entry in entries[1:]
+    }
     self._handle = None
     if primary:
       if lines and os.path.getsize(path) != sum(len(line.encode()) + 1 for line in lines):
@@ -126,7 +127,8 @@ def _sha(prompt: Sequence[int]) -> str:
 
 def default_eval_config(benchmark: str) -> ml_collections.ConfigDict:
   """Fields every `configs/eval/*.py` shares: model, tokenizer, batching, mesh, output."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       benchmark=benchmark,
       checkpoint="",  # HF directory, training workdir W, W/checkpoints or a step directory.
       # A LoRA adapter on `checkpoint` (its base): a PEFT directory, or a LoRA run's workdir / step.
@@ -156,7 +158,8 @@ def default_eval_config(benchmark: str) -> ml_collections.ConfigDict:
       # Where results go. Default: W/eval/<name>/ for a training run W (its checkpoints and its HF
       # export), <dir>/eval/<name>/ for a directory outside a run. Checked before any work.
       out_dir="",
-  ))
+    )
+  )
 
 
 Results = dict[str, Any]
@@ -254,8 +257,15 @@ class Benchmark:
   judge_parse: Callable[[str], dict[str, int] | None] | None = None
 
 
-def run(benchmark: Benchmark, chat: "ChatModel", config: ml_collections.ConfigDict, out_dir: str,
-        inputs: Any, *, local_judge: Callable[[], "ChatModel"] | None = None) -> tuple[Results | None, str]:
+def run(
+  benchmark: Benchmark,
+  chat: "ChatModel",
+  config: ml_collections.ConfigDict,
+  out_dir: str,
+  inputs: Any,
+  *,
+  local_judge: Callable[[], "ChatModel"] | None = None,
+) -> tuple[Results | None, str]:
   """Asks `benchmark`'s requests, has a judge read the answers when the benchmark is judged and
   `config.judge` names one (`local_judge` builds a local judge's ChatModel), scores the answers, and
   writes the files into `out_dir` (after every answer is in, each atomically).
@@ -266,17 +276,29 @@ def run(benchmark: Benchmark, chat: "ChatModel", config: ml_collections.ConfigDi
   requests = benchmark.requests(config, inputs)
   prompts = [chat.template.render_prompt(messages) for messages in requests.conversations]
   if requests.options is None:
-    texts, counts = chat.generate(requests.conversations, max_new_tokens=config.max_new_tokens,
-                                  sampling=benchmark.sampling(config), num_samples=requests.num_samples,
-                                  seed=config.seed, desc=requests.desc, cut=requests.cut)
+    texts, counts = chat.generate(
+      requests.conversations,
+      max_new_tokens=config.max_new_tokens,
+      sampling=benchmark.sampling(config),
+      num_samples=requests.num_samples,
+      seed=config.seed,
+      desc=requests.desc,
+      cut=requests.cut,
+    )
     answers = Answers(prompts, texts, None, counts)
   else:
     scores, counts = chat.score_options(requests.conversations, requests.options, desc=requests.desc)
     answers = Answers(prompts, None, scores, counts)
   if benchmark.judge_prompts is not None and judge.enabled(config):
-    judged = judge.judge_all(config, benchmark.judge_prompts(config, inputs, answers), benchmark.judge_parse,
-                             out_dir, local_chat=local_judge, should_stop=chat.should_stop,
-                             primary=chat.journal is None or chat.journal.primary)
+    judged = judge.judge_all(
+      config,
+      benchmark.judge_prompts(config, inputs, answers),
+      benchmark.judge_parse,
+      out_dir,
+      local_chat=local_judge,
+      should_stop=chat.should_stop,
+      primary=chat.journal is None or chat.journal.primary,
+    )
     answers = dataclasses.replace(answers, judged=judged)
   scored = benchmark.score(config, inputs, answers)
   for name, text in scored.files.items():
@@ -316,8 +338,10 @@ def validate_config(config: ml_collections.ConfigDict) -> Benchmark:
   """Fails fast, before loading a model, on a config that cannot run; returns its benchmark."""
   benchmark = get_benchmark(config.benchmark)
   if not config.checkpoint:
-    raise EvalConfigError("config.checkpoint is empty: pass --config.checkpoint=W (training workdir, "
-                          "checkpoint step directory, or HF model directory).")
+    raise EvalConfigError(
+      "config.checkpoint is empty: pass --config.checkpoint=W (training workdir, "
+      "checkpoint step directory, or HF model directory)."
+    )
   implementations = ("auto",) + ATTENTION_IMPLEMENTATIONS
   if config.attention_impl not in implementations:
     raise EvalConfigError(f"config.attention_impl={config.attention_impl!r}; choose one of {implementations}.")
@@ -335,18 +359,36 @@ def validate_config(config: ml_collections.ConfigDict) -> Benchmark:
 class ChatModel:
   """A model with its tokenizer and chat template: chat messages in, text out."""
 
-  def __init__(self, model: Decoder, tokenizer, template, *, mesh: Mesh | None, batch_size: int,
-               max_prompt_len: int | None, journal: GenerationJournal | None = None,
-               should_stop: Callable[[], bool] | None = None, batching: str = "static"):
+  def __init__(
+    self,
+    model: Decoder,
+    tokenizer,
+    template,
+    *,
+    mesh: Mesh | None,
+    batch_size: int,
+    max_prompt_len: int | None,
+    journal: GenerationJournal | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    batching: str = "static",
+  ):
     self.model, self.tokenizer, self.template = model, tokenizer, template
     self.mesh, self.batch_size, self.max_prompt_len = mesh, batch_size, max_prompt_len
     self.journal, self.should_stop, self.batching = journal, should_stop, batching
 
-  def generate(self, conversations: Sequence[Messages], *, max_new_tokens: int,
-               sampling: engine.Sampling = engine.GREEDY, num_samples: int = 1, seed: int = 0,
-               desc: str = "generate", official_ids: Callable[[str, list[int]], list[int]] | None = None,
-               cut: tuple[int, str] | None = None,
-               on_reply: Callable[[int, list[str]], None] | None = None) -> tuple[list[list[str]], dict[str, int]]:
+  def generate(
+    self,
+    conversations: Sequence[Messages],
+    *,
+    max_new_tokens: int,
+    sampling: engine.Sampling = engine.GREEDY,
+    num_samples: int = 1,
+    seed: int = 0,
+    desc: str = "generate",
+    official_ids: Callable[[str, list[int]], list[int]] | None = None,
+    cut: tuple[int, str] | None = None,
+    on_reply: Callable[[int, list[str]], None] | None = None,
+  ) -> tuple[list[list[str]], dict[str, int]]:
     """Generates `num_samples` replies per conversation, prompted with `prompt_ids`; `on_reply(i,
     texts)` is called as conversation i's replies are done (not for those the journal had).
 
@@ -360,8 +402,14 @@ class ChatModel:
     tokens = [self.journal.finished(desc, i, p) if self.journal else None for i, p in enumerate(prompts)]
     todo = [i for i, done in enumerate(tokens) if done is None]
     if len(todo) < len(prompts):
-      logging.info("%s: %d of %d prompts were done before (%s); generating the other %d.", desc,
-                   len(prompts) - len(todo), len(prompts), self.journal.path, len(todo))
+      logging.info(
+        "%s: %d of %d prompts were done before (%s); generating the other %d.",
+        desc,
+        len(prompts) - len(todo),
+        len(prompts),
+        self.journal.path,
+        len(todo),
+      )
 
     def finished(j: int, samples: list[list[int]]) -> None:
       tokens[todo[j]] = samples
@@ -374,36 +422,62 @@ class ChatModel:
     if todo:
       with progress_bar(len(prompts), desc, initial=len(prompts) - len(todo)) as advance:
         result = engine.generate(
-            self.model, [prompts[i] for i in todo], max_new_tokens, self.template.stop_token_ids, sampling=sampling,
-            num_samples=num_samples, seed=seed, batch_size=self.batch_size, max_prompt_len=self.max_prompt_len,
-            mesh=self.mesh, progress=lambda done: advance(len(prompts) - len(todo) + done), key_ids=todo,
-            on_prompt_done=finished, should_stop=self.should_stop, batching=self.batching)
+          self.model,
+          [prompts[i] for i in todo],
+          max_new_tokens,
+          self.template.stop_token_ids,
+          sampling=sampling,
+          num_samples=num_samples,
+          seed=seed,
+          batch_size=self.batch_size,
+          max_prompt_len=self.max_prompt_len,
+          mesh=self.mesh,
+          progress=lambda done: advance(len(prompts) - len(todo) + done),
+          key_ids=todo,
+          on_prompt_done=finished,
+          should_stop=self.should_stop,
+          batching=self.batching,
+        )
       compilations = result.num_compilations
       if result.stopped:
-        raise EvaluationInterrupted(sum(t is not None for t in tokens), len(prompts),
-                                    f"kept in {self.journal.path}" if self.journal else "not kept (no journal)")
+        raise EvaluationInterrupted(
+          sum(t is not None for t in tokens),
+          len(prompts),
+          f"kept in {self.journal.path}" if self.journal else "not kept (no journal)",
+        )
     texts = [[self._decode(sample) for sample in samples] for samples in tokens]
     empty = sum(not text.strip() for samples in texts for text in samples)
     truncated = sum(len(prompt) > limit for prompt in prompts)
     _report(len(prompts), truncated, empty)
-    return texts, {"prompts": len(prompts), "truncated_prompts": truncated,
-                   **({"cut_at_limit": num_cut} if cut is not None else {}), "empty_generations": empty,
-                   "compilations": compilations}
+    return texts, {
+      "prompts": len(prompts),
+      "truncated_prompts": truncated,
+      **({"cut_at_limit": num_cut} if cut is not None else {}),
+      "empty_generations": empty,
+      "compilations": compilations,
+    }
 
-  def prompt_ids(self, conversations: Sequence[Messages], *,
-                 official_ids: Callable[[str, list[int]], list[int]] | None = None,
-                 cut: tuple[int, str] | None = None) -> tuple[list[list[int]], int]:
+  def prompt_ids(
+    self,
+    conversations: Sequence[Messages],
+    *,
+    official_ids: Callable[[str, list[int]], list[int]] | None = None,
+    cut: tuple[int, str] | None = None,
+  ) -> tuple[list[list[int]], int]:
     """The token ids of each conversation's prompt (chat template, then `official_ids` of the rendered
     text, then `cut=(limit, side)`: `cut_prompt`), and how many prompts were cut."""
     prompts = [self.template.encode_prompt(messages) for messages in conversations]
     if official_ids is not None:
-      prompts = [official_ids(self.template.render_prompt(messages), ids) for messages, ids in zip(conversations, prompts)]
+      prompts = [
+        official_ids(self.template.render_prompt(messages), ids) for messages, ids in zip(conversations, prompts)
+      ]
     if cut is None:
       return prompts, 0
     return [cut_prompt(prompt, *cut) for prompt in prompts], sum(len(prompt) > cut[0] for prompt in prompts)
 
-  def score_options(self, conversations: Sequence[Messages], options: Sequence[Sequence[str]],
-                    desc: str = "score") -> tuple[list[dict[str, float]], dict[str, int]]:
+  def score_options(
+    self, conversations: Sequence[Messages], options: Sequence[Sequence[str]], desc: str = "score"
+  ) -> tuple[list[dict[str, float]], dict[str, int]]:
     """Log-likelihood of each option text as the start of the assistant reply.
 
     Returns:
@@ -416,17 +490,28 @@ class ChatModel:
         contexts.append(context)
         continuations.append(self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids)
     with progress_bar(len(contexts), desc, unit="option") as advance:
-      result = engine.score(self.model, contexts, continuations, batch_size=self.batch_size,
-                            max_len=self.max_prompt_len, mesh=self.mesh, progress=advance,
-                            should_stop=self.should_stop)
+      result = engine.score(
+        self.model,
+        contexts,
+        continuations,
+        batch_size=self.batch_size,
+        max_len=self.max_prompt_len,
+        mesh=self.mesh,
+        progress=advance,
+        should_stop=self.should_stop,
+      )
     if result is None:  # log-likelihoods are cheap next to generation: none are kept
-      raise EvaluationInterrupted(0, len(conversations), "log-likelihoods are not kept (scoring is fast): the "
-                                                          "rerun starts over")
+      raise EvaluationInterrupted(
+        0, len(conversations), "log-likelihoods are not kept (scoring is fast): the rerun starts over"
+      )
     values = iter(result.values)
     scores = [{text: next(values) for text in texts} for texts in options]
     _report(len(contexts), result.num_truncated, 0)
-    return scores, {"prompts": len(conversations), "truncated_prompts": result.num_truncated,
-                    "compilations": result.num_compilations}
+    return scores, {
+      "prompts": len(conversations),
+      "truncated_prompts": result.num_truncated,
+      "compilations": result.num_compilations,
+    }
 
   def _decode(self, tokens: Sequence[int]) -> str:
     if tokens and tokens[-1] in self.template.stop_token_ids:
@@ -441,7 +526,7 @@ def cut_prompt(tokens: Sequence[int], limit: int, side: str) -> list[int]:
     raise ValueError(f"cut side {side!r}; expected 'right' or 'left'.")
   if len(tokens) <= limit:
     return list(tokens)
-  return list(tokens[:limit]) if side == "right" else list(tokens[len(tokens) - limit:])
+  return list(tokens[:limit]) if side == "right" else list(tokens[len(tokens) - limit :])
 
 
 @contextlib.contextmanager
@@ -456,18 +541,25 @@ def progress_bar(total: int, desc: str, unit: str = "prompt", initial: int = 0) 
 
 def _report(total: int, truncated: int, empty: int) -> None:
   if truncated:
-    logging.warning("%d of %d prompts exceeded max_prompt_len and were truncated from the left "
-                    "(counted in results: truncated_prompts).", truncated, total)
+    logging.warning(
+      "%d of %d prompts exceeded max_prompt_len and were truncated from the left "
+      "(counted in results: truncated_prompts).",
+      truncated,
+      total,
+    )
   if empty:
-    logging.warning("%d generations were empty and are scored as wrong (counted in results: "
-                    "empty_generations).", empty)
+    logging.warning("%d generations were empty and are scored as wrong (counted in results: empty_generations).", empty)
 
 
 def settings(config: ml_collections.ConfigDict, names: Sequence[str]) -> dict[str, Any]:
   """The config fields a results file records: the checkpoint evaluated, `limit` (> 0: a partial
   evaluation of the first `limit` items, which reports keep out of their full columns), and `names`."""
-  return {"checkpoint": config.checkpoint, **({"adapter": config.adapter} if config.get("adapter") else {}),
-          "limit": config.limit, **{name: config[name] for name in names}}
+  return {
+    "checkpoint": config.checkpoint,
+    **({"adapter": config.adapter} if config.get("adapter") else {}),
+    "limit": config.limit,
+    **{name: config[name] for name in names},
+  }
 
 
 def fingerprint(config: ml_collections.ConfigDict, weights: Sequence[str]) -> str:
@@ -475,7 +567,8 @@ def fingerprint(config: ml_collections.ConfigDict, weights: Sequence[str]) -> st
   judge (greedy answers do not depend on them; sampled ones are keyed by prompt and sample), and the
   size and modification time of the model's weight files `weights` (a model rewritten in place is
   a different model)."""
-  fields = {k: v for k, v in config.to_dict().items()
-            if k not in ("batch_size", "batching", "mesh", "out_dir", "judge")}
+  fields = {
+    k: v for k, v in config.to_dict().items() if k not in ("batch_size", "batching", "mesh", "out_dir", "judge")
+  }
   stamps = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in sorted(weights)]
   return hashlib.sha1(json.dumps([fields, stamps], sort_keys=True, default=str).encode()).hexdigest()

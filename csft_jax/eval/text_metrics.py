@@ -24,12 +24,22 @@ import sys
 from collections.abc import Iterable, Sequence
 
 _LANGUAGE_ALIASES = {
-    "zh": "zh", "chinese": "zh", "cn": "zh",
-    "ja": "ja", "jp": "ja", "japanese": "ja",
-    "en": "en", "english": "en",
-    "fr": "fr", "fra": "fr", "french": "fr",
-    "es": "es", "spa": "es", "spanish": "es",
-    "ru": "ru", "russian": "ru",
+  "zh": "zh",
+  "chinese": "zh",
+  "cn": "zh",
+  "ja": "ja",
+  "jp": "ja",
+  "japanese": "ja",
+  "en": "en",
+  "english": "en",
+  "fr": "fr",
+  "fra": "fr",
+  "french": "fr",
+  "es": "es",
+  "spa": "es",
+  "spanish": "es",
+  "ru": "ru",
+  "russian": "ru",
 }
 
 # The official scripts raise the recursion limit to 10000 because the `rouge`
@@ -41,9 +51,7 @@ def normalize_language(language: str) -> str:
   """Maps 'Chinese' / 'jp' / 'spa' ... to zh, ja, en, fr, es or ru; raises on unknown names."""
   code = _LANGUAGE_ALIASES.get(language.strip().lower())
   if code is None:
-    raise ValueError(
-        f"Unknown language {language!r}; expected one of {sorted(_LANGUAGE_ALIASES)}."
-    )
+    raise ValueError(f"Unknown language {language!r}; expected one of {sorted(_LANGUAGE_ALIASES)}.")
   return code
 
 
@@ -96,11 +104,7 @@ def _tokens(text: str, code: str) -> tuple[str, ...]:
   if code == "ja":
     return tuple(token.surface for token in _janome_tokenizer().tokenize(text))
   sentence_splitter, word_tokenizer = _nltk_tokenizers()
-  return tuple(
-      token
-      for sentence in sentence_splitter.tokenize(text)
-      for token in word_tokenizer.tokenize(sentence)
-  )
+  return tuple(token for sentence in sentence_splitter.tokenize(text) for token in word_tokenizer.tokenize(sentence))
 
 
 def bleu1(candidate: str, reference: str, language: str) -> float:
@@ -108,12 +112,12 @@ def bleu1(candidate: str, reference: str, language: str) -> float:
   from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
   return float(
-      sentence_bleu(
-          [tokenize(reference, language)],
-          tokenize(candidate, language),
-          weights=(1, 0, 0, 0),
-          smoothing_function=SmoothingFunction().method1,
-      )
+    sentence_bleu(
+      [tokenize(reference, language)],
+      tokenize(candidate, language),
+      weights=(1, 0, 0, 0),
+      smoothing_function=SmoothingFunction().method1,
+    )
   )
 
 
@@ -178,9 +182,9 @@ def ner_counts(output: str, gold: str) -> tuple[int, int, int]:
   """(true positives, false positives, false negatives) of the entity sets."""
   predicted, expected = ner_entities(output), ner_entities(gold)
   return (
-      len(predicted & expected),
-      len(predicted - expected),
-      len(expected - predicted),
+    len(predicted & expected),
+    len(predicted - expected),
+    len(expected - predicted),
   )
 
 
@@ -198,7 +202,7 @@ def labels_in_text(text: str, classes: Iterable[str]) -> set[str]:
 
 
 def macro_prf1(
-    gold_labels: Sequence[set[str]], predicted_labels: Sequence[set[str]], classes: Sequence[str]
+  gold_labels: Sequence[set[str]], predicted_labels: Sequence[set[str]], classes: Sequence[str]
 ) -> tuple[float, float, float]:
   """Macro precision, recall, F1 over `classes` (multi-label), zero_division=0.
 
@@ -207,9 +211,7 @@ def macro_prf1(
   official script uses; per-class F1 is 2tp / (2tp + fp + fn).
   """
   if len(gold_labels) != len(predicted_labels):
-    raise ValueError(
-        f"{len(gold_labels)} gold label sets but {len(predicted_labels)} predicted ones."
-    )
+    raise ValueError(f"{len(gold_labels)} gold label sets but {len(predicted_labels)} predicted ones.")
   precisions, recalls, f1s = [], [], []
   for name in classes:
     tp = sum(name in g and name in p for g, p in zip(gold_labels, predicted_labels))

@@ -26,8 +26,13 @@ from csft_jax.models.config import ATTENTION_IMPLEMENTATIONS
 from csft_jax.sharding import active_mesh, logical_to_spec, target_platform
 
 
-def attention_mask(q_segment_ids: jnp.ndarray, kv_segment_ids: jnp.ndarray, q_index: jnp.ndarray,
-                   kv_index: jnp.ndarray, sliding_window: int | None = None) -> jnp.ndarray:
+def attention_mask(
+  q_segment_ids: jnp.ndarray,
+  kv_segment_ids: jnp.ndarray,
+  q_index: jnp.ndarray,
+  kv_index: jnp.ndarray,
+  sliding_window: int | None = None,
+) -> jnp.ndarray:
   """Boolean mask `[B, 1, Tq, Tkv]`: causal within a segment, never across segments.
 
   Args:
@@ -68,8 +73,7 @@ class AttentionMask:
 
   def dense(self) -> jax.Array:
     """The boolean `[B, 1, Tq, Tkv]` mask (`attention_mask`)."""
-    return attention_mask(self.q_segment_ids, self.kv_segment_ids, self.q_index, self.kv_index,
-                          self.sliding_window)
+    return attention_mask(self.q_segment_ids, self.kv_segment_ids, self.q_index, self.kv_index, self.sliding_window)
 
 
 def check_backend(implementation: str, platform: str | None = None) -> None:
@@ -82,12 +86,22 @@ def check_backend(implementation: str, platform: str | None = None) -> None:
   """
   platform = platform or jax.default_backend()
   if implementation == "cudnn" and platform not in ("gpu", "cuda"):
-    raise ValueError(f"config.model.attention_impl='cudnn' needs an NVIDIA GPU with cuDNN, but the JAX backend here "
-                     f"is {platform!r}; use 'blockwise' (CPU/GPU) or 'xla'.")
+    raise ValueError(
+      f"config.model.attention_impl='cudnn' needs an NVIDIA GPU with cuDNN, but the JAX backend here "
+      f"is {platform!r}; use 'blockwise' (CPU/GPU) or 'xla'."
+    )
 
 
-def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: AttentionMask, *,
-           implementation: str = "xla", block_q: int = 128, block_kv: int = 128) -> jnp.ndarray:
+def attend(
+  q: jnp.ndarray,
+  k: jnp.ndarray,
+  v: jnp.ndarray,
+  mask: AttentionMask,
+  *,
+  implementation: str = "xla",
+  block_q: int = 128,
+  block_kv: int = 128,
+) -> jnp.ndarray:
   """Scaled dot-product attention with grouped KV heads.
 
   Args:
@@ -103,13 +117,19 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: AttentionMask, 
     finite but meaningless (and differ between implementations); the loss masks them.
   """
   if implementation in ("xla", "cudnn") or (implementation == "splash" and not mask.self_attention):
-    return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(),
-                                        implementation="xla" if implementation == "splash" else implementation)
+    return jax.nn.dot_product_attention(
+      q, k, v, mask=mask.dense(), implementation="xla" if implementation == "splash" else implementation
+    )
   if implementation == "blockwise":
     return _per_shard(functools.partial(_blockwise, block_q=block_q, block_kv=block_kv), q, k, v, mask)
   if implementation == "splash":
-    return _per_shard(functools.partial(_splash, block_q=block_q, block_kv=block_kv,
-                                        interpret=target_platform() != "tpu"), q, k, v, mask)
+    return _per_shard(
+      functools.partial(_splash, block_q=block_q, block_kv=block_kv, interpret=target_platform() != "tpu"),
+      q,
+      k,
+      v,
+      mask,
+    )
   raise ValueError(f"attend(implementation={implementation!r}); choose one of {ATTENTION_IMPLEMENTATIONS}.")
 
 
@@ -125,8 +145,11 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMa
   kv_heads = k.shape[1]
   qg = q.reshape(batch, kv_heads, heads // kv_heads, head_dim) * jnp.asarray(1 / math.sqrt(head_dim), q.dtype)
   scores = jnp.einsum("bkgd,bksd->bkgs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
-  allowed = ((mask.kv_segment_ids == mask.q_segment_ids[:, :1]) & (mask.kv_segment_ids != 0)
-             & (mask.kv_index <= mask.q_index[0])[None])
+  allowed = (
+    (mask.kv_segment_ids == mask.q_segment_ids[:, :1])
+    & (mask.kv_segment_ids != 0)
+    & (mask.kv_index <= mask.q_index[0])[None]
+  )
   if mask.sliding_window is not None:
     allowed &= (mask.q_index[0] - mask.kv_index < mask.sliding_window)[None]
   scores = jnp.where(allowed[:, None, None, :], scores, -jnp.inf)
@@ -155,10 +178,10 @@ def _per_shard(fn, q, k, v, mask: AttentionMask):
     q_spec = PartitionSpec(q_spec[0], None, kv_spec[2], None)
   row_spec = PartitionSpec(q_spec[0], None)
   index_spec = PartitionSpec(None)
-  mask_specs = AttentionMask(row_spec, row_spec, index_spec, index_spec, mask.sliding_window,
-                             mask.self_attention)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, mask_specs), out_specs=q_spec,
-                       check_vma=False)(q, k, v, mask)
+  mask_specs = AttentionMask(row_spec, row_spec, index_spec, index_spec, mask.sliding_window, mask.self_attention)
+  return jax.shard_map(
+    fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, mask_specs), out_specs=q_spec, check_vma=False
+  )(q, k, v, mask)
 
 
 # ---------------------------------------------------------------- blockwise ----
@@ -211,10 +234,13 @@ def _blockwise(q, k, v, mask: AttentionMask, *, block_q: int, block_kv: int) -> 
   block_q, block_kv = min(block_q, q_len), min(block_kv, kv_len)
   # Padded slots get segment 0 (never allowed) and repeat the last index (bounds stay tight).
   padded = AttentionMask(
-      _pad_to(mask.q_segment_ids, 1, block_q, 0), _pad_to(mask.kv_segment_ids, 1, block_kv, 0),
-      jnp.pad(mask.q_index, (0, -q_len % block_q), mode="edge"),
-      jnp.pad(mask.kv_index, (0, -kv_len % block_kv), mode="edge"),
-      mask.sliding_window, mask.self_attention)
+    _pad_to(mask.q_segment_ids, 1, block_q, 0),
+    _pad_to(mask.kv_segment_ids, 1, block_kv, 0),
+    jnp.pad(mask.q_index, (0, -q_len % block_q), mode="edge"),
+    jnp.pad(mask.kv_index, (0, -kv_len % block_kv), mode="edge"),
+    mask.sliding_window,
+    mask.self_attention,
+  )
   # [B, kv_heads, group, Tq, head_dim] and [B, kv_heads, Tkv, head_dim]: one KV head per batch
   # entry of the block matmuls, its query heads stacked with the block's queries.
   qg = _pad_to(q, 1, block_q, 0).reshape(batch, -1, kv_heads, heads // kv_heads, head_dim)
@@ -230,8 +256,7 @@ def _blockwise(q, k, v, mask: AttentionMask, *, block_q: int, block_kv: int) -> 
 class _Pair:
   """One live `(row, q block, kv block)` pair: its slices of the operands and its mask."""
 
-  def __init__(self, number, mask: AttentionMask, num_q_blocks: int, num_kv_blocks: int, block_q: int,
-               block_kv: int):
+  def __init__(self, number, mask: AttentionMask, num_q_blocks: int, num_kv_blocks: int, block_q: int, block_kv: int):
     self.row = number // (num_q_blocks * num_kv_blocks)
     self.q_start = (number // num_kv_blocks) % num_q_blocks * block_q
     self.kv_start = number % num_kv_blocks * block_kv
@@ -256,8 +281,7 @@ class _Pair:
 
   def kv_rows(self, x: jax.Array) -> jax.Array:
     """This pair's key rows of `x` `[B, kv_heads, Tkv, head_dim]`."""
-    return jax.lax.dynamic_slice(x, (self.row, 0, self.kv_start, 0),
-                                 (1, x.shape[1], self.block_kv, x.shape[3]))[0]
+    return jax.lax.dynamic_slice(x, (self.row, 0, self.kv_start, 0), (1, x.shape[1], self.block_kv, x.shape[3]))[0]
 
   def put_kv_rows(self, x: jax.Array, value: jax.Array) -> jax.Array:
     return jax.lax.dynamic_update_slice(x, value[None], (self.row, 0, self.kv_start, 0))
@@ -286,15 +310,17 @@ def _flash_forward(q, k, v, mask, pairs, count, block_q, block_kv):
     safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
     probs = jnp.exp(scores - safe_max[..., None])
     rescale = jnp.exp(old_max - safe_max)
-    values = jnp.einsum("kgqc,kcd->kgqd", probs.astype(v.dtype), pair.kv_rows(v),
-                        preferred_element_type=jnp.float32)
+    values = jnp.einsum("kgqc,kcd->kgqd", probs.astype(v.dtype), pair.kv_rows(v), preferred_element_type=jnp.float32)
     out = pair.put_q_rows(out, rescale[..., None] * pair.q_rows(out) + values)
     row_sum = pair.put_q_rows(row_sum, rescale * pair.q_rows(row_sum) + probs.sum(-1))
     return out, pair.put_q_rows(row_max, new_max), row_sum
 
   stats_shape = q.shape[:4]
-  init = (jnp.zeros(q.shape, jnp.float32), jnp.full(stats_shape, -jnp.inf, jnp.float32),
-          jnp.zeros(stats_shape, jnp.float32))
+  init = (
+    jnp.zeros(q.shape, jnp.float32),
+    jnp.full(stats_shape, -jnp.inf, jnp.float32),
+    jnp.zeros(stats_shape, jnp.float32),
+  )
   out, row_max, row_sum = jax.lax.fori_loop(0, count, body, init)
   seen = row_sum > 0
   out = jnp.where(seen[..., None], out / jnp.where(seen, row_sum, 1.0)[..., None], 0.0)
@@ -323,10 +349,12 @@ def _flash_bwd(block_q, block_kv, residuals, d_out):
     dv = pair.put_kv_rows(dv, pair.kv_rows(dv) + jnp.einsum("kgqc,kgqd->kcd", probs, d_out_block))
     d_probs = jnp.einsum("kgqd,kcd->kgqc", d_out_block, v_block, preferred_element_type=jnp.float32)
     d_scores = probs * (d_probs - pair.q_rows(delta)[..., None])
-    dq = pair.put_q_rows(dq, pair.q_rows(dq) + jnp.einsum("kgqc,kcd->kgqd", d_scores, k_block,
-                                                          preferred_element_type=jnp.float32))
-    dk = pair.put_kv_rows(dk, pair.kv_rows(dk) + jnp.einsum("kgqc,kgqd->kcd", d_scores, q_block,
-                                                            preferred_element_type=jnp.float32))
+    dq = pair.put_q_rows(
+      dq, pair.q_rows(dq) + jnp.einsum("kgqc,kcd->kgqd", d_scores, k_block, preferred_element_type=jnp.float32)
+    )
+    dk = pair.put_kv_rows(
+      dk, pair.kv_rows(dk) + jnp.einsum("kgqc,kgqd->kcd", d_scores, q_block, preferred_element_type=jnp.float32)
+    )
     return dq, dk, dv
 
   init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
@@ -343,7 +371,10 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def _splash(q, k, v, mask: AttentionMask, *, block_q: int, block_kv: int, interpret: bool) -> jax.Array:
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=import-outside-toplevel
-      splash_attention_kernel as splash, splash_attention_mask as splash_mask)
+    splash_attention_kernel as splash,
+    splash_attention_mask as splash_mask,
+  )
+
   batch, length, heads, head_dim = q.shape
   # The kernel's tiles are multiples of 128 lanes: short rows are padded up to one tile.
   block_q, block_kv = (min(block, length + -length % 128) for block in (block_q, block_kv))
@@ -354,10 +385,21 @@ def _splash(q, k, v, mask: AttentionMask, *, block_q: int, block_kv: int, interp
     # Keys from q - (window - 1) to q: the local mask spans causality and the window.
     kernel_mask = splash_mask.LocalMask((length + -length % block,) * 2, (mask.sliding_window - 1, 0), 0)
   kernel = splash.make_splash_mha(
-      splash_mask.MultiHeadMask([kernel_mask] * heads), head_shards=1, q_seq_shards=1, interpret=interpret,
-      block_sizes=splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
-                                    block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
-                                    block_q_dq=block_q, block_kv_dq=block_kv))
+    splash_mask.MultiHeadMask([kernel_mask] * heads),
+    head_shards=1,
+    q_seq_shards=1,
+    interpret=interpret,
+    block_sizes=splash.BlockSizes(
+      block_q=block_q,
+      block_kv=block_kv,
+      block_kv_compute=block_kv,
+      block_q_dkv=block_q,
+      block_kv_dkv=block_kv,
+      block_kv_dkv_compute=block_kv,
+      block_q_dq=block_q,
+      block_kv_dq=block_kv,
+    ),
+  )
   # The kernel does not scale the scores; padded slots are segment 0 (they see only padding, and
   # the diagonal keeps their softmax defined).
   qt = (_pad_to(q, 1, block, 0) * jnp.asarray(1 / math.sqrt(head_dim), q.dtype)).transpose(0, 2, 1, 3)

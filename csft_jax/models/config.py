@@ -71,17 +71,20 @@ class ModelConfig:
     if self.head_dim is None:
       if self.hidden_size % self.num_heads:
         raise ValueError(
-            f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim.")
+          f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim."
+        )
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
-          f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (GQA groups).")
+        f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (GQA groups)."
+      )
     if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(
-          f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLEMENTATIONS}.")
+      raise ValueError(f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLEMENTATIONS}.")
     if self.attention_block_q <= 0 or self.attention_block_kv <= 0:
-      raise ValueError(f"attention_block_q={self.attention_block_q}, attention_block_kv={self.attention_block_kv}: "
-                       "tile sizes must be positive (128 is a good start).")
+      raise ValueError(
+        f"attention_block_q={self.attention_block_q}, attention_block_kv={self.attention_block_kv}: "
+        "tile sizes must be positive (128 is a good start)."
+      )
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}.")
     if isinstance(self.rope_scaling, dict):
@@ -89,11 +92,16 @@ class ModelConfig:
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
     if isinstance(self.lora_targets, (list, str)):
-      object.__setattr__(self, "lora_targets", tuple(self.lora_targets.split(",") if isinstance(
-          self.lora_targets, str) else self.lora_targets))
+      object.__setattr__(
+        self,
+        "lora_targets",
+        tuple(self.lora_targets.split(",") if isinstance(self.lora_targets, str) else self.lora_targets),
+      )
     if self.lora_rank < 0 or not 0.0 <= self.lora_dropout < 1.0:
-      raise ValueError(f"lora_rank={self.lora_rank}, lora_dropout={self.lora_dropout}: the rank must be >= 0 "
-                       "and the dropout in [0, 1).")
+      raise ValueError(
+        f"lora_rank={self.lora_rank}, lora_dropout={self.lora_dropout}: the rank must be >= 0 "
+        "and the dropout in [0, 1)."
+      )
     rope_type = self.rope_scaling_dict.get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
       raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: {ROPE_TYPES}.")
@@ -126,49 +134,155 @@ class ModelConfig:
     return self.num_layers * per_layer + embed + d
 
 
-_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                 "original_max_position_embeddings": 8192}
+_LLAMA31_ROPE = {
+  "rope_type": "llama3",
+  "factor": 8.0,
+  "low_freq_factor": 1.0,
+  "high_freq_factor": 4.0,
+  "original_max_position_embeddings": 8192,
+}
 
 PRESETS: dict[str, ModelConfig] = {
-    "internlm2_5_7b": ModelConfig(
-        arch="internlm2", vocab_size=92544, hidden_size=4096, intermediate_size=14336, num_layers=32,
-        num_heads=32, num_kv_heads=8, rope_theta=1_000_000.0, max_position_embeddings=32768,
-        rope_scaling=(("factor", 2.0), ("rope_type", "dynamic")), rms_norm_eps=1e-5, bos_token_id=1,
-        eos_token_id=2),
-    "qwen2_5_7b": ModelConfig(
-        arch="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
-        num_heads=28, num_kv_heads=4, rope_theta=1_000_000.0, max_position_embeddings=32768,
-        rms_norm_eps=1e-6, qkv_bias=True, bos_token_id=151643, eos_token_id=151645),
-    "qwen2_5_0_5b": ModelConfig(
-        arch="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
-        num_heads=14, num_kv_heads=2, rope_theta=1_000_000.0, max_position_embeddings=32768,
-        rms_norm_eps=1e-6, qkv_bias=True, tie_embeddings=True, bos_token_id=151643, eos_token_id=151645),
-    "qwen3_8b": ModelConfig(
-        arch="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
-        num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1_000_000.0, max_position_embeddings=40960,
-        rms_norm_eps=1e-6, qk_norm=True, bos_token_id=151643, eos_token_id=151645),
-    "llama3_1_8b": ModelConfig(
-        arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-        num_heads=32, num_kv_heads=8, rope_theta=500_000.0, max_position_embeddings=131072,
-        rope_scaling=tuple(sorted(_LLAMA31_ROPE.items())), rms_norm_eps=1e-5, bos_token_id=128000,
-        eos_token_id=(128001, 128008, 128009)),
-    "llama_1b": ModelConfig(
-        arch="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
-        num_heads=32, num_kv_heads=8, rope_theta=500_000.0, max_position_embeddings=131072,
-        rope_scaling=tuple(sorted(_LLAMA31_ROPE.items())), rms_norm_eps=1e-5, tie_embeddings=True),
-    "llama_100m": ModelConfig(
-        arch="llama", vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12,
-        num_heads=12, num_kv_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5),
-    "tiny": ModelConfig(
-        arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-        num_kv_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, dtype="float32"),
-    "tiny_internlm2": ModelConfig(
-        arch="internlm2", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
-        num_heads=4, num_kv_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, dtype="float32"),
-    "tiny_qwen3": ModelConfig(
-        arch="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=32, qk_norm=True, max_position_embeddings=512, rms_norm_eps=1e-6,
-        dtype="float32"),
+  "internlm2_5_7b": ModelConfig(
+    arch="internlm2",
+    vocab_size=92544,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    rope_theta=1_000_000.0,
+    max_position_embeddings=32768,
+    rope_scaling=(("factor", 2.0), ("rope_type", "dynamic")),
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+  ),
+  "qwen2_5_7b": ModelConfig(
+    arch="qwen2",
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_layers=28,
+    num_heads=28,
+    num_kv_heads=4,
+    rope_theta=1_000_000.0,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    qkv_bias=True,
+    bos_token_id=151643,
+    eos_token_id=151645,
+  ),
+  "qwen2_5_0_5b": ModelConfig(
+    arch="qwen2",
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_layers=24,
+    num_heads=14,
+    num_kv_heads=2,
+    rope_theta=1_000_000.0,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    qkv_bias=True,
+    tie_embeddings=True,
+    bos_token_id=151643,
+    eos_token_id=151645,
+  ),
+  "qwen3_8b": ModelConfig(
+    arch="qwen3",
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_layers=36,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rope_theta=1_000_000.0,
+    max_position_embeddings=40960,
+    rms_norm_eps=1e-6,
+    qk_norm=True,
+    bos_token_id=151643,
+    eos_token_id=151645,
+  ),
+  "llama3_1_8b": ModelConfig(
+    arch="llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    rope_theta=500_000.0,
+    max_position_embeddings=131072,
+    rope_scaling=tuple(sorted(_LLAMA31_ROPE.items())),
+    rms_norm_eps=1e-5,
+    bos_token_id=128000,
+    eos_token_id=(128001, 128008, 128009),
+  ),
+  "llama_1b": ModelConfig(
+    arch="llama",
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_layers=16,
+    num_heads=32,
+    num_kv_heads=8,
+    rope_theta=500_000.0,
+    max_position_embeddings=131072,
+    rope_scaling=tuple(sorted(_LLAMA31_ROPE.items())),
+    rms_norm_eps=1e-5,
+    tie_embeddings=True,
+  ),
+  "llama_100m": ModelConfig(
+    arch="llama",
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_layers=12,
+    num_heads=12,
+    num_kv_heads=4,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+  ),
+  "tiny": ModelConfig(
+    arch="llama",
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    dtype="float32",
+  ),
+  "tiny_internlm2": ModelConfig(
+    arch="internlm2",
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    dtype="float32",
+  ),
+  "tiny_qwen3": ModelConfig(
+    arch="qwen3",
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    qk_norm=True,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    dtype="float32",
+  ),
 }
 
 
@@ -181,13 +295,28 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
 
 # Architecture fields a config may override on top of its preset (None: the preset's value).
 ARCHITECTURE_FIELDS = {
-    "hidden_size": int, "intermediate_size": int, "num_layers": int, "num_heads": int, "num_kv_heads": int,
-    "head_dim": int, "rope_theta": float, "rms_norm_eps": float, "max_position_embeddings": int,
-    "tie_embeddings": bool, "sliding_window": int,
+  "hidden_size": int,
+  "intermediate_size": int,
+  "num_layers": int,
+  "num_heads": int,
+  "num_kv_heads": int,
+  "head_dim": int,
+  "rope_theta": float,
+  "rms_norm_eps": float,
+  "max_position_embeddings": int,
+  "tie_embeddings": bool,
+  "sliding_window": int,
 }
 # Fields that may differ between a checkpoint and the run that loads it (how it runs, not what it is).
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl", "attention_block_q",
-                  "attention_block_kv")
+RUNTIME_FIELDS = (
+  "dtype",
+  "param_dtype",
+  "remat_policy",
+  "scan_layers",
+  "attention_impl",
+  "attention_block_q",
+  "attention_block_kv",
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -196,7 +325,8 @@ def default_config() -> ml_collections.ConfigDict:
   With `config.init.from_hf` / `from_checkpoint` the architecture comes from the checkpoint, and
   only the runtime fields apply.
   """
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       preset="tiny",
       vocab_size=-1,  # <= 0: the tokenizer's size rounded up to a multiple of 128.
       **{name: config_dict.placeholder(kind) for name, kind in ARCHITECTURE_FIELDS.items()},
@@ -207,7 +337,8 @@ def default_config() -> ml_collections.ConfigDict:
       attention_impl="xla",  # one of ATTENTION_IMPLEMENTATIONS
       attention_block_q=128,  # blockwise / splash tile sizes
       attention_block_kv=128,
-  ))
+    )
+  )
 
 
 def model_config_from(fields: Mapping[str, Any], tokenizer_size: int) -> ModelConfig:

@@ -24,14 +24,15 @@ from csft_jax.models.rope import apply_rope, inverse_frequencies
 from csft_jax.sharding import constrain, target_platform
 
 _REMAT_POLICIES: dict[str, Callable | None] = {
-    "full": None,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": None,
+  "dots_saveable": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
-def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...], dtype, *,
-           init: str, stddev: float = 0.02) -> nnx.Param:
+def _param(
+  rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...], dtype, *, init: str, stddev: float = 0.02
+) -> nnx.Param:
   if init == "normal":
     value = stddev * jax.random.normal(rngs.params(), shape, dtype)
   elif init == "ones":
@@ -69,27 +70,38 @@ class Projection(nnx.Module):
   for q, k and v): `__call__` then takes A's output.
   """
 
-  def __init__(self, equation: str, kernel_shape: tuple[int, ...], kernel_axes: tuple[str, ...],
-               bias_shape: tuple[int, ...] | None, bias_axes: tuple[str, ...], config: ModelConfig,
-               rngs: nnx.Rngs, lora: bool = False, shared_a: bool = False):
+  def __init__(
+    self,
+    equation: str,
+    kernel_shape: tuple[int, ...],
+    kernel_axes: tuple[str, ...],
+    bias_shape: tuple[int, ...] | None,
+    bias_axes: tuple[str, ...],
+    config: ModelConfig,
+    rngs: nnx.Rngs,
+    lora: bool = False,
+    shared_a: bool = False,
+  ):
     dtype = jnp.dtype(config.param_dtype)
     inputs, kernel = equation.split("->")[0].split(",")
     self.contracted = sum(axis in inputs for axis in kernel)
-    if inputs[-self.contracted:] != kernel[:self.contracted]:
+    if inputs[-self.contracted :] != kernel[: self.contracted]:
       raise ValueError(f"Projection {equation!r}: the kernel's leading axes must be the input's trailing ones.")
-    self.kernel = _param(rngs, kernel_shape, kernel_axes, dtype, init="normal",
-                         stddev=config.initializer_range)
+    self.kernel = _param(rngs, kernel_shape, kernel_axes, dtype, init="normal", stddev=config.initializer_range)
     self.bias = _param(None, bias_shape, bias_axes, dtype, init="zeros") if bias_shape else None
     adapted = lora and config.lora_rank > 0
     c, r = self.contracted, config.lora_rank
-    self.lora_a = (lora_down_param(rngs, kernel_shape[:c], kernel_axes[:c], config)
-                   if adapted and not shared_a else None)
-    self.lora_b = (nnx.LoRAParam(jnp.zeros((r, *kernel_shape[c:]), dtype), out_sharding=("lora_rank", *kernel_axes[c:]),
-                                 eager_sharding=False) if adapted else None)
+    self.lora_a = lora_down_param(rngs, kernel_shape[:c], kernel_axes[:c], config) if adapted and not shared_a else None
+    self.lora_b = (
+      nnx.LoRAParam(
+        jnp.zeros((r, *kernel_shape[c:]), dtype), out_sharding=("lora_rank", *kernel_axes[c:]), eager_sharding=False
+      )
+      if adapted
+      else None
+    )
     self.lora_scale, self.lora_dropout = config.lora_scale if adapted else 0.0, config.lora_dropout
 
-  def __call__(self, x: jax.Array, lora_x: jax.Array | None = None,
-               dropout_key: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, lora_x: jax.Array | None = None, dropout_key: jax.Array | None = None) -> jax.Array:
     """`x` mapped; `lora_x` is A's output where A is shared, `dropout_key` drops A's input."""
     y = contract(x, self.kernel[...].astype(x.dtype), self.contracted)
     if self.bias is not None:
@@ -101,16 +113,17 @@ class Projection(nnx.Module):
     return y
 
 
-def lora_down_param(rngs: nnx.Rngs, in_shape: tuple[int, ...], in_axes: tuple[str, ...],
-                    config: ModelConfig) -> nnx.LoRAParam:
+def lora_down_param(
+  rngs: nnx.Rngs, in_shape: tuple[int, ...], in_axes: tuple[str, ...], config: ModelConfig
+) -> nnx.LoRAParam:
   bound = 1.0 / math.sqrt(math.prod(in_shape))
-  value = jax.random.uniform(rngs.params(), (*in_shape, config.lora_rank), jnp.dtype(config.param_dtype),
-                             -bound, bound)
+  value = jax.random.uniform(rngs.params(), (*in_shape, config.lora_rank), jnp.dtype(config.param_dtype), -bound, bound)
   return nnx.LoRAParam(value, out_sharding=(*in_axes, "lora_rank"), eager_sharding=False)
 
 
-def lora_down(a: nnx.LoRAParam, x: jax.Array, contracted: int, dropout: float,
-              dropout_key: jax.Array | None) -> jax.Array:
+def lora_down(
+  a: nnx.LoRAParam, x: jax.Array, contracted: int, dropout: float, dropout_key: jax.Array | None
+) -> jax.Array:
   """A's output `[..., r]`; with `dropout_key` (training) its input is dropped at rate `dropout`."""
   if dropout > 0 and dropout_key is not None:
     keep = jax.random.bernoulli(dropout_key, 1.0 - dropout, x.shape)
@@ -131,30 +144,71 @@ class Attention(nnx.Module):
     qkv_bias = config.qkv_bias
     targets = config.lora_targets if config.lora_rank else ()
     # InternLM2's adapters sit on its fused wqkv: one A for q, k and v, a B for each.
-    self.shared_qkv_a = (lora_down_param(rngs, (d,), ("embed",), config)
-                         if config.arch == "internlm2" and "attn.q_proj" in targets else None)
+    self.shared_qkv_a = (
+      lora_down_param(rngs, (d,), ("embed",), config)
+      if config.arch == "internlm2" and "attn.q_proj" in targets
+      else None
+    )
     shared = self.shared_qkv_a is not None
-    self.q_proj = Projection("btd,dhk->bthk", (d, h, hd), ("embed", "heads", "head_dim"),
-                             (h, hd) if qkv_bias else None, ("heads", "head_dim"), config, rngs,
-                             lora="attn.q_proj" in targets, shared_a=shared)
-    self.k_proj = Projection("btd,dhk->bthk", (d, k, hd), ("embed", "kv_heads", "head_dim"),
-                             (k, hd) if qkv_bias else None, ("kv_heads", "head_dim"), config, rngs,
-                             lora="attn.k_proj" in targets, shared_a=shared)
-    self.v_proj = Projection("btd,dhk->bthk", (d, k, hd), ("embed", "kv_heads", "head_dim"),
-                             (k, hd) if qkv_bias else None, ("kv_heads", "head_dim"), config, rngs,
-                             lora="attn.v_proj" in targets, shared_a=shared)
-    self.o_proj = Projection("bthk,hkd->btd", (h, hd, d), ("heads", "head_dim", "embed"),
-                             (d,) if config.out_bias else None, ("norm",), config, rngs,
-                             lora="attn.o_proj" in targets)
+    self.q_proj = Projection(
+      "btd,dhk->bthk",
+      (d, h, hd),
+      ("embed", "heads", "head_dim"),
+      (h, hd) if qkv_bias else None,
+      ("heads", "head_dim"),
+      config,
+      rngs,
+      lora="attn.q_proj" in targets,
+      shared_a=shared,
+    )
+    self.k_proj = Projection(
+      "btd,dhk->bthk",
+      (d, k, hd),
+      ("embed", "kv_heads", "head_dim"),
+      (k, hd) if qkv_bias else None,
+      ("kv_heads", "head_dim"),
+      config,
+      rngs,
+      lora="attn.k_proj" in targets,
+      shared_a=shared,
+    )
+    self.v_proj = Projection(
+      "btd,dhk->bthk",
+      (d, k, hd),
+      ("embed", "kv_heads", "head_dim"),
+      (k, hd) if qkv_bias else None,
+      ("kv_heads", "head_dim"),
+      config,
+      rngs,
+      lora="attn.v_proj" in targets,
+      shared_a=shared,
+    )
+    self.o_proj = Projection(
+      "bthk,hkd->btd",
+      (h, hd, d),
+      ("heads", "head_dim", "embed"),
+      (d,) if config.out_bias else None,
+      ("norm",),
+      config,
+      rngs,
+      lora="attn.o_proj" in targets,
+    )
     if config.qk_norm:
       self.q_norm = RMSNorm(hd, config.rms_norm_eps, config, axes=("head_dim",))
       self.k_norm = RMSNorm(hd, config.rms_norm_eps, config, axes=("head_dim",))
     else:
       self.q_norm = self.k_norm = None
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: AttentionMask,
-               cache_k: jax.Array | None, cache_v: jax.Array | None, cache_end: jax.Array | None,
-               dropout_key: jax.Array | None = None):
+  def __call__(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    mask: AttentionMask,
+    cache_k: jax.Array | None,
+    cache_v: jax.Array | None,
+    cache_end: jax.Array | None,
+    dropout_key: jax.Array | None = None,
+  ):
     """Returns (output, keys, values): this call's `[B, kv_heads, T, head_dim]` without a cache, else
     this layer's cache `[B, kv_heads, S, head_dim]` with them written at `cache_end`."""
     shared = None
@@ -168,8 +222,15 @@ class Attention(nnx.Module):
     k = apply_rope(k, positions, inv_freq)
     new_k, new_v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # the cache's layout
     if cache_k is None:
-      out = attend(q, k, v, mask, implementation=self.config.attention_impl,
-                   block_q=self.config.attention_block_q, block_kv=self.config.attention_block_kv)
+      out = attend(
+        q,
+        k,
+        v,
+        mask,
+        implementation=self.config.attention_impl,
+        block_q=self.config.attention_block_q,
+        block_kv=self.config.attention_block_kv,
+      )
       return self.o_proj(out, dropout_key=_key(dropout_key, 3)), new_k, new_v
     # The cache with this call's keys in place (rows are left-padded, so every row writes at the
     # same slot); with one buffer per layer the write happens in place.
@@ -178,9 +239,15 @@ class Attention(nnx.Module):
     if x.shape[1] == 1:
       out = decode_attention(q, k, v, mask)
     else:
-      out = attend(q, k.transpose(0, 2, 1, 3).astype(q.dtype), v.transpose(0, 2, 1, 3).astype(q.dtype), mask,
-                   implementation=self.config.attention_impl, block_q=self.config.attention_block_q,
-                   block_kv=self.config.attention_block_kv)
+      out = attend(
+        q,
+        k.transpose(0, 2, 1, 3).astype(q.dtype),
+        v.transpose(0, 2, 1, 3).astype(q.dtype),
+        mask,
+        implementation=self.config.attention_impl,
+        block_q=self.config.attention_block_q,
+        block_kv=self.config.attention_block_kv,
+      )
     return self.o_proj(out, dropout_key=_key(dropout_key, 3)), k, v
 
 
@@ -191,16 +258,41 @@ class MLP(nnx.Module):
     d, m = config.hidden_size, config.intermediate_size
     bias = config.mlp_bias
     targets = config.lora_targets if config.lora_rank else ()
-    self.gate_proj = Projection("btd,dm->btm", (d, m), ("embed", "mlp"), (m,) if bias else None,
-                                ("mlp",), config, rngs, lora="mlp.gate_proj" in targets)
-    self.up_proj = Projection("btd,dm->btm", (d, m), ("embed", "mlp"), (m,) if bias else None,
-                              ("mlp",), config, rngs, lora="mlp.up_proj" in targets)
-    self.down_proj = Projection("btm,md->btd", (m, d), ("mlp", "embed"), (d,) if bias else None,
-                                ("norm",), config, rngs, lora="mlp.down_proj" in targets)
+    self.gate_proj = Projection(
+      "btd,dm->btm",
+      (d, m),
+      ("embed", "mlp"),
+      (m,) if bias else None,
+      ("mlp",),
+      config,
+      rngs,
+      lora="mlp.gate_proj" in targets,
+    )
+    self.up_proj = Projection(
+      "btd,dm->btm",
+      (d, m),
+      ("embed", "mlp"),
+      (m,) if bias else None,
+      ("mlp",),
+      config,
+      rngs,
+      lora="mlp.up_proj" in targets,
+    )
+    self.down_proj = Projection(
+      "btm,md->btd",
+      (m, d),
+      ("mlp", "embed"),
+      (d,) if bias else None,
+      ("norm",),
+      config,
+      rngs,
+      lora="mlp.down_proj" in targets,
+    )
 
   def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-    hidden = (jax.nn.silu(self.gate_proj(x, dropout_key=_key(dropout_key, 0)))
-              * self.up_proj(x, dropout_key=_key(dropout_key, 1)))
+    hidden = jax.nn.silu(self.gate_proj(x, dropout_key=_key(dropout_key, 0))) * self.up_proj(
+      x, dropout_key=_key(dropout_key, 1)
+    )
     return self.down_proj(constrain(hidden, ("batch", "length", "mlp")), dropout_key=_key(dropout_key, 2))
 
 
@@ -214,8 +306,9 @@ class Block(nnx.Module):
     self.mlp = MLP(config, rngs)
 
   def __call__(self, x, positions, mask, cache_k=None, cache_v=None, cache_end=None, dropout_key=None):
-    attn_out, new_k, new_v = self.attn(self.attn_norm(x), positions, mask, cache_k, cache_v, cache_end,
-                                       _key(dropout_key, 0))
+    attn_out, new_k, new_v = self.attn(
+      self.attn_norm(x), positions, mask, cache_k, cache_v, cache_end, _key(dropout_key, 0)
+    )
     x = x + attn_out
     x = x + self.mlp(self.mlp_norm(x), _key(dropout_key, 1))
     return constrain(x, ("batch", "length", "embed")), new_k, new_v
@@ -258,8 +351,9 @@ class KVCache:
     return self.segment_ids.shape[1]
 
 
-def contract(x: jax.Array, kernel: jax.Array, axes: int, kernel_axes: tuple[int, ...] | None = None,
-             preferred_element_type=None) -> jax.Array:
+def contract(
+  x: jax.Array, kernel: jax.Array, axes: int, kernel_axes: tuple[int, ...] | None = None, preferred_element_type=None
+) -> jax.Array:
   """`x`'s last `axes` axes contracted with `kernel`'s `kernel_axes` (default: its leading ones).
 
   On CPU the product runs as one 2-D matmul over the flattened tokens: there, the gradient of a
@@ -271,10 +365,11 @@ def contract(x: jax.Array, kernel: jax.Array, axes: int, kernel_axes: tuple[int,
   kernel_axes = tuple(range(axes)) if kernel_axes is None else kernel_axes
   x_axes = tuple(range(x.ndim - axes, x.ndim))
   if target_platform() != "cpu":
-    return jax.lax.dot_general(x, kernel, ((x_axes, kernel_axes), ((), ())),
-                               preferred_element_type=preferred_element_type)
+    return jax.lax.dot_general(
+      x, kernel, ((x_axes, kernel_axes), ((), ())), preferred_element_type=preferred_element_type
+    )
   free = [a for a in range(kernel.ndim) if a not in kernel_axes]
-  lead, out = x.shape[:x.ndim - axes], tuple(kernel.shape[a] for a in free)
+  lead, out = x.shape[: x.ndim - axes], tuple(kernel.shape[a] for a in free)
   matrix = kernel.transpose(*kernel_axes, *free).reshape(-1, math.prod(out))
   y = jnp.matmul(x.reshape(math.prod(lead), -1), matrix, preferred_element_type=preferred_element_type)
   return y.reshape(*lead, *out)
@@ -295,13 +390,21 @@ class Decoder(nnx.Module):
     self.config = config
     pdtype = jnp.dtype(config.param_dtype)
     self.embed = nnx.Module()
-    self.embed.embedding = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), pdtype,
-                                  init="normal", stddev=config.initializer_range)
+    self.embed.embedding = _param(
+      rngs,
+      (config.vocab_size, config.hidden_size),
+      ("vocab", "embed"),
+      pdtype,
+      init="normal",
+      stddev=config.initializer_range,
+    )
     if config.scan_layers:
+
       @nnx.split_rngs(splits=config.num_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
       def make_layers(layer_rngs: nnx.Rngs) -> Block:
         return Block(config, layer_rngs)
+
       self.layers = make_layers(rngs)
     else:
       self.layers = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
@@ -310,12 +413,26 @@ class Decoder(nnx.Module):
       self.lm_head = None
     else:
       self.lm_head = nnx.Module()
-      self.lm_head.kernel = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), pdtype,
-                                   init="normal", stddev=config.initializer_range)
+      self.lm_head.kernel = _param(
+        rngs,
+        (config.hidden_size, config.vocab_size),
+        ("embed", "vocab"),
+        pdtype,
+        init="normal",
+        stddev=config.initializer_range,
+      )
 
-  def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, cache: KVCache | None = None, prefill: bool = False,
-               last_logits_only: bool = False, hidden_only: bool = False, dropout_key: jax.Array | None = None):
+  def __call__(
+    self,
+    input_ids: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: KVCache | None = None,
+    prefill: bool = False,
+    last_logits_only: bool = False,
+    hidden_only: bool = False,
+    dropout_key: jax.Array | None = None,
+  ):
     """Runs the decoder.
 
     Args:
@@ -344,8 +461,7 @@ class Decoder(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     cache_k = cache_v = cache_end = None
     if cache is not None:
-      kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
-                                                 (0, cache.end))
+      kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.end))
     if cache is None or prefill:
       mask = AttentionMask.causal(segment_ids, config.sliding_window)
     else:
@@ -358,8 +474,9 @@ class Decoder(nnx.Module):
     x = constrain(x, ("batch", "length", "embed"))
     if cache is not None or not (self.config.lora_rank and self.config.lora_dropout > 0):
       dropout_key = None
-    x, new_k, new_v = self._run_layers(x, positions, mask, cache_k, cache_v, cache_end, dropout_key,
-                                       collect_kv=cache is not None)
+    x, new_k, new_v = self._run_layers(
+      x, positions, mask, cache_k, cache_v, cache_end, dropout_key, collect_kv=cache is not None
+    )
     if last_logits_only:
       x = x[:, -1:]
     x = self.final_norm(x)
@@ -375,8 +492,9 @@ class Decoder(nnx.Module):
     def write(cached, new):  # one in-place write of this call's keys/values
       return jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype), (0,) * (cached.ndim - 2) + (cache.end, 0))
 
-    return logits, KVCache(jax.tree.map(write, cache.k, new_k), jax.tree.map(write, cache.v, new_v), kv_segments,
-                           cache.end + length)
+    return logits, KVCache(
+      jax.tree.map(write, cache.k, new_k), jax.tree.map(write, cache.v, new_v), kv_segments, cache.end + length
+    )
 
   def lm_head_weights(self) -> tuple[jax.Array, str]:
     """The LM head and its layout: the tied embedding `[V, D]` ("vd") or the kernel `[D, V]` ("dv")."""
@@ -399,6 +517,7 @@ class Decoder(nnx.Module):
     if self.config.scan_layers:
       # One traced layer body: compile time stays flat as depth grows.
       if cache_k is None and dropout_key is not None:
+
         @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def scan_layers_dropout(x, block, key):
           return run_block(block, x, None, None, key)[0]
@@ -406,33 +525,41 @@ class Decoder(nnx.Module):
         keys = jax.random.split(dropout_key, self.config.num_layers)
         return scan_layers_dropout(x, self.layers, keys), None, None
       if cache_k is None and not collect_kv:
+
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def scan_layers(x, block):
           return run_block(block, x, None, None)[0]
 
         return scan_layers(x, self.layers), None, None
       if cache_k is None:
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0, 0),
-                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0, 0), transform_metadata={nnx.PARTITION_NAME: "layers"})
         def scan_layers_prefill(x, block):
           return run_block(block, x, None, None)
 
         return scan_layers_prefill(x, self.layers)
 
       # Each step reads its layer of the cache and emits only this call's keys/values.
-      @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0),
-                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      @nnx.scan(
+        in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0), transform_metadata={nnx.PARTITION_NAME: "layers"}
+      )
       def scan_layers_with_cache(x, block, ck, cv):
         x, k, v = run_block(block, x, ck, cv)
         own = (*k.shape[:2], x.shape[1], k.shape[3])
-        return (x, jax.lax.dynamic_slice(k, (0, 0, cache_end, 0), own),
-                jax.lax.dynamic_slice(v, (0, 0, cache_end, 0), own))
+        return (
+          x,
+          jax.lax.dynamic_slice(k, (0, 0, cache_end, 0), own),
+          jax.lax.dynamic_slice(v, (0, 0, cache_end, 0), own),
+        )
 
       return scan_layers_with_cache(x, self.layers, cache_k, cache_v)
 
     if cache_k is None and not collect_kv:
-      keys = (jax.random.split(dropout_key, self.config.num_layers) if dropout_key is not None
-              else [None] * self.config.num_layers)
+      keys = (
+        jax.random.split(dropout_key, self.config.num_layers)
+        if dropout_key is not None
+        else [None] * self.config.num_layers
+      )
       for block, key in zip(self.layers, keys):
         x = run_block(block, x, None, None, key)[0]
       return x, None, None

@@ -33,7 +33,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 def default_config() -> ml_collections.ConfigDict:
   """`config.lora`: rank 0 trains every parameter; rank r > 0 trains adapters on a frozen base."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       rank=0,  # 0: off (full fine-tuning).
       alpha=16.0,  # scale alpha / rank (alpha / sqrt(rank) with rslora)
       dropout=0.0,  # dropout on the adapters' input while training
@@ -42,7 +43,8 @@ def default_config() -> ml_collections.ConfigDict:
       # against them; "": every linear projection of every layer.
       targets="",
       rslora=False,
-  ))
+    )
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +60,15 @@ class Module:
 
 
 _LLAMA = tuple(Module(f"self_attn.{n}", (f"attn.{n}",)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) + tuple(
-    Module(f"mlp.{n}", (f"mlp.{n}",)) for n in ("gate_proj", "up_proj", "down_proj"))
-_INTERNLM2 = (Module("attention.wqkv", ("attn.q_proj", "attn.k_proj", "attn.v_proj")),
-              Module("attention.wo", ("attn.o_proj",)), Module("feed_forward.w1", ("mlp.gate_proj",)),
-              Module("feed_forward.w3", ("mlp.up_proj",)), Module("feed_forward.w2", ("mlp.down_proj",)))
+  Module(f"mlp.{n}", (f"mlp.{n}",)) for n in ("gate_proj", "up_proj", "down_proj")
+)
+_INTERNLM2 = (
+  Module("attention.wqkv", ("attn.q_proj", "attn.k_proj", "attn.v_proj")),
+  Module("attention.wo", ("attn.o_proj",)),
+  Module("feed_forward.w1", ("mlp.gate_proj",)),
+  Module("feed_forward.w3", ("mlp.up_proj",)),
+  Module("feed_forward.w2", ("mlp.down_proj",)),
+)
 
 
 def modules(arch: str) -> tuple[Module, ...]:
@@ -88,14 +95,19 @@ def resolve_targets(arch: str, targets: str | list[str] | tuple[str, ...]) -> tu
         pattern = re.compile(targets)
       except re.error as e:
         raise ValueError(f"config.lora.targets={targets!r} is neither a list of module names nor a regex ({e}).")
-      chosen = [n for n in names if pattern.fullmatch(n) or any(pattern.fullmatch(f"model.layers.0.{m.hf}")
-                                                                 for m in family if m.short == n)]
+      chosen = [
+        n
+        for n in names
+        if pattern.fullmatch(n) or any(pattern.fullmatch(f"model.layers.0.{m.hf}") for m in family if m.short == n)
+      ]
   else:
     chosen = list(targets)
   unknown = [t for t in chosen if t not in names]
   if unknown or not chosen:
-    raise ValueError(f"config.lora.targets={targets!r}: {'unknown module(s) ' + str(unknown) if unknown else 'matches no module'}"
-                     f"; {arch} layers have {names}.")
+    raise ValueError(
+      f"config.lora.targets={targets!r}: {'unknown module(s) ' + str(unknown) if unknown else 'matches no module'}"
+      f"; {arch} layers have {names}."
+    )
   return tuple(p for m in family if m.short in chosen for p in m.ours)
 
 
@@ -103,8 +115,13 @@ def model_fields(lora: ml_collections.ConfigDict | None, arch: str) -> dict[str,
   """The `ModelConfig` fields of `config.lora` for a model of `arch` (empty when LoRA is off)."""
   if lora is None or not lora.rank:
     return {}
-  return dict(lora_rank=int(lora.rank), lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),
-              lora_rslora=bool(lora.rslora), lora_targets=resolve_targets(arch, lora.targets))
+  return dict(
+    lora_rank=int(lora.rank),
+    lora_alpha=float(lora.alpha),
+    lora_dropout=float(lora.dropout),
+    lora_rslora=bool(lora.rslora),
+    lora_targets=resolve_targets(arch, lora.targets),
+  )
 
 
 def hf_target_names(config: ModelConfig) -> list[str]:
@@ -156,6 +173,7 @@ def merged(model: nnx.Module) -> nnx.Module:
   """A model without adapters whose kernels are `W + scale * A @ B` (PEFT's `merge_and_unload`),
   each in its kernel's dtype."""
   from csft_jax.models.decoder import Decoder  # pylint: disable=import-outside-toplevel
+
   config: ModelConfig = model.config
   base_config = config.replace(lora_rank=0, lora_targets=())
   target = nnx.eval_shape(lambda: Decoder(base_config, rngs=nnx.Rngs(0)))
@@ -224,13 +242,14 @@ def peft_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
       name = _PREFIX.format(i=layer) + module.hf
       bs = [_layer_view(config, flat, layer, (*p.split("."), "lora_b")) for p in module.ours]
       tensors[f"{name}.lora_A.weight"] = _to_hf(_down(config, flat, layer, module.ours[0]), "A", r)
-      tensors[f"{name}.lora_B.weight"] = (_wqkv_b_to_hf(config, *bs) if len(bs) == 3 else _to_hf(bs[0], "B", r))
+      tensors[f"{name}.lora_B.weight"] = _wqkv_b_to_hf(config, *bs) if len(bs) == 3 else _to_hf(bs[0], "B", r)
   return tensors
 
 
 def save_peft(model: nnx.Module, path: str, base_model: str = "") -> None:
   """Writes `model`'s adapters as a PEFT LoRA directory (process 0 writes; all gather)."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+
   config: ModelConfig = model.config
   if not config.lora_rank:
     raise ValueError("this model has no LoRA adapters (config.lora.rank=0); export it with train.export_hf.")
@@ -239,10 +258,19 @@ def save_peft(model: nnx.Module, path: str, base_model: str = "") -> None:
     return
   os.makedirs(path, exist_ok=True)
   adapter_config = {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-      "r": config.lora_rank, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-      "use_rslora": config.lora_rslora, "target_modules": hf_target_names(config), "bias": "none",
-      "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+    "peft_type": "LORA",
+    "task_type": "CAUSAL_LM",
+    "base_model_name_or_path": base_model,
+    "r": config.lora_rank,
+    "lora_alpha": config.lora_alpha,
+    "lora_dropout": config.lora_dropout,
+    "use_rslora": config.lora_rslora,
+    "target_modules": hf_target_names(config),
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "inference_mode": True,
+    "init_lora_weights": True,
+    "modules_to_save": None,
   }
   temporary = os.path.join(path, ADAPTER_WEIGHTS + ".tmp")
   save_file(tensors, temporary, metadata={"format": "pt"})
@@ -268,15 +296,18 @@ def read_peft_config(path: str, arch: str) -> dict[str, Any]:
     raise ValueError(f"{config_path}: cannot read the adapter config ({e}).") from e
   if adapter.get("peft_type", "LORA") != "LORA":
     raise ValueError(f"{config_path}: peft_type={adapter.get('peft_type')!r}; only LORA adapters load.")
-  unsupported = {k: adapter[k] for k in ("rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save")
-                 if adapter.get(k)}
+  unsupported = {
+    k: adapter[k] for k in ("rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save") if adapter.get(k)
+  }
   if adapter.get("bias", "none") != "none":
     unsupported["bias"] = adapter["bias"]
   if adapter.get("use_dora"):
     unsupported["use_dora"] = True
   if unsupported:
-    raise ValueError(f"{config_path}: {unsupported} is not supported (one rank and alpha for every module of "
-                     "every layer, no trained biases or extra modules).")
+    raise ValueError(
+      f"{config_path}: {unsupported} is not supported (one rank and alpha for every module of "
+      "every layer, no trained biases or extra modules)."
+    )
   targets = adapter.get("target_modules") or []
   if isinstance(targets, str):
     targets = [m.short for m in modules(arch) if re.fullmatch(targets, m.short)]
@@ -285,9 +316,13 @@ def read_peft_config(path: str, arch: str) -> dict[str, Any]:
     ours = resolve_targets(arch, targets)
   except ValueError as e:
     raise ValueError(f"{config_path}: target_modules: {e}") from None
-  return dict(lora_rank=int(adapter["r"]), lora_alpha=float(adapter["lora_alpha"]),
-              lora_dropout=float(adapter.get("lora_dropout", 0.0)), lora_rslora=bool(adapter.get("use_rslora")),
-              lora_targets=ours)
+  return dict(
+    lora_rank=int(adapter["r"]),
+    lora_alpha=float(adapter["lora_alpha"]),
+    lora_dropout=float(adapter.get("lora_dropout", 0.0)),
+    lora_rslora=bool(adapter.get("use_rslora")),
+    lora_targets=ours,
+  )
 
 
 def load_peft(path: str, config: ModelConfig) -> dict[tuple[str, ...], np.ndarray]:
@@ -297,11 +332,14 @@ def load_peft(path: str, config: ModelConfig) -> dict[tuple[str, ...], np.ndarra
     ValueError naming the file and the tensors that are missing or have another shape.
   """
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
   weights = os.path.join(path, ADAPTER_WEIGHTS)
   if not os.path.isfile(weights):
     raise ValueError(f"{path}: no {ADAPTER_WEIGHTS} (a PEFT adapter directory holds it beside {ADAPTER_CONFIG}).")
-  tensors = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
-             for k, v in load_file(weights).items()}
+  tensors = {
+    k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+    for k, v in load_file(weights).items()
+  }
   r = config.lora_rank
   per_layer: dict[tuple[str, ...], list[np.ndarray]] = {}
   missing = []
@@ -348,8 +386,9 @@ def fill(abstract: nnx.State, arrays: dict[tuple[str, ...], np.ndarray], source:
     key = tuple(str(k) for k in path)
     value = arrays[key]
     if value.size != int(np.prod(variable.shape)):
-      raise ValueError(f"{source}: adapter {'/'.join(key)} has {value.size} values, this model's has shape "
-                       f"{tuple(variable.shape)}.")
+      raise ValueError(
+        f"{source}: adapter {'/'.join(key)} has {value.size} values, this model's has shape {tuple(variable.shape)}."
+      )
     value = np.asarray(value.reshape(variable.shape), variable.dtype)
     sharding = getattr(variable.get_value(), "sharding", None)
     variable.set_value(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))

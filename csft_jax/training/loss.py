@@ -33,8 +33,9 @@ class LossSums:
     return cls(z, z, z, jnp.zeros((num_sources,), jnp.float32), jnp.zeros((num_sources,), jnp.float32))
 
 
-def loss_sums(logits: jax.Array, target_ids: jax.Array, loss_mask: jax.Array, source_ids: jax.Array,
-              num_sources: int) -> LossSums:
+def loss_sums(
+  logits: jax.Array, target_ids: jax.Array, loss_mask: jax.Array, source_ids: jax.Array, num_sources: int
+) -> LossSums:
   """Cross-entropy sums over the tokens where `loss_mask` is 1.
 
   Args:
@@ -51,14 +52,25 @@ def loss_sums(logits: jax.Array, target_ids: jax.Array, loss_mask: jax.Array, so
   token_loss = (log_z - target_logit) * mask
   one_hot = jax.nn.one_hot(source_ids, num_sources, dtype=jnp.float32)
   return LossSums(
-      loss=token_loss.sum(), z_loss=(jnp.square(log_z) * mask).sum(), tokens=mask.sum(),
-      source_loss=jnp.einsum("bt,bts->s", token_loss, one_hot),
-      source_tokens=jnp.einsum("bt,bts->s", mask, one_hot))
+    loss=token_loss.sum(),
+    z_loss=(jnp.square(log_z) * mask).sum(),
+    tokens=mask.sum(),
+    source_loss=jnp.einsum("bt,bts->s", token_loss, one_hot),
+    source_tokens=jnp.einsum("bt,bts->s", mask, one_hot),
+  )
 
 
-def chunked_loss_sums(hidden: jax.Array, head: jax.Array, target_ids: jax.Array, loss_mask: jax.Array,
-                      source_ids: jax.Array, num_sources: int, *, chunk_size: int,
-                      head_layout: str = "dv") -> LossSums:
+def chunked_loss_sums(
+  hidden: jax.Array,
+  head: jax.Array,
+  target_ids: jax.Array,
+  loss_mask: jax.Array,
+  source_ids: jax.Array,
+  num_sources: int,
+  *,
+  chunk_size: int,
+  head_layout: str = "dv",
+) -> LossSums:
   """`loss_sums` of `hidden @ head` without ever holding the full `[B, T, V]` logits.
 
   The sequence is cut into chunks of `chunk_size` tokens; a `lax.scan` computes each chunk's
@@ -89,7 +101,7 @@ def chunked_loss_sums(hidden: jax.Array, head: jax.Array, target_ids: jax.Array,
 
   def to_chunks(x):  # [B, T, ...] -> [num_chunks, B, chunk, ...], rows still sharded like the batch
     x = jnp.swapaxes(x.reshape(batch, num_chunks, chunk, *x.shape[2:]), 0, 1)
-    return constrain(x, (None, "batch", "length", "embed")[:x.ndim])
+    return constrain(x, (None, "batch", "length", "embed")[: x.ndim])
 
   @jax.checkpoint
   def chunk_sums(hidden_chunk, targets, mask, sources):
@@ -101,6 +113,9 @@ def chunked_loss_sums(hidden: jax.Array, head: jax.Array, target_ids: jax.Array,
   def body(total, xs):
     return total + chunk_sums(*xs), None
 
-  total, _ = jax.lax.scan(body, LossSums.zeros(num_sources),
-                          (to_chunks(hidden), to_chunks(target_ids), to_chunks(loss_mask), to_chunks(source_ids)))
+  total, _ = jax.lax.scan(
+    body,
+    LossSums.zeros(num_sources),
+    (to_chunks(hidden), to_chunks(target_ids), to_chunks(loss_mask), to_chunks(source_ids)),
+  )
   return total

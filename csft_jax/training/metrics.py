@@ -19,9 +19,17 @@ from csft_jax.workdir import RunDir
 # Dense bf16 peak FLOP/s per device (vendor figures). Unknown devices (e.g. CPU) get no MFU unless
 # `config.train.peak_tflops` is set.
 PEAK_BF16_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12, "NVIDIA B200": 2250e12,
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v5": 459e12,
+  "TPU v6 lite": 918e12,
+  "TPU v6e": 918e12,
+  "NVIDIA H100": 989e12,
+  "NVIDIA H200": 989e12,
+  "NVIDIA A100": 312e12,
+  "NVIDIA B200": 2250e12,
 }
 
 
@@ -86,8 +94,11 @@ class StepMeter:
   def read(self) -> dict[str, float]:
     """tokens_per_s, loss_tokens_per_s, step_time_s (and mfu when the peak is known); then restarts."""
     seconds = max(time.time() - self.start, 1e-9)
-    scalars = {"tokens_per_s": self.real / seconds, "loss_tokens_per_s": self.loss_tokens / seconds,
-               "step_time_s": seconds / max(self.steps, 1)}
+    scalars = {
+      "tokens_per_s": self.real / seconds,
+      "loss_tokens_per_s": self.loss_tokens / seconds,
+      "step_time_s": seconds / max(self.steps, 1),
+    }
     if self.device_peak:
       scalars["mfu"] = self.flops_per_token * self.slots / seconds / (self.device_peak * self.num_devices)
     self._reset()
@@ -142,6 +153,7 @@ class MetricsWriter:
       drop_steps_after(run_dir.metrics, start_step)
       self._jsonl = open(run_dir.metrics, "a", encoding="utf-8")
       from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
+
       self._tb = SummaryWriter(run_dir.tensorboard)
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
@@ -164,8 +176,11 @@ class MetricsWriter:
   def console(self, step: int, text: str) -> None:
     if self.primary:
       width = len(str(self.total_steps))
-      print(f"step {step:>{width}}/{self.total_steps} | {text} | ETA {format_duration(self.eta_seconds(step))}",
-            file=sys.stderr, flush=True)
+      print(
+        f"step {step:>{width}}/{self.total_steps} | {text} | ETA {format_duration(self.eta_seconds(step))}",
+        file=sys.stderr,
+        flush=True,
+      )
 
   def close(self) -> None:
     if self.primary:

@@ -14,18 +14,29 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 def default_config() -> ml_collections.ConfigDict:
   """`config.optim`: AdamW with warmup then decay, clipping, decay off on norms and biases."""
-  return ml_collections.ConfigDict(dict(
-      name="adamw", lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+  return ml_collections.ConfigDict(
+    dict(
+      name="adamw",
+      lr=1e-5,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,
       schedule="cosine",  # one of SCHEDULES
       warmup_steps=0,  # > 0 wins over warmup_fraction
-      warmup_fraction=0.05, min_lr_ratio=0.0, grad_clip_norm=1.0,
+      warmup_fraction=0.05,
+      min_lr_ratio=0.0,
+      grad_clip_norm=1.0,
       z_loss=0.0,  # weight of z-loss (log Z)^2 on loss tokens
       # none | host: the AdamW moments live in host memory (JAX memory kind pinned_host) and are
       # brought onto the device for each update; frees twice the parameters' bytes of HBM.
       offload="none",
       # float32 | bfloat16: the dtype the AdamW moments are stored in between steps (the update
       # itself runs in float32); bfloat16 halves the optimizer state.
-      moments_dtype="float32"))
+      moments_dtype="float32",
+    )
+  )
+
 
 MOMENTS_DTYPES = ("float32", "bfloat16")
 
@@ -47,16 +58,18 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> 
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(num_steps, warmup + 1), end)
   if optim.schedule == "linear":
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak, warmup), optax.linear_schedule(peak, end, max(num_steps - warmup, 1))],
-        [warmup])
+      [optax.linear_schedule(0.0, peak, warmup), optax.linear_schedule(peak, end, max(num_steps - warmup, 1))], [warmup]
+    )
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
 
 
 def decay_mask(params: Any) -> Any:
   """True for matrices (kernels, embeddings, LoRA adapters), False for norm scales and biases."""
+
   def decays(path, _):
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
     return any(n in ("kernel", "embedding", "lora_a", "lora_b", "shared_qkv_a") for n in names)
+
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -77,12 +90,15 @@ def check_host_memory(device: jax.Device) -> None:
   """
   kinds = sorted(memory.kind for memory in device.addressable_memories())
   if HOST_MEMORY not in kinds:
-    raise ValueError(f"config.optim.offload='host' needs {HOST_MEMORY!r} memory, which {device.platform} device "
-                     f"{device.id} lacks (it has {kinds}); set config.optim.offload=none.")
+    raise ValueError(
+      f"config.optim.offload='host' needs {HOST_MEMORY!r} memory, which {device.platform} device "
+      f"{device.id} lacks (it has {kinds}); set config.optim.offload=none."
+    )
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> tuple[optax.GradientTransformation,
-                                                                               optax.Schedule]:
+def make_optimizer(
+  optim: ml_collections.ConfigDict, num_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (optimizer, schedule) from `config.optim`."""
   if optim.name != "adamw":
     raise ValueError(f"config.optim.name={optim.name!r}; only 'adamw' is implemented.")
@@ -90,8 +106,9 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> tuple[op
   parts = []
   if optim.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
-  adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
-                      mask=decay_mask)
+  adamw = optax.adamw(
+    schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay, mask=decay_mask
+  )
   moments_dtype = optim.get("moments_dtype", "float32")  # configs stored before the field existed
   if moments_dtype not in MOMENTS_DTYPES:
     raise ValueError(f"config.optim.moments_dtype={moments_dtype!r}; choose one of {MOMENTS_DTYPES}.")
@@ -101,6 +118,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> tuple[op
 
 def stored_in(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
   """`inner` with its floating-point state stored in `dtype` between updates and computed in float32."""
+
   def cast(tree, to):
     return jax.tree.map(lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 

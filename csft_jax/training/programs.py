@@ -49,8 +49,10 @@ def trainable_and_frozen(params: Any, model_config: ModelConfig) -> tuple[Any, A
 
 def new_adapters(model_config: ModelConfig, seed: int, shardings: Any) -> Any:
   """Freshly initialised LoRA adapters placed on `shardings` (the base's random init is dead code)."""
+
   def make():
     return lora.split(nnx.state(Decoder(model_config, rngs=nnx.Rngs(seed)), nnx.Param))[0]
+
   return jax.jit(make, out_shardings=shardings)()
 
 
@@ -78,8 +80,9 @@ class StartingState:
   origin: str  # A sentence for the console: where the weights came from.
 
 
-def abstract_state(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh,
-                   opt_state_kind: str | None = None) -> tuple[TrainState, Any]:
+def abstract_state(
+  model_config: ModelConfig, optimizer, seed: int, mesh: Mesh, opt_state_kind: str | None = None
+) -> tuple[TrainState, Any]:
   """The state's shapes with their shardings attached, and the shardings (the optimizer state's in
   memory kind `opt_state_kind`, e.g. `pinned_host`, when given: see `optim.offload`)."""
   abstract = jax.eval_shape(functools.partial(new_train_state, model_config, optimizer, seed))
@@ -94,16 +97,18 @@ def graphdef_of(model_config: ModelConfig) -> nnx.GraphDef:
   return nnx.graphdef(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
 
 
-def random_init(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh,
-                opt_state_kind: str | None = None) -> StartingState:
+def random_init(
+  model_config: ModelConfig, optimizer, seed: int, mesh: Mesh, opt_state_kind: str | None = None
+) -> StartingState:
   """A new state, created inside `jit` with `out_shardings`: no device ever holds the whole model."""
   _, shardings = abstract_state(model_config, optimizer, seed, mesh, opt_state_kind)
   state = jax.jit(functools.partial(new_train_state, model_config, optimizer, seed), out_shardings=shardings)()
   return StartingState(graphdef_of(model_config), state, shardings, model_config, "random init")
 
 
-def jit_steps(config: ml_collections.ConfigDict, start: StartingState, optimizer, schedule, mesh: Mesh,
-              num_sources: int) -> tuple[Callable, Callable, NamedSharding]:
+def jit_steps(
+  config: ml_collections.ConfigDict, start: StartingState, optimizer, schedule, mesh: Mesh, num_sources: int
+) -> tuple[Callable, Callable, NamedSharding]:
   """(train step, eval step, batch sharding): the jitted programs of a run, state donated."""
   batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length")))
   offloaded = None
@@ -111,14 +116,25 @@ def jit_steps(config: ml_collections.ConfigDict, start: StartingState, optimizer
     offloaded = (in_memory(start.shardings.opt_state, "device"), start.shardings.opt_state)
   dropout = start.model_config.lora_rank and start.model_config.lora_dropout > 0
   train_step = jax.jit(
-      make_train_step(start.graphdef, optimizer, num_sources=num_sources,
-                      grad_accum_steps=config.train.grad_accum_steps, z_loss_weight=config.optim.z_loss,
-                      schedule=schedule, loss_chunk_size=config.train.loss_chunk_size,
-                      opt_state_shardings=offloaded, dropout_seed=config.train.seed if dropout else None),
-      in_shardings=(start.shardings, batch_sharding), out_shardings=(start.shardings, None), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(start.graphdef, num_sources=num_sources,
-                                     loss_chunk_size=config.train.loss_chunk_size),
-                      in_shardings=(start.shardings.params, start.shardings.frozen, batch_sharding))
+    make_train_step(
+      start.graphdef,
+      optimizer,
+      num_sources=num_sources,
+      grad_accum_steps=config.train.grad_accum_steps,
+      z_loss_weight=config.optim.z_loss,
+      schedule=schedule,
+      loss_chunk_size=config.train.loss_chunk_size,
+      opt_state_shardings=offloaded,
+      dropout_seed=config.train.seed if dropout else None,
+    ),
+    in_shardings=(start.shardings, batch_sharding),
+    out_shardings=(start.shardings, None),
+    donate_argnums=0,
+  )
+  eval_step = jax.jit(
+    make_eval_step(start.graphdef, num_sources=num_sources, loss_chunk_size=config.train.loss_chunk_size),
+    in_shardings=(start.shardings.params, start.shardings.frozen, batch_sharding),
+  )
   return train_step, eval_step, batch_sharding
 
 

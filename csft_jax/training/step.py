@@ -40,16 +40,28 @@ def merge_model(graphdef: nnx.GraphDef, params: Any, frozen: Any = None) -> nnx.
   return nnx.merge(graphdef, params, jax.tree.map(lambda x: x, frozen))
 
 
-def _forward_sums(graphdef: nnx.GraphDef, params: Any, frozen: Any, batch: Batch, num_sources: int,
-                  loss_chunk_size: int, dropout_key: jax.Array | None = None) -> LossSums:
+def _forward_sums(
+  graphdef: nnx.GraphDef,
+  params: Any,
+  frozen: Any,
+  batch: Batch,
+  num_sources: int,
+  loss_chunk_size: int,
+  dropout_key: jax.Array | None = None,
+) -> LossSums:
   """Loss sums of one (micro)batch; with `loss_chunk_size > 0` the full logits never exist."""
   model = merge_model(graphdef, params, frozen)
   inputs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"], dropout_key=dropout_key)
   targets = (batch["target_ids"], batch["loss_mask"], batch["source_ids"], num_sources)
   if loss_chunk_size > 0:
     head, layout = model.lm_head_weights()
-    return chunked_loss_sums(model(batch["input_ids"], **inputs, hidden_only=True), head, *targets,
-                             chunk_size=loss_chunk_size, head_layout=layout)
+    return chunked_loss_sums(
+      model(batch["input_ids"], **inputs, hidden_only=True),
+      head,
+      *targets,
+      chunk_size=loss_chunk_size,
+      head_layout=layout,
+    )
   return loss_sums(model(batch["input_ids"], **inputs), *targets)
 
 
@@ -59,20 +71,29 @@ def _split_microbatches(batch: Batch, num_micro: int) -> Batch:
   Interleaving (rather than contiguous chunks) keeps every microbatch spread over all data
   shards, so no device idles and no resharding is needed.
   """
+
   def split(x):
     b = x.shape[0]
     if b % num_micro:
       raise ValueError(f"global batch {b} is not divisible by grad_accum_steps={num_micro}.")
     x = x.reshape(b // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
     return constrain(x, (None, "batch", "length"))
+
   return jax.tree.map(split, batch)
 
 
-def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *, num_sources: int,
-                    grad_accum_steps: int = 1, z_loss_weight: float = 0.0,
-                    schedule: optax.Schedule | None = None, loss_chunk_size: int = 0,
-                    opt_state_shardings: tuple[Any, Any] | None = None, dropout_seed: int | None = None
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def make_train_step(
+  graphdef: nnx.GraphDef,
+  optimizer: optax.GradientTransformation,
+  *,
+  num_sources: int,
+  grad_accum_steps: int = 1,
+  z_loss_weight: float = 0.0,
+  schedule: optax.Schedule | None = None,
+  loss_chunk_size: int = 0,
+  opt_state_shardings: tuple[Any, Any] | None = None,
+  dropout_seed: int | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)`; jit it with shardings and donation.
 
   The loss is the token mean over the loss tokens of the whole *global* batch: each microbatch
@@ -104,8 +125,11 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       return (jax.tree.map(jnp.add, grads, micro_grads), sums + micro_sums), None
 
     zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, LossSums.zeros(num_sources)),
-                                    (_split_microbatches(batch, grad_accum_steps), jnp.arange(grad_accum_steps)))
+    (grads, sums), _ = jax.lax.scan(
+      accumulate,
+      (zero_grads, LossSums.zeros(num_sources)),
+      (_split_microbatches(batch, grad_accum_steps), jnp.arange(grad_accum_steps)),
+    )
     opt_state = state.opt_state
     if opt_state_shardings is not None:
       opt_state = jax.device_put(opt_state, opt_state_shardings[0])
@@ -114,13 +138,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       opt_state = jax.device_put(opt_state, opt_state_shardings[1])
     params = optax.apply_updates(state.params, updates)
     metrics = {
-        "loss": sums.loss / global_tokens,
-        "z_loss": sums.z_loss / global_tokens,
-        "grad_norm": optax.tree.norm(grads),
-        "loss_tokens": sums.tokens,
-        "source_loss": sums.source_loss,
-        "source_tokens": sums.source_tokens,
-        "real_tokens": (batch["segment_ids"] > 0).sum(),
+      "loss": sums.loss / global_tokens,
+      "z_loss": sums.z_loss / global_tokens,
+      "grad_norm": optax.tree.norm(grads),
+      "loss_tokens": sums.tokens,
+      "source_loss": sums.source_loss,
+      "source_tokens": sums.source_tokens,
+      "real_tokens": (batch["segment_ids"] > 0).sum(),
     }
     if schedule is not None:
       metrics["lr"] = schedule(state.step)
@@ -129,8 +153,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, *, num_sources: int,
-                   loss_chunk_size: int = 0) -> Callable[[Any, Any, Batch], LossSums]:
+def make_eval_step(
+  graphdef: nnx.GraphDef, *, num_sources: int, loss_chunk_size: int = 0
+) -> Callable[[Any, Any, Batch], LossSums]:
   """Builds `eval_step(params, frozen, batch) -> LossSums` (sums, so batches add up exactly)."""
 
   def eval_step(params: Any, frozen: Any, batch: Batch) -> LossSums:

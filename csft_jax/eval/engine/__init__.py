@@ -32,13 +32,48 @@ randomness from `fold_in(fold_in(key(seed), prompt index), sample index)` and it
 so it does not depend on batch size, bucketing, slots, the mesh, or the other prompts.
 """
 
-from csft_jax.eval.engine.driver import Generation, Progress, Scores, generate, greedy_generate, score, score_continuations
-from csft_jax.eval.engine.plans import (BUCKETS_PER_OCTAVE, MIN_BUCKET, MIN_SHARED_PREFIX, BatchPlan, bucket_length,
-                                        plan_batches, plan_generation, prompt_limit)
+from csft_jax.eval.engine.driver import (
+  Generation,
+  Progress,
+  Scores,
+  generate,
+  greedy_generate,
+  score,
+  score_continuations,
+)
+from csft_jax.eval.engine.plans import (
+  BUCKETS_PER_OCTAVE,
+  MIN_BUCKET,
+  MIN_SHARED_PREFIX,
+  BatchPlan,
+  bucket_length,
+  plan_batches,
+  plan_generation,
+  prompt_limit,
+)
 from csft_jax.eval.engine.programs import DECODE_STEPS_PER_CALL, WINDOW_GRID, GenerateProgram, generate_program
 from csft_jax.eval.engine.sampling import GREEDY, Sampling
 
-__all__ = ["BUCKETS_PER_OCTAVE", "DECODE_STEPS_PER_CALL", "GREEDY", "MIN_BUCKET", "MIN_SHARED_PREFIX", "WINDOW_GRID",
-           "BatchPlan", "GenerateProgram", "Generation", "Progress", "Sampling", "Scores", "bucket_length", "generate",
-           "generate_program", "greedy_generate", "plan_batches", "plan_generation", "prompt_limit", "score",
-           "score_continuations"]
+__all__ = [
+  "BUCKETS_PER_OCTAVE",
+  "DECODE_STEPS_PER_CALL",
+  "GREEDY",
+  "MIN_BUCKET",
+  "MIN_SHARED_PREFIX",
+  "WINDOW_GRID",
+  "BatchPlan",
+  "GenerateProgram",
+  "Generation",
+  "Progress",
+  "Sampling",
+  "Scores",
+  "bucket_length",
+  "generate",
+  "generate_program",
+  "greedy_generate",
+  "plan_batches",
+  "plan_generation",
+  "prompt_limit",
+  "score",
+  "score_continuations",
+]

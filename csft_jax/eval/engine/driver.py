@@ -15,14 +15,37 @@ from jax.sharding import Mesh, NamedSharding
 from csft_jax import sharding
 from csft_jax.models import Decoder, KVCache
 
-from csft_jax.eval.engine.plans import (_batch_size, _data_parallel_size, _left_padded, _padded_rows, _round_up,
-                                        _truncate_left, bucket_length, plan_batches, plan_generation, prefix_groups,
-                                        prompt_limit)
-from csft_jax.eval.engine.programs import (_TRACES, DECODE_STEPS_PER_CALL, WINDOW_GRID, _decode_slots_jit,
-                                           _generate_batch_jit, _generate_shared_batch_jit, _log_compiles,
-                                           _new_slots_cache_jit, _place_rows, _place_state, _prefill_prefix_jit,
-                                           _prefill_slots_jit,
-                                           _score_batch_jit, _shift_slots_jit, _slots_cache_length, _to_host)
+from csft_jax.eval.engine.plans import (
+  _batch_size,
+  _data_parallel_size,
+  _left_padded,
+  _padded_rows,
+  _round_up,
+  _truncate_left,
+  bucket_length,
+  plan_batches,
+  plan_generation,
+  prefix_groups,
+  prompt_limit,
+)
+from csft_jax.eval.engine.programs import (
+  _TRACES,
+  DECODE_STEPS_PER_CALL,
+  WINDOW_GRID,
+  _decode_slots_jit,
+  _generate_batch_jit,
+  _generate_shared_batch_jit,
+  _log_compiles,
+  _new_slots_cache_jit,
+  _place_rows,
+  _place_state,
+  _prefill_prefix_jit,
+  _prefill_slots_jit,
+  _score_batch_jit,
+  _shift_slots_jit,
+  _slots_cache_length,
+  _to_host,
+)
 from csft_jax.eval.engine.sampling import GREEDY, Sampling, _cut_at_stop, _row_keys, _stop_ids
 
 Progress = Callable[[int], None]
@@ -59,10 +82,22 @@ class Scores:
   num_compilations: int
 
 
-def _generate_continuous(model: Decoder, graphdef, state, row_prompts: list[list[int]], row_keys_host: np.ndarray,
-                         stop_ids: np.ndarray, *, slots: int, limit: int, max_new_tokens: int, sampling: Sampling,
-                         mesh: Mesh | None, on_row_done: Callable[[int, list[int]], bool], share: bool
-                         ) -> tuple[int, int, bool]:
+def _generate_continuous(
+  model: Decoder,
+  graphdef,
+  state,
+  row_prompts: list[list[int]],
+  row_keys_host: np.ndarray,
+  stop_ids: np.ndarray,
+  *,
+  slots: int,
+  limit: int,
+  max_new_tokens: int,
+  sampling: Sampling,
+  mesh: Mesh | None,
+  on_row_done: Callable[[int, list[int]], bool],
+  share: bool,
+) -> tuple[int, int, bool]:
   """Continuous batching over `row_prompts` (see above); calls `on_row_done(row, tokens)` as rows finish,
   which returns True to stop. With `share`, rows that start alike (`prefix_groups`) come one after the
   other, their prefix is prefilled once and its keys/values copied into each slot that takes one of them.
@@ -76,8 +111,10 @@ def _generate_continuous(model: Decoder, graphdef, state, row_prompts: list[list
   def by_length(rows: list[int]) -> list[int]:
     return sorted(rows, key=lambda i: (-len(row_prompts[i]), i))
 
-  order = collections.deque([row for rows, _ in groups for row in by_length(rows)]
-                            + by_length([i for i in range(len(row_prompts)) if i not in group_of]))
+  order = collections.deque(
+    [row for rows, _ in groups for row in by_length(rows)]
+    + by_length([i for i in range(len(row_prompts)) if i not in group_of])
+  )
 
   def region(rows: list[int], prefix: int) -> int:
     """Cache slots the rows' prefill takes: the prefix, then the rest left-padded to a bucket."""
@@ -87,7 +124,7 @@ def _generate_continuous(model: Decoder, graphdef, state, row_prompts: list[list
   steps = min(DECODE_STEPS_PER_CALL, max_new_tokens)
   length = _slots_cache_length(longest, max_new_tokens)
   cache = _new_slots_cache_jit(model.config, slots, length, mesh=mesh)
-  seen = (jnp.zeros((slots, model.config.vocab_size), bool) if sampling.repetition_penalty != 1 else None)
+  seen = jnp.zeros((slots, model.config.vocab_size), bool) if sampling.repetition_penalty != 1 else None
   if seen is not None and mesh is not None:
     seen = jax.device_put(seen, NamedSharding(mesh, sharding.logical_to_spec(("batch", "vocab"), seen.shape, mesh)))
   stop_device = jnp.asarray(stop_ids)
@@ -138,8 +175,9 @@ def _generate_continuous(model: Decoder, graphdef, state, row_prompts: list[list
         prefix = prefix_of[g]
         bucket = regions[g] - prefix
         padded = _padded_rows(len(part), slots, dp)
-        ids, segment_ids, positions = _left_padded([row_prompts[row][prefix:] for row, _ in part], padded, bucket,
-                                                   prefix)
+        ids, segment_ids, positions = _left_padded(
+          [row_prompts[row][prefix:] for row, _ in part], padded, bucket, prefix
+        )
         target = np.full((padded,), slots, np.int32)  # filler rows: out of range, dropped
         row_keys = np.zeros((padded, *row_keys_host.shape[1:]), row_keys_host.dtype)
         for r, (row, s) in enumerate(part):
@@ -155,8 +193,18 @@ def _generate_continuous(model: Decoder, graphdef, state, row_prompts: list[list
           if not left_in_group[g]:
             del prefix_caches[g]
         cache, seen, first = _prefill_slots_jit(
-            graphdef, state, cache, seen, *_place_rows(mesh, ids, segment_ids, positions), jnp.asarray(target),
-            stop_device, jnp.asarray(row_keys), **shared, mesh=mesh, sampling=sampling)
+          graphdef,
+          state,
+          cache,
+          seen,
+          *_place_rows(mesh, ids, segment_ids, positions),
+          jnp.asarray(target),
+          stop_device,
+          jnp.asarray(row_keys),
+          **shared,
+          mesh=mesh,
+          sampling=sampling,
+        )
         prefill_slots += padded * bucket
         first = _to_host(first)
         for r, (row, s) in enumerate(part):
@@ -175,9 +223,20 @@ def _generate_continuous(model: Decoder, graphdef, state, row_prompts: list[list
     window = min(_round_up(end + steps - live_low, WINDOW_GRID), length)
     low = min(live_low, length - window)
     cache, seen, out, ran, last, last_position, last_count, last_done = _decode_slots_jit(
-        graphdef, state, cache, seen, *_place_rows(mesh, token, position, count, done), stop_device,
-        jnp.asarray(keys), jnp.int32(low), mesh=mesh, steps=steps, window=window, max_new_tokens=max_new_tokens,
-        sampling=sampling)
+      graphdef,
+      state,
+      cache,
+      seen,
+      *_place_rows(mesh, token, position, count, done),
+      stop_device,
+      jnp.asarray(keys),
+      jnp.int32(low),
+      mesh=mesh,
+      steps=steps,
+      window=window,
+      max_new_tokens=max_new_tokens,
+      sampling=sampling,
+    )
     ran = int(_to_host(ran))
     end += ran
     decode_steps += ran
@@ -191,13 +250,25 @@ def _generate_continuous(model: Decoder, graphdef, state, row_prompts: list[list
   return prefill_slots, decode_steps, False
 
 
-def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-             eos_token_id: int | Sequence[int] | None, *, sampling: Sampling = GREEDY, num_samples: int = 1,
-             seed: int = 0, batch_size: int = 16, max_prompt_len: int | None = None,
-             mesh: Mesh | None = None, progress: Progress | None = None,
-             share_prefixes: bool = True, key_ids: Sequence[int] | None = None,
-             on_prompt_done: Callable[[int, list[list[int]]], None] | None = None,
-             should_stop: Callable[[], bool] | None = None, batching: str = "static") -> Generation:
+def generate(
+  model: Decoder,
+  prompts: Sequence[Sequence[int]],
+  max_new_tokens: int,
+  eos_token_id: int | Sequence[int] | None,
+  *,
+  sampling: Sampling = GREEDY,
+  num_samples: int = 1,
+  seed: int = 0,
+  batch_size: int = 16,
+  max_prompt_len: int | None = None,
+  mesh: Mesh | None = None,
+  progress: Progress | None = None,
+  share_prefixes: bool = True,
+  key_ids: Sequence[int] | None = None,
+  on_prompt_done: Callable[[int, list[list[int]]], None] | None = None,
+  should_stop: Callable[[], bool] | None = None,
+  batching: str = "static",
+) -> Generation:
   """Generates `num_samples` continuations of every prompt.
 
   Args:
@@ -234,8 +305,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
   if num_samples < 1:
     raise ValueError(f"num_samples={num_samples} must be >= 1.")
   if num_samples > 1 and sampling.greedy:
-    logging.warning("num_samples=%d with greedy decoding gives identical samples; set a temperature.",
-                    num_samples)
+    logging.warning("num_samples=%d with greedy decoding gives identical samples; set a temperature.", num_samples)
   limit = prompt_limit(model, max_new_tokens, max_prompt_len)
   truncated = []
   for index, prompt in enumerate(prompts):
@@ -243,8 +313,12 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
       raise ValueError(f"prompt {index} is empty: generation needs at least one prompt token.")
     truncated.append(_truncate_left(prompt, limit))
   if any(cut for _, cut in truncated):
-    logging.warning("%d of %d prompts are longer than %d tokens and were truncated from the left.",
-                    sum(cut for _, cut in truncated), len(prompts), limit)
+    logging.warning(
+      "%d of %d prompts are longer than %d tokens and were truncated from the left.",
+      sum(cut for _, cut in truncated),
+      len(prompts),
+      limit,
+    )
 
   sequences = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
   stop_ids = _stop_ids(eos_token_id)
@@ -281,17 +355,34 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
 
     before = (_TRACES["prefill"], _TRACES["decode"])
     prefill_slots, decode_steps, stopped = _generate_continuous(
-        model, graphdef, state, row_prompts, keys, stop_ids, slots=_batch_size(batch_size, mesh), limit=limit,
-        max_new_tokens=max_new_tokens, sampling=sampling, mesh=mesh, on_row_done=on_row_done, share=share)
+      model,
+      graphdef,
+      state,
+      row_prompts,
+      keys,
+      stop_ids,
+      slots=_batch_size(batch_size, mesh),
+      limit=limit,
+      max_new_tokens=max_new_tokens,
+      sampling=sampling,
+      mesh=mesh,
+      on_row_done=on_row_done,
+      share=share,
+    )
     compiled = _TRACES["prefill"] - before[0] + _TRACES["decode"] - before[1]
     if compiled:
-      logging.info("generate: compiled %d continuous-batching programs (%d prefill, %d decode so far).", compiled,
-                   _TRACES["prefill"], _TRACES["decode"])
+      logging.info(
+        "generate: compiled %d continuous-batching programs (%d prefill, %d decode so far).",
+        compiled,
+        _TRACES["prefill"],
+        _TRACES["decode"],
+      )
     return Generation(tokens, sum(cut for _, cut in truncated), compiled, prefill_slots, stopped, decode_steps)
   for plan in plan_generation(row_prompts, _batch_size(batch_size, mesh), limit, dp, share):
     rows, padded_rows, padded_len, prefix_len = plan.rows, plan.padded_rows, plan.padded_len, plan.prefix_len
-    ids, segment_ids, positions = _left_padded([row_prompts[row][prefix_len:] for row in rows], padded_rows,
-                                               padded_len, prefix_len)
+    ids, segment_ids, positions = _left_padded(
+      [row_prompts[row][prefix_len:] for row in rows], padded_rows, padded_len, prefix_len
+    )
     active = np.zeros((padded_rows,), bool)  # filler rows start finished
     prompt_ids = np.zeros((padded_rows,), np.int32)
     sample_ids = np.zeros((padded_rows,), np.int32)
@@ -299,8 +390,11 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
       p, s = sequences[row]
       active[r], prompt_ids[r], sample_ids[r] = True, p if key_ids is None else key_ids[p], s
     before = _TRACES["generate"]
-    row_args = (*_place_rows(mesh, ids, segment_ids, positions, active), stop_ids_device,
-                _row_keys(seed, prompt_ids, sample_ids))
+    row_args = (
+      *_place_rows(mesh, ids, segment_ids, positions, active),
+      stop_ids_device,
+      _row_keys(seed, prompt_ids, sample_ids),
+    )
     options = dict(mesh=mesh, max_new_tokens=max_new_tokens, sampling=sampling)
     if prefix_len:
       prefix = np.tile(np.asarray(row_prompts[rows[0]][:prefix_len], np.int32), (dp, 1))
@@ -328,12 +422,18 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: i
     if should_stop is not None and done_prompts < len(prompts) and should_stop():
       stopped = True
       break
-  return Generation(tokens, sum(cut for _, cut in truncated), _TRACES["generate"] - traces_before, prefill_slots,
-                    stopped, decode_steps)
+  return Generation(
+    tokens, sum(cut for _, cut in truncated), _TRACES["generate"] - traces_before, prefill_slots, stopped, decode_steps
+  )
 
 
-def greedy_generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                    eos_token_id: int | Sequence[int] | None, **kwargs) -> list[list[int]]:
+def greedy_generate(
+  model: Decoder,
+  prompts: Sequence[Sequence[int]],
+  max_new_tokens: int,
+  eos_token_id: int | Sequence[int] | None,
+  **kwargs,
+) -> list[list[int]]:
   """Greedy new tokens per prompt, up to and including the first stop token.
 
   Args:
@@ -346,10 +446,17 @@ def greedy_generate(model: Decoder, prompts: Sequence[Sequence[int]], max_new_to
   return [samples[0] for samples in generate(model, prompts, max_new_tokens, eos_token_id, **kwargs).tokens]
 
 
-
-def score(model: Decoder, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], *,
-          batch_size: int = 16, max_len: int | None = None, mesh: Mesh | None = None,
-          progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> Scores | None:
+def score(
+  model: Decoder,
+  contexts: Sequence[Sequence[int]],
+  continuations: Sequence[Sequence[int]],
+  *,
+  batch_size: int = 16,
+  max_len: int | None = None,
+  mesh: Mesh | None = None,
+  progress: Progress | None = None,
+  should_stop: Callable[[], bool] | None = None,
+) -> Scores | None:
   """Summed log p(continuation | context) per pair, in float32.
 
   Pairs whose `context + continuation[:-1]` is the same sequence (e.g. one question scored against
@@ -375,23 +482,27 @@ def score(model: Decoder, contexts: Sequence[Sequence[int]], continuations: Sequ
   num_truncated = 0
   for index, (context, continuation) in enumerate(zip(contexts, continuations)):
     if not len(context) or not len(continuation):
-      raise ValueError(f"pair {index}: context ({len(context)} tokens) and continuation "
-                       f"({len(continuation)} tokens) must both be non-empty.")
+      raise ValueError(
+        f"pair {index}: context ({len(context)} tokens) and continuation "
+        f"({len(continuation)} tokens) must both be non-empty."
+      )
     if len(continuation) > limit:
       raise ValueError(f"pair {index}: continuation of {len(continuation)} tokens does not fit max_len={limit}.")
     sequence, cut = _truncate_left(list(context) + list(continuation[:-1]), limit)
     num_truncated += cut
     inputs.setdefault((tuple(sequence), len(continuation)), []).append(index)
   if num_truncated:
-    logging.warning("%d of %d contexts were truncated from the left to fit %d tokens.",
-                    num_truncated, len(contexts), limit)
+    logging.warning(
+      "%d of %d contexts were truncated from the left to fit %d tokens.", num_truncated, len(contexts), limit
+    )
 
   keys = list(inputs)
   graphdef, state = _place_state(model, mesh)
   values = [0.0] * len(contexts)
   traces_before, scored = _TRACES["score"], 0
-  for rows, padded_rows, padded_len in plan_batches([len(k[0]) for k in keys], _batch_size(batch_size, mesh),
-                                                    limit, _data_parallel_size(mesh)):
+  for rows, padded_rows, padded_len in plan_batches(
+    [len(k[0]) for k in keys], _batch_size(batch_size, mesh), limit, _data_parallel_size(mesh)
+  ):
     ids = np.zeros((padded_rows, padded_len), np.int32)
     segment_ids = np.zeros((padded_rows, padded_len), np.int32)
     target_mask = np.zeros((padded_rows, padded_len), bool)
@@ -401,10 +512,11 @@ def score(model: Decoder, contexts: Sequence[Sequence[int]], continuations: Sequ
       n = len(sequence)
       ids[r, :n], segment_ids[r, :n], last_index[r] = sequence, 1, n - 1
       # Position t predicts token t+1: the shared continuation tokens sit at n-cont_len+1..n-1.
-      target_mask[r, n - cont_len:n - 1] = True
+      target_mask[r, n - cont_len : n - 1] = True
     before = _TRACES["score"]
     prefix, last_log_probs = _score_batch_jit(
-        graphdef, state, *_place_rows(mesh, ids, segment_ids, target_mask, last_index), mesh=mesh)
+      graphdef, state, *_place_rows(mesh, ids, segment_ids, target_mask, last_index), mesh=mesh
+    )
     _log_compiles("score", before, f"{padded_rows} rows x {padded_len} tokens")
     prefix, last_log_probs = _to_host(prefix), _to_host(last_log_probs)
     for r, row in enumerate(rows):
@@ -418,8 +530,9 @@ def score(model: Decoder, contexts: Sequence[Sequence[int]], continuations: Sequ
   return Scores(values, num_truncated, _TRACES["score"] - traces_before)
 
 
-def score_continuations(model: Decoder, contexts: Sequence[Sequence[int]],
-                        continuations: Sequence[Sequence[int]], **kwargs) -> list[float]:
+def score_continuations(
+  model: Decoder, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], **kwargs
+) -> list[float]:
   """Summed log-probabilities of each continuation after its context (see `score`).
 
   Returns:

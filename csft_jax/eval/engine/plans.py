@@ -39,8 +39,9 @@ def bucket_length(length: int, cap: int) -> int:
   return max(min(bucket, cap), length)
 
 
-def plan_batches(lengths: Sequence[int], batch_size: int, cap: int, row_multiple: int = 1
-                 ) -> list[tuple[list[int], int, int]]:
+def plan_batches(
+  lengths: Sequence[int], batch_size: int, cap: int, row_multiple: int = 1
+) -> list[tuple[list[int], int, int]]:
   """Groups rows by length into batches: `[(row indices, padded rows, padded length)]`.
 
   Longest rows go first, so similar lengths share a batch (little padding) and the slowest
@@ -50,9 +51,10 @@ def plan_batches(lengths: Sequence[int], batch_size: int, cap: int, row_multiple
   order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
   plans = []
   for start in range(0, len(order), batch_size):
-    rows = order[start:start + batch_size]
-    plans.append((rows, _padded_rows(len(rows), batch_size, row_multiple),
-                  bucket_length(max(lengths[i] for i in rows), cap)))
+    rows = order[start : start + batch_size]
+    plans.append(
+      (rows, _padded_rows(len(rows), batch_size, row_multiple), bucket_length(max(lengths[i] for i in rows), cap))
+    )
   return plans
 
 
@@ -71,8 +73,9 @@ class BatchPlan:
   padded_len: int
 
 
-def plan_generation(prompts: Sequence[Sequence[int]], batch_size: int, cap: int, row_multiple: int = 1,
-                    share_prefixes: bool = True) -> list[BatchPlan]:
+def plan_generation(
+  prompts: Sequence[Sequence[int]], batch_size: int, cap: int, row_multiple: int = 1, share_prefixes: bool = True
+) -> list[BatchPlan]:
   """Batches for `generate`: shared-prefix batches where they prefill fewer slots, else by length.
 
   Prompts are sorted lexicographically, so prompts with a common start (a chat header, the
@@ -87,7 +90,7 @@ def plan_generation(prompts: Sequence[Sequence[int]], batch_size: int, cap: int,
   if share_prefixes:
     order = sorted(range(len(prompts)), key=lambda i: (tuple(prompts[i]), i))
     for start in range(0, len(order), batch_size):
-      rows = order[start:start + batch_size]
+      rows = order[start : start + batch_size]
       # In lexicographic order the first and last rows' common prefix is every row's.
       common = min(_common_prefix(prompts[rows[0]], prompts[rows[-1]]), min(lengths[i] for i in rows) - 1)
       prefix_len = _bucket_floor(common)
@@ -101,9 +104,10 @@ def plan_generation(prompts: Sequence[Sequence[int]], batch_size: int, cap: int,
       rest.extend(rows)
   else:
     rest = list(range(len(prompts)))
-  plain = [BatchPlan([rest[i] for i in rows], padded_rows, 0, padded_len)
-           for rows, padded_rows, padded_len in plan_batches([lengths[i] for i in rest], batch_size, cap,
-                                                             row_multiple)]
+  plain = [
+    BatchPlan([rest[i] for i in rows], padded_rows, 0, padded_len)
+    for rows, padded_rows, padded_len in plan_batches([lengths[i] for i in rest], batch_size, cap, row_multiple)
+  ]
   return shared + plain
 
 
@@ -126,8 +130,9 @@ def prefix_groups(prompts: Sequence[Sequence[int]]) -> list[tuple[list[int], int
   return groups
 
 
-def _left_padded(rows: Sequence[Sequence[int]], padded_rows: int, length: int, first_position: int = 0
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _left_padded(
+  rows: Sequence[Sequence[int]], padded_rows: int, length: int, first_position: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """`(ids, segment_ids, positions)` `[padded_rows, length]` of `rows` left-padded to `length`.
 
   As HF does for left padding, real tokens count positions from `first_position` (0, or the length
@@ -138,9 +143,9 @@ def _left_padded(rows: Sequence[Sequence[int]], padded_rows: int, length: int, f
   positions = np.full((padded_rows, length), first_position, np.int32)
   segment_ids[:, -1] = 1
   for r, row in enumerate(rows):
-    ids[r, length - len(row):] = row
-    segment_ids[r, length - len(row):] = 1
-    positions[r, length - len(row):] = first_position + np.arange(len(row))
+    ids[r, length - len(row) :] = row
+    segment_ids[r, length - len(row) :] = 1
+    positions[r, length - len(row) :] = first_position + np.arange(len(row))
   return ids, segment_ids, positions
 
 
@@ -179,8 +184,7 @@ def _batch_size(batch_size: int, mesh: Mesh | None) -> int:
   # Rows are sharded over data x fsdp; a batch that does not divide would be replicated instead.
   size = _round_up(batch_size, _data_parallel_size(mesh))
   if size != batch_size:
-    logging.info("batch_size %d rounded up to %d (a multiple of the mesh's data-parallel size).",
-                 batch_size, size)
+    logging.info("batch_size %d rounded up to %d (a multiple of the mesh's data-parallel size).", batch_size, size)
   return size
 
 
@@ -188,13 +192,15 @@ def _truncate_left(tokens: Sequence[int], limit: int) -> tuple[list[int], bool]:
   tokens = list(tokens)
   if len(tokens) <= limit:
     return tokens, False
-  return tokens[len(tokens) - limit:], True
+  return tokens[len(tokens) - limit :], True
 
 
 def prompt_limit(model: Decoder, max_new_tokens: int, max_prompt_len: int | None = None) -> int:
   """The most prompt tokens `generate` keeps (longer prompts lose their start)."""
   limit = max_prompt_len or model.config.max_position_embeddings - max_new_tokens
   if limit < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
-                     f"context of {model.config.max_position_embeddings} tokens; lower max_new_tokens.")
+    raise ValueError(
+      f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+      f"context of {model.config.max_position_embeddings} tokens; lower max_new_tokens."
+    )
   return limit

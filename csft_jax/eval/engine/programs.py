@@ -59,6 +59,7 @@ def _to_host(x: jax.Array) -> np.ndarray:
   """The whole array on this host; across processes, gathered (every process runs the same batches)."""
   if not x.is_fully_addressable:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 
@@ -79,12 +80,14 @@ def _map_kv(fn, cache: KVCache, *others: KVCache, segment_ids=None, end=None) ->
 
   def pinned(*arrays):
     out = fn(*arrays)
-    return sharding.constrain(out, _CACHE_AXES[-out.ndim:])
+    return sharding.constrain(out, _CACHE_AXES[-out.ndim :])
 
-  return KVCache(jax.tree.map(pinned, cache.k, *(o.k for o in others)),
-                 jax.tree.map(pinned, cache.v, *(o.v for o in others)),
-                 sharding.constrain(cache.segment_ids if segment_ids is None else segment_ids, ("batch", "length")),
-                 cache.end if end is None else end)
+  return KVCache(
+    jax.tree.map(pinned, cache.k, *(o.k for o in others)),
+    jax.tree.map(pinned, cache.v, *(o.v for o in others)),
+    sharding.constrain(cache.segment_ids if segment_ids is None else segment_ids, ("batch", "length")),
+    cache.end if end is None else end,
+  )
 
 
 def _empty_cache(model: Decoder, batch: int, length: int) -> KVCache:
@@ -93,38 +96,69 @@ def _empty_cache(model: Decoder, batch: int, length: int) -> KVCache:
 
 def _grown(cache: KVCache, extra: int) -> KVCache:
   """`cache` with `extra` empty slots after its last."""
+
   def pad(a):
     return jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, extra), (0, 0)])
 
   return _map_kv(pad, cache, segment_ids=jnp.pad(cache.segment_ids, ((0, 0), (0, extra))))
 
 
-def _generate_batch(graphdef, state, tokens, segment_ids, positions, active, stop_ids, row_keys, *,
-                    mesh: Mesh | None, max_new_tokens: int, sampling: Sampling):
+def _generate_batch(
+  graphdef,
+  state,
+  tokens,
+  segment_ids,
+  positions,
+  active,
+  stop_ids,
+  row_keys,
+  *,
+  mesh: Mesh | None,
+  max_new_tokens: int,
+  sampling: Sampling,
+):
   """Prefill + decode loop for one left-padded batch; returns `[B, max_new_tokens]` int32."""
   _TRACES["generate"] += 1
   with _activation_context(mesh):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = tokens.shape
     cache = _empty_cache(model, batch, prompt_len)  # the decode loop grows it window by window
-    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache, prefill=True,
-                          last_logits_only=True)
-    seen = (_seen_tokens(tokens, segment_ids, logits.shape[-1]) if sampling.repetition_penalty != 1
-            else None)
-    return _decode(graphdef, state, cache, logits[:, -1], positions[:, -1] + 1, active, seen, stop_ids,
-                   row_keys, max_new_tokens=max_new_tokens, sampling=sampling)
+    logits, cache = model(
+      tokens, positions=positions, segment_ids=segment_ids, cache=cache, prefill=True, last_logits_only=True
+    )
+    seen = _seen_tokens(tokens, segment_ids, logits.shape[-1]) if sampling.repetition_penalty != 1 else None
+    return _decode(
+      graphdef,
+      state,
+      cache,
+      logits[:, -1],
+      positions[:, -1] + 1,
+      active,
+      seen,
+      stop_ids,
+      row_keys,
+      max_new_tokens=max_new_tokens,
+      sampling=sampling,
+    )
 
 
 def _prefix_cache(model: Decoder, prefix: jax.Array) -> KVCache:
   """The keys/values of `prefix` `[R, P]` (R identical rows, one per data-parallel shard)."""
   positions = jnp.broadcast_to(jnp.arange(prefix.shape[1], dtype=jnp.int32), prefix.shape)
-  _, cache = model(prefix, positions=positions, segment_ids=jnp.ones_like(prefix),
-                   cache=_empty_cache(model, *prefix.shape), prefill=True, last_logits_only=True)
+  _, cache = model(
+    prefix,
+    positions=positions,
+    segment_ids=jnp.ones_like(prefix),
+    cache=_empty_cache(model, *prefix.shape),
+    prefill=True,
+    last_logits_only=True,
+  )
   return cache
 
 
-def _prefill_after_prefix(model: Decoder, prefix, prefix_cache: KVCache, tokens, segment_ids, positions, *,
-                          penalize: bool):
+def _prefill_after_prefix(
+  model: Decoder, prefix, prefix_cache: KVCache, tokens, segment_ids, positions, *, penalize: bool
+):
   """Rows `tokens` `[B, S]` (left-padded, positions from P on) after `prefix` `[R, P]` with keys/values
   `prefix_cache`: row r takes prefix row r // (B / R) (its shard's), and its tokens attend over the
   prefix and themselves. Padding between the prefix and a row's tokens is segment 0, never attended,
@@ -135,10 +169,12 @@ def _prefill_after_prefix(model: Decoder, prefix, prefix_cache: KVCache, tokens,
   """
   rows, prefix_len = tokens.shape[0], prefix.shape[1]
   copies = rows // prefix.shape[0]
-  cache = _map_kv(lambda a: jnp.repeat(a, copies, axis=a.ndim - 4), prefix_cache,
-                  segment_ids=jnp.ones((rows, prefix_len), jnp.int32))
-  logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=_grown(cache, tokens.shape[1]),
-                        last_logits_only=True)
+  cache = _map_kv(
+    lambda a: jnp.repeat(a, copies, axis=a.ndim - 4), prefix_cache, segment_ids=jnp.ones((rows, prefix_len), jnp.int32)
+  )
+  logits, cache = model(
+    tokens, positions=positions, segment_ids=segment_ids, cache=_grown(cache, tokens.shape[1]), last_logits_only=True
+  )
   seen = None
   if penalize:
     whole = jnp.concatenate([jnp.repeat(prefix, copies, axis=0), tokens], axis=1)
@@ -146,8 +182,21 @@ def _prefill_after_prefix(model: Decoder, prefix, prefix_cache: KVCache, tokens,
   return logits, cache, seen
 
 
-def _generate_shared_batch(graphdef, state, prefix, tokens, segment_ids, positions, active, stop_ids, row_keys,
-                           *, mesh: Mesh | None, max_new_tokens: int, sampling: Sampling):
+def _generate_shared_batch(
+  graphdef,
+  state,
+  prefix,
+  tokens,
+  segment_ids,
+  positions,
+  active,
+  stop_ids,
+  row_keys,
+  *,
+  mesh: Mesh | None,
+  max_new_tokens: int,
+  sampling: Sampling,
+):
   """`_generate_batch` for rows that all start with `prefix` `[R, P]` (R identical rows).
 
   The prefix is prefilled once per data-parallel shard (R = that many rows, so each device
@@ -158,14 +207,44 @@ def _generate_shared_batch(graphdef, state, prefix, tokens, segment_ids, positio
   _TRACES["generate"] += 1
   with _activation_context(mesh):
     model = nnx.merge(graphdef, state)
-    logits, cache, seen = _prefill_after_prefix(model, prefix, _prefix_cache(model, prefix), tokens, segment_ids,
-                                                positions, penalize=sampling.repetition_penalty != 1)
-    return _decode(graphdef, state, cache, logits[:, -1], positions[:, -1] + 1, active, seen, stop_ids,
-                   row_keys, max_new_tokens=max_new_tokens, sampling=sampling)
+    logits, cache, seen = _prefill_after_prefix(
+      model,
+      prefix,
+      _prefix_cache(model, prefix),
+      tokens,
+      segment_ids,
+      positions,
+      penalize=sampling.repetition_penalty != 1,
+    )
+    return _decode(
+      graphdef,
+      state,
+      cache,
+      logits[:, -1],
+      positions[:, -1] + 1,
+      active,
+      seen,
+      stop_ids,
+      row_keys,
+      max_new_tokens=max_new_tokens,
+      sampling=sampling,
+    )
 
 
-def _decode(graphdef, state, cache: KVCache, last_logits, first_position, active, seen, stop_ids, row_keys, *,
-            max_new_tokens: int, sampling: Sampling) -> jax.Array:
+def _decode(
+  graphdef,
+  state,
+  cache: KVCache,
+  last_logits,
+  first_position,
+  active,
+  seen,
+  stop_ids,
+  row_keys,
+  *,
+  max_new_tokens: int,
+  sampling: Sampling,
+) -> jax.Array:
   """The decode loop after a prefill: `[B, max_new_tokens]` int32 new tokens.
 
   `last_logits` `[B, V]` are the prefill's logits at each row's last prompt token (left padding
@@ -189,7 +268,8 @@ def _decode(graphdef, state, cache: KVCache, last_logits, first_position, active
     # enclosing trace inside the loop's own trace.
     state, step, cache, token, done, out, seen = carry
     logits, cache = nnx.merge(graphdef, state)(
-        token[:, None], positions=(first_position + step - 1)[:, None], segment_ids=ones, cache=cache)
+      token[:, None], positions=(first_position + step - 1)[:, None], segment_ids=ones, cache=cache
+    )
     new = _next_token(logits[:, 0], row_keys, step, sampling, seen, stop_ids)
     new = jnp.where(done, token, new)
     out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
@@ -238,8 +318,23 @@ def _prefill_prefix(graphdef, state, prefix, *, mesh: Mesh | None) -> KVCache:
     return _prefix_cache(nnx.merge(graphdef, state), prefix)
 
 
-def _prefill_slots(graphdef, state, cache: KVCache, seen, tokens, segment_ids, positions, slots, stop_ids, row_keys,
-                   prefix=None, prefix_cache: KVCache | None = None, *, mesh: Mesh | None, sampling: Sampling):
+def _prefill_slots(
+  graphdef,
+  state,
+  cache: KVCache,
+  seen,
+  tokens,
+  segment_ids,
+  positions,
+  slots,
+  stop_ids,
+  row_keys,
+  prefix=None,
+  prefix_cache: KVCache | None = None,
+  *,
+  mesh: Mesh | None,
+  sampling: Sampling,
+):
   """Prefills `[R, b]` left-padded prompts into cache rows `slots` (index >= slots: a filler row, dropped)
   at `[end - b, end)`; returns (cache, seen, first new token `[R]`).
 
@@ -253,12 +348,19 @@ def _prefill_slots(graphdef, state, cache: KVCache, seen, tokens, segment_ids, p
     model = nnx.merge(graphdef, state)
     rows, length = tokens.shape
     if prefix_cache is None:
-      logits, own = model(tokens, positions=positions, segment_ids=segment_ids,
-                          cache=_empty_cache(model, rows, length), prefill=True, last_logits_only=True)
+      logits, own = model(
+        tokens,
+        positions=positions,
+        segment_ids=segment_ids,
+        cache=_empty_cache(model, rows, length),
+        prefill=True,
+        last_logits_only=True,
+      )
       new_seen = _seen_tokens(tokens, segment_ids, logits.shape[-1]) if seen is not None else None
     else:
-      logits, own, new_seen = _prefill_after_prefix(model, prefix, prefix_cache, tokens, segment_ids, positions,
-                                                    penalize=seen is not None)
+      logits, own, new_seen = _prefill_after_prefix(
+        model, prefix, prefix_cache, tokens, segment_ids, positions, penalize=seen is not None
+      )
     first = _next_token(logits[:, -1], row_keys, jnp.int32(0), sampling, new_seen, stop_ids)
     segment_ids, length = own.segment_ids, own.length
     start = cache.end - length
@@ -271,14 +373,32 @@ def _prefill_slots(graphdef, state, cache: KVCache, seen, tokens, segment_ids, p
 
     cleared = jnp.zeros((rows, cache.segment_ids.shape[1]), cache.segment_ids.dtype)
     segments = cache.segment_ids.at[slots].set(
-        jax.lax.dynamic_update_slice(cleared, segment_ids.astype(cleared.dtype), (0, start)), mode="drop")
+      jax.lax.dynamic_update_slice(cleared, segment_ids.astype(cleared.dtype), (0, start)), mode="drop"
+    )
     if seen is not None:
       seen = seen.at[slots].set(_add_seen(new_seen, first), mode="drop")
     return _map_kv(put, cache, own, segment_ids=segments), seen, first
 
 
-def _decode_slots(graphdef, state, cache: KVCache, seen, token, position, count, done, stop_ids, row_keys, low, *,
-                  mesh: Mesh | None, steps: int, window: int, max_new_tokens: int, sampling: Sampling):
+def _decode_slots(
+  graphdef,
+  state,
+  cache: KVCache,
+  seen,
+  token,
+  position,
+  count,
+  done,
+  stop_ids,
+  row_keys,
+  low,
+  *,
+  mesh: Mesh | None,
+  steps: int,
+  window: int,
+  max_new_tokens: int,
+  sampling: Sampling,
+):
   """Up to `steps` decode steps of every slot (fewer once all are done), attending over the cache's
   `[low, low + window)` only: every live slot's tokens and the steps' own (the rest is empty or dead).
 
@@ -288,9 +408,12 @@ def _decode_slots(graphdef, state, cache: KVCache, seen, token, position, count,
   _TRACES["decode"] += 1
   row_keys = jax.random.wrap_key_data(row_keys)
   full = cache
-  cache = KVCache(jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, low, window, axis=a.ndim - 2), cache.k),
-                  jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, low, window, axis=a.ndim - 2), cache.v),
-                  jax.lax.dynamic_slice_in_dim(cache.segment_ids, low, window, axis=1), cache.end - low)
+  cache = KVCache(
+    jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, low, window, axis=a.ndim - 2), cache.k),
+    jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, low, window, axis=a.ndim - 2), cache.v),
+    jax.lax.dynamic_slice_in_dim(cache.segment_ids, low, window, axis=1),
+    cache.end - low,
+  )
   with _activation_context(mesh):
     slots = token.shape[0]
     ones = jnp.ones((slots, 1), jnp.int32)
@@ -300,8 +423,9 @@ def _decode_slots(graphdef, state, cache: KVCache, seen, token, position, count,
 
     def step_once(carry):
       state, i, cache, seen, token, position, count, done, out = carry
-      logits, cache = nnx.merge(graphdef, state)(token[:, None], positions=position[:, None], segment_ids=ones,
-                                                 cache=cache)
+      logits, cache = nnx.merge(graphdef, state)(
+        token[:, None], positions=position[:, None], segment_ids=ones, cache=cache
+      )
       new = _next_token(logits[:, 0], row_keys, count, sampling, seen, stop_ids)
       new = jnp.where(done, token, new)
       out = out.at[:, i].set(jnp.where(done, -1, new))
@@ -312,9 +436,13 @@ def _decode_slots(graphdef, state, cache: KVCache, seen, token, position, count,
     out = jnp.full((slots, steps), -1, jnp.int32)
     carry = (state, jnp.int32(0), cache, seen, token, position, count, done, out)
     _, ran, cache, seen, token, position, count, done, out = jax.lax.while_loop(keep_going, step_once, carry)
-    cache = _map_kv(lambda a, w: jax.lax.dynamic_update_slice_in_dim(a, w, low, axis=a.ndim - 2), full, cache,
-                    segment_ids=jax.lax.dynamic_update_slice(full.segment_ids, cache.segment_ids, (0, low)),
-                    end=cache.end + low)
+    cache = _map_kv(
+      lambda a, w: jax.lax.dynamic_update_slice_in_dim(a, w, low, axis=a.ndim - 2),
+      full,
+      cache,
+      segment_ids=jax.lax.dynamic_update_slice(full.segment_ids, cache.segment_ids, (0, low)),
+      end=cache.end + low,
+    )
     return cache, seen, out, ran, token, position, count, done
 
 
@@ -322,20 +450,26 @@ def _shift_slots(cache: KVCache, shift):
   """Every row's cache moved `shift` slots left (what falls off the front is no longer live)."""
   length = cache.segment_ids.shape[1]
   live = jnp.arange(length) < length - shift
-  return KVCache(jax.tree.map(lambda a: jnp.roll(a, -shift, axis=a.ndim - 2), cache.k),
-                 jax.tree.map(lambda a: jnp.roll(a, -shift, axis=a.ndim - 2), cache.v),
-                 jnp.where(live[None, :], jnp.roll(cache.segment_ids, -shift, axis=1), 0), cache.end - shift)
+  return KVCache(
+    jax.tree.map(lambda a: jnp.roll(a, -shift, axis=a.ndim - 2), cache.k),
+    jax.tree.map(lambda a: jnp.roll(a, -shift, axis=a.ndim - 2), cache.v),
+    jnp.where(live[None, :], jnp.roll(cache.segment_ids, -shift, axis=1), 0),
+    cache.end - shift,
+  )
 
 
 _prefill_slots_jit = jax.jit(_prefill_slots, static_argnames=("graphdef", "mesh", "sampling"), donate_argnums=(2, 3))
 _prefill_prefix_jit = jax.jit(_prefill_prefix, static_argnames=("graphdef", "mesh"))
-_decode_slots_jit = jax.jit(_decode_slots,
-                            static_argnames=("graphdef", "mesh", "steps", "window", "max_new_tokens", "sampling"),
-                            donate_argnums=(2, 3))
+_decode_slots_jit = jax.jit(
+  _decode_slots,
+  static_argnames=("graphdef", "mesh", "steps", "window", "max_new_tokens", "sampling"),
+  donate_argnums=(2, 3),
+)
 _shift_slots_jit = jax.jit(_shift_slots, donate_argnums=0)
 _new_slots_cache_jit = jax.jit(_new_slots_cache, static_argnums=(0, 1, 2), static_argnames=("mesh",))
 # Decode steps per device call between refills: fewer calls vs. slots idle after their row stopped.
 DECODE_STEPS_PER_CALL = 16
+
 
 @dataclasses.dataclass(frozen=True)
 class GenerateProgram:
@@ -355,8 +489,16 @@ class GenerateProgram:
   description: str = ""
 
 
-def generate_program(model_config, mesh: Mesh, *, batch_size: int, prompt_len: int, max_new_tokens: int,
-                     sampling: Sampling = None, batching: str = "static") -> GenerateProgram:
+def generate_program(
+  model_config,
+  mesh: Mesh,
+  *,
+  batch_size: int,
+  prompt_len: int,
+  max_new_tokens: int,
+  sampling: Sampling = None,
+  batching: str = "static",
+) -> GenerateProgram:
   """The abstract generate program of `model_config` on `mesh` (see `GenerateProgram`).
 
   With continuous batching that is the prefill of every slot at once into the slots' cache (its
@@ -364,6 +506,7 @@ def generate_program(model_config, mesh: Mesh, *, batch_size: int, prompt_len: i
   prefill + decode program of one batch.
   """
   from jax.sharding import PartitionSpec  # pylint: disable=import-outside-toplevel
+
   rows = _batch_size(batch_size, mesh)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
   shardings = sharding.state_shardings(abstract, mesh)
@@ -371,48 +514,80 @@ def generate_program(model_config, mesh: Mesh, *, batch_size: int, prompt_len: i
 
   def by_rows(shape, dtype) -> jax.ShapeDtypeStruct:
     names = ("batch",) + (None,) * (len(shape) - 1)
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, sharding.logical_to_spec(names, shape, mesh)))
+    return jax.ShapeDtypeStruct(
+      shape, dtype, sharding=NamedSharding(mesh, sharding.logical_to_spec(names, shape, mesh))
+    )
 
   replicated = NamedSharding(mesh, PartitionSpec())
   keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
   stop_ids = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=replicated)  # end of turn, end of sequence
-  args = (graphdef, state, by_rows((rows, prompt_len), jnp.int32), by_rows((rows, prompt_len), jnp.int32),
-          by_rows((rows, prompt_len), jnp.int32), by_rows((rows,), jnp.bool_), stop_ids,
-          jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=replicated))
+  args = (
+    graphdef,
+    state,
+    by_rows((rows, prompt_len), jnp.int32),
+    by_rows((rows, prompt_len), jnp.int32),
+    by_rows((rows, prompt_len), jnp.int32),
+    by_rows((rows,), jnp.bool_),
+    stop_ids,
+    jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=replicated),
+  )
   sampling = sampling or GREEDY
   continuous = batching == "continuous" and model_config.sliding_window is None
-  length = (_slots_cache_length(prompt_len, max_new_tokens) if continuous else prompt_len + max_new_tokens)
+  length = _slots_cache_length(prompt_len, max_new_tokens) if continuous else prompt_len + max_new_tokens
   cache_shape = (model_config.num_layers, rows, model_config.num_kv_heads, length, model_config.head_dim)
   cache_spec = sharding.logical_to_spec(_CACHE_AXES, cache_shape, mesh)
-  cache_bytes = 2 * int(np.prod(NamedSharding(mesh, cache_spec).shard_shape(cache_shape))) * jnp.dtype(
-      model_config.dtype).itemsize
+  cache_bytes = (
+    2 * int(np.prod(NamedSharding(mesh, cache_spec).shard_shape(cache_shape))) * jnp.dtype(model_config.dtype).itemsize
+  )
   if not continuous:
-    return GenerateProgram(_generate_batch_jit, args, dict(mesh=mesh, max_new_tokens=max_new_tokens,
-                                                           sampling=sampling), rows, state, cache_bytes,
-                           f"generate {rows} rows x {prompt_len} prompt tokens + {max_new_tokens} new")
+    return GenerateProgram(
+      _generate_batch_jit,
+      args,
+      dict(mesh=mesh, max_new_tokens=max_new_tokens, sampling=sampling),
+      rows,
+      state,
+      cache_bytes,
+      f"generate {rows} rows x {prompt_len} prompt tokens + {max_new_tokens} new",
+    )
   cache = jax.eval_shape(lambda: KVCache.empty(model_config, rows, length))
 
   def cache_array(a):
-    spec = sharding.logical_to_spec(_CACHE_AXES[-a.ndim:], a.shape, mesh)
+    spec = sharding.logical_to_spec(_CACHE_AXES[-a.ndim :], a.shape, mesh)
     return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec))
 
-  cache = KVCache(jax.tree.map(cache_array, cache.k), jax.tree.map(cache_array, cache.v),
-                  by_rows(cache.segment_ids.shape, cache.segment_ids.dtype),
-                  jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
+  cache = KVCache(
+    jax.tree.map(cache_array, cache.k),
+    jax.tree.map(cache_array, cache.v),
+    by_rows(cache.segment_ids.shape, cache.segment_ids.dtype),
+    jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+  )
   seen = by_rows((rows, model_config.vocab_size), jnp.bool_) if sampling.repetition_penalty != 1 else None
   key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.split(jax.random.key(0), rows)))
-  slot_args = (graphdef, state, cache, seen, *args[2:5], jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=replicated),
-               stop_ids, jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=replicated))
-  return GenerateProgram(_prefill_slots_jit, slot_args, dict(mesh=mesh, sampling=sampling), rows, state, cache_bytes,
-                         f"continuous batching: {rows} slots, a {length}-token cache each; prefill of {rows} x "
-                         f"{prompt_len} prompt tokens")
+  slot_args = (
+    graphdef,
+    state,
+    cache,
+    seen,
+    *args[2:5],
+    jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=replicated),
+    stop_ids,
+    jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=replicated),
+  )
+  return GenerateProgram(
+    _prefill_slots_jit,
+    slot_args,
+    dict(mesh=mesh, sampling=sampling),
+    rows,
+    state,
+    cache_bytes,
+    f"continuous batching: {rows} slots, a {length}-token cache each; prefill of {rows} x {prompt_len} prompt tokens",
+  )
 
 
 def _slots_cache_length(longest_bucket: int, max_new_tokens: int) -> int:
   """The slots' cache: the longest live row (prompt bucket + new tokens) and room for the calls between
   moves left."""
   return longest_bucket + max_new_tokens + max(2 * min(DECODE_STEPS_PER_CALL, max_new_tokens), 64)
-
 
 
 # ---------------------------------------------------------------- scoring ----

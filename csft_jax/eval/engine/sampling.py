@@ -85,8 +85,14 @@ def _penalize_repeats(logits: jax.Array, seen: jax.Array, penalty: float) -> jax
   return jnp.where(seen, penalized, logits)
 
 
-def _next_token(logits: jax.Array, row_keys: jax.Array, step: jax.Array, sampling: Sampling,
-                seen: jax.Array | None, stop_ids: jax.Array) -> jax.Array:
+def _next_token(
+  logits: jax.Array,
+  row_keys: jax.Array,
+  step: jax.Array,
+  sampling: Sampling,
+  seen: jax.Array | None,
+  stop_ids: jax.Array,
+) -> jax.Array:
   """`[B, V]` float32 logits -> `[B]` token ids; `seen` marks the tokens to penalise; `step` (scalar
   or `[B]`) is the index among the new tokens of the token chosen."""
   if seen is not None:
@@ -114,7 +120,6 @@ def _stop_ids(eos_token_id: int | Sequence[int] | None) -> np.ndarray:
   if isinstance(eos_token_id, (int, np.integer)):
     return np.asarray([eos_token_id], np.int32)
   return np.asarray(list(eos_token_id), np.int32)
-
 
 
 def _row_keys(seed: int, prompt_ids: np.ndarray, sample_ids: np.ndarray) -> jax.Array:
