@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_WORKDIR ?= workdirs/demo
 
-.PHONY: install demo test clean-demo
+.PHONY: install demo lint test clean-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,14 @@ demo: $(STAMP)
 # One pytest worker per core (pytest-xdist), a test file per worker at a time so that module
 # fixtures (the workflow test's trained run) are built once: 9-11 min instead of 15 on 2 cores.
 TEST_WORKERS ?= auto
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# The style gate (configuration: [tool.ruff] in pyproject.toml): lint, then formatting. `ruff format .`
+# and `ruff check --fix .` repair most of what it reports.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean-demo:
 	rm -rf $(DEMO_WORKDIR)

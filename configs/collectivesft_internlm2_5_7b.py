@@ -7,9 +7,10 @@ sources concatenated (= proportional mixing), no packing. Two variants (`variant
 
   paper  what the yaml ran: the first 1000 records of each source; 10% of their concatenation
          held out, the very examples LLaMA-Factory's split_dataset holds out (val_split=
-         concatenation, seed 42); one example per padded row and 256 examples per optimizer step (16 x 2 x 8 GPUs, whatever the mesh preset), each example
-         rendered with LLaMA-Factory's intern2 template (chat_template=llamafactory_intern2:
-         efficient_eos labels) and cut to 1024 tokens by its infer_seqlen (overlong=infer_seqlen).
+         concatenation, seed 42); one example per padded row and 256 examples per optimizer step
+         (16 x 2 x 8 GPUs, whatever the mesh preset), each example rendered with LLaMA-Factory's
+         intern2 template (chat_template=llamafactory_intern2: efficient_eos labels) and cut
+         to 1024 tokens by its infer_seqlen (overlong=infer_seqlen).
          10,800 training examples: about 42 steps an epoch.
   full   all records, 0.2% held out, packed rows of 1024 tokens, 64 rows per step: about the
          paper's 256 examples per step, as the collection packs about 4 examples into a row. The

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import os
 import re
 from typing import Any
@@ -124,17 +125,15 @@ def slice_devices(name: str) -> tuple[list[Any], Slice]:
   if name not in SLICES:
     raise FitError(f"unknown slice {name!r}; known slices: {', '.join(SLICES)}.")
   spec = SLICES[name]
-  try:
-    import libtpu  # pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
+  if importlib.util.find_spec("libtpu") is None:
     raise FitError(
       "compiling for a TPU slice needs libtpu: install the `tpu` extra "
       "(pip install -e '.[tpu]'; `make test` installs it)."
-    ) from None
+    )
   # libtpu takes a machine-wide lockfile meant for processes that drive real TPUs; compiling drives
   # none, so two compiles (or a compile beside a test run) must not lock each other out.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  from jax.experimental import topologies
 
   topology = topologies.get_topology_desc(
     platform="tpu",
@@ -164,7 +163,7 @@ def _check_batch(config: ml_collections.ConfigDict, mesh) -> None:
 
 
 def _slice_mesh(mesh_config: ml_collections.ConfigDict, slice_name: str, devices: list[Any]):
-  from csft_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
+  from csft_jax.sharding import make_mesh
 
   try:
     return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, devices=devices)
@@ -175,7 +174,7 @@ def _slice_mesh(mesh_config: ml_collections.ConfigDict, slice_name: str, devices
 def _compile(jitted, args: tuple[Any, ...], kwargs: dict[str, Any], mesh) -> tuple[float, float, str, float]:
   """(temporaries GiB, device total GiB or -1 when XLA refused, XLA's refusal, host-memory arguments
   GiB) of `jitted` compiled for `args`."""
-  from csft_jax.sharding import activation_sharding  # pylint: disable=import-outside-toplevel
+  from csft_jax.sharding import activation_sharding
 
   try:
     with activation_sharding(mesh):
@@ -197,8 +196,8 @@ def _compile(jitted, args: tuple[Any, ...], kwargs: dict[str, Any], mesh) -> tup
 
 def check_fit(config: ml_collections.ConfigDict, slice_name: str) -> FitReport:
   """Compiles `config`'s train step for `slice_name`; see the module docstring."""
-  from csft_jax.training import programs  # pylint: disable=import-outside-toplevel
-  from csft_jax.training.optimizer import make_optimizer, opt_state_memory  # pylint: disable=import-outside-toplevel
+  from csft_jax.training import programs
+  from csft_jax.training.optimizer import make_optimizer, opt_state_memory
 
   devices, spec = slice_devices(slice_name)
   mesh = _slice_mesh(config.mesh, slice_name, devices)
@@ -255,7 +254,7 @@ def check_generate_fit(config: ml_collections.ConfigDict, slice_name: str, model
     A `FitReport` whose temporaries include the KV cache (`kv_cache_gib`) and the prefill's
     activations for `batch_size` rows of the longest prompt.
   """
-  from csft_jax.eval import engine, runner  # pylint: disable=import-outside-toplevel
+  from csft_jax.eval import engine, runner
 
   devices, spec = slice_devices(slice_name)
   mesh = _slice_mesh(config.mesh, slice_name, devices)
@@ -302,7 +301,7 @@ def _tokenizer_size(config: ml_collections.ConfigDict) -> int:
   """The tokenizer's size when the model takes its vocab from it (`model.vocab_size <= 0`), else 0."""
   if config.model.vocab_size > 0:
     return 0
-  from csft_jax.data.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+  from csft_jax.data.tokenizer import load_tokenizer
 
   return len(load_tokenizer(config.data.tokenizer or config.init.from_hf))
 

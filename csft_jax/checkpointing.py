@@ -133,7 +133,7 @@ class Checkpointer:
           data_iter=grain.checkpoint.CheckpointRestore(data_iter),
         ),
       )
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       if any("tree structures do not match" in str(inner) for inner in _exception_chain(e)):
         raise CheckpointError(
           f"step {step} cannot be restored into this config's state: the saved state has another structure "
@@ -247,7 +247,7 @@ def _stored_param_paths(step_dir: str) -> dict[tuple[str, ...], tuple[int, ...]]
   try:
     with ocp.PyTreeCheckpointer() as checkpointer:
       metadata = checkpointer.metadata(state_dir)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise CheckpointError(f"parameters of {step_dir} cannot be read: {_failing_file(e, step_dir)}") from e
   tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
   paths = {}
@@ -289,7 +289,7 @@ def _restore_state_item(step_dir: str, target: Any) -> Any:
           item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
         ),
       )
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise CheckpointError(f"parameters of {step_dir} cannot be restored: {_failing_file(e, step_dir)}") from e
   return restored["params"]
 
@@ -388,8 +388,8 @@ def restore_model(
   targets = []
   for abstract_params in abstract_parts:
     if mesh is None:
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      shardings = jax.tree.map(lambda _: device, abstract_params)
+      one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      shardings = jax.tree.map(lambda _, sharding=one_device: sharding, abstract_params)
     else:
       shardings = state_shardings(abstract_params, mesh)
     targets.append(

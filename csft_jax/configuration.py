@@ -143,7 +143,7 @@ def define_config_flag(help_text: str) -> None:
 
 def from_flags() -> ml_collections.ConfigDict:
   """The `--config` flag's config, overrides applied, paths resolved."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import flags
 
   config = flags.FLAGS.config
   if config is None:

@@ -27,7 +27,7 @@ def quiet_library_info_logs() -> None:
 # What a person can fix from the message alone: bad configs, data, paths, checkpoints, permissions.
 # Every such error in csft_jax subclasses ValueError (or is an OSError, or a CheckpointError).
 def _expected_errors() -> tuple[type[BaseException], ...]:
-  from csft_jax.checkpointing import CheckpointError  # pylint: disable=import-outside-toplevel
+  from csft_jax.checkpointing import CheckpointError
 
   return (ValueError, OSError, CheckpointError)
 
@@ -70,7 +70,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def _unknown_override(argv: Sequence[str]) -> str | None:
   """Which `--config.a.b.c=...` of `argv` names a field the config file does not have, and what it has."""
-  from csft_jax import configuration  # pylint: disable=import-outside-toplevel
+  from csft_jax import configuration
 
   spec = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), None)
   if spec is None:
@@ -79,8 +79,8 @@ def _unknown_override(argv: Sequence[str]) -> str | None:
   try:
     module = configuration.load_module(path)
     config = module.get_config(arg) if arg else module.get_config()
-  except Exception:  # pylint: disable=broad-except
-    return None  # the config file itself fails: let the original error speak
+  except Exception:  # noqa: BLE001  any error in the config file: the original error speaks for it
+    return None
   for flag in argv:
     if not flag.startswith("--config."):
       continue

@@ -36,15 +36,14 @@ import time
 from typing import Any, NamedTuple
 
 import jax
-
 import ml_collections
 from absl import app, flags, logging
 
 from csft_jax import checkpointing, configuration, distributed, files, model_source, sharding
 from csft_jax.console import run_cli
 from csft_jax.data.errors import DataError
-from csft_jax.loading import LoadError, is_hf_dir, load_chat_model
 from csft_jax.eval import judge, runner
+from csft_jax.loading import LoadError, is_hf_dir, load_chat_model
 from csft_jax.models import PRESETS, ModelConfig, generation_attention, get_preset, lora, with_runtime
 from csft_jax.stopping import StopRequest
 from csft_jax.workdir import RunDir, model_tag
@@ -209,7 +208,7 @@ def model_config_for_compile(config: ml_collections.ConfigDict, preset: str | No
 
 def compile_for(config: ml_collections.ConfigDict, slice_name: str, preset: str | None) -> None:
   """`--compile_for`: prints the generate program's per-device memory on `slice_name`; exits 0 or 1."""
-  from csft_jax import aot  # pylint: disable=import-outside-toplevel
+  from csft_jax import aot
 
   config = configuration.resolve_paths(config)
   report = aot.check_generate_fit(config, slice_name, model_config_for_compile(config, preset))

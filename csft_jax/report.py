@@ -224,10 +224,10 @@ def markdown_summary(
 
 def plot_loss_curves(runs: Sequence[RunRecord], path: str) -> None:
   """Train loss and eval loss vs step, one line per run."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib
 
   matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+  from matplotlib import pyplot as plt
 
   fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(15, 4.5))
   for index, run in enumerate(runs):
@@ -248,10 +248,10 @@ def plot_loss_curves(runs: Sequence[RunRecord], path: str) -> None:
 
 def plot_eval_loss_per_source(runs: Sequence[RunRecord], path: str) -> None:
   """Final eval loss per source, one bar per run (runs are named by their mixing scheme)."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib
 
   matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+  from matplotlib import pyplot as plt
 
   sources = sorted(_union([list(r.eval_loss_per_source) for r in runs]))
   with_eval = [r for r in runs if r.eval_loss_per_source]

@@ -20,8 +20,9 @@ def scorable() -> list[str]:
 
 
 def main() -> None:
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
-  from csft_jax.console import run_cli  # pylint: disable=import-outside-toplevel
+  from absl import app, flags
+
+  from csft_jax.console import run_cli
 
   names = scorable()
   name = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else None

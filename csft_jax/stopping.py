@@ -35,7 +35,7 @@ class StopRequest:
     flag = np.asarray(self.signal_name is not None)
     if jax.process_count() > 1:
       # Every process must stop at the same point, or the collectives would hang.
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      from jax.experimental import multihost_utils
 
       flag = multihost_utils.process_allgather(flag).any()
     return bool(flag)

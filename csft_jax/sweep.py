@@ -23,9 +23,10 @@ in the config file; the sweep holds only what varies, and a run's name is derive
 overrides alone (`run_name`), so names stay stable when points are added or removed.
 
 Local launcher: runs the points one after another from the current directory, each in `W/<name>/`
-(a `csft_jax.workdir.RunDir`) with its output also in `W/<name>/sweep.log`; a point whose `run_summary.json` says "finished" and whose eval results
-exist is skipped, an interrupted one is resumed (the trainer restarts from its latest
-checkpoint), a finished one missing evals gets only its evals. A failing point does not stop the
+(a `csft_jax.workdir.RunDir`) with its output also in `W/<name>/sweep.log`; a point whose
+`run_summary.json` says "finished" and whose eval results exist is skipped, an interrupted one is
+resumed (the trainer restarts from its latest checkpoint), a finished one missing evals gets only
+its evals. A failing point does not stop the
 sweep; the exit status is 1 unless every point finished. `W/sweep.json` records the points,
 names, commands and statuses, and `python -m csft_jax.report --workdir=W` summarizes them.
 
@@ -60,7 +61,8 @@ from typing import Any
 import ml_collections
 from absl import app, flags
 
-from csft_jax import configuration, workdir as workdir_lib
+from csft_jax import configuration
+from csft_jax import workdir as workdir_lib
 from csft_jax.console import run_cli
 from csft_jax.files import read_json_if_exists, write_json_atomic
 from csft_jax.workdir import RunDir
@@ -287,7 +289,7 @@ def plan_run(experiment: Experiment, overrides: Overrides, workdir: str) -> Run:
 
 def eval_result_name(eval_config: str) -> str:
   """The name the evaluator writes results under for an eval config file[:arg] (e.g. `cmb-answer`)."""
-  from csft_jax.eval import runner  # pylint: disable=import-outside-toplevel
+  from csft_jax.eval import runner
 
   config = configuration.load(eval_config)
   return runner.get_benchmark(config.benchmark).result_name(config)
@@ -330,7 +332,7 @@ def check_overrides(runs: Sequence[Run], *, strict: bool = True) -> None:
 def _build_config(config: str, strict: bool) -> ml_collections.ConfigDict | None:
   try:
     return configuration.load(config)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     message = f"cannot build config {config} to check the overrides: {e}"
     if strict:
       raise SweepError(message) from e
@@ -525,7 +527,7 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> int:
   del argv
-  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  FLAGS = flags.FLAGS
   if not FLAGS.sweep or not FLAGS.workdir:
     raise app.UsageError("--sweep and --workdir are required.")
   experiment = load_experiment(FLAGS.sweep)

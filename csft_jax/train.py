@@ -31,7 +31,8 @@ from absl import app, flags
 from flax import nnx
 from jax.sharding import Mesh
 
-from csft_jax import checkpointing, configuration, distributed, files, model_source, workdir as workdir_lib
+from csft_jax import checkpointing, configuration, distributed, files, model_source
+from csft_jax import workdir as workdir_lib
 from csft_jax.console import run_cli
 from csft_jax.convert import save_hf
 from csft_jax.convert.hf import copy_tokenizer_files, load_hf
@@ -42,6 +43,7 @@ from csft_jax.models import ModelConfig, lora, model_config_from
 from csft_jax.models.attention import check_backend
 from csft_jax.models.config import ARCHITECTURE_FIELDS, RUNTIME_FIELDS
 from csft_jax.sharding import abstract_mesh, activation_sharding, describe_plan, make_mesh, state_shardings
+from csft_jax.stopping import StopRequest
 from csft_jax.training.loss import LossSums
 from csft_jax.training.metrics import MetricsWriter, StepMeter, itstime, peak_flops, training_flops_per_token
 from csft_jax.training.optimizer import check_host_memory, make_optimizer, opt_state_memory
@@ -58,7 +60,6 @@ from csft_jax.training.programs import (
   runtime_fields,
   with_lora,
 )
-from csft_jax.stopping import StopRequest
 from csft_jax.training.step import TrainState, merge_model
 from csft_jax.workdir import RunDir
 
@@ -182,7 +183,7 @@ def check_resume_config(
 
 def _field_defaults() -> dict[str, Any]:
   """Every config field's default (the base config of configs/base.py), as JSON values."""
-  from configs import base  # pylint: disable=import-outside-toplevel  (configs import this module)
+  from configs import base  # here: configs import this module
 
   return json.loads(json.dumps(base.get_config().to_dict(), default=str))
 
@@ -440,7 +441,7 @@ def _take_lock(lock: workdir_lib.RunLock, primary: bool, say: Callable[[str], No
     except workdir_lib.RunLockedError as e:
       error = e
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    from jax.experimental import multihost_utils
 
     if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))) and error is None:
       raise workdir_lib.RunLockedError(f"process 0 could not lock {lock.path}; see its output.")
@@ -722,7 +723,7 @@ def main(argv: list[str]) -> None:
     print(plan(config))
     return
   if flags.FLAGS.compile_for:
-    from csft_jax import aot  # pylint: disable=import-outside-toplevel
+    from csft_jax import aot
 
     report = aot.check_fit(config, flags.FLAGS.compile_for)
     print(report.table())

@@ -19,11 +19,12 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory) -> str:
   """A demo-shaped model (2 layers) as an HF directory with the demo tokenizer, in 4+ shards."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from csft_jax import configuration  # pylint: disable=import-outside-toplevel
-  from csft_jax.convert import save_hf  # pylint: disable=import-outside-toplevel
-  from csft_jax.data.config import DEMO_TOKENIZER  # pylint: disable=import-outside-toplevel
-  from csft_jax.models import Decoder, model_config_from  # pylint: disable=import-outside-toplevel
+  from flax import nnx
+
+  from csft_jax import configuration
+  from csft_jax.convert import save_hf
+  from csft_jax.data.config import DEMO_TOKENIZER
+  from csft_jax.models import Decoder, model_config_from
 
   config = configuration.load(
     "configs/demo.py", {"model.hidden_size": 64, "model.intermediate_size": 128, "model.num_layers": 2}

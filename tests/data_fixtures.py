@@ -5,22 +5,22 @@ import os
 
 import ml_collections
 
-from tests import REPO_ROOT
 from csft_jax.data.config import DEMO_TOKENIZER, default_config, sample_collection_config, source_config
 from csft_jax.data.pipeline import DataPipeline
 from csft_jax.data.templates import load_chat_template
 from csft_jax.data.tokenizer import load_tokenizer
+from tests import REPO_ROOT
 
 SHARED = os.path.join(REPO_ROOT, "..", "shared", "data")
 COLLECTION = os.path.join(SHARED, "collection")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def demo_tokenizer():
   return load_tokenizer(DEMO_TOKENIZER)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def template(name: str = "chatml"):
   return load_chat_template(name, demo_tokenizer())
 
@@ -34,12 +34,12 @@ def sample_config(**overrides) -> ml_collections.ConfigDict:
   return data
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sample_pipeline(packing: str = "packed") -> DataPipeline:
   return DataPipeline(sample_config(packing=packing))
 
 
-def one_source_config(path: str, format: str, **options) -> ml_collections.ConfigDict:  # pylint: disable=redefined-builtin
+def one_source_config(path: str, format: str, **options) -> ml_collections.ConfigDict:
   """A data config with a single source `s` at `path` (absolute or repo-relative)."""
   data = default_config()
   data.sources = ml_collections.ConfigDict({"s": source_config(path, format, **options)})

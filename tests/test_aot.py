@@ -1,4 +1,5 @@
-"""`--compile_for=SLICE`: the real train step and eval generate program compiled for TPU slices from this CPU host (libtpu)."""
+"""`--compile_for=SLICE`: the real train step and eval generate program compiled for TPU slices from this
+CPU host (libtpu)."""
 
 import json
 import os
@@ -12,8 +13,8 @@ from flax import nnx
 
 pytest.importorskip("libtpu", reason="needs the tpu extra (make test installs it)")
 
-from csft_jax import aot, configuration  # pylint: disable=wrong-import-position
-from csft_jax.models import Decoder  # pylint: disable=wrong-import-position
+from csft_jax import aot, configuration
+from csft_jax.models import Decoder
 from tests import REPO_ROOT
 
 
@@ -72,7 +73,7 @@ def _eval_config(**fields):
 
 
 def test_eval_generate_program_compiles_for_a_slice():
-  from csft_jax import evaluate  # pylint: disable=import-outside-toplevel
+  from csft_jax import evaluate
 
   config = _eval_config(batch_size=12, batching="static")  # rounded up to 16 rows: two per device of v5e-8
   model_config = evaluate.model_config_for_compile(config, "tiny")
@@ -97,7 +98,7 @@ def test_eval_generate_program_compiles_for_a_slice():
 def test_eval_compile_for_continuous_batching_compiles_the_slots_prefill():
   """With continuous batching the largest program is the prefill of every slot into the slots' cache,
   which holds the longest prompt, max_new_tokens and room for the calls between moves."""
-  from csft_jax import evaluate  # pylint: disable=import-outside-toplevel
+  from csft_jax import evaluate
 
   config = _eval_config(batch_size=16, max_prompt_len=256, batching="continuous")
   model_config = evaluate.model_config_for_compile(config, "tiny")
@@ -121,7 +122,7 @@ def test_eval_compile_for_continuous_batching_compiles_the_slots_prefill():
 def test_eval_compile_for_compiles_the_benchmarks_own_sampling(monkeypatch, eval_config, expected):
   """CMB generates at least one token (min_new_tokens=1) and CMB-Clin with repetition_penalty=1.1, as the
   official configs; the compiled program is the one their runs call, with that sampling."""
-  from csft_jax import evaluate  # pylint: disable=import-outside-toplevel
+  from csft_jax import evaluate
 
   compiled = {}
 
@@ -141,7 +142,7 @@ def test_eval_compile_for_compiles_the_benchmarks_own_sampling(monkeypatch, eval
 
 
 def test_eval_compile_for_exits_1_when_it_does_not_fit(capsys):
-  from csft_jax import evaluate  # pylint: disable=import-outside-toplevel
+  from csft_jax import evaluate
 
   # 8,192 rows of 496 prompt tokens per 16 GiB chip: the prefill's attention scores alone are 31 GiB.
   with pytest.raises(SystemExit) as exit_status:
@@ -157,7 +158,7 @@ def test_eval_compile_for_exits_1_when_it_does_not_fit(capsys):
 
 def test_the_compiled_batch_is_the_batch_the_pipeline_feeds():
   """Keys, shape and dtype of every feature: the program compiled for a slice is the program that runs."""
-  from csft_jax.data.pipeline import DataPipeline  # pylint: disable=import-outside-toplevel
+  from csft_jax.data.pipeline import DataPipeline
 
   config = configuration.load("configs/demo.py", {"train.global_batch_size": 4})
   fed = next(iter(DataPipeline(config.data).train_dataset(config.train.global_batch_size)))

@@ -135,7 +135,8 @@ def test_mcq_adapter_renders_cmb_items_as_cmb_to_sft(tmp_path):
   assert plain.conversation.turns == (
     (
       "user",
-      "该问题源自医师考试，面向规培结业中的临床病理科。\n\n\n下列哪项是癌前病变？\nA: 肠化生\nB: 炎性息肉\nC: \nD: 增生\n",
+      "该问题源自医师考试，面向规培结业中的临床病理科。\n\n\n"
+      "下列哪项是癌前病变？\nA: 肠化生\nB: 炎性息肉\nC: \nD: 增生\n",
     ),
     ("assistant", "答案是A。"),
   )

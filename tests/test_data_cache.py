@@ -11,13 +11,13 @@ import grain
 import numpy as np
 import pytest
 
-from tests import REPO_ROOT
+from csft_jax.configuration import resolve_path
 from csft_jax.data import cache, prepare
 from csft_jax.data.config import SAMPLE_COLLECTION
-from csft_jax.configuration import resolve_path
 from csft_jax.data.errors import DataError
 from csft_jax.data.packing import packing_efficiency
 from csft_jax.data.pipeline import DataPipeline
+from tests import REPO_ROOT
 from tests.data_fixtures import one_source_config, sample_config, sample_pipeline
 
 SHARD = 7  # Conversations per shard in these tests: every source spans several shards.
@@ -244,8 +244,8 @@ def test_bad_cache_settings_and_all_dropped_sources(tmp_path):
 
 
 def test_a_file_named_by_a_source_option_is_fingerprinted(tmp_path):
-  from csft_jax.data import meds_ins  # pylint: disable=import-outside-toplevel
-  from csft_jax.data.sources import parse_sources  # pylint: disable=import-outside-toplevel
+  from csft_jax.data import meds_ins
+  from csft_jax.data.sources import parse_sources
 
   rewrites = tmp_path / "RewriteDefinitions.json"
   rewrites.write_text(json.dumps({"task1001": {"auto_rewrite_def": ["分诊。"]}}, ensure_ascii=False))

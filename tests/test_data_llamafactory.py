@@ -40,13 +40,13 @@ CONVERSATION = Conversation(
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def intern2_tokenizer():
   """The demo tokenizer with InternLM2's bos/eos (`<s>`, `</s>`; it has every intern2 token)."""
   return transformers.AutoTokenizer.from_pretrained(resolve_path(DEMO_TOKENIZER), bos_token="<s>", eos_token="</s>")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def intern2():
   return load_chat_template("llamafactory_intern2", intern2_tokenizer())
 
@@ -179,7 +179,7 @@ def test_infer_seqlen_policy_cuts_turn_by_turn_like_llamafactory(cutoff, system)
 def test_truncate_policy_keeps_the_appended_eos():
   records = [SourceRecord(CONVERSATION, {}, None)]
   source = tokenize_source("s", records, SourceStats(), intern2(), seq_len=40, overlong="truncate")
-  ids, mask = source.token_ids[0], source.loss_masks[0]
+  ids = source.token_ids[0]
   full_ids, _ = intern2().encode(CONVERSATION)
   assert len(ids) == 41 and ids[:40].tolist() == full_ids[:40].tolist() and ids[-1] == intern2_tokenizer().eos_token_id
 

@@ -306,7 +306,10 @@ def test_inspect_the_demo_config():
   assert summary["seq_len"] == 1024 and summary["sources"]["meds_ins"]["dropped"] == 0
   # Examples 0-2 are zero-shot, 3 is 3-shot (seed 0); the answer is the trained text.
   assert stdout.count("--- meds_ins example") == 4 and stdout.count(FEW_SHOT_SENTENCE) == 1
-  zero_shot = "<|im_start|>user\n反复咳嗽、咳痰两周，夜间加重，偶有低热。<|im_end|>\n<|im_start|>assistant\n[[呼吸内科<|im_end|>]]"
+  zero_shot = (
+    "<|im_start|>user\n反复咳嗽、咳痰两周，夜间加重，偶有低热。<|im_end|>\n<|im_start|>assistant\n"
+    "[[呼吸内科<|im_end|>]]"
+  )
   assert zero_shot in stdout
   assert "<|im_start|>user\nInput:\n突发一侧肢体无力、口角歪斜，说话含糊。\nOutput:\n<|im_end|>" in stdout
 

@@ -22,7 +22,7 @@ def registered():
     del TEMPLATES[name]
 
 
-def test_a_format_and_a_template_defined_in_test_code_run_through_the_pipeline(tmp_path, registered):  # pylint: disable=unused-argument
+def test_a_format_and_a_template_defined_in_test_code_run_through_the_pipeline(tmp_path, registered):
   def read_tab_lines(source, path, text):  # the format's own reader: "question<TAB>answer" lines
     del source
     for line_number, line in enumerate(text.splitlines(), start=1):

@@ -8,8 +8,8 @@ import grain
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tests import REPO_ROOT
 from csft_jax.data.pipeline import DataPipeline
+from tests import REPO_ROOT
 from tests.data_fixtures import sample_config, sample_pipeline
 
 

@@ -98,7 +98,7 @@ def test_llama3_strips_every_message_content():
 
 
 def test_llama3_jinja_export_trims_as_the_template_does():
-  import jinja2  # pylint: disable=import-outside-toplevel
+  import jinja2
 
   t = template("llama3")
   rendered = jinja2.Template(t.jinja()).render(messages=PADDED, add_generation_prompt=True)
@@ -121,7 +121,7 @@ MISTRAL_JINJA = (
 
 
 def test_mistral_folds_the_system_turn_into_the_user_turn():
-  import copy  # pylint: disable=import-outside-toplevel
+  import copy
 
   tokenizer = copy.deepcopy(demo_tokenizer())
   tokenizer.chat_template = MISTRAL_JINJA

@@ -60,7 +60,7 @@ def test_records_and_summary(cases, tmp_path):
   assert records[0]["rougeL"] == pytest.approx(1.0, abs=1e-6) and records[0]["bleu1"] == pytest.approx(1.0)
   empty = records[3]
   assert empty["empty"] and empty["rougeL"] == 0.0 and empty["bleu1"] == 0.0
-  assert f"[ answer ]\n\n[ end of answer ]" in empty["judge_prompt"]  # judged like any other answer
+  assert "[ answer ]\n\n[ end of answer ]" in empty["judge_prompt"]  # judged like any other answer
   assert "judge_scores" not in empty  # we never invent a judge's score
   last = records[4]
   assert last["bleu1"] == pytest.approx(text_metrics.bleu1("多运动。", cases[1]["QA_pairs"][1]["solution"], "zh"))

@@ -12,8 +12,8 @@ from flax import nnx
 
 from csft_jax import loading
 from csft_jax.convert import load_hf
-from csft_jax.models import with_runtime
 from csft_jax.eval import engine
+from csft_jax.models import with_runtime
 from csft_jax.sharding import make_mesh
 from csft_jax.workdir import RunDir
 from tests.hf_models import make_hf_model

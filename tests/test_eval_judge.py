@@ -15,9 +15,12 @@ from configs.eval import cmb_clin as cmb_clin_config
 from csft_jax import evaluate
 from csft_jax.configuration import resolve_path
 from csft_jax.eval import cmb_clin, judge, runner
-from tests.test_evaluate_cli import REPO, _config, model_dir  # noqa: F401  pylint: disable=unused-import  (a fixture)
+from tests.test_evaluate_cli import REPO, _config, model_dir  # noqa: F401  (a fixture)
 
-OFFICIAL_EXAMPLE = "{ \u2018 fluency \u2019: 3 , \u2018 relevance \u2019: 3 , \u2018 completeness \u2019: 3 , \u2018 proficiency \u2019: 3}"
+OFFICIAL_EXAMPLE = (
+  "{ \u2018 fluency \u2019: 3 , \u2018 relevance \u2019: 3 , \u2018 completeness \u2019: 3 , "
+  "\u2018 proficiency \u2019: 3}"
+)
 
 
 @pytest.mark.parametrize(
@@ -83,7 +86,7 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-  def do_POST(self):  # pylint: disable=invalid-name
+  def do_POST(self):
     body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
     with self.server.lock:
       self.server.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
@@ -112,7 +115,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     except (BrokenPipeError, ConnectionResetError):
       pass  # the client gave up waiting (the timeout case)
 
-  def log_message(self, *args):  # pylint: disable=arguments-differ
+  def log_message(self, *args):
     pass
 
 

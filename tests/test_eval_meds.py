@@ -19,7 +19,7 @@ from csft_jax.data.templates import load_chat_template
 from csft_jax.data.tokenizer import load_tokenizer
 from csft_jax.eval import meds_bench, runner
 from tests.data_fixtures import template
-from tests.test_eval_metrics import nltk_word_tokenize  # noqa: F401  pylint: disable=unused-import
+from tests.test_eval_metrics import nltk_word_tokenize  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "meds_bench"
@@ -479,7 +479,7 @@ def test_cli(tmp_path, capsys):
 
 def _llama3_style_tokenizer(directory):
   """The demo tokenizer with Llama-3's post-processor: `tokenizer(text)` puts <|begin_of_text|> first."""
-  import tokenizers  # pylint: disable=import-outside-toplevel
+  import tokenizers
 
   source = Path(resolve_path(DEMO_TOKENIZER))
   directory.mkdir()

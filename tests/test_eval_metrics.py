@@ -32,7 +32,7 @@ def test_tokenize_per_language():
 
 def install_punkt_tab(root):
   """Writes NLTK's English `punkt_tab` model files (from the package's literals) under root."""
-  from punkt.data import english  # pylint: disable=import-outside-toplevel
+  from punkt.data import english
 
   model = root / "tokenizers" / "punkt_tab" / "english"
   model.mkdir(parents=True)
@@ -48,12 +48,12 @@ def install_punkt_tab(root):
 @pytest.fixture
 def nltk_word_tokenize(tmp_path, monkeypatch):
   """`nltk.word_tokenize` itself, loading the English model through NLTK's own punkt_tab loader."""
-  import nltk  # pylint: disable=import-outside-toplevel
+  import nltk
 
   monkeypatch.setattr(nltk.data, "path", [str(install_punkt_tab(tmp_path))])
-  nltk.tokenize._get_punkt_tokenizer.cache_clear()  # pylint: disable=protected-access
+  nltk.tokenize._get_punkt_tokenizer.cache_clear()
   yield nltk.word_tokenize
-  nltk.tokenize._get_punkt_tokenizer.cache_clear()  # pylint: disable=protected-access
+  nltk.tokenize._get_punkt_tokenizer.cache_clear()
 
 
 ABBREVIATION_SENTENCES = {
@@ -83,7 +83,7 @@ ABBREVIATION_SENTENCES = {
 
 
 def test_english_tokens_are_nltk_word_tokenize_with_the_trained_punkt_model(nltk_word_tokenize):
-  from nltk.tokenize.punkt import PunktSentenceTokenizer  # pylint: disable=import-outside-toplevel
+  from nltk.tokenize.punkt import PunktSentenceTokenizer
 
   for text, expected in ABBREVIATION_SENTENCES.items():
     assert tm.tokenize(text, "en") == expected

@@ -99,7 +99,7 @@ def test_converted_checkpoint_trains_from_either_layer_layout(pretrained, tmp_pa
 
 
 def jax_leaves(tree):
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
 
   return jax.tree.leaves(tree)
 
@@ -442,7 +442,7 @@ def test_a_bad_item_is_reported_before_the_model_loads(run_workdir, tmp_path):
 
 def test_the_generation_journal_survives_a_cut_line_and_refuses_other_settings(tmp_path):
   """Item 4: what the rerun trusts: whole lines only, the same prompt tokens, the same settings."""
-  from csft_jax.eval import runner  # pylint: disable=import-outside-toplevel
+  from csft_jax.eval import runner
 
   path = str(tmp_path / "progress.jsonl")
   journal = runner.GenerationJournal(path, "settings-1")
@@ -466,8 +466,9 @@ def test_the_generation_journal_survives_a_cut_line_and_refuses_other_settings(t
 
 def test_a_partial_restore_is_refused_naming_the_missing_parameters(tmp_path):
   """Item 2: a checkpoint that lacks parameters the model has (here a third layer) never half-fills it."""
-  import dataclasses  # pylint: disable=import-outside-toplevel
-  from csft_jax.models import get_preset  # pylint: disable=import-outside-toplevel
+  import dataclasses
+
+  from csft_jax.models import get_preset
 
   for scan_layers in (False, True):
     model = Decoder(dataclasses.replace(get_preset("tiny"), num_layers=2, scan_layers=scan_layers), rngs=nnx.Rngs(0))
@@ -515,7 +516,7 @@ def _steps_and_losses(workdir) -> dict[int, float]:
 def test_a_run_from_before_new_config_fields_resumes_while_they_hold_their_defaults():
   """A workdir whose config.json predates a field (here lora.* and optim.moments_dtype) resumes: the field
   at its default is the behaviour the run had; set away from it, it is refused like any change."""
-  from csft_jax import train  # pylint: disable=import-outside-toplevel
+  from csft_jax import train
 
   current = configuration.load("configs/demo.py").to_dict()
   stored = json.loads(json.dumps(current, default=str))

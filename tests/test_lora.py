@@ -24,10 +24,10 @@ from flax import nnx
 
 from csft_jax import checkpointing, train
 from csft_jax.convert import load_hf
+from csft_jax.data import packing
 from csft_jax.loading import with_adapter
 from csft_jax.models import Decoder, lora, model_config_from
 from csft_jax.sharding import make_mesh
-from csft_jax.data import packing
 from csft_jax.training import programs
 from csft_jax.training.optimizer import make_optimizer
 from tests import REPO_ROOT
@@ -280,7 +280,7 @@ def test_a_lora_run_keeps_its_base_once_and_steps_hold_the_adapters(pretrained, 
   for path, value in hf_params.items():
     np.testing.assert_array_equal(np.asarray(value), np.asarray(base_params[path]), err_msg=str(path))
   for step in (1, 2):
-    stored = checkpointing._stored_param_paths(os.path.join(workdir, "checkpoints", str(step)))  # pylint: disable=protected-access
+    stored = checkpointing._stored_param_paths(os.path.join(workdir, "checkpoints", str(step)))
     assert {p[-1] for p in stored} == {"lora_a", "lora_b"}  # a step holds the adapters only
 
 
@@ -467,7 +467,7 @@ def test_init_from_peft_continues_from_the_exported_adapters(lora_run, pretraine
 
 
 def test_lora_rank_is_a_sweep_axis(tmp_path):
-  from csft_jax import sweep as sw  # pylint: disable=import-outside-toplevel
+  from csft_jax import sweep as sw
 
   experiment_file = tmp_path / "lora_ranks.py"
   experiment_file.write_text(

@@ -7,9 +7,9 @@ import textwrap
 
 import numpy as np
 
-from csft_jax.convert.safetensors_io import write_sharded
 from csft_jax.convert import read_hf_config
 from csft_jax.convert.hf import param_paths
+from csft_jax.convert.safetensors_io import write_sharded
 
 _CONFIG = {
   "architectures": ["LlamaForCausalLM"],

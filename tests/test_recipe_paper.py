@@ -68,7 +68,7 @@ def alpaca_turns(instruction, query, response):
   return (("user", "\n".join(x for x in (instruction, query) if x)), ("assistant", response))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def official_turns():
   """Per source: (system, turns) of the first CAP raw records, as the official code converts them."""
   with open(f"{COLLECTION}/cmeddialogue/sample_IM_5000-6000.csv", encoding="gb18030", newline="") as f:
@@ -125,7 +125,7 @@ def test_paper_variant_is_the_yaml_and_full_keeps_examples_per_step():
   assert (paper.train.grad_accum_steps, paper.optim.lr, paper.train.num_epochs) == (2, 2e-5, 3.0)
   assert {s.max_samples for s in full.data.sources.values()} == {None} and full.data.packing == "packed"
   assert full.train.global_batch_size * 4 == paper.train.global_batch_size  # ~4 examples per packed row
-  for mesh, (devices, accum, *_) in recipe.MESH_PRESETS.items():
+  for mesh, (_, accum, *_) in recipe.MESH_PRESETS.items():
     rows = recipe.get_config(f"variant=full,mesh={mesh}").train
     # A quarter of the rows, a quarter of the accumulation: no more rows per device than measured.
     assert rows.grad_accum_steps == max(1, accum // 4)

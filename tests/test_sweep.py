@@ -320,7 +320,7 @@ def test_cli_dry_run_of_the_tiny_ablation(tmp_path):
 
 
 def test_mixture_tiny_config_keeps_the_cmb_split_comparable():
-  from configs import mixture_tiny as module  # pylint: disable=import-outside-toplevel
+  from configs import mixture_tiny as module
 
   cmb_only = module.get_config("sources=cmb_only")
   collection = module.get_config("sources=collection")

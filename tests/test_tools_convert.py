@@ -41,10 +41,11 @@ def test_hf_to_orbax_to_hf_is_bitwise(tmp_path):
 
 
 def test_training_workdir_exports_to_transformers(tmp_path):
-  from csft_jax import train
-  from tests.train_fixtures import small_config
   import jax
+
+  from csft_jax import train
   from csft_jax.sharding import make_mesh
+  from tests.train_fixtures import small_config
 
   workdir = str(tmp_path / "run")
   summary = train.run(

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from csft_jax import checkpointing, train
-from csft_jax.training import programs
 from csft_jax.models import model_config_from
 from csft_jax.sharding import make_mesh
+from csft_jax.training import programs
 from tests.train_fixtures import losses, sigterm_at, small_config
 
 
@@ -137,7 +137,7 @@ def test_signal_on_a_checkpoint_step_saves_once_and_rerunning_a_finished_run_kee
 def test_optimizer_state_offloaded_to_host_memory_trains_identically(tmp_path):
   """optim.offload=host: the AdamW moments live in pinned_host memory between steps; the losses are
   bitwise those of the on-device run, on one device and on a 2x2x2 mesh, also across SIGTERM and resume."""
-  from csft_jax.training.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
+  from csft_jax.training.optimizer import make_optimizer
 
   for mesh_shape in ((1, 1, 1), (2, 2, 2)):
     config = small_config(num_steps=5)
@@ -158,7 +158,7 @@ def test_optimizer_state_offloaded_to_host_memory_trains_identically(tmp_path):
 
 
 def test_moments_in_bfloat16_halve_the_optimizer_state_and_train_alike(tmp_path):
-  from csft_jax.training.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
+  from csft_jax.training.optimizer import make_optimizer
 
   config = small_config(num_steps=4)
   full, _ = _run(tmp_path, "f32", config)
@@ -183,7 +183,7 @@ def test_moments_in_bfloat16_halve_the_optimizer_state_and_train_alike(tmp_path)
 
 
 def test_offload_on_a_backend_without_host_memory_is_one_clear_error():
-  from csft_jax.training import optimizer  # pylint: disable=import-outside-toplevel
+  from csft_jax.training import optimizer
 
   class DeviceMemory:
     kind = "device"

@@ -34,10 +34,9 @@ import sys
 import tempfile
 import time
 
+import ml_collections
 import numpy as np
 from absl import flags
-
-import ml_collections
 
 from csft_jax import configuration
 from csft_jax.console import run_cli
@@ -49,11 +48,12 @@ FLAGS = flags.FLAGS
 
 def demo_step_seconds(batch: dict[str, np.ndarray], vocab_size: int, num_sources: int, repeats: int = 3) -> float:
   """Seconds per jitted training step of the demo model (configs/demo.py) on `batch`, after compiling."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from csft_jax.training import programs  # pylint: disable=import-outside-toplevel
-  from csft_jax.models import model_config_from  # pylint: disable=import-outside-toplevel
-  from csft_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
-  from csft_jax.training.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
+  import jax
+
+  from csft_jax.models import model_config_from
+  from csft_jax.sharding import make_mesh
+  from csft_jax.training import programs
+  from csft_jax.training.optimizer import make_optimizer
 
   config = configuration.load("configs/demo.py")
   model_config = model_config_from(config.model, vocab_size).replace(
@@ -78,7 +78,7 @@ _CHILD_CONFIG = "data_config.json"
 
 def synthesize_collection(num_examples: int, out_dir: str) -> ml_collections.ConfigDict:
   """Writes `num_examples` records of the shared collection as JSONL files; returns their data config."""
-  from csft_jax.data.sources import file_records, parse_sources  # pylint: disable=import-outside-toplevel
+  from csft_jax.data.sources import file_records, parse_sources
 
   data = configuration.load("configs/collection_shared.py").data
   originals = {}
@@ -99,7 +99,7 @@ def synthesize_collection(num_examples: int, out_dir: str) -> ml_collections.Con
 
 def _child(mode: str, scale_dir: str) -> dict:
   """One measured process: prepare, or a start-up (cache on/off) up to the first batch."""
-  from csft_jax.data import prepare  # pylint: disable=import-outside-toplevel
+  from csft_jax.data import prepare
 
   with open(os.path.join(scale_dir, _CHILD_CONFIG), encoding="utf-8") as f:
     data = ml_collections.ConfigDict(json.load(f))
@@ -115,7 +115,6 @@ def _child(mode: str, scale_dir: str) -> dict:
     )
   data.cache = "require" if mode == "cached" else "off"
   start = time.perf_counter()
-  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel,unused-import
 
   imports_s = time.perf_counter() - start  # transformers (and torch, when installed): the same with or without cache
   start = time.perf_counter()

@@ -25,10 +25,10 @@ Cases:
   ran 19 of 24 replies to 512 tokens), so the stop tokens are ones the model itself says: from an
   untimed free run, the few tokens (built up one at a time from its most frequent ones) whose first
   occurrence gives replies a median length nearest 48 with about 1/16 of them running to the budget
-  (the shape of a chat model's CMB answers: most short, one in a batch rambling). Ours runs continuous batching (`--batch_size` slots); HF and our static
-  batches run each batch to its longest reply. `ideal_speedup` is HF's time over HF's prefill plus
-  its decode shrunk by the steps the lengths need (their sum / slots against every batch's rows x
-  its longest reply).
+  (the shape of a chat model's CMB answers: most short, one in a batch rambling). Ours runs
+  continuous batching (`--batch_size` slots); HF and our static batches run each batch to its
+  longest reply. `ideal_speedup` is HF's time over HF's prefill plus its decode shrunk by the
+  steps the lengths need (their sum / slots against every batch's rows x its longest reply).
 
 Figures per case: questions/s both sides and their ratio; prefill alone (a pass with one new
 token) and decode (the rest), ours as a fraction of this CPU's limits: prefill FLOPs (the real
@@ -178,7 +178,7 @@ def _meds_prompts(template, num_tasks: int, instances: int) -> list[list[int]]:
 
 def _fastest_product(x, w, repeats: int) -> float:
   """Seconds of the fastest of `repeats` jitted `x @ w` (after one untimed call)."""
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
 
   product = jax.jit(lambda a, b: a @ b)
   product(x, w).block_until_ready()
@@ -192,7 +192,7 @@ def _fastest_product(x, w, repeats: int) -> float:
 
 def _matmul_peak_flops() -> float:
   """This host's float32 matmul FLOP/s: the best of several jitted 2048 x 2048 products."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp
 
   n = 2048
   a = jnp.ones((n, n), jnp.float32)
@@ -201,7 +201,7 @@ def _matmul_peak_flops() -> float:
 
 def _memory_bandwidth() -> float:
   """This host's read bandwidth as decode sees it, bytes/s: one vector times a 512 MiB float32 matrix."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp
 
   weights = jnp.ones((8192, 16384), jnp.float32)
   return weights.size * 4 / _fastest_product(jnp.ones((1, 8192), jnp.float32), weights, 10)
@@ -344,7 +344,9 @@ def bench_meds(name: str, hf_model, ours, template, num_tasks: int, peak: float,
       "shared_prefix": shared_once / sum(len(p) for p in prompts),
       "prefill_slots": generation.prefill_slots,
       "prefill_slots_unshared": unshared.prefill_slots,
-      "identical_to_unshared": f"{sum(a[0] == b[0] for a, b in zip(generation.tokens, unshared.tokens))}/{len(prompts)}",
+      "identical_to_unshared": (
+        f"{sum(a[0] == b[0] for a, b in zip(generation.tokens, unshared.tokens))}/{len(prompts)}"
+      ),
     }
   )
   logging.info("%s MedS: %s", name, result)

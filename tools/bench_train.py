@@ -36,7 +36,7 @@ FLAGS = flags.FLAGS
 
 
 def _batches(packing: str, count: int):
-  from csft_jax.data.pipeline import DataPipeline  # pylint: disable=import-outside-toplevel
+  from csft_jax.data.pipeline import DataPipeline
 
   data = configuration.load("configs/collection_shared.py").data
   data.seq_len = FLAGS.seq_len
@@ -55,10 +55,11 @@ def _trim_to_longest(batch):
 
 def jax_stepper(config, start, num_sources):
   """One blocking call of the trainer's own jitted step (programs.jit_steps) per batch."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from csft_jax.training import programs  # pylint: disable=import-outside-toplevel
-  from csft_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
-  from csft_jax.training.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
+  import jax
+
+  from csft_jax.sharding import make_mesh
+  from csft_jax.training import programs
+  from csft_jax.training.optimizer import make_optimizer
 
   optimizer, schedule = make_optimizer(config.optim, 1000)
   mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -117,7 +118,7 @@ def interleaved_seconds(runs: dict[str, tuple]) -> dict[str, float]:
 
 def _model_config(config, tokenizer_size: int):
   """The benchmarked model: the demo config's, or the `llama_100m` preset (float32 both)."""
-  from csft_jax.models import model_config_from  # pylint: disable=import-outside-toplevel
+  from csft_jax.models import model_config_from
 
   if FLAGS.model == "llama_100m":
     config.model.update(
@@ -130,13 +131,14 @@ def _model_config(config, tokenizer_size: int):
 def main(argv):
   del argv
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from csft_jax.training import programs  # pylint: disable=import-outside-toplevel
-  from csft_jax.convert import save_hf  # pylint: disable=import-outside-toplevel
-  from csft_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
-  from csft_jax.training.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from csft_jax.convert import save_hf
+  from csft_jax.sharding import make_mesh
+  from csft_jax.training import programs
+  from csft_jax.training.optimizer import make_optimizer
 
   count = FLAGS.steps + 1
   pipeline, packed = _batches("packed", count)

@@ -59,7 +59,8 @@ def benchmark_questions(kind: str, path: str) -> list[str]:
     for i, item in enumerate(items):
       if "question" not in item:
         raise DataError(
-          f"benchmark cmb: {full} item {i} has no 'question' field (is it an answer key?); pass a file with question texts"
+          f"benchmark cmb: {full} item {i} has no 'question' field (is it an answer key?); "
+          "pass a file with question texts"
         )
       options = "".join(str(v) for v in (item.get("option") or {}).values())
       questions.append(item["question"] + options)

@@ -32,10 +32,10 @@ SEED = 42  # transformers' TrainingArguments.seed default; collectivesft.yaml se
 
 
 def split_fixture() -> dict:
-  import datasets  # pylint: disable=import-outside-toplevel
-  import llamafactory  # pylint: disable=import-outside-toplevel
-  from llamafactory.data.data_utils import split_dataset  # pylint: disable=import-outside-toplevel
-  from llamafactory.hparams import DataArguments  # pylint: disable=import-outside-toplevel
+  import datasets
+  import llamafactory
+  from llamafactory.data.data_utils import split_dataset
+  from llamafactory.hparams import DataArguments
 
   data_args = DataArguments(dataset="collection", val_size=VAL_SIZE)
   held_out = {}
@@ -52,8 +52,8 @@ def split_fixture() -> dict:
 
 
 def infer_seqlen_fixture() -> dict:
-  import llamafactory  # pylint: disable=import-outside-toplevel
-  from llamafactory.data.processors.processor_utils import infer_seqlen  # pylint: disable=import-outside-toplevel
+  import llamafactory
+  from llamafactory.data.processors.processor_utils import infer_seqlen
 
   edges = [
     (s, t, c)

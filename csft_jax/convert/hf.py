@@ -6,7 +6,8 @@ import gc
 import json
 import os
 import shutil
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

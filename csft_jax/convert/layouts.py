@@ -8,7 +8,8 @@ projections under `self_attn`) and `internlm2` (one interleaved `wqkv` per KV gr
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

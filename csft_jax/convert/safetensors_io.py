@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import ml_dtypes
 import numpy as np

@@ -7,8 +7,10 @@ import warnings
 
 # Modules that register chat templates or source formats of their own: imported with the package, so
 # their names are known wherever a name is looked up.
-from csft_jax.data import llamafactory  # noqa: F401  (registers the llamafactory_intern2 template)
-from csft_jax.data import meds_ins  # noqa: F401  (registers the meds_ins format)
+from csft_jax.data import (
+  llamafactory,  # noqa: F401  (registers the llamafactory_intern2 template)
+  meds_ins,  # noqa: F401  (registers the meds_ins format)
+)
 
 # `python -m csft_jax.data.inspect` (the documented CLI) runs `inspection.py`: a file named inspect.py
 # here would shadow the standard library's `inspect` for any script run from this folder. runpy finds

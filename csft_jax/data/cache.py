@@ -89,7 +89,7 @@ def _sha256_files(paths: Sequence[str]) -> str:
   return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _code_hash() -> str:
   """The data code this process runs, as syntax trees: comments, docstrings and layout do not count."""
   here = os.path.dirname(os.path.abspath(__file__))
@@ -316,7 +316,7 @@ def write_shard(
 
   The shard's `.json` (its counts) is written last, so a shard is done exactly when it exists.
   """
-  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
+  from array_record.python.array_record_module import ArrayRecordWriter
 
   stats = SourceStats()
   records = [SourceRecord(c, {}, None) for c in conversations]

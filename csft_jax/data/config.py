@@ -39,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
   )
 
 
-def source_config(path: str, format: str, **options) -> ml_collections.ConfigDict:  # pylint: disable=redefined-builtin
+def source_config(path: str, format: str, **options) -> ml_collections.ConfigDict:
   """Returns one `config.data.sources` entry.
 
   Args:

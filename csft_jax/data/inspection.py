@@ -20,8 +20,8 @@ from absl import flags
 
 from csft_jax import configuration
 from csft_jax.console import run_cli
-from csft_jax.data.pipeline import DataPipeline, source_fractions
 from csft_jax.data.packing import packing_efficiency
+from csft_jax.data.pipeline import DataPipeline, source_fractions
 
 FLAGS = flags.FLAGS
 

@@ -206,7 +206,9 @@ def _parse_task_object(source: str, path: str, text: str) -> tuple[dict[str, Any
     try:
       return decoder.raw_decode(text, pos)
     except json.JSONDecodeError as e:
-      raise DataError(f"source {source!r}: {path}:{e.lineno}:{e.colno} malformed JSON ({e.msg}); fix the file")
+      raise DataError(
+        f"source {source!r}: {path}:{e.lineno}:{e.colno} malformed JSON ({e.msg}); fix the file"
+      ) from None
 
   pos = _skip_space(text, 0)
   if text[pos : pos + 1] != "{":

@@ -39,7 +39,6 @@ from csft_jax.data.sources import SourceSpec, SourceStats, load_conversations, p
 from csft_jax.data.templates import ChatTemplate, load_chat_template
 from csft_jax.data.tokenizer import load_tokenizer
 
-
 Source = TokenizedSource | cache.CachedSource
 
 
@@ -253,8 +252,9 @@ def _cached_sources(data_config: ml_collections.ConfigDict, specs: Sequence[Sour
   except cache.CacheError as e:
     if data_config.cache != "auto":
       raise
-    import jax  # pylint: disable=import-outside-toplevel
-    from csft_jax.data import prepare  # pylint: disable=import-outside-toplevel
+    import jax
+
+    from csft_jax.data import prepare
 
     logging.warning("building the data cache (config.data.cache='auto'): %s", e)
     manifest = prepare.prepare(

@@ -51,7 +51,7 @@ _TEMPLATE: ChatTemplate | None = None  # A worker process's template, loaded onc
 def _init_worker(tokenizer: str, chat_template: str) -> None:
   # One process per core: the tokenizer's own thread pool would oversubscribe them.
   os.environ["TOKENIZERS_PARALLELISM"] = "false"
-  global _TEMPLATE
+  global _TEMPLATE  # noqa: PLW0603  a pool worker's template, set once by the pool's initializer
   _TEMPLATE = load_chat_template(chat_template, load_tokenizer(tokenizer))
 
 
@@ -365,8 +365,9 @@ def summary_table(manifest: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
   """The command: see the module docstring."""
   del argv
-  import jax  # pylint: disable=import-outside-toplevel
-  from csft_jax import distributed  # pylint: disable=import-outside-toplevel
+  import jax
+
+  from csft_jax import distributed
 
   f = flags.FLAGS
   distributed.initialize_from_flags()
@@ -397,7 +398,7 @@ def main(argv: list[str]) -> None:
 
 def define_flags() -> None:
   """Command-line flags, defined only when run as a program."""
-  from csft_jax import distributed  # pylint: disable=import-outside-toplevel
+  from csft_jax import distributed
 
   configuration.define_config_flag("Config file with a `data` field (data.cache_dir set).")
   distributed.define_flags()
@@ -407,7 +408,7 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from csft_jax.console import run_cli  # pylint: disable=import-outside-toplevel
+  from csft_jax.console import run_cli
 
   define_flags()
   run_cli(main)

@@ -213,7 +213,7 @@ def save_converted_tokenizer(tokenizer, source: str, out_dir: str) -> None:
 
 def _read_sentencepiece_proto(model_file: str):
   try:
-    from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
+    from sentencepiece import sentencepiece_model_pb2
   except ImportError as e:
     raise DataError(
       f"{model_file}: converting a sentencepiece tokenizer needs the sentencepiece and protobuf "
@@ -282,8 +282,8 @@ def _sentencepiece_ids(processor, text: str, added: dict[str, dict[str, Any]]) -
 
 def _check_against_sentencepiece(tokenizer, model_file: str, added: dict[str, dict[str, Any]]) -> None:
   """Raises DataError unless `tokenizer` encodes the probe texts exactly as sentencepiece does."""
-  import sentencepiece  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
+  import sentencepiece
+  import transformers
 
   processor = sentencepiece.SentencePieceProcessor(model_file=model_file)
   chat = "".join(f"{token}第{i}段 text\n" for i, token in enumerate(added))  # every added token, in text

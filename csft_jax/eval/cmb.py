@@ -585,7 +585,7 @@ def score_command(
 
 def define_flags() -> None:
   """The flags of `python -m csft_jax.score cmb`, defined only when it runs."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import flags
 
   flags.DEFINE_string("submission", None, 'Submission JSON list [{"id", "model_answer"}].', required=True)
   flags.DEFINE_string(

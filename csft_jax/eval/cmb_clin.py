@@ -91,7 +91,7 @@ You will be provided with the following information :
 Make sure to provide your evaluation results in JSON format and ONLY the
 JSON , with separate ratings for each of the mentioned criteria as in
 the following example :
-{ \u2018 fluency \u2019: 3 , \u2018 relevance \u2019: 3 , \u2018 completeness \u2019: 3 , \u2018 proficiency \u2019: 3}"""
+{ \u2018 fluency \u2019: 3 , \u2018 relevance \u2019: 3 , \u2018 completeness \u2019: 3 , \u2018 proficiency \u2019: 3}"""  # noqa: E501  verbatim
 
 _JUDGE_SLOT = re.compile(r"\{ (description|history|question|solution|answer) \}")
 
@@ -171,7 +171,7 @@ def parse_judgment(reply: str) -> dict[str, int] | None:
     ratings = {str(k).strip().lower(): v for k, v in value.items()}
     if not all(k in ratings for k in DIMENSIONS):
       continue
-    if not all(type(ratings[k]) is int and 1 <= ratings[k] <= 5 for k in DIMENSIONS):  # pylint: disable=unidiomatic-typecheck
+    if not all(type(ratings[k]) is int and 1 <= ratings[k] <= 5 for k in DIMENSIONS):
       return None  # a rating off the scale is not read as some other rating
     found.append({k: ratings[k] for k in DIMENSIONS})
   return found[0] if found and all(f == found[0] for f in found) else None

@@ -192,7 +192,7 @@ class Endpoint:
   retries: int
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "Endpoint":
+  def from_config(cls, config: ml_collections.ConfigDict) -> Endpoint:
     judge = config.judge
     url = judge.endpoint.rstrip("/")
     if not url.endswith("/chat/completions"):
@@ -230,7 +230,7 @@ class Endpoint:
             f"{': ' + detail if detail else ''}."
           ) from None
         why = f"HTTP {error.code}{': ' + detail if detail else ''}"
-      except (TimeoutError, socket.timeout):
+      except TimeoutError:
         why = f"no reply within {self.timeout_s:g}s (config.judge.timeout_s)"
       except urllib.error.URLError as error:
         if isinstance(error.reason, (TimeoutError, socket.timeout)):
@@ -261,7 +261,7 @@ def _error_detail(error: urllib.error.HTTPError) -> str:
   try:
     payload = json.loads(error.read().decode("utf-8"))
     return str(payload.get("error", {}).get("message", "")) if isinstance(payload, dict) else ""
-  except Exception:  # pylint: disable=broad-except
+  except (OSError, ValueError, AttributeError):  # no readable JSON error body: the status says enough
     return ""
 
 
@@ -285,12 +285,12 @@ def judge_all(
     local_chat: builds the local judge's `runner.ChatModel` (called only when some answer is left to judge).
     should_stop: a stop request (SIGINT): raises `runner.EvaluationInterrupted` between replies.
   """
-  from csft_jax.eval import runner  # pylint: disable=import-outside-toplevel
+  from csft_jax.eval import runner
 
   name = describe(config)
   weights = []
   if config.judge.model:
-    from csft_jax.evaluate import weight_files  # pylint: disable=import-outside-toplevel
+    from csft_jax.evaluate import weight_files
 
     weights = weight_files(config.judge.model)
   journal = JudgeJournal(os.path.join(out_dir, "judge.jsonl"), fingerprint(config, weights), primary=primary)

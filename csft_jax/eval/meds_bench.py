@@ -29,11 +29,12 @@ CLI:
 from __future__ import annotations
 
 import io
+import math
 import random
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import ml_collections
 
@@ -238,7 +239,7 @@ def build_messages(
 
 # One cell of a results CSV as pandas reads it: a string, a number where a whole column is
 # numeric, or None where pandas gives NaN (an empty cell, "NA", "N/A", "None", "null", ...).
-Cell = Union[str, int, float, bool, None]
+Cell = str | int | float | bool | None
 
 
 def write_results_csv(rows: Sequence[Mapping[str, str]], path: str | Path) -> Path:
@@ -259,7 +260,7 @@ def read_results_csv(path: str | Path) -> list[dict[str, Cell]]:
   `score_task`). The first four columns must be task_id,input,GT,output: scripts read them by
   name and (`utils.csv_to_list`) by position.
   """
-  import pandas as pd  # pylint: disable=import-outside-toplevel
+  import pandas as pd
 
   try:
     frame = pd.read_csv(path)
@@ -288,7 +289,7 @@ def read_results_csv(path: str | Path) -> list[dict[str, Cell]]:
 
 
 def _is_nan(value: Any) -> bool:
-  return isinstance(value, float) and value != value  # pylint: disable=comparison-with-itself
+  return isinstance(value, float) and math.isnan(value)
 
 
 # ------------------------------------------------------------ scoring ----
@@ -373,12 +374,11 @@ def generation_scores(category: str, language: str, rows: Sequence[Mapping[str, 
         scores.append((0.0, 0.0))
         continue
       output, gold = output.strip().lower(), gold.replace(".", "").strip().lower()
-    else:
-      # TextSummarization.py, evaluate_nli_gen: every row counts, raw text. word_tokenize
-      # crashes on NaN: 0 here.
-      if not both_text:
-        scores.append((0.0, 0.0))
-        continue
+    # TextSummarization.py, evaluate_nli_gen: every row counts, raw text. word_tokenize
+    # crashes on NaN: 0 here.
+    elif not both_text:
+      scores.append((0.0, 0.0))
+      continue
     scores.append((text_metrics.bleu1(output, gold, language), text_metrics.rouge_l(output, gold, language)))
   return scores
 
@@ -569,7 +569,7 @@ def score_rows(
   for task_id, metrics in per_task.items():
     entry = per_category.setdefault(metrics["category"], {"tasks": []})
     entry["tasks"].append(task_id)
-  for category, entry in per_category.items():
+  for entry in per_category.values():
     members = [per_task[t] for t in entry["tasks"]]
     for name in ("accuracy", "bleu1", "rougeL", "f1", "precision", "recall"):
       if name in members[0]:
@@ -759,7 +759,7 @@ def score_command(results_csv: str, out: str, task_dir: str | None = None, categ
 
 def define_flags() -> None:
   """The flags of `python -m csft_jax.score meds_bench`, defined only when it runs."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import flags
 
   flags.DEFINE_string("results", None, "Results CSV (task_id,input,GT,output).", required=True)
   flags.DEFINE_string("out", None, "Results JSON path (markdown written beside it).", required=True)

@@ -259,12 +259,12 @@ class Benchmark:
 
 def run(
   benchmark: Benchmark,
-  chat: "ChatModel",
+  chat: ChatModel,
   config: ml_collections.ConfigDict,
   out_dir: str,
   inputs: Any,
   *,
-  local_judge: Callable[[], "ChatModel"] | None = None,
+  local_judge: Callable[[], ChatModel] | None = None,
 ) -> tuple[Results | None, str]:
   """Asks `benchmark`'s requests, has a judge read the answers when the benchmark is judged and
   `config.judge` names one (`local_judge` builds a local judge's ChatModel), scores the answers, and

@@ -261,5 +261,5 @@ def clinical_outcome_match(output: str, gold: str) -> bool:
 
 def fact_verification_match(output: str, gold: str) -> bool:
   """Gold (no periods, lower-cased) is a substring of the output's first line."""
-  first_line = output.split("\n")[0].strip().lower()
+  first_line = output.split("\n", maxsplit=1)[0].strip().lower()
   return gold.replace(".", "").strip().lower() in first_line

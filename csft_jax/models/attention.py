@@ -66,7 +66,7 @@ class AttentionMask:
   self_attention: bool = flax.struct.field(pytree_node=False, default=False)
 
   @classmethod
-  def causal(cls, segment_ids: jax.Array, sliding_window: int | None = None) -> "AttentionMask":
+  def causal(cls, segment_ids: jax.Array, sliding_window: int | None = None) -> AttentionMask:
     """Self-attention over the slots of `segment_ids` `[B, T]` (packed or padded rows)."""
     index = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
     return cls(segment_ids, segment_ids, index, index, sliding_window, True)
@@ -370,8 +370,10 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _splash(q, k, v, mask: AttentionMask, *, block_q: int, block_kv: int, interpret: bool) -> jax.Array:
-  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=import-outside-toplevel
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_kernel as splash,
+  )
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_mask as splash_mask,
   )
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -115,7 +116,7 @@ class ModelConfig:
   def rope_scaling_dict(self) -> dict[str, Any]:
     return dict(self.rope_scaling or ())
 
-  def replace(self, **changes: Any) -> "ModelConfig":
+  def replace(self, **changes: Any) -> ModelConfig:
     return dataclasses.replace(self, **changes)
 
   def num_params(self) -> int:

@@ -11,7 +11,7 @@ packed sequences from attending to each other and `positions` restart in each se
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import flax.struct
 import jax
@@ -83,7 +83,7 @@ class Projection(nnx.Module):
     shared_a: bool = False,
   ):
     dtype = jnp.dtype(config.param_dtype)
-    inputs, kernel = equation.split("->")[0].split(",")
+    inputs, kernel = equation.split("->", maxsplit=1)[0].split(",")
     self.contracted = sum(axis in inputs for axis in kernel)
     if inputs[-self.contracted :] != kernel[: self.contracted]:
       raise ValueError(f"Projection {equation!r}: the kernel's leading axes must be the input's trailing ones.")
@@ -335,7 +335,7 @@ class KVCache:
   end: jax.Array
 
   @classmethod
-  def empty(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+  def empty(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     dtype = jnp.dtype(dtype or config.dtype)
     shape = (batch, config.num_kv_heads, max_len, config.head_dim)
     if config.scan_layers:

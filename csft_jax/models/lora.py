@@ -94,7 +94,9 @@ def resolve_targets(arch: str, targets: str | list[str] | tuple[str, ...]) -> tu
       try:
         pattern = re.compile(targets)
       except re.error as e:
-        raise ValueError(f"config.lora.targets={targets!r} is neither a list of module names nor a regex ({e}).")
+        raise ValueError(
+          f"config.lora.targets={targets!r} is neither a list of module names nor a regex ({e})."
+        ) from None
       chosen = [
         n
         for n in names
@@ -172,7 +174,7 @@ def _down(config: ModelConfig, flat: dict[tuple, Any], layer: int, path: str) ->
 def merged(model: nnx.Module) -> nnx.Module:
   """A model without adapters whose kernels are `W + scale * A @ B` (PEFT's `merge_and_unload`),
   each in its kernel's dtype."""
-  from csft_jax.models.decoder import Decoder  # pylint: disable=import-outside-toplevel
+  from csft_jax.models.decoder import Decoder
 
   config: ModelConfig = model.config
   base_config = config.replace(lora_rank=0, lora_targets=())
@@ -248,7 +250,7 @@ def peft_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
 
 def save_peft(model: nnx.Module, path: str, base_model: str = "") -> None:
   """Writes `model`'s adapters as a PEFT LoRA directory (process 0 writes; all gather)."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import save_file
 
   config: ModelConfig = model.config
   if not config.lora_rank:
@@ -331,7 +333,7 @@ def load_peft(path: str, config: ModelConfig) -> dict[tuple[str, ...], np.ndarra
   Raises:
     ValueError naming the file and the tensors that are missing or have another shape.
   """
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import load_file
 
   weights = os.path.join(path, ADAPTER_WEIGHTS)
   if not os.path.isfile(weights):

@@ -24,11 +24,11 @@ class LossSums:
   source_loss: jax.Array  # [num_sources] cross-entropy sums per source
   source_tokens: jax.Array  # [num_sources] loss tokens per source
 
-  def __add__(self, other: "LossSums") -> "LossSums":
+  def __add__(self, other: LossSums) -> LossSums:
     return jax.tree.map(jnp.add, self, other)
 
   @classmethod
-  def zeros(cls, num_sources: int) -> "LossSums":
+  def zeros(cls, num_sources: int) -> LossSums:
     z = jnp.zeros((), jnp.float32)
     return cls(z, z, z, jnp.zeros((num_sources,), jnp.float32), jnp.zeros((num_sources,), jnp.float32))
 

@@ -13,8 +13,6 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 from csft_jax import sharding
-from csft_jax.models import Decoder, KVCache
-
 from csft_jax.eval.engine.plans import (
   _batch_size,
   _data_parallel_size,
@@ -47,6 +45,7 @@ from csft_jax.eval.engine.programs import (
   _to_host,
 )
 from csft_jax.eval.engine.sampling import GREEDY, Sampling, _cut_at_stop, _row_keys, _stop_ids
+from csft_jax.models import Decoder, KVCache
 
 Progress = Callable[[int], None]
 

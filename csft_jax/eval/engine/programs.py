@@ -21,10 +21,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from csft_jax import sharding
-from csft_jax.models import Decoder, KVCache
-
-from csft_jax.eval.engine.sampling import GREEDY, Sampling, _add_seen, _is_stop, _next_token, _seen_tokens
 from csft_jax.eval.engine.plans import _batch_size
+from csft_jax.eval.engine.sampling import GREEDY, Sampling, _add_seen, _is_stop, _next_token, _seen_tokens
+from csft_jax.models import Decoder, KVCache
 
 # Decode attends over windows of the cache that grow by this many slots: few programs (or loops), and
 # little attention to slots not written yet or no longer live.
@@ -58,7 +57,7 @@ def _place_rows(mesh: Mesh | None, *arrays: np.ndarray) -> tuple[jax.Array, ...]
 def _to_host(x: jax.Array) -> np.ndarray:
   """The whole array on this host; across processes, gathered (every process runs the same batches)."""
   if not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
@@ -505,7 +504,7 @@ def generate_program(
   largest program: the cache plus a full prefill's activations); with static batching, the
   prefill + decode program of one batch.
   """
-  from jax.sharding import PartitionSpec  # pylint: disable=import-outside-toplevel
+  from jax.sharding import PartitionSpec
 
   rows = _batch_size(batch_size, mesh)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
