@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from csft_jax.convert.hf import is_hf_dir
 from csft_jax.models.config import ModelConfig
 from csft_jax.models.decoder import Decoder
 from csft_jax.sharding import state_shardings
@@ -211,7 +212,7 @@ def resolve_step_dir(path: str, step: int | None = None) -> str:
   root = checkpoints if os.path.isdir(checkpoints) else path
   steps = sorted(int(name) for name in (os.listdir(root) if os.path.isdir(root) else []) if name.isdigit())
   if not steps:
-    hint = " It is an HF model directory: use it as config.init.from_hf." if _is_hf_dir(path) else ""
+    hint = " It is an HF model directory: use it as config.init.from_hf." if is_hf_dir(path) else ""
     raise CheckpointError(
       f"No checkpoint under {path}: expected a training workdir (with checkpoints/<step>/), a checkpoints "
       f"directory, or a step directory containing state/.{hint}"
@@ -221,12 +222,6 @@ def resolve_step_dir(path: str, step: int | None = None) -> str:
   if step not in steps:
     raise CheckpointError(f"No step {step} under {root}; available steps: {steps}.")
   return os.path.join(root, str(step))
-
-
-def _is_hf_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "config.json")) and any(
-    name.endswith(".safetensors") for name in os.listdir(path)
-  )
 
 
 def read_model_config(step_dir: str, **overrides: Any) -> ModelConfig:

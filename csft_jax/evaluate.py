@@ -41,9 +41,10 @@ from absl import app, flags, logging
 
 from csft_jax import checkpointing, configuration, distributed, files, model_source, sharding
 from csft_jax.console import run_cli
+from csft_jax.convert.hf import is_hf_dir
 from csft_jax.data.errors import DataError
 from csft_jax.eval import judge, runner
-from csft_jax.loading import LoadError, is_hf_dir, load_chat_model
+from csft_jax.loading import LoadError, load_chat_model
 from csft_jax.models import PRESETS, ModelConfig, generation_attention, get_preset, lora, with_runtime
 from csft_jax.stopping import StopRequest
 from csft_jax.workdir import RunDir, model_tag

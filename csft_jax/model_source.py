@@ -13,18 +13,10 @@ import os
 from typing import Any
 
 from csft_jax import checkpointing
-from csft_jax.convert.hf import read_hf_config
+from csft_jax.convert.hf import is_hf_dir, read_hf_config
 from csft_jax.models import ModelConfig, lora
 
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_rslora", "lora_targets")
-
-
-def is_hf_dir(path: str) -> bool:
-  return (
-    os.path.isdir(path)
-    and os.path.isfile(os.path.join(path, "config.json"))
-    and any(name.endswith(".safetensors") for name in os.listdir(path))
-  )
 
 
 @dataclasses.dataclass(frozen=True)

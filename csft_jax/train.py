@@ -35,10 +35,10 @@ from csft_jax import checkpointing, configuration, distributed, files, model_sou
 from csft_jax import workdir as workdir_lib
 from csft_jax.console import run_cli
 from csft_jax.convert import save_hf
-from csft_jax.convert.hf import copy_tokenizer_files, load_hf
+from csft_jax.convert.hf import copy_tokenizer_files, is_hf_dir, load_hf
 from csft_jax.data.pipeline import DataPipeline
 from csft_jax.data.tokenizer import is_sentencepiece_only, save_converted_tokenizer
-from csft_jax.model_source import check_vocab, is_hf_dir
+from csft_jax.model_source import check_vocab
 from csft_jax.models import ModelConfig, lora, model_config_from
 from csft_jax.models.attention import check_backend
 from csft_jax.models.config import ARCHITECTURE_FIELDS, RUNTIME_FIELDS

@@ -14,6 +14,7 @@ from rouge import Rouge
 
 from configs.eval import meds_bench as meds_config
 from csft_jax.configuration import resolve_path
+from csft_jax.data import meds_ins
 from csft_jax.data.config import DEMO_TOKENIZER
 from csft_jax.data.templates import load_chat_template
 from csft_jax.data.tokenizer import load_tokenizer
@@ -375,7 +376,7 @@ def sample_rows(output_for):
   rows = []
   for task in meds_bench.load_task_dir(SAMPLE_DIR).values():
     for instance in task["Instances"]:
-      gold = meds_bench.gold_output(instance)
+      gold = meds_ins.answer(instance["output"])
       rows.append(
         {
           "task_id": task["task_id"],

@@ -20,6 +20,16 @@ from csft_jax.convert.safetensors_io import SafetensorsReader, write_sharded
 from csft_jax.models.config import ModelConfig
 from csft_jax.models.decoder import Decoder
 
+
+def is_hf_dir(path: str) -> bool:
+  """Whether `path` is a Hugging Face model directory: config.json and safetensors weights."""
+  return (
+    os.path.isdir(path)
+    and os.path.isfile(os.path.join(path, "config.json"))
+    and any(name.endswith(".safetensors") for name in os.listdir(path))
+  )
+
+
 # Files copied next to exported weights when they exist in the source directory.
 TOKENIZER_FILES = (
   "tokenizer.json",

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -43,13 +42,15 @@ from csft_jax.data import config as data_config
 from csft_jax.data.adapters import register_format
 from csft_jax.data.conversation import ASSISTANT, USER, Conversation
 from csft_jax.data.errors import DataError, Location, RecordError, RecordLeftOut
+from csft_jax.data.readers import decode_json, scan_json_array, skip_space
 
 FORMAT = "meds_ins"
 SPLIT_TYPES = ("Train", "Test", "Train/Test")
 NUM_SHOTS = 3
 SHOT_TEMPLATE = "Input:\n{input}\n\nOutput:\n{output}\n"
 QUERY_TEMPLATE = "Input:\n{input}\nOutput:\n"
-# Appended to the definition with no separator, as in InsDataset.
+# Appended to the definition with no separator, as in InsDataset (EvalDataset.py at HEAD; the published
+# MMedS-Llama3 results predate a typo fix and read "ouput").
 SHOT_INSTRUCTION = "Please learn from the few-shot cases to see what content you have to output."
 # The options of a meds_ins source beside the common ones, with their defaults.
 OPTION_DEFAULTS = dict(rewrite_definitions="", rewrite_prob=0.0, few_shot_prob=0.0, split_types=(), seed=0)
@@ -194,7 +195,6 @@ def _parse_task_object(source: str, path: str, text: str) -> tuple[dict[str, Any
 
   Walks the object key by key so that each instance of a pretty-printed file knows its line.
   """
-  decoder = json.JSONDecoder()
   fields: dict[str, Any] = {}
   instances = None
 
@@ -203,55 +203,32 @@ def _parse_task_object(source: str, path: str, text: str) -> tuple[dict[str, Any
     return DataError(f"source {source!r}: {path}:{line} {what}; a MedS-Ins task file is {_TASK_FILE}")
 
   def decode(pos: int) -> tuple[Any, int]:
-    try:
-      return decoder.raw_decode(text, pos)
-    except json.JSONDecodeError as e:
-      raise DataError(
-        f"source {source!r}: {path}:{e.lineno}:{e.colno} malformed JSON ({e.msg}); fix the file"
-      ) from None
+    return decode_json(source, path, text, pos)
 
-  pos = _skip_space(text, 0)
+  pos = skip_space(text, 0)
   if text[pos : pos + 1] != "{":
     raise fail(pos, "expected a JSON object")
-  pos = _skip_space(text, pos + 1)
+  pos = skip_space(text, pos + 1)
   while text[pos : pos + 1] != "}":
     key, pos = decode(pos)
-    pos = _skip_space(text, pos)
+    pos = skip_space(text, pos)
     if not isinstance(key, str) or text[pos : pos + 1] != ":":
       raise fail(pos, 'malformed JSON object: expected a "key": value')
-    pos = _skip_space(text, pos + 1)
+    pos = skip_space(text, pos + 1)
     if key == "Instances" and text[pos : pos + 1] == "[":
-      instances, pos = [], _skip_space(text, pos + 1)
-      line, counted_to = 1, 0
-      while text[pos : pos + 1] != "]":
-        line += text.count("\n", counted_to, pos)
-        counted_to = pos
-        instance, pos = decode(pos)
-        instances.append((instance, line))
-        pos = _skip_space(text, pos)
-        if text[pos : pos + 1] == ",":
-          pos = _skip_space(text, pos + 1)
-        elif text[pos : pos + 1] != "]":
-          raise fail(pos, "malformed 'Instances' list: expected ',' or ']'")
-      pos += 1
+      instances, pos = scan_json_array(source, path, text, pos, "'Instances' list")
     else:
       fields[key], pos = decode(pos)
-    pos = _skip_space(text, pos)
+    pos = skip_space(text, pos)
     if text[pos : pos + 1] == ",":
-      pos = _skip_space(text, pos + 1)
+      pos = skip_space(text, pos + 1)
     elif text[pos : pos + 1] != "}":
       raise fail(pos, "malformed JSON object: expected ',' or '}'")
-  if _skip_space(text, pos + 1) != len(text):
+  if skip_space(text, pos + 1) != len(text):
     raise fail(pos + 1, "text after the task object (one task per file)")
   if "Instances" in fields:  # Present but not a list.
     raise fail(0, f"'Instances' must be a list, found {type(fields['Instances']).__name__}")
   return fields, instances
-
-
-def _skip_space(text: str, pos: int) -> int:
-  while pos < len(text) and text[pos] in " \t\r\n":
-    pos += 1
-  return pos
 
 
 def _instance_problem(instance: Any) -> str | None:

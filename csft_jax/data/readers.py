@@ -16,6 +16,7 @@ from csft_jax.configuration import resolve_path
 from csft_jax.data.errors import DataError, Location, RecordError
 
 READERS = ("auto", "json", "jsonl", "csv", "parquet")
+_DECODER = json.JSONDecoder()
 _EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 # Tried in this order to suggest `encoding=` when a file does not decode.
 _ENCODING_CANDIDATES = ("utf-8", "gb18030", "utf-16", "big5")
@@ -143,35 +144,47 @@ def _read_jsonl(path: str, text: str) -> Iterator[Record | RecordError]:
 
 def _read_json_list(source: str, path: str, text: str) -> Iterator[Record | RecordError]:
   """Parses a JSON list item by item so that each record knows its line."""
-  decoder = json.JSONDecoder()
-  pos = _skip_space(text, 0)
+  pos = skip_space(text, 0)
   if text[pos : pos + 1] != "[":
     raise DataError(f"source {source!r}: {path}:1 expected a JSON list of records or JSON lines")
-  pos, line, counted_to, item = _skip_space(text, pos + 1), 1, 0, 0
-  while text[pos : pos + 1] != "]":
-    item += 1
-    line += text.count("\n", counted_to, pos)
-    counted_to = pos
-    try:
-      record, end = decoder.raw_decode(text, pos)
-    except json.JSONDecodeError as e:
-      raise DataError(
-        f"source {source!r}: {path}:{e.lineno}:{e.colno} malformed JSON"
-        f" ({e.msg}); the list cannot be read past this point, fix the file"
-      ) from None
+  items, _ = scan_json_array(source, path, text, pos, "JSON list")
+  for item, (record, line) in enumerate(items, start=1):
     if isinstance(record, dict):
       yield record, Location(path, line, item)
     else:
       yield RecordError(f"expected a JSON object, found {type(record).__name__}", Location(path, line, item))
-    pos = _skip_space(text, end)
+
+
+def decode_json(source: str, path: str, text: str, pos: int) -> tuple[Any, int]:
+  """The JSON value at `text[pos]` and the position after it; `DataError` at its line:column."""
+  try:
+    return _DECODER.raw_decode(text, pos)
+  except json.JSONDecodeError as e:
+    raise DataError(f"source {source!r}: {path}:{e.lineno}:{e.colno} malformed JSON ({e.msg}); fix the file") from None
+
+
+def scan_json_array(source: str, path: str, text: str, pos: int, what: str) -> tuple[list[tuple[Any, int]], int]:
+  """The items of the JSON array that opens at `text[pos]` ('['), each with the 1-based line it starts
+  on (so that errors downstream point at it), and the position after the closing ']'. The one scanner
+  with line numbers: JSON-list sources and MedS-Ins task files' `Instances`."""
+  items, pos = [], skip_space(text, pos + 1)
+  line, counted_to = 1, 0
+  while text[pos : pos + 1] != "]":
+    line += text.count("\n", counted_to, pos)
+    counted_to = pos
+    value, pos = decode_json(source, path, text, pos)
+    items.append((value, line))
+    pos = skip_space(text, pos)
     if text[pos : pos + 1] == ",":
-      pos = _skip_space(text, pos + 1)
+      pos = skip_space(text, pos + 1)
     elif text[pos : pos + 1] != "]":
       line += text.count("\n", counted_to, pos)
-      raise DataError(f"source {source!r}: {path}:{line} malformed JSON list: expected ',' or ']'")
+      raise DataError(f"source {source!r}: {path}:{line} malformed {what}: expected ',' or ']'")
+  return items, pos + 1
 
 
-def _skip_space(text: str, pos: int) -> int:
+def skip_space(text: str, pos: int) -> int:
+  """The position of the first non-whitespace character at or after `pos`."""
   while pos < len(text) and text[pos] in " \t\r\n":
     pos += 1
   return pos

@@ -39,18 +39,16 @@ from typing import Any
 import ml_collections
 
 from csft_jax import files
+from csft_jax.data import meds_ins
 from csft_jax.eval import reporting, runner, text_metrics
 
-NUM_SHOTS = 3
+# The task files, task ids and the 3-shot prompt are MedS-Ins's, shared with training.
+NUM_SHOTS = meds_ins.NUM_SHOTS
+SHOT_INSTRUCTION_SUFFIX = meds_ins.SHOT_INSTRUCTION
+task_id_from_path = meds_ins.task_id_from_path
 MAX_NEW_TOKENS = 200
 MODEL_MAX_LENGTH = 2048  # eval.py: AutoTokenizer(model_max_length=2048), truncation=True.
 RESULTS_HEADER = ("task_id", "input", "GT", "output")
-
-SHOT_TEMPLATE = "Input:\n{input}\n\nOutput:\n{output}\n"
-QUERY_TEMPLATE = "Input:\n{input}\nOutput:\n"
-# As EvalDataset.py says it at HEAD; the published MMedS-Llama3 results predate the fix and
-# read "ouput".
-SHOT_INSTRUCTION_SUFFIX = "Please learn from the few-shot cases to see what content you have to output."
 
 # Metric families: one per rule of the official scripts, plus TEXT_GENERATION (ours).
 MCQA = "mcqa"  # MCQA.py
@@ -173,11 +171,6 @@ class MedSInputError(ValueError):
 # -------------------------------------------------------- task files ----
 
 
-def task_id_from_path(path: str | Path) -> str:
-  """`task51_rationale_zh.json` -> `task51` (the official rule: text before the first '_')."""
-  return Path(path).name.split("_")[0].removesuffix(".json")
-
-
 def load_task(path: str | Path) -> dict[str, Any]:
   """Reads and validates a MedS-Bench task file; adds `task_id` from the file name."""
   task = files.read_json(path, expect=dict, what="'Definition', 'Instances', ...", error=MedSInputError)
@@ -204,12 +197,6 @@ def load_task_dir(directory: str | Path) -> dict[str, dict[str, Any]]:
   return {task["task_id"]: task for task in map(load_task, paths)}
 
 
-def gold_output(instance: Mapping[str, Any]) -> str:
-  """The reference answer: the first entry of `output` when it is a list."""
-  output = instance["output"]
-  return output if isinstance(output, str) else output[0]
-
-
 def select_shots(
   task: Mapping[str, Any], instance: Mapping[str, Any], k: int = NUM_SHOTS, *, seed: int = 0
 ) -> list[Mapping[str, Any]]:
@@ -227,12 +214,8 @@ def build_messages(
   Contents are not stripped here: stripping is a per-model rule of the official
   builder (Llama-3 strips, InternLM2 does not), which the chat templates apply.
   """
-  cases = [SHOT_TEMPLATE.format(input=s["input"], output=gold_output(s)) for s in shots]
-  system = "\n\n".join(cases) + "\n\n" + task["Definition"][0] + SHOT_INSTRUCTION_SUFFIX
-  return [
-    {"role": "system", "content": system},
-    {"role": "user", "content": QUERY_TEMPLATE.format(input=instance["input"])},
-  ]
+  system, user = meds_ins.few_shot_prompt(task["Definition"][0], shots, instance["input"])
+  return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 # ------------------------------------------------------- results CSV ----
@@ -692,7 +675,7 @@ def score(config: ml_collections.ConfigDict, tasks: dict[str, dict], answers: ru
   `results.csv`, `results.md`, `results.json`."""
   pairs = _pairs(config, tasks)
   rows = [
-    [task["task_id"], prompt, gold_output(instance), samples[0]]
+    [task["task_id"], prompt, meds_ins.answer(instance["output"]), samples[0]]
     for (task, instance), prompt, samples in zip(pairs, answers.prompts, answers.texts)
   ]
   csv_text = files.csv_text(RESULTS_HEADER, rows)

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from csft_jax import model_source
-from csft_jax.model_source import is_hf_dir
+from csft_jax.convert.hf import is_hf_dir
 from csft_jax.models import Decoder, ModelConfig, lora, model_config_from
 from csft_jax.models.config import RUNTIME_FIELDS
 from csft_jax.sharding import in_memory, logical_to_spec, state_shardings
