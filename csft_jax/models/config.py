@@ -143,6 +143,19 @@ _LLAMA31_ROPE = {
   "original_max_position_embeddings": 8192,
 }
 
+# Test-sized models of each family.
+_TINY = ModelConfig(
+  arch="llama",
+  vocab_size=512,
+  hidden_size=64,
+  intermediate_size=128,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  max_position_embeddings=512,
+  rms_norm_eps=1e-5,
+  dtype="float32",
+)
 PRESETS: dict[str, ModelConfig] = {
   "internlm2_5_7b": ModelConfig(
     arch="internlm2",
@@ -246,44 +259,9 @@ PRESETS: dict[str, ModelConfig] = {
     max_position_embeddings=2048,
     rms_norm_eps=1e-5,
   ),
-  "tiny": ModelConfig(
-    arch="llama",
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-5,
-    dtype="float32",
-  ),
-  "tiny_internlm2": ModelConfig(
-    arch="internlm2",
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-5,
-    dtype="float32",
-  ),
-  "tiny_qwen3": ModelConfig(
-    arch="qwen3",
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=32,
-    qk_norm=True,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-6,
-    dtype="float32",
-  ),
+  "tiny": _TINY,
+  "tiny_internlm2": _TINY.replace(arch="internlm2"),
+  "tiny_qwen3": _TINY.replace(arch="qwen3", head_dim=32, qk_norm=True, rms_norm_eps=1e-6),
 }
 
 

@@ -150,39 +150,23 @@ class Attention(nnx.Module):
       else None
     )
     shared = self.shared_qkv_a is not None
-    self.q_proj = Projection(
-      "btd,dhk->bthk",
-      (d, h, hd),
-      ("embed", "heads", "head_dim"),
-      (h, hd) if qkv_bias else None,
-      ("heads", "head_dim"),
-      config,
-      rngs,
-      lora="attn.q_proj" in targets,
-      shared_a=shared,
-    )
-    self.k_proj = Projection(
-      "btd,dhk->bthk",
-      (d, k, hd),
-      ("embed", "kv_heads", "head_dim"),
-      (k, hd) if qkv_bias else None,
-      ("kv_heads", "head_dim"),
-      config,
-      rngs,
-      lora="attn.k_proj" in targets,
-      shared_a=shared,
-    )
-    self.v_proj = Projection(
-      "btd,dhk->bthk",
-      (d, k, hd),
-      ("embed", "kv_heads", "head_dim"),
-      (k, hd) if qkv_bias else None,
-      ("kv_heads", "head_dim"),
-      config,
-      rngs,
-      lora="attn.v_proj" in targets,
-      shared_a=shared,
-    )
+
+    def head_projection(heads: int, axis: str, name: str) -> Projection:  # x -> [B, T, heads, head_dim]
+      return Projection(
+        "btd,dhk->bthk",
+        (d, heads, hd),
+        ("embed", axis, "head_dim"),
+        (heads, hd) if qkv_bias else None,
+        (axis, "head_dim"),
+        config,
+        rngs,
+        lora=f"attn.{name}" in targets,
+        shared_a=shared,
+      )
+
+    self.q_proj = head_projection(h, "heads", "q_proj")
+    self.k_proj = head_projection(k, "kv_heads", "k_proj")
+    self.v_proj = head_projection(k, "kv_heads", "v_proj")
     self.o_proj = Projection(
       "bthk,hkd->btd",
       (h, hd, d),
@@ -222,16 +206,7 @@ class Attention(nnx.Module):
     k = apply_rope(k, positions, inv_freq)
     new_k, new_v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # the cache's layout
     if cache_k is None:
-      out = attend(
-        q,
-        k,
-        v,
-        mask,
-        implementation=self.config.attention_impl,
-        block_q=self.config.attention_block_q,
-        block_kv=self.config.attention_block_kv,
-      )
-      return self.o_proj(out, dropout_key=_key(dropout_key, 3)), new_k, new_v
+      return self.o_proj(self._attend(q, k, v, mask), dropout_key=_key(dropout_key, 3)), new_k, new_v
     # The cache with this call's keys in place (rows are left-padded, so every row writes at the
     # same slot); with one buffer per layer the write happens in place.
     k = jax.lax.dynamic_update_slice(cache_k, new_k.astype(cache_k.dtype), (0, 0, cache_end, 0))
@@ -239,16 +214,21 @@ class Attention(nnx.Module):
     if x.shape[1] == 1:
       out = decode_attention(q, k, v, mask)
     else:
-      out = attend(
-        q,
-        k.transpose(0, 2, 1, 3).astype(q.dtype),
-        v.transpose(0, 2, 1, 3).astype(q.dtype),
-        mask,
-        implementation=self.config.attention_impl,
-        block_q=self.config.attention_block_q,
-        block_kv=self.config.attention_block_kv,
-      )
+      out = self._attend(q, k.transpose(0, 2, 1, 3).astype(q.dtype), v.transpose(0, 2, 1, 3).astype(q.dtype), mask)
     return self.o_proj(out, dropout_key=_key(dropout_key, 3)), k, v
+
+  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:
+    """Self-attention of `q` over `k`/`v` ([B, T, heads, head_dim]) with the configured implementation."""
+    config = self.config
+    return attend(
+      q,
+      k,
+      v,
+      mask,
+      implementation=config.attention_impl,
+      block_q=config.attention_block_q,
+      block_kv=config.attention_block_kv,
+    )
 
 
 class MLP(nnx.Module):
