@@ -43,21 +43,16 @@ from configs import base
 from csft_jax.data.config import source_config
 
 # Each preset: the mesh (FSDP over every device), the gradient accumulation that makes a global
-# batch of 256 rows of 1024 tokens (the paper variant's) fit, and the attention kernel,
-# checked with `--compile_for=<preset>` (GiB per device, total of 90% of
-# HBM allowed; tools/bench_memory.py measures all of them). The TPU presets use the Pallas splash
-# kernel (tiles of SPLASH_TILE): equal to 'xla' in values and gradients (interpret-mode tests) and
-# compiled for each slice, but not yet run on a TPU; --config.model.attention_impl=xla goes back.
-#   v5p-8  4 devices x 95 GiB, accum 16: 49.4 (xla at accum 16: 51.1; xla, accum 2: 77.1;
-#          splash at accum 4: 58.8). What stays is per-parameter float32: 21.6 GiB of params +
-#          AdamW moments and about as much again of gradients and updates.
-#   v4-16  8 devices x 32 GiB, accum 16: 26.8. v4-8 cannot hold a 7B full fine-tune: 4 x 32 GiB
-#          leave 10 GiB per device beside 21.6 GiB of f32 params + AdamW moments (79.8 at accum 2).
-#   v5e-16 16 devices x 16 GiB, accum 16: 13.3. v5e-8 cannot: 10.8 GiB of state per 16 GiB chip
-#          leave too little for gradients and activations (40.7 at accum 2).
-#   v6e-8  8 devices x 32 GiB, accum 16: 26.4 (loss chunks of 256 save 1.4-1.8 GiB on v4-16 and v6e-8).
-# 8xh100 is the paper's setup (8 GPUs, per-device batch 16 x accum 2); not compiled here. The full
-# variant's 64 rows take a quarter of the accumulation (at least 1): no more rows per device.
+# batch of 256 rows of 1024 tokens (the paper variant's) fit in 90% of HBM, and the attention
+# kernel, each checked with `--compile_for=<preset>`; the per-device memory of every preset is in the
+# README, measured by tools/bench_memory.py. Accumulation 16 on the TPU presets: what stays beside
+# the activations is per-parameter float32 state (params, AdamW moments, gradients, updates). v4-8
+# and v5e-8 cannot hold a 7B full fine-tune's float32 state at all: they run method=lora or offload.
+# The TPU presets use the Pallas splash kernel (tiles of SPLASH_TILE): equal to 'xla' in values and
+# gradients (interpret-mode tests) and compiled for each slice, but not yet run on a TPU;
+# --config.model.attention_impl=xla goes back. 8xh100 is the paper's setup (8 GPUs, per-device
+# batch 16 x accum 2); not compiled here. The full variant's 64 rows take a quarter of the
+# accumulation (at least 1): no more rows per device.
 SPLASH_TILE = 512
 MESH_PRESETS = {
   "v5p-8": (dict(data=1, fsdp=4, tensor=1), 16, "splash"),

@@ -36,13 +36,9 @@ from configs import base
 from csft_jax.data import meds_ins
 
 # Each preset: the mesh (FSDP over every device) and the gradient accumulation that makes the
-# recipe's global batch of 128 x 2048 fit, checked with `--compile_for=<preset>` (GiB per device
-# of params / optimizer state / total; a run fits at <= 90% of HBM):
-#   v5p-8  4 devices x 95 GiB, accum 4:  7.48 / 14.96 / 70.18
-#   v4-16  8 devices x 32 GiB, accum 16: 3.74 / 7.48 / 28.36 (the most accumulation 8 devices allow)
-#   v5e-32 32 devices x 16 GiB, accum 4: 0.94 / 1.87 / 9.78. v5e-16 cannot: at accum 8 (one
-#          sequence per device, the most 16 devices allow) the total is 16.71 GiB of 16.
-#   v6e-8  8 devices x 32 GiB, accum 16: 3.74 / 7.48 / 28.50
+# recipe's global batch of 128 x 2048 fit in 90% of HBM, checked with `--compile_for=<preset>` (the
+# README has each preset's memory). Accumulation 16 on 8 devices is the most they allow (one
+# sequence per device per micro-batch); v5e-16 does not fit even at its most (8), so v5e-32 it is.
 # 8xh100: 8 GPUs, per-device batch 4 x accum 4; not compiled here.
 MESH_PRESETS = {
   "v5p-8": (dict(data=1, fsdp=4, tensor=1), 4),

@@ -238,26 +238,15 @@ class MLP(nnx.Module):
     d, m = config.hidden_size, config.intermediate_size
     bias = config.mlp_bias
     targets = config.lora_targets if config.lora_rank else ()
-    self.gate_proj = Projection(
-      "btd,dm->btm",
-      (d, m),
-      ("embed", "mlp"),
-      (m,) if bias else None,
-      ("mlp",),
-      config,
-      rngs,
-      lora="mlp.gate_proj" in targets,
-    )
-    self.up_proj = Projection(
-      "btd,dm->btm",
-      (d, m),
-      ("embed", "mlp"),
-      (m,) if bias else None,
-      ("mlp",),
-      config,
-      rngs,
-      lora="mlp.up_proj" in targets,
-    )
+
+    def up_projection(name: str) -> Projection:  # x -> [B, T, intermediate]
+      return Projection(
+        "btd,dm->btm", (d, m), ("embed", "mlp"), (m,) if bias else None, ("mlp",), config, rngs,
+        lora=f"mlp.{name}" in targets,
+      )  # fmt: skip
+
+    self.gate_proj = up_projection("gate_proj")
+    self.up_proj = up_projection("up_proj")
     self.down_proj = Projection(
       "btm,md->btd",
       (m, d),
