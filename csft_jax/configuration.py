@@ -13,7 +13,7 @@ result goes through `resolve_paths` once:
     repository root).
 
 Resolved paths are absolute, so a run's stored config (W/config.json) names the same files from
-any directory. The fields that hold paths are listed in PATH_FIELDS.
+any directory. The fields that hold paths are those the components declare (`declare_path_fields`).
 """
 
 from __future__ import annotations
@@ -29,28 +29,19 @@ from ml_collections import config_flags
 
 PACKAGE_PREFIX = "pkg://"
 
-# Dotted config fields that hold paths ('*' matches one level, e.g. a source name).
-PATH_FIELDS = (
-  "data.tokenizer",
-  "data.sources.*.path",
-  "data.cache_dir",
-  "init.from_hf",
-  "init.from_checkpoint",
-  "init.from_peft",
-  "data.sources.*.rewrite_definitions",  # meds_ins sources
-  # Evaluation configs.
-  "checkpoint",
-  "adapter",
-  "tokenizer",
-  "out_dir",
-  "exam",
-  "val",
-  "answer_key",
-  "task_dir",
-  "clin",
-  "judge.model",
-  "judge.tokenizer",
-)
+# Dotted config fields that hold paths ('*' matches one level, e.g. a source name), declared by the
+# component whose default config has them (`declare_path_fields`, beside that default config).
+_PATH_FIELDS: list[str] = []
+
+
+def declare_path_fields(*patterns: str) -> None:
+  """Makes `resolve_paths` resolve the config fields `patterns` (dotted, '*' for one level)."""
+  _PATH_FIELDS.extend(p for p in patterns if p not in _PATH_FIELDS)
+
+
+def path_fields() -> tuple[str, ...]:
+  """The declared path fields."""
+  return tuple(_PATH_FIELDS)
 
 
 class ConfigError(ValueError):
@@ -77,12 +68,12 @@ def _path_fields(config: ml_collections.ConfigDict, prefix: str = ""):
     value = config[key]
     if isinstance(value, ml_collections.ConfigDict):
       yield from _path_fields(value, dotted + ".")
-    elif isinstance(value, str) and any(fnmatch.fnmatchcase(dotted, p) for p in PATH_FIELDS):
+    elif isinstance(value, str) and any(fnmatch.fnmatchcase(dotted, p) for p in _PATH_FIELDS):
       yield config, key
 
 
 def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of `config` with every PATH_FIELDS value resolved (idempotent)."""
+  """A copy of `config` with every declared path field resolved (idempotent)."""
   config = config.copy_and_resolve_references()
   for node, key in _path_fields(config):
     node[key] = resolve_path(node[key])

@@ -85,6 +85,9 @@ def default_train_config() -> ml_collections.ConfigDict:
   )
 
 
+configuration.declare_path_fields("init.from_hf", "init.from_checkpoint", "init.from_peft")
+
+
 def default_init_config() -> ml_collections.ConfigDict:
   """`config.init`: where a new run's weights come from (at most one; neither: random)."""
   return ml_collections.ConfigDict(

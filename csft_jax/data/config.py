@@ -9,6 +9,8 @@
 import ml_collections
 from ml_collections import config_dict
 
+from csft_jax import configuration
+
 SAMPLE_COLLECTION = "pkg://csft_jax/assets/sample_collection"
 DEMO_TOKENIZER = "pkg://csft_jax/assets/demo_tokenizer"
 
@@ -37,6 +39,9 @@ def default_config() -> ml_collections.ConfigDict:
       cache_dir="",  # Tokenize-once cache (`python -m csft_jax.data.prepare`); see csft_jax/data/cache.py.
     )
   )
+
+
+configuration.declare_path_fields("data.tokenizer", "data.sources.*.path", "data.cache_dir")
 
 
 def source_config(path: str, format: str, **options) -> ml_collections.ConfigDict:

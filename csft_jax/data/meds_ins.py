@@ -36,7 +36,7 @@ from typing import Any
 
 import ml_collections
 
-from csft_jax import files
+from csft_jax import configuration, files
 from csft_jax.configuration import resolve_path
 from csft_jax.data import config as data_config
 from csft_jax.data.adapters import register_format
@@ -304,3 +304,4 @@ def _rewrite_definitions(path: str) -> dict[str, tuple[str, ...]]:
 
 
 register_format(FORMAT, adapt, read=read_task_file)  # its own reader: a task file holds many instances
+configuration.declare_path_fields("data.sources.*.rewrite_definitions")

@@ -31,7 +31,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from csft_jax import files
+from csft_jax import configuration, files
 from csft_jax.eval import engine
 
 Parse = Callable[[str], "dict[str, int] | None"]
@@ -39,6 +39,9 @@ Parse = Callable[[str], "dict[str, int] | None"]
 
 class JudgeError(ValueError):
   """A judge that cannot be used: bad settings, a missing key, an endpoint that refuses."""
+
+
+configuration.declare_path_fields("judge.model", "judge.tokenizer")
 
 
 def default_judge_config() -> ml_collections.ConfigDict:

@@ -36,7 +36,7 @@ import tqdm
 from absl import logging
 from jax.sharding import Mesh
 
-from csft_jax import files
+from csft_jax import configuration, files
 from csft_jax.eval import engine, judge
 from csft_jax.models import Decoder
 from csft_jax.models.config import ATTENTION_IMPLEMENTATIONS
@@ -125,8 +125,13 @@ def _sha(prompt: Sequence[int]) -> str:
   return hashlib.sha1(json.dumps(list(prompt)).encode()).hexdigest()
 
 
+configuration.declare_path_fields("checkpoint", "adapter", "tokenizer", "out_dir")
+
+
 def default_eval_config(benchmark: str) -> ml_collections.ConfigDict:
-  """Fields every `configs/eval/*.py` shares: model, tokenizer, batching, mesh, output."""
+  """Fields every `configs/eval/*.py` shares: model, tokenizer, batching, mesh, output. Imports the
+  benchmark's module, so the path fields it declares are known when the config's paths resolve."""
+  importlib.import_module(f"csft_jax.eval.{benchmark}")
   return ml_collections.ConfigDict(
     dict(
       benchmark=benchmark,
