@@ -17,6 +17,7 @@ from flax import nnx
 from csft_jax import files
 from csft_jax.convert import layouts
 from csft_jax.convert.safetensors_io import SafetensorsReader, write_sharded
+from csft_jax.data.tokenizer import TOKENIZER_FILES
 from csft_jax.models.config import ModelConfig
 from csft_jax.models.decoder import Decoder
 
@@ -31,17 +32,7 @@ def is_hf_dir(path: str) -> bool:
 
 
 # Files copied next to exported weights when they exist in the source directory.
-TOKENIZER_FILES = (
-  "tokenizer.json",
-  "tokenizer_config.json",
-  "special_tokens_map.json",
-  "tokenizer.model",
-  "vocab.json",
-  "merges.txt",
-  "added_tokens.json",
-  "chat_template.jinja",
-  "generation_config.json",
-)
+COPIED_FILES = (*TOKENIZER_FILES, "generation_config.json")
 
 
 def read_hf_config(hf_dir: str, **overrides: Any) -> ModelConfig:
@@ -254,13 +245,13 @@ def save_hf(
 
 
 def copy_tokenizer_files(source: str | None, destination: str, copy_code: bool = False) -> list[str]:
-  """Copies the tokenizer files of `source` (TOKENIZER_FILES) into `destination`; returns their names."""
+  """Copies the tokenizer files of `source` (COPIED_FILES) into `destination`; returns their names."""
   if not source or os.path.abspath(source) == os.path.abspath(destination):
     return []
   os.makedirs(destination, exist_ok=True)
   copied = []
   for name in sorted(os.listdir(source)):
-    wanted = name in TOKENIZER_FILES or (copy_code and name.endswith(".py"))
+    wanted = name in COPIED_FILES or (copy_code and name.endswith(".py"))
     if wanted and os.path.isfile(os.path.join(source, name)):
       shutil.copy2(os.path.join(source, name), os.path.join(destination, name))
       copied.append(name)

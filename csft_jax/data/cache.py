@@ -39,6 +39,7 @@ from csft_jax.data.errors import DataError
 from csft_jax.data.examples import tokenize_source
 from csft_jax.data.sources import SourceRecord, SourceSpec, SourceStats
 from csft_jax.data.templates import ChatTemplate
+from csft_jax.data.tokenizer import TOKENIZER_FILES
 
 CACHE_MODES = ("off", "auto", "require")
 CACHE_VERSION = 1
@@ -48,19 +49,7 @@ SHARD_CONVERSATIONS = 16_384  # Conversations per shard: the unit of parallel wo
 _WRITER_OPTIONS = "group_size:1"
 # Modules that only arrange tokens already made; every other csft_jax/data module is fingerprinted.
 # packing.py stays in: it reads the cached loss masks (LAST_TOKEN_TARGET).
-_NOT_TOKEN_CODE = ("__init__", "cache", "config", "errors", "inspect", "mixture", "pipeline", "prepare")
-# Files of a tokenizer directory that change token ids or the template; an HF model directory's
-# weights beside them are not read.
-_TOKENIZER_FILES = (
-  "tokenizer.json",
-  "tokenizer_config.json",
-  "special_tokens_map.json",
-  "tokenizer.model",
-  "vocab.json",
-  "merges.txt",
-  "added_tokens.json",
-  "chat_template.jinja",
-)
+_NOT_TOKEN_CODE = ("__init__", "cache", "config", "errors", "inspection", "mixture", "pipeline", "prepare")
 
 
 class CacheError(DataError):
@@ -152,7 +141,7 @@ def fingerprint(data_config: ml_collections.ConfigDict, specs: Sequence[SourceSp
   tokenizer_dir = resolve_path(data_config.tokenizer)
   tokenizer_files = [
     os.path.join(tokenizer_dir, name)
-    for name in sorted(_TOKENIZER_FILES)
+    for name in sorted(TOKENIZER_FILES)
     if os.path.isfile(os.path.join(tokenizer_dir, name))
   ]
   return {

@@ -19,6 +19,19 @@ from csft_jax import files
 from csft_jax.configuration import resolve_path
 from csft_jax.data.errors import DataError
 
+# The files of a tokenizer directory that decide its token ids and chat template (copied beside
+# exported weights; fingerprinted by the tokenize-once cache).
+TOKENIZER_FILES = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "tokenizer.model",
+  "vocab.json",
+  "merges.txt",
+  "added_tokens.json",
+  "chat_template.jinja",
+)
+
 SENTENCEPIECE_FILE = "tokenizer.model"
 FAST_TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
