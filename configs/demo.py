@@ -16,6 +16,18 @@ import ml_collections
 from configs import base
 from csft_jax.data.config import SAMPLE_COLLECTION, sample_collection_config, source_config
 
+# The demo model: the `tiny` preset widened to a 1.5M-parameter Llama-style decoder (configs/meds_ins_demo.py too).
+DEMO_MODEL = dict(
+  preset="tiny",
+  hidden_size=128,
+  intermediate_size=384,
+  num_layers=4,
+  num_heads=4,
+  num_kv_heads=2,
+  dtype="float32",
+  param_dtype="float32",
+)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the demo config; `arg` is `stage=base|sft`."""
@@ -24,15 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The context holds MedS-Bench's 2,048-token prompts plus their 200 new tokens (RoPE: no
   # parameters), so evaluation cuts prompts where the official eval.py does, not earlier.
   config.model.update(
-    preset="tiny",
-    hidden_size=128,
-    intermediate_size=384,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
+    **DEMO_MODEL,
     max_position_embeddings=2560,
-    dtype="float32",
-    param_dtype="float32",
     # Four layers compile fast unrolled, and the step skips a layer scan's stacked
     # residual buffers (faster on CPU); deep models scan.
     scan_layers=False,

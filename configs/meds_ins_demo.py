@@ -12,7 +12,7 @@ the instances as 3-shot prompts, half with a definition drawn from the task's ow
 
 import ml_collections
 
-from configs import base
+from configs import base, demo
 from csft_jax.data import meds_ins
 from csft_jax.data.config import DEMO_TOKENIZER
 
@@ -23,17 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the MedS-Ins demo config (no argument)."""
   del arg
   config = base.get_config()
-  config.model.update(
-    preset="tiny",
-    hidden_size=128,
-    intermediate_size=384,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    max_position_embeddings=1024,
-    dtype="float32",
-    param_dtype="float32",
-  )
+  config.model.update(**demo.DEMO_MODEL, max_position_embeddings=1024)
   data = config.data
   data.sources = ml_collections.ConfigDict(
     dict(
