@@ -359,14 +359,9 @@ class Decoder(nnx.Module):
     self.config = config
     pdtype = jnp.dtype(config.param_dtype)
     self.embed = nnx.Module()
-    self.embed.embedding = _param(
-      rngs,
-      (config.vocab_size, config.hidden_size),
-      ("vocab", "embed"),
-      pdtype,
-      init="normal",
-      stddev=config.initializer_range,
-    )
+    std = config.initializer_range
+    self.embed.embedding = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), pdtype,
+                                  init="normal", stddev=std)  # fmt: skip
     if config.scan_layers:
 
       @nnx.split_rngs(splits=config.num_layers)
@@ -382,14 +377,8 @@ class Decoder(nnx.Module):
       self.lm_head = None
     else:
       self.lm_head = nnx.Module()
-      self.lm_head.kernel = _param(
-        rngs,
-        (config.hidden_size, config.vocab_size),
-        ("embed", "vocab"),
-        pdtype,
-        init="normal",
-        stddev=config.initializer_range,
-      )
+      self.lm_head.kernel = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), pdtype,
+                                   init="normal", stddev=std)  # fmt: skip
 
   def __call__(
     self,
