@@ -3,7 +3,9 @@
 
 import http.server
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -261,3 +263,26 @@ def test_cli_judged_by_a_local_model_resumes_and_refuses_a_judge_without_templat
   error = refused.stderr.strip().splitlines()
   assert error[-2].startswith(f"error: config.judge.model='{no_template}': chat_template='hf' but tokenizer")
   assert "--config.judge.chat_template" in error[-2]
+
+
+def test_ctrl_c_while_judging_keeps_what_was_judged_and_a_rerun_judges_the_rest(
+  model_dir, tmp_path, serve, monkeypatch
+):  # noqa: F811
+  monkeypatch.setenv("CSFT_TEST_JUDGE_KEY", "sk-test")
+
+  def interrupt_at_the_second(n):
+    if n == 2:  # Ctrl-C while the second answer's judgment is on its way
+      os.kill(os.getpid(), signal.SIGINT)
+    return REPLIES[n - 1]
+
+  server = serve(interrupt_at_the_second)
+  config = _judged_config(model_dir, tmp_path, server.url)
+  outcome, text, _ = evaluate.run(config)
+  assert isinstance(outcome, evaluate.Interrupted) and outcome.signal_name == "SIGINT"
+  assert "2 of 5 prompts done" in text and "Rerun the same command to continue" in text
+  assert not (tmp_path / "results.json").exists()
+  assert len((tmp_path / "judge.jsonl").read_text(encoding="utf-8").splitlines()) == 1 + 2
+  server.behave = lambda n: REPLIES[n - 1]
+  results, _, _ = evaluate.run(config)
+  assert len(server.seen) == 2 + 3  # the judged two are not asked again
+  assert [r["judge"]["reply"] for r in results["records"]] == REPLIES
