@@ -143,8 +143,8 @@ def default_eval_config(benchmark: str) -> ml_collections.ConfigDict:
       chat_template="",  # Override the checkpoint's template: a name in csft_jax.data.templates.TEMPLATES.
       system_prompt="",
       dtype="float32",  # 'bfloat16' on TPU/GPU for large models.
-      # HF checkpoints only (Orbax ones keep their saved layout). Unrolled layers prefill ~2x faster
-      # on CPU; scanned ones keep compile time flat for deep models.
+      # HF checkpoints only (Orbax ones keep their saved layout). Unrolled layers prefill faster on
+      # CPU; scanned ones keep compile time flat for deep models.
       scan_layers=False,
       # Prefill attention: auto = splash on TPU, blockwise elsewhere (only the causal blocks of each
       # row are computed); or one of xla | cudnn | blockwise | splash. Decode steps attend densely.

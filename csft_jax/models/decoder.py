@@ -289,8 +289,8 @@ class KVCache:
 
   `k` and `v` are one array `[layers, B, kv_heads, S, head_dim]` for a model with scanned layers
   (the scan's input), else a tuple of one array per layer: each layer then reads and writes its own
-  buffer in place, where slicing a stacked cache copies every layer's slots at every decode step
-  (on CPU, 9 ms of a 120 ms step per layer for 16 rows of 512 slots). Each KV head's slots are
+  buffer in place, where slicing a stacked cache copies every layer's slots at every decode step.
+  Each KV head's slots are
   contiguous, so a decode step's attention reads them in place (`decode_attention`). Batch is axis
   -4 and length axis -2 of every array, whichever the form.
 
@@ -326,10 +326,9 @@ def contract(
   """`x`'s last `axes` axes contracted with `kernel`'s `kernel_axes` (default: its leading ones).
 
   On CPU the product runs as one 2-D matmul over the flattened tokens: there, the gradient of a
-  multi-axis einsum pays transposing copies of the activations for the weight gradient (on the
-  demo model's 8 x 1024 step: 17% of the step for the projections, 15% for the LM head, measured
-  side by side). Elsewhere it stays one `dot_general`, which the TPU compiler lays out best (the
-  2-D form cost the 7B recipe 2.7 GiB more per v5p-8 chip: 52.10 vs 49.36 GiB).
+  multi-axis einsum pays transposing copies of the activations for the weight gradient. Elsewhere
+  it stays one `dot_general`, which the TPU compiler lays out best (the 2-D form costs the 7B recipe
+  more HBM per chip, as `--compile_for` shows).
   """
   kernel_axes = tuple(range(axes)) if kernel_axes is None else kernel_axes
   x_axes = tuple(range(x.ndim - axes, x.ndim))

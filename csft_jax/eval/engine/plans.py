@@ -20,9 +20,8 @@ from csft_jax.models import Decoder
 
 MIN_BUCKET = 16
 # Finer than powers of two: prefill cost grows with the padded length, so a bucket wastes at most
-# ~1/BUCKETS_PER_OCTAVE of it, at the price of up to BUCKETS_PER_OCTAVE programs per octave (at 4, a
-# 1,040-token MedS prompt padded to 1,280 made our prefill 12% slower than HF's, which pads to the
-# batch's longest).
+# ~1/BUCKETS_PER_OCTAVE of it, at the price of up to BUCKETS_PER_OCTAVE programs per octave (HF pads
+# only to the batch's longest prompt: coarser buckets cost our prefill its margin on long prompts).
 BUCKETS_PER_OCTAVE = 8
 # A shared prefix shorter than this is prefilled per row: too little work saved to be worth a program.
 MIN_SHARED_PREFIX = 32
