@@ -32,7 +32,6 @@ from csft_jax.eval.engine.programs import (
   WINDOW_GRID,
   _decode_slots_jit,
   _generate_batch_jit,
-  _generate_shared_batch_jit,
   _log_compiles,
   _new_slots_cache_jit,
   _place_rows,
@@ -397,10 +396,10 @@ def generate(
     options = dict(mesh=mesh, max_new_tokens=max_new_tokens, sampling=sampling)
     if prefix_len:
       prefix = np.tile(np.asarray(row_prompts[rows[0]][:prefix_len], np.int32), (dp, 1))
-      out = _generate_shared_batch_jit(graphdef, state, *_place_rows(mesh, prefix), *row_args, **options)
+      out = _generate_batch_jit(graphdef, state, *_place_rows(mesh, prefix), *row_args, **options)
       shape = f"{padded_rows} rows x ({prefix_len} shared + {padded_len}) prompt tokens + {max_new_tokens} new"
     else:
-      out = _generate_batch_jit(graphdef, state, *row_args, **options)
+      out = _generate_batch_jit(graphdef, state, None, *row_args, **options)
       shape = f"{padded_rows} rows x {padded_len} prompt tokens + {max_new_tokens} new"
     prefill_slots += dp * prefix_len + padded_rows * padded_len
     _log_compiles("generate", before, shape)

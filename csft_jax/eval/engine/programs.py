@@ -102,45 +102,6 @@ def _grown(cache: KVCache, extra: int) -> KVCache:
   return _map_kv(pad, cache, segment_ids=jnp.pad(cache.segment_ids, ((0, 0), (0, extra))))
 
 
-def _generate_batch(
-  graphdef,
-  state,
-  tokens,
-  segment_ids,
-  positions,
-  active,
-  stop_ids,
-  row_keys,
-  *,
-  mesh: Mesh | None,
-  max_new_tokens: int,
-  sampling: Sampling,
-):
-  """Prefill + decode loop for one left-padded batch; returns `[B, max_new_tokens]` int32."""
-  _TRACES["generate"] += 1
-  with _activation_context(mesh):
-    model = nnx.merge(graphdef, state)
-    batch, prompt_len = tokens.shape
-    cache = _empty_cache(model, batch, prompt_len)  # the decode loop grows it window by window
-    logits, cache = model(
-      tokens, positions=positions, segment_ids=segment_ids, cache=cache, prefill=True, last_logits_only=True
-    )
-    seen = _seen_tokens(tokens, segment_ids, logits.shape[-1]) if sampling.repetition_penalty != 1 else None
-    return _decode(
-      graphdef,
-      state,
-      cache,
-      logits[:, -1],
-      positions[:, -1] + 1,
-      active,
-      seen,
-      stop_ids,
-      row_keys,
-      max_new_tokens=max_new_tokens,
-      sampling=sampling,
-    )
-
-
 def _prefix_cache(model: Decoder, prefix: jax.Array) -> KVCache:
   """The keys/values of `prefix` `[R, P]` (R identical rows, one per data-parallel shard)."""
   positions = jnp.broadcast_to(jnp.arange(prefix.shape[1], dtype=jnp.int32), prefix.shape)
@@ -181,7 +142,7 @@ def _prefill_after_prefix(
   return logits, cache, seen
 
 
-def _generate_shared_batch(
+def _generate_batch(
   graphdef,
   state,
   prefix,
@@ -196,25 +157,28 @@ def _generate_shared_batch(
   max_new_tokens: int,
   sampling: Sampling,
 ):
-  """`_generate_batch` for rows that all start with `prefix` `[R, P]` (R identical rows).
+  """Prefill + decode loop for one left-padded batch; returns `[B, max_new_tokens]` int32.
 
-  The prefix is prefilled once per data-parallel shard (R = that many rows, so each device
-  computes its own copy and nothing is gathered) and its keys/values fill the first P slots of
-  every row's cache; `tokens` `[B, S]` are the rows' own, left-padded suffixes, whose positions
+  `prefix` None: `tokens` `[B, S]` are the rows' whole prompts. Else every row starts with `prefix`
+  `[R, P]` (R identical rows): it is prefilled once per data-parallel shard (R = that many rows, so
+  each device computes its own copy and nothing is gathered) and its keys/values fill the first P
+  slots of every row's cache; `tokens` are then the rows' own, left-padded suffixes, whose positions
   continue from P (`_prefill_after_prefix`).
   """
   _TRACES["generate"] += 1
+  penalize = sampling.repetition_penalty != 1
   with _activation_context(mesh):
     model = nnx.merge(graphdef, state)
-    logits, cache, seen = _prefill_after_prefix(
-      model,
-      prefix,
-      _prefix_cache(model, prefix),
-      tokens,
-      segment_ids,
-      positions,
-      penalize=sampling.repetition_penalty != 1,
-    )
+    if prefix is None:
+      cache = _empty_cache(model, *tokens.shape)  # the decode loop grows it window by window
+      logits, cache = model(
+        tokens, positions=positions, segment_ids=segment_ids, cache=cache, prefill=True, last_logits_only=True
+      )
+      seen = _seen_tokens(tokens, segment_ids, logits.shape[-1]) if penalize else None
+    else:
+      logits, cache, seen = _prefill_after_prefix(
+        model, prefix, _prefix_cache(model, prefix), tokens, segment_ids, positions, penalize=penalize
+      )
     return _decode(
       graphdef,
       state,
@@ -291,7 +255,6 @@ def _decode(
 
 _STATIC = ("graphdef", "mesh", "max_new_tokens", "sampling")
 _generate_batch_jit = jax.jit(_generate_batch, static_argnames=_STATIC)
-_generate_shared_batch_jit = jax.jit(_generate_shared_batch, static_argnames=_STATIC)
 
 
 # ------------------------------------------------- continuous batching ----
@@ -541,7 +504,7 @@ def generate_program(
   if not continuous:
     return GenerateProgram(
       _generate_batch_jit,
-      args,
+      (*args[:2], None, *args[2:]),  # no shared prefix
       dict(mesh=mesh, max_new_tokens=max_new_tokens, sampling=sampling),
       rows,
       state,
