@@ -31,7 +31,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from csft_jax import configuration, files
+from csft_jax import files
 from csft_jax.data.cmb_exam import format_question
 from csft_jax.eval import engine, reporting, runner
 
@@ -607,7 +607,6 @@ def score_main(flag_values) -> int:
   return score_command(f.submission, f.answer_key, f.out, f.markdown, strict=f.strict)
 
 
-configuration.declare_path_fields("exam", "val", "answer_key")
 BENCHMARK = runner.Benchmark(
   name="cmb",
   inputs=(("exam", lambda c: True), ("val", lambda c: c.shots > 0), ("answer_key", lambda c: bool(c.answer_key))),

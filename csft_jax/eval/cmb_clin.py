@@ -32,7 +32,7 @@ from typing import Any
 
 import ml_collections
 
-from csft_jax import configuration, files
+from csft_jax import files
 from csft_jax.eval import engine, reporting, runner, text_metrics
 
 # The README does not say how `{ history }` is filled; this layout of the earlier turns is ours.
@@ -336,7 +336,6 @@ def _sampling(config: ml_collections.ConfigDict) -> engine.Sampling:
     raise runner.EvalConfigError(f"config: {error}") from error
 
 
-configuration.declare_path_fields("clin")
 BENCHMARK = runner.Benchmark(
   name="cmb_clin",
   inputs=(("clin", lambda c: True),),

@@ -72,28 +72,23 @@ def enabled(config: ml_collections.ConfigDict) -> bool:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises `JudgeError` (before any model loads) for judge settings that cannot work."""
   judge = config.judge
-  if judge.model and judge.endpoint:
-    raise JudgeError(
-      f"config.judge.model={judge.model!r} and config.judge.endpoint={judge.endpoint!r}: choose one judge."
-    )
-  if judge.model and not os.path.exists(judge.model):
-    raise JudgeError(
-      f"config.judge.model={judge.model!r} does not exist: pass a judge checkpoint "
-      "(HF directory, training workdir or step directory)."
-    )
-  if judge.endpoint:
-    if not judge.endpoint.startswith(("http://", "https://")):
-      raise JudgeError(
-        f"config.judge.endpoint={judge.endpoint!r}: expected an http(s) URL such as https://api.openai.com/v1."
-      )
-    if judge.api_key_env and not os.environ.get(judge.api_key_env):
-      raise JudgeError(
-        f"config.judge.api_key_env={judge.api_key_env!r}: that environment variable is not set; "
-        "export the endpoint's key in it (or set config.judge.api_key_env='' for an endpoint "
-        "that needs none)."
-      )
-  if judge.max_new_tokens < 1:
-    raise JudgeError(f"config.judge.max_new_tokens={judge.max_new_tokens} must be >= 1.")
+  key_missing = judge.api_key_env and not os.environ.get(judge.api_key_env)
+  checks = (
+    (judge.model and judge.endpoint,
+     f"config.judge.model={judge.model!r} and config.judge.endpoint={judge.endpoint!r}: choose one judge."),
+    (judge.model and not os.path.exists(judge.model),
+     f"config.judge.model={judge.model!r} does not exist: pass a judge checkpoint (HF directory, training workdir "
+     "or step directory)."),
+    (judge.endpoint and not judge.endpoint.startswith(("http://", "https://")),
+     f"config.judge.endpoint={judge.endpoint!r}: expected an http(s) URL such as https://api.openai.com/v1."),
+    (judge.endpoint and key_missing,
+     f"config.judge.api_key_env={judge.api_key_env!r}: that environment variable is not set; export the endpoint's "
+     "key in it (or set config.judge.api_key_env='' for an endpoint that needs none)."),
+    (judge.max_new_tokens < 1, f"config.judge.max_new_tokens={judge.max_new_tokens} must be >= 1."),
+  )  # fmt: skip
+  for failed, message in checks:
+    if failed:
+      raise JudgeError(message)
 
 
 def describe(config: ml_collections.ConfigDict) -> str:

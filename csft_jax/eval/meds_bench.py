@@ -38,7 +38,7 @@ from typing import Any
 
 import ml_collections
 
-from csft_jax import configuration, files
+from csft_jax import files
 from csft_jax.data import meds_ins
 from csft_jax.eval import reporting, runner, text_metrics
 
@@ -756,7 +756,6 @@ def score_main(flag_values) -> int:
   return score_command(f.results, f.out, f.task_dir, f.category)
 
 
-configuration.declare_path_fields("task_dir")
 BENCHMARK = runner.Benchmark(
   name="meds_bench",
   inputs=(("task_dir", lambda c: True),),

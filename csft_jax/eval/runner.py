@@ -261,6 +261,9 @@ class Benchmark:
   judge_prompts: Callable[[ml_collections.ConfigDict, Any, Answers], list[tuple[str, str]]] | None = None
   judge_parse: Callable[[str], dict[str, int] | None] | None = None
 
+  def __post_init__(self):
+    configuration.declare_path_fields(*(field for field, _ in self.inputs))  # its input files are paths
+
 
 def run(
   benchmark: Benchmark,
