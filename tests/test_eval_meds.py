@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jieba
@@ -495,7 +496,28 @@ def _llama3_style_tokenizer(directory):
   return load_tokenizer(str(directory)), bos
 
 
-def test_llama3_prompt_ids_are_eval_pys_two_bos(tmp_path):
+def _engine_prompts(tokenizer, template_name, config, tasks, out_dir, monkeypatch) -> list[list[int]]:
+  """The prompt ids the engine gets when the runner asks MedS-Bench's requests, as `evaluate` does
+  (the engine stubbed: every reply stops at once)."""
+  seen = []
+
+  def generate(model, prompts, max_new_tokens, stop_ids, *, on_prompt_done, **options):
+    del model, max_new_tokens, options
+    seen.extend(prompts)
+    for j in range(len(prompts)):
+      on_prompt_done(j, [[stop_ids[0]]])
+    return types.SimpleNamespace(num_compilations=0, stopped=False)
+
+  monkeypatch.setattr(runner.engine, "generate", generate)
+  monkeypatch.setattr(runner.engine, "prompt_limit", lambda model, max_new_tokens, max_prompt_len: 1 << 30)
+  chat = runner.ChatModel(
+    None, tokenizer, load_chat_template(template_name, tokenizer), mesh=None, batch_size=1, max_prompt_len=None
+  )
+  runner.run(meds_bench.BENCHMARK, chat, config, str(out_dir), tasks)
+  return seen
+
+
+def test_llama3_prompt_ids_are_eval_pys_two_bos(tmp_path, monkeypatch):
   """eval.py: `tokenizer(input_sentence, max_length=2048, truncation=True)` on a prompt whose text
   begins with <|begin_of_text|>: two BOS tokens (the default); the switch gives the template's one."""
   tokenizer, bos = _llama3_style_tokenizer(tmp_path / "tok")
@@ -505,17 +527,10 @@ def test_llama3_prompt_ids_are_eval_pys_two_bos(tmp_path):
   asked = meds_bench.requests(config, tasks)
   # A Llama-3 tokenizer with the llama3 template; a Qwen-style one (adds no BOS) with chatml.
   for name, family_tokenizer in (("llama3", tokenizer), ("chatml", load_tokenizer(DEMO_TOKENIZER))):
-    chat = runner.ChatModel(
-      None, family_tokenizer, load_chat_template(name, family_tokenizer), mesh=None, batch_size=1, max_prompt_len=None
-    )
-    ids, _ = chat.prompt_ids(asked.conversations, official_ids=asked.official_ids, cut=asked.cut)
-    texts = [chat.template.render_prompt(m) for m in asked.conversations]
+    ids = _engine_prompts(family_tokenizer, name, config, tasks, tmp_path / name, monkeypatch)
+    texts = [load_chat_template(name, family_tokenizer).render_prompt(m) for m in asked.conversations]
     assert ids == [family_tokenizer(t, max_length=2048, truncation=True)["input_ids"] for t in texts]
     assert [p[:2] == [bos, bos] for p in ids] == [name == "llama3"] * len(ids)
   config.llama3_double_bos = False
-  single = meds_bench.requests(config, tasks)
-  chat = runner.ChatModel(
-    None, tokenizer, load_chat_template("llama3", tokenizer), mesh=None, batch_size=1, max_prompt_len=None
-  )
-  ids, _ = chat.prompt_ids(single.conversations, official_ids=single.official_ids, cut=single.cut)
-  assert all(p[0] == bos and p[1] != bos for p in ids)
+  ids = _engine_prompts(tokenizer, "llama3", config, tasks, tmp_path / "single", monkeypatch)
+  assert len(ids) == len(asked.conversations) and all(p[0] == bos and p[1] != bos for p in ids)

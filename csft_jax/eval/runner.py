@@ -291,6 +291,7 @@ def run(
       num_samples=requests.num_samples,
       seed=config.seed,
       desc=requests.desc,
+      official_ids=requests.official_ids,
       cut=requests.cut,
     )
     answers = Answers(prompts, texts, None, counts)
