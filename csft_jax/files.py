@@ -106,3 +106,66 @@ def check_writable(directory: str | os.PathLike, what: str) -> None:
   if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
     problem = "is not a directory" if not existing.is_dir() else "is not writable"
     raise PermissionError(f"{what}: cannot write to {directory} ({existing} {problem}); choose a writable directory.")
+
+
+def file_stamps(paths: Sequence[str]) -> list[tuple[str, int, int]]:
+  """`(path, size, mtime_ns)` of each file, sorted by path: what says a file was rewritten."""
+  return [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in sorted(paths)]
+
+
+class JsonlJournal:
+  """An append-only JSON-lines file: a header line `{"fingerprint": ...}`, then one record a line,
+  each flushed to disk as it is written (`write`), so a kill loses at most the line in flight.
+
+  Opening it reads the records back (`records`), without a last line a kill cut off; a journal with
+  another fingerprint is set aside as `<path>.old` and a new one begun. Only the `primary` process
+  (of several sharing the file system) writes: the others read.
+  """
+
+  def __init__(self, path: str, fingerprint: str, *, primary: bool = True, written_by: str = "other settings"):
+    self.path, self.primary = path, primary
+    lines, entries = _complete_json_lines(path)
+    if entries and entries[0].get("fingerprint") != fingerprint:
+      from absl import logging
+
+      logging.warning("%s was written with %s; moved to %s.old and starting over.", path, written_by, path)
+      if primary:
+        os.replace(path, path + ".old")
+      lines, entries = [], []
+    self.records: list[dict[str, Any]] = entries[1:]
+    self._handle = None
+    if primary:
+      if lines and os.path.getsize(path) != sum(len(line.encode()) + 1 for line in lines):
+        write_text_atomic(path, "".join(line + "\n" for line in lines))  # drop a cut-off tail
+      os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+      self._handle = open(path, "a", encoding="utf-8")
+      if not lines:
+        self.write({"fingerprint": fingerprint})
+
+  def write(self, record: dict[str, Any]) -> None:
+    """Appends `record` and flushes it to disk (nothing on a process that is not primary)."""
+    if self._handle is None:
+      return
+    self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    self._handle.flush()
+    os.fsync(self._handle.fileno())
+
+  def close(self) -> None:
+    if self._handle is not None:
+      self._handle.close()
+
+
+def _complete_json_lines(path: str) -> tuple[list[str], list[dict[str, Any]]]:
+  """The complete lines of a JSON-lines file and their objects (a last line cut off is dropped)."""
+  if not os.path.isfile(path):
+    return [], []
+  with open(path, encoding="utf-8") as handle:
+    lines = handle.read().splitlines()
+  complete, entries = [], []
+  for line in lines:
+    try:
+      entries.append(json.loads(line))
+    except json.JSONDecodeError:
+      break
+    complete.append(line)
+  return complete, entries

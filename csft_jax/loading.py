@@ -172,3 +172,12 @@ def load_chat_model(
   model, kind = load_model(path, dtype=dtype, mesh=mesh, adapter=adapter, **overrides)
   # An HF directory is self-contained (also an export inside a run): it is its own home.
   return ChatModelFiles(model, loaded_tokenizer, template, kind, path, None if hf else run_dir)
+
+
+def weight_files(checkpoint: str) -> list[str]:
+  """The files that hold the weights of `checkpoint` (an HF directory's safetensors, a PEFT adapter's, a
+  step's state)."""
+  if is_hf_dir(checkpoint) or lora.is_peft_dir(checkpoint):
+    return [os.path.join(checkpoint, name) for name in os.listdir(checkpoint) if name.endswith(".safetensors")]
+  directory = os.path.join(checkpointing.resolve_step_dir(checkpoint), "state")
+  return [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]

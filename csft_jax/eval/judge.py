@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -114,34 +113,19 @@ def fingerprint(config: ml_collections.ConfigDict, weights: Sequence[str] = ()) 
       "max_new_tokens",
     )
   }
-  stamps = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in sorted(weights)]
-  return hashlib.sha1(json.dumps([fields, stamps], sort_keys=True).encode()).hexdigest()
+  return hashlib.sha1(json.dumps([fields, files.file_stamps(weights)], sort_keys=True).encode()).hexdigest()
 
 
 def prompt_sha(prompt: str) -> str:
   return hashlib.sha1(prompt.encode()).hexdigest()
 
 
-class JudgeJournal:
+class JudgeJournal(files.JsonlJournal):
   """`judge.jsonl`: the judge records of an evaluation, one line per judged answer (module docstring)."""
 
   def __init__(self, path: str, fingerprint_: str, *, primary: bool = True):
-    self.path = path
-    entries = _read_complete(path)
-    if entries and entries[0].get("fingerprint") != fingerprint_:
-      logging.warning("%s was written by another judge; moved to %s.old and judging anew.", path, path)
-      if primary:
-        os.replace(path, path + ".old")
-      entries = []
-    self._done = {(e["key"], e["prompt_sha"]): e for e in entries[1:]}
-    self._handle = None
-    if primary:
-      os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-      if entries:  # rewrite without a line cut off by a kill
-        files.write_text_atomic(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
-      self._handle = open(path, "a", encoding="utf-8")
-      if not entries:
-        self._write({"fingerprint": fingerprint_})
+    super().__init__(path, fingerprint_, primary=primary, written_by="another judge")
+    self._done = {(e["key"], e["prompt_sha"]): e for e in self.records}
 
   def record(self, key: str, prompt: str) -> dict[str, Any] | None:
     return self._done.get((key, prompt_sha(prompt)))
@@ -149,32 +133,8 @@ class JudgeJournal:
   def add(self, key: str, prompt: str, judge: str, reply: str, scores: dict[str, int] | None) -> dict[str, Any]:
     entry = {"key": key, "prompt_sha": prompt_sha(prompt), "judge": judge, "reply": reply, "scores": scores}
     self._done[(key, entry["prompt_sha"])] = entry
-    if self._handle is not None:
-      self._write(entry)
+    self.write(entry)
     return entry
-
-  def _write(self, entry: dict[str, Any]) -> None:
-    self._handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-    self._handle.flush()
-    os.fsync(self._handle.fileno())
-
-  def close(self) -> None:
-    if self._handle is not None:
-      self._handle.close()
-
-
-def _read_complete(path: str) -> list[dict[str, Any]]:
-  """The JSON lines of `path` up to the first incomplete one (a kill can cut the last)."""
-  if not os.path.isfile(path):
-    return []
-  entries = []
-  with open(path, encoding="utf-8") as handle:
-    for line in handle:
-      try:
-        entries.append(json.loads(line))
-      except json.JSONDecodeError:
-        break
-  return entries
 
 
 @dataclasses.dataclass
@@ -213,6 +173,7 @@ class Endpoint:
       "Content-Type": "application/json",
       **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}),
     }
+    timed_out = f"no reply within {self.timeout_s:g}s (config.judge.timeout_s)"
     for attempt in range(self.retries + 1):
       why = None
       try:
@@ -229,10 +190,10 @@ class Endpoint:
           ) from None
         why = f"HTTP {error.code}{': ' + detail if detail else ''}"
       except TimeoutError:
-        why = f"no reply within {self.timeout_s:g}s (config.judge.timeout_s)"
+        why = timed_out
       except urllib.error.URLError as error:
-        if isinstance(error.reason, (TimeoutError, socket.timeout)):
-          why = f"no reply within {self.timeout_s:g}s (config.judge.timeout_s)"
+        if isinstance(error.reason, TimeoutError):  # socket.timeout is TimeoutError
+          why = timed_out
         else:
           raise JudgeError(f"judge endpoint {self.url} cannot be reached: {error.reason}.") from None
       except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -288,7 +249,7 @@ def judge_all(
   name = describe(config)
   weights = []
   if config.judge.model:
-    from csft_jax.evaluate import weight_files
+    from csft_jax.loading import weight_files  # only a local judge needs the checkpoint code
 
     weights = weight_files(config.judge.model)
   journal = JudgeJournal(os.path.join(out_dir, "judge.jsonl"), fingerprint(config, weights), primary=primary)

@@ -56,7 +56,7 @@ class EvaluationInterrupted(Exception):
     self.done, self.total = done, total
 
 
-class GenerationJournal:
+class GenerationJournal(files.JsonlJournal):
   """`progress.jsonl` of an evaluation: one line per finished prompt, flushed as it finishes.
 
   Guarantee: every prompt whose line was written is never generated again by a rerun with the same
@@ -66,24 +66,10 @@ class GenerationJournal:
   """
 
   def __init__(self, path: str, fingerprint: str, *, primary: bool = True):
-    self.path, self.primary = path, primary
-    lines, entries = _read_lines(path)
-    if entries and entries[0].get("fingerprint") != fingerprint:
-      logging.warning("%s was written with other settings; moved to %s.old and starting over.", path, path)
-      if primary:
-        os.replace(path, path + ".old")
-      lines, entries = [], []
+    super().__init__(path, fingerprint, primary=primary)
     self._done: dict[tuple[str, int], tuple[str, list[list[int]]]] = {
-      (entry["call"], entry["index"]): (entry["prompt_sha"], entry["samples"]) for entry in entries[1:]
+      (entry["call"], entry["index"]): (entry["prompt_sha"], entry["samples"]) for entry in self.records
     }
-    self._handle = None
-    if primary:
-      if lines and os.path.getsize(path) != sum(len(line.encode()) + 1 for line in lines):
-        files.write_text_atomic(path, "".join(line + "\n" for line in lines))  # drop a cut-off tail
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      self._handle = open(path, "a", encoding="utf-8")
-      if not lines:
-        self._write({"fingerprint": fingerprint})
 
   def finished(self, call: str, index: int, prompt: Sequence[int]) -> list[list[int]] | None:
     entry = self._done.get((call, index))
@@ -92,33 +78,7 @@ class GenerationJournal:
   def add(self, call: str, index: int, prompt: Sequence[int], samples: list[list[int]]) -> None:
     digest = _sha(prompt)
     self._done[(call, index)] = (digest, samples)
-    if self._handle is not None:
-      self._write({"call": call, "index": index, "prompt_sha": digest, "samples": samples})
-
-  def _write(self, entry: dict[str, Any]) -> None:
-    self._handle.write(json.dumps(entry) + "\n")
-    self._handle.flush()
-    os.fsync(self._handle.fileno())
-
-  def close(self) -> None:
-    if self._handle is not None:
-      self._handle.close()
-
-
-def _read_lines(path: str) -> tuple[list[str], list[dict[str, Any]]]:
-  """The complete lines of a journal and their JSON objects (a last line cut off by a kill is dropped)."""
-  if not os.path.isfile(path):
-    return [], []
-  with open(path, encoding="utf-8") as handle:
-    lines = handle.read().splitlines()
-  complete, entries = [], []
-  for line in lines:
-    try:
-      entries.append(json.loads(line))
-    except json.JSONDecodeError:
-      break
-    complete.append(line)
-  return complete, entries
+    self.write({"call": call, "index": index, "prompt_sha": digest, "samples": samples})
 
 
 def _sha(prompt: Sequence[int]) -> str:
@@ -579,5 +539,6 @@ def fingerprint(config: ml_collections.ConfigDict, weights: Sequence[str]) -> st
   fields = {
     k: v for k, v in config.to_dict().items() if k not in ("batch_size", "batching", "mesh", "out_dir", "judge")
   }
-  stamps = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in sorted(weights)]
-  return hashlib.sha1(json.dumps([fields, stamps], sort_keys=True, default=str).encode()).hexdigest()
+  return hashlib.sha1(
+    json.dumps([fields, files.file_stamps(weights)], sort_keys=True, default=str).encode()
+  ).hexdigest()
