@@ -29,6 +29,7 @@ weights are read) or `--compile_model=PRESET`; nothing is allocated:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -44,7 +45,7 @@ from csft_jax.console import run_cli
 from csft_jax.convert.hf import is_hf_dir
 from csft_jax.data.errors import DataError
 from csft_jax.eval import judge, runner
-from csft_jax.loading import LoadError, load_chat_model
+from csft_jax.loading import LoadError, load_chat_model, weight_files
 from csft_jax.models import PRESETS, ModelConfig, generation_attention, get_preset, lora, with_runtime
 from csft_jax.stopping import StopRequest
 from csft_jax.workdir import RunDir, model_tag
@@ -58,15 +59,6 @@ def evaluated_step(checkpoint: str, run: RunDir) -> int | str:
     exported = any(summary.get(k) and os.path.samefile(summary[k], checkpoint) for k in ("hf_export", "peft_export"))
     return summary["step"] if exported else os.path.basename(os.path.abspath(checkpoint))
   return int(os.path.basename(checkpointing.resolve_step_dir(checkpoint)))
-
-
-def weight_files(checkpoint: str) -> list[str]:
-  """The files that hold the weights of `checkpoint` (an HF directory's safetensors, a PEFT adapter's, a
-  step's state)."""
-  if is_hf_dir(checkpoint) or lora.is_peft_dir(checkpoint):
-    return [os.path.join(checkpoint, name) for name in os.listdir(checkpoint) if name.endswith(".safetensors")]
-  directory = os.path.join(checkpointing.resolve_step_dir(checkpoint), "state")
-  return [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
 
 
 def output_dir(config: ml_collections.ConfigDict, benchmark: runner.Benchmark) -> str:
@@ -89,6 +81,28 @@ class Interrupted(NamedTuple):
   error: runner.EvaluationInterrupted
 
 
+def _load_for_generation(
+  config: ml_collections.ConfigDict,
+  path: str,
+  mesh,
+  *,
+  dtype: str,
+  tokenizer: str,
+  chat_template: str,
+  adapter: str = "",
+):
+  """`path`'s model, tokenizer and template (`load_chat_model`, layers as `config.scan_layers`), the
+  model set to the attention generation uses on this platform (`config.attention_impl`)."""
+  start = time.perf_counter()
+  loaded = load_chat_model(
+    path, dtype=dtype, mesh=mesh, tokenizer=tokenizer, chat_template=chat_template, adapter=adapter,
+    scan_layers=config.scan_layers,
+  )  # fmt: skip
+  logging.info("Loaded %s checkpoint %s in %.1fs.", loaded.kind, loaded.path, time.perf_counter() - start)
+  attention = generation_attention(config.attention_impl, jax.default_backend())
+  return dataclasses.replace(loaded, model=with_runtime(loaded.model, attention_impl=attention))
+
+
 def run(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | None | Interrupted, str, str]:
   """Loads the model named by `config.checkpoint`, runs `config.benchmark`, writes its results.
 
@@ -105,18 +119,10 @@ def run(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | None | Inte
   files.check_writable(out_dir, "config.out_dir (the evaluation's output directory)")
   inputs = benchmark.load(config)
   mesh = sharding.make_mesh(**config.mesh)
-  start = time.perf_counter()
-  loaded = load_chat_model(
-    config.checkpoint,
-    dtype=config.dtype,
-    mesh=mesh,
-    tokenizer=config.tokenizer,
-    chat_template=config.chat_template,
-    adapter=config.adapter,
-    scan_layers=config.scan_layers,
-  )
-  logging.info("Loaded %s checkpoint %s in %.1fs.", loaded.kind, loaded.path, time.perf_counter() - start)
-  model = with_runtime(loaded.model, attention_impl=generation_attention(config.attention_impl, jax.default_backend()))
+  loaded = _load_for_generation(
+    config, config.checkpoint, mesh, dtype=config.dtype, tokenizer=config.tokenizer,
+    chat_template=config.chat_template, adapter=config.adapter,
+  )  # fmt: skip
   journal = runner.GenerationJournal(
     os.path.join(out_dir, "progress.jsonl"),
     runner.fingerprint(
@@ -126,7 +132,7 @@ def run(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | None | Inte
   )
   stop = StopRequest()
   chat = runner.ChatModel(
-    model,
+    loaded.model,
     loaded.tokenizer,
     loaded.template,
     mesh=mesh,
@@ -140,24 +146,17 @@ def run(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | None | Inte
   def local_judge() -> runner.ChatModel:
     """The judge model named by `config.judge.model` (loaded only when an answer is left to judge)."""
     try:
-      judged = load_chat_model(
-        config.judge.model,
-        dtype=config.judge.dtype,
-        mesh=mesh,
-        tokenizer=config.judge.tokenizer,
+      judged = _load_for_generation(
+        config, config.judge.model, mesh, dtype=config.judge.dtype, tokenizer=config.judge.tokenizer,
         chat_template=config.judge.chat_template,
-        scan_layers=config.scan_layers,
-      )
+      )  # fmt: skip
     except (LoadError, DataError) as error:  # its advice names the evaluated model's fields: name the judge's
       message = str(error).replace("--config.", "--config.judge.")
       if isinstance(error, DataError):  # the template or tokenizer
         message += " (--config.judge.chat_template, --config.judge.tokenizer)"
       raise judge.JudgeError(f"config.judge.model={config.judge.model!r}: {message}") from None
-    judge_model = with_runtime(
-      judged.model, attention_impl=generation_attention(config.attention_impl, jax.default_backend())
-    )
     return runner.ChatModel(
-      judge_model,
+      judged.model,
       judged.tokenizer,
       judged.template,
       mesh=mesh,
