@@ -34,6 +34,7 @@ from csft_jax.convert.hf import is_hf_dir
 from csft_jax.models.config import ModelConfig
 from csft_jax.models.decoder import Decoder
 from csft_jax.sharding import state_shardings
+from csft_jax.workdir import RunDir
 
 
 class CheckpointError(RuntimeError):
@@ -426,19 +427,21 @@ def save_params(
 
 
 def run_base_dir(step_dir: str) -> str:
-  """The frozen base of the LoRA run a step directory `W/checkpoints/<step>` belongs to: `W/base/0`."""
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), "base", "0")
+  """Where the LoRA run that a step directory `W/checkpoints/<step>` belongs to keeps its frozen base."""
+  return RunDir(os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))).base
 
 
-def restore_base(base_dir: str, abstract_frozen: Any) -> Any:
-  """A LoRA run's frozen base from `base_dir` (`W/base/0`) onto `abstract_frozen`'s shardings.
+def restore_base(directory: str, abstract_frozen: Any) -> Any:
+  """A LoRA run's frozen base, as `save_params(directory, ...)` kept it (`W/base`), onto
+  `abstract_frozen`'s shardings.
 
   Raises:
     CheckpointError saying the base is missing or unreadable (a LoRA run cannot resume without it).
   """
-  if not os.path.isdir(os.path.join(base_dir, "state")):
+  step_dir = os.path.join(directory, "0")
+  if not os.path.isdir(os.path.join(step_dir, "state")):
     raise CheckpointError(
-      f"{base_dir} is missing: a LoRA run's step checkpoints hold only the adapters, and the "
+      f"{step_dir} is missing: a LoRA run's step checkpoints hold only the adapters, and the "
       "frozen base it was started from is kept there. Restore it, or start a new workdir."
     )
-  return restore_params(base_dir, abstract_frozen)
+  return restore_params(step_dir, abstract_frozen)

@@ -223,8 +223,7 @@ def _check_vocab(tokenizer_size: int, model_config: ModelConfig, tokenizer: str,
 def _resume(
   config,
   tokenizer_size: int,
-  optimizer,
-  mesh: Mesh,
+  abstract_for: Callable[[ModelConfig], tuple[TrainState, Any]],
   checkpointer: checkpointing.Checkpointer,
   data_iter,
   run_dir: RunDir,
@@ -239,12 +238,10 @@ def _resume(
       model_config = checkpointing.read_model_config(checkpointer.step_dir(step), **runtime)
       _check_fixed_fields(model_config, config.model, f"the checkpoint of step {step}")
       _check_vocab(tokenizer_size, model_config, config.data.tokenizer, f"the checkpoint of step {step}")
-      abstract, shardings = abstract_state(
-        model_config, optimizer, config.train.seed, mesh, opt_state_memory(config.optim)
-      )
+      abstract, shardings = abstract_for(model_config)
       restored = checkpointer.restore(step, abstract, data_iter)
       if model_config.lora_rank:  # a LoRA step holds the adapters; the base was kept once
-        restored["frozen"] = checkpointing.restore_base(os.path.join(run_dir.base, "0"), abstract.frozen)
+        restored["frozen"] = checkpointing.restore_base(run_dir.base, abstract.frozen)
     except checkpointing.UnreadableCheckpointError as e:
       moved = checkpointer.move_aside(step, run_dir.unreadable_checkpoints) if _primary() else "(process 0 moves it)"
       say(f"WARNING: checkpoint {e}; moved it to {moved}, trying the one before.")
@@ -318,7 +315,12 @@ def restore_or_init(
   init = config.init
   if init.from_hf and init.from_checkpoint:
     raise InitError("Set at most one of config.init.from_hf and config.init.from_checkpoint.")
-  resumed = _resume(config, tokenizer_size, optimizer, mesh, checkpointer, data_iter, run_dir, say)
+
+  def abstract_for(model_config: ModelConfig) -> tuple[TrainState, Any]:
+    """The state's abstract arrays and their shardings for `model_config` (nothing allocated)."""
+    return abstract_state(model_config, optimizer, config.train.seed, mesh, opt_state_memory(config.optim))
+
+  resumed = _resume(config, tokenizer_size, abstract_for, checkpointer, data_iter, run_dir, say)
   if resumed is not None:
     return resumed
   runtime = runtime_fields(config)
@@ -331,7 +333,7 @@ def restore_or_init(
   model_config, source = _init_source_config(config, runtime)
   _check_fixed_fields(model_config, config.model, source)
   _check_vocab(tokenizer_size, model_config, config.data.tokenizer, source)
-  abstract, shardings = abstract_state(model_config, optimizer, config.train.seed, mesh, opt_state_memory(config.optim))
+  abstract, shardings = abstract_for(model_config)
   base_runtime = {**runtime, "param_dtype": base_config(model_config).param_dtype}
   base_shardings = shardings.frozen if model_config.lora_rank else shardings.params
   if init.from_hf:

@@ -71,6 +71,16 @@ class RunDirError(ValueError):
   """A run directory whose files cannot be read as the trainer and evaluator write them."""
 
 
+class _Entry:
+  """A fixed path under the run's root, read as an attribute: `RunDir(w).metrics` is `w/metrics.jsonl`."""
+
+  def __init__(self, name: str):
+    self.name = name
+
+  def __get__(self, run_dir: RunDir | None, owner=None):
+    return self if run_dir is None else run_dir.path(self.name)
+
+
 class RunDir:
   """The paths of one run rooted at `root` (nothing is created until something is written)."""
 
@@ -83,45 +93,16 @@ class RunDir:
   def path(self, *parts: str) -> str:
     return os.path.join(self.root, *parts)
 
-  @property
-  def config(self) -> str:
-    return self.path("config.json")
-
-  @property
-  def tokenizer(self) -> str:
-    return self.path(TOKENIZER_DIR)
-
-  @property
-  def metrics(self) -> str:
-    return self.path("metrics.jsonl")
-
-  @property
-  def tensorboard(self) -> str:
-    return self.path("tensorboard")
-
-  @property
-  def checkpoints(self) -> str:
-    return self.path("checkpoints")
-
-  @property
-  def base(self) -> str:
-    return self.path("base")
-
-  @property
-  def unreadable_checkpoints(self) -> str:
-    return self.path("checkpoints_unreadable")
-
-  @property
-  def lock(self) -> str:
-    return self.path(".lock")
-
-  @property
-  def summary(self) -> str:
-    return self.path("run_summary.json")
-
-  @property
-  def sweep_log(self) -> str:
-    return self.path("sweep.log")
+  config = _Entry("config.json")
+  tokenizer = _Entry(TOKENIZER_DIR)
+  metrics = _Entry("metrics.jsonl")
+  tensorboard = _Entry("tensorboard")
+  checkpoints = _Entry("checkpoints")
+  base = _Entry("base")
+  unreadable_checkpoints = _Entry("checkpoints_unreadable")
+  lock = _Entry(".lock")
+  summary = _Entry("run_summary.json")
+  sweep_log = _Entry("sweep.log")
 
   def hf_export(self, name: str = HF_EXPORT_DIR) -> str:
     return self.path(name)

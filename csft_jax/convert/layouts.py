@@ -170,27 +170,16 @@ class TensorRule:
 
 
 def _transpose_rule(hf: str, hf_shape, ours: str, our_shape) -> TensorRule:
-  # HF stores Linear weights as [out, in]; ours are [in, ...out] so x @ kernel needs no transpose.
-  # to_ours returns views where numpy can, so the loader copies each tensor exactly once.
-  in_dim = hf_shape[1]
+  # HF stores Linear weights as [out, in]; ours are [in, ...out] (q/k/v, gate/up, lm_head) or
+  # [..in, out] (o_proj, down_proj), so x @ kernel needs no transpose either way. to_ours returns
+  # views where numpy can, so the loader copies each tensor exactly once.
+  out_dim, in_dim = hf_shape
   return TensorRule(
     hf,
     hf_shape,
     (ours,),
     lambda w: (w.T.reshape(our_shape),),
-    lambda a: np.ascontiguousarray(a[0].reshape(in_dim, -1).T),
-  )
-
-
-def _out_in_rule(hf: str, hf_shape, ours: str, our_shape) -> TensorRule:
-  # o_proj / down_proj: ours [..in, out] flattened on the leading axes.
-  out_dim = hf_shape[0]
-  return TensorRule(
-    hf,
-    hf_shape,
-    (ours,),
-    lambda w: (w.T.reshape(our_shape),),
-    lambda a: np.ascontiguousarray(a[0].reshape(-1, out_dim).T),
+    lambda a: np.ascontiguousarray(a[0].reshape(in_dim, out_dim).T),
   )
 
 
@@ -228,10 +217,10 @@ def layer_rules(config: ModelConfig, layout: str) -> list[TensorRule]:
     p = "model.layers.{i}."
     rules = [
       _wqkv_rule(p + "attention.wqkv.weight", config),
-      _out_in_rule(p + "attention.wo.weight", (d, h * hd), "attn.o_proj.kernel", (h, hd, d)),
+      _transpose_rule(p + "attention.wo.weight", (d, h * hd), "attn.o_proj.kernel", (h, hd, d)),
       _transpose_rule(p + "feed_forward.w1.weight", (m, d), "mlp.gate_proj.kernel", (d, m)),
       _transpose_rule(p + "feed_forward.w3.weight", (m, d), "mlp.up_proj.kernel", (d, m)),
-      _out_in_rule(p + "feed_forward.w2.weight", (d, m), "mlp.down_proj.kernel", (m, d)),
+      _transpose_rule(p + "feed_forward.w2.weight", (d, m), "mlp.down_proj.kernel", (m, d)),
       _same_rule(p + "attention_norm.weight", (d,), "attn_norm.scale"),
       _same_rule(p + "ffn_norm.weight", (d,), "mlp_norm.scale"),
     ]
@@ -245,10 +234,10 @@ def layer_rules(config: ModelConfig, layout: str) -> list[TensorRule]:
     _transpose_rule(p + "self_attn.q_proj.weight", (h * hd, d), "attn.q_proj.kernel", (d, h, hd)),
     _transpose_rule(p + "self_attn.k_proj.weight", (k * hd, d), "attn.k_proj.kernel", (d, k, hd)),
     _transpose_rule(p + "self_attn.v_proj.weight", (k * hd, d), "attn.v_proj.kernel", (d, k, hd)),
-    _out_in_rule(p + "self_attn.o_proj.weight", (d, h * hd), "attn.o_proj.kernel", (h, hd, d)),
+    _transpose_rule(p + "self_attn.o_proj.weight", (d, h * hd), "attn.o_proj.kernel", (h, hd, d)),
     _transpose_rule(p + "mlp.gate_proj.weight", (m, d), "mlp.gate_proj.kernel", (d, m)),
     _transpose_rule(p + "mlp.up_proj.weight", (m, d), "mlp.up_proj.kernel", (d, m)),
-    _out_in_rule(p + "mlp.down_proj.weight", (d, m), "mlp.down_proj.kernel", (m, d)),
+    _transpose_rule(p + "mlp.down_proj.weight", (d, m), "mlp.down_proj.kernel", (m, d)),
     _same_rule(p + "input_layernorm.weight", (d,), "attn_norm.scale"),
     _same_rule(p + "post_attention_layernorm.weight", (d,), "mlp_norm.scale"),
   ]
