@@ -45,21 +45,22 @@ class Slice:
   hbm_gib: float  # HBM per device
 
 
-# Accelerator-type names (as `gcloud` spells them) -> topology. v4/v5p count TensorCores (2 per
-# chip, one megacore device); v5e/v6e count chips.
+# Accelerator-type names (as `gcloud` spells them: `<generation>-<size>`) -> topology. v4/v5p sizes
+# count TensorCores (2 per chip, one megacore device); v5e/v6e sizes count chips. Hosts hold 4 chips
+# (2x2), except the single-host 8-chip v5e/v6e machines (2x4).
+_GENERATIONS = {
+  # generation: (chip_config, HBM GiB per device, {size: topology})
+  "v4": ("megacore", 32.0, {8: "2x2x1", 16: "2x2x2", 32: "2x2x4"}),
+  "v5p": ("default", 95.0, {8: "2x2x1", 16: "2x2x2", 32: "2x2x4"}),
+  "v5e": ("default", 16.0, {8: "2x4", 16: "4x4", 32: "4x8"}),
+  "v6e": ("default", 32.0, {8: "2x4", 16: "4x4", 32: "4x8"}),
+}
 SLICES = {
-  "v4-8": Slice("v4:2x2x1", "megacore", (2, 2, 1), 32.0),
-  "v4-16": Slice("v4:2x2x2", "megacore", (2, 2, 1), 32.0),
-  "v4-32": Slice("v4:2x2x4", "megacore", (2, 2, 1), 32.0),
-  "v5p-8": Slice("v5p:2x2x1", "default", (2, 2, 1), 95.0),
-  "v5p-16": Slice("v5p:2x2x2", "default", (2, 2, 1), 95.0),
-  "v5p-32": Slice("v5p:2x2x4", "default", (2, 2, 1), 95.0),
-  "v5e-8": Slice("v5e:2x4", "default", (2, 4, 1), 16.0),
-  "v5e-16": Slice("v5e:4x4", "default", (2, 2, 1), 16.0),
-  "v5e-32": Slice("v5e:4x8", "default", (2, 2, 1), 16.0),
-  "v6e-8": Slice("v6e:2x4", "default", (2, 4, 1), 32.0),
-  "v6e-16": Slice("v6e:4x4", "default", (2, 2, 1), 32.0),
-  "v6e-32": Slice("v6e:4x8", "default", (2, 2, 1), 32.0),
+  f"{generation}-{size}": Slice(
+    f"{generation}:{topology}", chip_config, (2, 4, 1) if topology == "2x4" else (2, 2, 1), hbm_gib
+  )
+  for generation, (chip_config, hbm_gib, sizes) in _GENERATIONS.items()
+  for size, topology in sizes.items()
 }
 
 

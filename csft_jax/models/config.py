@@ -135,134 +135,43 @@ class ModelConfig:
     return self.num_layers * per_layer + embed + d
 
 
-_LLAMA31_ROPE = {
-  "rope_type": "llama3",
-  "factor": 8.0,
-  "low_freq_factor": 1.0,
-  "high_freq_factor": 4.0,
-  "original_max_position_embeddings": 8192,
-}
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
 
-# Test-sized models of each family.
-_TINY = ModelConfig(
-  arch="llama",
-  vocab_size=512,
-  hidden_size=64,
-  intermediate_size=128,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  max_position_embeddings=512,
-  rms_norm_eps=1e-5,
-  dtype="float32",
-)
+
+def _sized(family: dict[str, Any], *sizes: int, **fields: Any) -> ModelConfig:
+  """A member of `family`: its `_SIZES`, then the fields in which it departs from the family."""
+  return ModelConfig(**{**family, **dict(zip(_SIZES, sizes, strict=True)), **fields})
+
+
+# fmt: off
+# What the checkpoints of one family share (their config.json); each preset below adds its sizes.
+_INTERNLM2 = dict(arch="internlm2", rope_theta=1e6, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                  rope_scaling=dict(rope_type="dynamic", factor=2.0), bos_token_id=1, eos_token_id=2)
+_QWEN = dict(arch="qwen2", qkv_bias=True, rope_theta=1e6, max_position_embeddings=32768, rms_norm_eps=1e-6,
+             bos_token_id=151643, eos_token_id=151645)
+_LLAMA31 = dict(arch="llama", rope_theta=5e5, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                  original_max_position_embeddings=8192))
+_LLAMA2 = dict(arch="llama", max_position_embeddings=2048, rms_norm_eps=1e-5)
+_TINY = dict(arch="llama", max_position_embeddings=512, rms_norm_eps=1e-5, dtype="float32")  # for tests
+
 PRESETS: dict[str, ModelConfig] = {
-  "internlm2_5_7b": ModelConfig(
-    arch="internlm2",
-    vocab_size=92544,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_layers=32,
-    num_heads=32,
-    num_kv_heads=8,
-    rope_theta=1_000_000.0,
-    max_position_embeddings=32768,
-    rope_scaling=(("factor", 2.0), ("rope_type", "dynamic")),
-    rms_norm_eps=1e-5,
-    bos_token_id=1,
-    eos_token_id=2,
-  ),
-  "qwen2_5_7b": ModelConfig(
-    arch="qwen2",
-    vocab_size=152064,
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_layers=28,
-    num_heads=28,
-    num_kv_heads=4,
-    rope_theta=1_000_000.0,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-6,
-    qkv_bias=True,
-    bos_token_id=151643,
-    eos_token_id=151645,
-  ),
-  "qwen2_5_0_5b": ModelConfig(
-    arch="qwen2",
-    vocab_size=151936,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_layers=24,
-    num_heads=14,
-    num_kv_heads=2,
-    rope_theta=1_000_000.0,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-6,
-    qkv_bias=True,
-    tie_embeddings=True,
-    bos_token_id=151643,
-    eos_token_id=151645,
-  ),
-  "qwen3_8b": ModelConfig(
-    arch="qwen3",
-    vocab_size=151936,
-    hidden_size=4096,
-    intermediate_size=12288,
-    num_layers=36,
-    num_heads=32,
-    num_kv_heads=8,
-    head_dim=128,
-    rope_theta=1_000_000.0,
-    max_position_embeddings=40960,
-    rms_norm_eps=1e-6,
-    qk_norm=True,
-    bos_token_id=151643,
-    eos_token_id=151645,
-  ),
-  "llama3_1_8b": ModelConfig(
-    arch="llama",
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_layers=32,
-    num_heads=32,
-    num_kv_heads=8,
-    rope_theta=500_000.0,
-    max_position_embeddings=131072,
-    rope_scaling=tuple(sorted(_LLAMA31_ROPE.items())),
-    rms_norm_eps=1e-5,
-    bos_token_id=128000,
-    eos_token_id=(128001, 128008, 128009),
-  ),
-  "llama_1b": ModelConfig(
-    arch="llama",
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_layers=16,
-    num_heads=32,
-    num_kv_heads=8,
-    rope_theta=500_000.0,
-    max_position_embeddings=131072,
-    rope_scaling=tuple(sorted(_LLAMA31_ROPE.items())),
-    rms_norm_eps=1e-5,
-    tie_embeddings=True,
-  ),
-  "llama_100m": ModelConfig(
-    arch="llama",
-    vocab_size=32000,
-    hidden_size=768,
-    intermediate_size=2048,
-    num_layers=12,
-    num_heads=12,
-    num_kv_heads=4,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-5,
-  ),
-  "tiny": _TINY,
-  "tiny_internlm2": _TINY.replace(arch="internlm2"),
-  "tiny_qwen3": _TINY.replace(arch="qwen3", head_dim=32, qk_norm=True, rms_norm_eps=1e-6),
+  #                        family      vocab   hidden ffn    layers heads kv_heads
+  "internlm2_5_7b": _sized(_INTERNLM2, 92544,  4096,  14336, 32,    32,   8),
+  "qwen2_5_7b":     _sized(_QWEN,      152064, 3584,  18944, 28,    28,   4),
+  "qwen2_5_0_5b":   _sized(_QWEN,      151936, 896,   4864,  24,    14,   2, tie_embeddings=True),
+  "qwen3_8b":       _sized(_QWEN,      151936, 4096,  12288, 36,    32,   8, arch="qwen3", qkv_bias=False,
+                           qk_norm=True, head_dim=128, max_position_embeddings=40960),
+  "llama3_1_8b":    _sized(_LLAMA31,   128256, 4096,  14336, 32,    32,   8, bos_token_id=128000,
+                           eos_token_id=(128001, 128008, 128009)),
+  "llama_1b":       _sized(_LLAMA31,   128256, 2048,  8192,  16,    32,   8, tie_embeddings=True),
+  "llama_100m":     _sized(_LLAMA2,    32000,  768,   2048,  12,    12,   4),
+  "tiny":           _sized(_TINY,      512,    64,    128,   2,     4,    2),
+  "tiny_internlm2": _sized(_TINY,      512,    64,    128,   2,     4,    2, arch="internlm2"),
+  "tiny_qwen3":     _sized(_TINY,      512,    64,    128,   2,     4,    2, arch="qwen3", head_dim=32, qk_norm=True,
+                           rms_norm_eps=1e-6),
 }
+# fmt: on
 
 
 def get_preset(name: str, **overrides: Any) -> ModelConfig:
