@@ -53,6 +53,40 @@ def apply_method(config: ml_collections.ConfigDict, method: str) -> None:
     raise ValueError(f"method={method!r}; choose one of {METHODS}.")
 
 
+def published_run(
+  config: ml_collections.ConfigDict,
+  options: dict[str, str],
+  mesh: dict,
+  global_batch_size: int,
+  grad_accum_steps: int,
+  *,
+  lr: float,
+  warmup_fraction: float,
+  num_epochs: float,
+  save_every: int,
+) -> None:
+  """Sets (in place) what the papers' fine-tuning runs share, then `options["method"]` (`apply_method`).
+
+  AdamW with beta2 0.999 and no weight decay, warmup then cosine decay to 0 (LLaMA-Factory's
+  `cosine` scheduler); the loss logged every 10 steps; validated and saved every `save_every`
+  steps, the last 3 kept; started from the HF checkpoint `options["model_dir"]` and exported as
+  `W/hf_export`.
+  """
+  config.mesh.update(mesh)
+  config.optim.update(lr=lr, b2=0.999, weight_decay=0.0, warmup_fraction=warmup_fraction, min_lr_ratio=0.0)
+  config.train.update(
+    num_epochs=num_epochs,
+    global_batch_size=global_batch_size,
+    grad_accum_steps=grad_accum_steps,
+    log_every=10,
+    eval_every=save_every,
+    export_hf="hf_export",
+  )
+  config.checkpoint.update(every_steps=save_every, keep=3)
+  config.init.from_hf = options["model_dir"]
+  apply_method(config, options["method"])
+
+
 def parse_arg(
   arg: str | None,
   defaults: dict[str, str],

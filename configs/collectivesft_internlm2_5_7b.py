@@ -65,6 +65,8 @@ MESH_PRESETS = {
   "v5e-8": (dict(data=1, fsdp=8, tensor=1), 4, "splash"),
 }
 
+# The paper's schedule (its LLaMA-Factory run), for base.published_run.
+HYPERPARAMETERS = dict(lr=2e-5, warmup_fraction=0.05, num_epochs=3.0, save_every=500)
 PAPER_EXAMPLES_PER_STEP = 256  # 16 per device x 2 accumulation x 8 GPUs
 PAPER_MAX_SAMPLES = 1000
 FULL_ROWS_PER_STEP = 64  # packed rows of ~4 examples: ~PAPER_EXAMPLES_PER_STEP examples
@@ -155,19 +157,7 @@ def recipe(
 
   rows = PAPER_EXAMPLES_PER_STEP if paper else FULL_ROWS_PER_STEP
   grad_accum_steps = max(1, grad_accum_steps * rows // PAPER_EXAMPLES_PER_STEP)
-  config.mesh.update(mesh)
-  config.optim.update(lr=2e-5, b2=0.999, weight_decay=0.0, warmup_fraction=0.05, min_lr_ratio=0.0)
-  config.train.update(
-    num_epochs=3.0,
-    global_batch_size=rows,
-    grad_accum_steps=grad_accum_steps,
-    log_every=10,
-    eval_every=500,
-    export_hf="hf_export",
-  )
-  config.checkpoint.update(every_steps=500, keep=3)
-  config.init.from_hf = options["model_dir"]
-  base.apply_method(config, options["method"])
+  base.published_run(config, options, mesh, rows, grad_accum_steps, **HYPERPARAMETERS)
   return config
 
 

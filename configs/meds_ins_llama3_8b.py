@@ -50,6 +50,8 @@ MESH_PRESETS = {
   "v4-8": (dict(data=1, fsdp=4, tensor=1), 8),
   "v5e-8": (dict(data=1, fsdp=8, tensor=1), 8),
 }
+# The MedS-Ins schedule, for base.published_run.
+HYPERPARAMETERS = dict(lr=1e-5, warmup_fraction=0.03, num_epochs=5.0, save_every=1000)
 # Llama-3-8B's vocabulary (128,000 tokens + 256 reserved specials).
 VOCAB_SIZE = 128256
 
@@ -100,17 +102,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data.val_fraction = 0.001
 
   mesh, grad_accum_steps = MESH_PRESETS[options["mesh"]]
-  config.mesh.update(mesh)
-  config.optim.update(lr=1e-5, b2=0.999, weight_decay=0.0, warmup_fraction=0.03, min_lr_ratio=0.0)
-  config.train.update(
-    num_epochs=5.0,
-    global_batch_size=128,
-    grad_accum_steps=grad_accum_steps,
-    log_every=10,
-    eval_every=1000,
-    export_hf="hf_export",
-  )
-  config.checkpoint.update(every_steps=1000, keep=3)
-  config.init.from_hf = options["model_dir"]
-  base.apply_method(config, options["method"])
+  base.published_run(config, options, mesh, 128, grad_accum_steps, **HYPERPARAMETERS)
   return config

@@ -391,15 +391,12 @@ def _splash(q, k, v, mask: AttentionMask, *, block_q: int, block_kv: int, interp
     head_shards=1,
     q_seq_shards=1,
     interpret=interpret,
+    # Every query tile of the forward and both backward kernels is block_q, every key tile block_kv.
     block_sizes=splash.BlockSizes(
-      block_q=block_q,
-      block_kv=block_kv,
-      block_kv_compute=block_kv,
-      block_q_dkv=block_q,
-      block_kv_dkv=block_kv,
-      block_kv_dkv_compute=block_kv,
-      block_q_dq=block_q,
-      block_kv_dq=block_kv,
+      **dict.fromkeys(("block_q", "block_q_dkv", "block_q_dq"), block_q),
+      **dict.fromkeys(
+        ("block_kv", "block_kv_compute", "block_kv_dkv", "block_kv_dkv_compute", "block_kv_dq"), block_kv
+      ),
     ),
   )
   # The kernel does not scale the scores; padded slots are segment 0 (they see only padding, and
