@@ -65,7 +65,7 @@ def output_dir(config: ml_collections.ConfigDict, benchmark: runner.Benchmark) -
   """Where the evaluation of `config` writes (see the module docstring)."""
   if config.out_dir:
     return config.out_dir
-  name = benchmark.result_name(config)
+  name = benchmark.evaluation_name(config)
   # With an adapter, the adapter is what was trained: results go beside it, not beside the base.
   model = config.adapter or config.checkpoint
   run = RunDir.containing(model)

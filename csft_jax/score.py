@@ -3,7 +3,7 @@
     python -m csft_jax.score cmb --submission=S.json --answer_key=K.json --out=R.json [--strict]
     python -m csft_jax.score meds_bench --results=results.csv --out=R.json [--task_dir=D]
 
-Each benchmark defines its own flags (`Benchmark.score_flags`); `--help` after the benchmark's name
+Each benchmark defines its own flags (`Benchmark.offline`); `--help` after the benchmark's name
 lists them. Exit status: 0 scored, 2 an input the scorer refuses (one `error:` line), 1 bad usage.
 """
 
@@ -16,7 +16,7 @@ from csft_jax.eval import runner
 
 def scorable() -> list[str]:
   """The benchmarks that score saved outputs."""
-  return [name for name in runner.benchmark_names() if runner.get_benchmark(name).score_main is not None]
+  return [name for name in runner.benchmark_names() if runner.get_benchmark(name).offline is not None]
 
 
 def main() -> None:
@@ -33,12 +33,12 @@ def main() -> None:
       + "; `python -m csft_jax.score BENCHMARK --help` lists its flags."
     )
   benchmark = runner.get_benchmark(name)
-  benchmark.score_flags()
+  benchmark.offline.define_flags()
 
   def score(argv: list[str]) -> int:
     if argv[1:] != [name]:
       raise app.UsageError(f"python -m csft_jax.score {name}: unexpected arguments {argv[2:]}.")
-    return benchmark.score_main(flags.FLAGS)
+    return benchmark.offline.main(flags.FLAGS)
 
   run_cli(score)
 

@@ -292,7 +292,7 @@ def eval_result_name(eval_config: str) -> str:
   from csft_jax.eval import runner
 
   config = configuration.load(eval_config)
-  return runner.get_benchmark(config.benchmark).result_name(config)
+  return runner.get_benchmark(config.benchmark).evaluation_name(config)
 
 
 def plan_runs(experiment: Experiment, workdir: str) -> list[Run]:

@@ -112,8 +112,9 @@ def test_run_decodes_as_the_official_workers(tmp_path, cases):
   assert len(conversations) == summary["n"] == sum(len(c["QA_pairs"]) for c in cases)
   assert summary["settings"]["repetition_penalty"] == 1.1
   config.repetition_penalty = 0.0
+  config.checkpoint = str(tmp_path)  # the sampling is checked before the model loads
   with pytest.raises(cmb_clin.runner.EvalConfigError, match="config: Sampling repetition_penalty=0.0"):
-    cmb_clin.BENCHMARK.validate(config)
+    cmb_clin.runner.validate_config(config)
 
 
 def test_no_official_judge_script_is_claimed():

@@ -33,7 +33,7 @@ from absl import logging
 
 from csft_jax import files
 from csft_jax.data.cmb_exam import format_question
-from csft_jax.eval import engine, reporting, runner
+from csft_jax.eval import reporting, runner
 
 SINGLE_CHOICE = "单项选择题"
 MULTI_CHOICE = "多项选择题"
@@ -558,12 +558,6 @@ def _validate(config) -> None:
     raise runner.EvalConfigError(f"config.mode={config.mode!r}; choose answer, cot or loglik.")
 
 
-def sampling(config: ml_collections.ConfigDict) -> engine.Sampling:
-  """The official configs' decoding: greedy (or `temperature`/`top_p` for majority vote), at least
-  `min_new_tokens` new tokens."""
-  return engine.Sampling(temperature=config.temperature, top_p=config.top_p, min_new_tokens=config.min_new_tokens)
-
-
 def score_command(
   submission: str, answer_key: str, out: str, markdown: str | None = None, *, strict: bool = False
 ) -> int:
@@ -609,14 +603,12 @@ def score_main(flag_values) -> int:
 
 BENCHMARK = runner.Benchmark(
   name="cmb",
-  inputs=(("exam", lambda c: True), ("val", lambda c: c.shots > 0), ("answer_key", lambda c: bool(c.answer_key))),
+  inputs=("exam", ("val", lambda c: c.shots > 0), ("answer_key", lambda c: bool(c.answer_key))),
+  load=load_inputs,
   result_name=lambda config: f"cmb-{config.mode}",
+  validate=_validate,
   requests=requests,
   score=score,
   report_cells=_report_cells,
-  validate=_validate,
-  load=load_inputs,
-  sampling=sampling,
-  score_flags=define_flags,
-  score_main=score_main,
+  offline=runner.OfflineScoring(define_flags, score_main),
 )

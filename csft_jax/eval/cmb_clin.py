@@ -33,7 +33,7 @@ from typing import Any
 import ml_collections
 
 from csft_jax import files
-from csft_jax.eval import engine, reporting, runner, text_metrics
+from csft_jax.eval import reporting, runner, text_metrics
 
 # The README does not say how `{ history }` is filled; this layout of the earlier turns is ours.
 HISTORY_TURN = "问：{question}\n答：{solution}\n"
@@ -329,23 +329,12 @@ def _report_cells(results: Mapping[str, Any]) -> dict[str, float]:
   return cells
 
 
-def _sampling(config: ml_collections.ConfigDict) -> engine.Sampling:
-  try:
-    return engine.Sampling(repetition_penalty=config.repetition_penalty, min_new_tokens=config.min_new_tokens)
-  except ValueError as error:
-    raise runner.EvalConfigError(f"config: {error}") from error
-
-
 BENCHMARK = runner.Benchmark(
   name="cmb_clin",
-  inputs=(("clin", lambda c: True),),
-  result_name=lambda config: "cmb_clin",
+  inputs=("clin",),
+  load=load_inputs,
   requests=requests,
   score=score,
   report_cells=_report_cells,
-  validate=_sampling,
-  load=load_inputs,
-  sampling=_sampling,
-  judge_prompts=judge_prompts,
-  judge_parse=parse_judgment,
+  judging=runner.Judging(judge_prompts, parse_judgment),
 )

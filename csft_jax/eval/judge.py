@@ -1,7 +1,7 @@
 """LLM judges for benchmarks scored by a model: a local checkpoint through our engine, or an
 OpenAI-compatible chat-completions endpoint.
 
-A benchmark that is judged (`Benchmark.judge_prompts`) gives one prompt per answer; `judge_all`
+A benchmark that is judged (`Benchmark.judging`) gives one prompt per answer; `judge_all`
 sends each as one user message and keeps the replies in `judge.jsonl` (`JudgeJournal`): a header
 line with the judge's fingerprint, then one line per judged answer, flushed as its reply arrives
 (`key`, `prompt_sha`, the judge, its `reply`, and the benchmark's parse of it, `scores`, null when

@@ -758,13 +758,11 @@ def score_main(flag_values) -> int:
 
 BENCHMARK = runner.Benchmark(
   name="meds_bench",
-  inputs=(("task_dir", lambda c: True),),
-  result_name=lambda config: "meds_bench",
+  inputs=("task_dir",),
+  load=lambda config: load_task_dir(config.task_dir),
+  validate=_validate,
   requests=requests,
   score=score,
   report_cells=_report_cells,
-  validate=_validate,
-  load=lambda config: load_task_dir(config.task_dir),
-  score_flags=define_flags,
-  score_main=score_main,
+  offline=runner.OfflineScoring(define_flags, score_main),
 )

@@ -160,7 +160,7 @@ class Answers:
   """The model's answers to `Requests`: `texts[conversation][sample]` for generation, or
   `option_scores[conversation][option]` for log-likelihood; `prompts`, each conversation as the
   chat template renders it (whole, before any cut); `counts` of prompts, truncations, empty replies
-  and compiled programs; with a judge, `judged`: its record of each of `judge_prompts`."""
+  and compiled programs; with a judge, `judged`: its record of each of `Judging.prompts`."""
 
   prompts: list[str]
   texts: list[list[str]] | None
@@ -180,49 +180,82 @@ class Scored:
   files: dict[str, str]
 
 
+def sampling_of(config: ml_collections.ConfigDict) -> engine.Sampling:
+  """The decoding rule of the `engine.Sampling` fields the config has (temperature, top_p,
+  repetition_penalty, min_new_tokens); greedy where it has none."""
+  fields = {field.name: config[field.name] for field in dataclasses.fields(engine.Sampling) if field.name in config}
+  try:
+    return engine.Sampling(**fields)
+  except ValueError as error:
+    raise EvalConfigError(f"config: {error}") from error
+
+
+@dataclasses.dataclass(frozen=True)
+class OfflineScoring:
+  """`python -m csft_jax.score <name>`: scoring saved outputs without a model. `define_flags()`
+  defines its absl flags, `main(flags.FLAGS)` runs it and returns the exit status."""
+
+  define_flags: Callable[[], None]
+  main: Callable[[Any], int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Judging:
+  """Scoring by an LLM judge (`csft_jax.eval.judge`, on when `config.judge.model` or `.endpoint` is
+  set): `prompts(config, inputs, answers)` gives `(key, prompt)` per answer, `parse(reply)` the
+  scores in a reply (None: unreadable); the benchmark's `score` reads them in `answers.judged`."""
+
+  prompts: Callable[[ml_collections.ConfigDict, Any, Answers], list[tuple[str, str]]]
+  parse: Callable[[str], dict[str, int] | None]
+
+
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
   """One benchmark, as the entry point, the score CLI, sweeps and reports see it.
 
   Attributes:
     name: the module name under `csft_jax.eval` and `config.benchmark`.
-    inputs: `(config field, needed(config))` of the files it reads, checked before the model loads.
-    result_name: the evaluation's name from its config (`W/eval/<result_name>/`); it carries the
-      mode when a benchmark has several (`cmb-answer`, `cmb-cot`), so they never overwrite each other.
     requests: `requests(config, inputs) -> Requests`: what to ask.
     score: `score(config, inputs, answers) -> Scored`: how the answers score, and the files to write.
     report_cells: `results.json` contents -> `{column: value}` for `python -m csft_jax.report`
       (percent), columns without the evaluation's name (the report prefixes it).
-    validate: raises `EvalConfigError` for a config it cannot run (before the model loads).
+    inputs: the config fields naming the files it reads, checked before the model loads: a field
+      name (always read), or `(field, needed(config))` for a file read only in some configs.
+    result_name: the evaluation's name from its config (`W/eval/<result_name>/`); it carries the
+      mode when a benchmark has several (`cmb-answer`, `cmb-cot`), so they never overwrite each
+      other. None: the benchmark's name.
+    validate: raises `EvalConfigError` for a config it cannot run (before the model loads; the
+      runner builds the `sampling` rule then too, so a bad sampling setting also fails early).
     load: reads and checks the benchmark's input files (before the model loads: a bad item is
       reported in seconds, not after minutes of loading weights); its value is the `inputs` above.
-    sampling: the decoding rule its generations use (greedy by default): the runner generates with
-      it and `evaluate --compile_for` compiles it, so both are the same program.
-    score_flags, score_main: `python -m csft_jax.score <name>` (scoring saved outputs without a
-      model): `score_flags()` defines its absl flags, `score_main(flags.FLAGS)` runs it and returns
-      the exit status. None: the benchmark has no offline scoring.
-    judge_prompts, judge_parse: a benchmark scored by an LLM judge (`csft_jax.eval.judge`, on when
-      `config.judge.model` or `.endpoint` is set): `judge_prompts(config, inputs, answers)` gives
-      `(key, prompt)` per answer, `judge_parse(reply)` the scores in a reply (None: unreadable);
-      `score` reads them in `answers.judged`.
+    sampling: the decoding rule its generations use (default: `sampling_of(config)`): the runner
+      generates with it and `evaluate --compile_for` compiles it, so both are the same program.
+    offline: its `python -m csft_jax.score` command (None: no offline scoring).
+    judging: how an LLM judge scores it (None: not judged).
   """
 
   name: str
-  inputs: tuple[tuple[str, Callable[[ml_collections.ConfigDict], bool]], ...]
-  result_name: Callable[[ml_collections.ConfigDict], str]
   requests: Callable[[ml_collections.ConfigDict, Any], Requests]
   score: Callable[[ml_collections.ConfigDict, Any, Answers], Scored]
   report_cells: Callable[[Results], dict[str, float]]
+  inputs: tuple[str | tuple[str, Callable[[ml_collections.ConfigDict], bool]], ...] = ()
+  result_name: Callable[[ml_collections.ConfigDict], str] | None = None
   validate: Callable[[ml_collections.ConfigDict], None] = lambda config: None
   load: Callable[[ml_collections.ConfigDict], Any] = lambda config: None
-  sampling: Callable[[ml_collections.ConfigDict], engine.Sampling] = lambda config: engine.GREEDY
-  score_flags: Callable[[], None] | None = None
-  score_main: Callable[[Any], int] | None = None
-  judge_prompts: Callable[[ml_collections.ConfigDict, Any, Answers], list[tuple[str, str]]] | None = None
-  judge_parse: Callable[[str], dict[str, int] | None] | None = None
+  sampling: Callable[[ml_collections.ConfigDict], engine.Sampling] = sampling_of
+  offline: OfflineScoring | None = None
+  judging: Judging | None = None
 
   def __post_init__(self):
-    configuration.declare_path_fields(*(field for field, _ in self.inputs))  # its input files are paths
+    configuration.declare_path_fields(*(field for field, _ in self.input_fields()))  # its inputs are paths
+
+  def input_fields(self) -> list[tuple[str, Callable[[ml_collections.ConfigDict], bool]]]:
+    """`inputs` as `(field, needed(config))` pairs."""
+    return [(entry, lambda config: True) if isinstance(entry, str) else entry for entry in self.inputs]
+
+  def evaluation_name(self, config: ml_collections.ConfigDict) -> str:
+    """The evaluation's directory name under `W/eval/` (see `result_name`)."""
+    return self.name if self.result_name is None else self.result_name(config)
 
 
 def run(
@@ -258,11 +291,11 @@ def run(
   else:
     scores, counts = chat.score_options(requests.conversations, requests.options, desc=requests.desc)
     answers = Answers(prompts, None, scores, counts)
-  if benchmark.judge_prompts is not None and judge.enabled(config):
+  if benchmark.judging is not None and judge.enabled(config):
     judged = judge.judge_all(
       config,
-      benchmark.judge_prompts(config, inputs, answers),
-      benchmark.judge_parse,
+      benchmark.judging.prompts(config, inputs, answers),
+      benchmark.judging.parse,
       out_dir,
       local_chat=local_judge,
       should_stop=chat.should_stop,
@@ -315,11 +348,12 @@ def validate_config(config: ml_collections.ConfigDict) -> Benchmark:
   if config.attention_impl not in implementations:
     raise EvalConfigError(f"config.attention_impl={config.attention_impl!r}; choose one of {implementations}.")
   benchmark.validate(config)
+  benchmark.sampling(config)
   if judge.enabled(config):
-    if benchmark.judge_prompts is None:
+    if benchmark.judging is None:
       raise EvalConfigError(f"config.judge: benchmark {benchmark.name!r} is not scored by a judge.")
     judge.validate(config)
-  for field, needed in benchmark.inputs:
+  for field, needed in benchmark.input_fields():
     if needed(config) and not os.path.exists(config[field]):
       raise EvalConfigError(f"config.{field}={config[field]!r} does not exist.")
   return benchmark

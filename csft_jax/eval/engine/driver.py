@@ -331,6 +331,7 @@ def generate(
   share = share_prefixes and model.config.sliding_window is None
   dp = _data_parallel_size(mesh)
   prefill_slots, decode_steps, stopped = 0, 0, False
+  options = dict(mesh=mesh, max_new_tokens=max_new_tokens, sampling=sampling)  # both batchings'
   if batching not in ("continuous", "static"):
     raise ValueError(f"batching={batching!r}; choose 'continuous' or 'static'.")
   if batching == "continuous" and model.config.sliding_window is None:
@@ -361,11 +362,9 @@ def generate(
       stop_ids,
       slots=_batch_size(batch_size, mesh),
       limit=limit,
-      max_new_tokens=max_new_tokens,
-      sampling=sampling,
-      mesh=mesh,
       on_row_done=on_row_done,
       share=share,
+      **options,
     )
     compiled = _TRACES["prefill"] - before[0] + _TRACES["decode"] - before[1]
     if compiled:
@@ -393,7 +392,6 @@ def generate(
       stop_ids_device,
       _row_keys(seed, prompt_ids, sample_ids),
     )
-    options = dict(mesh=mesh, max_new_tokens=max_new_tokens, sampling=sampling)
     if prefix_len:
       prefix = np.tile(np.asarray(row_prompts[rows[0]][:prefix_len], np.int32), (dp, 1))
       out = _generate_batch_jit(graphdef, state, *_place_rows(mesh, prefix), *row_args, **options)
