@@ -16,6 +16,7 @@ from csft_jax.eval import engine
 from csft_jax.models import with_runtime
 from csft_jax.sharding import make_mesh
 from csft_jax.workdir import RunDir
+from tests import load_tool
 from tests.hf_models import make_hf_model
 
 PARITY_ARCHS = ["llama", "qwen2", "qwen3"]
@@ -62,39 +63,15 @@ def _prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
   return [rng.integers(0, vocab, n).tolist() for n in lengths]
 
 
-def _hf_greedy(hf_model, prompts: list[list[int]], max_new_tokens: int, eos) -> list[list[int]]:
-  """transformers `generate(do_sample=False)` on the left-padded batch, cut after the first stop."""
-  width = max(map(len, prompts))
-  ids = torch.zeros((len(prompts), width), dtype=torch.long)
-  mask = torch.zeros_like(ids)
-  for row, prompt in enumerate(prompts):
-    ids[row, width - len(prompt) :] = torch.tensor(prompt)
-    mask[row, width - len(prompt) :] = 1
-  with torch.no_grad():
-    out = hf_model.generate(
-      input_ids=ids,
-      attention_mask=mask,
-      max_new_tokens=max_new_tokens,
-      do_sample=False,
-      eos_token_id=eos,
-      pad_token_id=0,
-    )
-  stops = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-  rows = []
-  for row in out[:, width:].tolist():
-    end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-    rows.append(row[:end])
-  return rows
-
-
 def test_greedy_generate_is_token_identical_to_hf_generate(hf_pair):
   arch, hf_model, ours, _ = hf_pair
   prompts = _prompts(hf_model.config.vocab_size, [5, 11, 3, 8])
   new_tokens = 10
-  free_run = _hf_greedy(hf_model, prompts, new_tokens, None)
+  hf_greedy = load_tool("bench_eval").hf_greedy  # the benchmark's baseline is the reference
+  free_run = hf_greedy(hf_model, prompts, [], new_tokens)
   # Two stop ids that HF greedy produces mid-way in rows 0 and 2: those rows end early.
   stops = [free_run[0][4], free_run[2][6]]
-  expected = _hf_greedy(hf_model, prompts, new_tokens, stops)
+  expected = hf_greedy(hf_model, prompts, stops, new_tokens)
   got = engine.greedy_generate(ours, prompts, new_tokens, stops, batch_size=4)
   assert got == expected, arch
   lengths = [len(row) for row in got]

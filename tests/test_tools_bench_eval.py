@@ -1,13 +1,12 @@
 """tools/bench_eval.py's MedS-Bench 3-shot prompts: built from the shared files as the official protocol."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
 from csft_jax.eval import meds_bench
-from tests import REPO_ROOT
+from tests import REPO_ROOT, load_tool
 from tests.data_fixtures import template
 
 SHARED_DATA = os.path.join(REPO_ROOT, "..", "shared", "data")
@@ -18,16 +17,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _bench_eval():
-  spec = importlib.util.spec_from_file_location("bench_eval", os.path.join(REPO_ROOT, "tools", "bench_eval.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_meds_prompts_hold_three_shots_and_the_whole_definition_of_each_task():
   chatml = template("chatml")
-  prompts = _bench_eval()._meds_prompts(chatml, num_tasks=2, instances=4)
+  prompts = load_tool("bench_eval")._meds_prompts(chatml, num_tasks=2, instances=4)
   assert len(prompts) == 8
   texts = [chatml.tokenizer.decode(p) for p in prompts]
   with open(os.path.join(SHARED_DATA, "meds_bench", "RewriteDefinitions.json"), encoding="utf-8") as f:

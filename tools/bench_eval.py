@@ -107,28 +107,37 @@ def _questions(template, count: int) -> tuple[list[list[int]], list[list[int]], 
   return prompts, contexts, letters
 
 
+def hf_greedy(model, prompts: list[list[int]], stop_ids: list[int], max_new_tokens: int) -> list[list[int]]:
+  """transformers `generate(do_sample=False)` on `prompts` as one left-padded batch, each row cut
+  after its first stop id (no stop ids: the model's own eos). The baseline here, and the reference
+  the engine's tests compare with."""
+  width = max(map(len, prompts))
+  ids = torch.zeros((len(prompts), width), dtype=torch.long)
+  mask = torch.zeros_like(ids)
+  for row, prompt in enumerate(prompts):
+    ids[row, width - len(prompt) :] = torch.tensor(prompt)
+    mask[row, width - len(prompt) :] = 1
+  with torch.no_grad():
+    out = model.generate(
+      input_ids=ids,
+      attention_mask=mask,
+      max_new_tokens=max_new_tokens,
+      do_sample=False,
+      eos_token_id=stop_ids or None,
+      pad_token_id=0,
+    )
+  rows = []
+  for row in out[:, width:].tolist():
+    end = next((k + 1 for k, t in enumerate(row) if t in stop_ids), len(row))
+    rows.append(row[:end])
+  return rows
+
+
 def _hf_generate(model, prompts: list[list[int]], batches, stop_ids: list[int], max_new_tokens: int) -> list[list[int]]:
   outputs: list[list[int]] = [[] for _ in prompts]
   for rows, _, _ in batches:
-    width = max(len(prompts[i]) for i in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, i in enumerate(rows):
-      ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-      mask[r, width - len(prompts[i]) :] = 1
-    with torch.no_grad():
-      out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=stop_ids,
-        pad_token_id=stop_ids[-1],
-      )
-    for r, i in enumerate(rows):
-      row = out[r, width:].tolist()
-      end = next((k + 1 for k, t in enumerate(row) if t in stop_ids), len(row))
-      outputs[i] = row[:end]
+    for i, tokens in zip(rows, hf_greedy(model, [prompts[i] for i in rows], stop_ids, max_new_tokens)):
+      outputs[i] = tokens
   return outputs
 
 
