@@ -190,17 +190,34 @@ def _same_rule(hf: str, shape, ours: str, our_shape=None) -> TensorRule:
   )
 
 
+# Our module -> its HF tensor name (without `.weight`/`.bias`) in the `llama` and `internlm2`
+# layouts, which differ only in these names and in InternLM2's fused q/k/v (`attention.wqkv`).
+_HF_NAMES = {
+  "embed": ("model.embed_tokens", "model.tok_embeddings"),
+  "head": ("lm_head", "output"),
+  "o_proj": ("self_attn.o_proj", "attention.wo"),
+  "gate_proj": ("mlp.gate_proj", "feed_forward.w1"),
+  "up_proj": ("mlp.up_proj", "feed_forward.w3"),
+  "down_proj": ("mlp.down_proj", "feed_forward.w2"),
+  "attn_norm": ("input_layernorm", "attention_norm"),
+  "mlp_norm": ("post_attention_layernorm", "ffn_norm"),
+}
+
+
+def _hf_names(layout: str, prefix: str = "") -> dict[str, str]:
+  return {ours: prefix + names[layout == "internlm2"] for ours, names in _HF_NAMES.items()}
+
+
 def global_rules(config: ModelConfig, layout: str) -> list[TensorRule]:
-  """Rules for the embedding, final norm and LM head."""
+  """Rules for the embedding, the final norm and (untied) lm_head."""
   v, d = config.vocab_size, config.hidden_size
-  names = (
-    {"embed": "model.tok_embeddings.weight", "norm": "model.norm.weight", "head": "output.weight"}
-    if layout == "internlm2"
-    else {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "head": "lm_head.weight"}
-  )
-  rules = [_same_rule(names["embed"], (v, d), "embed.embedding"), _same_rule(names["norm"], (d,), "final_norm.scale")]
+  names = _hf_names(layout)
+  rules = [
+    _same_rule(names["embed"] + ".weight", (v, d), "embed.embedding"),
+    _same_rule("model.norm.weight", (d,), "final_norm.scale"),
+  ]
   if not config.tie_embeddings:
-    rules.append(_transpose_rule(names["head"], (v, d), "lm_head.kernel", (d, v)))
+    rules.append(_transpose_rule(names["head"] + ".weight", (v, d), "lm_head.kernel", (d, v)))
   return rules
 
 
@@ -213,52 +230,44 @@ def layer_rules(config: ModelConfig, layout: str) -> list[TensorRule]:
     config.head_dim,
     config.intermediate_size,
   )
+  p = "model.layers.{i}."
+  names = _hf_names(layout, p)
   if layout == "internlm2":
-    p = "model.layers.{i}."
-    rules = [
-      _wqkv_rule(p + "attention.wqkv.weight", config),
-      _transpose_rule(p + "attention.wo.weight", (d, h * hd), "attn.o_proj.kernel", (h, hd, d)),
-      _transpose_rule(p + "feed_forward.w1.weight", (m, d), "mlp.gate_proj.kernel", (d, m)),
-      _transpose_rule(p + "feed_forward.w3.weight", (m, d), "mlp.up_proj.kernel", (d, m)),
-      _transpose_rule(p + "feed_forward.w2.weight", (d, m), "mlp.down_proj.kernel", (m, d)),
-      _same_rule(p + "attention_norm.weight", (d,), "attn_norm.scale"),
-      _same_rule(p + "ffn_norm.weight", (d,), "mlp_norm.scale"),
-    ]
+    rules = [_wqkv_rule(p + "attention.wqkv.weight", config)]
     if config.qkv_bias:
       rules.append(_wqkv_bias_rule(p + "attention.wqkv.bias", config))
-    if config.out_bias:
-      rules.append(_same_rule(p + "attention.wo.bias", (d,), "attn.o_proj.bias"))
-    return rules
-  p = "model.layers.{i}."
-  rules = [
-    _transpose_rule(p + "self_attn.q_proj.weight", (h * hd, d), "attn.q_proj.kernel", (d, h, hd)),
-    _transpose_rule(p + "self_attn.k_proj.weight", (k * hd, d), "attn.k_proj.kernel", (d, k, hd)),
-    _transpose_rule(p + "self_attn.v_proj.weight", (k * hd, d), "attn.v_proj.kernel", (d, k, hd)),
-    _transpose_rule(p + "self_attn.o_proj.weight", (d, h * hd), "attn.o_proj.kernel", (h, hd, d)),
-    _transpose_rule(p + "mlp.gate_proj.weight", (m, d), "mlp.gate_proj.kernel", (d, m)),
-    _transpose_rule(p + "mlp.up_proj.weight", (m, d), "mlp.up_proj.kernel", (d, m)),
-    _transpose_rule(p + "mlp.down_proj.weight", (d, m), "mlp.down_proj.kernel", (m, d)),
-    _same_rule(p + "input_layernorm.weight", (d,), "attn_norm.scale"),
-    _same_rule(p + "post_attention_layernorm.weight", (d,), "mlp_norm.scale"),
+  else:
+    rules = [
+      _transpose_rule(p + "self_attn.q_proj.weight", (h * hd, d), "attn.q_proj.kernel", (d, h, hd)),
+      _transpose_rule(p + "self_attn.k_proj.weight", (k * hd, d), "attn.k_proj.kernel", (d, k, hd)),
+      _transpose_rule(p + "self_attn.v_proj.weight", (k * hd, d), "attn.v_proj.kernel", (d, k, hd)),
+    ]
+    if config.qkv_bias:
+      rules += [
+        _same_rule(p + "self_attn.q_proj.bias", (h * hd,), "attn.q_proj.bias", (h, hd)),
+        _same_rule(p + "self_attn.k_proj.bias", (k * hd,), "attn.k_proj.bias", (k, hd)),
+        _same_rule(p + "self_attn.v_proj.bias", (k * hd,), "attn.v_proj.bias", (k, hd)),
+      ]
+    if config.qk_norm:
+      rules += [
+        _same_rule(p + "self_attn.q_norm.weight", (hd,), "attn.q_norm.scale"),
+        _same_rule(p + "self_attn.k_norm.weight", (hd,), "attn.k_norm.scale"),
+      ]
+  rules += [
+    _transpose_rule(names["o_proj"] + ".weight", (d, h * hd), "attn.o_proj.kernel", (h, hd, d)),
+    _transpose_rule(names["gate_proj"] + ".weight", (m, d), "mlp.gate_proj.kernel", (d, m)),
+    _transpose_rule(names["up_proj"] + ".weight", (m, d), "mlp.up_proj.kernel", (d, m)),
+    _transpose_rule(names["down_proj"] + ".weight", (d, m), "mlp.down_proj.kernel", (m, d)),
+    _same_rule(names["attn_norm"] + ".weight", (d,), "attn_norm.scale"),
+    _same_rule(names["mlp_norm"] + ".weight", (d,), "mlp_norm.scale"),
   ]
-  if config.qkv_bias:
-    rules += [
-      _same_rule(p + "self_attn.q_proj.bias", (h * hd,), "attn.q_proj.bias", (h, hd)),
-      _same_rule(p + "self_attn.k_proj.bias", (k * hd,), "attn.k_proj.bias", (k, hd)),
-      _same_rule(p + "self_attn.v_proj.bias", (k * hd,), "attn.v_proj.bias", (k, hd)),
-    ]
   if config.out_bias:
-    rules.append(_same_rule(p + "self_attn.o_proj.bias", (d,), "attn.o_proj.bias"))
-  if config.qk_norm:
-    rules += [
-      _same_rule(p + "self_attn.q_norm.weight", (hd,), "attn.q_norm.scale"),
-      _same_rule(p + "self_attn.k_norm.weight", (hd,), "attn.k_norm.scale"),
-    ]
+    rules.append(_same_rule(names["o_proj"] + ".bias", (d,), "attn.o_proj.bias"))
   if config.mlp_bias:
     rules += [
-      _same_rule(p + "mlp.gate_proj.bias", (m,), "mlp.gate_proj.bias"),
-      _same_rule(p + "mlp.up_proj.bias", (m,), "mlp.up_proj.bias"),
-      _same_rule(p + "mlp.down_proj.bias", (d,), "mlp.down_proj.bias"),
+      _same_rule(names["gate_proj"] + ".bias", (m,), "mlp.gate_proj.bias"),
+      _same_rule(names["up_proj"] + ".bias", (m,), "mlp.up_proj.bias"),
+      _same_rule(names["down_proj"] + ".bias", (d,), "mlp.down_proj.bias"),
     ]
   return rules
 
