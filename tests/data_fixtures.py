@@ -6,6 +6,7 @@ import os
 import ml_collections
 
 from csft_jax.data.config import DEMO_TOKENIZER, default_config, sample_collection_config, source_config
+from csft_jax.data.conversation import Conversation
 from csft_jax.data.pipeline import DataPipeline
 from csft_jax.data.templates import load_chat_template
 from csft_jax.data.tokenizer import load_tokenizer
@@ -13,6 +14,16 @@ from tests import REPO_ROOT
 
 SHARED = os.path.join(REPO_ROOT, "..", "shared", "data")
 COLLECTION = os.path.join(SHARED, "collection")
+# A two-round consultation with a system prompt: what the template tests render.
+CONVERSATION = Conversation(
+  "你是医生助手。",
+  (
+    ("user", "我头痛三天了。"),
+    ("assistant", "有没有发热？"),
+    ("user", "没有，只是晚上睡不好。"),
+    ("assistant", "建议规律作息，必要时到神经内科就诊。"),
+  ),
+)
 
 
 @functools.cache

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+
+import safetensors.torch
 import torch
 import transformers
 
@@ -61,3 +65,63 @@ def padded_batch(vocab: int, lengths: list[int], seed: int = 0) -> tuple[torch.T
   for row, n in enumerate(lengths):
     mask[row, :n] = 1
   return ids, mask
+
+
+# ---- InternLM2: not in transformers; a Llama checkpoint repacked into its layout is the reference.
+
+
+def repack_as_internlm2(state: dict, config) -> dict:
+  """InternLM2's layout, from its modeling code: wqkv rows are `(kv_heads, q_per_kv + 2, head_dim)`."""
+  kv, heads, hd, d = (
+    config.num_key_value_heads,
+    config.num_attention_heads,
+    config.hidden_size // config.num_attention_heads,
+    config.hidden_size,
+  )
+  groups = heads // kv
+  out = {
+    "model.tok_embeddings.weight": state["model.embed_tokens.weight"],
+    "model.norm.weight": state["model.norm.weight"],
+    "output.weight": state["lm_head.weight"],
+  }
+  for i in range(config.num_hidden_layers):
+    p = f"model.layers.{i}."
+    q = state[p + "self_attn.q_proj.weight"].reshape(kv, groups, hd, d)
+    k = state[p + "self_attn.k_proj.weight"].reshape(kv, 1, hd, d)
+    v = state[p + "self_attn.v_proj.weight"].reshape(kv, 1, hd, d)
+    out[p + "attention.wqkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, d).contiguous()
+    out[p + "attention.wo.weight"] = state[p + "self_attn.o_proj.weight"]
+    out[p + "feed_forward.w1.weight"] = state[p + "mlp.gate_proj.weight"]
+    out[p + "feed_forward.w3.weight"] = state[p + "mlp.up_proj.weight"]
+    out[p + "feed_forward.w2.weight"] = state[p + "mlp.down_proj.weight"]
+    out[p + "attention_norm.weight"] = state[p + "input_layernorm.weight"]
+    out[p + "ffn_norm.weight"] = state[p + "post_attention_layernorm.weight"]
+  return {k: v.contiguous() for k, v in out.items()}
+
+
+def save_as_internlm2(llama, path, **config_fields) -> dict[str, torch.Tensor]:
+  """Writes the Llama model `llama` as an InternLM2 checkpoint into `path` (its tensor layout and a
+  config.json, plus `config_fields`); returns the tensors written."""
+  config = llama.config
+  tensors = repack_as_internlm2(dict(llama.state_dict()), config)
+  safetensors.torch.save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+  hf_config = {
+    "architectures": ["InternLM2ForCausalLM"],
+    "model_type": "internlm2",
+    "bias": False,
+    "vocab_size": config.vocab_size,
+    "hidden_size": config.hidden_size,
+    "intermediate_size": config.intermediate_size,
+    "num_hidden_layers": config.num_hidden_layers,
+    "num_attention_heads": config.num_attention_heads,
+    "num_key_value_heads": config.num_key_value_heads,
+    "hidden_act": "silu",
+    "max_position_embeddings": config.max_position_embeddings,
+    "rms_norm_eps": config.rms_norm_eps,
+    "rope_theta": config.rope_parameters["rope_theta"],
+    "tie_word_embeddings": False,
+    **config_fields,
+  }
+  with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(hf_config, f)
+  return tensors

@@ -27,17 +27,9 @@ from csft_jax.data.llamafactory import infer_seqlen, split_turns, truncate_turns
 from csft_jax.data.packing import LAST_TOKEN_TARGET, TrainingExample
 from csft_jax.data.sources import SourceRecord, SourceStats
 from csft_jax.data.templates import load_chat_template
+from tests.data_fixtures import CONVERSATION
 
 IGNORE = -100
-CONVERSATION = Conversation(
-  "你是医生助手。",
-  (
-    ("user", "我头痛三天了。"),
-    ("assistant", "有没有发热？"),
-    ("user", "没有，只是晚上睡不好。"),
-    ("assistant", "建议规律作息，必要时到神经内科就诊。"),
-  ),
-)
 
 
 @functools.cache

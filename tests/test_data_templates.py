@@ -6,17 +6,8 @@ import pytest
 from csft_jax.data.conversation import Conversation
 from csft_jax.data.errors import DataError
 from csft_jax.data.templates import load_chat_template
-from tests.data_fixtures import demo_tokenizer, template
+from tests.data_fixtures import CONVERSATION, demo_tokenizer, template
 
-CONVERSATION = Conversation(
-  "你是医生助手。",
-  (
-    ("user", "我头痛三天了。"),
-    ("assistant", "有没有发热？"),
-    ("user", "没有，只是晚上睡不好。"),
-    ("assistant", "建议规律作息，必要时到神经内科就诊。"),
-  ),
-)
 END_OF_TURN = {"chatml": "<|im_end|>", "internlm2": "<|im_end|>", "llama3": "<|eot_id|>", "hf": "<|im_end|>"}
 
 

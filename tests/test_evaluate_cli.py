@@ -16,6 +16,8 @@ from configs.eval import cmb_clin as cmb_clin_config
 from configs.eval import meds_bench as meds_config
 from csft_jax import evaluate, loading
 from csft_jax.eval import cmb, runner
+from tests import run_local_processes
+from tests.hf_models import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_TOKENIZER = REPO / "csft_jax" / "assets" / "demo_tokenizer"
@@ -27,15 +29,7 @@ def _tiny_llama_dir(path: Path, *, silent: bool = False) -> str:
   """A random Llama sized for the demo tokenizer, saved with that tokenizer (template 'hf')."""
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(DEMO_TOKENIZER))
   torch.manual_seed(0)
-  config = transformers.LlamaConfig(
-    vocab_size=len(tokenizer),
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-  )
+  config = transformers.LlamaConfig(**{**TINY, "vocab_size": len(tokenizer), "max_position_embeddings": 1024})
   model = transformers.AutoModelForCausalLM.from_config(config)
   if silent:
     # All-zero logits: argmax is token 0 = <|endoftext|>, a stop token, so every reply is empty.
@@ -51,6 +45,20 @@ def model_dir(tmp_path_factory) -> str:
   return _tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama"))
 
 
+def _evaluate_cmb(model_dir: str, *flags: str) -> subprocess.CompletedProcess:
+  """`python -m csft_jax.evaluate --config=configs/eval/cmb.py` on `model_dir` with `flags`; it must exit 0."""
+  command = [
+    sys.executable,
+    "-m",
+    "csft_jax.evaluate",
+    "--config=configs/eval/cmb.py",
+    f"--config.checkpoint={model_dir}",
+  ]
+  done = subprocess.run([*command, *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done
+
+
 def _config(module, checkpoint: str, out_dir: Path, **fields):
   config = module.get_config()
   config.checkpoint, config.out_dir, config.batch_size = checkpoint, str(out_dir), 8
@@ -59,17 +67,7 @@ def _config(module, checkpoint: str, out_dir: Path, **fields):
 
 
 def test_cli_cmb_writes_results_and_prints_summary(model_dir):
-  command = [
-    sys.executable,
-    "-m",
-    "csft_jax.evaluate",
-    "--config=configs/eval/cmb.py",
-    f"--config.checkpoint={model_dir}",
-    "--config.max_new_tokens=4",
-    "--config.batch_size=8",
-  ]
-  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ.copy())
-  assert done.returncode == 0, done.stderr[-3000:]
+  done = _evaluate_cmb(model_dir, "--config.max_new_tokens=4", "--config.batch_size=8")
   assert "overall micro" in done.stdout and f"items={SAMPLE_ITEMS}" in done.stdout
   assert "CMB answer" in done.stderr  # the progress bar
   out = Path(model_dir) / "eval" / "cmb-answer"  # default: <checkpoint>/eval/<benchmark>-<mode>
@@ -93,20 +91,14 @@ def test_greedy_answers_are_the_same_at_every_batch_size_and_batching(model_dir,
   generations = {}
   for batch_size, batching, attention in ((16, "static", "auto"), (5, "static", "xla"), (5, "continuous", "auto")):
     out = tmp_path / f"{batching}_{batch_size}"
-    command = [
-      sys.executable,
-      "-m",
-      "csft_jax.evaluate",
-      "--config=configs/eval/cmb.py",
-      f"--config.checkpoint={model_dir}",
+    _evaluate_cmb(
+      model_dir,
       "--config.max_new_tokens=12",
       f"--config.batch_size={batch_size}",
       f"--config.batching={batching}",
       f"--config.attention_impl={attention}",
       f"--config.out_dir={out}",
-    ]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ.copy())
-    assert done.returncode == 0, done.stderr[-3000:]
+    )
     generations[(batch_size, batching)] = json.loads((out / "generations.json").read_text())
   first = generations[(16, "static")]
   assert len(first) == SAMPLE_ITEMS and all(g == first for g in generations.values())
@@ -194,11 +186,6 @@ def test_bad_configs_fail_with_a_message_and_write_nothing(model_dir, tmp_path):
 
 def test_two_processes_generate_what_one_process_does(model_dir, tmp_path):
   """2 local processes x 2 devices (gloo) shard the batch rows and gather the same answers."""
-  import socket
-
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    address = f"127.0.0.1:{s.getsockname()[1]}"
   common = [
     "--config=configs/eval/cmb.py",
     f"--config.checkpoint={model_dir}",
@@ -214,30 +201,7 @@ def test_two_processes_generate_what_one_process_does(model_dir, tmp_path):
     env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
   )
   assert single.returncode == 0, single.stderr[-3000:]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  processes = [
-    subprocess.Popen(
-      [
-        sys.executable,
-        "-m",
-        "csft_jax.evaluate",
-        *common,
-        f"--config.out_dir={tmp_path / 'two'}",
-        f"--coordinator_address={address}",
-        "--num_processes=2",
-        f"--process_id={i}",
-      ],
-      cwd=REPO,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  outputs = [p.communicate(timeout=300)[0] for p in processes]
-  for p, out in zip(processes, outputs):
-    assert p.returncode == 0, out[-3000:]
+  run_local_processes(["-m", "csft_jax.evaluate", *common, f"--config.out_dir={tmp_path / 'two'}"], timeout=300)
   one = json.loads((tmp_path / "one" / "generations.json").read_text())
   two = json.loads((tmp_path / "two" / "generations.json").read_text())
   assert one == two

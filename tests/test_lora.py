@@ -31,9 +31,8 @@ from csft_jax.sharding import make_mesh
 from csft_jax.training import programs
 from csft_jax.training.optimizer import make_optimizer
 from tests import REPO_ROOT
-from tests.hf_models import TINY, make_hf_model, padded_batch
+from tests.hf_models import TINY, make_hf_model, padded_batch, save_as_internlm2
 from tests.test_faults import SMALL
-from tests.test_models_hf_parity import _repack_as_internlm2
 from tests.train_fixtures import losses, small_config
 
 LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -105,27 +104,7 @@ def test_internlm2_adapters_by_its_own_module_names(tmp_path):
   base_dir, adapter_dir = tmp_path / "internlm2", tmp_path / "adapter"
   base_dir.mkdir()
   adapter_dir.mkdir()
-  tensors = _repack_as_internlm2(dict(llama.state_dict()), config)
-  safetensors.numpy.save_file({k: v.numpy() for k, v in tensors.items()}, str(base_dir / "model.safetensors"))
-  (base_dir / "config.json").write_text(
-    json.dumps(
-      {
-        "architectures": ["InternLM2ForCausalLM"],
-        "model_type": "internlm2",
-        "bias": False,
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 1_000_000,
-        "max_position_embeddings": config.max_position_embeddings,
-        "tie_word_embeddings": False,
-      }
-    )
-  )
+  save_as_internlm2(llama, base_dir)
   # The adapters under InternLM2's names: q/k/v's B rows interleaved per KV group like wqkv's.
   heads, kv = config.num_attention_heads, config.num_key_value_heads
   head_dim = config.hidden_size // heads

@@ -6,13 +6,12 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
 import transformers
 
 from csft_jax.convert import load_hf, save_hf
 from csft_jax.convert.safetensors_io import SafetensorsReader
-from tests.hf_models import CONFIGS, TINY, make_hf_model, padded_batch
+from tests.hf_models import CONFIGS, TINY, make_hf_model, padded_batch, save_as_internlm2
 
 ARCHS = sorted(CONFIGS)
 
@@ -92,35 +91,6 @@ def test_packed_row_equals_each_sequence_alone(hf_checkpoint):
 # ---- InternLM2: not in transformers; a Llama checkpoint repacked into its layout is the reference.
 
 
-def _repack_as_internlm2(state: dict, config) -> dict:
-  """InternLM2's layout, from its modeling code: wqkv rows are `(kv_heads, q_per_kv + 2, head_dim)`."""
-  kv, heads, hd, d = (
-    config.num_key_value_heads,
-    config.num_attention_heads,
-    config.hidden_size // config.num_attention_heads,
-    config.hidden_size,
-  )
-  groups = heads // kv
-  out = {
-    "model.tok_embeddings.weight": state["model.embed_tokens.weight"],
-    "model.norm.weight": state["model.norm.weight"],
-    "output.weight": state["lm_head.weight"],
-  }
-  for i in range(config.num_hidden_layers):
-    p = f"model.layers.{i}."
-    q = state[p + "self_attn.q_proj.weight"].reshape(kv, groups, hd, d)
-    k = state[p + "self_attn.k_proj.weight"].reshape(kv, 1, hd, d)
-    v = state[p + "self_attn.v_proj.weight"].reshape(kv, 1, hd, d)
-    out[p + "attention.wqkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, d).contiguous()
-    out[p + "attention.wo.weight"] = state[p + "self_attn.o_proj.weight"]
-    out[p + "feed_forward.w1.weight"] = state[p + "mlp.gate_proj.weight"]
-    out[p + "feed_forward.w3.weight"] = state[p + "mlp.up_proj.weight"]
-    out[p + "feed_forward.w2.weight"] = state[p + "mlp.down_proj.weight"]
-    out[p + "attention_norm.weight"] = state[p + "input_layernorm.weight"]
-    out[p + "ffn_norm.weight"] = state[p + "post_attention_layernorm.weight"]
-  return {k: v.contiguous() for k, v in out.items()}
-
-
 @pytest.fixture(scope="module")
 def internlm2_checkpoint(tmp_path_factory):
   torch.manual_seed(3)
@@ -131,26 +101,7 @@ def internlm2_checkpoint(tmp_path_factory):
       if name.endswith("norm.weight"):
         p.copy_(1.0 + 0.1 * torch.randn_like(p))
   path = tmp_path_factory.mktemp("internlm2")
-  tensors = _repack_as_internlm2(dict(llama.state_dict()), config)
-  safetensors.torch.save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-  hf_config = {
-    "architectures": ["InternLM2ForCausalLM"],
-    "model_type": "internlm2",
-    "bias": False,
-    "vocab_size": config.vocab_size,
-    "hidden_size": config.hidden_size,
-    "intermediate_size": config.intermediate_size,
-    "num_hidden_layers": config.num_hidden_layers,
-    "num_attention_heads": config.num_attention_heads,
-    "num_key_value_heads": config.num_key_value_heads,
-    "hidden_act": "silu",
-    "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 1_000_000,
-    "rope_scaling": {"type": "dynamic", "factor": 2.0},
-    "tie_word_embeddings": False,
-  }
-  (path / "config.json").write_text(json.dumps(hf_config))
+  tensors = save_as_internlm2(llama, path, rope_scaling={"type": "dynamic", "factor": 2.0})
   (path / "tokenizer_config.json").write_text("{}")
   return llama, tensors, str(path)
 

@@ -1,24 +1,16 @@
 """Two local processes (gloo collectives) x 2 devices train exactly like one process with 4 devices."""
 
 import os
-import socket
-import subprocess
-import sys
 
 import jax
 import pytest
 
 from csft_jax import train
 from csft_jax.sharding import make_mesh
+from tests import run_local_processes
 from tests.train_fixtures import losses, small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
@@ -29,8 +21,6 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path, lora_rank):
   train.run(config, reference, mesh=make_mesh(4, 1, 1, devices=jax.devices()[:4]))
 
   workdir = str(tmp_path / "two_processes")
-  address = f"127.0.0.1:{_free_port()}"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=REPO)
   overrides = [
     "--config.model.hidden_size=64",
     "--config.model.intermediate_size=128",
@@ -45,30 +35,9 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path, lora_rank):
   ]
   if lora_rank:  # the base is saved once and the adapters exported, by every process together
     overrides.append("--config.train.export_peft=peft")
-  processes = [
-    subprocess.Popen(
-      [
-        sys.executable,
-        "-m",
-        "csft_jax.train",
-        f"--config={REPO}/configs/demo.py",
-        f"--workdir={workdir}",
-        f"--coordinator_address={address}",
-        "--num_processes=2",
-        f"--process_id={i}",
-        *overrides,
-      ],
-      cwd=REPO,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  outputs = [p.communicate(timeout=600)[0] for p in processes]
-  for p, out in zip(processes, outputs):
-    assert p.returncode == 0, out[-3000:]
+  outputs = run_local_processes(
+    ["-m", "csft_jax.train", f"--config={REPO}/configs/demo.py", f"--workdir={workdir}", *overrides]
+  )
   assert "over 4 devices (2 processes)" in outputs[0]
   single, multi = losses(reference), losses(workdir)
   assert sorted(multi) == [1, 2, 3]

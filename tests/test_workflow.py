@@ -24,6 +24,7 @@ import transformers
 from csft_jax import checkpointing
 from csft_jax.workdir import RunDir
 from tests import REPO_ROOT
+from tests.hf_models import TINY
 
 QWEN_TOKENIZER = os.path.join(REPO_ROOT, "..", "shared", "tokenizers", "qwen")
 NUM_STEPS = 12
@@ -58,17 +59,7 @@ def _python(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def _pretrained_qwen2(path) -> transformers.PreTrainedModel:
   """The "downloaded" checkpoint: a tiny random Qwen2 whose vocabulary fits the real Qwen tokenizer."""
   torch.manual_seed(0)
-  config = transformers.Qwen2Config(
-    vocab_size=151936,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    tie_word_embeddings=True,
-    rope_theta=10000.0,
-  )
+  config = transformers.Qwen2Config(**{**TINY, "vocab_size": 151936}, tie_word_embeddings=True, rope_theta=10000.0)
   model = transformers.AutoModelForCausalLM.from_config(config).eval()
   model.save_pretrained(path)
   transformers.AutoTokenizer.from_pretrained(QWEN_TOKENIZER).save_pretrained(path)
