@@ -25,6 +25,7 @@ from csft_jax.data.templates import ChatTemplate, load_chat_template, template_n
 from csft_jax.data.tokenizer import load_tokenizer
 from csft_jax.model_source import adapter_fields, check_vocab, is_hf_dir, resolve
 from csft_jax.models import Decoder, lora
+from csft_jax.models.decoder import rebuilt_from
 from csft_jax.workdir import RunDir
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -95,10 +96,7 @@ def with_adapter(base: Decoder, adapter: str, mesh: Mesh | None = None) -> Decod
       adapters = lora.fill(abstract, arrays, adapter)
     except ValueError as e:
       raise LoadError(str(e)) from None
-  model = nnx.merge(graphdef, adapters, nnx.state(base, nnx.Param))
-  if hasattr(base, "hf_source_dir"):
-    model.hf_source_dir = base.hf_source_dir
-  return model
+  return rebuilt_from(base, nnx.merge(graphdef, adapters, nnx.state(base, nnx.Param)))
 
 
 def _load_weights(path: str, *, dtype: str, mesh: Mesh | None, **overrides: Any) -> tuple[Decoder, str]:

@@ -535,10 +535,15 @@ def with_runtime(model: Decoder, **fields) -> Decoder:
   if config == model.config:
     return model
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
-  changed = nnx.merge(graphdef, nnx.state(model))
-  if hasattr(model, "hf_source_dir"):  # the loader's note of where the weights came from
-    changed.hf_source_dir = model.hf_source_dir
-  return changed
+  return rebuilt_from(model, nnx.merge(graphdef, nnx.state(model)))
+
+
+def rebuilt_from(original: Decoder, rebuilt: Decoder) -> Decoder:
+  """`rebuilt` (a model made from `original`'s arrays) with `original`'s note of the HF directory its
+  weights came from (`hf_source_dir`, set by the loader; `save_hf` copies that tokenizer)."""
+  if hasattr(original, "hf_source_dir"):
+    rebuilt.hf_source_dir = original.hf_source_dir
+  return rebuilt
 
 
 def generation_attention(implementation: str, platform: str) -> str:

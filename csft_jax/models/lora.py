@@ -174,7 +174,7 @@ def _down(config: ModelConfig, flat: dict[tuple, Any], layer: int, path: str) ->
 def merged(model: nnx.Module) -> nnx.Module:
   """A model without adapters whose kernels are `W + scale * A @ B` (PEFT's `merge_and_unload`),
   each in its kernel's dtype."""
-  from csft_jax.models.decoder import Decoder
+  from csft_jax.models.decoder import Decoder, rebuilt_from
 
   config: ModelConfig = model.config
   base_config = config.replace(lora_rank=0, lora_targets=())
@@ -194,10 +194,7 @@ def merged(model: nnx.Module) -> nnx.Module:
           delta = changes[(int(key[1]), module)]
         value = (value.astype(jnp.float32) + delta).astype(value.dtype)
     variable.set_value(value)
-  result = nnx.merge(graphdef, state)
-  if hasattr(model, "hf_source_dir"):
-    result.hf_source_dir = model.hf_source_dir
-  return result
+  return rebuilt_from(model, nnx.merge(graphdef, state))
 
 
 # ---------------------------------------------------------------- PEFT I/O ----
