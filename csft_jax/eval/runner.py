@@ -469,11 +469,13 @@ class ChatModel:
   ) -> tuple[list[list[int]], int]:
     """The token ids of each conversation's prompt (chat template, then `official_ids` of the rendered
     text, then `cut=(limit, side)`: `cut_prompt`), and how many prompts were cut."""
-    prompts = [self.template.encode_prompt(messages) for messages in conversations]
+    texts = [self.template.render_prompt(messages) for messages in conversations]
+    prompts = [
+      encoding.ids
+      for encoding in self.template.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    ]
     if official_ids is not None:
-      prompts = [
-        official_ids(self.template.render_prompt(messages), ids) for messages, ids in zip(conversations, prompts)
-      ]
+      prompts = [official_ids(text, ids) for text, ids in zip(texts, prompts)]
     if cut is None:
       return prompts, 0
     return [cut_prompt(prompt, *cut) for prompt in prompts], sum(len(prompt) > cut[0] for prompt in prompts)
