@@ -135,8 +135,8 @@ class JsonlJournal:
     self.records: list[dict[str, Any]] = entries[1:]
     self._handle = None
     if primary:
-      if lines and os.path.getsize(path) != sum(len(line.encode()) + 1 for line in lines):
-        write_text_atomic(path, "".join(line + "\n" for line in lines))  # drop a cut-off tail
+      if os.path.isfile(path) and os.path.getsize(path) != sum(len(line) + 1 for line in lines):
+        write_text_atomic(path, "".join(line.decode() + "\n" for line in lines))  # drop a cut-off tail
       os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
       self._handle = open(path, "a", encoding="utf-8")
       if not lines:
@@ -155,17 +155,18 @@ class JsonlJournal:
       self._handle.close()
 
 
-def _complete_json_lines(path: str) -> tuple[list[str], list[dict[str, Any]]]:
-  """The complete lines of a JSON-lines file and their objects (a last line cut off is dropped)."""
+def _complete_json_lines(path: str) -> tuple[list[bytes], list[dict[str, Any]]]:
+  """The complete lines of a JSON-lines file and their objects: a last line cut off is dropped, be it
+  the header or cut inside a multi-byte character."""
   if not os.path.isfile(path):
     return [], []
-  with open(path, encoding="utf-8") as handle:
-    lines = handle.read().splitlines()
+  with open(path, "rb") as handle:
+    pieces = handle.read().split(b"\n")
   complete, entries = [], []
-  for line in lines:
+  for line in pieces:
     try:
-      entries.append(json.loads(line))
-    except json.JSONDecodeError:
+      entries.append(json.loads(line.decode("utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError):
       break
     complete.append(line)
   return complete, entries

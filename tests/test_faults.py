@@ -464,6 +464,26 @@ def test_the_generation_journal_survives_a_cut_line_and_refuses_other_settings(t
   assert os.path.exists(path + ".old")
 
 
+def test_a_journal_cut_in_its_header_or_inside_a_character_is_repaired(tmp_path):
+  """A kill can cut the very first line (the header) or a line of Chinese text mid-character: the
+  journal keeps every whole line, drops the rest, and appends cleanly after it."""
+  from csft_jax import files
+
+  path = tmp_path / "judge.jsonl"
+  path.write_text('{"fingerp', encoding="utf-8")  # killed while writing the header
+  journal = files.JsonlJournal(str(path), "f1")
+  assert journal.records == []
+  journal.write({"key": "1/0", "reply": "流畅性：4"})
+  journal.close()
+  whole = path.read_bytes()
+  path.write_bytes(whole + '{"key": "1/1", "reply": "相关性'.encode()[:-2])  # cut inside a character
+  again = files.JsonlJournal(str(path), "f1")
+  assert again.records == [{"key": "1/0", "reply": "流畅性：4"}] and path.read_bytes() == whole
+  again.write({"key": "1/1", "reply": "5"})
+  again.close()
+  assert files.JsonlJournal(str(path), "f1").records[-1] == {"key": "1/1", "reply": "5"}
+
+
 def test_a_partial_restore_is_refused_naming_the_missing_parameters(tmp_path):
   """Item 2: a checkpoint that lacks parameters the model has (here a third layer) never half-fills it."""
   import dataclasses
