@@ -1,9 +1,9 @@
 """LLaMA-Factory v0.8.3's intern2 template and infer_seqlen, against a reference read off its code.
 
 `llamafactory_reference` below is written from `template.py` (`Template._encode`, the intern2
-registration), `processors/supervised.py` (`_encode_supervised_example`) and
-of that release: each piece of markup and text is encoded on its own (the tokenizer called on the
-piece, no special tokens added), labels are IGNORE on prompts, the eos id on the first token of
+registration) and `processors/supervised.py` (`_encode_supervised_example`) of that release: each
+piece of markup and text is encoded on its own (the tokenizer called on the piece, no special tokens
+added), labels are IGNORE on prompts, the eos id on the first token of
 every later prompt, and the final eos is appended outside the cutoff. Each turn's budget comes from
 our `infer_seqlen`, which equals LLaMA-Factory's own function on the outputs pinned in
 tests/fixtures/llamafactory_infer_seqlen.json (made by running it: tools/llamafactory_fixtures.py).

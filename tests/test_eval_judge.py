@@ -205,6 +205,15 @@ def test_endpoint_refusal_timeout_and_missing_key_are_one_line_errors(model_dir,
   config = _judged_config(model_dir, tmp_path / "b", slow.url, timeout_s=0.3)
   with pytest.raises(judge.JudgeError, match=r"no reply within 0\.3s \(config\.judge\.timeout_s\), 1 tries"):
     judge.Endpoint.from_config(config).reply("hello")
+  for field, value, message in (
+    ("temperature", -0.5, r"config\.judge\.temperature=-0\.5 must be >= 0"),
+    ("timeout_s", 0.0, r"config\.judge\.timeout_s=0\.0 must be > 0"),
+    ("retries", -1, r"config\.judge\.retries=-1 must be >= 0"),
+  ):
+    bad = _judged_config(model_dir, tmp_path / "c", slow.url)
+    bad.judge[field] = value
+    with pytest.raises(judge.JudgeError, match=message):
+      runner.validate_config(bad)  # before any model loads, not after the answers
   config.judge.model = "/nonexistent"
   with pytest.raises(judge.JudgeError, match="choose one judge"):
     runner.validate_config(config)

@@ -25,6 +25,7 @@ max(reading, tokenizing / 16). batches_identical compares the first batch of bot
 """
 
 import hashlib
+import importlib
 import json
 import os
 import resource
@@ -115,7 +116,7 @@ def _child(mode: str, scale_dir: str) -> dict:
     )
   data.cache = "require" if mode == "cached" else "off"
   start = time.perf_counter()
-
+  importlib.import_module("transformers")  # timed on purpose: what every start pays, cache or not
   imports_s = time.perf_counter() - start  # transformers (and torch, when installed): the same with or without cache
   start = time.perf_counter()
   batch = next(iter(DataPipeline(data).train_dataset(FLAGS.batch_size)))

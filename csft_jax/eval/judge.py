@@ -84,6 +84,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
      f"config.judge.api_key_env={judge.api_key_env!r}: that environment variable is not set; export the endpoint's "
      "key in it (or set config.judge.api_key_env='' for an endpoint that needs none)."),
     (judge.max_new_tokens < 1, f"config.judge.max_new_tokens={judge.max_new_tokens} must be >= 1."),
+    (judge.temperature < 0, f"config.judge.temperature={judge.temperature} must be >= 0 (0: greedy)."),
+    (judge.timeout_s <= 0, f"config.judge.timeout_s={judge.timeout_s} must be > 0."),
+    (judge.retries < 0, f"config.judge.retries={judge.retries} must be >= 0 (0: one try)."),
   )  # fmt: skip
   for failed, message in checks:
     if failed:
