@@ -1,9 +1,9 @@
 """Collective-instruction data pipeline: sources -> conversations -> tokens -> mixture -> packed batches."""
 
+import importlib.abc
 import importlib.util
 import os
 import sys
-import warnings
 
 # Modules that register chat templates or source formats of their own: imported with the package, so
 # their names are known wherever a name is looked up.
@@ -12,15 +12,17 @@ from csft_jax.data import (
   meds_ins,  # noqa: F401  (registers the meds_ins format)
 )
 
-# `python -m csft_jax.data.inspect` (the documented CLI) runs `inspection.py`: a file named inspect.py
-# here would shadow the standard library's `inspect` for any script run from this folder. runpy finds
-# the alias below after importing this package and reports that as a RuntimeWarning, expected here.
-warnings.filterwarnings("ignore", message=r"'csft_jax\.data\.inspect' found in sys\.modules", category=RuntimeWarning)
-sys.modules.setdefault(
-  __name__ + ".inspect",
-  importlib.util.module_from_spec(
-    importlib.util.spec_from_file_location(
-      __name__ + ".inspect", os.path.join(os.path.dirname(__file__), "inspection.py")
-    )
-  ),
-)
+
+class _InspectAlias(importlib.abc.MetaPathFinder):
+  """Finds `csft_jax.data.inspect` (the documented `python -m csft_jax.data.inspect` CLI) in
+  `inspection.py`: a file named inspect.py here would shadow the standard library's `inspect` for any
+  script run from this folder. An import of the alias runs that file as a module of its own."""
+
+  def find_spec(self, fullname, path=None, target=None):
+    del path, target
+    if fullname != __name__ + ".inspect":
+      return None
+    return importlib.util.spec_from_file_location(fullname, os.path.join(os.path.dirname(__file__), "inspection.py"))
+
+
+sys.meta_path.append(_InspectAlias())
