@@ -8,6 +8,7 @@ a reader sees the previous version or the new one.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -108,9 +109,11 @@ def check_writable(directory: str | os.PathLike, what: str) -> None:
     raise PermissionError(f"{what}: cannot write to {directory} ({existing} {problem}); choose a writable directory.")
 
 
-def file_stamps(paths: Sequence[str]) -> list[tuple[str, int, int]]:
-  """`(path, size, mtime_ns)` of each file, sorted by path: what says a file was rewritten."""
-  return [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in sorted(paths)]
+def fingerprint(settings: dict[str, Any], paths: Sequence[str] = ()) -> str:
+  """A digest of `settings` and of each file's `(path, size, mtime_ns)`: it changes with a setting or
+  with a file rewritten in place (what a journal's header keys its records by)."""
+  stamps = [(path, stat.st_size, stat.st_mtime_ns) for path in sorted(paths) for stat in [os.stat(path)]]
+  return hashlib.sha1(json.dumps([settings, stamps], sort_keys=True, default=str).encode()).hexdigest()
 
 
 class JsonlJournal:

@@ -116,7 +116,7 @@ def fingerprint(config: ml_collections.ConfigDict, weights: Sequence[str] = ()) 
       "max_new_tokens",
     )
   }
-  return hashlib.sha1(json.dumps([fields, files.file_stamps(weights)], sort_keys=True).encode()).hexdigest()
+  return files.fingerprint(fields, weights)
 
 
 def prompt_sha(prompt: str) -> str:

@@ -575,6 +575,4 @@ def fingerprint(config: ml_collections.ConfigDict, weights: Sequence[str]) -> st
   fields = {
     k: v for k, v in config.to_dict().items() if k not in ("batch_size", "batching", "mesh", "out_dir", "judge")
   }
-  return hashlib.sha1(
-    json.dumps([fields, files.file_stamps(weights)], sort_keys=True, default=str).encode()
-  ).hexdigest()
+  return files.fingerprint(fields, weights)
