@@ -20,15 +20,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from csft_jax import checkpointing, sharding
-from csft_jax.convert.hf import load_hf, read_hf_config
+from csft_jax.convert.hf import is_hf_dir, load_hf, read_hf_config
 from csft_jax.data.templates import ChatTemplate, load_chat_template, template_names
-from csft_jax.data.tokenizer import load_tokenizer
-from csft_jax.model_source import adapter_fields, check_vocab, is_hf_dir, resolve
+from csft_jax.data.tokenizer import has_tokenizer, load_tokenizer
+from csft_jax.model_source import adapter_fields, check_vocab, resolve
 from csft_jax.models import Decoder, lora
 from csft_jax.models.decoder import rebuilt_from
 from csft_jax.workdir import RunDir
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 class LoadError(ValueError):
@@ -142,7 +140,7 @@ def load_chat_model(
   run_dir = RunDir.containing(path)
   hf = is_hf_dir(path)
   if hf:
-    own = path if any(os.path.isfile(os.path.join(path, n)) for n in _TOKENIZER_FILES) else None
+    own = path if has_tokenizer(path) else None
     default_tokenizer, default_template = own, ("hf" if own else None)
   elif run_dir is not None:
     default_tokenizer, default_template = run_dir.data_settings()

@@ -19,22 +19,22 @@ from csft_jax import files
 from csft_jax.configuration import resolve_path
 from csft_jax.data.errors import DataError
 
+SENTENCEPIECE_FILE = "tokenizer.model"
+FAST_TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # The files of a tokenizer directory that decide its token ids and chat template (copied beside
 # exported weights; fingerprinted by the tokenize-once cache).
 TOKENIZER_FILES = (
-  "tokenizer.json",
-  "tokenizer_config.json",
+  FAST_TOKENIZER_FILE,
+  TOKENIZER_CONFIG_FILE,
   "special_tokens_map.json",
-  "tokenizer.model",
+  SENTENCEPIECE_FILE,
   "vocab.json",
   "merges.txt",
   "added_tokens.json",
   "chat_template.jinja",
 )
 
-SENTENCEPIECE_FILE = "tokenizer.model"
-FAST_TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # Texts a conversion must encode exactly as sentencepiece does: Chinese, runs of spaces at the
 # start, middle and end, newlines, tabs, digits, and bytes outside any vocabulary (byte fallback).
@@ -65,6 +65,14 @@ DEMO_CHAT_TEMPLATE = (
   "{% endfor %}"
   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+def has_tokenizer(path: str) -> bool:
+  """Whether the directory `path` holds a tokenizer of its own (`load_tokenizer` reads it)."""
+  return any(
+    os.path.isfile(os.path.join(path, name))
+    for name in (FAST_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SENTENCEPIECE_FILE)
+  )
 
 
 def is_sentencepiece_only(path: str) -> bool:
