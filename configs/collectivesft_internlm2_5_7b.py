@@ -47,7 +47,8 @@ from csft_jax.data.config import source_config
 # kernel, each checked with `--compile_for=<preset>`; the per-device memory of every preset is in the
 # README, measured by tools/bench_memory.py. Accumulation 16 on the TPU presets: what stays beside
 # the activations is per-parameter float32 state (params, AdamW moments, gradients, updates). v4-8
-# and v5e-8 cannot hold a 7B full fine-tune's float32 state at all: they run method=lora or offload.
+# and v5e-8 cannot fit a 7B full fine-tune: its float32 params and moments leave too little HBM for
+# the gradients, updates and activations; they run method=lora or offload.
 # The TPU presets use the Pallas splash kernel (tiles of SPLASH_TILE): equal to 'xla' in values and
 # gradients (interpret-mode tests) and compiled for each slice, but not yet run on a TPU;
 # --config.model.attention_impl=xla goes back. 8xh100 is the paper's setup (8 GPUs, per-device

@@ -28,7 +28,7 @@ def run_local_processes(argv: list[str], *, num_processes: int = 2, devices: int
     os.environ,
     JAX_PLATFORMS="cpu",
     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-    PYTHONPATH=REPO_ROOT,
+    PYTHONPATH=os.pathsep.join(filter(None, (REPO_ROOT, os.environ.get("PYTHONPATH")))),
   )
   processes = [
     subprocess.Popen(
@@ -47,7 +47,13 @@ def run_local_processes(argv: list[str], *, num_processes: int = 2, devices: int
     )
     for i in range(num_processes)
   ]
-  outputs = [p.communicate(timeout=timeout)[0] for p in processes]
+  try:
+    outputs = [p.communicate(timeout=timeout)[0] for p in processes]
+  finally:  # one process failing leaves its peers waiting in a collective: end them with the test
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
   for p, out in zip(processes, outputs):
     assert p.returncode == 0, out[-3000:]
   return outputs

@@ -109,8 +109,9 @@ def _questions(template, count: int) -> tuple[list[list[int]], list[list[int]], 
 
 def hf_greedy(model, prompts: list[list[int]], stop_ids: list[int], max_new_tokens: int) -> list[list[int]]:
   """transformers `generate(do_sample=False)` on `prompts` as one left-padded batch, each row cut
-  after its first stop id (no stop ids: the model's own eos). The baseline here, and the reference
-  the engine's tests compare with."""
+  after its first id in `stop_ids` (none: `generate` stops at the model's own eos, and the rows come
+  back whole, padded with 0 after it). The baseline here, and the reference the engine's tests
+  compare with."""
   width = max(map(len, prompts))
   ids = torch.zeros((len(prompts), width), dtype=torch.long)
   mask = torch.zeros_like(ids)
