@@ -9,7 +9,7 @@ import glob
 import io
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from csft_jax.configuration import resolve_path
@@ -147,8 +147,7 @@ def _read_json_list(source: str, path: str, text: str) -> Iterator[Record | Reco
   pos = skip_space(text, 0)
   if text[pos : pos + 1] != "[":
     raise DataError(f"source {source!r}: {path}:1 expected a JSON list of records or JSON lines")
-  items, _ = scan_json_array(source, path, text, pos, "JSON list")
-  for item, (record, line) in enumerate(items, start=1):
+  for item, (record, line) in enumerate(iter_json_array(source, path, text, pos, "JSON list"), start=1):
     if isinstance(record, dict):
       yield record, Location(path, line, item)
     else:
@@ -163,24 +162,35 @@ def decode_json(source: str, path: str, text: str, pos: int) -> tuple[Any, int]:
     raise DataError(f"source {source!r}: {path}:{e.lineno}:{e.colno} malformed JSON ({e.msg}); fix the file") from None
 
 
-def scan_json_array(source: str, path: str, text: str, pos: int, what: str) -> tuple[list[tuple[Any, int]], int]:
-  """The items of the JSON array that opens at `text[pos]` ('['), each with the 1-based line it starts
-  on (so that errors downstream point at it), and the position after the closing ']'. The one scanner
-  with line numbers: JSON-list sources and MedS-Ins task files' `Instances`."""
-  items, pos = [], skip_space(text, pos + 1)
+def iter_json_array(source: str, path: str, text: str, pos: int, what: str) -> Generator[tuple[Any, int], None, int]:
+  """Yields the items of the JSON array that opens at `text[pos]` ('[') one at a time, each with the
+  1-based line it starts on (so that errors downstream point at it); returns the position after the
+  closing ']'. The one scanner with line numbers: JSON-list sources (streamed: a `max_samples` cap
+  decodes no further) and MedS-Ins task files' `Instances`."""
+  pos = skip_space(text, pos + 1)
   line, counted_to = 1, 0
   while text[pos : pos + 1] != "]":
     line += text.count("\n", counted_to, pos)
     counted_to = pos
     value, pos = decode_json(source, path, text, pos)
-    items.append((value, line))
+    yield value, line
     pos = skip_space(text, pos)
     if text[pos : pos + 1] == ",":
       pos = skip_space(text, pos + 1)
     elif text[pos : pos + 1] != "]":
       line += text.count("\n", counted_to, pos)
       raise DataError(f"source {source!r}: {path}:{line} malformed {what}: expected ',' or ']'")
-  return items, pos + 1
+  return pos + 1
+
+
+def scan_json_array(source: str, path: str, text: str, pos: int, what: str) -> tuple[list[tuple[Any, int]], int]:
+  """`iter_json_array`'s items as a list, and the position after the closing ']'."""
+  items, scanner = [], iter_json_array(source, path, text, pos, what)
+  while True:
+    try:
+      items.append(next(scanner))
+    except StopIteration as end:
+      return items, end.value
 
 
 def skip_space(text: str, pos: int) -> int:
