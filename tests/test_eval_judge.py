@@ -192,6 +192,18 @@ def test_endpoint_judges_each_answer_once_across_an_interruption(model_dir, tmp_
   assert len(failing.seen) == 6 and again["summary"]["judgments"] == judgments
 
 
+def test_kept_replies_are_read_again_by_the_current_parser(tmp_path):
+  """judge.jsonl keeps each reply; its scores are read from the reply on every run, so a reading
+  fixed since (here: the noted scores were wrong) applies without judging again."""
+  config = cmb_clin_config.get_config()
+  config.judge.update(endpoint="http://127.0.0.1:9/v1", endpoint_model="gpt-4")  # never called
+  journal = judge.JudgeJournal(str(tmp_path / "judge.jsonl"), judge.fingerprint(config))
+  journal.add("1/0", "prompt", judge.describe(config), REPLIES[0], {"fluency": 1})
+  journal.close()
+  (record,) = judge.judge_all(config, [("1/0", "prompt")], cmb_clin.parse_judgment, str(tmp_path))
+  assert record["reply"] == REPLIES[0] and record["scores"] == cmb_clin.parse_judgment(REPLIES[0]) != {"fluency": 1}
+
+
 def test_endpoint_refusal_timeout_and_missing_key_are_one_line_errors(model_dir, tmp_path, serve, monkeypatch):  # noqa: F811
   refusing = serve(lambda n: ("status", 401))
   config = _judged_config(model_dir, tmp_path / "a", refusing.url)

@@ -289,6 +289,8 @@ def judge_all(
       except runner.EvaluationInterrupted:
         done = sum(journal.record(key, prompt) is not None for key, prompt in prompts)
         raise runner.EvaluationInterrupted(done, len(prompts), f"judged answers kept in {journal.path}") from None
-    return [journal.record(key, prompt) for key, prompt in prompts]
+    # Scores read from each reply now, not as the journal noted them: a reading fixed since applies.
+    records = [journal.record(key, prompt) for key, prompt in prompts]
+    return [{**record, "scores": parse(record["reply"])} for record in records]
   finally:
     journal.close()
