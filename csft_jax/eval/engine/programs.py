@@ -116,17 +116,29 @@ def _prefix_cache(model: Decoder, prefix: jax.Array) -> KVCache:
   return cache
 
 
-def _prefill_after_prefix(
-  model: Decoder, prefix, prefix_cache: KVCache, tokens, segment_ids, positions, *, penalize: bool
+def _prefill_rows(
+  model: Decoder, tokens, segment_ids, positions, prefix, prefix_cache: KVCache | None, *, penalize: bool
 ):
-  """Rows `tokens` `[B, S]` (left-padded, positions from P on) after `prefix` `[R, P]` with keys/values
-  `prefix_cache`: row r takes prefix row r // (B / R) (its shard's), and its tokens attend over the
-  prefix and themselves. Padding between the prefix and a row's tokens is segment 0, never attended,
-  so each row computes what it would on its whole prompt.
+  """Prefills rows `tokens` `[B, S]` (left-padded) into a new cache.
 
-  Returns (logits at the last position `[B, 1, V]`, the rows' cache `[B, P + S]`, and the tokens each
-  row holds for the repetition penalty when `penalize`, else None).
+  `prefix_cache` None: the rows are whole prompts. Else they continue `prefix` `[R, P]` whose
+  keys/values are `prefix_cache` (positions from P on): row r takes prefix row r // (B / R) (its
+  shard's), and its tokens attend over the prefix and themselves. Padding between the prefix and a
+  row's tokens is segment 0, never attended, so each row computes what it would on its whole prompt.
+
+  Returns (logits at the last position `[B, 1, V]`, the rows' cache (`[B, S]`, or `[B, P + S]` after
+  a prefix), and the tokens each row holds for the repetition penalty when `penalize`, else None).
   """
+  if prefix_cache is None:
+    logits, cache = model(
+      tokens,
+      positions=positions,
+      segment_ids=segment_ids,
+      cache=_empty_cache(model, *tokens.shape),  # a decode loop grows it window by window
+      prefill=True,
+      last_logits_only=True,
+    )
+    return logits, cache, _seen_tokens(tokens, segment_ids, logits.shape[-1]) if penalize else None
   rows, prefix_len = tokens.shape[0], prefix.shape[1]
   copies = rows // prefix.shape[0]
   cache = _map_kv(
@@ -163,22 +175,14 @@ def _generate_batch(
   `[R, P]` (R identical rows): it is prefilled once per data-parallel shard (R = that many rows, so
   each device computes its own copy and nothing is gathered) and its keys/values fill the first P
   slots of every row's cache; `tokens` are then the rows' own, left-padded suffixes, whose positions
-  continue from P (`_prefill_after_prefix`).
+  continue from P (`_prefill_rows`).
   """
   _TRACES["generate"] += 1
   penalize = sampling.repetition_penalty != 1
   with _activation_context(mesh):
     model = nnx.merge(graphdef, state)
-    if prefix is None:
-      cache = _empty_cache(model, *tokens.shape)  # the decode loop grows it window by window
-      logits, cache = model(
-        tokens, positions=positions, segment_ids=segment_ids, cache=cache, prefill=True, last_logits_only=True
-      )
-      seen = _seen_tokens(tokens, segment_ids, logits.shape[-1]) if penalize else None
-    else:
-      logits, cache, seen = _prefill_after_prefix(
-        model, prefix, _prefix_cache(model, prefix), tokens, segment_ids, positions, penalize=penalize
-      )
+    prefix_cache = None if prefix is None else _prefix_cache(model, prefix)
+    logits, cache, seen = _prefill_rows(model, tokens, segment_ids, positions, prefix, prefix_cache, penalize=penalize)
     return _decode(
       graphdef,
       state,
@@ -308,21 +312,9 @@ def _prefill_slots(
   row_keys = jax.random.wrap_key_data(row_keys)
   with _activation_context(mesh):
     model = nnx.merge(graphdef, state)
-    rows, length = tokens.shape
-    if prefix_cache is None:
-      logits, own = model(
-        tokens,
-        positions=positions,
-        segment_ids=segment_ids,
-        cache=_empty_cache(model, rows, length),
-        prefill=True,
-        last_logits_only=True,
-      )
-      new_seen = _seen_tokens(tokens, segment_ids, logits.shape[-1]) if seen is not None else None
-    else:
-      logits, own, new_seen = _prefill_after_prefix(
-        model, prefix, prefix_cache, tokens, segment_ids, positions, penalize=seen is not None
-      )
+    logits, own, new_seen = _prefill_rows(
+      model, tokens, segment_ids, positions, prefix, prefix_cache, penalize=seen is not None
+    )
     first = _next_token(logits[:, -1], row_keys, jnp.int32(0), sampling, new_seen, stop_ids)
     segment_ids, length = own.segment_ids, own.length
     start = cache.end - length
@@ -333,7 +325,7 @@ def _prefill_slots(
       updated = jax.lax.dynamic_update_slice_in_dim(rows_now, small.astype(big.dtype), start, axis=big.ndim - 2)
       return big.at[(slice(None),) * (big.ndim - 4) + (slots,)].set(updated, mode="drop")
 
-    cleared = jnp.zeros((rows, cache.segment_ids.shape[1]), cache.segment_ids.dtype)
+    cleared = jnp.zeros((tokens.shape[0], cache.segment_ids.shape[1]), cache.segment_ids.dtype)
     segments = cache.segment_ids.at[slots].set(
       jax.lax.dynamic_update_slice(cleared, segment_ids.astype(cleared.dtype), (0, start)), mode="drop"
     )
