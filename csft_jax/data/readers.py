@@ -73,11 +73,9 @@ def read_records(
       content (a file starting with '{' is read as JSON lines).
     encoding: text encoding of JSON/JSONL/CSV files.
     own: the source format's own reader of a decoded file (`adapters.Format.read`), which then
-      reads every file of the source; `reader` must be "auto".
+      reads every file of the source (`parse_sources` refuses a `reader` beside it).
   """
   if own is not None:
-    if reader != "auto":
-      raise DataError(f"source {source!r}: its format reads its files with its own reader; remove reader={reader!r}")
     yield from own(source, path, _decode(source, path, encoding))
     return
   if reader not in READERS:

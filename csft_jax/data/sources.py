@@ -89,8 +89,10 @@ def parse_sources(sources_config) -> list[SourceSpec]:
     }
     options["columns"] = columns
     reader = cfg.get("reader") or "auto"
-    if FORMATS[cfg.format].read is not None and reader == cfg.format:
-      reader = "auto"  # configs written when reader='meds_ins' named the format's own reader
+    if FORMATS[cfg.format].read is not None:  # the format reads its files itself
+      if reader not in ("auto", cfg.format):  # reader='meds_ins' once named the format's own reader
+        raise DataError(f"source {name!r}: its format reads its files with its own reader; remove reader={reader!r}")
+      reader = "auto"
     specs.append(
       SourceSpec(
         name=name,
