@@ -30,7 +30,7 @@ SAMPLE_DIR = REPO / "csft_jax" / "assets" / "eval" / "meds_sample"
 
 needs_shared = pytest.mark.skipif(not SHARED_CSV.exists(), reason="../shared MedS-Bench CSV not present")
 # The published results predate EvalDataset.py's "ouput" -> "output" fix; our prompt says "output".
-PUBLISHED_SUFFIX = meds_bench.SHOT_INSTRUCTION_SUFFIX.replace("to output.", "to ouput.")
+PUBLISHED_SUFFIX = meds_ins.SHOT_INSTRUCTION.replace("to output.", "to ouput.")
 LLAMA3_PROMPT = re.compile(
   r"<\|begin_of_text\|><\|start_header_id\|>system<\|end_header_id\|>\n\n(.*)<\|eot_id\|>"
   r"<\|start_header_id\|>user<\|end_header_id\|>\n\nInput:\n(.*)\nOutput:<\|eot_id\|>"
@@ -71,7 +71,7 @@ def test_published_prompts_rebuilt_from_their_parts(shared_rows):
     messages = meds_bench.build_messages(task, {"input": query, "output": [row["GT"]]}, shots=task["Instances"])
     assert messages[1]["content"].endswith("\nOutput:\n")  # stripped only by the Llama-3 template
     prompt = llama3.render_prompt(messages)
-    assert prompt.replace(meds_bench.SHOT_INSTRUCTION_SUFFIX, PUBLISHED_SUFFIX) == row["input"]
+    assert prompt.replace(meds_ins.SHOT_INSTRUCTION, PUBLISHED_SUFFIX) == row["input"]
     rebuilt += 1
   assert rebuilt == 300
 
@@ -454,7 +454,7 @@ def test_bad_task_file(tmp_path):
   (tmp_path / "task7_x.json").write_text(json.dumps({"Instances": []}))
   with pytest.raises(meds_bench.MedSInputError, match="'Definition' must be a non-empty list"):
     meds_bench.load_task(tmp_path / "task7_x.json")
-  assert meds_bench.task_id_from_path("dir/task51_rationale_zh.json") == "task51"
+  assert meds_ins.task_id_from_path("dir/task51_rationale_zh.json") == "task51"
 
 
 def test_cli(tmp_path, capsys):

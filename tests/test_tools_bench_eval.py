@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from csft_jax.data import meds_ins
 from csft_jax.eval import meds_bench
 from tests import REPO_ROOT, load_tool
 from tests.data_fixtures import template
@@ -28,4 +29,4 @@ def test_meds_prompts_hold_three_shots_and_the_whole_definition_of_each_task():
   for task, rows in (("task1", texts[:4]), ("task2", texts[4:])):
     for text in rows:
       assert text.count("Input:\n") == meds_bench.NUM_SHOTS + 1  # three solved cases, then the query
-      assert definitions[task]["original_def"] + meds_bench.SHOT_INSTRUCTION_SUFFIX in text, task
+      assert definitions[task]["original_def"] + meds_ins.SHOT_INSTRUCTION in text, task

@@ -44,8 +44,6 @@ from csft_jax.eval import reporting, runner, text_metrics
 
 # The task files, task ids and the 3-shot prompt are MedS-Ins's, shared with training.
 NUM_SHOTS = meds_ins.NUM_SHOTS
-SHOT_INSTRUCTION_SUFFIX = meds_ins.SHOT_INSTRUCTION
-task_id_from_path = meds_ins.task_id_from_path
 MAX_NEW_TOKENS = 200
 MODEL_MAX_LENGTH = 2048  # eval.py: AutoTokenizer(model_max_length=2048), truncation=True.
 RESULTS_HEADER = ("task_id", "input", "GT", "output")
@@ -186,7 +184,7 @@ def load_task(path: str | Path) -> dict[str, Any]:
     output = instance["output"]
     if not (isinstance(output, str) or (isinstance(output, list) and output and isinstance(output[0], str))):
       raise MedSInputError(f"{path}: Instances[{index}].output must be a string or a non-empty list of strings.")
-  return {**task, "task_id": task_id_from_path(path)}
+  return {**task, "task_id": meds_ins.task_id_from_path(path)}
 
 
 def load_task_dir(directory: str | Path) -> dict[str, dict[str, Any]]:
