@@ -20,7 +20,7 @@ from configs import collection_shared
 from configs import collectivesft_internlm2_5_7b as recipe
 from configs import collectivesft_qwen2_5_0_5b as small_recipe
 from csft_jax.data.config import source_config
-from csft_jax.data.examples import held_out_indices
+from csft_jax.data.holdout import held_out_indices
 from csft_jax.data.pipeline import DataPipeline
 from csft_jax.data.sources import load_conversations, parse_sources
 from tests.data_fixtures import COLLECTION

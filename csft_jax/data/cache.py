@@ -49,7 +49,7 @@ SHARD_CONVERSATIONS = 16_384  # Conversations per shard: the unit of parallel wo
 _WRITER_OPTIONS = "group_size:1"
 # Modules that only arrange tokens already made; every other csft_jax/data module is fingerprinted.
 # packing.py stays in: it reads the cached loss masks (LAST_TOKEN_TARGET).
-_NOT_TOKEN_CODE = ("__init__", "cache", "config", "errors", "inspection", "mixture", "pipeline", "prepare")
+_NOT_TOKEN_CODE = ("__init__", "cache", "config", "errors", "holdout", "inspection", "mixture", "pipeline", "prepare")
 
 
 class CacheError(DataError):

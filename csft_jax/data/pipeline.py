@@ -32,7 +32,8 @@ from absl import logging
 
 from csft_jax.data import cache
 from csft_jax.data.errors import DataError
-from csft_jax.data.examples import TokenizedSource, held_out_indices, split_validation, tokenize_source
+from csft_jax.data.examples import TokenizedSource, tokenize_source
+from csft_jax.data.holdout import held_out_indices, split_validation
 from csft_jax.data.mixture import block_counts, mix_sources, mixture_weights
 from csft_jax.data.packing import PACKINGS, ROW_KEYS, TrainingExample, packed_rows, padded_rows, stack_rows
 from csft_jax.data.sources import SourceSpec, SourceStats, load_conversations, parse_sources
